@@ -1,0 +1,5 @@
+import sys
+
+from optdiag.cli import main
+
+sys.exit(main())

@@ -1,0 +1,30 @@
+"""The curvature core: Hessian-vector products and what is built on them. Depends on torch only."""
+
+from optdiag._lazy import lazy_exports
+
+_EXPORTS = {
+    "CurvatureOperator": ".base",
+    "MatrixOperator": ".base",
+    "HessianOperator": ".operator",
+    "supervised_loss": ".operator",
+    "preserved_state": ".state",
+    "top_eigenvalues": ".lanczos",
+    "power_iteration": ".lanczos",
+    "EigenResult": ".lanczos",
+    "hessian_trace": ".trace",
+    "TraceResult": ".trace",
+    "spectral_density": ".density",
+    "DensityResult": ".density",
+    "PreconditionedOperator": ".preconditioned",
+    "epsilon_sharpness": ".sharpness",
+    "sam_sharpness": ".sharpness",
+    "adaptive_sharpness": ".sharpness",
+    "SharpnessResult": ".sharpness",
+    "gradient_noise_scale": ".noise",
+    "NoiseScaleResult": ".noise",
+    "trainable_parameters": ".params",
+    "flatten": ".params",
+    "unflatten": ".params",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, {k: f"{__name__}{v}" for k, v in _EXPORTS.items()})

@@ -1,0 +1,45 @@
+"""Parameters as one flat vector: the single place where flattening and unflattening live."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters with ``requires_grad``, in ``model.named_parameters()`` order.
+
+    Raises:
+        ValueError: if the model has no trainable parameter.
+    """
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
+            "there is no Hessian to analyse."
+        )
+    return named
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Concatenate tensors into one flat vector (a copy)."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Split a flat vector into views shaped like ``like``.
+
+    Raises:
+        ValueError: if the vector's length is not the total number of elements of ``like``.
+    """
+    total = sum(t.numel() for t in like)
+    if vector.dim() != 1 or vector.numel() != total:
+        raise ValueError(f"expected a flat vector of length {total}, got shape {tuple(vector.shape)}")
+    out, offset = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(vector[offset : offset + n].view_as(t))
+        offset += n
+    return out
