@@ -1,0 +1,24 @@
+"""Numbers in, verdicts out: stall detection, stability thresholds, classification and advice.
+
+Plain Python with numpy/scipy; it knows nothing of models, so every rule is testable on synthetic numbers.
+"""
+
+from optdiag._lazy import lazy_exports
+
+_EXPORTS = {
+    "Diagnosis": ".types",
+    "Suggestion": ".types",
+    "KINDS": ".types",
+    "OptimizerSpec": ".stability",
+    "stability_threshold": ".stability",
+    "StallDetector": ".stall",
+    "StallEvent": ".stall",
+    "Evidence": ".evidence",
+    "diagnose_stall": ".classify",
+    "classify_point": ".classify",
+    "suggest": ".advice",
+    "polyak_heavy_ball": ".tuning",
+    "yellowfin": ".tuning",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, {k: f"{__name__}{v}" for k, v in _EXPORTS.items()})
