@@ -1,0 +1,277 @@
+"""The trace of a curvature operator from matrix-vector products: Hutchinson's estimator and Hutch++.
+
+Both estimators see the matrix only through ``op @ v``. Hutchinson averages ``z^T H z`` over random sign vectors
+``z``; Hutch++ (Meyer, Musco, Musco & Woodruff, SOSA 2021, "Hutch++: Optimal Stochastic Trace Estimation") first
+captures the top of the spectrum with a randomized sketch, takes the trace there exactly, and runs Hutchinson only on
+what is left, which cuts the error from ``O(1/sqrt(m))`` to ``O(1/m)`` when the spectrum decays.
+
+This module also holds the random probe vectors shared by the other randomized estimators (the start vectors of
+stochastic Lanczos quadrature): drawn from a seeded generator on the operator's device, never from the global RNG,
+so an estimate never changes a training run's random stream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from optdiag.curvature.base import CurvatureOperator
+from optdiag.errors import NonFiniteError, UsageError
+
+DEFAULT_N_HVP = 100
+"""Products spent when neither ``n_hvp`` nor ``n_probes`` is given."""
+
+_MIN_PROBES_BEFORE_STOPPING = 10
+"""With ``tol``, the spread of fewer probes is too unreliable to stop on."""
+
+_METHODS = ("hutch++", "hutchinson")
+_DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+@dataclass
+class TraceResult:
+    """A trace estimate with its standard error.
+
+    Attributes:
+        estimate: the estimated trace ``tr(H)``.
+        stderr: its standard error (``nan`` when a single probe leaves no spread to measure, ``0`` when the
+            probes agree exactly, as for a diagonal matrix with Rademacher probes).
+        n_hvp: the matrix-vector products this estimate spent.
+        method: ``"hutchinson"`` or ``"hutch++"``.
+        samples: the per-probe estimates of the whole trace; their mean is ``estimate`` and their standard
+            deviation over ``sqrt(len(samples))`` is ``stderr``. For Hutch++ each is the exact trace on the sketch
+            plus one remainder probe.
+    """
+
+    estimate: float
+    stderr: float
+    n_hvp: int
+    method: str
+    samples: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain Python numbers and lists (JSON-ready, except ``nan`` for an unknown stderr)."""
+        return plain_values(asdict(self))
+
+
+def plain_values(value: Any) -> Any:
+    """Numpy arrays and scalars inside dicts, lists and tuples turned into Python lists and numbers."""
+    if isinstance(value, dict):
+        return {key: plain_values(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_values(item) for item in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
+
+
+def check_operator(op: Any) -> CurvatureOperator:
+    """Raise a clear error unless ``op`` is a :class:`CurvatureOperator`."""
+    if not isinstance(op, CurvatureOperator):
+        raise TypeError(
+            f"expected a CurvatureOperator (e.g. HessianOperator or MatrixOperator), got {type(op).__name__}"
+        )
+    return op
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int, or a :class:`UsageError` naming ``name`` if it is not an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise UsageError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int, or a :class:`UsageError` if it is not an integer."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UsageError(f"seed must be an integer, got {seed!r}")
+    return int(seed)
+
+
+def probe_generator(op: CurvatureOperator, seed: int) -> torch.Generator:
+    """A private generator on the operator's device, so probes never touch (or depend on) the global RNG."""
+    generator = torch.Generator(device=op.device)
+    generator.manual_seed(check_seed(seed))
+    return generator
+
+
+def random_probe(op: CurvatureOperator, generator: torch.Generator, distribution: str = "rademacher") -> torch.Tensor:
+    """One random vector of length ``op.num_params`` in the operator's dtype, with ``E[z z^T] = I``.
+
+    Args:
+        op: the operator whose space, device and dtype the probe lives in.
+        generator: the source of randomness (see :func:`probe_generator`).
+        distribution: ``"rademacher"`` (independent +-1 entries) or ``"gaussian"`` (standard normal entries).
+    """
+    if distribution == "rademacher":
+        signs = torch.empty(op.num_params, device=op.device, dtype=op.dtype)
+        return signs.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+    return torch.randn(op.num_params, generator=generator, device=op.device, dtype=op.dtype)
+
+
+def hessian_trace(
+    op: CurvatureOperator,
+    n_hvp: int | None = None,
+    *,
+    method: str = "hutch++",
+    n_probes: int | None = None,
+    tol: float | None = None,
+    seed: int = 0,
+    distribution: str = "rademacher",
+) -> TraceResult:
+    """Estimate ``tr(H)`` from matrix-vector products.
+
+    **Hutchinson**: ``tr(H) = E[z^T H z]`` for random ``z`` with ``E[z z^T] = I``. The estimate is the mean of
+    ``z_j^T H z_j`` over ``m`` probes and its standard error the sample standard deviation over ``sqrt(m)``. One
+    Rademacher probe has variance ``2 (|H|_F^2 - sum_i H_ii^2)`` (zero for a diagonal matrix); a Gaussian one
+    ``2 |H|_F^2``. Each probe costs one product.
+
+    **Hutch++** (Meyer, Musco, Musco & Woodruff 2021): the budget is split in thirds. A sketch ``H S`` of ``k``
+    random vectors is orthonormalised into ``Q``, whose span holds the largest eigen-directions; ``tr(Q^T H Q)`` is
+    computed exactly (``k`` more products), and Hutchinson with ``l`` probes projected by ``I - Q Q^T`` estimates
+    the trace of the deflated remainder. The estimator is unbiased for any ``Q``, so, conditional on the sketch,
+    its only randomness is the remainder's average: ``stderr`` is the sample standard deviation of the ``l``
+    remainder probes over ``sqrt(l)``. It is exact (``stderr`` 0 up to rounding) when ``H`` has rank below ``k``,
+    and much more accurate than Hutchinson at equal cost when the spectrum decays, as Hessians' do.
+
+    Args:
+        op: the operator (``HessianOperator``, ``MatrixOperator``, ...).
+        n_hvp: the total number of products to spend (default 100). Hutchinson uses one per probe; Hutch++ needs
+            at least 3 and uses ``k = n_hvp // 3`` sketch vectors (at most ``op.num_params``) and the rest,
+            ``n_hvp - 2k``, as remainder probes. With ``tol`` it is the most that will be spent.
+        method: ``"hutch++"`` (default) or ``"hutchinson"``.
+        n_probes: instead of ``n_hvp``: the number of Hutchinson probes (Hutchinson), or the number of remainder
+            probes and of sketch vectors (Hutch++, so about ``3 * n_probes`` products).
+        tol: stop early once ``stderr <= tol * |estimate|`` (checked from the tenth probe on; for Hutch++ the
+            sketch, a third of ``n_hvp``, is spent first); ``None`` spends
+            the whole budget.
+        seed: seeds a private ``torch.Generator`` on the operator's device; the global RNG is neither used nor
+            advanced.
+        distribution: ``"rademacher"`` (default, lower variance) or ``"gaussian"`` probes.
+
+    Returns:
+        A :class:`TraceResult`.
+
+    Raises:
+        TypeError: if ``op`` is not a ``CurvatureOperator``.
+        UsageError: (a ``ValueError``) for a bad budget, method, distribution or tolerance.
+        NonFiniteError: if a product comes out NaN or infinite.
+
+    Example:
+        >>> import torch
+        >>> from optdiag.curvature import MatrixOperator
+        >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64)))
+        >>> res = hessian_trace(op, n_hvp=30)
+        >>> round(res.estimate, 6), res.n_hvp
+        (55.0, 30)
+    """
+    check_operator(op)
+    method = _choose(method, "method", _METHODS)
+    distribution = _choose(distribution, "distribution", _DISTRIBUTIONS)
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise UsageError(f"tol must be a positive number or None, got {tol!r}")
+    generator = probe_generator(op, seed)
+    start = op.n_hvp
+    if method == "hutchinson":
+        samples = _probe_samples(op, _hutchinson_probes(n_hvp, n_probes), tol, generator, distribution)
+    else:
+        sketch_size, remainder_probes = _hutchpp_split(op, n_hvp, n_probes)
+        basis = _range_sketch(op, sketch_size, generator, distribution)
+        exact_part = sum(_quadratic_form(op, basis[:, i]) for i in range(basis.shape[1]))
+        samples = _probe_samples(
+            op,
+            remainder_probes,
+            tol,
+            generator,
+            distribution,
+            project=lambda z: z - basis @ (basis.T @ z),
+            shift=exact_part,
+        )
+    estimate, stderr = _mean_and_stderr(samples)
+    return TraceResult(estimate=estimate, stderr=stderr, n_hvp=op.n_hvp - start, method=method, samples=samples)
+
+
+def _choose(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise UsageError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    return value
+
+
+def _hutchinson_probes(n_hvp: int | None, n_probes: int | None) -> int:
+    if n_hvp is not None and n_probes is not None:
+        raise UsageError("give either n_hvp (the total budget) or n_probes, not both")
+    if n_probes is not None:
+        return check_count("n_probes", n_probes)
+    return check_count("n_hvp", DEFAULT_N_HVP if n_hvp is None else n_hvp)
+
+
+def _hutchpp_split(op: CurvatureOperator, n_hvp: int | None, n_probes: int | None) -> tuple[int, int]:
+    """(sketch vectors, remainder probes): thirds of the budget, the sketch capped at the dimension."""
+    if n_hvp is not None and n_probes is not None:
+        raise UsageError("give either n_hvp (the total budget) or n_probes, not both")
+    if n_probes is not None:
+        n_probes = check_count("n_probes", n_probes)
+        return min(n_probes, op.num_params), n_probes
+    budget = DEFAULT_N_HVP if n_hvp is None else n_hvp
+    budget = check_count("n_hvp", budget)
+    if budget < 3:
+        raise UsageError(
+            f"Hutch++ needs n_hvp >= 3 (a third each for the sketch, its exact trace and the remainder probes), "
+            f"got {budget}; use method='hutchinson' for a smaller budget"
+        )
+    sketch_size = min(budget // 3, op.num_params)
+    return sketch_size, budget - 2 * sketch_size
+
+
+def _range_sketch(
+    op: CurvatureOperator, size: int, generator: torch.Generator, distribution: str
+) -> torch.Tensor:
+    """An orthonormal basis ``Q`` (num_params x size) of ``range(H S)`` for ``size`` random vectors ``S``."""
+    # Columns are drawn and multiplied one at a time so S itself is never stored.
+    sketch = torch.stack([op.matvec(random_probe(op, generator, distribution)) for _ in range(size)], dim=1)
+    if not torch.isfinite(sketch).all():
+        raise NonFiniteError("a Hessian-vector product came out NaN or infinite while sketching for Hutch++")
+    # Householder QR gives orthonormal columns even when H S is rank-deficient (a low-rank H).
+    basis, _ = torch.linalg.qr(sketch)
+    return basis
+
+
+def _quadratic_form(op: CurvatureOperator, vector: torch.Tensor) -> float:
+    value = float(torch.dot(vector, op.matvec(vector)))
+    if not math.isfinite(value):
+        raise NonFiniteError("a Hessian-vector product came out NaN or infinite: the loss is not finite here")
+    return value
+
+
+def _probe_samples(
+    op: CurvatureOperator,
+    n_probes: int,
+    tol: float | None,
+    generator: torch.Generator,
+    distribution: str,
+    project: Callable[[torch.Tensor], torch.Tensor] = lambda z: z,
+    shift: float = 0.0,
+) -> np.ndarray:
+    """``shift + z^T H z`` for up to ``n_probes`` (projected) probes, stopping early once ``tol`` is met."""
+    samples: list[float] = []
+    for _ in range(n_probes):
+        probe = project(random_probe(op, generator, distribution))
+        samples.append(shift + _quadratic_form(op, probe))
+        if tol is not None and len(samples) >= _MIN_PROBES_BEFORE_STOPPING:
+            estimate, stderr = _mean_and_stderr(samples)
+            if stderr <= tol * abs(estimate):
+                break
+    return np.asarray(samples, dtype=np.float64)
+
+
+def _mean_and_stderr(samples: np.ndarray | list[float]) -> tuple[float, float]:
+    values = np.asarray(samples, dtype=np.float64)
+    if values.size < 2:
+        return float(values.mean()), math.nan
+    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(values.size))

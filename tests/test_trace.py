@@ -1,0 +1,256 @@
+"""Specification of hessian_trace: Hutchinson and Hutch++ against exact traces of known matrices."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from optdiag.curvature.base import CurvatureOperator, MatrixOperator
+from optdiag.curvature.params import unflatten
+from optdiag.curvature.trace import TraceResult, hessian_trace, probe_generator, random_probe
+from optdiag.errors import NonFiniteError, UsageError
+
+F64 = torch.float64
+
+
+def with_spectrum(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A dense symmetric matrix with the given eigenvalues and random (seeded) eigenvectors."""
+    n = eigenvalues.numel()
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64))
+    matrix = basis @ torch.diag(eigenvalues.to(F64)) @ basis.T
+    return 0.5 * (matrix + matrix.T)
+
+
+def random_symmetric(n: int, seed: int) -> torch.Tensor:
+    a = torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=F64)
+    return a + a.T
+
+
+def rademacher_variance(matrix: torch.Tensor) -> float:
+    """THEORY section 7: the one-probe variance of z^T H z for Rademacher z."""
+    return float(2 * (matrix.pow(2).sum() - matrix.diagonal().pow(2).sum()))
+
+
+def mlp_hessian() -> torch.Tensor:
+    """The dense float64 Hessian (26 x 26) of a 3-5-1 tanh MLP's mean squared error at a random point."""
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(32, 3, generator=gen, dtype=F64), torch.randn(32, 1, generator=gen, dtype=F64)
+    shapes = [torch.empty(5, 3), torch.empty(5), torch.empty(1, 5), torch.empty(1)]
+
+    def loss(theta: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = unflatten(theta, shapes)
+        return (torch.tanh(x @ w1.T + b1) @ w2.T + b2 - y).pow(2).mean()
+
+    return torch.autograd.functional.hessian(loss, torch.randn(26, generator=gen, dtype=F64))
+
+
+class NaNOperator(CurvatureOperator):
+    def __init__(self) -> None:
+        super().__init__(4, torch.device("cpu"), F64)
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(v, math.nan)
+
+
+# ---------------------------------------------------------------- Hutchinson
+
+
+def test_hutchinson_is_exact_on_a_diagonal_matrix_with_rademacher_probes():
+    # z^T D z = sum_i D_ii z_i^2 = tr(D) for every sign vector: the one-probe variance 2(|D|_F^2 - sum D_ii^2) is 0.
+    op = MatrixOperator(torch.diag(torch.tensor([3.0, -1.0, 0.5, 7.0, 2.0], dtype=F64)))
+    res = hessian_trace(op, 20, method="hutchinson")
+    assert res.samples == pytest.approx(np.full(20, 11.5), abs=1e-12)
+    assert res.estimate == pytest.approx(11.5, abs=1e-12)
+    assert res.stderr == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hutchinson_on_a_network_hessian_is_within_three_standard_errors_with_the_theoretical_stderr():
+    hessian = mlp_hessian()
+    res = hessian_trace(MatrixOperator(hessian), 400, method="hutchinson")
+    exact = float(hessian.trace())
+    assert abs(res.estimate - exact) <= 3 * res.stderr
+    assert res.stderr == pytest.approx(math.sqrt(rademacher_variance(hessian) / 400), rel=0.2)
+
+
+@pytest.mark.parametrize(
+    ("distribution", "one_probe_variance"),
+    [("rademacher", rademacher_variance), ("gaussian", lambda h: float(2 * h.pow(2).sum()))],
+)
+def test_hutchinson_sample_variance_matches_theory_over_many_probes(distribution, one_probe_variance):
+    matrix = random_symmetric(30, seed=1)
+    res = hessian_trace(MatrixOperator(matrix), 4000, method="hutchinson", distribution=distribution, seed=5)
+    measured = res.stderr**2 * 4000
+    assert measured == pytest.approx(one_probe_variance(matrix), rel=0.1)
+    assert abs(res.estimate - float(matrix.trace())) <= 4 * res.stderr
+
+
+def test_samples_are_per_probe_estimates_whose_mean_and_spread_give_the_result():
+    for method in ("hutchinson", "hutch++"):
+        res = hessian_trace(MatrixOperator(random_symmetric(20, seed=2)), 30, method=method)
+        assert res.samples.ndim == 1
+        assert res.estimate == pytest.approx(res.samples.mean(), rel=1e-12)
+        assert res.stderr == pytest.approx(res.samples.std(ddof=1) / math.sqrt(res.samples.size), rel=1e-12)
+    assert hessian_trace(MatrixOperator(random_symmetric(20, seed=2)), 30, method="hutchinson").samples.size == 30
+
+
+def test_a_single_probe_has_an_unknown_stderr():
+    res = hessian_trace(MatrixOperator(random_symmetric(6, seed=0)), 1, method="hutchinson")
+    assert res.n_hvp == 1 and math.isnan(res.stderr)
+
+
+def test_n_probes_is_the_hutchinson_probe_count():
+    op = MatrixOperator(random_symmetric(10, seed=4))
+    by_probes = hessian_trace(op, method="hutchinson", n_probes=25, seed=9)
+    by_budget = hessian_trace(op, 25, method="hutchinson", seed=9)
+    assert by_probes.n_hvp == 25
+    assert np.array_equal(by_probes.samples, by_budget.samples)
+
+
+@pytest.mark.parametrize(("method", "dimension", "budget"), [("hutchinson", 60, 3000), ("hutch++", 300, 150)])
+def test_tol_stops_early_once_the_relative_stderr_is_reached(method, dimension, budget):
+    # Eigenvalues 1..n (positive definite, so the relative error falls steadily); trace n(n+1)/2.
+    op = MatrixOperator(with_spectrum(torch.arange(1.0, dimension + 1.0), seed=2))
+    res = hessian_trace(op, budget, method=method, tol=0.01)
+    assert res.n_hvp < budget
+    assert res.stderr <= 0.01 * abs(res.estimate)
+    assert abs(res.estimate - dimension * (dimension + 1) / 2) <= 4 * res.stderr
+    assert res.samples.size > 10  # so the check below, from the tenth probe on, also ran one probe earlier
+    one_fewer = _mean_stderr(res.samples[:-1])
+    assert one_fewer[1] > 0.01 * abs(one_fewer[0])  # it did not run past the first probe that met tol
+
+
+def _mean_stderr(samples: np.ndarray) -> tuple[float, float]:
+    return float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(samples.size))
+
+
+# ---------------------------------------------------------------- Hutch++
+
+
+def test_hutchpp_is_exact_on_a_low_rank_matrix_when_the_sketch_exceeds_the_rank():
+    eigenvalues = torch.cat([torch.tensor([9.0, 4.0, -3.0, 2.0, 1.0]), torch.zeros(95)])
+    res = hessian_trace(MatrixOperator(with_spectrum(eigenvalues)), 18)  # sketch of 6 > rank 5
+    assert res.method == "hutch++" and res.n_hvp == 18
+    assert res.estimate == pytest.approx(13.0, abs=1e-10)
+    assert res.stderr == pytest.approx(0.0, abs=1e-10)
+
+
+def test_hutchpp_is_exact_on_a_network_hessian_when_the_sketch_spans_the_space():
+    hessian = mlp_hessian()
+    res = hessian_trace(MatrixOperator(hessian), 3 * 26)
+    assert res.estimate == pytest.approx(float(hessian.trace()), abs=1e-10)
+
+
+def test_hutchpp_beats_hutchinson_at_equal_budget_on_a_decaying_spectrum():
+    # eigenvalues 1/i^2, i = 1..300: most of the trace sits in a few directions, which the sketch captures.
+    eigenvalues = 1.0 / torch.arange(1.0, 301.0) ** 2
+    op, exact = MatrixOperator(with_spectrum(eigenvalues, seed=1)), float(eigenvalues.sum())
+    errors = {method: [] for method in ("hutchinson", "hutch++")}
+    for method in errors:
+        for seed in range(8):
+            res = hessian_trace(op, 60, method=method, seed=seed)
+            errors[method].append(res.estimate - exact)
+            assert abs(res.estimate - exact) <= 4 * res.stderr
+    rms = {method: math.sqrt(np.mean(np.square(errs))) for method, errs in errors.items()}
+    assert rms["hutch++"] < rms["hutchinson"] / 10
+
+
+@pytest.mark.parametrize(("budget", "sketch", "probes"), [(3, 1, 1), (31, 10, 11), (60, 20, 20)])
+def test_hutchpp_splits_the_budget_in_thirds_and_spends_exactly_it(budget, sketch, probes):
+    op = MatrixOperator(random_symmetric(40, seed=0))
+    res = hessian_trace(op, budget)
+    assert res.n_hvp == op.n_hvp == budget == 2 * sketch + probes
+    assert res.samples.size == probes
+
+
+def test_hutchpp_caps_the_sketch_at_the_dimension_and_spends_the_rest_on_probes():
+    op = MatrixOperator(random_symmetric(4, seed=0))
+    res = hessian_trace(op, 30)  # sketch 4 (not 10), 22 remainder probes
+    assert res.n_hvp == 30 and res.samples.size == 22
+    assert res.estimate == pytest.approx(float(op.matrix.trace()), abs=1e-10)
+
+
+def test_hutchpp_n_probes_sets_sketch_and_probe_counts():
+    res = hessian_trace(MatrixOperator(random_symmetric(40, seed=0)), n_probes=7)
+    assert res.n_hvp == 21 and res.samples.size == 7
+
+
+# ---------------------------------------------------------------- randomness, results, bad input
+
+
+def test_probes_come_from_a_seeded_private_generator_in_the_operator_dtype():
+    op = MatrixOperator(torch.eye(1000, dtype=torch.float32))
+    probe = random_probe(op, probe_generator(op, 0))
+    assert probe.dtype == torch.float32 and probe.device == op.device
+    assert set(probe.unique().tolist()) == {-1.0, 1.0}
+    assert abs(float(probe.mean())) < 0.15  # 1000 fair signs: standard deviation 0.032
+    assert torch.equal(probe, random_probe(op, probe_generator(op, 0)))
+    gaussian = random_probe(op, probe_generator(op, 0), "gaussian")
+    assert gaussian.dtype == torch.float32 and abs(float(gaussian.std()) - 1.0) < 0.1
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_same_seed_same_result_and_the_global_rng_untouched(method):
+    op = MatrixOperator(random_symmetric(15, seed=0))
+    torch_state, numpy_state = torch.get_rng_state(), np.random.get_state()
+    first = hessian_trace(op, 30, method=method, seed=11)
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert np.random.get_state()[1].tolist() == numpy_state[1].tolist()
+    again = hessian_trace(op, 30, method=method, seed=11)
+    other = hessian_trace(op, 30, method=method, seed=12)
+    assert np.array_equal(first.samples, again.samples) and first.estimate == again.estimate
+    assert not np.array_equal(first.samples, other.samples)
+
+
+def test_float32_operator():
+    eigenvalues = torch.linspace(-1.0, 2.0, 50)
+    op = MatrixOperator(with_spectrum(eigenvalues).float())
+    res = hessian_trace(op, 150)
+    assert abs(res.estimate - float(eigenvalues.sum())) <= 4 * res.stderr + 1e-4
+
+
+def test_to_dict_is_plain_and_json_ready():
+    res = hessian_trace(MatrixOperator(random_symmetric(8, seed=0)), 9)
+    assert isinstance(res, TraceResult)
+    data = json.loads(json.dumps(res.to_dict()))
+    assert set(data) == {"estimate", "stderr", "n_hvp", "method", "samples"}
+    assert data["samples"] == res.samples.tolist() and data["n_hvp"] == 9 and data["method"] == "hutch++"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n_hvp": 0}, "n_hvp must be >= 1"),
+        ({"n_hvp": -5, "method": "hutchinson"}, "n_hvp must be >= 1"),
+        ({"n_hvp": 2.5}, "n_hvp must be an integer"),
+        ({"n_hvp": True}, "n_hvp must be an integer"),
+        ({"n_hvp": 2}, "Hutch\\+\\+ needs n_hvp >= 3"),
+        ({"n_probes": 0, "method": "hutchinson"}, "n_probes must be >= 1"),
+        ({"n_hvp": 10, "n_probes": 5}, "not both"),
+        ({"method": "hutchpp"}, "method must be one of"),
+        ({"distribution": "uniform"}, "distribution must be one of"),
+        ({"tol": 0.0}, "tol must be a positive number"),
+        ({"tol": float("nan")}, "tol must be a positive number"),
+        ({"seed": "zero"}, "seed must be an integer"),
+    ],
+)
+def test_bad_arguments_raise_value_errors_naming_the_cause(kwargs, message):
+    op = MatrixOperator(torch.eye(5, dtype=F64))
+    with pytest.raises(UsageError, match=message) as info:
+        hessian_trace(op, **kwargs)
+    assert isinstance(info.value, ValueError)
+    assert op.n_hvp == 0  # rejected before any work
+
+
+def test_not_an_operator_is_a_type_error():
+    with pytest.raises(TypeError, match="expected a CurvatureOperator"):
+        hessian_trace(torch.eye(3))
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_non_finite_products_raise(method):
+    with pytest.raises(NonFiniteError, match="NaN or infinite"):
+        hessian_trace(NaNOperator(), 6, method=method)
