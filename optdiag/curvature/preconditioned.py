@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from optdiag.curvature.base import CurvatureOperator
-from optdiag.curvature.params import flatten
+from optdiag.curvature.params import flatten, trainable_parameters
 
 
 class PreconditionedOperator(CurvatureOperator):
@@ -86,8 +86,9 @@ class PreconditionedOperator(CurvatureOperator):
         Args:
             op: the curvature operator ``H``.
             optimizer: an optimizer that has taken at least one step on every parameter in ``params``.
-            params: the parameters in the order of ``op``'s flat vectors. Defaults to ``op.params`` (a
-                ``HessianOperator`` knows its parameters); pass them for any other operator.
+            params: the parameters in the order of ``op``'s flat vectors. Defaults to
+                ``trainable_parameters(op.model)``, the order of a ``HessianOperator``; pass them for any other
+                operator.
 
         Returns:
             A :class:`PreconditionedOperator` whose largest eigenvalue is the optimizer's preconditioned sharpness
@@ -107,12 +108,14 @@ class PreconditionedOperator(CurvatureOperator):
             4
         """
         if params is None:
-            params = getattr(op, "params", None)
-            if params is None:
+            model = getattr(op, "model", None)
+            if not isinstance(model, torch.nn.Module):
                 raise ValueError(
                     f"{type(op).__name__} does not say which parameters it acts on; pass params=[...] in the order "
                     "of its flat vectors"
                 )
+            # A HessianOperator's flat vectors follow trainable_parameters(op.model).
+            params = [p for _, p in trainable_parameters(model)]
         params = list(params)
         total = sum(p.numel() for p in params)
         if total != op.num_params:
