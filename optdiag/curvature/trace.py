@@ -72,7 +72,7 @@ def plain_values(value: Any) -> Any:
 def check_operator(op: Any) -> CurvatureOperator:
     """Raise a clear error unless ``op`` is a :class:`CurvatureOperator`."""
     if not isinstance(op, CurvatureOperator):
-        raise TypeError(
+        raise UsageError(
             f"expected a CurvatureOperator (e.g. HessianOperator or MatrixOperator), got {type(op).__name__}"
         )
     return op
@@ -159,8 +159,8 @@ def hessian_trace(
         A :class:`TraceResult`.
 
     Raises:
-        TypeError: if ``op`` is not a ``CurvatureOperator``.
-        UsageError: (a ``ValueError``) for a bad budget, method, distribution or tolerance.
+        UsageError: (a ``ValueError``) for an ``op`` that is not a ``CurvatureOperator``, a bad budget, method,
+            distribution or tolerance.
         NonFiniteError: if a product comes out NaN or infinite.
 
     Example:
