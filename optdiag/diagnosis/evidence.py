@@ -1,0 +1,224 @@
+"""Everything a verdict may rest on, measured or not, and the quantities derived from it (in one place).
+
+The Lightning callbacks fill an :class:`Evidence` during training (loss window from the stall detector, gradient
+statistics, a curvature snapshot on a probe batch); the post-hoc analysis fills one from a checkpoint. Every field
+but ``step`` is optional: ``None`` means "not measured", and every rule in :mod:`optdiag.diagnosis.classify`
+says what it does without it.
+
+Example:
+    >>> from optdiag.diagnosis.stability import OptimizerSpec
+    >>> ev = Evidence(step=100, lambda_max=150.0, optimizer=OptimizerSpec("sgd", lr=0.01))
+    >>> ev.stability_threshold, ev.stability_ratio
+    (200.0, 0.75)
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, fields
+from typing import Any
+
+from optdiag.diagnosis.stability import OptimizerSpec, stability_threshold
+from optdiag.diagnosis.types import from_jsonable, to_jsonable
+from optdiag.errors import UsageError
+
+# Fields that cannot be negative when measured (a negative value is a caller's bug, not evidence).
+_NON_NEGATIVE = ("grad_norm", "grad_norm_initial", "grad_noise_trace", "lambda_max_residual",
+                 "lambda_min_residual", "hessian_trace_stderr")
+_LOSS_FIELDS = ("loss", "loss_min", "loss_initial")
+
+
+@dataclass
+class Evidence:
+    """The measurements at one step. All optional except ``step``; ``None`` = not measured.
+
+    Attributes:
+        step: optimizer step the evidence refers to.
+        loss_window: the recent losses the stall detector looked at.
+        loss: current (recent mean) loss. loss_min: best loss seen. loss_initial: loss at the start of training.
+        rel_slope: the stall event's relative slope (per step, divided by the loss level).
+        grad_norm: mean minibatch gradient norm ``|g_B|`` over the window.
+        grad_norm_initial: the same in early training (the scale "tiny" is measured against).
+        grad_sq_norm_unbiased: unbiased estimate of the full-gradient ``|G|^2`` (THEORY.md section 6).
+        grad_noise_trace: ``tr(Sigma)``, the per-example gradient covariance trace. batch_size: ``B``.
+        grad_cosine: mean cosine between consecutive minibatch gradients. update_cosine: same for updates.
+        lambda_max, lambda_min: extreme Hessian eigenvalues, with their Lanczos residuals ``*_residual``.
+        hessian_trace, hessian_trace_stderr: Hutchinson trace estimate and its standard error.
+        preconditioned_lambda_max: ``lambda_max(P^-1 H)`` for Adam/RMSprop.
+        epsilon_sharpness: Keskar's epsilon-sharpness (percent). num_params: parameter count.
+        optimizer: the :class:`OptimizerSpec` of the run. nonfinite: a loss/gradient/curvature was NaN or inf
+            (set automatically when any field is non-finite). loss_floor: the user's idea of a good loss, if known.
+
+    Example:
+        >>> Evidence(step=5, loss=float("nan")).nonfinite
+        True
+    """
+
+    step: int
+    loss_window: list[float] | None = None
+    loss: float | None = None
+    loss_min: float | None = None
+    loss_initial: float | None = None
+    rel_slope: float | None = None
+    grad_norm: float | None = None
+    grad_norm_initial: float | None = None
+    grad_sq_norm_unbiased: float | None = None
+    grad_noise_trace: float | None = None
+    batch_size: int | None = None
+    grad_cosine: float | None = None
+    update_cosine: float | None = None
+    lambda_max: float | None = None
+    lambda_max_residual: float | None = None
+    lambda_min: float | None = None
+    lambda_min_residual: float | None = None
+    hessian_trace: float | None = None
+    hessian_trace_stderr: float | None = None
+    preconditioned_lambda_max: float | None = None
+    epsilon_sharpness: float | None = None
+    num_params: int | None = None
+    optimizer: OptimizerSpec | None = None
+    nonfinite: bool = False
+    loss_floor: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral) or self.step < 0:
+            raise UsageError(f"Evidence.step must be a non-negative int, got {self.step!r}")
+        self.step = int(self.step)
+        if self.loss_window is not None:
+            try:
+                self.loss_window = [float(x) for x in self.loss_window]
+            except (TypeError, ValueError):
+                raise UsageError("Evidence.loss_window must be a sequence of numbers") from None
+            self.nonfinite |= not all(math.isfinite(x) for x in self.loss_window)
+        for f in fields(self):
+            if f.name in ("step", "loss_window", "optimizer", "nonfinite", "batch_size", "num_params"):
+                continue
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise UsageError(f"Evidence.{f.name} must be a number or None, got {value!r}")
+            value = float(value)
+            setattr(self, f.name, value)
+            if not math.isfinite(value):
+                self.nonfinite = True  # a NaN/inf measurement is itself the evidence of divergence
+            elif f.name in _NON_NEGATIVE and value < 0:
+                raise UsageError(f"Evidence.{f.name} cannot be negative, got {value}")
+        for name in ("batch_size", "num_params"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < 1:
+                    raise UsageError(f"Evidence.{name} must be a positive int, got {value!r}")
+                setattr(self, name, int(value))
+        if self.optimizer is not None and not isinstance(self.optimizer, OptimizerSpec):
+            if isinstance(self.optimizer, dict):
+                self.optimizer = OptimizerSpec.from_dict(self.optimizer)
+            else:
+                raise UsageError(f"Evidence.optimizer must be an OptimizerSpec, got {type(self.optimizer).__name__}")
+        if not isinstance(self.nonfinite, bool):
+            raise UsageError(f"Evidence.nonfinite must be a bool, got {self.nonfinite!r}")
+
+    # ---- derived quantities: computed here and nowhere else -------------------------------------------------
+    @property
+    def lr(self) -> float | None:
+        """The optimizer's learning rate, when known."""
+        if self.optimizer is None or math.isnan(self.optimizer.lr):
+            return None
+        return self.optimizer.lr
+
+    @property
+    def stability_threshold(self) -> float | None:
+        """Largest stable curvature for the optimizer (THEORY.md section 1); None when unknown."""
+        return None if self.optimizer is None else stability_threshold(self.optimizer)
+
+    @property
+    def sharpness(self) -> float | None:
+        """The curvature the threshold applies to: ``preconditioned_lambda_max`` for Adam/RMSprop, else
+        ``lambda_max``. None when not measured."""
+        if self.optimizer is not None and self.optimizer.preconditioned:
+            return self.preconditioned_lambda_max
+        return self.lambda_max
+
+    @property
+    def stability_ratio(self) -> float | None:
+        """``sharpness / stability_threshold``: 1 on the edge of stability, 0.5 at SGD's sign-flip boundary."""
+        threshold, sharp = self.stability_threshold, self.sharpness
+        if threshold is None or sharp is None or threshold <= 0 or not math.isfinite(sharp):
+            return None
+        return sharp / threshold
+
+    @property
+    def lr_lambda_max(self) -> float | None:
+        """``lr * sharpness`` (the per-step curvature factor of THEORY.md section 4)."""
+        if self.lr is None or self.sharpness is None:
+            return None
+        return self.lr * self.sharpness
+
+    @property
+    def grad_snr(self) -> float | None:
+        """Norm-test statistic ``|G|^2 / (tr(Sigma) / B)`` = ``B / B_simple`` (Byrd et al. 2012).
+
+        Below 1 the full gradient is smaller than one minibatch's noise: statistically zero. ``inf`` for a
+        noiseless (full-batch) gradient that is not exactly zero.
+        """
+        g2, noise, b = self.grad_sq_norm_unbiased, self.grad_noise_trace, self.batch_size
+        if g2 is None or noise is None or b is None:
+            return None
+        g2 = max(g2, 0.0)  # the unbiased estimate can dip below 0 when G is ~0
+        if noise == 0:
+            return math.inf if g2 > 0 else 0.0
+        return g2 / (noise / b)
+
+    @property
+    def b_simple(self) -> float | None:
+        """McCandlish's simple noise scale ``tr(Sigma) / |G|^2`` (THEORY.md section 6); None if not measured."""
+        g2, noise = self.grad_sq_norm_unbiased, self.grad_noise_trace
+        if g2 is None or noise is None:
+            return None
+        return math.inf if g2 <= 0 else noise / g2
+
+    @property
+    def grad_norm_ratio(self) -> float | None:
+        """``grad_norm / grad_norm_initial``: the gradient against its early-training scale."""
+        if self.grad_norm is None or not self.grad_norm_initial:
+            return None
+        return self.grad_norm / self.grad_norm_initial
+
+    def derived(self) -> dict[str, Any]:
+        """The derived quantities under the logged-scalar names (None when they cannot be computed)."""
+        opt = self.optimizer
+        return {
+            "lr": self.lr,
+            "momentum": None if opt is None else (opt.beta1 if opt.kind in ("adam", "adamw") else opt.momentum),
+            "optimizer": None if opt is None else opt.name or opt.kind,
+            "optimizer_kind": None if opt is None else opt.kind,
+            "effective_lr": None if opt is None else opt.effective_lr,
+            "stability_threshold": self.stability_threshold,
+            "stability_ratio": self.stability_ratio,
+            "lr_lambda_max": self.lr_lambda_max,
+            "grad_snr": self.grad_snr,
+            "b_simple": self.b_simple,
+            "grad_norm_ratio": self.grad_norm_ratio,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """Measured fields (those not None) plus :meth:`derived`, ready for ``Diagnosis.evidence``."""
+        out = {k: v for k, v in self.to_dict().items() if v is not None and k != "optimizer"}
+        out.update({k: v for k, v in to_jsonable(self.derived()).items() if v is not None})
+        return from_jsonable(out)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field (``optimizer`` as its own dict)."""
+        return to_jsonable({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Evidence:
+        """Rebuild from :meth:`to_dict` output."""
+        if not isinstance(data, dict):
+            raise UsageError(f"Evidence.from_dict needs a dict, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise UsageError(f"Evidence.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**from_jsonable(data))

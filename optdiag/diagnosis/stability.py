@@ -1,0 +1,255 @@
+"""Where a step is stable: the largest curvature each optimizer tolerates (THEORY.md section 1).
+
+On a quadratic with curvature ``lambda`` along an eigendirection, each optimizer's error obeys a linear recurrence;
+the step is stable iff every root of its characteristic polynomial lies inside the unit circle. With PyTorch's
+update semantics this gives (``eta`` = lr, ``beta`` = momentum):
+
+=====================  ==========================================================  ===========================
+optimizer              stable iff                                                  eta=0.01 (beta/beta1=0.9)
+=====================  ==========================================================  ===========================
+SGD                    eta * lambda < 2                                            200
+SGD heavy ball         eta (1 - dampening) * lambda < 2 (1 + beta)                 380
+SGD nesterov=True      eta * lambda < (2 + 2 beta) / (1 + 2 beta)                  135.7
+Adam / AdamW           eta * lambda(P^-1 H) < (2 + 2 beta1) / (1 - beta1)          3800 (= 38 / eta)
+RMSprop                eta * lambda(P^-1 H) < 2 (1 + momentum)                     200 (momentum 0)
+=====================  ==========================================================  ===========================
+
+For Adam and RMSprop the threshold bounds the *preconditioned* sharpness ``lambda_max(P^-1 H)`` with the frozen
+preconditioner ``P = diag(sqrt(v_hat) + eps)`` (Cohen et al. 2022). Coupled weight decay (``weight_decay`` of SGD)
+adds ``weight_decay`` to every eigenvalue, so it is subtracted from the SGD-family thresholds; for the adaptive
+optimizers weight decay is neglected (it shifts the preconditioned threshold by about ``weight_decay``, far below
+``1/eta``). Anything else gets ``None``: never a wrong number.
+
+Example:
+    >>> spec = OptimizerSpec("heavy_ball", lr=0.01, momentum=0.9)
+    >>> round(stability_threshold(spec), 6)
+    380.0
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from optdiag.errors import UsageError
+
+OPTIMIZER_KINDS = ("sgd", "heavy_ball", "nesterov", "adam", "adamw", "rmsprop", "unknown")
+_PRECONDITIONED = ("adam", "adamw", "rmsprop")
+
+
+def _number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+            high_open: bool = False, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if hasattr(value, "item") and not isinstance(value, numbers.Real):  # a 0-d tensor lr, read by duck typing
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise UsageError(f"OptimizerSpec.{name} must be a finite number, got {value!r}")
+    value = float(value)
+    if low is not None and value < low:
+        raise UsageError(f"OptimizerSpec.{name} must be >= {low}, got {value}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise UsageError(f"OptimizerSpec.{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
+@dataclass
+class OptimizerSpec:
+    """What the stability analysis needs to know about an optimizer (one parameter group).
+
+    Attributes:
+        kind: one of ``"sgd"``, ``"heavy_ball"``, ``"nesterov"``, ``"adam"``, ``"adamw"``, ``"rmsprop"``,
+            ``"unknown"``.
+        lr: the learning rate (``nan`` allowed only for ``"unknown"`` optimizers without one).
+        momentum: SGD/RMSprop momentum ``beta`` in [0, 1).
+        dampening: SGD dampening in [0, 1].
+        beta1, beta2, eps: Adam's ``betas`` and ``eps``; ``eps`` also for RMSprop.
+        alpha: RMSprop's smoothing constant.
+        weight_decay: coupled L2 weight decay (SGD family: shifts every eigenvalue by this amount).
+        name: the optimizer class name, e.g. ``"SGD"``.
+
+    Example:
+        >>> OptimizerSpec("adam", lr=1e-3, beta1=0.9).preconditioned
+        True
+    """
+
+    kind: str
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    alpha: float | None = None
+    weight_decay: float = 0.0
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in OPTIMIZER_KINDS:
+            raise UsageError(f"OptimizerSpec.kind must be one of {OPTIMIZER_KINDS}, got {self.kind!r}")
+        if self.kind == "unknown" and (self.lr is None or (isinstance(self.lr, float) and math.isnan(self.lr))):
+            self.lr = math.nan  # an optimizer without a learning rate: nothing below uses it
+        else:
+            self.lr = _number("lr", self.lr, low=0.0)
+        self.momentum = _number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        self.dampening = _number("dampening", self.dampening, low=0.0, high=1.0)
+        self.beta1 = _number("beta1", self.beta1, low=0.0, high=1.0, high_open=True, allow_none=True)
+        self.beta2 = _number("beta2", self.beta2, low=0.0, high=1.0, high_open=True, allow_none=True)
+        self.eps = _number("eps", self.eps, low=0.0, allow_none=True)
+        self.alpha = _number("alpha", self.alpha, low=0.0, high=1.0, allow_none=True)
+        self.weight_decay = _number("weight_decay", self.weight_decay, low=0.0)
+        if self.kind in ("adam", "adamw") and self.beta1 is None:
+            raise UsageError(f"OptimizerSpec(kind={self.kind!r}) needs beta1")
+        if self.kind == "nesterov" and (self.momentum <= 0 or self.dampening != 0):
+            raise UsageError("OptimizerSpec(kind='nesterov') needs momentum > 0 and dampening 0 (as torch.optim.SGD)")
+        if not isinstance(self.name, str):
+            raise UsageError(f"OptimizerSpec.name must be a string, got {self.name!r}")
+
+    @property
+    def preconditioned(self) -> bool:
+        """True when the threshold applies to ``lambda_max(P^-1 H)`` rather than ``lambda_max(H)``."""
+        return self.kind in _PRECONDITIONED
+
+    @property
+    def effective_lr(self) -> float | None:
+        """The step per unit gradient along a slowly varying gradient (curvature -> 0), or None if unknown.
+
+        Momentum accumulates a constant gradient into ``lr (1 - dampening) / (1 - beta)``; Adam's bias-corrected
+        average does not, so its effective step is ``lr`` (on the preconditioned gradient).
+
+        Example:
+            >>> round(OptimizerSpec("heavy_ball", lr=0.01, momentum=0.9).effective_lr, 6)
+            0.1
+        """
+        if self.kind == "unknown" or math.isnan(self.lr):
+            return None
+        if self.kind in ("adam", "adamw"):
+            return self.lr
+        return self.lr * (1.0 - self.dampening) / (1.0 - self.momentum)
+
+    @classmethod
+    def from_torch(cls, optimizer: Any, group: int = 0) -> OptimizerSpec:
+        """Read an optimizer's class name and ``param_groups[group]`` (duck typing; torch is never imported).
+
+        Lightning's ``LightningOptimizer`` wrapper is unwrapped. SGD -> ``"sgd"`` (momentum 0), ``"heavy_ball"``
+        (momentum, any dampening: the threshold accounts for it) or ``"nesterov"``; Adam/AdamW -> ``"adam"`` /
+        ``"adamw"``; RMSprop -> ``"rmsprop"`` (with or without momentum; ``centered`` only changes ``P``);
+        everything else (LBFGS, Adagrad, NAdam, ...) -> ``"unknown"``.
+
+        Example:
+            >>> import torch
+            >>> opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1, momentum=0.9)
+            >>> OptimizerSpec.from_torch(opt).kind
+            'heavy_ball'
+        """
+        inner = getattr(optimizer, "optimizer", None)
+        if type(optimizer).__name__ == "LightningOptimizer" and inner is not None:
+            optimizer = inner
+        groups = getattr(optimizer, "param_groups", None)
+        if groups is None:
+            raise UsageError(f"{type(optimizer).__name__} has no param_groups: not a torch optimizer")
+        if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < len(groups):
+            raise UsageError(f"group must be an index in [0, {len(groups)}), got {group!r}")
+        g = groups[group]
+        name = type(optimizer).__name__
+        lr = g.get("lr", math.nan)
+        wd = g.get("weight_decay", 0.0) or 0.0
+        if name == "SGD":
+            momentum = g.get("momentum", 0.0) or 0.0
+            if momentum == 0:
+                return cls("sgd", lr=lr, weight_decay=wd, name=name)
+            kind = "nesterov" if g.get("nesterov", False) else "heavy_ball"
+            return cls(kind, lr=lr, momentum=momentum, dampening=g.get("dampening", 0.0) or 0.0,
+                       weight_decay=wd, name=name)
+        if name in ("Adam", "AdamW"):
+            beta1, beta2 = g.get("betas", (0.9, 0.999))
+            return cls(name.lower(), lr=lr, beta1=beta1, beta2=beta2, eps=g.get("eps"), weight_decay=wd, name=name)
+        if name == "RMSprop":
+            return cls("rmsprop", lr=lr, momentum=g.get("momentum", 0.0) or 0.0, alpha=g.get("alpha"),
+                       eps=g.get("eps"), weight_decay=wd, name=name)
+        try:
+            return cls("unknown", lr=lr, name=name)
+        except UsageError:  # e.g. a non-numeric lr in an exotic optimizer: still never a wrong number
+            return cls("unknown", lr=math.nan, name=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the fields (non-finite lr kept as a float; :func:`to_jsonable` makes it JSON-safe)."""
+        return {k: getattr(self, k) for k in ("kind", "lr", "momentum", "dampening", "beta1", "beta2", "eps",
+                                              "alpha", "weight_decay", "name")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OptimizerSpec:
+        """Rebuild from :meth:`to_dict` output (``"nan"`` strings accepted for lr)."""
+        data = dict(data)
+        if data.get("lr") == "nan":
+            data["lr"] = math.nan
+        return cls(**data)
+
+
+def stability_threshold(spec: OptimizerSpec) -> float | None:
+    """The largest curvature ``lambda`` for which ``spec``'s step is stable on a quadratic (THEORY.md section 1).
+
+    For preconditioned optimizers (``spec.preconditioned``) it bounds ``lambda_max(P^-1 H)``. Returns ``None`` for an
+    unknown optimizer or a zero effective learning rate (no step, no threshold).
+
+    Example:
+        >>> round(stability_threshold(OptimizerSpec("nesterov", lr=0.01, momentum=0.9)), 1)
+        135.7
+        >>> round(stability_threshold(OptimizerSpec("adam", lr=0.01, beta1=0.9)), 6)
+        3800.0
+    """
+    if not isinstance(spec, OptimizerSpec):
+        raise UsageError(f"stability_threshold needs an OptimizerSpec, got {type(spec).__name__}")
+    if spec.kind == "unknown" or spec.lr == 0:
+        return None
+    lr, beta = spec.lr, spec.momentum
+    if spec.kind == "sgd":
+        return 2.0 / lr - spec.weight_decay
+    if spec.kind == "heavy_ball":
+        # PyTorch: buf <- beta buf + (1 - dampening) g; p <- p - lr buf: heavy ball with step lr (1 - dampening).
+        step = lr * (1.0 - spec.dampening)
+        return None if step == 0 else 2.0 * (1.0 + beta) / step - spec.weight_decay
+    if spec.kind == "nesterov":
+        return (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr) - spec.weight_decay
+    if spec.kind in ("adam", "adamw"):
+        b1 = spec.beta1
+        return (2.0 + 2.0 * b1) / ((1.0 - b1) * lr)
+    # RMSprop: buf <- beta buf + g / P; p <- p - lr buf: heavy ball on P^-1 H (plain preconditioned GD at beta 0).
+    return 2.0 * (1.0 + beta) / lr
+
+
+def max_stable_lr(spec: OptimizerSpec, sharpness: float) -> float | None:
+    """The learning rate at which ``sharpness`` sits exactly on ``spec``'s stability threshold.
+
+    Every threshold scales as ``1/lr`` (weight decay aside), so it is ``lr * threshold / sharpness``. ``sharpness``
+    is ``lambda_max`` (or ``lambda_max(P^-1 H)`` when ``spec.preconditioned``). None when it cannot be said.
+
+    Example:
+        >>> round(max_stable_lr(OptimizerSpec("sgd", lr=0.01), 150.0), 6)
+        0.013333
+    """
+    threshold = stability_threshold(spec)
+    if threshold is None or not (sharpness > 0 and math.isfinite(sharpness)):
+        return None
+    return spec.lr * (threshold + spec.weight_decay * (not spec.preconditioned)) / (
+        sharpness + spec.weight_decay * (not spec.preconditioned))
+
+
+def heavy_ball_rings(lr: float, momentum: float, lam: float) -> bool:
+    """True when heavy ball's roots are complex on curvature ``lam``: it rings with modulus ``sqrt(momentum)``.
+
+    That happens for ``(1 - sqrt(beta))^2 < lr * lam < (1 + sqrt(beta))^2`` (THEORY.md section 1).
+
+    Example:
+        >>> heavy_ball_rings(0.01, 0.9, 100.0), heavy_ball_rings(0.01, 0.9, 0.1)
+        (True, False)
+    """
+    for name, value in (("lr", lr), ("momentum", momentum), ("lam", lam)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise UsageError(f"heavy_ball_rings: {name} must be a finite number, got {value!r}")
+    if lr <= 0 or not 0 <= momentum < 1:
+        raise UsageError(f"heavy_ball_rings needs lr > 0 and momentum in [0, 1), got {lr}, {momentum}")
+    root = math.sqrt(momentum)
+    return (1.0 - root) ** 2 < lr * lam < (1.0 + root) ** 2
