@@ -1,0 +1,164 @@
+"""The base every optdiag callback shares: both Lightning namespaces, rank zero, warnings, loggers, guards.
+
+``pytorch_lightning.Callback`` and ``lightning.pytorch.Callback`` are different classes, and each Trainer checks
+``isinstance(cb, <its own> Callback)`` when it is given callbacks. :class:`OptDiagCallback` inherits from both (from
+the second only when the ``lightning`` package imports), so one class with one implementation serves both Trainers.
+Both bases define the same hooks with empty bodies, so the method resolution order does not matter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+import pytorch_lightning
+
+from optdiag.curvature.operator import _first_tensor
+from optdiag.errors import UsageError
+from optdiag.sinks import logger as logger_sink
+from optdiag.sinks import tensorboard as tensorboard_sink
+
+
+def _lightning_namespaces() -> list[Any]:
+    """The importable ``*.pytorch``-style packages: ``pytorch_lightning`` and, if installed, ``lightning.pytorch``."""
+    found = [pytorch_lightning]
+    try:
+        import lightning.pytorch as lightning_pytorch
+    except ImportError:  # the unified ``lightning`` package is optional
+        return found
+    return found + [lightning_pytorch]
+
+
+LIGHTNING_NAMESPACES = tuple(_lightning_namespaces())
+_CALLBACK_BASES = tuple(ns.Callback for ns in LIGHTNING_NAMESPACES)
+_TENSORBOARD_LOGGERS = tuple(ns.loggers.TensorBoardLogger for ns in LIGHTNING_NAMESPACES)
+# Strategies that shard parameters: a flat Hessian-vector product over the full parameter vector does not exist there.
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def guarded(hook: _F) -> _F:
+    """Decorate a callback hook so that an unexpected exception becomes one warning instead of a crash.
+
+    "Degrade, don't crash": nothing a monitor does may raise into the training loop. The exception's type is
+    counted in ``self.warning_counts`` and reported once per type. :class:`~optdiag.errors.UsageError` (bad
+    configuration found in ``setup``) is not caught: it must stop the run with its message.
+    """
+
+    @functools.wraps(hook)
+    def wrapper(self: "OptDiagCallback", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return hook(self, *args, **kwargs)
+        except UsageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the point is to keep training alive
+            self.warn_once(
+                f"hook-error:{type(exc).__name__}",
+                f"{type(self).__name__}.{hook.__name__} failed and was skipped ({type(exc).__name__}: {exc}); "
+                "training continues unchanged.",
+            )
+            return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
+    """Shared machinery of the optdiag callbacks (not used directly).
+
+    Attributes:
+        warning_counts: how often each kind of problem happened (non-finite values, skipped estimates, ...); each
+            kind is warned about once, then only counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warning_counts: dict[str, int] = {}
+
+    # --- identity -------------------------------------------------------------------------------------------------
+    def _state_key_arguments(self) -> dict[str, Any]:
+        """The constructor arguments that tell two instances of this class apart in a checkpoint."""
+        return {}
+
+    @property
+    def state_key(self) -> str:
+        """Checkpoint key: the class name and its key arguments, e.g. ``HessianMonitor{'every_n_steps': 10, ...}``."""
+        return self._generate_state_key(**self._state_key_arguments())
+
+    # --- messages -------------------------------------------------------------------------------------------------
+    def warn_once(self, kind: str, message: str) -> None:
+        """Count a problem of ``kind``; warn (``UserWarning``, every rank) the first time it happens."""
+        count = self.warning_counts.get(kind, 0)
+        self.warning_counts[kind] = count + 1
+        if count == 0:
+            warnings.warn(f"optdiag: {message}", UserWarning, stacklevel=3)
+
+    # --- environment ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def check_strategy(trainer: Any) -> None:
+        """Refuse strategies that shard parameters (FSDP, DeepSpeed, model parallel) with a clear error.
+
+        Raises:
+            UsageError: naming the strategy and what is supported.
+        """
+        name = type(trainer.strategy).__name__
+        if name in _UNSUPPORTED_STRATEGIES:
+            raise UsageError(
+                f"optdiag callbacks do not support {name}: they need every rank to hold all parameters. "
+                "Use a single device or strategy='ddp' (or 'ddp_spawn')."
+            )
+
+    @staticmethod
+    def world_size(trainer: Any) -> int:
+        return int(getattr(trainer, "world_size", 1) or 1)
+
+    @staticmethod
+    def tensorboard_logger(trainer: Any) -> Any | None:
+        """The first ``TensorBoardLogger`` among the trainer's loggers (either namespace), or None."""
+        for logger in getattr(trainer, "loggers", []):
+            if isinstance(logger, _TENSORBOARD_LOGGERS):
+                return logger
+        return None
+
+    @staticmethod
+    def log_dir(trainer: Any) -> str:
+        """Where files go: the first logger's ``log_dir`` (or ``save_dir``), else the trainer's default root dir."""
+        for logger in getattr(trainer, "loggers", []):
+            directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
+            if directory:
+                return str(directory)
+        return str(trainer.default_root_dir)
+
+    # --- output (rank zero only) ----------------------------------------------------------------------------------
+    def log_scalars(self, trainer: Any, values: Mapping[str, Any], step: int) -> dict[str, float]:
+        """Write plain numbers to every logger as ``optdiag/<name>``; registers the TensorBoard layout first."""
+        if trainer.is_global_zero:
+            tb = self.tensorboard_logger(trainer)
+            if tb is not None:
+                tensorboard_sink.register_layout(tb)
+        return logger_sink.log_scalars(trainer, values, step)
+
+    # --- module helpers -------------------------------------------------------------------------------------------
+    @staticmethod
+    @contextlib.contextmanager
+    def silenced_logging(pl_module: Any) -> Iterator[None]:
+        """Make ``pl_module.log``/``log_dict`` no-ops inside the block (to call ``training_step`` from a hook)."""
+        patched = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+        pl_module.log = lambda *args, **kwargs: None
+        pl_module.log_dict = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            for name, previous in patched.items():
+                if previous is None:
+                    del pl_module.__dict__[name]
+                else:
+                    pl_module.__dict__[name] = previous
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The leading dimension of the first tensor found in a (nested) batch, or None if there is none."""
+    first = _first_tensor(batch)
+    return int(first.shape[0]) if first is not None and first.dim() > 0 else None

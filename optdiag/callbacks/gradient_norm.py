@@ -1,0 +1,293 @@
+"""``GradientNormMonitor``: gradient and update statistics at every optimizer step, at the cost of a few norms."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import torch
+
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
+from optdiag.curvature.noise import gradient_noise_scale
+from optdiag.curvature.params import flatten
+from optdiag.errors import UsageError
+from optdiag.sinks import tensorboard as tensorboard_sink
+
+# Quantities that are undefined at some steps (first step, no clipping); NaN there, and then not logged.
+_OPTIONAL = ("grad_cosine", "update_cosine", "grad_norm_clipped")
+
+
+def layer_name(parameter_name: str, depth: int | None) -> str:
+    """The module a parameter belongs to, cut to ``depth`` leading components (``None``: the owning module).
+
+    Example:
+        >>> layer_name("encoder.0.weight", None), layer_name("encoder.0.weight", 1), layer_name("bias", None)
+        ('encoder.0', 'encoder', 'bias')
+    """
+    parts = parameter_name.split(".")
+    module = parts[:-1] or parts  # a parameter registered on the root module is its own group
+    return ".".join(module if depth is None else module[:depth])
+
+
+def _cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    if a is None or b is None:
+        return math.nan
+    denominator = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(b))
+    return float(torch.dot(a, b)) / denominator if denominator > 0 else math.nan
+
+
+class GradientNormMonitor(OptDiagCallback):
+    """Log gradient norms, update sizes and their directions at every optimizer step.
+
+    Measured in ``on_before_optimizer_step`` (after AMP unscaling, before clipping, once per gradient-accumulation
+    window) and completed after the step:
+
+    * ``grad_norm``: global L2 norm of the gradient; per layer ``<layer>/grad_norm`` (layers are modules, cut to
+      ``layer_depth`` name components).
+    * ``grad_norm_clipped``: the norm after clipping, i.e. of the gradient the optimizer used (logged when
+      ``gradient_clip_val`` is set; equal to ``grad_norm`` otherwise).
+    * ``update_norm`` = ``|theta_new - theta_old|`` and ``update_ratio`` = ``update_norm / |theta_old|``.
+    * ``grad_cosine`` / ``update_cosine``: cosine between consecutive gradients / updates. Persistently negative
+      values mean the optimizer bounces across a valley (oscillation); near zero, noise-dominated steps.
+    * under gradient accumulation (single process), the gradient noise scale from the micro-batch gradients
+      (McCandlish et al. 2018), pooled over the last ``noise_window`` windows: ``grad_sq_unbiased`` (``|G|^2``),
+      ``grad_noise_trace`` (``tr(Sigma)``) and ``noise_scale`` (``B_simple``, a critical-batch-size proxy).
+
+    All are logged as ``optdiag/<name>`` through the trainer's loggers at ``trainer.global_step`` (the step the
+    gradient belongs to), on global rank 0, every ``log_every_n_steps`` steps; they are also kept in :attr:`latest`
+    and :attr:`history`. With a ``TensorBoardLogger``, per-layer gradient histograms are added every
+    ``histogram_every_n_steps`` steps. Only the first optimizer is monitored.
+
+    Args:
+        layer_depth: how many module-name components make a layer (``None``: the module owning the parameter).
+        per_layer: whether to measure and log per-layer gradient norms.
+        log_every_n_steps: logging interval in optimizer steps (``None``: the Trainer's ``log_every_n_steps``).
+            Every step is still measured and kept in the history.
+        track_directions: whether to keep the previous gradient and update (two flat copies of the parameters) to
+            compute the cosines.
+        noise_window: number of accumulation windows pooled for the noise scale; ``0`` switches it off.
+        histogram_every_n_steps: interval of per-layer gradient histograms in TensorBoard; ``0`` switches them off.
+        history_size: how many steps :attr:`history` keeps (oldest dropped first).
+
+    Attributes:
+        latest: the values of the last completed step (keys above, plus ``step``).
+        history: one dict per optimizer step, oldest first, each with a ``step`` key.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> monitor = GradientNormMonitor(layer_depth=1)
+        >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=100)  # doctest: +SKIP
+        >>> trainer.fit(model, data); monitor.latest["grad_norm"]  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        layer_depth: int | None = None,
+        per_layer: bool = True,
+        log_every_n_steps: int | None = None,
+        track_directions: bool = True,
+        noise_window: int = 10,
+        histogram_every_n_steps: int = 100,
+        history_size: int = 100_000,
+    ) -> None:
+        super().__init__()
+        if layer_depth is not None and (not isinstance(layer_depth, int) or layer_depth < 1):
+            raise UsageError(f"layer_depth must be None or an int >= 1, got {layer_depth!r}")
+        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
+            raise UsageError(f"log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}")
+        for name, value, low in (("noise_window", noise_window, 0), ("histogram_every_n_steps", histogram_every_n_steps, 0),
+                                 ("history_size", history_size, 1)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
+        self.layer_depth = layer_depth
+        self.per_layer = bool(per_layer)
+        self.log_every_n_steps = log_every_n_steps
+        self.track_directions = bool(track_directions)
+        self.noise_window = noise_window
+        self.histogram_every_n_steps = histogram_every_n_steps
+        self.history_size = history_size
+        self.latest: dict[str, float] = {}
+        self._history: deque[dict[str, float]] = deque(maxlen=history_size)
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        """Per-run state that is not checkpointed (tensors tied to the current model and window)."""
+        self._pending: dict[str, Any] | None = None
+        self._params_before: torch.Tensor | None = None
+        self._previous_grad: torch.Tensor | None = None
+        self._previous_update: torch.Tensor | None = None
+        self._micro_sum: torch.Tensor | None = None  # accumulated gradient after the previous micro-batch
+        self._micro_sq_norms: list[float] = []
+        self._micro_sizes: list[int] = []
+        # per window: (micro batch size, window batch size, micro-batch |g|^2 list, window |g|^2)
+        self._noise_windows: deque[tuple[int, int, list[float], float]] = deque(maxlen=max(self.noise_window, 1))
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        return list(self._history)
+
+    def _state_key_arguments(self) -> dict[str, Any]:
+        return {"layer_depth": self.layer_depth, "per_layer": self.per_layer}
+
+    # --- hooks ----------------------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.check_strategy(trainer)
+
+    @guarded
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._reset_transient()
+
+    @guarded
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self._noise_enabled(trainer, pl_module):
+            self._micro_sizes.append(batch_size_of(batch) or 0)
+
+    @guarded
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if not self._noise_enabled(trainer, pl_module):
+            return
+        grads = [p.grad for p in self._monitored(trainer) if p.grad is not None]
+        if not grads:
+            return
+        accumulated = flatten(g.float() for g in grads) / self._loss_scale(trainer)
+        micro = accumulated if self._micro_sum is None else accumulated - self._micro_sum
+        # Lightning divides each micro-batch loss by accumulate_grad_batches; undo it to get the batch gradient.
+        self._micro_sq_norms.append(float(micro.square().sum()) * trainer.accumulate_grad_batches**2)
+        self._micro_sum = accumulated
+
+    @guarded
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        if trainer.optimizers and optimizer is not trainer.optimizers[0]:
+            self.warn_once("multiple-optimizers", "GradientNormMonitor measures the first optimizer only.")
+            return
+        step = int(trainer.global_step)
+        named = self._named_monitored(pl_module, optimizer)
+        with_grad = [(name, p) for name, p in named if p.grad is not None]
+        record: dict[str, Any] = {"step": step}
+        squares = {name: torch.linalg.vector_norm(p.grad, dtype=torch.float32).square() for name, p in with_grad}
+        total_sq = float(sum(squares.values())) if squares else 0.0
+        record["grad_norm"] = math.sqrt(total_sq) if math.isfinite(total_sq) else total_sq
+        if self.per_layer:
+            layers: dict[str, float] = {}
+            for name, sq in squares.items():
+                key = layer_name(name, self.layer_depth)
+                layers[key] = layers.get(key, 0.0) + float(sq)
+            record.update({f"{layer}/grad_norm": math.sqrt(v) if v >= 0 else v for layer, v in layers.items()})
+        finite = math.isfinite(total_sq)
+        if not finite:
+            self.warn_once("non-finite-gradient", f"non-finite gradient norm at step {step}; directions not updated.")
+        gradient = flatten(p.grad.detach().float() for _, p in with_grad) if with_grad else None
+        if self.track_directions and finite and gradient is not None:
+            record["grad_cosine"] = _cosine(gradient, self._previous_grad)
+            self._previous_grad = gradient
+        self._params_before = flatten(p.detach().float() for _, p in named)
+        self._pending = record
+        self._finish_noise_window(trainer, gradient, record)
+        self._maybe_histograms(trainer, with_grad, step)
+
+    @guarded
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._pending is None:
+            return
+        record, before = self._pending, self._params_before
+        self._pending = self._params_before = None
+        named = self._named_monitored(pl_module, trainer.optimizers[0])
+        after = flatten(p.detach().float() for _, p in named)
+        update = after - before
+        record["update_norm"] = float(torch.linalg.vector_norm(update))
+        theta_norm = float(torch.linalg.vector_norm(before))
+        record["update_ratio"] = record["update_norm"] / theta_norm if theta_norm > 0 else math.nan
+        if self.track_directions and math.isfinite(record["update_norm"]):
+            record["update_cosine"] = _cosine(update, self._previous_update)
+            self._previous_update = update
+        record["grad_norm_clipped"] = self._clipped_norm(trainer, pl_module, named, record["grad_norm"])
+        for key in _OPTIONAL:
+            record.setdefault(key, math.nan)
+        self.latest = record
+        self._history.append(record)
+        every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        if record["step"] % every == 0:
+            self.log_scalars(trainer, self._loggable(trainer, record), record["step"])
+
+    # --- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": list(self._history), "latest": dict(self.latest), "warning_counts": dict(self.warning_counts)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._history = deque(state_dict.get("history", []), maxlen=self.history_size)
+        self.latest = dict(state_dict.get("latest", {}))
+        self.warning_counts = dict(state_dict.get("warning_counts", {}))
+
+    # --- helpers --------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _monitored(trainer: Any) -> list[torch.Tensor]:
+        if not trainer.optimizers:
+            return []
+        return [p for group in trainer.optimizers[0].param_groups for p in group["params"] if p.requires_grad]
+
+    @staticmethod
+    def _named_monitored(pl_module: Any, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+        """The optimizer's parameters with their names in the module, in a fixed (module) order."""
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in in_optimizer]
+
+    def _noise_enabled(self, trainer: Any, pl_module: Any) -> bool:
+        return (
+            self.noise_window > 0
+            and int(trainer.accumulate_grad_batches) > 1
+            and self.world_size(trainer) == 1  # under DDP micro-batch gradients are local and partly reduced
+            and bool(pl_module.automatic_optimization)
+        )
+
+    @staticmethod
+    def _loss_scale(trainer: Any) -> float:
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None else 1.0
+
+    def _finish_noise_window(self, trainer: Any, gradient: torch.Tensor | None, record: dict[str, Any]) -> None:
+        """Close an accumulation window: pool its micro-batch norms with earlier windows and estimate the noise."""
+        sq_norms, sizes = self._micro_sq_norms, self._micro_sizes
+        self._micro_sq_norms, self._micro_sizes, self._micro_sum = [], [], None
+        if gradient is None or len(sq_norms) < 2 or len(sq_norms) != len(sizes) or min(sizes) <= 0:
+            return
+        if len(set(sizes)) != 1 or not all(math.isfinite(v) for v in sq_norms):
+            return  # a ragged last batch or an overflowed micro-gradient: the two-batch-size formula does not apply
+        # the accumulated gradient is sum(g_i) / accumulate_grad_batches; rescale it to the mean over the window
+        big_sq = float(gradient.square().sum()) * (trainer.accumulate_grad_batches / len(sq_norms)) ** 2
+        b_small, b_big = sizes[0], sizes[0] * len(sizes)
+        self._noise_windows.append((b_small, b_big, sq_norms, big_sq))
+        pooled = [w for w in self._noise_windows if w[:2] == (b_small, b_big)]
+        result = gradient_noise_scale(
+            [s for w in pooled for s in w[2]], [w[3] for w in pooled], b_small=b_small, b_big=b_big
+        )
+        record.update(
+            grad_sq_unbiased=result.grad_sq_norm, grad_noise_trace=result.trace_sigma, noise_scale=result.b_simple
+        )
+
+    @staticmethod
+    def _clipped_norm(trainer: Any, pl_module: Any, named: list, grad_norm: float) -> float:
+        """Norm of the gradient the optimizer used: read back after clipping (automatic optimization only)."""
+        if not trainer.gradient_clip_val or not pl_module.automatic_optimization:
+            return grad_norm
+        grads = [p.grad for _, p in named if p.grad is not None]
+        sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float32).square()) for g in grads)
+        return math.sqrt(sq) if math.isfinite(sq) else sq
+
+    @staticmethod
+    def _loggable(trainer: Any, record: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in record.items() if k != "step" and not (k in _OPTIONAL and math.isnan(v))}
+        if not trainer.gradient_clip_val:
+            out.pop("grad_norm_clipped", None)
+        return out
+
+    def _maybe_histograms(self, trainer: Any, with_grad: list, step: int) -> None:
+        if not self.histogram_every_n_steps or step % self.histogram_every_n_steps or not trainer.is_global_zero:
+            return
+        tb = self.tensorboard_logger(trainer)
+        if tb is None:
+            return
+        layers: dict[str, list[torch.Tensor]] = {}
+        for name, p in with_grad:
+            layers.setdefault(layer_name(name, self.layer_depth), []).append(p.grad.reshape(-1))
+        tensorboard_sink.log_histograms(tb, {f"optdiag/{k}/grad": torch.cat(v) for k, v in layers.items()}, step)

@@ -1,0 +1,76 @@
+"""TensorBoard panels: one custom-scalars layout for all optdiag scalars, figures and histograms.
+
+TensorBoard's custom-scalars plugin reads only the *first* layout written to a run, so the layout is complete and
+static (chart tags are regular expressions, which also match per-layer names not known in advance) and written at
+most once per logger, whichever optdiag callback gets there first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+# category -> chart title -> regexes of the scalar tags drawn together in that chart
+LAYOUT: dict[str, dict[str, list[str]]] = {
+    "optdiag: Curvature": {
+        "lambda_max vs stability threshold": [
+            r"optdiag/lambda_max$",
+            r"optdiag/stability_threshold$",
+            r"optdiag/batch_sharpness$",
+            r"optdiag/preconditioned_lambda_max$",
+        ],
+        "lambda_min": [r"optdiag/lambda_min$"],
+        "Hessian trace": [r"optdiag/hessian_trace$"],
+        "Hessian-vector products per estimate": [r"optdiag/hvp_count$"],
+    },
+    "optdiag: Stability": {
+        "stability ratio (lambda_max / threshold; > 1 is unstable)": [r"optdiag/stability_ratio$"],
+    },
+    "optdiag: Gradients": {
+        "global gradient norm (before / after clipping)": [r"optdiag/grad_norm$", r"optdiag/grad_norm_clipped$"],
+        "per-layer gradient norms": [r"optdiag/.+/grad_norm$"],
+        "update size |dtheta| / |theta|": [r"optdiag/update_ratio$"],
+        "cosine of consecutive gradients and updates": [r"optdiag/grad_cosine$", r"optdiag/update_cosine$"],
+        "gradient noise scale": [r"optdiag/noise_scale$"],
+    },
+}
+_REGISTERED_FLAG = "_optdiag_layout_registered"
+
+
+def tensorboard_layout() -> dict[str, dict[str, list]]:
+    """The layout in ``SummaryWriter.add_custom_scalars`` form: ``{category: {chart: ["Multiline", [tags]]}}``."""
+    return {cat: {chart: ["Multiline", list(tags)] for chart, tags in charts.items()} for cat, charts in LAYOUT.items()}
+
+
+def register_layout(logger: Any) -> bool:
+    """Write the optdiag custom-scalars layout to a ``TensorBoardLogger`` once.
+
+    Args:
+        logger: a Lightning ``TensorBoardLogger`` (either namespace); call on global rank 0 only.
+
+    Returns:
+        True if the layout was written now, False if this logger already had it.
+
+    Example:
+        >>> register_layout(trainer.logger)  # doctest: +SKIP
+        True
+    """
+    if getattr(logger, _REGISTERED_FLAG, False):
+        return False
+    logger.experiment.add_custom_scalars(tensorboard_layout())
+    setattr(logger, _REGISTERED_FLAG, True)
+    return True
+
+
+def log_figure(logger: Any, tag: str, figure: Any, step: int) -> None:
+    """Add a matplotlib figure to a ``TensorBoardLogger`` as an image, then close it."""
+    logger.experiment.add_figure(tag, figure, global_step=int(step), close=True)
+
+
+def log_histograms(logger: Any, tensors: Mapping[str, torch.Tensor], step: int) -> None:
+    """Add one histogram per named tensor (values flattened, on the CPU, as float32)."""
+    for tag, values in tensors.items():
+        flat = values.detach().reshape(-1).float().cpu()
+        if flat.numel() and bool(torch.isfinite(flat).all()):
+            logger.experiment.add_histogram(tag, flat, global_step=int(step))

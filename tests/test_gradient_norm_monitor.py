@@ -1,0 +1,226 @@
+"""GradientNormMonitor: every logged number checked against an independent computation on a real Trainer."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_models import RegressionDataModule, RegressionModule, make_trainer
+from optdiag.callbacks.gradient_norm import GradientNormMonitor, layer_name
+from optdiag.curvature.noise import gradient_noise_scale
+from optdiag.errors import UsageError
+
+
+class GradientRecorder(pl.Callback):
+    """Independent record of what the optimizer saw: gradients before clipping, parameters around each step."""
+
+    def __init__(self) -> None:
+        self.grads, self.params_before, self.params_after, self.batches = [], [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append([t.clone() for t in batch])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+        self.params_before.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if len(self.params_after) < len(self.params_before):
+            self.params_after.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+
+def _flat(d: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1).double() for v in d.values()])
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def _fit(tmp_path, monitor, module=None, steps=4, **trainer_kwargs):
+    recorder = GradientRecorder()
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [monitor, recorder], max_steps=steps, **trainer_kwargs)
+    trainer.fit(module or RegressionModule(optimizer="sgd", lr=0.05, momentum=0.9), RegressionDataModule())
+    return trainer, recorder
+
+
+def test_norms_updates_and_cosines_match_an_independent_record(tmp_path):
+    monitor = GradientNormMonitor()
+    _, rec = _fit(tmp_path, monitor, steps=4)
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3]
+    for k, h in enumerate(monitor.history):
+        g = _flat(rec.grads[k])
+        assert h["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-6)
+        for layer in ("net.0", "net.2"):
+            layer_g = torch.cat([v.reshape(-1).double() for n, v in rec.grads[k].items() if n.startswith(layer + ".")])
+            assert h[f"{layer}/grad_norm"] == pytest.approx(float(layer_g.norm()), rel=1e-6)
+        update = _flat(rec.params_after[k]) - _flat(rec.params_before[k])
+        assert h["update_norm"] == pytest.approx(float(update.norm()), rel=1e-5)
+        assert h["update_ratio"] == pytest.approx(float(update.norm() / _flat(rec.params_before[k]).norm()), rel=1e-5)
+        assert h["grad_norm_clipped"] == h["grad_norm"]  # no clipping configured
+        if k == 0:
+            assert math.isnan(h["grad_cosine"]) and math.isnan(h["update_cosine"])
+        else:
+            assert h["grad_cosine"] == pytest.approx(_cos(g, _flat(rec.grads[k - 1])), abs=1e-6)
+            previous = _flat(rec.params_after[k - 1]) - _flat(rec.params_before[k - 1])
+            assert h["update_cosine"] == pytest.approx(_cos(update, previous), abs=1e-5)
+    assert monitor.latest == monitor.history[-1]
+
+
+def test_plain_sgd_update_is_lr_times_gradient(tmp_path):
+    monitor = GradientNormMonitor()
+    _fit(tmp_path, monitor, module=RegressionModule(optimizer="sgd", lr=0.05), steps=3)
+    for h in monitor.history:
+        assert h["update_norm"] == pytest.approx(0.05 * h["grad_norm"], rel=1e-5)
+
+
+class OneWeight(pl.LightningModule):
+    """loss = (w x)^2 with x = 1: Hessian 2, so lr 0.75 gives w <- -0.5 w, an exact sign flip every step."""
+
+    def __init__(self, lr: float = 0.75, blow_up_at: int | None = None) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0]))
+        self.lr, self.blow_up_at = lr, blow_up_at
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        loss = ((self.w * x) ** 2).mean()
+        if self.blow_up_at is not None and self.global_step >= self.blow_up_at:
+            loss = loss * float("inf")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def _ones_loader():
+    return DataLoader(TensorDataset(torch.ones(8, 1)), batch_size=1)
+
+
+def test_oscillation_gives_cosines_of_minus_one_and_exact_update_ratio(tmp_path):
+    monitor = GradientNormMonitor()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=4)
+    trainer.fit(OneWeight(), _ones_loader())
+    w = [1.0, -0.5, 0.25, -0.125]
+    for k, h in enumerate(monitor.history):
+        assert h["grad_norm"] == pytest.approx(2 * abs(w[k]))
+        assert h["update_norm"] == pytest.approx(1.5 * abs(w[k]))
+        assert h["update_ratio"] == pytest.approx(1.5)
+        assert h["w/grad_norm"] == pytest.approx(2 * abs(w[k]))  # a root-module parameter is its own layer
+        if k:
+            assert h["grad_cosine"] == pytest.approx(-1.0) and h["update_cosine"] == pytest.approx(-1.0)
+
+
+def test_clipped_norm_is_the_norm_the_optimizer_used(tmp_path):
+    monitor = GradientNormMonitor()
+    _fit(tmp_path, monitor, steps=3, gradient_clip_val=0.5)
+    for h in monitor.history:
+        assert h["grad_norm"] > 0.5  # this problem's gradients exceed the clip value
+        assert h["grad_norm_clipped"] == pytest.approx(0.5, rel=1e-5)
+
+
+def test_once_per_accumulation_window_and_noise_scale_from_micro_batches(tmp_path):
+    monitor = GradientNormMonitor(noise_window=10)
+    module = RegressionModule(optimizer="sgd", lr=0.05)
+    initial = {n: p.detach().clone() for n, p in module.named_parameters()}
+    _, rec = _fit(tmp_path, monitor, module=module, steps=2, accumulate_grad_batches=4)
+    assert [h["step"] for h in monitor.history] == [0, 1]
+    assert len(rec.batches) == 8
+    # independent: gradient of each of the first window's four batches at the initial parameters
+    probe = RegressionModule(optimizer="sgd", lr=0.05)
+    probe.load_state_dict(initial)
+    micro = []
+    for x, y in rec.batches[:4]:
+        probe.zero_grad()
+        nn.functional.mse_loss(probe(x), y).backward()
+        micro.append(torch.cat([p.grad.reshape(-1).double() for p in probe.parameters()]))
+    window = torch.stack(micro).mean(0)
+    assert monitor.history[0]["grad_norm"] == pytest.approx(float(window.norm()), rel=1e-5)
+    expected = gradient_noise_scale([float(g.square().sum()) for g in micro], float(window.square().sum()), 32, 128)
+    assert monitor.history[0]["grad_noise_trace"] == pytest.approx(expected.trace_sigma, rel=1e-4)
+    assert monitor.history[0]["grad_sq_unbiased"] == pytest.approx(expected.grad_sq_norm, rel=1e-4)
+    assert monitor.history[0]["noise_scale"] == pytest.approx(expected.b_simple, rel=1e-4)
+
+
+def test_no_noise_keys_without_accumulation(tmp_path):
+    monitor = GradientNormMonitor()
+    _fit(tmp_path, monitor, steps=2)
+    assert "noise_scale" not in monitor.latest
+
+
+def _csv_rows(tmp_path) -> list[dict]:
+    (path,) = Path(tmp_path).glob("csv/version_*/metrics.csv")
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_logged_through_the_trainer_loggers_at_the_gradient_step(tmp_path):
+    monitor = GradientNormMonitor(log_every_n_steps=2)
+    _fit(tmp_path, monitor, steps=5)
+    rows = [r for r in _csv_rows(tmp_path) if r.get("optdiag/grad_norm")]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    for r in rows:
+        h = monitor.history[int(r["step"])]
+        assert float(r["optdiag/grad_norm"]) == pytest.approx(h["grad_norm"])
+        assert float(r["optdiag/net.0/grad_norm"]) == pytest.approx(h["net.0/grad_norm"])
+    assert "optdiag/grad_norm_clipped" not in rows[0] or not rows[0]["optdiag/grad_norm_clipped"]
+    assert rows[0]["optdiag/grad_cosine"] == ""  # undefined at the first step: not logged
+
+
+def test_non_finite_gradient_warns_once_counts_and_training_goes_on(tmp_path):
+    monitor = GradientNormMonitor()
+    trainer = make_trainer(tmp_path, [monitor], max_steps=6)
+    with pytest.warns(UserWarning, match="non-finite gradient") as caught:
+        trainer.fit(OneWeight(lr=0.1, blow_up_at=2), _ones_loader())
+    assert sum("non-finite gradient" in str(w.message) for w in caught) == 1
+    assert monitor.warning_counts["non-finite-gradient"] == 4
+    assert trainer.global_step == 6 and len(monitor.history) == 6
+    assert not math.isfinite(monitor.history[2]["grad_norm"])
+
+
+def test_layer_depth_groups_parameters_by_module_prefix():
+    assert layer_name("encoder.block.0.weight", None) == "encoder.block.0"
+    assert layer_name("encoder.block.0.weight", 2) == "encoder.block"
+    assert layer_name("encoder.block.0.weight", 9) == "encoder.block.0"
+    assert layer_name("w", 1) == "w"
+
+
+def test_layer_depth_one_merges_the_sequential(tmp_path):
+    monitor = GradientNormMonitor(layer_depth=1)
+    _fit(tmp_path, monitor, steps=1)
+    assert monitor.latest["net/grad_norm"] == pytest.approx(monitor.latest["grad_norm"])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"layer_depth": 0}, {"log_every_n_steps": 0}, {"noise_window": -1}, {"history_size": 0}, {"layer_depth": "1"}],
+)
+def test_bad_arguments_are_refused_with_the_name(kwargs):
+    with pytest.raises(UsageError, match=next(iter(kwargs))):
+        GradientNormMonitor(**kwargs)
+
+
+def test_resumed_run_continues_its_history(tmp_path):
+    first = GradientNormMonitor()
+    trainer = make_trainer(tmp_path, [first], max_steps=3, enable_checkpointing=True, default_root_dir=tmp_path)
+    trainer.fit(RegressionModule(), RegressionDataModule())
+    (ckpt,) = Path(tmp_path).rglob("*.ckpt")
+    assert first.state_key in torch.load(ckpt, weights_only=False)["callbacks"]
+    resumed = GradientNormMonitor()
+    trainer = make_trainer(tmp_path, [resumed], max_steps=5)
+    trainer.fit(RegressionModule(), RegressionDataModule(), ckpt_path=str(ckpt))
+    assert [h["step"] for h in resumed.history] == [0, 1, 2, 3, 4]
+    assert [h["grad_norm"] for h in resumed.history[:3]] == [h["grad_norm"] for h in first.history]
+
+
+def test_state_key_tells_configurations_apart():
+    assert GradientNormMonitor().state_key != GradientNormMonitor(layer_depth=1).state_key
+    assert GradientNormMonitor().state_key.startswith("GradientNormMonitor")
