@@ -1,0 +1,624 @@
+"""The Hessian of a model's loss as a linear operator, applied with exact Hessian-vector products.
+
+``HessianOperator(model, loss_fn, batches)`` fixes a point (the current parameters) and a set of batches, and then
+computes ``H v`` for the Hessian ``H`` of the sample-weighted mean loss over those batches, without ever forming
+``H``. Three exact engines compute the product (``method``):
+
+* ``"graph"``: the first-order gradient is built once per batch with ``create_graph=True`` and kept; every product
+  is one backward pass through it (Pearlmutter's double backward). Cheapest per product; holds the graphs in memory.
+* ``"recompute"``: the same double backward, but each batch's first-order graph is rebuilt for every product and
+  freed at once. Holds at most one batch's graph; costs a forward and a backward more per product.
+* ``"func"``: forward-over-reverse ``torch.func.jvp(torch.func.grad(f))``, recomputed for every product. Holds
+  nothing between products, but needs forward-mode derivatives of every op (torch 2.13 lacks working ones for
+  ``mse_loss`` and ``huber_loss``, for example; such models get a :class:`UsageError` naming the op).
+* ``"linearize"``: ``torch.func.linearize`` of the gradient, traced once per batch and replayed (same limits as
+  ``"func"``).
+* ``"auto"`` (default): ``"graph"`` when the first-order graphs of all batches fit ``memory_budget``, else
+  ``"recompute"`` (which supports exactly the models ``"graph"`` does, unlike the forward-mode engines).
+
+The model is never modified: the forward passes run through ``torch.func.functional_call`` with private copies of
+the buffers, gradients are taken with ``torch.autograd.grad`` (``.grad`` is never touched), and random ops draw from
+a replayed snapshot of the RNGs (so a dropout mask is fixed for the operator's life and the global RNGs do not move).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from optdiag.curvature.base import CurvatureOperator
+from optdiag.curvature.params import trainable_parameters
+from optdiag.curvature.state import RngState, replayed_rng, rng_state
+from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
+
+__all__ = ["HessianOperator", "supervised_loss", "LossFn", "METHODS"]
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+METHODS = ("auto", "graph", "recompute", "func", "linearize")
+
+# Messages by which autograd / torch.func say a backward cannot be differentiated again.
+_NOT_TWICE_HINTS = (
+    "derivative for",
+    "not implemented",
+    "once_differentiable",
+    "differentiate twice",
+    "setup_context",
+    "does not require grad and does not have a grad_fn",
+    "double backward",
+)
+
+
+def supervised_loss(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> LossFn:
+    """A ``loss_fn`` for supervised batches: ``criterion(model(inputs), targets)``.
+
+    A batch is either a tuple/list ``(inputs, targets)`` or a dict with keys ``"x"`` and ``"y"``. ``inputs`` is
+    passed to the model as one argument. The criterion must return the *mean* loss over the batch (the operator
+    weights batches by their size itself); an ``nn.Module`` criterion with ``reduction`` other than ``"mean"`` is
+    refused.
+
+    Args:
+        criterion: e.g. ``nn.CrossEntropyLoss()``, ``nn.MSELoss()`` or ``torch.nn.functional.mse_loss``.
+
+    Returns:
+        ``loss_fn(model, batch) -> scalar tensor``.
+
+    Raises:
+        UsageError: the criterion is not callable or does not reduce by the mean.
+
+    Example:
+        >>> loss_fn = supervised_loss(nn.MSELoss())
+        >>> float(loss_fn(nn.Identity(), (torch.ones(2), torch.zeros(2))))
+        1.0
+    """
+    if not callable(criterion):
+        raise UsageError(f"supervised_loss needs a callable criterion, got {type(criterion).__name__}")
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction != "mean":
+        raise UsageError(
+            f"supervised_loss needs a criterion that returns the mean loss over a batch; "
+            f"{type(criterion).__name__} has reduction={reduction!r}. Use reduction='mean'."
+        )
+
+    def loss_fn(model: nn.Module, batch: Any) -> torch.Tensor:
+        inputs, targets = _split_supervised(batch)
+        return criterion(model(inputs), targets)
+
+    loss_fn.criterion = criterion  # type: ignore[attr-defined]
+    return loss_fn
+
+
+def _split_supervised(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, dict):
+        if "x" in batch and "y" in batch:
+            return batch["x"], batch["y"]
+        raise UsageError(f"a dict batch for supervised_loss needs keys 'x' and 'y', got {sorted(batch)}")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise UsageError(
+        "supervised_loss expects a batch (inputs, targets) or {'x': inputs, 'y': targets}, "
+        f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def _is_container(obj: Any) -> bool:
+    return isinstance(obj, (tuple, list, dict))
+
+
+def _as_batch_list(batches: Any) -> list:
+    """One batch, or an iterable of batches, as a list of batches.
+
+    A tensor, a dict, or a tuple/list with at least one element that is not a tuple/list/dict is one batch; a
+    tuple/list whose elements are all tuples/lists/dicts is a sequence of batches; any other iterable (a
+    ``DataLoader``, a generator) is iterated. Wrap a single nested batch in a list to be explicit.
+    """
+    if isinstance(batches, (torch.Tensor, dict)):
+        return [batches]
+    if isinstance(batches, (tuple, list)):
+        if len(batches) > 0 and all(_is_container(b) for b in batches):
+            return list(batches)
+        return [batches] if len(batches) > 0 else []
+    if isinstance(batches, Iterable) and not isinstance(batches, (str, bytes)):
+        return list(batches)
+    raise UsageError(f"batches must be a batch or an iterable of batches, got {type(batches).__name__}")
+
+
+def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (tuple, list)):
+        for item in obj:
+            found = _first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+def _infer_batch_size(batch: Any, index: int) -> int:
+    first = _first_tensor(batch)
+    if first is None or first.dim() == 0:
+        raise UsageError(
+            f"cannot infer the size of batch {index}: it has no tensor with a leading (sample) dimension; "
+            "pass batch_sizes=[...]"
+        )
+    return int(first.shape[0])
+
+
+def _move(obj: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:
+    """Move every tensor in a nested batch to ``device`` (and floating tensors to ``float_dtype`` if given)."""
+    if isinstance(obj, torch.Tensor):
+        if float_dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=float_dtype)
+        return obj.to(device=device)
+    if isinstance(obj, dict):
+        return {k: _move(v, device, float_dtype) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(_move(v, device, float_dtype) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_move(v, device, float_dtype) for v in obj)
+    return obj
+
+
+def _batch_weights(batches: list, batch_sizes: Optional[Sequence[float]]) -> list[float]:
+    if batch_sizes is None:
+        sizes = [_infer_batch_size(b, i) for i, b in enumerate(batches)]
+    else:
+        sizes = list(batch_sizes)
+        if len(sizes) != len(batches):
+            raise UsageError(f"batch_sizes has {len(sizes)} entries for {len(batches)} batches")
+    for i, s in enumerate(sizes):
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
+            raise UsageError(f"batch size {i} must be a positive number, got {s!r}")
+    total = float(sum(sizes))
+    return [float(s) / total for s in sizes]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forward passes that leave the model alone
+
+
+class _LossCall(nn.Module):
+    """Holds the model so that ``functional_call`` can swap its tensors around a whole ``loss_fn`` call."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self._loss_fn(self.model, batch)
+
+
+@contextlib.contextmanager
+def _exact_forward(device: torch.device) -> Iterator[None]:
+    """Full precision, twice-differentiable forward: grad on, autocast off, attention by the math kernel."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
+        if device.type != "cpu":
+            stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+        except ImportError:  # torch < 2.3: only the math kernel is twice differentiable anyway on CPU
+            pass
+        else:
+            # Fused attention kernels have no double backward; the math kernel is plain differentiable ops.
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        yield
+
+
+def _default_memory_budget(device: torch.device) -> int:
+    """Bytes the kept graphs may use: half the free accelerator memory, or a quarter of the host's RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.5 * free)
+    try:
+        return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 2 * 1024**3
+
+
+def _walk_graph(roots: Sequence[torch.Tensor], known_storages: set[int]) -> tuple[int, bool]:
+    """Bytes of the tensors saved by the autograd graph behind ``roots`` (not counting ``known_storages``), and
+    whether it contains a node that refuses to be differentiated (``@once_differentiable``'s error node)."""
+    seen_nodes: set = set()
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    saved_bytes, refuses = 0, False
+    attr_cache: dict[type, list[str]] = {}
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen_nodes:
+            continue
+        seen_nodes.add(node)
+        kind = type(node)
+        if kind.__name__ in ("Error", "DelayedError", "DelayedErrorBackward"):
+            refuses = True
+        names = attr_cache.get(kind)
+        if names is None:
+            names = [a for a in dir(node) if a.startswith("_saved_")]
+            attr_cache[kind] = names
+        for name in names:
+            try:
+                value = getattr(node, name)
+            except RuntimeError:
+                continue
+            for tensor in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(tensor, torch.Tensor) and tensor.layout == torch.strided:
+                    storage = tensor.untyped_storage()
+                    key = storage.data_ptr()
+                    if key not in known_storages:
+                        known_storages.add(key)
+                        saved_bytes += storage.nbytes()
+        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
+    return saved_bytes, refuses
+
+
+_FORWARD_AD_HINTS = ("forward ad", "zerotensors are immutable", "forward-mode", "jvp")
+
+
+def _forward_mode_unsupported(error: BaseException) -> UsageError:
+    return UsageError(
+        f"torch.func cannot differentiate this model in forward mode ({type(error).__name__}: {error}); use "
+        "method='graph' or 'recompute' (reverse-over-reverse), which need no forward-mode derivatives"
+    )
+
+
+def _is_forward_ad_failure(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(hint in text for hint in _FORWARD_AD_HINTS)
+
+
+def _is_not_twice_differentiable(error: BaseException) -> bool:
+    text = str(error).lower()
+    return any(hint in text for hint in _NOT_TWICE_HINTS)
+
+
+class HessianOperator(CurvatureOperator):
+    """The Hessian of the sample-weighted mean loss over some batches, at a model's current parameters.
+
+    ``H = sum_i w_i * Hessian(loss_fn(model, batch_i))`` with ``w_i = n_i / sum_j n_j``, ``n_i`` the size of
+    batch ``i`` (the leading dimension of its first tensor, or ``batch_sizes[i]``). Vectors are flat, in the order
+    of ``model.named_parameters()`` restricted to parameters with ``requires_grad`` (see
+    :func:`optdiag.curvature.params.trainable_parameters`); parameters the loss does not use get zero rows.
+
+    The model is differentiated in the mode it is in: in train mode BatchNorm uses batch statistics and dropout is
+    active (one fixed mask for the operator's life); in eval mode running statistics are used. The model's buffers,
+    modes, ``.grad`` and the torch/numpy/python RNG states are exactly as before, after construction and after
+    every product. Inputs are moved to the model's device.
+
+    Args:
+        model: the network; its parameters define the point and the device.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of one batch, e.g. ``supervised_loss(nn.MSELoss())``.
+        batches: one batch, or an iterable of batches (materialised into a list and kept on the model's device).
+        method: ``"auto"``, ``"graph"``, ``"recompute"``, ``"func"`` or ``"linearize"`` (see the module
+            docstring).
+        batch_sizes: the weight of each batch; inferred from the leading dimension when ``None``.
+        dtype: compute in this floating dtype, e.g. ``torch.float64`` for a float32 model (the model is not cast:
+            the operator works on private converted copies of the parameters, buffers and floating inputs).
+            ``None`` uses the parameters' dtype.
+        memory_budget: bytes the kept graphs may occupy when ``method="auto"``; default half the free GPU memory,
+            or a quarter of host RAM on CPU.
+
+    Attributes:
+        method: the engine actually used (``"auto"`` resolved).
+        weights: the weight ``w_i`` of each batch.
+        graph_bytes: bytes saved by the first-order graphs (measured at construction).
+        loss: the weighted mean loss at the point (float).
+
+    Raises:
+        UsageError: no batches, a bad argument, ``torch.inference_mode``, a loss that is not a scalar or does not
+            depend on the trainable parameters.
+        NonFiniteError: the loss or its gradient is NaN/Inf.
+        NotTwiceDifferentiableError: the backward pass cannot itself be differentiated.
+        ValueError: the model has no trainable parameters.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        >>> data = (torch.randn(16, 3), torch.randn(16, 1))
+        >>> with HessianOperator(net, supervised_loss(nn.MSELoss()), data) as op:
+        ...     hv = op @ torch.randn(op.num_params)
+        >>> hv.shape == (op.num_params,)
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Any,
+        *,
+        method: str = "auto",
+        batch_sizes: Optional[Sequence[float]] = None,
+        dtype: Optional[torch.dtype] = None,
+        memory_budget: Optional[int] = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise UsageError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        if method not in METHODS:
+            raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise UsageError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                          or memory_budget < 0):
+            raise UsageError(f"memory_budget must be a non-negative number of bytes, got {memory_budget!r}")
+        if torch.is_inference_mode_enabled():
+            raise UsageError(
+                "HessianOperator cannot run under torch.inference_mode(): inference tensors record no autograd "
+                "graph. Call it outside inference_mode (torch.no_grad() is fine)."
+            )
+
+        named = trainable_parameters(model)
+        for name, p in named:
+            if p.is_inference():
+                raise UsageError(f"parameter {name!r} is an inference tensor (created under inference_mode)")
+        param_dtypes = {p.dtype for _, p in named}
+        if dtype is None:
+            if len(param_dtypes) != 1:
+                raise UsageError(
+                    f"the trainable parameters have mixed dtypes {sorted(map(str, param_dtypes))}; pass dtype=..."
+                )
+            dtype = next(iter(param_dtypes))
+        devices = {p.device for _, p in named}
+        if len(devices) != 1:
+            raise UsageError(f"the trainable parameters live on several devices {sorted(map(str, devices))}")
+        device = next(iter(devices))
+
+        self.model = model
+        self.loss_fn = loss_fn
+        self._names = [name for name, _ in named]
+        self._params = [p for _, p in named]
+        super().__init__(sum(p.numel() for p in self._params), device, dtype)
+
+        raw = _as_batch_list(batches)
+        if not raw:
+            raise UsageError("batches is empty: the operator needs at least one batch")
+        self.weights = _batch_weights(raw, batch_sizes)
+        self._cast = any(p.dtype != dtype for p in model.parameters() if p.is_floating_point())
+        self._batches = [_move(b, device, dtype if self._cast else None) for b in raw]
+        self._holder = _LossCall(model, loss_fn)
+        self._rng: list[RngState] = []
+        self._closed = False
+        self._flat_grad_graph: Optional[torch.Tensor] = None  # "graph": sum_i w_i g_i with its graph
+        self._linearized: list[Callable] = []
+        self._fixed = self._fixed_tensors()
+        self._leaves = self._differentiable_leaves()
+
+        budget = _default_memory_budget(device) if (method == "auto" and memory_budget is None) else memory_budget
+        self._evaluate_point(keep_graph=method in ("auto", "graph"), budget=budget if method == "auto" else None)
+        if method == "auto":
+            method = "graph" if self._flat_grad_graph is not None else "recompute"
+        self.method = method
+        if method == "linearize":
+            self._linearize_all()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Setup
+
+    def _fixed_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors as ``functional_call`` should see them, except buffers (copied per forward):
+        converted copies of every floating parameter when computing in another dtype, else nothing."""
+        if not self._cast:
+            return {}
+        fixed = {}
+        for name, p in self.model.named_parameters():
+            value = p.detach().to(self.dtype) if p.is_floating_point() else p.detach()
+            fixed[f"model.{name}"] = value
+        return fixed
+
+    def _differentiable_leaves(self) -> list[torch.Tensor]:
+        """The tensors the graph method differentiates: the real parameters, or their converted copies."""
+        if not self._cast:
+            return list(self._params)
+        leaves = []
+        for name in self._names:
+            leaf = self._fixed[f"model.{name}"].requires_grad_(True)
+            leaves.append(leaf)
+        return leaves
+
+    def _buffer_copies(self) -> dict[str, torch.Tensor]:
+        """Fresh private copies of the buffers, so a train-mode forward (BatchNorm's running statistics) never
+        writes the model's own."""
+        copies = {}
+        for name, buf in self.model.named_buffers():
+            value = buf.detach()
+            if self._cast and value.is_floating_point():
+                value = value.to(self.dtype)
+            copies[f"model.{name}"] = value.clone()
+        return copies
+
+    def _loss(self, index: int, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The loss of batch ``index`` through ``functional_call``; parameters from ``params`` when given."""
+        tensors = dict(self._fixed)
+        tensors.update(self._buffer_copies())
+        if params is not None:
+            tensors.update(params)
+        with _exact_forward(self.device):
+            loss = functional_call(self._holder, tensors, (self._batches[index],), strict=False)
+        return self._checked_loss(loss, index)
+
+    def _checked_loss(self, loss: Any, index: int) -> torch.Tensor:
+        if not isinstance(loss, torch.Tensor):
+            raise UsageError(f"loss_fn must return a tensor, got {type(loss).__name__} for batch {index}")
+        if loss.numel() != 1:
+            raise UsageError(
+                f"loss_fn must return a scalar (the mean loss of the batch), got shape {tuple(loss.shape)} for "
+                f"batch {index}; reduce it with .mean()"
+            )
+        if not loss.is_floating_point():
+            raise UsageError(f"loss_fn returned a {loss.dtype} tensor for batch {index}; a floating loss is needed")
+        return loss.reshape(())
+
+    def _evaluate_point(self, keep_graph: bool, budget: Optional[int]) -> None:
+        """Loss and gradient of every batch (recording each batch's RNG snapshot); keep the first-order graphs
+        for the graph method while they fit ``budget``."""
+        total_loss = torch.zeros((), device=self.device, dtype=self.dtype)
+        gradient = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
+        graph_terms: list[torch.Tensor] = []
+        known = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        known.update(p.untyped_storage().data_ptr() for p in self._leaves)
+        self.graph_bytes = 0
+        state = rng_state()
+        for i in range(len(self._batches)):
+            self._rng.append(state)
+            with replayed_rng(state):
+                loss = self._loss(i)
+                state = rng_state()  # the next batch continues the stream, as in a training loop
+                if not math.isfinite(float(loss.detach())):
+                    raise NonFiniteError(f"the loss of batch {i} is {float(loss.detach())}")
+                if loss.grad_fn is None:
+                    raise UsageError(
+                        f"the loss of batch {i} does not depend on the trainable parameters (it has no autograd "
+                        "graph): was it computed under torch.no_grad() or detached?"
+                    )
+                grads = torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
+            if not any(g.requires_grad for g in grads):
+                raise NotTwiceDifferentiableError(
+                    f"the gradient of batch {i} has no autograd graph although the loss depends on the parameters: "
+                    "the backward pass is not differentiable (a custom autograd.Function with "
+                    "@once_differentiable, or a backward computed under no_grad/detach). (A loss that is affine in "
+                    "every parameter would also end here; its Hessian is zero.)"
+                )
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            saved, refuses = _walk_graph([flat], known)
+            if refuses:
+                raise NotTwiceDifferentiableError(
+                    f"the backward pass of batch {i} contains an operation marked @once_differentiable, so it "
+                    "cannot be differentiated again; Hessian-vector products are impossible for this model"
+                )
+            self.graph_bytes += saved
+            if not torch.isfinite(flat.detach()).all():
+                raise NonFiniteError(f"the gradient of batch {i} has NaN or infinite entries")
+            w = self.weights[i]
+            total_loss += w * loss.detach()
+            gradient += w * flat.detach()
+            if keep_graph and (budget is None or self.graph_bytes <= budget):
+                graph_terms.append(flat * w if len(self._batches) > 1 else flat)
+            else:
+                keep_graph = False
+                graph_terms.clear()
+        self.loss = float(total_loss)
+        self._gradient = gradient
+        if keep_graph:
+            self._flat_grad_graph = graph_terms[0] if len(graph_terms) == 1 else torch.stack(graph_terms).sum(0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # torch.func engines
+
+    def _stateless_loss(self, index: int) -> Callable[..., torch.Tensor]:
+        keys = [f"model.{name}" for name in self._names]
+
+        def f(*params: torch.Tensor) -> torch.Tensor:
+            return self._loss(index, dict(zip(keys, params)))
+
+        return f
+
+    def _primals(self) -> tuple[torch.Tensor, ...]:
+        return tuple(leaf.detach() for leaf in self._leaves)
+
+    def _linearize_all(self) -> None:
+        argnums = tuple(range(len(self._leaves)))
+        primals = self._primals()
+        for i in range(len(self._batches)):
+            with replayed_rng(self._rng[i]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.fx const-folding chatter
+                try:
+                    _, jvp_fn = torch.func.linearize(torch.func.grad(self._stateless_loss(i), argnums), *primals)
+                except Exception as error:  # noqa: BLE001 - reported with its cause
+                    if _is_forward_ad_failure(error):
+                        raise _forward_mode_unsupported(error) from error
+                    if _is_not_twice_differentiable(error):
+                        raise NotTwiceDifferentiableError(f"cannot linearize the gradient: {error}") from error
+                    raise UsageError(
+                        f"method='linearize' does not support this model ({type(error).__name__}: {error}); "
+                        "use method='graph' or 'func'"
+                    ) from error
+            self._linearized.append(jvp_fn)
+
+    def _recomputed_hvp(self, v: torch.Tensor, index: int) -> torch.Tensor:
+        with replayed_rng(self._rng[index]):
+            loss = self._loss(index)
+        grads = torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        parts = torch.autograd.grad(flat, self._leaves, grad_outputs=v, materialize_grads=True)
+        return torch.cat([h.reshape(-1) for h in parts])
+
+    def _func_hvp(self, tangents: Sequence[torch.Tensor], index: int) -> Sequence[torch.Tensor]:
+        with replayed_rng(self._rng[index]):
+            if self.method == "linearize":
+                return self._linearized[index](*tangents)
+            argnums = tuple(range(len(self._leaves)))
+            grad_f = torch.func.grad(self._stateless_loss(index), argnums)
+            _, hvp = torch.func.jvp(grad_f, self._primals(), tuple(tangents))
+            return hvp
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Products
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if self._closed:
+            raise UsageError("this HessianOperator was closed; build a new one")
+        try:
+            if self.method == "graph":
+                parts = torch.autograd.grad(
+                    self._flat_grad_graph, self._leaves, grad_outputs=v, retain_graph=True, materialize_grads=True
+                )
+                out = torch.cat([h.reshape(-1) for h in parts])
+            elif self.method == "recompute":
+                out = None
+                for i, w in enumerate(self.weights):
+                    flat = self._recomputed_hvp(v, i)
+                    out = flat.mul_(w) if out is None else out.add_(flat, alpha=w)
+            else:
+                tangents = [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in self._leaves]),
+                                                          self._leaves)]
+                out = None
+                for i, w in enumerate(self.weights):
+                    flat = torch.cat([h.reshape(-1) for h in self._func_hvp(tangents, i)])
+                    out = flat * w if out is None else out.add_(flat, alpha=w)
+        except (RuntimeError, NotImplementedError) as error:
+            if self.method in ("func", "linearize") and _is_forward_ad_failure(error):
+                raise _forward_mode_unsupported(error) from error
+            if _is_not_twice_differentiable(error):
+                raise NotTwiceDifferentiableError(
+                    f"the backward pass of this model cannot be differentiated again ({error})"
+                ) from error
+            raise
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(f"Hessian-vector product {self.n_hvp + 1} has NaN or infinite entries")
+        return out
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the same weighted mean loss at the same point (a fresh tensor)."""
+        return self._gradient.clone()
+
+    def close(self) -> None:
+        """Free the kept graphs and traced functions; further products raise :class:`UsageError`."""
+        self._flat_grad_graph = None
+        self._linearized = []
+        self._closed = True
+
+    def __enter__(self) -> "HessianOperator":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"HessianOperator(num_params={self.num_params}, batches={len(self._batches)}, method={self.method!r}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
