@@ -1,0 +1,445 @@
+"""Built-in training scenarios whose diagnosis is known before they run.
+
+Each scenario is a small, deterministic PyTorch Lightning run on CPU, built so that the truth can be checked
+independently of optdiag (from the data's own spectrum, a dense Hessian or the closed-form dynamics):
+
+- ``saddle``: a 2-layer linear net ``y = W2 W1 x`` on whitened inputs from a tiny init. ``W = 0`` is a saddle whose
+  Hessian eigenvalues are ``+-sigma_i`` of the target map (THEORY.md section 3); the loss plateaus there, drops when
+  the ``sigma_1`` mode is learnt, plateaus again at the next saddle (``lambda_min = -sigma_2``), then reaches a
+  minimum.
+- ``oscillation``: linear regression with one feature scaled x10, SGD (batch 16) at ``lr * lambda_max = 1.8``: the
+  step bounces across the steep valley at a loss floor while the gradient stays large and consecutive gradients
+  point against each other (section 1 and 4).
+- ``minimum``: a well-conditioned noisy linear regression (convex) with a modest step; it converges to the least
+  squares solution and stays there: every eigenvalue is positive and the true gradient is statistically zero.
+- ``plateau``: a tanh MLP trained full-batch with ``lr`` a thousand times too small: the loss creeps down, the
+  gradient is clearly non-zero, and ``lr * lambda_max`` is far below the stability threshold.
+- ``divergence``: the regression of ``oscillation`` at ``lr * lambda_max = 3 > 2``: the steep direction grows by
+  ``|1 - 3| = 2`` per step until the loss overflows.
+- ``edge_of_stability``: a tanh MLP, full-batch gradient descent with ``lr = 0.2``: ``lambda_max`` climbs to
+  ``2 / lr = 10`` and hovers there while the loss keeps falling (Cohen et al. 2021). Not a stall.
+- ``batch_size``: the same MLP and ``lr`` with batch 8 and with the full batch (128): the large batch ends in a
+  sharper minimum (larger ``lambda_max`` and trace, close to ``2 / lr``); the small batch's noise keeps it flatter.
+
+Example:
+    >>> from optdiag.demo.scenarios import SCENARIOS, scenario
+    >>> sorted(SCENARIOS)[:3]
+    ['batch_size', 'divergence', 'edge_of_stability']
+    >>> runs = scenario("saddle").build()
+    >>> runs[0].max_steps > 0
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from optdiag.errors import UsageError
+
+__all__ = [
+    "Scenario",
+    "ScenarioRun",
+    "ScenarioModule",
+    "StepBatches",
+    "SCENARIOS",
+    "DEFAULT_SCENARIOS",
+    "scenario",
+    "scenario_names",
+    "half_squared_error",
+    "whitened_linear_map_data",
+    "scaled_regression_data",
+    "wave_data",
+    "regression_lambda_max",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --- losses and data ---------------------------------------------------------------------------------------------
+def half_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1/2 |prediction - target|^2`` summed over outputs, averaged over samples.
+
+    With this normalisation the Hessian of a 2-layer linear net at ``W = 0`` on whitened inputs has eigenvalues
+    exactly ``+-sigma_i`` of the target map (no factor 2 or 1/d_out).
+
+    Example:
+        >>> float(half_squared_error(torch.tensor([[1.0, 2.0]]), torch.zeros(1, 2)))
+        2.5
+    """
+    return 0.5 * (prediction - target).pow(2).sum(dim=-1).mean()
+
+
+def whitened_linear_map_data(
+    n: int = 64,
+    in_features: int = 4,
+    out_features: int = 3,
+    sigmas: tuple[float, ...] = (3.0, 1.0),
+    noise: float = 0.3,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs with ``X^T X / n = I`` exactly and targets ``Y = X A^T + Z`` for a map ``A`` with singular values ``sigmas``.
+
+    The noise ``Z`` is projected out of the column space of ``X``, so the best linear fit is exactly ``A`` and the
+    loss at the minimum is ``1/2 |Z|^2 / n > 0``.
+
+    Returns:
+        ``(X, Y, A)`` in float32.
+    """
+    if n <= in_features:
+        raise UsageError(f"whitened_linear_map_data needs n > in_features, got n={n}, in_features={in_features}")
+    if len(sigmas) > min(in_features, out_features):
+        raise UsageError(f"{len(sigmas)} singular values do not fit a {out_features}x{in_features} map")
+    gen = torch.Generator().manual_seed(seed)
+    x, _ = torch.linalg.qr(torch.randn(n, in_features, generator=gen, dtype=torch.float64))
+    x = x * math.sqrt(n)
+    u, _ = torch.linalg.qr(torch.randn(out_features, len(sigmas), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_features, len(sigmas), generator=gen, dtype=torch.float64))
+    a = u @ torch.diag(torch.tensor(sigmas, dtype=torch.float64)) @ v.T
+    z = noise * torch.randn(n, out_features, generator=gen, dtype=torch.float64)
+    z = z - x @ torch.linalg.lstsq(x, z).solution
+    y = x @ a.T + z
+    return x.float(), y.float(), a.float()
+
+
+def scaled_regression_data(
+    n: int = 512, in_features: int = 8, scale: float = 10.0, noise: float = 0.1, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian features with the first one multiplied by ``scale``; a noisy linear target of comparable size."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen)
+    x[:, 0] *= scale
+    w = torch.randn(in_features, 1, generator=gen)
+    w[0] /= scale
+    y = x @ w + noise * torch.randn(n, 1, generator=gen)
+    return x, y
+
+
+def wave_data(n: int = 128, in_features: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A smooth nonlinear regression target ``sin(x . w) + cos(2 x_0) / 2`` for the MLP scenarios."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen)
+    w = torch.randn(in_features, 1, generator=gen)
+    y = torch.sin(x @ w) + 0.5 * torch.cos(2 * x[:, :1])
+    return x, y
+
+
+def regression_lambda_max(x: torch.Tensor) -> float:
+    """Exact largest Hessian eigenvalue of the MSE of ``nn.Linear(d, 1)`` (weights and bias) on inputs ``x``.
+
+    The loss is quadratic, so the Hessian is ``2 [x 1]^T [x 1] / n`` everywhere.
+
+    Example:
+        >>> round(regression_lambda_max(torch.tensor([[1.0], [-1.0]])), 6)
+        2.0
+    """
+    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    return float(torch.linalg.eigvalsh(2.0 * design.T @ design / x.shape[0])[-1])
+
+
+class StepBatches(Dataset):
+    """One item per optimizer step: the full data set, or seeded minibatches drawn epoch by epoch.
+
+    Used with ``DataLoader(..., batch_size=None)`` so that one Lightning epoch is the whole run and the batches
+    are fixed in advance (deterministic, and independent of any global RNG).
+    """
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int | None = None, seed: int = 0
+    ) -> None:
+        if steps < 1:
+            raise UsageError(f"steps must be >= 1, got {steps}")
+        if x.shape[0] != y.shape[0]:
+            raise UsageError(f"inputs and targets differ in length: {x.shape[0]} vs {y.shape[0]}")
+        self.x, self.y, self.steps = x, y, int(steps)
+        n = x.shape[0]
+        self.batch_size = n if batch_size is None else int(batch_size)
+        if not 1 <= self.batch_size <= n:
+            raise UsageError(f"batch_size must be in [1, {n}], got {batch_size}")
+        self.indices: torch.Tensor | None = None
+        if self.batch_size < n:
+            gen = torch.Generator().manual_seed(seed)
+            per_epoch = n // self.batch_size
+            epochs = -(-self.steps // per_epoch)
+            perms = [torch.randperm(n, generator=gen)[: per_epoch * self.batch_size] for _ in range(epochs)]
+            self.indices = torch.cat(perms).view(-1, self.batch_size)[: self.steps]
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.indices is None:
+            return self.x, self.y
+        idx = self.indices[step]
+        return self.x[idx], self.y[idx]
+
+
+# --- the LightningModule -----------------------------------------------------------------------------------------
+class ScenarioModule(pl.LightningModule):
+    """A plain supervised LightningModule: ``net``, a loss, and SGD with a fixed ``lr`` and ``momentum``.
+
+    Attributes:
+        losses: the training loss of every optimizer step, recorded by the Trainer's ``on_train_batch_end`` (not by
+            ``training_step``, which monitors may call again on a probe batch).
+
+    Example:
+        >>> module = ScenarioModule(nn.Linear(2, 1), nn.functional.mse_loss, lr=0.1)
+        >>> type(module.configure_optimizers()).__name__
+        'SGD'
+    """
+
+    def __init__(self, net: nn.Module, loss_fn: LossFn, lr: float, momentum: float = 0.0) -> None:
+        super().__init__()
+        if not lr > 0:
+            raise UsageError(f"lr must be positive, got {lr}")
+        if not 0 <= momentum < 1:
+            raise UsageError(f"momentum must be in [0, 1), got {momentum}")
+        self.net = net
+        self.loss_fn = loss_fn
+        self.lr = float(lr)
+        self.momentum = float(momentum)
+        self.losses: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=False)
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(float(loss.detach()))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def _built(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """Build a network from a fixed seed without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+# --- scenario descriptions ---------------------------------------------------------------------------------------
+@dataclass
+class ScenarioRun:
+    """One training run of a scenario: what to train, on what, for how long, and the ground truth to compare with.
+
+    Attributes:
+        label: names the run inside its scenario (``"main"``, ``"batch 8"``, ...).
+        module: the LightningModule to train.
+        loader: the training DataLoader (one item per step).
+        max_steps: optimizer steps to train.
+        data: the full ``(inputs, targets)`` set, for exact end-of-run curvature.
+        truth: numbers known without optdiag (``"two_over_lr"``, ``"sigmas"``, ``"lr_lambda_max"``, ...).
+        optdiag: keyword arguments for :class:`optdiag.OptDiag` that this scenario needs.
+    """
+
+    label: str
+    module: ScenarioModule
+    loader: DataLoader
+    max_steps: int
+    data: tuple[torch.Tensor, torch.Tensor]
+    truth: dict[str, Any] = field(default_factory=dict)
+    optdiag: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named scenario whose verdicts are known in advance.
+
+    Attributes:
+        name: the ``--scenario`` name.
+        title: one line for the printed table.
+        expected: the verdict kinds expected, oldest first; empty when the run must give no stall verdict.
+        story: what is set up and why the truth is known (printed by the CLI, used in the docs).
+        build: returns the runs (fresh modules and loaders every call).
+        in_default: part of the quick subset that plain ``optdiag demo`` runs.
+    """
+
+    name: str
+    title: str
+    expected: tuple[str, ...]
+    story: str
+    build: Callable[[], list[ScenarioRun]]
+    in_default: bool = True
+
+
+def _loader(x: torch.Tensor, y: torch.Tensor, steps: int, batch_size: int | None = None, seed: int = 0) -> DataLoader:
+    return DataLoader(StepBatches(x, y, steps, batch_size, seed), batch_size=None, shuffle=False)
+
+
+SADDLE_SIGMAS = (3.0, 1.0)
+
+
+def _saddle() -> list[ScenarioRun]:
+    x, y, _ = whitened_linear_map_data(sigmas=SADDLE_SIGMAS)
+    init_scale = 1e-4
+
+    def make() -> nn.Module:
+        net = nn.Sequential(nn.Linear(4, 2, bias=False), nn.Linear(2, 3, bias=False))
+        for layer in net:
+            nn.init.normal_(layer.weight, std=init_scale)
+        return net
+
+    lr, steps = 0.02, 900
+    module = ScenarioModule(_built(0, make), half_squared_error, lr=lr)
+    truth = {"sigmas": SADDLE_SIGMAS, "lr": lr, "init_scale": init_scale}
+    return [ScenarioRun("main", module, _loader(x, y, steps), steps, (x, y), truth)]
+
+
+def _scaled_regression(lr_lambda_max: float, batch_size: int, steps: int) -> list[ScenarioRun]:
+    x, y = scaled_regression_data()
+    lam = regression_lambda_max(x)
+    lr = lr_lambda_max / lam
+    module = ScenarioModule(_built(0, lambda: nn.Linear(x.shape[1], 1)), nn.functional.mse_loss, lr=lr)
+    truth = {"lambda_max": lam, "lr": lr, "lr_lambda_max": lr_lambda_max, "batch_size": batch_size}
+    return [ScenarioRun("main", module, _loader(x, y, steps, batch_size), steps, (x, y), truth)]
+
+
+def _oscillation() -> list[ScenarioRun]:
+    return _scaled_regression(lr_lambda_max=1.8, batch_size=16, steps=600)
+
+
+def _divergence() -> list[ScenarioRun]:
+    return _scaled_regression(lr_lambda_max=3.0, batch_size=64, steps=150)
+
+
+def _minimum() -> list[ScenarioRun]:
+    x, y = scaled_regression_data(scale=1.0, noise=0.5, seed=1)
+    lam = regression_lambda_max(x)
+    lr, steps, batch = 0.3 / lam, 400, 32
+    module = ScenarioModule(_built(0, lambda: nn.Linear(x.shape[1], 1)), nn.functional.mse_loss, lr=lr)
+    truth = {"lambda_max": lam, "lr": lr, "lr_lambda_max": 0.3}
+    return [ScenarioRun("main", module, _loader(x, y, steps, batch), steps, (x, y), truth)]
+
+
+def _tanh_mlp(in_features: int = 4, width: int = 16) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(in_features, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 1)
+    )
+
+
+def _plateau() -> list[ScenarioRun]:
+    x, y = wave_data()
+    lr, steps = 2e-4, 400
+    module = ScenarioModule(_built(0, _tanh_mlp), nn.functional.mse_loss, lr=lr)
+    return [ScenarioRun("main", module, _loader(x, y, steps), steps, (x, y), {"lr": lr})]
+
+
+EOS_LR = 0.2
+
+
+def _edge_of_stability() -> list[ScenarioRun]:
+    x, y = wave_data()
+    steps = 600
+    module = ScenarioModule(_built(0, _tanh_mlp), nn.functional.mse_loss, lr=EOS_LR)
+    truth = {"lr": EOS_LR, "two_over_lr": 2.0 / EOS_LR}
+    # Sharpness over time is the point of this scenario: measure on a fixed cadence, on the full batch.
+    settings = {"every_n_steps": 25}
+    return [ScenarioRun("main", module, _loader(x, y, steps), steps, (x, y), truth, settings)]
+
+
+def _batch_size() -> list[ScenarioRun]:
+    x, y = wave_data()
+    steps = 800
+    runs = []
+    for batch in (8, x.shape[0]):
+        module = ScenarioModule(_built(0, _tanh_mlp), nn.functional.mse_loss, lr=EOS_LR)
+        truth = {"lr": EOS_LR, "two_over_lr": 2.0 / EOS_LR, "batch_size": batch}
+        runs.append(ScenarioRun(f"batch {batch}", module, _loader(x, y, steps, batch), steps, (x, y), truth))
+    return runs
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario(
+            "saddle",
+            "2-layer linear net from a tiny init: saddle, saddle, minimum",
+            ("saddle_point", "saddle_point", "local_minimum"),
+            "y = W2 W1 x on whitened inputs, target map with singular values 3 and 1, init scale 1e-4, full-batch "
+            "GD (lr 0.02). W = 0 is a saddle with Hessian eigenvalues +-3 and +-1; after the sigma=3 mode is "
+            "learnt the next saddle has lambda_min = -1; then a minimum.",
+            _saddle,
+        ),
+        Scenario(
+            "oscillation",
+            "badly scaled regression, SGD at lr*lambda_max = 1.8",
+            ("oscillation",),
+            "Linear regression with one feature scaled x10 (lambda_max ~ 180), SGD batch 16 at lr*lambda_max = "
+            "1.8: the step overshoots the steep direction and bounces at a loss floor with a large gradient.",
+            _oscillation,
+        ),
+        Scenario(
+            "minimum",
+            "convex regression, modest step: a true minimum",
+            ("local_minimum",),
+            "Well-conditioned noisy linear regression, SGD batch 32 at lr*lambda_max = 0.3: it converges to the "
+            "least-squares solution; every Hessian eigenvalue is positive and the gradient is only noise.",
+            _minimum,
+        ),
+        Scenario(
+            "plateau",
+            "tanh MLP with lr far too small",
+            ("plateau",),
+            "A tanh MLP trained full-batch with lr = 2e-4 (its stable limit is ~0.4): the loss creeps down while "
+            "the gradient stays clearly non-zero and lr*lambda_max is tiny.",
+            _plateau,
+        ),
+        Scenario(
+            "divergence",
+            "regression at lr*lambda_max = 3 (> 2)",
+            ("divergence",),
+            "The regression of 'oscillation' at lr*lambda_max = 3: the steep direction is multiplied by "
+            "1 - 3 = -2 every step until the loss overflows.",
+            _divergence,
+            in_default=False,
+        ),
+        Scenario(
+            "edge_of_stability",
+            "full-batch GD on a tanh MLP: lambda_max rises to 2/lr and stays",
+            (),
+            "A tanh MLP, full-batch GD with lr = 0.2: lambda_max climbs to 2/lr = 10 and hovers there while the "
+            "loss keeps falling, non-monotonically (Cohen et al. 2021). This is not a stall: no verdict.",
+            _edge_of_stability,
+        ),
+        Scenario(
+            "batch_size",
+            "the same MLP with batch 8 and batch 128",
+            (),
+            "The tanh MLP at lr = 0.2 with batch 8 and with the full batch of 128: the full batch ends at "
+            "lambda_max ~ 2/lr, the small batch's noise keeps it in a flatter region (smaller lambda_max and trace).",
+            _batch_size,
+            in_default=False,
+        ),
+    )
+}
+DEFAULT_SCENARIOS = tuple(name for name, s in SCENARIOS.items() if s.in_default)
+
+
+def scenario_names() -> list[str]:
+    """All scenario names, in presentation order."""
+    return list(SCENARIOS)
+
+
+def scenario(name: str) -> Scenario:
+    """The scenario called ``name``.
+
+    Raises:
+        UsageError: for an unknown name, listing the known ones.
+    """
+    try:
+        return SCENARIOS[name]
+    except KeyError:
+        raise UsageError(f"unknown scenario {name!r}; choose one of: {', '.join(SCENARIOS)}, or 'all'") from None
