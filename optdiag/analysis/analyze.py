@@ -1,0 +1,739 @@
+"""Post-hoc analysis of saved checkpoints: curvature, sharpness, a verdict for the point, and loss landscapes.
+
+The numbers come from the same functions the callbacks use (:mod:`optdiag.curvature`) and the verdict from
+:func:`optdiag.diagnosis.classify_point`, so a report and a training run speak the same language.
+
+What is computed over which data:
+
+* ``loss`` and ``grad_norm``: the sample-weighted mean loss and the norm of its gradient over the whole data (or
+  its first ``loss_batches`` batches), passed over in chunks of ``max_batches`` batches so memory stays bounded.
+* Everything else (eigenvalues, trace, density, sharpness, slices, barriers): the Hessian of the mean loss over the
+  first ``max_batches`` batches, the operator's "analysis batches".
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from optdiag.analysis import landscape
+from optdiag.analysis.loading import LoadedCheckpoint, iter_batches, load_checkpoint, resolve_data, resolve_loss
+from optdiag.curvature import (
+    DensityResult,
+    EigenResult,
+    HessianOperator,
+    SharpnessResult,
+    TraceResult,
+    adaptive_sharpness,
+    epsilon_sharpness,
+    hessian_trace,
+    sam_sharpness,
+    spectral_density,
+    top_eigenvalues,
+)
+from optdiag.curvature.operator import _infer_batch_size
+from optdiag.errors import OptDiagError, UsageError
+
+__all__ = ["AnalysisSettings", "CheckpointAnalysis", "AnalysisReport", "analyze_checkpoint", "POINT_TYPES"]
+
+POINT_TYPES = ("local_minimum", "saddle_point", "plateau", "not_critical")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class AnalysisSettings:
+    """How much work the analysis does, and where.
+
+    Attributes:
+        max_batches: batches of the Hessian (the analysis batches), and the chunk size of the loss pass.
+        loss_batches: batches of the loss and gradient pass (None: all the data yields).
+        k: eigenpairs at each end of the spectrum.
+        tol: Lanczos relative tolerance.
+        trace_hvp: products for the Hutch++ trace.
+        density_runs, density_steps: stochastic Lanczos quadrature runs and steps per run.
+        eps: Keskar's box size. rho_sam, rho_adaptive: the SAM and ASAM radii.
+        resolution: points of each 1-D slice. surface_resolution: points per side of the 2-D contour (0: none).
+        radius: the half-width of the eigenvector slices and of the contour (None: chosen from the loss and
+            curvature, see :func:`_eigen_radius`). Random filter-normalised slices span [-1, 1].
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        dtype: compute dtype of the curvature (None: the model's).
+        seed: seeds every random choice (start vectors, probes, directions) through private generators.
+        progress: show progress bars on stderr.
+    """
+
+    max_batches: int = 4
+    loss_batches: Optional[int] = None
+    k: int = 3
+    tol: float = 1e-3
+    trace_hvp: int = 60
+    density_runs: int = 2
+    density_steps: int = 40
+    eps: float = 1e-3
+    rho_sam: float = 0.05
+    rho_adaptive: float = 0.5
+    resolution: int = 21
+    surface_resolution: int = 11
+    radius: Optional[float] = None
+    device: str = "auto"
+    dtype: Optional[torch.dtype] = None
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_batches", "k", "trace_hvp", "density_runs", "density_steps"):
+            _positive_int(name, getattr(self, name))
+        if self.loss_batches is not None:
+            _positive_int("loss_batches", self.loss_batches)
+        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 3:
+            raise UsageError(f"resolution must be an int of at least 3, got {self.resolution!r}")
+        if isinstance(self.surface_resolution, bool) or not isinstance(self.surface_resolution, int) or (
+            self.surface_resolution != 0 and self.surface_resolution < 3
+        ):
+            raise UsageError(f"surface_resolution must be 0 (no contour) or at least 3, got {self.surface_resolution!r}")
+        for name in ("tol", "eps", "rho_sam", "rho_adaptive"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise UsageError(f"{name} must be a positive number, got {value!r}")
+        if self.radius is not None and not (isinstance(self.radius, (int, float)) and self.radius > 0):
+            raise UsageError(f"radius must be a positive number or None, got {self.radius!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("device 'cuda' was asked for but no CUDA device is available")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("dtype", "progress")}
+        out["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
+        out["device_used"] = str(self.torch_device)
+        return out
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{name} must be a positive int, got {value!r}")
+
+
+@dataclass
+class CheckpointAnalysis:
+    """Everything measured at one checkpoint.
+
+    Attributes:
+        path, step, epoch, format: the checkpoint, its saved optimizer step and epoch, ``"lightning"`` or
+            ``"state_dict"``.
+        num_params: trainable parameters.
+        loss, grad_norm: mean loss and gradient norm over the loss pass (``n_samples`` samples in ``n_batches``).
+        analysis_loss: the mean loss over the analysis (Hessian) batches, ``hessian_batches`` of them.
+        top, bottom: the ``k`` largest (``"LA"``) and smallest (``"SA"``) Hessian eigenpairs.
+        trace: the Hutch++ trace estimate. density: the spectral density.
+        sharpness: ``{"epsilon": ..., "sam": ..., "adaptive": ...}`` (None where undefined, see ``notes``).
+        optimizer: the :class:`~optdiag.diagnosis.OptimizerSpec` read from the module and checkpoint, if any.
+        evidence: the :class:`~optdiag.diagnosis.Evidence` the verdict was made from.
+        diagnosis: the verdict for the point (None: not a critical point).
+        slices: 1-D loss slices by direction; surface: the 2-D contour over the top two eigenvectors.
+        noise: gradient noise statistics on the analysis batches (None when they cannot be measured).
+        notes: what was skipped and why.
+        n_hvp: Hessian-vector products spent. seconds: wall time.
+    """
+
+    path: str
+    step: Optional[int]
+    epoch: Optional[int]
+    format: str
+    num_params: int
+    loss: float
+    grad_norm: float
+    n_samples: int
+    n_batches: int
+    analysis_loss: float
+    hessian_batches: int
+    top: EigenResult
+    bottom: EigenResult
+    trace: TraceResult
+    density: DensityResult
+    sharpness: dict[str, Optional[SharpnessResult]]
+    optimizer: Any
+    evidence: Any
+    diagnosis: Any
+    slices: dict[str, landscape.LossSlice]
+    surface: Optional[landscape.LossSurface]
+    noise: Any = None
+    notes: list[str] = field(default_factory=list)
+    n_hvp: int = 0
+    seconds: float = 0.0
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.top.eigenvalues[0])
+
+    @property
+    def lambda_min(self) -> float:
+        return float(self.bottom.eigenvalues[0])
+
+    @property
+    def point_type(self) -> str:
+        return "not_critical" if self.diagnosis is None else self.diagnosis.kind
+
+    @property
+    def label(self) -> str:
+        return Path(self.path).name
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (see ``docs/analyzing-checkpoints.md`` for the schema)."""
+        evidence = self.evidence
+        return {
+            "path": self.path,
+            "step": self.step,
+            "epoch": self.epoch,
+            "format": self.format,
+            "num_params": self.num_params,
+            "n_samples": self.n_samples,
+            "n_batches": self.n_batches,
+            "hessian_batches": self.hessian_batches,
+            "loss": _num(self.loss),
+            "analysis_loss": _num(self.analysis_loss),
+            "grad_norm": _num(self.grad_norm),
+            "lambda_max": _num(self.lambda_max),
+            "lambda_min": _num(self.lambda_min),
+            "top_eigenvalues": _nums(self.top.eigenvalues),
+            "bottom_eigenvalues": _nums(self.bottom.eigenvalues),
+            "residuals": {"top": _nums(self.top.residuals), "bottom": _nums(self.bottom.residuals)},
+            "converged": {"top": bool(self.top.converged), "bottom": bool(self.bottom.converged)},
+            "hessian_trace": _num(self.trace.estimate),
+            "hessian_trace_stderr": _num(self.trace.stderr),
+            "stability_threshold": _num(getattr(evidence, "stability_threshold", None)),
+            "stability_ratio": _num(getattr(evidence, "stability_ratio", None)),
+            "epsilon_sharpness": _sharpness_value(self.sharpness.get("epsilon")),
+            "sam_sharpness": _sharpness_value(self.sharpness.get("sam")),
+            "adaptive_sharpness": _sharpness_value(self.sharpness.get("adaptive")),
+            "sharpness": {k: (None if v is None else _jsonable(v.to_dict())) for k, v in self.sharpness.items()},
+            "density": {
+                "grid": _nums(self.density.grid),
+                "density": _nums(self.density.density),
+                "nodes": [_nums(row) for row in np.atleast_2d(self.density.nodes)],
+                "weights": [_nums(row) for row in np.atleast_2d(self.density.weights)],
+                "sigma": _num(self.density.sigma),
+            },
+            "gradient_noise": None if self.noise is None else _jsonable(_noise_dict(self.noise)),
+            "optimizer": None if self.optimizer is None else _jsonable(self.optimizer.to_dict()),
+            "diagnosis": None if self.diagnosis is None else self.diagnosis.to_dict(),
+            "point_type": self.point_type,
+            "slices": {name: s.to_dict() for name, s in self.slices.items()},
+            "surface": None if self.surface is None else self.surface.to_dict(),
+            "notes": list(self.notes),
+            "n_hvp": int(self.n_hvp),
+            "seconds": round(float(self.seconds), 3),
+        }
+
+
+def _noise_dict(noise: Any) -> dict[str, Any]:
+    return {k: getattr(noise, k) for k in ("grad_sq_norm", "trace_sigma", "b_simple", "b_big")}
+
+
+def _num(value: Any) -> Optional[float]:
+    """A float for JSON; None for missing or non-finite values."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _nums(values: Any) -> list[Optional[float]]:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().double().numpy()
+    return [_num(v) for v in np.asarray(values, dtype=float).reshape(-1)]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return _num(value)
+    return str(value)
+
+
+def _sharpness_value(result: Optional[SharpnessResult]) -> Optional[float]:
+    return None if result is None else _num(result.value)
+
+
+@dataclass
+class AnalysisReport:
+    """The analysis of one or more checkpoints, and what connects consecutive ones.
+
+    Attributes:
+        checkpoints: one :class:`CheckpointAnalysis` per checkpoint, in step order (given order when a step is
+            unknown).
+        barriers: the loss on the straight line between each consecutive pair
+            (:class:`~optdiag.analysis.landscape.InterpolationPath`).
+        settings: the :class:`AnalysisSettings` used.
+        created: ISO timestamp (UTC).
+
+    Example:
+        >>> report = analyze_checkpoint("epoch=3.ckpt", model=MyModule)  # doctest: +SKIP
+        >>> report.checkpoints[0].lambda_max, report.checkpoints[0].point_type  # doctest: +SKIP
+        (12.3, 'local_minimum')
+        >>> report.write("optdiag-report")  # doctest: +SKIP
+    """
+
+    checkpoints: list[CheckpointAnalysis]
+    barriers: list[landscape.InterpolationPath]
+    settings: AnalysisSettings
+    created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    barrier_notes: list[str] = field(default_factory=list)
+
+    def __getitem__(self, index: int) -> CheckpointAnalysis:
+        return self.checkpoints[index]
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    @property
+    def series(self) -> dict[str, list]:
+        """Quantities across checkpoints: ``step``, ``loss``, ``grad_norm``, ``lambda_max``, ``lambda_min``,
+        ``hessian_trace`` and the three sharpness measures."""
+        rows = [c.to_dict() for c in self.checkpoints]
+        keys = ("step", "loss", "grad_norm", "lambda_max", "lambda_min", "hessian_trace", "epsilon_sharpness",
+                "sam_sharpness", "adaptive_sharpness")
+        out: dict[str, list] = {"checkpoint": [c.label for c in self.checkpoints]}
+        out.update({k: [row[k] for row in rows] for k in keys})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` content (schema version :data:`SCHEMA_VERSION`)."""
+        from optdiag import __version__
+
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "optdiag_version": __version__,
+            "created": self.created,
+            "settings": _jsonable(self.settings.to_dict()),
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+            "series": self.series,
+            "barriers": [b.to_dict() for b in self.barriers],
+            "barrier_notes": list(self.barrier_notes),
+        }
+
+    def summary(self) -> str:
+        """A few plain-text lines per checkpoint, for the terminal."""
+        lines = []
+        for c in self.checkpoints:
+            step = "?" if c.step is None else c.step
+            lines.append(
+                f"{c.label} (step {step}): loss {c.loss:.4g}, |grad| {c.grad_norm:.3g}, "
+                f"lambda_max {c.lambda_max:.4g}, lambda_min {c.lambda_min:.4g}, trace {c.trace.estimate:.4g} "
+                f"+- {c.trace.stderr:.2g} -> {c.point_type.replace('_', ' ')}"
+            )
+            if c.diagnosis is not None:
+                lines.append(f"    {c.diagnosis.summary}")
+                for s in c.diagnosis.suggestions:
+                    lines.append(f"    - {s.target}: {s.action}")
+        for b in self.barriers:
+            lines.append(f"barrier {b.labels[0]} -> {b.labels[1]}: {b.barrier:.4g} (distance {b.distance:.4g})")
+        return "\n".join(lines)
+
+    def write(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``report.html`` and ``report.json`` into ``out_dir`` (created if needed).
+
+        Existing files are never overwritten: when ``report.html`` or ``report.json`` exist, the pair is written as
+        ``report-2.*``, ``report-3.*``, ...
+
+        Returns:
+            The paths of the HTML and JSON files.
+        """
+        from optdiag.sinks.report import write_report
+
+        return write_report(self, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def analyze_checkpoint(
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    model: Any,
+    data: Any = None,
+    *,
+    loss: Any = None,
+    optimizer: Any = None,
+    trust_checkpoint: bool = False,
+    settings: Optional[AnalysisSettings] = None,
+    **options: Any,
+) -> AnalysisReport:
+    """Analyse one checkpoint (or several, in order) and return an :class:`AnalysisReport`.
+
+    Args:
+        path: a checkpoint file, or a sequence of them (then also the series and the barriers between
+            consecutive checkpoints).
+        model: a LightningModule class (Lightning checkpoints are rebuilt with ``load_from_checkpoint``, saved
+            hyper-parameters included), an ``nn.Module`` class or a factory taking no arguments, or a module
+            instance (copied; the caller's object is never changed).
+        data: a DataLoader (or any iterable of batches), a LightningDataModule, or a callable returning one; None
+            uses the module's own ``train_dataloader``.
+        loss: ``loss_fn(model, batch) -> scalar mean loss`` or a criterion (e.g. ``torch.nn.MSELoss``); None uses
+            the module's ``training_step``.
+        optimizer: an ``OptimizerSpec`` or a torch optimizer for the stability threshold; None reads it from the
+            module's ``configure_optimizers`` and the checkpoint's saved learning rate, when there is one.
+        trust_checkpoint: unpickle fully (``weights_only=False``); only for files from a trusted source.
+        settings: an :class:`AnalysisSettings`; or give its fields as keyword ``options`` (``max_batches=8``, ...).
+
+    Returns:
+        An :class:`AnalysisReport`; ``report.write(dir)`` writes ``report.html`` and ``report.json``.
+
+    Raises:
+        UsageError: any bad input (missing or unreadable file, weights that do not fit the model, unusable data or
+            loss, bad settings), with one line naming the problem.
+
+    Example:
+        >>> report = analyze_checkpoint("last.ckpt", model=MyModule, max_batches=4)  # doctest: +SKIP
+        >>> print(report.summary())  # doctest: +SKIP
+    """
+    if settings is None:
+        try:
+            settings = AnalysisSettings(**options)
+        except TypeError as err:
+            raise UsageError(f"unknown analysis option: {err}") from err
+    elif options:
+        raise UsageError("give either settings=AnalysisSettings(...) or keyword options, not both")
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise UsageError("no checkpoint given")
+    loaded = [load_checkpoint(p, model, trust_checkpoint) for p in paths]  # fail fast before any long work
+    if all(item.step is not None for item in loaded):
+        loaded.sort(key=lambda item: item.step)
+    results: list[CheckpointAnalysis] = []
+    barriers: list[landscape.InterpolationPath] = []
+    barrier_notes: list[str] = []
+    previous: Optional[tuple[str, torch.Tensor]] = None
+    for index, item in enumerate(loaded):
+        analysis, op = _analyze_one(item, data, loss, optimizer, settings, f"[{index + 1}/{len(loaded)}]")
+        point = landscape.point_of(op)
+        if previous is not None:
+            label, start = previous
+            try:
+                barriers.append(
+                    landscape.linear_interpolation(op, start, point, t=np.linspace(0.0, 1.0, settings.resolution),
+                                                   labels=(label, analysis.label))
+                )
+            except UsageError as err:
+                barrier_notes.append(f"{label} -> {analysis.label}: {err}")
+        previous = (analysis.label, point.detach().cpu())
+        op.close()
+        results.append(analysis)
+        item.model = None  # release the weights as we go
+    return AnalysisReport(results, barriers, settings, barrier_notes=barrier_notes)
+
+
+class _Progress:
+    """One progress bar per checkpoint, stage by stage (silent when disabled)."""
+
+    STAGES = ("loss pass", "top eigenvalues", "bottom eigenvalues", "trace", "density", "sharpness", "verdict",
+              "slices", "contour")
+
+    def __init__(self, enabled: bool, label: str) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=len(self.STAGES), desc=label, file=sys.stderr, leave=True, unit="stage")
+
+    def stage(self, name: str) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(name)
+
+    def done(self) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _chunks(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for batch in batches:
+        chunk.append(batch)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _loss_pass(
+    model: nn.Module, loss_fn: Callable, data: Iterable[Any], settings: AnalysisSettings, where: str
+) -> tuple[HessianOperator, float, float, int, int]:
+    """The analysis operator (first chunk) and the mean loss, gradient norm, samples and batches over all chunks.
+
+    Each chunk's loss and gradient come from a ``HessianOperator`` over it (the same sample weighting and forward
+    as the curvature); later chunks use the ``"func"`` engine, which keeps no graph, and are freed at once.
+    """
+    first: Optional[HessianOperator] = None
+    loss_sum, grad_sum, n_samples, n_batches = 0.0, None, 0, 0
+    for chunk in _chunks(iter_batches(data, settings.loss_batches, where), settings.max_batches):
+        sizes = [_infer_batch_size(b, n_batches + i) for i, b in enumerate(chunk)]
+        op = HessianOperator(model, loss_fn, chunk, method="auto" if first is None else "func", dtype=settings.dtype)
+        count = sum(sizes)
+        loss_sum += op.loss * count
+        gradient = op.gradient().double() * count
+        grad_sum = gradient if grad_sum is None else grad_sum + gradient
+        n_samples += count
+        n_batches += len(chunk)
+        if first is None:
+            first = op
+        else:
+            op.close()
+    assert first is not None and grad_sum is not None  # iter_batches raised if there was no batch
+    return first, loss_sum / n_samples, float((grad_sum / n_samples).norm()), n_samples, n_batches
+
+
+def _analyze_one(
+    item: LoadedCheckpoint, data: Any, loss: Any, optimizer: Any, settings: AnalysisSettings, label: str
+) -> tuple[CheckpointAnalysis, HessianOperator]:
+    started = time.perf_counter()
+    progress = _Progress(settings.progress, f"{label} {item.path.name}")
+    model = item.model.to(settings.torch_device)
+    model.eval()  # deterministic: no dropout, BatchNorm on its running statistics
+    loss_fn = resolve_loss(model, loss)
+    source = resolve_data(model, data)
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*self\.log.*")
+            progress.stage("loss pass")
+            op, mean_loss, grad_norm, n_samples, n_batches = _loss_pass(
+                model, loss_fn, source, settings, f"the data of {item.path.name}"
+            )
+            progress.done()
+            analysis = _curvature_and_verdict(item, op, model, loss_fn, optimizer, settings, progress, notes)
+    except UsageError:
+        raise
+    except OptDiagError as err:  # NaN/Inf loss, no double backward: a property of this checkpoint and model
+        raise UsageError(f"analysing {item.path}: {err}") from err
+    except (RuntimeError, ValueError, TypeError) as err:
+        # The user's model or loss failed on the user's data: bad input, reported in one line.
+        raise UsageError(f"analysing {item.path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    finally:
+        progress.close()
+    analysis.update(
+        loss=mean_loss, grad_norm=grad_norm, n_samples=n_samples, n_batches=n_batches, notes=notes,
+        seconds=time.perf_counter() - started,
+    )
+    return CheckpointAnalysis(**analysis), op
+
+
+def _curvature_and_verdict(
+    item: LoadedCheckpoint,
+    op: HessianOperator,
+    model: nn.Module,
+    loss_fn: Callable,
+    optimizer: Any,
+    settings: AnalysisSettings,
+    progress: _Progress,
+    notes: list[str],
+) -> dict[str, Any]:
+    k = min(settings.k, op.num_params)
+    seed = settings.seed
+    progress.stage("top eigenvalues")
+    top = top_eigenvalues(op, k=k, which="LA", tol=settings.tol, seed=seed)
+    progress.done()
+    progress.stage("bottom eigenvalues")
+    bottom = top_eigenvalues(op, k=k, which="SA", tol=settings.tol, seed=seed + 1)
+    progress.done()
+    for name, result in (("largest", top), ("smallest", bottom)):
+        if not result.converged:
+            notes.append(f"Lanczos for the {name} eigenvalues did not reach tol={settings.tol} in {result.n_hvp} "
+                         f"products (residuals {', '.join(f'{r:.2g}' for r in result.residuals.tolist())})")
+    progress.stage("trace")
+    trace = hessian_trace(op, settings.trace_hvp if op.num_params > 3 else 3, seed=seed)
+    progress.done()
+    progress.stage("density")
+    density = spectral_density(op, n_runs=settings.density_runs, n_steps=settings.density_steps, seed=seed)
+    progress.done()
+
+    progress.stage("sharpness")
+    batches = op._batches  # the analysis batches, already on the device
+    sharpness = _sharpness(model, loss_fn, batches, settings, notes)
+    noise = _noise(model, loss_fn, batches, notes)
+    progress.done()
+
+    progress.stage("verdict")
+    spec = _optimizer_spec(model, item, optimizer, notes)
+    from optdiag.diagnosis import Evidence, classify_point
+
+    evidence = Evidence(
+        step=item.step if item.step is not None else 0,
+        loss=op.loss,
+        grad_norm=float(op.gradient().norm()),
+        grad_sq_norm_unbiased=None if noise is None else noise.grad_sq_norm,
+        grad_noise_trace=None if noise is None else noise.trace_sigma,
+        batch_size=None if noise is None else int(noise.b_big),
+        lambda_max=float(top.eigenvalues[0]),
+        lambda_max_residual=float(top.residuals[0]),
+        lambda_min=float(bottom.eigenvalues[0]),
+        lambda_min_residual=float(bottom.residuals[0]),
+        hessian_trace=trace.estimate,
+        hessian_trace_stderr=trace.stderr if math.isfinite(trace.stderr) else None,
+        epsilon_sharpness=None if sharpness["epsilon"] is None else sharpness["epsilon"].value,
+        num_params=op.num_params,
+        optimizer=spec,
+    )
+    diagnosis = classify_point(evidence)
+    progress.done()
+
+    progress.stage("slices")
+    slices = _slices(op, top, bottom, settings)
+    progress.done()
+    progress.stage("contour")
+    surface = None
+    if settings.surface_resolution and top.k >= 2:
+        radius = _eigen_radius(op, top, bottom, settings)
+        grid = np.linspace(-radius, radius, settings.surface_resolution)
+        surface = landscape.loss_surface(op, top.eigenvectors[0], top.eigenvectors[1], grid, grid)
+    elif settings.surface_resolution:
+        notes.append("no 2-D contour: it needs two eigenvectors (k >= 2 and at least 2 parameters)")
+    progress.done()
+    return dict(
+        path=str(item.path),
+        step=item.step,
+        epoch=item.epoch,
+        format=item.format,
+        num_params=op.num_params,
+        analysis_loss=op.loss,
+        hessian_batches=len(op.weights),
+        top=top,
+        bottom=bottom,
+        trace=trace,
+        density=density,
+        sharpness=sharpness,
+        optimizer=spec,
+        evidence=evidence,
+        diagnosis=diagnosis,
+        slices=slices,
+        surface=surface,
+        noise=noise,
+        n_hvp=op.n_hvp,
+    )
+
+
+def _sharpness(
+    model: nn.Module, loss_fn: Callable, batches: list, settings: AnalysisSettings, notes: list[str]
+) -> dict[str, Optional[SharpnessResult]]:
+    measures = {
+        "epsilon": lambda: epsilon_sharpness(model, loss_fn, batches, eps=settings.eps, seed=settings.seed),
+        "sam": lambda: sam_sharpness(model, loss_fn, batches, rho=settings.rho_sam),
+        "adaptive": lambda: adaptive_sharpness(model, loss_fn, batches, rho=settings.rho_adaptive),
+    }
+    out: dict[str, Optional[SharpnessResult]] = {}
+    for name, measure in measures.items():
+        try:
+            out[name] = measure()
+        except UsageError:
+            raise
+        except ValueError as err:  # e.g. a zero gradient leaves first-order SAM without a direction
+            out[name] = None
+            notes.append(f"{name} sharpness undefined here: {err}")
+    return out
+
+
+def _noise(model: nn.Module, loss_fn: Callable, batches: list, notes: list[str]) -> Any:
+    """``|G|^2`` and ``tr(Sigma)`` from the analysis batches split in quarters (for the zero-gradient test)."""
+    from optdiag.curvature.noise import estimate_gradient_noise_scale
+
+    try:
+        size = _infer_batch_size(batches[0], 0)
+        if size < 2:
+            raise UsageError("batches of one sample cannot be split")
+        return estimate_gradient_noise_scale(model, loss_fn, batches, small_batch_size=max(1, size // 4))
+    except (UsageError, ValueError) as err:
+        notes.append(f"gradient noise not measured: {err}")
+        return None
+
+
+def _optimizer_spec(model: nn.Module, item: LoadedCheckpoint, optimizer: Any, notes: list[str]) -> Any:
+    """The optimizer's settings at the checkpoint: given, or the module's ``configure_optimizers`` with the
+    checkpoint's saved learning rate (schedulers change it) and other scalar settings."""
+    from optdiag.diagnosis import OptimizerSpec
+
+    if isinstance(optimizer, OptimizerSpec):
+        return optimizer
+    if optimizer is not None:
+        return OptimizerSpec.from_torch(optimizer)
+    configure = getattr(model, "configure_optimizers", None)
+    if configure is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            configured = configure()
+        torch_optimizer = _first_optimizer(configured)
+        if torch_optimizer is None:
+            return None
+        if item.optimizer_group:
+            group = torch_optimizer.param_groups[0]
+            for key, value in item.optimizer_group.items():
+                if key in group:
+                    group[key] = type(group[key])(value) if isinstance(group[key], (tuple, list)) else value
+        return OptimizerSpec.from_torch(torch_optimizer)
+    except Exception as err:  # noqa: BLE001 - configure_optimizers may need a Trainer; the verdict goes on
+        notes.append(f"optimizer unknown ({type(err).__name__} from configure_optimizers): no stability threshold")
+        return None
+
+
+def _first_optimizer(configured: Any) -> Any:
+    """The first torch optimizer in whatever ``configure_optimizers`` returned (Lightning's accepted forms)."""
+    if hasattr(configured, "param_groups"):
+        return configured
+    if isinstance(configured, dict):
+        return _first_optimizer(configured.get("optimizer"))
+    if isinstance(configured, (list, tuple)) and configured:
+        return _first_optimizer(configured[0])
+    return None
+
+
+def _eigen_radius(op: HessianOperator, top: EigenResult, bottom: EigenResult, settings: AnalysisSettings) -> float:
+    """Half-width of the eigenvector slices: where the quadratic model's change reaches about four times the loss
+    (``|lambda| r^2 / 2 = 4 max(L, 0.01)``), capped at the norm of the weights (at least 1)."""
+    if settings.radius is not None:
+        return float(settings.radius)
+    scale = max(abs(float(top.eigenvalues[0])), abs(float(bottom.eigenvalues[0])), 1e-12)
+    radius = math.sqrt(8.0 * max(op.loss, 1e-2) / scale)
+    return min(radius, max(float(landscape.point_of(op).norm()), 1.0))
+
+
+def _slices(op: HessianOperator, top: EigenResult, bottom: EigenResult, settings: AnalysisSettings) -> dict:
+    radius = _eigen_radius(op, top, bottom, settings)
+    steps = np.linspace(-radius, radius, settings.resolution)
+    unit = np.linspace(-1.0, 1.0, settings.resolution)
+    random_direction = landscape.filter_normalized_direction(op, seed=settings.seed)
+    return {
+        "top_eigenvector": landscape.loss_slice(op, top.eigenvectors[0], steps, "top eigenvector"),
+        "bottom_eigenvector": landscape.loss_slice(op, bottom.eigenvectors[0], steps, "bottom eigenvector"),
+        "random_filter_normalized": landscape.loss_slice(op, random_direction, unit, "random (filter-normalised)"),
+    }
+

@@ -1,0 +1,140 @@
+"""Importable models, data and losses for the checkpoint-analysis tests and the ``optdiag analyze`` CLI tests.
+
+The CLI names these as ``tests.fixtures_analysis:LinearNet``, ``tests.fixtures_analysis:make_loader`` and so on.
+
+The data are built so the Hessians are known exactly: inputs ``x`` with second moment ``E[x x^T] = diag(scales)``
+(whitened when the scales are all 1) and targets ``y = A x``; the loss is ``0.5 * E|y - f(x)|^2``.
+
+* One linear layer (``hidden=0``): the Hessian is ``diag(scales)`` repeated for every output, whatever the weights,
+  and the minimum sits at ``W = A`` (local minimum, eigenvalues = the scales).
+* Two linear layers ``W2 W1`` at the origin with whitened inputs: gradient 0 and Hessian eigenvalues
+  ``+- sigma_i(A)`` (THEORY.md section 3), a saddle point.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+N_SAMPLES = 12
+D_IN = 3
+D_OUT = 2
+# The target map; its singular values are 3 and 1 (A = U diag(3, 1) V^T with orthonormal U, V).
+TARGET_MAP = torch.tensor([[2.0, 1.0, 0.0], [1.0, 2.0, 0.0]])
+TARGET_SINGULAR_VALUES = (3.0, 1.0)
+
+
+def make_dataset(scales: tuple[float, ...] = (1.0, 1.0, 1.0)) -> TensorDataset:
+    """Inputs with ``X^T X / n = diag(scales)`` exactly, and targets ``A x``."""
+    generator = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(N_SAMPLES, D_IN, generator=generator))
+    x = q * (N_SAMPLES**0.5) * torch.tensor(scales).sqrt()
+    return TensorDataset(x, x @ TARGET_MAP.T)
+
+
+def half_squared_error(model: nn.Module, batch) -> torch.Tensor:
+    """``0.5 * mean over samples of |y - f(x)|^2`` (a ``loss_fn(model, batch)`` for ``--loss``)."""
+    x, y = batch
+    return 0.5 * ((model(x) - y) ** 2).sum(dim=1).mean()
+
+
+class LinearNet(pl.LightningModule):
+    """``y = W x`` (``hidden=0``) or ``y = W2 W1 x``, no biases, with its own data and training step."""
+
+    def __init__(self, hidden: int = 0, lr: float = 0.05, batch_size: int = 4) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if hidden:
+            self.net = nn.Sequential(nn.Linear(D_IN, hidden, bias=False), nn.Linear(hidden, D_OUT, bias=False))
+        else:
+            self.net = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        loss = half_squared_error(self, batch)
+        self.log("train_loss", loss)  # outside a Trainer this only warns; the analysis must cope
+        return {"loss": loss}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(make_dataset(), batch_size=self.hparams.batch_size, shuffle=False)
+
+
+class NoDataNet(pl.LightningModule):
+    """A module without a ``train_dataloader``: the analysis needs ``--data``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(D_IN, D_OUT, bias=False)
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return half_squared_error(self, batch)
+
+
+class PlainNet(nn.Module):
+    """A plain ``nn.Module`` (for state-dict files); needs ``--loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(D_IN, D_OUT, bias=False)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def make_plain_net() -> nn.Module:
+    """A factory for ``--model``."""
+    return PlainNet()
+
+
+def make_loader() -> DataLoader:
+    """A ``--data`` callable returning a DataLoader of 3 batches of 4."""
+    return DataLoader(make_dataset(), batch_size=4, shuffle=False)
+
+
+def make_uneven_loader() -> DataLoader:
+    """Batches of 5, 5 and 2 samples: means over the data must weight them by size."""
+    return DataLoader(make_dataset(), batch_size=5, shuffle=False)
+
+
+class TinyDataModule(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dataset = None
+
+    def setup(self, stage: str) -> None:
+        self.dataset = make_dataset()
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=6)
+
+
+def make_datamodule() -> pl.LightningDataModule:
+    """A ``--data`` callable returning a LightningDataModule."""
+    return TinyDataModule()
+
+
+def raising_data():
+    raise RuntimeError("the dataset server is down")
+
+
+def empty_data() -> list:
+    return []
+
+
+def not_data() -> int:
+    return 42
+
+
+def not_a_callable_loss(x):
+    """A ``--loss`` whose signature is wrong (one argument)."""
+    return x
