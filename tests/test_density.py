@@ -11,6 +11,7 @@ import torch
 
 from optdiag.curvature.base import MatrixOperator
 from optdiag.curvature.density import DensityResult, spectral_density
+from optdiag.curvature.operator import HessianOperator, supervised_loss
 from optdiag.errors import NonFiniteError, UsageError
 from tests.models import half_squared_error, linear_net_problem, reference_hessian
 
@@ -234,3 +235,13 @@ def test_not_an_operator_is_rejected_by_name():
 def test_non_finite_products_raise():
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         spectral_density(nan_operator(), n_runs=1, n_steps=3)
+
+
+def test_end_to_end_on_a_hessian_operator_of_the_linear_net():
+    model, batch, target_map = linear_net_problem(d_in=3, hidden=2, d_out=2, n=12, seed=0)
+    op = HessianOperator(model, supervised_loss(half_squared_error), batch)
+    den = spectral_density(op, n_runs=3, n_steps=10)
+    singular = torch.linalg.svdvals(target_map).tolist()
+    expected = [-singular[0], -singular[1], 0.0, singular[1], singular[0]]
+    assert den.nodes[:, :5] == pytest.approx(np.tile(expected, (3, 1)), abs=1e-9)
+    assert den.n_hvp == op.n_hvp == 15
