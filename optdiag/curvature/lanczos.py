@@ -1,0 +1,505 @@
+"""Extreme eigenvalues of a curvature operator: thick-restart (block) Lanczos and a power-iteration baseline.
+
+Everything here talks to the operator only through products ``A v`` (THEORY section 7). The Krylov basis stays on
+the operator's device as one preallocated ``(capacity, num_params)`` matrix; only the small projected matrix
+(at most ``capacity`` square) is eigendecomposed on the CPU in float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+import numpy as np
+import scipy.linalg
+import torch
+
+from optdiag.curvature.base import CurvatureOperator
+from optdiag.errors import NonFiniteError, UsageError
+
+__all__ = ["EigenResult", "top_eigenvalues", "power_iteration", "lanczos_tridiagonal"]
+
+_WHICH = ("LA", "SA", "LM")
+# Kahan-Parlett "twice is enough": a re-orthogonalisation pass that keeps less than 1/sqrt(2) of the vector's norm
+# means cancellation ate it, and the vector is repeated once more; if it keeps shrinking it lies in the span.
+_TWICE_IS_ENOUGH = 0.717
+_MAX_ORTHOGONALISATION_PASSES = 4
+
+
+@dataclass
+class EigenResult:
+    """Eigenpairs estimated from products with a symmetric operator (like the output of scipy's ``eigsh``).
+
+    Attributes:
+        eigenvalues: 1-D CPU tensor of length ``k`` in the operator's dtype; ``"LA"`` descending, ``"SA"``
+            ascending, ``"LM"`` by descending magnitude.
+        eigenvectors: ``(k, num_params)`` tensor on the operator's device, one unit-norm eigenvector per row.
+        residuals: 1-D CPU tensor of length ``k``: the absolute residual norm ``|A u - lambda u|`` of each pair.
+        converged: whether every residual is at most ``tol * scale``.
+        n_hvp: operator products spent by the call that produced this result.
+        which: the part of the spectrum asked for (``"LA"``, ``"SA"`` or ``"LM"``).
+        scale: the spectral scale the relative tolerance was measured against (the largest Ritz value magnitude).
+
+    Example:
+        >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
+        >>> res = top_eigenvalues(op, k=1)
+        >>> round(res.eigenvalues.item(), 6), res.converged
+        (3.0, True)
+        >>> top_eigenvalues(op, k=1, v0=res).n_hvp <= res.n_hvp  # warm start from the previous eigenvectors
+        True
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: bool
+    n_hvp: int
+    which: str
+    scale: float
+
+    @property
+    def k(self) -> int:
+        """Number of eigenpairs."""
+        return int(self.eigenvalues.numel())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python numbers (no eigenvectors), ready for JSON."""
+        return {
+            "eigenvalues": [float(x) for x in self.eigenvalues.tolist()],
+            "residuals": [float(x) for x in self.residuals.tolist()],
+            "converged": bool(self.converged),
+            "n_hvp": int(self.n_hvp),
+            "which": self.which,
+            "scale": float(self.scale),
+        }
+
+
+StartVector = Union[torch.Tensor, EigenResult, None]
+
+
+class _KrylovBasis:
+    """An orthonormal basis ``V`` with the projection ``S = V A V^T`` of the operator onto it.
+
+    Rows ``[0, n_processed)`` have been multiplied by the operator, so the columns ``S[:, :n_processed]`` are
+    known exactly: ``A v_l = sum_i S[i, l] v_i`` over all ``n_basis`` rows. Rows ``[n_processed, n_basis)`` are
+    pending (the next block to multiply). Single-vector Lanczos is the block size 1 case, for which ``S`` stays
+    tridiagonal until a thick restart replaces the processed rows by Ritz vectors (arrowhead form).
+    """
+
+    def __init__(self, op: CurvatureOperator, capacity: int, generator: torch.Generator, refill: bool) -> None:
+        self.op = op
+        self.n = op.num_params
+        self.capacity = capacity
+        self.generator = generator
+        self.refill = refill  # on an invariant subspace: continue with a fresh random vector (True) or stop
+        self.V = torch.zeros(capacity, self.n, device=op.device, dtype=op.dtype)
+        self.S = np.zeros((capacity, capacity))
+        self.n_processed = 0
+        self.n_basis = 0
+        self.tridiagonal = True
+        self.operator_norm = 0.0  # largest |A v| seen: the scale below which a remainder is rounding noise
+        self.eps = float(torch.finfo(op.dtype).eps)
+
+    @property
+    def n_pending(self) -> int:
+        return self.n_basis - self.n_processed
+
+    def random_vector(self) -> torch.Tensor:
+        # Drawn on the CPU from the call's own generator: deterministic and the global RNG is never touched.
+        return torch.randn(self.n, generator=self.generator, dtype=torch.float64).to(self.op.device, self.op.dtype)
+
+    def _orthogonalise(self, w: torch.Tensor, reference: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Project the basis out of ``w``: classical Gram-Schmidt twice, more while a pass cancels.
+
+        Returns the remainder, the accumulated coefficients on the basis rows and the remainder's norm, which is
+        0.0 when ``w`` lies numerically in the span of the basis (its remainder is rounding noise, below
+        ``100 * eps * reference``).
+        """
+        basis = self.V[: self.n_basis]
+        coefficients = torch.zeros(self.n_basis, device=w.device, dtype=w.dtype)
+        threshold = 100.0 * self.eps * reference
+        norm = float(torch.linalg.vector_norm(w))
+        for passes in range(1, _MAX_ORTHOGONALISATION_PASSES + 1):
+            if norm <= threshold:
+                return w, coefficients, 0.0
+            if self.n_basis == 0:
+                return w, coefficients, norm
+            h = basis @ w
+            w = w - basis.T @ h
+            coefficients += h
+            new_norm = float(torch.linalg.vector_norm(w))
+            kept_norm = new_norm >= _TWICE_IS_ENOUGH * norm
+            norm = new_norm
+            if passes >= 2 and kept_norm:
+                return w, coefficients, (norm if norm > threshold else 0.0)
+        return w, coefficients, 0.0
+
+    def _append(self, w: torch.Tensor, norm: float) -> None:
+        self.V[self.n_basis] = w / norm
+        self.n_basis += 1
+
+    def add_random_vector(self) -> bool:
+        """Append a random unit vector orthogonal to the basis; False when the basis already spans the space."""
+        if self.n_basis >= min(self.n, self.capacity):
+            return False
+        for _ in range(3):
+            w = self.random_vector()
+            w, _, norm = self._orthogonalise(w, float(torch.linalg.vector_norm(w)))
+            if norm > 0.0:
+                self._append(w, norm)
+                return True
+        return False
+
+    def add_start_vectors(self, vectors: list[torch.Tensor]) -> None:
+        """Append start vectors as pending rows; dependent or zero ones are replaced by random vectors."""
+        for vector in vectors:
+            w = vector.to(self.op.device, self.op.dtype).clone()
+            w, _, norm = self._orthogonalise(w, float(torch.linalg.vector_norm(w)))
+            if norm > 0.0 and self.n_basis < self.capacity:
+                self._append(w, norm)
+            else:
+                self.add_random_vector()
+
+    def expand(self, count: int) -> None:
+        """Multiply the next ``count`` pending rows by the operator and append what is new as pending rows."""
+        first, last = self.n_processed, self.n_processed + count
+        products = torch.stack([self.op.matvec(self.V[i]) for i in range(first, last)])
+        if not torch.isfinite(products).all():
+            raise NonFiniteError(
+                "the curvature operator returned NaN or Inf for a product; the loss or the model is not finite "
+                "at this point, so no eigenvalue can be estimated"
+            )
+        self.n_processed = last
+        self.operator_norm = max(self.operator_norm, float(torch.linalg.vector_norm(products, dim=1).max()))
+        for offset in range(count):
+            column = first + offset
+            w, coefficients, norm = self._orthogonalise(products[offset], self.operator_norm)
+            known = coefficients.double().cpu().numpy()
+            self.S[: known.size, column] = known
+            self.S[column, : known.size] = known  # A is symmetric: mirror what the product measured
+            if self.n_basis >= min(self.n, self.capacity):
+                continue  # the basis spans the whole space; the remainder is rounding noise
+            if norm > 0.0:
+                self.S[self.n_basis, column] = self.S[column, self.n_basis] = norm
+                self._append(w, norm)
+            elif self.refill:
+                # Invariant subspace (beta ~ 0): continue, decoupled, in a random direction not yet explored.
+                self.add_random_vector()
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ritz values (ascending) and the eigenvectors of the processed projection, in float64."""
+        m = self.n_processed
+        if self.tridiagonal:
+            diagonal = np.diag(self.S[:m, :m]).copy()
+            if m == 1:
+                return diagonal, np.ones((1, 1))
+            return scipy.linalg.eigh_tridiagonal(diagonal, np.diag(self.S[:m, :m], -1).copy())
+        return scipy.linalg.eigh(self.S[:m, :m])
+
+    def residual_norms(self, vectors: np.ndarray) -> np.ndarray:
+        """``|A y - theta y|`` of Ritz pairs from the Lanczos relation: the norm of their pending components."""
+        coupling = self.S[self.n_processed : self.n_basis, : self.n_processed] @ vectors
+        return np.linalg.norm(coupling, axis=0)
+
+    def ritz_vectors(self, vectors: np.ndarray) -> torch.Tensor:
+        z = torch.as_tensor(vectors.T, device=self.op.device, dtype=self.op.dtype)
+        y = z @ self.V[: self.n_processed]
+        return y / torch.linalg.vector_norm(y, dim=1, keepdim=True).clamp_min(torch.finfo(self.op.dtype).tiny)
+
+    def restart(self, keep: np.ndarray, values: np.ndarray, vectors: np.ndarray) -> None:
+        """Thick restart: keep the Ritz vectors ``vectors[:, keep]`` and the pending rows, drop the rest."""
+        z = vectors[:, keep]
+        p, pending = z.shape[1], self.n_pending
+        coupling = self.S[self.n_processed : self.n_basis, : self.n_processed] @ z
+        kept = self.ritz_vectors(z)
+        pending_rows = self.V[self.n_processed : self.n_basis].clone()
+        self.V.zero_()
+        self.V[:p] = kept
+        self.V[p : p + pending] = pending_rows
+        self.S[:] = 0.0
+        self.S[:p, :p] = np.diag(values[keep])
+        self.S[p : p + pending, :p] = coupling
+        self.S[:p, p : p + pending] = coupling.T
+        self.n_processed, self.n_basis = p, p + pending
+        self.tridiagonal = False
+
+
+def _wanted_order(values: np.ndarray, which: str) -> np.ndarray:
+    """Indices of ``values`` from most to least wanted."""
+    if which == "LA":
+        return np.argsort(-values, kind="stable")
+    if which == "SA":
+        return np.argsort(values, kind="stable")
+    return np.argsort(-np.abs(values), kind="stable")
+
+
+def _check_operator(op: Any) -> None:
+    if not isinstance(op, CurvatureOperator):
+        raise UsageError(f"expected a CurvatureOperator (e.g. HessianOperator, MatrixOperator), got {type(op).__name__}")
+
+
+def _check_positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _check_tol(tol: Any) -> float:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not np.isfinite(tol) or tol <= 0:
+        raise UsageError(f"tol must be a positive finite number (relative to the spectral scale), got {tol!r}")
+    return float(tol)
+
+
+def _start_rows(op: CurvatureOperator, v0: StartVector) -> torch.Tensor | None:
+    """``v0`` as a validated ``(rows, num_params)`` matrix on the operator's device, or None for a random start."""
+    if v0 is None:
+        return None
+    if isinstance(v0, EigenResult):
+        rows = v0.eigenvectors
+        source = "v0 (an EigenResult's eigenvectors)"
+    elif isinstance(v0, torch.Tensor):
+        rows = v0
+        source = "v0"
+    else:
+        raise UsageError(f"v0 must be a tensor, an EigenResult or None, got {type(v0).__name__}")
+    if rows.dim() == 1:
+        rows = rows.unsqueeze(0)
+    if rows.dim() != 2 or rows.shape[1] != op.num_params or rows.shape[0] == 0:
+        raise UsageError(
+            f"{source} must hold vectors of length num_params={op.num_params}, got shape {tuple(rows.shape)}"
+        )
+    rows = rows.detach().to(op.device, op.dtype)
+    if not torch.isfinite(rows).all():
+        raise UsageError(f"{source} contains NaN or Inf")
+    return rows
+
+
+def _combine_rows(rows: torch.Tensor, count: int) -> list[torch.Tensor]:
+    """Sum the rows round-robin into ``count`` start vectors, so every row is in the starting Krylov space."""
+    return [rows[slot::count].sum(dim=0) for slot in range(min(count, rows.shape[0]))]
+
+
+def top_eigenvalues(
+    op: CurvatureOperator,
+    k: int = 1,
+    which: str = "LA",
+    tol: float = 1e-3,
+    max_hvp: int | None = None,
+    v0: StartVector = None,
+    *,
+    seed: int = 0,
+    block: int = 1,
+    max_basis: int | None = None,
+) -> EigenResult:
+    """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
+
+    Each step multiplies ``block`` basis vectors by the operator, orthogonalises the products against the whole
+    basis twice ("twice is enough", repeated if a pass cancels) and checks the Ritz residual estimates of the
+    ``k`` wanted pairs. It stops as soon as all of them satisfy ``|A u - theta u| <= tol * scale`` with
+    ``scale = max |Ritz value|``, or when ``max_hvp`` products are spent. When the basis would exceed
+    ``max_basis`` rows it restarts from the best Ritz vectors, so large ``k`` and long runs fit in fixed memory.
+    An invariant subspace (a zero remainder: low rank, repeated eigenvalues, ``k`` close to ``num_params``)
+    is continued in a fresh random direction orthogonal to the basis, never an exception.
+
+    Args:
+        op: the symmetric operator (e.g. ``HessianOperator``), used only through ``op.matvec``.
+        k: number of eigenpairs, ``1 <= k <= op.num_params``.
+        which: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"`` largest magnitude.
+        tol: relative tolerance: residual norms at most ``tol`` times the spectral scale. An eigenvalue error is
+            at most its residual, and about ``residual**2 / gap`` once isolated from the rest of the spectrum.
+        max_hvp: the most operator products to spend; default ``max(20 * k, 100)``. Must be at least ``k``.
+        v0: a start vector of length ``num_params``, a matrix of start vectors (rows), or a previous
+            ``EigenResult`` (warm start). With ``r`` rows the block size grows to ``min(r, k)``: each row (up to
+            ``k``; further ones are summed in round-robin) starts its own block column, so a warm start from ``k``
+            previous eigenvectors begins with their Rayleigh-Ritz pairs. Default: one random vector.
+        seed: seed of the private ``torch.Generator`` for random start and refill vectors (global RNG untouched).
+        block: vectors multiplied per step (block Lanczos). A single-vector Krylov space holds one copy of a
+            repeated eigenvalue per invariant subspace; use ``block`` >= the multiplicity you need resolved.
+            Per product, ``block=1`` converges fastest on simple eigenvalues.
+        max_basis: the most basis vectors kept (memory ``max_basis * num_params`` elements on the device);
+            default ``min(num_params, max(3 * k + 20, 60, k + 4 * block))``.
+
+    Returns:
+        EigenResult with ``k`` eigenpairs ordered as ``which`` asks, their residuals, ``converged`` and the
+        products spent.
+
+    Raises:
+        ValueError (``UsageError``): bad ``k``, ``which``, ``tol``, ``max_hvp``, ``block``, ``max_basis`` or ``v0``.
+        NonFiniteError: the operator returned NaN or Inf.
+
+    Example:
+        >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64)))
+        >>> res = top_eigenvalues(op, k=2, which="LA", tol=1e-8)
+        >>> [round(x, 6) for x in res.eigenvalues.tolist()], res.converged
+        ([100.0, 99.0], True)
+        >>> round(top_eigenvalues(op, k=1, which="SA", tol=1e-8).eigenvalues.item(), 6)
+        1.0
+    """
+    _check_operator(op)
+    n = op.num_params
+    k = _check_positive_int("k", k)
+    if k > n:
+        raise UsageError(f"k={k} eigenpairs asked of an operator with only num_params={n} dimensions (need k <= n)")
+    if which not in _WHICH:
+        raise UsageError(f"which must be one of {_WHICH} (largest, smallest algebraic, largest magnitude), got {which!r}")
+    tol = _check_tol(tol)
+    block = min(_check_positive_int("block", block), n)
+    start_rows = _start_rows(op, v0)
+    if start_rows is not None:
+        # Warm start: each previous eigenvector seeds its own block column. Their sum as one vector would mix
+        # nearby eigenvectors back together; as a block the first product already gives their Rayleigh-Ritz pairs.
+        block = max(block, min(start_rows.shape[0], k, n))
+    max_hvp = max(20 * k, 100) if max_hvp is None else _check_positive_int("max_hvp", max_hvp)
+    if max_hvp < k:
+        raise UsageError(f"max_hvp={max_hvp} is too small for k={k}: at least k operator products are needed")
+    if max_basis is None:
+        capacity = min(n, max(3 * k + 20, 60, k + 4 * block))
+    else:
+        capacity = min(_check_positive_int("max_basis", max_basis), n)
+        if capacity < min(n, k + 2 * block):
+            raise UsageError(
+                f"max_basis={max_basis} is too small: it must hold k + 2 * block = {k + 2 * block} vectors "
+                f"(or num_params={n})"
+            )
+    keep = max(k, min(capacity - 2 * block, k + (capacity - k) // 2))
+
+    generator = torch.Generator().manual_seed(int(seed))
+    basis = _KrylovBasis(op, capacity, generator, refill=True)
+    basis.tridiagonal = block == 1  # blocks couple each vector to up to 2 * block neighbours
+    if start_rows is not None:
+        basis.add_start_vectors(_combine_rows(start_rows, block))
+    while basis.n_basis < block:
+        basis.add_random_vector()
+
+    hvp_before = op.n_hvp
+    values = vectors = None
+    while True:
+        if basis.n_processed >= k:
+            values, vectors = basis.ritz()
+            wanted = _wanted_order(values, which)[:k]
+            residuals = basis.residual_norms(vectors[:, wanted])
+            scale = max(float(np.abs(values).max()), np.finfo(np.float64).tiny)
+            if np.all(residuals <= tol * scale):
+                break
+        budget = max_hvp - (op.n_hvp - hvp_before)
+        if basis.n_pending == 0 or budget <= 0:
+            break
+        count = min(block, basis.n_pending, budget)
+        if basis.n_basis + count > capacity and capacity < n:
+            basis.restart(_wanted_order(values, which)[:keep], values, vectors)
+        basis.expand(count)
+
+    assert values is not None and vectors is not None  # max_hvp >= k and k <= n guarantee k processed rows
+    return EigenResult(
+        eigenvalues=torch.as_tensor(values[wanted], dtype=op.dtype),
+        eigenvectors=basis.ritz_vectors(vectors[:, wanted]),
+        residuals=torch.as_tensor(residuals, dtype=op.dtype),
+        converged=bool(np.all(residuals <= tol * scale)),
+        n_hvp=op.n_hvp - hvp_before,
+        which=which,
+        scale=scale,
+    )
+
+
+def power_iteration(
+    op: CurvatureOperator,
+    tol: float = 1e-3,
+    max_hvp: int = 1000,
+    v0: StartVector = None,
+    seed: int = 0,
+) -> EigenResult:
+    """The eigenvalue of largest magnitude by power iteration: the plain baseline (THEORY section 7).
+
+    Each product ``A v`` gives the Rayleigh quotient ``theta = v . A v`` and its residual ``|A v - theta v|`` for
+    free; it stops when the residual is at most ``tol * |theta|``. Convergence goes like
+    ``(lambda_2 / lambda_1) ** (2 t)`` and it finds the largest ``|lambda|``, which may be negative; prefer
+    :func:`top_eigenvalues`, which needs far fewer products.
+
+    Args:
+        op: the symmetric operator.
+        tol: relative residual tolerance.
+        max_hvp: the most operator products to spend.
+        v0: a start vector, rows to combine, or a previous ``EigenResult``; default random.
+        seed: seed of the private generator for the random start.
+
+    Returns:
+        EigenResult with ``k = 1`` and ``which = "LM"``.
+
+    Example:
+        >>> op = MatrixOperator(torch.diag(torch.tensor([1.0, -4.0, 2.0], dtype=torch.float64)))
+        >>> round(power_iteration(op, tol=1e-10).eigenvalues.item(), 6)
+        -4.0
+    """
+    _check_operator(op)
+    tol = _check_tol(tol)
+    max_hvp = _check_positive_int("max_hvp", max_hvp)
+    generator = torch.Generator().manual_seed(int(seed))
+    rows = _start_rows(op, v0)
+    starts = [] if rows is None else _combine_rows(rows, 1)
+    if starts and float(torch.linalg.vector_norm(starts[0])) > 0.0:
+        v = starts[0]
+    else:
+        v = torch.randn(op.num_params, generator=generator, dtype=torch.float64).to(op.device, op.dtype)
+    v = v / torch.linalg.vector_norm(v)
+    hvp_before = op.n_hvp
+    while True:
+        av = op.matvec(v)
+        if not torch.isfinite(av).all():
+            raise NonFiniteError("the curvature operator returned NaN or Inf for a product")
+        theta = float(v @ av)
+        residual = float(torch.linalg.vector_norm(av - theta * v))
+        scale = max(abs(theta), np.finfo(np.float64).tiny)
+        converged = residual <= tol * scale
+        norm = float(torch.linalg.vector_norm(av))
+        if converged or op.n_hvp - hvp_before >= max_hvp or norm == 0.0:
+            break
+        v = av / norm
+    return EigenResult(
+        eigenvalues=torch.tensor([theta], dtype=op.dtype),
+        eigenvectors=v.unsqueeze(0),
+        residuals=torch.tensor([residual], dtype=op.dtype),
+        converged=converged,
+        n_hvp=op.n_hvp - hvp_before,
+        which="LM",
+        scale=scale,
+    )
+
+
+def lanczos_tridiagonal(
+    op: CurvatureOperator, start: torch.Tensor, num_steps: int
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """Plain Lanczos from ``start``: the tridiagonal ``T = V A V^T`` and the basis ``V`` (for quadrature).
+
+    Full reorthogonalisation as in :func:`top_eigenvalues`. Stops early, without error, when the Krylov space
+    becomes invariant (then the Ritz values of ``T`` are exact eigenvalues and the quadrature is exact).
+
+    Args:
+        op: the symmetric operator.
+        start: a nonzero start vector of length ``num_params`` (normalised here).
+        num_steps: the most products (Lanczos steps) to take.
+
+    Returns:
+        ``(alphas, betas, basis)``: the diagonal (length ``m <= num_steps``) and off-diagonal (length ``m - 1``)
+        of ``T`` as float64 numpy arrays, and the ``(m, num_params)`` orthonormal basis on the operator's device.
+
+    Example:
+        >>> op = MatrixOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
+        >>> alphas, betas, basis = lanczos_tridiagonal(op, torch.ones(3, dtype=torch.float64), 5)
+        >>> len(alphas), sorted(round(x, 6) for x in scipy.linalg.eigh_tridiagonal(alphas, betas)[0])
+        (3, [1.0, 2.0, 3.0])
+    """
+    _check_operator(op)
+    num_steps = _check_positive_int("num_steps", num_steps)
+    if not isinstance(start, torch.Tensor) or start.dim() != 1 or start.numel() != op.num_params:
+        raise UsageError(f"start must be a flat tensor of length num_params={op.num_params}")
+    if not torch.isfinite(start).all() or float(torch.linalg.vector_norm(start)) == 0.0:
+        raise UsageError("start must be a finite, nonzero vector")
+    capacity = min(op.num_params, num_steps + 1)
+    basis = _KrylovBasis(op, capacity, torch.Generator().manual_seed(0), refill=False)
+    basis.add_start_vectors([start])
+    while basis.n_pending and basis.n_processed < num_steps:
+        basis.expand(1)
+    m = basis.n_processed
+    alphas = np.diag(basis.S[:m, :m]).copy()
+    betas = np.diag(basis.S[:m, :m], -1).copy()
+    return alphas, betas, basis.V[:m].clone()
