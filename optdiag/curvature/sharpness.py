@@ -1,0 +1,344 @@
+"""How sharp is the point a model sits at: Keskar's epsilon-sharpness, SAM's and the adaptive (ASAM) sharpness.
+
+Every measure here evaluates the same sample-weighted mean loss over batches as
+:class:`~optdiag.curvature.operator.HessianOperator` (THEORY.md section 5), at perturbed parameters passed through
+``torch.func.functional_call``: the model's parameters are never written, and its buffers, modes, ``.grad`` and
+RNGs are as before afterwards. Random ops (dropout) draw the same values at every evaluation, so the perturbed and
+unperturbed losses are comparable.
+
+Sharpness is a property of the point, not a promise about generalisation (Andriushchenko et al., ICML 2023); only
+the adaptive measure is unchanged by the rescalings that leave a ReLU network's function unchanged (Dinh et al.,
+ICML 2017).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+import scipy.optimize
+import torch
+from torch import nn
+from torch.func import functional_call
+
+# The batch conventions (one batch or many, weights by size, a holder so functional_call swaps tensors around a
+# whole loss_fn call) are HessianOperator's; they are reused, not restated.
+from optdiag.curvature.operator import LossFn, _as_batch_list, _batch_weights, _exact_forward, _LossCall, _move
+from optdiag.curvature.params import flatten, trainable_parameters, unflatten
+from optdiag.curvature.state import preserved_state, replayed_rng, rng_state
+from optdiag.errors import NonFiniteError, UsageError
+
+__all__ = ["SharpnessResult", "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness"]
+
+
+@dataclass(frozen=True)
+class SharpnessResult:
+    """A sharpness measure at a point, with what it was computed from.
+
+    Attributes:
+        value: the sharpness. ``"epsilon"``: ``100 (max f(x+y) - f(x)) / (1 + f(x))``, a percentage;
+            ``"sam"`` and ``"adaptive"``: ``L(w+e) - L(w)`` in loss units.
+        kind: ``"epsilon"``, ``"sam"`` or ``"adaptive"``.
+        loss: the loss at the point, ``f(x)``.
+        perturbed_loss: the loss at the (best found) perturbed point.
+        perturbation_norm: the Euclidean norm of the perturbation in parameter space.
+        n_evals: loss evaluations over all batches (most with their gradient).
+        eps: the box size of ``"epsilon"``; ``None`` otherwise.
+        rho: the radius of ``"sam"``/``"adaptive"``; ``None`` otherwise.
+        eta: the offset of ``"adaptive"``'s scaling ``|w| + eta``; ``None`` otherwise.
+        subspace_dim: the dimension ``p`` of ``"epsilon"``'s random subspace, ``None`` for the full space.
+        n_iter: L-BFGS-B iterations of ``"epsilon"``; ``None`` otherwise.
+    """
+
+    value: float
+    kind: str
+    loss: float
+    perturbed_loss: float
+    perturbation_norm: float
+    n_evals: int
+    eps: Optional[float] = None
+    rho: Optional[float] = None
+    eta: Optional[float] = None
+    subspace_dim: Optional[int] = None
+    n_iter: Optional[int] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a plain dict, ready for JSON."""
+        return asdict(self)
+
+
+class _WeightedLoss:
+    """The sample-weighted mean loss over batches as a function of the flat trainable-parameter vector.
+
+    Parameters go in through ``functional_call`` and are never written. The RNG snapshot taken at construction is
+    replayed at every evaluation, so dropout draws the same masks each time. Use it inside ``preserved_state``:
+    a train-mode forward updates BatchNorm's running statistics, which the caller must put back.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Any, *, batch_list: bool = False) -> None:
+        """``batch_list=True``: ``batches`` is already a list of batches (no guessing whether a tuple is one)."""
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss_fn):
+            raise UsageError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
+        named = trainable_parameters(model)
+        self.params = [p for _, p in named]
+        self._keys = [f"model.{name}" for name, _ in named]
+        raw = list(batches) if batch_list else _as_batch_list(batches)
+        if not raw:
+            raise UsageError("batches is empty: at least one batch is needed")
+        self._weights = _batch_weights(raw, None)
+        self._device = self.params[0].device
+        self._batches = [_move(b, self._device, None) for b in raw]
+        self._holder = _LossCall(model, loss_fn)
+        self._rng = rng_state()
+        self.n_evals = 0
+
+    def point(self) -> torch.Tensor:
+        """The current parameters as one flat vector (a copy)."""
+        return flatten(p.detach() for p in self.params)
+
+    def per_batch(self, point: torch.Tensor, with_grad: bool = True) -> list[tuple[float, Optional[torch.Tensor]]]:
+        """Each batch's loss and flat gradient (``None`` unless ``with_grad``) at ``point``."""
+        leaves = [t.detach().clone().requires_grad_(with_grad) for t in unflatten(point, self.params)]
+        tensors = dict(zip(self._keys, leaves))
+        out = []
+        with replayed_rng(self._rng), _exact_forward(self._device):
+            for i, batch in enumerate(self._batches):
+                loss = functional_call(self._holder, tensors, (batch,), strict=False)
+                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                    raise UsageError(f"loss_fn must return a scalar tensor (the mean loss of batch {i})")
+                gradient = None
+                if with_grad:
+                    if loss.grad_fn is None:
+                        raise UsageError(
+                            f"the loss of batch {i} does not depend on the trainable parameters (no autograd graph)"
+                        )
+                    grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True, materialize_grads=True)
+                    gradient = flatten(grads)
+                    if not bool(torch.isfinite(gradient).all()):
+                        raise NonFiniteError(f"the gradient of batch {i} has NaN or infinite entries")
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteError(f"the loss of batch {i} is {value}")
+                out.append((value, gradient))
+        self.n_evals += 1
+        return out
+
+    def __call__(self, point: torch.Tensor, with_grad: bool = True) -> tuple[float, Optional[torch.Tensor]]:
+        """The weighted mean loss and its flat gradient (``None`` unless ``with_grad``) at ``point``."""
+        parts = self.per_batch(point, with_grad)
+        total = sum(w * loss for w, (loss, _) in zip(self._weights, parts))
+        if not with_grad:
+            return total, None
+        return total, sum(w * g for w, (_, g) in zip(self._weights, parts))
+
+
+def _check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def epsilon_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Any,
+    eps: float = 1e-3,
+    *,
+    subspace_dim: Optional[int] = None,
+    max_iter: int = 10,
+    seed: int = 0,
+) -> SharpnessResult:
+    """Keskar et al.'s epsilon-sharpness: the largest relative loss increase in a box around the parameters.
+
+    ``100 (max_{y in C} f(x+y) - f(x)) / (1 + f(x))`` (Keskar et al., ICLR 2017, "On Large-Batch Training for Deep
+    Learning"). In the full space ``C = {y : |y_i| <= eps (|x_i| + 1)}``. With ``subspace_dim = p``, ``y = A z`` for
+    a seeded Gaussian ``n x p`` matrix ``A`` and the box is on ``z``: ``|z_i| <= eps (|(A^+ x)_i| + 1)``.
+
+    The maximum is searched with ``max_iter`` iterations of L-BFGS-B (as in the paper) on ``-f`` with autograd
+    gradients, float64 on the scipy side. The search starts from a seeded random point of the box, not from its
+    centre: at an exact critical point the gradient vanishes and L-BFGS-B would not move. The value is a lower
+    bound of the true maximum (the best point found), never below 0 (the centre is in the box).
+
+    Args:
+        model: the network, evaluated at its current parameters in its current mode.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of one batch (as for ``HessianOperator``).
+        batches: one batch or an iterable of batches (sample-weighted mean loss over them).
+        eps: the relative box size; Keskar et al. use ``1e-3`` and ``5e-4``.
+        subspace_dim: ``p`` for a random ``p``-dimensional subspace (they use 100), ``None`` for the full space.
+        max_iter: L-BFGS-B iterations.
+        seed: seeds the start point and the subspace (a private generator; global RNGs are not touched).
+
+    Returns:
+        A :class:`SharpnessResult` with ``kind="epsilon"`` and ``value`` in percent.
+
+    Raises:
+        UsageError: a non-positive ``eps``/``max_iter``/``subspace_dim``, no batches, a bad ``loss_fn``.
+        NonFiniteError: the loss or its gradient is NaN/Inf somewhere in the box.
+
+    Example:
+        >>> net = nn.Linear(3, 1)
+        >>> data = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+        >>> epsilon_sharpness(net, loss_fn, data, eps=1e-3).value >= 0
+        True
+    """
+    eps = _check_positive("eps", eps)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise UsageError(f"max_iter must be a positive int, got {max_iter!r}")
+    if subspace_dim is not None and (
+        isinstance(subspace_dim, bool) or not isinstance(subspace_dim, int) or subspace_dim < 1
+    ):
+        raise UsageError(f"subspace_dim must be a positive int or None, got {subspace_dim!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UsageError(f"seed must be an int, got {seed!r}")
+
+    f = _WeightedLoss(model, loss_fn, batches)
+    with preserved_state(model):
+        x = f.point()
+        loss, _ = f(x)
+        x64 = x.detach().cpu().double().numpy()
+        rng = np.random.default_rng(seed)
+        if subspace_dim is None:
+            basis = None
+            half_width = eps * (np.abs(x64) + 1.0)
+        else:
+            basis = rng.standard_normal((x64.size, subspace_dim))
+            coordinates = np.linalg.lstsq(basis, x64, rcond=None)[0]  # A^+ x
+            half_width = eps * (np.abs(coordinates) + 1.0)
+
+        def to_parameter_space(z: np.ndarray) -> np.ndarray:
+            return z if basis is None else basis @ z
+
+        best = {"loss": loss, "z": np.zeros_like(half_width)}
+
+        def negative_loss(z: np.ndarray) -> tuple[float, np.ndarray]:
+            y = torch.as_tensor(to_parameter_space(z), dtype=x.dtype, device=x.device)
+            value, gradient = f(x + y)
+            if value > best["loss"]:
+                best.update(loss=value, z=z.copy())
+            gradient64 = gradient.detach().cpu().double().numpy()
+            return -value, -(gradient64 if basis is None else basis.T @ gradient64)
+
+        start = rng.uniform(-half_width, half_width)
+        result = scipy.optimize.minimize(
+            negative_loss,
+            start,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=scipy.optimize.Bounds(-half_width, half_width),
+            options={"maxiter": max_iter},
+        )
+    return SharpnessResult(
+        value=100.0 * (best["loss"] - loss) / (1.0 + loss),
+        kind="epsilon",
+        loss=loss,
+        perturbed_loss=best["loss"],
+        perturbation_norm=float(np.linalg.norm(to_parameter_space(best["z"]))),
+        n_evals=f.n_evals,
+        eps=eps,
+        subspace_dim=subspace_dim,
+        n_iter=int(result.nit),
+    )
+
+
+def sam_sharpness(model: nn.Module, loss_fn: LossFn, batches: Any, rho: float = 0.05) -> SharpnessResult:
+    """First-order SAM sharpness: ``L(w + e) - L(w)`` with ``e = rho g / |g|`` (Foret et al., ICLR 2021).
+
+    The first-order solution of ``max_{|e|_2 <= rho} L(w+e)``; on a quadratic it equals
+    ``rho |g| + rho^2 g^T H g / (2 |g|^2)`` exactly. Not invariant under function-preserving rescalings: compare
+    :func:`adaptive_sharpness`.
+
+    Args:
+        model: the network, evaluated at its current parameters in its current mode.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of one batch.
+        batches: one batch or an iterable of batches.
+        rho: the radius of the perturbation (SAM's default is 0.05).
+
+    Returns:
+        A :class:`SharpnessResult` with ``kind="sam"``.
+
+    Raises:
+        UsageError: a non-positive ``rho``, no batches, a bad ``loss_fn``.
+        ValueError: the gradient is exactly zero, so first-order SAM has no direction (use
+            :func:`epsilon_sharpness` or ``lambda_max``).
+
+    Example:
+        >>> net = nn.Linear(3, 1)
+        >>> data = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+        >>> sam_sharpness(net, loss_fn, data, rho=0.05).kind
+        'sam'
+    """
+    rho = _check_positive("rho", rho)
+    return _first_order_sharpness(model, loss_fn, batches, rho, eta=None)
+
+
+def adaptive_sharpness(
+    model: nn.Module, loss_fn: LossFn, batches: Any, rho: float = 0.5, *, eta: float = 0.01
+) -> SharpnessResult:
+    """First-order adaptive (scale-invariant) sharpness of ASAM (Kwon et al., ICML 2021).
+
+    The perturbation is bounded in the scaled norm ``|T_w^-1 e|_2 <= rho`` with ``T_w = |w| + eta`` elementwise; its
+    first-order maximiser is ``e = rho T_w^2 g / |T_w g|`` and the value is ``L(w + e) - L(w)``. With ``eta = 0`` it
+    is exactly unchanged by rescalings ``(a theta_1, theta_2 / a)`` of consecutive layers of a ReLU network
+    (Andriushchenko et al., ICML 2023), which change ``lambda_max`` and SAM's sharpness at will (Dinh et al.).
+
+    Args:
+        model: the network, evaluated at its current parameters in its current mode.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` mean loss of one batch.
+        batches: one batch or an iterable of batches.
+        rho: the radius in the scaled norm (ASAM's default is 0.5, ten times SAM's, since it is relative).
+        eta: the offset keeping zero weights perturbable (ASAM's default 0.01); ``0`` for exact scale invariance.
+
+    Returns:
+        A :class:`SharpnessResult` with ``kind="adaptive"``.
+
+    Raises:
+        UsageError: a non-positive ``rho`` or negative ``eta``, no batches, a bad ``loss_fn``.
+        ValueError: ``T_w g`` is exactly zero, so there is no direction to perturb in.
+
+    Example:
+        >>> net = nn.Linear(3, 1)
+        >>> data = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()
+        >>> adaptive_sharpness(net, loss_fn, data, rho=0.5, eta=0.0).kind
+        'adaptive'
+    """
+    rho = _check_positive("rho", rho)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+        raise UsageError(f"eta must be a non-negative finite number, got {eta!r}")
+    return _first_order_sharpness(model, loss_fn, batches, rho, eta=float(eta))
+
+
+def _first_order_sharpness(
+    model: nn.Module, loss_fn: LossFn, batches: Any, rho: float, eta: Optional[float]
+) -> SharpnessResult:
+    """SAM (``eta=None``: ``T_w = I``) or ASAM (``T_w = |w| + eta``): ``L(w + rho T^2 g / |T g|) - L(w)``."""
+    f = _WeightedLoss(model, loss_fn, batches)
+    with preserved_state(model):
+        w = f.point()
+        loss, gradient = f(w)
+        scale = torch.ones_like(w) if eta is None else w.abs() + eta
+        scaled_norm = float(torch.linalg.vector_norm(scale * gradient))
+        if scaled_norm == 0.0:
+            what = "gradient" if eta is None else "scaled gradient (|w| + eta) * g"
+            raise ValueError(
+                f"the {what} is exactly zero, so first-order sharpness has no direction to perturb in; use "
+                "epsilon_sharpness or lambda_max at a critical point"
+            )
+        perturbation = rho * scale**2 * gradient / scaled_norm
+        perturbed_loss, _ = f(w + perturbation, with_grad=False)
+    return SharpnessResult(
+        value=perturbed_loss - loss,
+        kind="sam" if eta is None else "adaptive",
+        loss=loss,
+        perturbed_loss=perturbed_loss,
+        perturbation_norm=float(torch.linalg.vector_norm(perturbation)),
+        n_evals=f.n_evals,
+        rho=rho,
+        eta=eta,
+    )
