@@ -138,3 +138,26 @@ def not_data() -> int:
 def not_a_callable_loss(x):
     """A ``--loss`` whose signature is wrong (one argument)."""
     return x
+
+
+def target_weights() -> dict[str, torch.Tensor]:
+    """The single-layer net's weights at its minimum ``W = A``."""
+    return {"net.0.weight": TARGET_MAP.clone()}
+
+
+def write_lightning_checkpoint(path, hidden: int = 0, weights: dict[str, torch.Tensor] | None = None,
+                               steps: int = 1) -> str:
+    """Train ``LinearNet(hidden)`` for ``steps`` steps with a real Trainer and save a real ``.ckpt``, after
+    replacing the weights by ``weights`` when given (so the point is known exactly)."""
+    module = LinearNet(hidden=hidden)
+    trainer = pl.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(path) + ".trainer",
+    )
+    trainer.fit(module)
+    if weights is not None:
+        with torch.no_grad():
+            for name, value in weights.items():
+                module.get_parameter(name).copy_(value)
+    trainer.save_checkpoint(str(path))
+    return str(path)
