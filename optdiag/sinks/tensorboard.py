@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 # category -> chart title -> regexes of the scalar tags drawn together in that chart
@@ -64,8 +65,13 @@ def register_layout(logger: Any) -> bool:
 
 
 def log_figure(logger: Any, tag: str, figure: Any, step: int) -> None:
-    """Add a matplotlib figure to a ``TensorBoardLogger`` as an image, then close it."""
-    logger.experiment.add_figure(tag, figure, global_step=int(step), close=True)
+    """Add a matplotlib figure to a ``TensorBoardLogger`` as an RGB image (rendered on Agg, pyplot never loaded)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    logger.experiment.add_image(tag, image, global_step=int(step), dataformats="HWC")
 
 
 def log_histograms(logger: Any, tensors: Mapping[str, torch.Tensor], step: int) -> None:

@@ -1,0 +1,109 @@
+"""The sample-weighted mean of curvature operators, over local batches and across ``torch.distributed`` ranks.
+
+Under data parallelism every rank holds its own probe batches. The Hessian of the union of all of them is
+``H = sum_r sum_i n_ri H_ri / sum_r sum_i n_ri``: each rank forms its local weighted sum, one ``all_reduce`` adds
+them up, and every rank gets the same product. Iterative methods (Lanczos, Hutchinson with the same seed) then
+take identical branches on every rank, so their collectives always match.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from optdiag.curvature.base import CurvatureOperator
+from optdiag.errors import NonFiniteError, OptDiagError
+
+
+def _distributed(group: object | None) -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+class ReducedMeanOperator(CurvatureOperator):
+    """``sum_i w_i A_i / sum_i w_i`` over local operators ``A_i`` and, when initialised, all ranks.
+
+    Without ``torch.distributed`` (or with one process) it is the weighted mean of the local operators. Every rank
+    must construct it and call :meth:`matvec` / :meth:`reduce_sum` the same number of times (collectives).
+
+    If a local product fails with an optdiag error (NaN, not twice differentiable) the rank contributes NaN
+    instead of raising, so the other ranks are not left waiting in the ``all_reduce``; then every rank raises
+    :class:`~optdiag.errors.NonFiniteError` together.
+
+    Args:
+        operators: the local operators (same ``num_params``, device and dtype); may be empty on a rank without data.
+        weights: one non-negative weight per operator, normally its number of samples.
+        num_params, device, dtype: needed when ``operators`` is empty; otherwise taken from the first operator.
+        group: the process group (default: the world).
+
+    Attributes:
+        total_weight: the sum of all weights over all ranks.
+
+    Example:
+        >>> from optdiag.curvature.base import MatrixOperator
+        >>> a, b = MatrixOperator(torch.eye(2)), MatrixOperator(3 * torch.eye(2))
+        >>> (ReducedMeanOperator([a, b], [1.0, 3.0]) @ torch.ones(2)).tolist()
+        [2.5, 2.5]
+    """
+
+    def __init__(
+        self,
+        operators: Sequence[CurvatureOperator],
+        weights: Sequence[float],
+        *,
+        num_params: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        group: object | None = None,
+    ) -> None:
+        operators, weights = list(operators), [float(w) for w in weights]
+        if len(operators) != len(weights):
+            raise ValueError(f"got {len(operators)} operators but {len(weights)} weights")
+        if any(not isinstance(op, CurvatureOperator) for op in operators):
+            raise TypeError("every operator must be a CurvatureOperator")
+        if any(w < 0 for w in weights):
+            raise ValueError(f"weights must be non-negative, got {weights}")
+        if operators:
+            first = operators[0]
+            num_params, device, dtype = first.num_params, first.device, first.dtype
+            if any(op.num_params != num_params for op in operators):
+                raise ValueError("all operators must act on vectors of the same length")
+        elif num_params is None or device is None or dtype is None:
+            raise ValueError("with no local operators, give num_params, device and dtype")
+        super().__init__(num_params, torch.device(device), dtype)
+        self.operators, self.weights, self.group = operators, weights, group
+        self.total_weight = float(self.reduce_sum(torch.tensor([sum(weights)], dtype=torch.float64)))
+        if not self.total_weight > 0:
+            raise ValueError("the weights sum to zero over all ranks: there is no data")
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over ranks (a copy; the input itself when not distributed)."""
+        if not _distributed(self.group):
+            return tensor
+        reduced = tensor.clone().to(self._collective_device())
+        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
+        return reduced.to(tensor.device)
+
+    def _collective_device(self) -> torch.device:
+        # gloo reduces CPU tensors, nccl CUDA tensors
+        return torch.device("cpu") if dist.get_backend(self.group) == "gloo" else self.device
+
+    def weighted_mean(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``sum_i w_i t_i / total_weight`` over ranks, for one tensor per local operator (e.g. gradients)."""
+        out = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
+        for w, t in zip(self.weights, local):
+            out.add_(t.to(self.device, self.dtype), alpha=w)
+        return self.reduce_sum(out) / self.total_weight
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
+        try:
+            for w, op in zip(self.weights, self.operators):
+                out.add_(op.matvec(v), alpha=w)
+        except OptDiagError:
+            out.fill_(float("nan"))  # take part in the collective anyway; every rank raises below
+        out = self.reduce_sum(out) / self.total_weight
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(f"product {self.n_hvp + 1} of the reduced operator has NaN or infinite entries")
+        return out
