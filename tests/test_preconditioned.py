@@ -20,7 +20,8 @@ def tiny_net(seed: int = 0) -> nn.Module:
 
 def tiny_data(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(16, 3, generator=gen, dtype=torch.float64), torch.randn(16, 1, generator=gen, dtype=torch.float64)
+    x = torch.randn(16, 3, generator=gen, dtype=torch.float64)
+    return x, torch.randn(16, 1, generator=gen, dtype=torch.float64)
 
 
 def mse(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

@@ -160,7 +160,8 @@ def relu_net(seed=0):
 
 def relu_data():
     gen = torch.Generator().manual_seed(5)
-    return torch.randn(32, 4, generator=gen, dtype=torch.float64), torch.randn(32, 2, generator=gen, dtype=torch.float64)
+    x = torch.randn(32, 4, generator=gen, dtype=torch.float64)
+    return x, torch.randn(32, 2, generator=gen, dtype=torch.float64)
 
 
 def mse(model, batch):
@@ -227,8 +228,11 @@ class NoisyNet(nn.Module):
 
 def noisy_batches():
     gen = torch.Generator().manual_seed(9)
-    return [(torch.randn(n, 3, generator=gen, dtype=torch.float64), torch.randn(n, 1, generator=gen, dtype=torch.float64))
-            for n in (16, 8, 24)]
+    def sample(n):
+        x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+        return x, torch.randn(n, 1, generator=gen, dtype=torch.float64)
+
+    return [sample(n) for n in (16, 8, 24)]
 
 
 def test_loss_is_the_hessian_operators_weighted_mean_with_the_same_dropout_masks():

@@ -101,8 +101,8 @@ def gradient_noise_scale(
         A :class:`NoiseScaleResult`.
 
     Raises:
-        ValueError: for batch sizes that are not ``0 < b_small < b_big``, empty, negative or non-finite squared
-            norms, or ``paired=True`` with unequal lengths.
+        UsageError (a ``ValueError``): for batch sizes that are not ``0 < b_small < b_big``, empty, negative or
+            non-finite squared norms, or ``paired=True`` with unequal lengths.
 
     Example:
         >>> r = gradient_noise_scale(4.125, 1.390625, b_small=32, b_big=256)  # |G|^2 = 1, tr(Sigma) = 100
@@ -113,9 +113,9 @@ def gradient_noise_scale(
     big = _measurements("sq_norm_big", sq_norm_big)
     b_small, b_big = _batch_size("b_small", b_small), _batch_size("b_big", b_big)
     if not b_small < b_big:
-        raise ValueError(f"need b_small < b_big, got b_small={b_small:g} and b_big={b_big:g}")
+        raise UsageError(f"need b_small < b_big, got b_small={b_small:g} and b_big={b_big:g}")
     if paired and small.size != big.size:
-        raise ValueError(f"paired=True needs as many small as big measurements, got {small.size} and {big.size}")
+        raise UsageError(f"paired=True needs as many small as big measurements, got {small.size} and {big.size}")
 
     def grad_sq(s, b):
         return (b_big * b - b_small * s) / (b_big - b_small)
@@ -152,15 +152,15 @@ def _measurements(name: str, values) -> np.ndarray:
         values = values.detach().cpu().double().numpy()
     array = np.atleast_1d(np.asarray(values, dtype=np.float64)).reshape(-1)
     if array.size == 0:
-        raise ValueError(f"{name} is empty: need at least one squared gradient norm")
+        raise UsageError(f"{name} is empty: need at least one squared gradient norm")
     if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise ValueError(f"{name} must hold finite, non-negative squared norms, got {array.tolist()[:8]}")
+        raise UsageError(f"{name} must hold finite, non-negative squared norms, got {array.tolist()[:8]}")
     return array
 
 
 def _batch_size(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+        raise UsageError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
@@ -233,7 +233,8 @@ def gradient_is_zero(
         A :class:`ZeroGradientTest` carrying the statistic, threshold and verdict.
 
     Raises:
-        ValueError: for non-finite inputs, or a batch size or ``theta`` that is not positive.
+        UsageError (a ``ValueError``): for non-finite inputs, or a batch size or ``theta`` that is not
+            positive.
 
     Example:
         >>> test = gradient_is_zero(sq_norm=1.0, trace_sigma=100.0, batch_size=32)  # B_simple = 100 > 32
@@ -262,9 +263,9 @@ def gradient_is_zero(
 
 def _finite(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+        raise UsageError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise UsageError(f"{name} must be finite, got {value!r}")
     return float(value)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.curvature.params import flatten, trainable_parameters
+from optdiag.errors import UsageError
 
 
 class PreconditionedOperator(CurvatureOperator):
@@ -29,7 +30,8 @@ class PreconditionedOperator(CurvatureOperator):
 
     Raises:
         TypeError: if ``op`` is not a :class:`CurvatureOperator` or ``preconditioner`` not a tensor.
-        ValueError: if ``preconditioner`` has the wrong shape, or an entry that is not finite and positive.
+        UsageError (a ``ValueError``): if ``preconditioner`` has the wrong shape, or an entry that is not finite
+            and positive.
 
     Example:
         >>> from optdiag.curvature.base import MatrixOperator
@@ -45,13 +47,13 @@ class PreconditionedOperator(CurvatureOperator):
         if not isinstance(preconditioner, torch.Tensor):
             raise TypeError(f"preconditioner must be a torch.Tensor, got {type(preconditioner).__name__}")
         if preconditioner.dim() != 1 or preconditioner.numel() != op.num_params:
-            raise ValueError(
+            raise UsageError(
                 f"preconditioner must be a flat vector of length {op.num_params} (the operator's num_params), "
                 f"got shape {tuple(preconditioner.shape)}"
             )
         bad = ~(torch.isfinite(preconditioner) & (preconditioner > 0))
         if bool(bad.any()):
-            raise ValueError(
+            raise UsageError(
                 f"preconditioner must be finite and strictly positive; {int(bad.sum())} of {op.num_params} entries "
                 "are not (an optimizer with eps=0 and a parameter whose gradient was always zero gives this)"
             )
@@ -95,8 +97,8 @@ class PreconditionedOperator(CurvatureOperator):
             ``lambda_max(P^-1 H)``.
 
         Raises:
-            ValueError: for an unsupported optimizer (named), parameters the optimizer does not hold or has no state
-                for yet (no step taken), or parameters that do not add up to ``op.num_params``.
+            UsageError (a ``ValueError``): for an unsupported optimizer (named), parameters the optimizer does not
+                hold or has no state for yet (no step taken), or parameters that do not add up to ``op.num_params``.
 
         Example:
             >>> from optdiag.curvature.base import MatrixOperator
@@ -110,7 +112,7 @@ class PreconditionedOperator(CurvatureOperator):
         if params is None:
             model = getattr(op, "model", None)
             if not isinstance(model, torch.nn.Module):
-                raise ValueError(
+                raise UsageError(
                     f"{type(op).__name__} does not say which parameters it acts on; pass params=[...] in the order "
                     "of its flat vectors"
                 )
@@ -119,7 +121,7 @@ class PreconditionedOperator(CurvatureOperator):
         params = list(params)
         total = sum(p.numel() for p in params)
         if total != op.num_params:
-            raise ValueError(f"params hold {total} numbers but the operator acts on {op.num_params}")
+            raise UsageError(f"params hold {total} numbers but the operator acts on {op.num_params}")
         diagonal = flatten(_preconditioner_of(optimizer, p) for p in params)
         return cls(op, diagonal)
 
@@ -127,13 +129,13 @@ class PreconditionedOperator(CurvatureOperator):
 def _preconditioner_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
     """The diagonal of ``P`` for one parameter, read from the optimizer's state."""
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)):
-        raise ValueError(
+        raise UsageError(
             f"cannot read a preconditioner from {type(optimizer).__name__}: supported are Adam, AdamW and RMSprop"
         )
     group = _group_of(optimizer, param)
     state = optimizer.state.get(param, {})
     if not state:
-        raise ValueError(
+        raise UsageError(
             f"{type(optimizer).__name__} has no state for a parameter of shape {tuple(param.shape)}: it has not "
             "taken a step on it yet, so there is no preconditioner to read"
         )
@@ -155,7 +157,7 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
     for group in optimizer.param_groups:
         if any(p is param for p in group["params"]):
             return group
-    raise ValueError(
+    raise UsageError(
         f"a parameter of shape {tuple(param.shape)} is not among the parameters {type(optimizer).__name__} "
         "optimizes; pass the parameters the optimizer was built with"
     )
