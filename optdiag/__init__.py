@@ -27,6 +27,8 @@ _EXPORTS = {
     "sam_sharpness": "optdiag.curvature",
     "adaptive_sharpness": "optdiag.curvature",
     "gradient_noise_scale": "optdiag.curvature",
+    "estimate_gradient_noise_scale": "optdiag.curvature",
+    "gradient_is_zero": "optdiag.curvature",
     "EigenResult": "optdiag.curvature",
     "TraceResult": "optdiag.curvature",
     "DensityResult": "optdiag.curvature",
