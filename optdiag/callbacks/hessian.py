@@ -13,7 +13,7 @@ import torch
 
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
 from optdiag.curvature.density import spectral_density
-from optdiag.curvature.distributed import ReducedMeanOperator
+from optdiag.curvature.distributed import ReducedMeanOperator, reduce_sum
 from optdiag.curvature.lanczos import EigenResult, top_eigenvalues
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.curvature.operator import HessianOperator
@@ -321,15 +321,13 @@ class HessianMonitor(OptDiagCallback):
                     operators.append(HessianOperator(pl_module, self.loss_fn, [batch], dtype=dtype))
             except (NonFiniteError, NotTwiceDifferentiableError) as error:
                 operators, failure = [], error
-            weights = [float(batch_size_of(b) or 1) for b in batches] if operators else []
-            mean = ReducedMeanOperator(operators, weights, num_params=sum(p.numel() for _, p in
-                                       trainable_parameters(pl_module)), device=pl_module.device, dtype=dtype)
             # every rank learns whether any rank failed, so all take the same branch (collectives must match)
-            ok = mean.reduce_sum(torch.tensor([0.0 if failure or not operators else 1.0], dtype=torch.float64))
-            if float(ok) < self.world_size(trainer):
+            usable = reduce_sum(torch.tensor([1.0 if operators else 0.0], dtype=torch.float64))
+            if float(usable) < self.world_size(trainer):
                 if failure is not None:
                     raise failure
-                raise NonFiniteError("a rank had no usable probe batch")
+                raise NonFiniteError("no usable probe batch on some rank")
+            mean = ReducedMeanOperator(operators, [float(batch_size_of(b) or 1) for b in batches])
             try:
                 return self._snapshot(trainer, pl_module, mean, operators, optimizer, step, reason)
             finally:

@@ -21,6 +21,26 @@ def _distributed(group: object | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def reduce_sum(tensor: torch.Tensor, group: object | None = None) -> torch.Tensor:
+    """``tensor`` summed over the ranks of ``group`` (the input itself when not distributed).
+
+    Every rank must call it (a collective). CPU tensors go through gloo as they are; with nccl the sum runs on the
+    tensor's CUDA device.
+
+    Example:
+        >>> reduce_sum(torch.tensor([2.0])).tolist()  # one process
+        [2.0]
+    """
+    if not _distributed(group):
+        return tensor
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else tensor.device
+    if device.type == "cpu" and dist.get_backend(group) != "gloo":
+        device = torch.device("cuda", torch.cuda.current_device())
+    reduced = tensor.detach().clone().to(device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=group)
+    return reduced.to(tensor.device)
+
+
 class ReducedMeanOperator(CurvatureOperator):
     """``sum_i w_i A_i / sum_i w_i`` over local operators ``A_i`` and, when initialised, all ranks.
 
@@ -78,16 +98,8 @@ class ReducedMeanOperator(CurvatureOperator):
             raise ValueError("the weights sum to zero over all ranks: there is no data")
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over ranks (a copy; the input itself when not distributed)."""
-        if not _distributed(self.group):
-            return tensor
-        reduced = tensor.clone().to(self._collective_device())
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
-        return reduced.to(tensor.device)
-
-    def _collective_device(self) -> torch.device:
-        # gloo reduces CPU tensors, nccl CUDA tensors
-        return torch.device("cpu") if dist.get_backend(self.group) == "gloo" else self.device
+        """``tensor`` summed over the operator's ranks (see :func:`reduce_sum`)."""
+        return reduce_sum(tensor, self.group)
 
     def weighted_mean(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
         """``sum_i w_i t_i / total_weight`` over ranks, for one tensor per local operator (e.g. gradients)."""
