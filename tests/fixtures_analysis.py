@@ -71,7 +71,7 @@ class NoDataNet(pl.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Linear(D_IN, D_OUT, bias=False)
+        self.net = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
 
     def forward(self, x):
         return self.net(x)
@@ -85,7 +85,7 @@ class PlainNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Linear(D_IN, D_OUT, bias=False)
+        self.net = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
 
     def forward(self, x):
         return self.net(x)

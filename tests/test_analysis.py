@@ -189,7 +189,7 @@ def test_nothing_of_the_user_is_changed(checkpoints):
 def test_plain_state_dict_with_a_factory_and_a_criterion(tmp_path):
     net = fx.make_plain_net()
     with torch.no_grad():
-        net.net.weight.copy_(fx.TARGET_MAP)
+        net.net[0].weight.copy_(fx.TARGET_MAP)
     path = tmp_path / "plain.pt"
     torch.save({"model_state_dict": net.state_dict()}, path)
     report = analyze_checkpoint(path, model=fx.make_plain_net, data=fx.make_datamodule, loss=torch.nn.MSELoss,

@@ -130,11 +130,13 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
             warnings.simplefilter("ignore")
             return torch.load(file, map_location="cpu", weights_only=not trust_checkpoint)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):
-            name = _refused_global(err)
-            what = f"the object {name}" if name else "an object"
+        name = _refused_global(err)
+        if name:
+            raise UsageError(f"safe loading (weights_only=True) of {file} refused the object {name}; {_TRUST_HINT}") from err
+        if "Weights only load failed" in str(err):  # garbage, or an object the safe unpickler cannot name
             raise UsageError(
-                f"safe loading (weights_only=True) of {file} refused {what}; {_TRUST_HINT}"
+                f"{file} is not a readable PyTorch checkpoint (corrupt, another format, or content that safe "
+                f"loading refuses; {_TRUST_HINT})"
             ) from err
         raise UsageError(f"{file} is not a readable PyTorch checkpoint (corrupt or another format): {_short(err)}") from err
     except MemoryError:
