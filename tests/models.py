@@ -121,8 +121,9 @@ class ProductModel(nn.Module):
 
     def __init__(self, t1: float = 1.0, t2: float = 1.0) -> None:
         super().__init__()
-        self.t1 = nn.Parameter(torch.tensor(float(t1)))
-        self.t2 = nn.Parameter(torch.tensor(float(t2)))
+        # float64 from the start: 1/a rounded to float32 would move lambda_max by ~1e-9 relative.
+        self.t1 = nn.Parameter(torch.tensor(float(t1), dtype=torch.float64))
+        self.t2 = nn.Parameter(torch.tensor(float(t2), dtype=torch.float64))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.t1 * self.t2 * x

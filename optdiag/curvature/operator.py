@@ -394,6 +394,8 @@ class HessianOperator(CurvatureOperator):
         self._closed = False
         self._flat_grad_graph: Optional[torch.Tensor] = None  # "graph": sum_i w_i g_i with its graph
         self._linearized: list[Callable] = []
+        self._batched_ok = True
+        self.matmat_chunk = 64
         self._fixed = self._fixed_tensors()
         self._leaves = self._differentiable_leaves()
 
@@ -402,6 +404,8 @@ class HessianOperator(CurvatureOperator):
         if method == "auto":
             method = "graph" if self._flat_grad_graph is not None else "recompute"
         self.method = method
+        if method in ("func", "linearize"):
+            self._probe_forward_mode()
         if method == "linearize":
             self._linearize_all()
 
@@ -448,7 +452,7 @@ class HessianOperator(CurvatureOperator):
             tensors.update(params)
         with _exact_forward(self.device):
             loss = functional_call(self._holder, tensors, (self._batches[index],), strict=False)
-        return self._checked_loss(loss, index)
+            return self._checked_loss(loss, index)
 
     def _checked_loss(self, loss: Any, index: int) -> torch.Tensor:
         if not isinstance(loss, torch.Tensor):
@@ -462,6 +466,7 @@ class HessianOperator(CurvatureOperator):
             raise UsageError(f"loss_fn returned a {loss.dtype} tensor for batch {index}; a floating loss is needed")
         return loss.reshape(())
 
+    @torch.enable_grad()
     def _evaluate_point(self, keep_graph: bool, budget: Optional[int]) -> None:
         """Loss and gradient of every batch (recording each batch's RNG snapshot); keep the first-order graphs
         for the graph method while they fit ``budget``."""
@@ -529,6 +534,21 @@ class HessianOperator(CurvatureOperator):
     def _primals(self) -> tuple[torch.Tensor, ...]:
         return tuple(leaf.detach() for leaf in self._leaves)
 
+    @torch.enable_grad()
+    def _probe_forward_mode(self) -> None:
+        """One eager forward-over-reverse pass on batch 0, so a model without forward-mode derivatives is refused
+        at construction. (Tracing such a model for ``linearize`` can even crash the interpreter inside torch, seen
+        with ``mse_loss`` on torch 2.13, while the eager pass raises cleanly.)"""
+        try:
+            self._func_hvp([torch.zeros_like(p) for p in self._primals()], 0, linearized=False)
+        except (RuntimeError, NotImplementedError) as error:
+            if _is_forward_ad_failure(error):
+                raise _forward_mode_unsupported(error) from error
+            if _is_not_twice_differentiable(error):
+                raise NotTwiceDifferentiableError(f"cannot differentiate the gradient: {error}") from error
+            raise
+
+    @torch.enable_grad()
     def _linearize_all(self) -> None:
         argnums = tuple(range(len(self._leaves)))
         primals = self._primals()
@@ -548,17 +568,18 @@ class HessianOperator(CurvatureOperator):
                     ) from error
             self._linearized.append(jvp_fn)
 
-    def _recomputed_hvp(self, v: torch.Tensor, index: int) -> torch.Tensor:
+    def _recomputed_hvp(self, vectors: torch.Tensor, index: int, batched: bool) -> tuple[torch.Tensor, ...]:
         with replayed_rng(self._rng[index]):
             loss = self._loss(index)
         grads = torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
-        parts = torch.autograd.grad(flat, self._leaves, grad_outputs=v, materialize_grads=True)
-        return torch.cat([h.reshape(-1) for h in parts])
+        return torch.autograd.grad(
+            flat, self._leaves, grad_outputs=vectors, is_grads_batched=batched, materialize_grads=True
+        )
 
-    def _func_hvp(self, tangents: Sequence[torch.Tensor], index: int) -> Sequence[torch.Tensor]:
+    def _func_hvp(self, tangents: Sequence[torch.Tensor], index: int, linearized: bool) -> Sequence[torch.Tensor]:
         with replayed_rng(self._rng[index]):
-            if self.method == "linearize":
+            if linearized:
                 return self._linearized[index](*tangents)
             argnums = tuple(range(len(self._leaves)))
             grad_f = torch.func.grad(self._stateless_loss(index), argnums)
@@ -568,27 +589,47 @@ class HessianOperator(CurvatureOperator):
     # ------------------------------------------------------------------------------------------------------------
     # Products
 
-    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+    def _products(self, vectors: torch.Tensor, batched: bool) -> torch.Tensor:
+        """``H v`` for a flat ``v``, or ``H v_j`` for every row of a ``(k, n)`` matrix when ``batched`` (one
+        vectorised pass instead of ``k``)."""
+        lead = (vectors.shape[0],) if batched else ()
+
+        def flat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+            return torch.cat([h.reshape(*lead, -1) for h in parts], dim=-1)
+
+        if self.method == "graph":
+            # One backward through the kept sum_i w_i g_i covers every batch at once.
+            return flat(torch.autograd.grad(
+                self._flat_grad_graph, self._leaves, grad_outputs=vectors, retain_graph=True,
+                is_grads_batched=batched, materialize_grads=True,
+            ))
+        out = None
+        if self.method == "recompute":
+            for i, w in enumerate(self.weights):
+                term = flat(self._recomputed_hvp(vectors, i, batched))
+                out = term.mul_(w) if out is None else out.add_(term, alpha=w)
+            return out
+        sizes = [p.numel() for p in self._leaves]
+        tangents = [t.reshape(*lead, *p.shape) for t, p in zip(torch.split(vectors, sizes, dim=-1), self._leaves)]
+        linearized = self.method == "linearize"
+        for i, w in enumerate(self.weights):
+            if batched:
+                # randomness="same": the replayed dropout mask is shared by every column, as in a single product.
+                parts = torch.func.vmap(lambda *t: tuple(self._func_hvp(t, i, linearized)), randomness="same")(
+                    *tangents
+                )
+            else:
+                parts = self._func_hvp(tangents, i, linearized)
+            term = flat(parts)
+            out = term.mul_(w) if out is None else out.add_(term, alpha=w)
+        return out
+
+    @torch.enable_grad()
+    def _checked_products(self, vectors: torch.Tensor, batched: bool) -> torch.Tensor:
         if self._closed:
             raise UsageError("this HessianOperator was closed; build a new one")
         try:
-            if self.method == "graph":
-                parts = torch.autograd.grad(
-                    self._flat_grad_graph, self._leaves, grad_outputs=v, retain_graph=True, materialize_grads=True
-                )
-                out = torch.cat([h.reshape(-1) for h in parts])
-            elif self.method == "recompute":
-                out = None
-                for i, w in enumerate(self.weights):
-                    flat = self._recomputed_hvp(v, i)
-                    out = flat.mul_(w) if out is None else out.add_(flat, alpha=w)
-            else:
-                tangents = [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in self._leaves]),
-                                                          self._leaves)]
-                out = None
-                for i, w in enumerate(self.weights):
-                    flat = torch.cat([h.reshape(-1) for h in self._func_hvp(tangents, i)])
-                    out = flat * w if out is None else out.add_(flat, alpha=w)
+            out = self._products(vectors, batched)
         except (RuntimeError, NotImplementedError) as error:
             if self.method in ("func", "linearize") and _is_forward_ad_failure(error):
                 raise _forward_mode_unsupported(error) from error
@@ -600,6 +641,35 @@ class HessianOperator(CurvatureOperator):
         if not torch.isfinite(out).all():
             raise NonFiniteError(f"Hessian-vector product {self.n_hvp + 1} has NaN or infinite entries")
         return out
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._checked_products(v, batched=False)
+
+    def matmat(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``H V`` for ``V`` of shape ``(num_params, k)``, vectorised over columns (``torch.vmap``) in chunks of
+        :attr:`matmat_chunk` columns; falls back to one product per column where an op has no batching rule.
+        Counts ``k`` products in :attr:`n_hvp`."""
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != self.num_params:
+            shape = tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__
+            raise ValueError(f"expected shape ({self.num_params}, k), got {shape}")
+        rows = vectors.to(device=self.device, dtype=self.dtype).T
+        if not self._batched_ok or rows.shape[0] == 1:
+            return super().matmat(vectors)
+        blocks = []
+        for start in range(0, rows.shape[0], self.matmat_chunk):
+            block = rows[start : start + self.matmat_chunk].contiguous()
+            try:
+                blocks.append(self._checked_products(block, batched=True))
+            except (NotTwiceDifferentiableError, NonFiniteError, UsageError):
+                raise
+            except Exception:  # noqa: BLE001 - no batching rule for some op: one product per column instead
+                self._batched_ok = False
+                done = sum(b.shape[0] for b in blocks)
+                self._n_hvp += done
+                rest = super().matmat(vectors[:, done:])
+                return torch.cat([torch.cat(blocks).T, rest], dim=1) if blocks else rest
+        self._n_hvp += rows.shape[0]
+        return torch.cat(blocks).T
 
     def gradient(self) -> torch.Tensor:
         """The flat gradient of the same weighted mean loss at the same point (a fresh tensor)."""
