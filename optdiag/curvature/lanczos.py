@@ -485,7 +485,7 @@ def lanczos_tridiagonal(
     Example:
         >>> op = MatrixOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
         >>> alphas, betas, basis = lanczos_tridiagonal(op, torch.ones(3, dtype=torch.float64), 5)
-        >>> len(alphas), sorted(round(x, 6) for x in scipy.linalg.eigh_tridiagonal(alphas, betas)[0])
+        >>> len(alphas), sorted(round(float(x), 6) for x in scipy.linalg.eigh_tridiagonal(alphas, betas)[0])
         (3, [1.0, 2.0, 3.0])
     """
     _check_operator(op)
