@@ -41,7 +41,8 @@ th { background: #f4f4f4; } td.text, th.text { text-align: left; }
 .local_minimum { border-color: #2a9d3a; } .saddle_point { border-color: #d98c00; }
 .plateau { border-color: #3a6fd9; } .not_critical { border-color: #888; }
 .oscillation, .divergence { border-color: #c0392b; }
-.figures { display: flex; flex-wrap: wrap; gap: 1em; } .figures img { max-width: 100%; border: 1px solid #eee; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
+.figures img { max-width: calc(50% - 0.5em); height: auto; border: 1px solid #eee; }
 .muted { color: #777; font-size: 0.9em; } code { background: #f4f4f4; padding: 0 0.2em; }
 """
 
