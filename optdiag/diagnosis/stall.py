@@ -1,0 +1,283 @@
+"""Stall (plateau) and divergence detection on the training-loss history.
+
+The test is a Theil-Sen fit (``scipy.stats.theilslopes``) of the loss against the step over the most recent
+``window`` losses: the median of all pairwise slopes, with a distribution-free confidence interval. Dividing by the
+loss level (``|median|`` of the window) and multiplying by the window's step span turns the slope into the
+*relative improvement across the window* ``I = -slope * span / level``, which is scale-free: multiplying the loss by
+1000 changes nothing. Theil-Sen ignores up to ~29% of wild points, so minibatch spikes do not move it.
+
+Rules (defaults in brackets, see ``docs/diagnosis-rules.md``):
+
+* **stall**: the lower confidence bound of ``I`` is below ``rel_improvement`` [1%]: we cannot be sure the loss
+  falls by at least 1% per window. A flat noisy loss fires at once; a noisy loss that falls *surely* (its whole
+  confidence interval above 1%) does not. The noisier the loss, the longer the window must be to be sure: raise
+  ``window`` for very noisy losses.
+* **divergence**, immediately: a non-finite loss; an explosion, ``loss > running_min + explosion_factor * scale``
+  with ``scale = |first - running_min| + |running_min|`` [factor 2: for a positive loss, above twice where it
+  started plus the best seen; all three levels are medians of three consecutive losses, so a single minibatch
+  spike never counts]; or a significant rise, slope CI entirely positive with ``-I > rise_tolerance``
+  [50% of the loss level within a window].
+* One verdict per situation: after an event the detector returns ``None`` until it sees a **recovery** (the loss
+  confirmed falling again: lower bound of ``I`` at least ``rel_improvement``); then, after ``cooldown`` more
+  updates [window // 2], it may fire again (a saddle escaped, then a new plateau). Divergence may interrupt a stall.
+
+Example:
+    >>> import numpy as np
+    >>> det = StallDetector(window=30, min_window=10)
+    >>> events = [det.update(t, 1.0 + 0.01 * np.sin(t)) for t in range(40)]
+    >>> [e.step for e in events if e is not None]
+    [9]
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from optdiag.diagnosis.types import from_jsonable, to_jsonable
+from optdiag.errors import UsageError
+
+_ARMED, _STALLED, _DIVERGED = "armed", "stalled", "diverged"
+
+
+def explosion_threshold(first_loss: float, running_min: float, factor: float = 1.0) -> float | None:
+    """The loss above which training counts as exploding: ``running_min + factor * scale``.
+
+    ``scale = |first_loss - running_min| + |running_min|`` is the range the loss has spanned plus its best level,
+    so the rule is scale-free and works for losses that are negative (log-likelihoods). None when the scale is 0.
+
+    Example:
+        >>> explosion_threshold(2.0, 0.5)
+        2.5
+    """
+    scale = abs(first_loss - running_min) + abs(running_min)
+    if not math.isfinite(scale) or scale == 0:
+        return None
+    return running_min + factor * scale
+
+
+@dataclass
+class StallEvent:
+    """A stall or divergence found by :class:`StallDetector`.
+
+    Attributes:
+        step: the step of the update that fired.
+        reason: ``"stall"`` or ``"divergence"``.
+        slope: Theil-Sen slope of the loss per step over the window (``nan`` if there was no fit).
+        slope_ci: its confidence interval ``(lo, hi)``.
+        rel_slope: ``slope / level`` (per step; level = ``|median|`` of the window).
+        window: the losses fitted. window_steps: their steps.
+        trigger: ``"flat"``, ``"nonfinite"``, ``"explosion"`` or ``"rising"``.
+        rel_improvement: ``-slope * span / level``, the relative improvement across the window.
+        margin: how far the deciding statistic lies past its boundary, as a natural log ratio (``inf`` for a
+            non-finite loss): the classifier's confidence for a divergence grows with it.
+    """
+
+    step: int
+    reason: str
+    slope: float
+    slope_ci: tuple[float, float]
+    rel_slope: float
+    window: list[float]
+    window_steps: list[int]
+    trigger: str = "flat"
+    rel_improvement: float = math.nan
+    margin: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (non-finite floats as ``"nan"``/``"inf"`` strings)."""
+        return to_jsonable({k: getattr(self, k) for k in self.__dataclass_fields__})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StallEvent:
+        """Rebuild from :meth:`to_dict` output."""
+        data = from_jsonable(dict(data))
+        data["slope_ci"] = tuple(data["slope_ci"])
+        return cls(**data)
+
+
+def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, integer: bool = False) -> Any:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if integer:
+        ok = ok and float(value) == int(value)
+    if not ok or not low <= value <= high:
+        kind = "an int" if integer else "a number"
+        raise UsageError(f"StallDetector: {name} must be {kind} in [{low}, {high}], got {value!r}")
+    return int(value) if integer else float(value)
+
+
+class StallDetector:
+    """Watches the loss and reports, once per situation, when it stops falling or diverges.
+
+    Args:
+        window: the most recent losses fitted (also the span the relative improvement is measured over).
+        min_window: the fewest losses before a stall can be declared.
+        rel_improvement: the relative improvement across a window below which the loss counts as stalled.
+        confidence: confidence level of the Theil-Sen interval.
+        cooldown: updates after a recovery before a new stall may fire (default ``window // 2``).
+        explosion_factor: see :func:`explosion_threshold`.
+        rise_tolerance: relative rise across a window that, when significant, counts as divergence.
+
+    Example:
+        >>> det = StallDetector()
+        >>> det.update(0, float("nan")).reason
+        'divergence'
+    """
+
+    def __init__(self, window: int = 50, min_window: int = 20, rel_improvement: float = 0.01,
+                 confidence: float = 0.95, cooldown: int | None = None, explosion_factor: float = 2.0,
+                 rise_tolerance: float = 0.5) -> None:
+        self.window = _check_number("window", window, 3, integer=True)
+        self.min_window = _check_number("min_window", min_window, 3, self.window, integer=True)
+        self.rel_improvement = _check_number("rel_improvement", rel_improvement, 0.0)
+        if not 0 < confidence < 1:
+            raise UsageError(f"StallDetector: confidence must be in (0, 1), got {confidence!r}")
+        self.confidence = float(confidence)
+        self.cooldown = self.window // 2 if cooldown is None else _check_number("cooldown", cooldown, 0, integer=True)
+        self.explosion_factor = _check_number("explosion_factor", explosion_factor, 0.0)
+        if self.explosion_factor == 0:
+            raise UsageError("StallDetector: explosion_factor must be > 0")
+        self.rise_tolerance = _check_number("rise_tolerance", rise_tolerance, 0.0)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the history (a new run)."""
+        self._steps: deque[int] = deque(maxlen=self.window)
+        self._losses: deque[float] = deque(maxlen=self.window)
+        self._first: float | None = None
+        self._n_seen = 0
+        self._running_min = math.inf
+        self._state = _ARMED
+        self._stall_floor = math.inf  # the lowest loss of the window that fired: recovery must get below it
+        self._since_rearm = self.cooldown  # a fresh detector may fire as soon as it has min_window losses
+        self._last_step: int | None = None
+
+    @property
+    def stalled(self) -> bool:
+        """True between a stall event and the recovery that follows it."""
+        return self._state == _STALLED
+
+    @property
+    def diverged(self) -> bool:
+        """True after a divergence event until the loss is seen falling again."""
+        return self._state == _DIVERGED
+
+    def update(self, step: int, loss: float) -> StallEvent | None:
+        """Add one loss; return an event when a stall starts or divergence is seen, else None.
+
+        Args:
+            step: the optimizer step (strictly increasing).
+            loss: the training loss at that step (a Python float, not a tensor with a graph).
+        """
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise UsageError(f"StallDetector.update: step must be an int, got {step!r}")
+        if self._last_step is not None and step <= self._last_step:
+            raise UsageError(f"StallDetector.update: steps must increase, got {step} after {self._last_step}")
+        try:
+            loss = float(loss)
+        except (TypeError, ValueError):
+            raise UsageError(f"StallDetector.update: loss must be a number, got {loss!r}") from None
+        self._last_step = int(step)
+        self._since_rearm += 1
+        if not math.isfinite(loss):
+            return self._diverge(step, "nonfinite", math.inf, fit=None)
+        self._steps.append(int(step))
+        self._losses.append(loss)
+        # Explosion is judged on medians of three losses (the start level, the best level, the current level),
+        # so neither one minibatch spike nor one lucky batch moves its reference points.
+        recent = float(np.median(list(self._losses)[-3:]))
+        if self._n_seen < 3:
+            self._first = recent
+        self._n_seen += 1
+        self._running_min = min(self._running_min, recent)
+        limit = explosion_threshold(self._first, self._running_min, self.explosion_factor)
+        if limit is not None and recent > limit:
+            scale = abs(self._first - self._running_min) + abs(self._running_min)
+            margin = math.log((recent - self._running_min) / (self.explosion_factor * scale))
+            return self._diverge(step, "explosion", margin, fit=self._fit() if len(self._losses) >= 3 else None)
+        if len(self._losses) < self.min_window:
+            return None
+        fit = self._fit()
+        improvement_lo = fit["improvement_lo"]
+        if fit["slope_ci"][0] > 0 and -fit["rel_improvement"] > self.rise_tolerance:
+            return self._diverge(step, "rising", math.log(-fit["rel_improvement"] / self.rise_tolerance), fit=fit)
+        if self._state != _ARMED:
+            # Recovery: the loss surely falls again *and* has left the level it stalled at (its typical value now
+            # lies below the lowest loss of the stalled window), so a noise excursion does not re-arm.
+            if improvement_lo >= self.rel_improvement and float(np.median(self._losses)) < self._stall_floor:
+                self._state, self._since_rearm = _ARMED, 0
+            return None
+        # A full window decides on the fitted improvement; a shorter one only when its whole interval is below.
+        full = len(self._losses) == self.window
+        deciding = fit["rel_improvement"] if full else fit["improvement_hi"]
+        if deciding < self.rel_improvement and self._since_rearm >= self.cooldown:
+            self._state = _STALLED
+            self._stall_floor = min(self._losses)
+            margin = math.log1p(self.rel_improvement - deciding)
+            return self._event(step, "stall", "flat", margin, fit)
+        return None
+
+    def _fit(self) -> dict[str, Any]:
+        x = np.asarray(self._steps, dtype=float)
+        y = np.asarray(self._losses, dtype=float)
+        # Fit on step offsets so large step numbers do not cost precision.
+        slope, _, lo, hi = stats.theilslopes(y, x - x[0], alpha=self.confidence)
+        level = abs(float(np.median(y))) or float(np.max(np.abs(y))) or 1.0
+        # Rates are per full window (mean step spacing x (window - 1)), so a short early window needs the same
+        # rate of improvement as a full one, not the same total improvement.
+        span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (len(x) - 1)
+        return {
+            "slope": float(slope),
+            "slope_ci": (float(lo), float(hi)),
+            "rel_slope": float(slope) / level,
+            "rel_improvement": -float(slope) * span / level,
+            "improvement_lo": -float(hi) * span / level,
+            "improvement_hi": -float(lo) * span / level,
+        }
+
+    def _diverge(self, step: int, trigger: str, margin: float, fit: dict[str, Any] | None) -> StallEvent | None:
+        if self._state == _DIVERGED:
+            return None
+        self._state = _DIVERGED
+        self._stall_floor = min(self._losses, default=math.inf)
+        return self._event(step, "divergence", trigger, margin, fit)
+
+    def _event(self, step: int, reason: str, trigger: str, margin: float, fit: dict[str, Any] | None) -> StallEvent:
+        fit = fit or {"slope": math.nan, "slope_ci": (math.nan, math.nan), "rel_slope": math.nan,
+                      "rel_improvement": math.nan}
+        return StallEvent(step=int(step), reason=reason, slope=fit["slope"], slope_ci=fit["slope_ci"],
+                          rel_slope=fit["rel_slope"], window=list(self._losses), window_steps=list(self._steps),
+                          trigger=trigger, rel_improvement=fit["rel_improvement"], margin=margin)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe state, so a resumed run continues where it stopped (Lightning callback state)."""
+        return to_jsonable({
+            "steps": list(self._steps), "losses": list(self._losses), "first": self._first, "n_seen": self._n_seen,
+            "running_min": self._running_min, "state": self._state, "since_rearm": self._since_rearm,
+            "last_step": self._last_step, "stall_floor": self._stall_floor,
+        })
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (the detector keeps its own constructor settings)."""
+        required = {"steps", "losses", "first", "n_seen", "running_min", "state", "since_rearm", "last_step", "stall_floor"}
+        if not isinstance(state, dict) or not required <= set(state):
+            raise UsageError(f"StallDetector.load_state_dict: expected keys {sorted(required)}")
+        state = from_jsonable(state)
+        if state["state"] not in (_ARMED, _STALLED, _DIVERGED) or len(state["steps"]) != len(state["losses"]):
+            raise UsageError("StallDetector.load_state_dict: corrupt state (unknown phase or ragged history)")
+        self.reset()
+        self._steps.extend(int(s) for s in state["steps"])
+        self._losses.extend(float(v) for v in state["losses"])
+        self._first = None if state["first"] is None else float(state["first"])
+        self._running_min = float(state["running_min"])
+        self._n_seen = int(state["n_seen"])
+        self._state = state["state"]
+        self._since_rearm = int(state["since_rearm"])
+        self._stall_floor = float(state["stall_floor"])
+        self._last_step = None if state["last_step"] is None else int(state["last_step"])
