@@ -26,7 +26,7 @@ Example:
     >>> det = StallDetector(window=30, min_window=10)
     >>> events = [det.update(t, 1.0 + 0.01 * np.sin(t)) for t in range(40)]
     >>> [e.step for e in events if e is not None]
-    [9]
+    [29]
 """
 
 from __future__ import annotations
