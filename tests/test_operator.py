@@ -262,6 +262,24 @@ def test_dropout_mask_is_the_same_for_every_engine():
     assert not torch.allclose(other_mask, dense["graph"])  # dropout really is active in train mode
 
 
+@pytest.mark.parametrize("method", ["recompute", "func"])
+def test_loss_drawing_from_numpy_and_python_rngs_is_replayed(method):
+    model, criterion, batches = _case("mlp")
+
+    def noisy_loss(m, batch):
+        x, y = batch
+        noise = torch.from_numpy(np.random.standard_normal(x.shape)) * random.random()
+        return criterion(m(x + noise), y)
+
+    np.random.seed(5), random.seed(5)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(5), random.seed(5)
+    op = HessianOperator(model, noisy_loss, batches, method=method)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    assert torch.equal(op @ v, op @ v)  # the same noise every product
+    assert (np.random.rand(), random.random()) == expected  # and the global streams never moved
+
+
 def test_graph_survives_the_model_training_on_between_products():
     # The kept graph must not have saved the model's own BatchNorm buffers: a training forward updates them in
     # place, which would break autograd's version counters at the next product.

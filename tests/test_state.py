@@ -151,3 +151,26 @@ def test_bad_arguments_are_refused():
     with pytest.raises(TypeError, match="RngState"):
         with replayed_rng(torch.get_rng_state()):
             pass
+
+
+def test_changed_since_names_the_generators_that_moved():
+    before = rng_state()
+    assert rng_state().changed_since(before) == ()
+    np.random.rand()
+    random.random()
+    assert rng_state().changed_since(before) == ("numpy", "python")
+    torch.rand(1)
+    assert rng_state().changed_since(before) == ("torch", "numpy", "python")
+
+
+def test_partial_snapshot_replays_only_its_generators():
+    torch_only = rng_state(["torch"])
+    assert torch_only.numpy is None and torch_only.python is None
+    np.random.seed(8)
+    expected_numpy = np.random.rand()
+    np.random.seed(8)
+    with replayed_rng(torch_only):
+        np.random.rand()  # not captured, so not put back
+    assert np.random.rand() != expected_numpy
+    with pytest.raises(ValueError, match="unknown generators"):
+        rng_state(["cupy"])

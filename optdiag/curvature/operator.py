@@ -24,6 +24,7 @@ a replayed snapshot of the RNGs (so a dropout mask is fixed for the operator's l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import warnings
@@ -35,7 +36,7 @@ from torch.func import functional_call
 
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.curvature.params import trainable_parameters
-from optdiag.curvature.state import RngState, replayed_rng, rng_state
+from optdiag.curvature.state import GENERATORS, RngState, replayed_rng, rng_state
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
 
 __all__ = ["HessianOperator", "supervised_loss", "LossFn", "METHODS"]
@@ -476,49 +477,82 @@ class HessianOperator(CurvatureOperator):
         known = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         known.update(p.untyped_storage().data_ptr() for p in self._leaves)
         self.graph_bytes = 0
-        state = rng_state()
-        for i in range(len(self._batches)):
-            self._rng.append(state)
-            with replayed_rng(state):
+        outer = rng_state()
+        moved: set[str] = set()
+        try:
+            for i in range(len(self._batches)):
+                # Batches draw from one continuing stream, as in a training loop; each batch's starting point is
+                # kept so that recomputing engines can replay the same dropout masks.
+                before = rng_state()
                 loss = self._loss(i)
-                state = rng_state()  # the next batch continues the stream, as in a training loop
-                if not math.isfinite(float(loss.detach())):
-                    raise NonFiniteError(f"the loss of batch {i} is {float(loss.detach())}")
-                if loss.grad_fn is None:
-                    raise UsageError(
-                        f"the loss of batch {i} does not depend on the trainable parameters (it has no autograd "
-                        "graph): was it computed under torch.no_grad() or detached?"
+                moved.update(rng_state().changed_since(before))
+                self._rng.append(before)
+                grads = self._first_order(loss, i)
+                flat = self._check_gradient(grads, i)
+                saved, refuses = _walk_graph([flat], known)
+                if refuses:
+                    raise NotTwiceDifferentiableError(
+                        f"the backward pass of batch {i} contains an operation marked @once_differentiable, so it "
+                        "cannot be differentiated again; Hessian-vector products are impossible for this model"
                     )
-                grads = torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
-            if not any(g.requires_grad for g in grads):
-                raise NotTwiceDifferentiableError(
-                    f"the gradient of batch {i} has no autograd graph although the loss depends on the parameters: "
-                    "the backward pass is not differentiable (a custom autograd.Function with "
-                    "@once_differentiable, or a backward computed under no_grad/detach). (A loss that is affine in "
-                    "every parameter would also end here; its Hessian is zero.)"
-                )
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            saved, refuses = _walk_graph([flat], known)
-            if refuses:
-                raise NotTwiceDifferentiableError(
-                    f"the backward pass of batch {i} contains an operation marked @once_differentiable, so it "
-                    "cannot be differentiated again; Hessian-vector products are impossible for this model"
-                )
-            self.graph_bytes += saved
-            if not torch.isfinite(flat.detach()).all():
-                raise NonFiniteError(f"the gradient of batch {i} has NaN or infinite entries")
-            w = self.weights[i]
-            total_loss += w * loss.detach()
-            gradient += w * flat.detach()
-            if keep_graph and (budget is None or self.graph_bytes <= budget):
-                graph_terms.append(flat * w if len(self._batches) > 1 else flat)
-            else:
-                keep_graph = False
-                graph_terms.clear()
+                self.graph_bytes += saved
+                w = self.weights[i]
+                total_loss += w * loss.detach()
+                gradient += w * flat.detach()
+                if keep_graph and (budget is None or self.graph_bytes <= budget):
+                    graph_terms.append(flat * w if len(self._batches) > 1 else flat)
+                else:
+                    keep_graph = False
+                    graph_terms.clear()
+        finally:
+            outer.restore()
+        # Replay only the generators the forward pass actually uses (usually torch's, for dropout; none in eval
+        # mode), so products do not pay for snapshots they do not need.
+        self._replayed = tuple(g for g in GENERATORS if g in moved)
+        self._rng = [self._only(state, self._replayed) for state in self._rng]
         self.loss = float(total_loss)
         self._gradient = gradient
         if keep_graph:
             self._flat_grad_graph = graph_terms[0] if len(graph_terms) == 1 else torch.stack(graph_terms).sum(0)
+
+    @staticmethod
+    def _only(state: RngState, generators: tuple[str, ...]) -> RngState:
+        return dataclasses.replace(
+            state,
+            torch_cpu=state.torch_cpu if "torch" in generators else None,
+            torch_cuda=state.torch_cuda if "torch" in generators else None,
+            numpy=state.numpy if "numpy" in generators else None,
+            python=state.python if "python" in generators else None,
+        )
+
+    def _replaying(self, index: int) -> contextlib.AbstractContextManager:
+        """Replay batch ``index``'s RNG snapshot around a recomputed forward pass (nothing if it draws none)."""
+        return replayed_rng(self._rng[index]) if self._replayed else contextlib.nullcontext()
+
+    def _first_order(self, loss: torch.Tensor, index: int) -> tuple[torch.Tensor, ...]:
+        if not math.isfinite(float(loss.detach())):
+            raise NonFiniteError(f"the loss of batch {index} is {float(loss.detach())}")
+        if loss.grad_fn is None:
+            raise UsageError(
+                f"the loss of batch {index} does not depend on the trainable parameters (it has no autograd "
+                "graph): was it computed under torch.no_grad() or detached?"
+            )
+        return torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
+
+    @staticmethod
+    def _check_gradient(grads: Sequence[torch.Tensor], i: int) -> torch.Tensor:
+        """The flat first-order gradient of batch ``i``, refused if it has no graph or is not finite."""
+        if not any(g.requires_grad for g in grads):
+            raise NotTwiceDifferentiableError(
+                f"the gradient of batch {i} has no autograd graph although the loss depends on the parameters: "
+                "the backward pass is not differentiable (a custom autograd.Function with "
+                "@once_differentiable, or a backward computed under no_grad/detach). (A loss that is affine in "
+                "every parameter would also end here; its Hessian is zero.)"
+            )
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if not torch.isfinite(flat.detach()).all():
+            raise NonFiniteError(f"the gradient of batch {i} has NaN or infinite entries")
+        return flat
 
     # ------------------------------------------------------------------------------------------------------------
     # torch.func engines
@@ -553,7 +587,7 @@ class HessianOperator(CurvatureOperator):
         argnums = tuple(range(len(self._leaves)))
         primals = self._primals()
         for i in range(len(self._batches)):
-            with replayed_rng(self._rng[i]), warnings.catch_warnings():
+            with self._replaying(i), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.fx const-folding chatter
                 try:
                     _, jvp_fn = torch.func.linearize(torch.func.grad(self._stateless_loss(i), argnums), *primals)
@@ -569,7 +603,7 @@ class HessianOperator(CurvatureOperator):
             self._linearized.append(jvp_fn)
 
     def _recomputed_hvp(self, vectors: torch.Tensor, index: int, batched: bool) -> tuple[torch.Tensor, ...]:
-        with replayed_rng(self._rng[index]):
+        with self._replaying(index):
             loss = self._loss(index)
         grads = torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -578,7 +612,7 @@ class HessianOperator(CurvatureOperator):
         )
 
     def _func_hvp(self, tangents: Sequence[torch.Tensor], index: int, linearized: bool) -> Sequence[torch.Tensor]:
-        with replayed_rng(self._rng[index]):
+        with self._replaying(index):
             if linearized:
                 return self._linearized[index](*tangents)
             argnums = tuple(range(len(self._leaves)))

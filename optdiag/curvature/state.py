@@ -9,18 +9,21 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["RngState", "rng_state", "replayed_rng", "preserved_state"]
+__all__ = ["GENERATORS", "RngState", "rng_state", "replayed_rng", "preserved_state"]
+
+
+GENERATORS = ("torch", "numpy", "python")
 
 
 @dataclass(frozen=True)
 class RngState:
-    """A snapshot of every global random number generator optdiag may touch.
+    """A snapshot of the global random number generators optdiag may touch (``None``: not captured).
 
     Attributes:
         torch_cpu: ``torch.get_rng_state()``.
@@ -29,22 +32,56 @@ class RngState:
         python: ``random.getstate()``.
     """
 
-    torch_cpu: torch.Tensor
+    torch_cpu: Optional[torch.Tensor]
     torch_cuda: Optional[tuple[torch.Tensor, ...]]
     numpy: Any
     python: Any
 
     def restore(self) -> None:
-        """Set every generator back to this snapshot."""
-        torch.set_rng_state(self.torch_cpu)
+        """Set every captured generator back to this snapshot."""
+        if self.torch_cpu is not None:
+            torch.set_rng_state(self.torch_cpu)
         if self.torch_cuda is not None:
             torch.cuda.set_rng_state_all(list(self.torch_cuda))
-        np.random.set_state(self.numpy)
-        random.setstate(self.python)
+        if self.numpy is not None:
+            np.random.set_state(self.numpy)
+        if self.python is not None:
+            random.setstate(self.python)
+
+    def changed_since(self, earlier: "RngState") -> tuple[str, ...]:
+        """Which generators (of ``"torch"``, ``"numpy"``, ``"python"``) moved between ``earlier`` and this one.
+
+        Example:
+            >>> before = rng_state(); _ = torch.rand(1)
+            >>> rng_state().changed_since(before)
+            ('torch',)
+        """
+        moved = []
+        if not _same_tensors((self.torch_cpu,) + (self.torch_cuda or ()),
+                             (earlier.torch_cpu,) + (earlier.torch_cuda or ())):
+            moved.append("torch")
+        if (self.numpy is None) != (earlier.numpy is None) or (
+            self.numpy is not None
+            and (self.numpy[2:] != earlier.numpy[2:] or not np.array_equal(self.numpy[1], earlier.numpy[1]))
+        ):
+            moved.append("numpy")
+        if self.python != earlier.python:
+            moved.append("python")
+        return tuple(moved)
 
 
-def rng_state() -> RngState:
+def _same_tensors(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y)) for x, y in zip(a, b)
+    )
+
+
+def rng_state(generators: Sequence[str] = GENERATORS) -> RngState:
     """Snapshot the torch (CPU and initialised CUDA devices), numpy and python RNGs.
+
+    Args:
+        generators: which of ``"torch"``, ``"numpy"``, ``"python"`` to capture (all by default; fewer is cheaper,
+            python's ``random.getstate()`` copies 625 integers).
 
     Example:
         >>> state = rng_state()
@@ -52,16 +89,27 @@ def rng_state() -> RngState:
         >>> bool(a == b)
         True
     """
-    cuda = tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return RngState(torch.get_rng_state(), cuda, np.random.get_state(), random.getstate())
+    unknown = set(generators) - set(GENERATORS)
+    if unknown:
+        raise ValueError(f"unknown generators {sorted(unknown)}; choose from {GENERATORS}")
+    want_torch = "torch" in generators
+    cuda = None
+    if want_torch and torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = tuple(torch.cuda.get_rng_state_all())
+    return RngState(
+        torch.get_rng_state() if want_torch else None,
+        cuda,
+        np.random.get_state() if "numpy" in generators else None,
+        random.getstate() if "python" in generators else None,
+    )
 
 
 @contextlib.contextmanager
 def replayed_rng(state: RngState) -> Iterator[None]:
     """Run a block with the RNGs set to ``state``, then put the caller's RNGs back.
 
-    Replaying the same snapshot makes random ops (dropout) draw the same values every time, without disturbing
-    the global streams.
+    Only the generators captured in ``state`` are set and put back. Replaying the same snapshot makes random ops
+    (dropout) draw the same values every time, without disturbing the global streams.
 
     Example:
         >>> s = rng_state()
@@ -72,7 +120,9 @@ def replayed_rng(state: RngState) -> Iterator[None]:
     """
     if not isinstance(state, RngState):
         raise TypeError(f"replayed_rng expects an RngState from rng_state(), got {type(state).__name__}")
-    outer = rng_state()
+    captured = [name for name, value in zip(GENERATORS, (state.torch_cpu, state.numpy, state.python))
+                if value is not None]
+    outer = rng_state(captured)
     state.restore()
     try:
         yield
@@ -143,7 +193,8 @@ def preserved_state(
         >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.5))
         >>> before = net[1].running_mean.clone()
         >>> with preserved_state(net):
-        ...     net.eval(); _ = net.train()(torch.randn(4, 2))
+        ...     _ = net.eval()
+        ...     _ = net.train()(torch.randn(4, 2))
         >>> torch.equal(net[1].running_mean, before), net.training
         (True, True)
     """
