@@ -19,6 +19,7 @@ import argparse
 import copy
 import statistics
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -219,7 +220,8 @@ def run_pyhessian(problem: Problem, which: str, k: int, tol: float):
     model = copy.deepcopy(problem.model)
     ph.hessian_vector_product = counted
     try:
-        with torch.random.fork_rng():
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # its loss.backward(create_graph=True) warns about cycles
             torch.manual_seed(0)
             computer = ph.hessian(model, nn.CrossEntropyLoss(), data=problem.batch, cuda=False)
             values, _ = computer.eigenvalues(maxIter=5000, tol=tol, top_n=k)
