@@ -10,6 +10,7 @@ _EXPORTS = {
     "preserved_state": ".state",
     "top_eigenvalues": ".lanczos",
     "power_iteration": ".lanczos",
+    "lanczos_tridiagonal": ".lanczos",
     "EigenResult": ".lanczos",
     "hessian_trace": ".trace",
     "TraceResult": ".trace",
