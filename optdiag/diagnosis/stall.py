@@ -8,17 +8,20 @@ loss level (``|median|`` of the window) and multiplying by the window's step spa
 
 Rules (defaults in brackets, see ``docs/diagnosis-rules.md``):
 
-* **stall**: the lower confidence bound of ``I`` is below ``rel_improvement`` [1%]: we cannot be sure the loss
-  falls by at least 1% per window. A flat noisy loss fires at once; a noisy loss that falls *surely* (its whole
-  confidence interval above 1%) does not. The noisier the loss, the longer the window must be to be sure: raise
-  ``window`` for very noisy losses.
+* **stall**: once the window is full, the fitted relative improvement per window ``I`` is below
+  ``rel_improvement`` [1% per window]; before that (from ``min_window`` losses on) only when the whole confidence
+  interval of ``I`` lies below it, because a short window's fit is too noisy to call a slow fall a stall. Rates are
+  per full window (``window - 1`` mean step spacings), so short and full windows are compared alike. A noisy loss
+  whose fitted fall per window is clearly above 1% is not a stall; a flat noisy loss is. Noise spreads ``I`` by
+  about ``sigma * sqrt(12 / window)`` for relative noise ``sigma``: raise ``window`` for very noisy losses.
 * **divergence**, immediately: a non-finite loss; an explosion, ``loss > running_min + explosion_factor * scale``
   with ``scale = |first - running_min| + |running_min|`` [factor 2: for a positive loss, above twice where it
   started plus the best seen; all three levels are medians of three consecutive losses, so a single minibatch
   spike never counts]; or a significant rise, slope CI entirely positive with ``-I > rise_tolerance``
   [50% of the loss level within a window].
 * One verdict per situation: after an event the detector returns ``None`` until it sees a **recovery** (the loss
-  confirmed falling again: lower bound of ``I`` at least ``rel_improvement``); then, after ``cooldown`` more
+  confirmed falling again, the lower confidence bound of ``I`` at least ``rel_improvement``, and the window's
+  median below the lowest loss of the window that fired, so a noise excursion does not re-arm); then, after ``cooldown`` more
   updates [window // 2], it may fire again (a saddle escaped, then a new plateau). Divergence may interrupt a stall.
 
 Example:

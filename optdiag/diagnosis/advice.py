@@ -1,0 +1,283 @@
+"""What to change, with numbers: one list of :class:`Suggestion` per diagnosed kind.
+
+Every proposed number is derived from the evidence and the optimizer's stability threshold
+(:mod:`optdiag.diagnosis.stability`); the margins are justified in ``docs/diagnosis-rules.md``:
+
+* target stability ratio ``TARGET_RATIO = 0.5``: sharpness at half the threshold, i.e. ``lr * lambda_max = 1`` for
+  SGD, where sign flips stop; small noisy batches are unsafe well before the deterministic threshold (THEORY 1);
+* ``ReduceLROnPlateau(factor=0.5)``: halve the step once bouncing at a loss floor (Chee & Toulis 2018);
+* a decade (``x10``) at most per lr increase, and x0.1 when nothing tells a safe lr (SASA, Lang et al. 2019);
+* warmup ``LinearLR(start_factor=s, total_iters=ceil(100 (1 - s) / s))``: the lr grows by 1% of its start per step;
+* batch size toward McCandlish's ``B_simple = tr(Sigma) / |G|^2`` when noise dominates;
+* Polyak's heavy-ball pair for the curvature range ``[max(lambda_min, lambda_max / 1000), lambda_max]``.
+
+Example:
+    >>> from optdiag.diagnosis.evidence import Evidence
+    >>> from optdiag.diagnosis.stability import OptimizerSpec
+    >>> ev = Evidence(step=0, lambda_max=150.0, optimizer=OptimizerSpec("sgd", lr=0.01))
+    >>> s = suggest("oscillation", ev)[0]
+    >>> s.target, round(s.proposed, 6)
+    ('lr', 0.006667)
+"""
+
+from __future__ import annotations
+
+import math
+
+from optdiag.diagnosis.evidence import Evidence
+from optdiag.diagnosis.stability import OptimizerSpec, max_stable_lr, stability_threshold
+from optdiag.diagnosis.tuning import polyak_heavy_ball
+from optdiag.diagnosis.types import KINDS, Suggestion
+from optdiag.errors import UsageError
+
+TARGET_RATIO = 0.5
+DECAY_FACTOR = 0.5
+MAX_LR_INCREASE = 10.0
+BLIND_LR_DECREASE = 0.1
+WARMUP_GROWTH_PER_STEP = 0.01
+POLYAK_MAX_CONDITION = 1000.0
+MOMENTUM_CANDIDATES = (0.9, 0.95, 0.99)
+SMALL_BATCH = 32  # Masters & Luschi 2018: batches of 2-32 often train best
+
+_SCHED = "torch.optim.lr_scheduler"
+
+
+def _set(key: str, value: str) -> str:
+    return f"for g in opt.param_groups: g[{key!r}] = {value}"
+
+
+def _g(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _target_lr(ev: Evidence) -> float | None:
+    """The lr putting the measured sharpness at ``TARGET_RATIO`` of the threshold (None if unknown)."""
+    if ev.optimizer is None or ev.sharpness is None:
+        return None
+    limit = max_stable_lr(ev.optimizer, ev.sharpness)
+    return None if limit is None else TARGET_RATIO * limit
+
+
+def warmup_iters(start_factor: float) -> int:
+    """Warmup length so that ``LinearLR`` grows the lr by 1% of its starting value per step.
+
+    Example:
+        >>> warmup_iters(0.1)
+        900
+    """
+    if not 0 < start_factor <= 1:
+        raise UsageError(f"start_factor must be in (0, 1], got {start_factor}")
+    return max(1, math.ceil((1.0 - start_factor) / (start_factor * WARMUP_GROWTH_PER_STEP) - 1e-9))
+
+
+def _lr_suggestion(action: str, ev: Evidence, proposed: float, reason: str) -> Suggestion:
+    return Suggestion("lr", action, current=ev.lr, proposed=proposed, reason=reason,
+                      code=_set("lr", _g(proposed)))
+
+
+def _ratio_text(ev: Evidence) -> str:
+    return (f"lambda_max = {_g(ev.sharpness)} is {_g(ev.stability_ratio)} of the {ev.optimizer.kind} stability "
+            f"threshold {_g(ev.stability_threshold)} at lr {_g(ev.lr)}")
+
+
+def _batch_toward_b_simple(ev: Evidence, why: str) -> list[Suggestion]:
+    b, b_simple = ev.batch_size, ev.b_simple
+    if b is None or b_simple is None or not math.isfinite(b_simple) or b >= b_simple:
+        return []
+    proposed = 2 ** math.ceil(math.log2(b_simple))
+    return [Suggestion("batch_size", "Increase the batch size", current=b, proposed=proposed,
+                       reason=f"{why}: batch {b} is below the noise scale B_simple = tr(Sigma)/|G|^2 = "
+                              f"{_g(b_simple)} (McCandlish et al. 2018).",
+                       code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)")]
+
+
+def _oscillation(ev: Evidence) -> list[Suggestion]:
+    out = []
+    target = _target_lr(ev)
+    if target is not None and ev.lr and target < ev.lr:
+        out.append(_lr_suggestion(
+            "Lower the learning rate", ev, target,
+            f"{_ratio_text(ev)}; lr {_g(target)} puts it at {TARGET_RATIO} of the threshold (lr*lambda_max = 1 "
+            f"for SGD), with margin because small batches are unstable earlier."))
+    elif ev.lr:
+        out.append(_lr_suggestion(
+            "Halve the learning rate", ev, DECAY_FACTOR * ev.lr,
+            f"Consecutive gradients are anti-aligned (cosine {_g(ev.grad_cosine) if ev.grad_cosine is not None else '?'}"
+            f"): the iterate bounces at a loss floor; halve the step (Chee & Toulis 2018)."))
+    out.append(Suggestion(
+        "schedule", "Decay the learning rate when the loss stops improving", current=ev.lr,
+        proposed=None if ev.lr is None else DECAY_FACTOR * ev.lr,
+        reason="A bouncing iterate settles at a loss floor that shrinks with the lr: halving it there is the "
+               "Chee & Toulis rule.",
+        code=f"{_SCHED}.ReduceLROnPlateau(opt, factor={DECAY_FACTOR})"))
+    out.append(Suggestion(
+        "schedule", "Anneal the learning rate to zero over the run", current=ev.lr, proposed=None,
+        reason="A decaying schedule lowers the noise-driven loss floor steadily instead of in steps.",
+        code=f"{_SCHED}.CosineAnnealingLR(opt, T_max=trainer.estimated_stepping_batches)"))
+    out += _batch_toward_b_simple(ev, "Gradient noise dominates")
+    opt = ev.optimizer
+    if opt is not None and opt.kind in ("adam", "adamw") and ev.sharpness and ev.lr:
+        # (2 + 2 b) / ((1 - b) lr) >= sharpness / TARGET_RATIO  <=>  b >= (X - 2) / (X + 2), X = lr sharpness / ratio
+        x = ev.lr * ev.sharpness / TARGET_RATIO
+        beta = (x - 2.0) / (x + 2.0)
+        if opt.beta1 < beta < 0.999:
+            out.append(Suggestion(
+                "momentum", "Raise Adam's betas[0]", current=opt.beta1, proposed=beta,
+                reason=f"Preconditioned {_ratio_text(ev)}; betas[0] = {_g(beta)} raises the threshold "
+                       f"(2+2b)/((1-b) lr) to twice the sharpness.",
+                code=_set("betas", f"({_g(beta)}, g['betas'][1])")))
+    return out
+
+
+def _saddle(ev: Evidence) -> list[Suggestion]:
+    out = []
+    opt = ev.optimizer
+    if opt is not None and opt.kind in ("sgd", "heavy_ball", "nesterov", "adam", "adamw"):
+        current = opt.beta1 if opt.kind in ("adam", "adamw") else opt.momentum
+        for beta in MOMENTUM_CANDIDATES:
+            if beta <= current:
+                continue
+            kind = {"sgd": "heavy_ball"}.get(opt.kind, opt.kind)
+            trial = OptimizerSpec(kind, lr=opt.lr, momentum=0.0 if kind in ("adam", "adamw") else beta,
+                                  beta1=beta if kind in ("adam", "adamw") else None, weight_decay=opt.weight_decay,
+                                  dampening=opt.dampening if kind == "heavy_ball" else 0.0)
+            threshold = stability_threshold(trial)
+            if ev.sharpness is not None and threshold is not None and ev.sharpness > TARGET_RATIO * threshold:
+                continue  # this much momentum would put the sharpness past the safe ratio (nesterov shrinks it)
+            name = "betas[0]" if kind in ("adam", "adamw") else "momentum"
+            code = _set("betas", f"({beta}, g['betas'][1])") if name == "betas[0]" else _set("momentum", str(beta))
+            out.append(Suggestion(
+                "momentum", f"Raise {name}", current=current, proposed=beta,
+                reason=f"Negative curvature lambda_min = {_g(ev.lambda_min)}: momentum {beta} multiplies the step "
+                       f"along the escape direction by up to {_g(1 / (1 - beta))} and keeps the sharpness within "
+                       f"{TARGET_RATIO} of the threshold.",
+                code=code))
+            break
+    if ev.lr:
+        target = _target_lr(ev)
+        proposed = 2.0 * ev.lr if target is None else min(2.0 * ev.lr, target)
+        if proposed > ev.lr:
+            out.append(_lr_suggestion(
+                "Raise the learning rate", ev, proposed,
+                f"The escape along lambda_min = {_g(ev.lambda_min)} grows like (1 + lr |lambda_min|) per step; "
+                f"lr {_g(proposed)} speeds it up while keeping the sharpness within {TARGET_RATIO} of the "
+                f"threshold."))
+    if ev.batch_size is not None and ev.batch_size >= 4:
+        proposed = ev.batch_size // 2
+        out.append(Suggestion(
+            "batch_size", "Halve the batch size", current=ev.batch_size, proposed=proposed,
+            reason="SGD noise ~ lr/(B(1-beta)) (Smith & Le 2018): more noise kicks the iterate off the saddle.",
+            code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)"))
+    if ev.lambda_min is not None and ev.lambda_min < 0 and ev.loss:
+        t = math.sqrt(2.0 * 0.01 * abs(ev.loss) / -ev.lambda_min)
+        out.append(Suggestion(
+            "schedule", "Take one step along the negative-curvature eigenvector", current=None, proposed=t,
+            reason=f"Along its eigenvector u the loss changes by 1/2 lambda_min t^2 = {_g(0.5 * ev.lambda_min)} t^2: "
+                   f"t = {_g(t)} lowers it by 1% (u from top_eigenvalues(op, which='SA')).",
+            code=f"torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(model.parameters()) "
+                 f"+ {_g(t)} * u, model.parameters())"))
+    return out
+
+
+def _plateau(ev: Evidence) -> list[Suggestion]:
+    out = []
+    opt = ev.optimizer
+    if ev.lr:
+        ratio = ev.stability_ratio
+        factor = MAX_LR_INCREASE if not ratio else min(MAX_LR_INCREASE, TARGET_RATIO / ratio)
+        if factor > 1:
+            proposed = factor * ev.lr
+            out.append(_lr_suggestion(
+                "Raise the learning rate", ev, proposed,
+                f"Gradient and curvature are tiny (stability ratio {_g(ratio) if ratio else '?'}): lr "
+                f"{_g(proposed)} is x{_g(factor)}, at most a decade and within {TARGET_RATIO} of the threshold."))
+            start = ev.lr / proposed
+            iters = warmup_iters(start)
+            out.append(Suggestion(
+                "schedule", "Warm up to the larger learning rate", current=ev.lr, proposed=proposed,
+                reason=f"Set lr = {_g(proposed)} and ramp up to it over {iters} steps so curvature can adapt on "
+                       f"the way (Gilmer et al. 2021).",
+                code=f"{_SCHED}.LinearLR(opt, start_factor={_g(start)}, total_iters={iters})"))
+    if opt is None or not opt.preconditioned:
+        out.append(Suggestion(
+            "lr", "Switch to an adaptive optimizer", current=ev.lr, proposed=1e-3,
+            reason="On a flat region per-parameter step sizes (Adam) rescale the tiny gradients directly.",
+            code="opt = torch.optim.Adam(model.parameters(), lr=1e-3)"))
+    return out
+
+
+def _minimum(ev: Evidence) -> list[Suggestion]:
+    out = []
+    if ev.lr:
+        out.append(Suggestion(
+            "schedule", "Decay the learning rate to settle into the minimum", current=ev.lr,
+            proposed=DECAY_FACTOR * ev.lr,
+            reason="The gradient is ~0 with no negative curvature: a smaller step lowers the noise floor "
+                   "(Chee & Toulis 2018).",
+            code=f"{_SCHED}.ReduceLROnPlateau(opt, factor={DECAY_FACTOR})"))
+    ratio, b = ev.stability_ratio, ev.batch_size
+    if ratio is not None and ratio >= TARGET_RATIO and b is not None and b > SMALL_BATCH:
+        proposed = max(SMALL_BATCH, b // 4)
+        out.append(Suggestion(
+            "batch_size", "Use a smaller batch for a flatter minimum", current=b, proposed=proposed,
+            reason=f"Sharp minimum ({_ratio_text(ev)}) with batch {b}: large batches land in sharp minima "
+                   f"(Keskar et al. 2017), batches up to 32 often train best (Masters & Luschi 2018).",
+            code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)"))
+    opt = ev.optimizer
+    lam_max = ev.lambda_max
+    if lam_max is not None and lam_max > 0 and (opt is None or not opt.preconditioned):
+        mu = max(ev.lambda_min if ev.lambda_min is not None else 0.0, lam_max / POLYAK_MAX_CONDITION)
+        lr, beta, rate = polyak_heavy_ball(mu, lam_max)
+        why = (f"Polyak's heavy-ball optimum for curvature in [{_g(mu)}, {_g(lam_max)}] converges at rate "
+               f"{_g(rate)} per step; it sits on the stability edge, so halve lr with small noisy batches.")
+        out.append(Suggestion("lr", "Set the Polyak learning rate", current=ev.lr, proposed=lr, reason=why,
+                              code=_set("lr", _g(lr))))
+        out.append(Suggestion("momentum", "Set the Polyak momentum",
+                              current=None if opt is None else opt.momentum, proposed=beta, reason=why,
+                              code=_set("momentum", _g(beta))))
+    return out
+
+
+def _divergence(ev: Evidence) -> list[Suggestion]:
+    out = []
+    if not ev.lr:
+        return out
+    target = _target_lr(ev)
+    if target is not None:
+        safe = min(target, DECAY_FACTOR * ev.lr)
+        why = f"{_ratio_text(ev)}; lr {_g(safe)} puts it at most at {TARGET_RATIO} of the threshold"
+    else:
+        safe = BLIND_LR_DECREASE * ev.lr
+        why = "The loss diverged and the curvature is unknown: a decade lower is the safe first move (SASA)"
+    out.append(_lr_suggestion("Lower the learning rate below the stability limit", ev, safe, why + "."))
+    start = safe / ev.lr
+    iters = warmup_iters(start)
+    out.append(Suggestion(
+        "schedule", "Warm up from a stable learning rate", current=ev.lr, proposed=safe,
+        reason=f"Start at {_g(safe)} and grow to {_g(ev.lr)} over {iters} steps: warmup lets curvature fall "
+               f"while the lr rises (Gilmer et al. 2021; Kalra & Barkeshli 2024).",
+        code=f"{_SCHED}.LinearLR(opt, start_factor={_g(start)}, total_iters={iters})"))
+    return out
+
+
+_RULES = {"oscillation": _oscillation, "saddle_point": _saddle, "plateau": _plateau,
+          "local_minimum": _minimum, "divergence": _divergence}
+
+
+def suggest(kind: str, evidence: Evidence) -> list[Suggestion]:
+    """The suggestions for a diagnosed ``kind``, numbers computed from ``evidence`` (most direct first).
+
+    Args:
+        kind: one of :data:`~optdiag.diagnosis.types.KINDS`.
+        evidence: what was measured; suggestions needing an unmeasured number are left out.
+
+    Example:
+        >>> from optdiag.diagnosis.evidence import Evidence
+        >>> [s.target for s in suggest("local_minimum", Evidence(step=0, lambda_max=100.0, lambda_min=1.0))]
+        ['lr', 'momentum']
+    """
+    if kind not in KINDS:
+        raise UsageError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(evidence, Evidence):
+        raise UsageError(f"expected an Evidence, got {type(evidence).__name__}")
+    return _RULES[kind](evidence)
