@@ -114,6 +114,7 @@ class GradientNormMonitor(OptDiagCallback):
     def _reset_transient(self) -> None:
         """Per-run state that is not checkpointed (tensors tied to the current model and window)."""
         self._pending: dict[str, Any] | None = None
+        self._named_cache: tuple[tuple[int, int], list] | None = None
         self._params_before: torch.Tensor | None = None
         self._previous_grad: torch.Tensor | None = None
         self._previous_update: torch.Tensor | None = None
@@ -165,14 +166,16 @@ class GradientNormMonitor(OptDiagCallback):
         named = self._named_monitored(pl_module, optimizer)
         with_grad = [(name, p) for name, p in named if p.grad is not None]
         record: dict[str, Any] = {"step": step}
-        squares = {name: torch.linalg.vector_norm(p.grad, dtype=torch.float32).square() for name, p in with_grad}
-        total_sq = float(sum(squares.values())) if squares else 0.0
+        # one fused kernel for all per-parameter norms, one transfer of the results
+        norms = torch._foreach_norm([p.grad for _, p in with_grad]) if with_grad else []
+        squares = torch.stack(norms).double().square().tolist() if norms else []
+        total_sq = math.fsum(squares)
         record["grad_norm"] = math.sqrt(total_sq) if math.isfinite(total_sq) else total_sq
         if self.per_layer:
             layers: dict[str, float] = {}
-            for name, sq in squares.items():
+            for (name, _), sq in zip(with_grad, squares):
                 key = layer_name(name, self.layer_depth)
-                layers[key] = layers.get(key, 0.0) + float(sq)
+                layers[key] = layers.get(key, 0.0) + sq
             record.update({f"{layer}/grad_norm": math.sqrt(v) if v >= 0 else v for layer, v in layers.items()})
         finite = math.isfinite(total_sq)
         if not finite:
@@ -226,11 +229,15 @@ class GradientNormMonitor(OptDiagCallback):
             return []
         return [p for group in trainer.optimizers[0].param_groups for p in group["params"] if p.requires_grad]
 
-    @staticmethod
-    def _named_monitored(pl_module: Any, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
-        """The optimizer's parameters with their names in the module, in a fixed (module) order."""
-        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in in_optimizer]
+    def _named_monitored(self, pl_module: Any, optimizer: Any) -> list[tuple[str, torch.Tensor]]:
+        """The optimizer's parameters with their names in the module, in a fixed (module) order (cached: this
+        runs every step, and for small models Python overhead is most of the monitor's cost)."""
+        key = (id(optimizer), sum(len(g["params"]) for g in optimizer.param_groups))
+        if self._named_cache is None or self._named_cache[0] != key:
+            in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in in_optimizer]
+            self._named_cache = (key, named)
+        return self._named_cache[1]
 
     def _noise_enabled(self, trainer: Any, pl_module: Any) -> bool:
         return (
