@@ -50,6 +50,10 @@ def _g(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _fmt_optional(x: float | None) -> str:
+    return "?" if x is None else _g(x)
+
+
 def _target_lr(ev: Evidence) -> float | None:
     """The lr putting the measured sharpness at ``TARGET_RATIO`` of the threshold (None if unknown)."""
     if ev.optimizer is None or ev.sharpness is None:
@@ -68,6 +72,16 @@ def warmup_iters(start_factor: float) -> int:
     if not 0 < start_factor <= 1:
         raise UsageError(f"start_factor must be in (0, 1], got {start_factor}")
     return max(1, math.ceil((1.0 - start_factor) / (start_factor * WARMUP_GROWTH_PER_STEP) - 1e-9))
+
+
+def _warmup(action: str, current: float, proposed: float, start_lr: float, final_lr: float, why: str) -> Suggestion:
+    """A ``LinearLR`` warmup from ``start_lr`` to the optimizer's lr ``final_lr``."""
+    start = start_lr / final_lr
+    iters = warmup_iters(start)
+    return Suggestion(
+        "schedule", action, current=current, proposed=proposed,
+        reason=f"Set lr = {_g(final_lr)} and ramp up to it from {_g(start_lr)} over {iters} steps: {why}.",
+        code=f"{_SCHED}.LinearLR(opt, start_factor={_g(start)}, total_iters={iters})")
 
 
 def _lr_suggestion(action: str, ev: Evidence, proposed: float, reason: str) -> Suggestion:
@@ -102,8 +116,8 @@ def _oscillation(ev: Evidence) -> list[Suggestion]:
     elif ev.lr:
         out.append(_lr_suggestion(
             "Halve the learning rate", ev, DECAY_FACTOR * ev.lr,
-            f"Consecutive gradients are anti-aligned (cosine {_g(ev.grad_cosine) if ev.grad_cosine is not None else '?'}"
-            f"): the iterate bounces at a loss floor; halve the step (Chee & Toulis 2018)."))
+            f"Consecutive gradients are anti-aligned (cosine {_fmt_optional(ev.grad_cosine)}): the iterate "
+            f"bounces at a loss floor; halve the step (Chee & Toulis 2018)."))
     out.append(Suggestion(
         "schedule", "Decay the learning rate when the loss stops improving", current=ev.lr,
         proposed=None if ev.lr is None else DECAY_FACTOR * ev.lr,
@@ -189,15 +203,10 @@ def _plateau(ev: Evidence) -> list[Suggestion]:
             proposed = factor * ev.lr
             out.append(_lr_suggestion(
                 "Raise the learning rate", ev, proposed,
-                f"Gradient and curvature are tiny (stability ratio {_g(ratio) if ratio else '?'}): lr "
+                f"Gradient and curvature are tiny (stability ratio {_fmt_optional(ratio)}): lr "
                 f"{_g(proposed)} is x{_g(factor)}, at most a decade and within {TARGET_RATIO} of the threshold."))
-            start = ev.lr / proposed
-            iters = warmup_iters(start)
-            out.append(Suggestion(
-                "schedule", "Warm up to the larger learning rate", current=ev.lr, proposed=proposed,
-                reason=f"Set lr = {_g(proposed)} and ramp up to it over {iters} steps so curvature can adapt on "
-                       f"the way (Gilmer et al. 2021).",
-                code=f"{_SCHED}.LinearLR(opt, start_factor={_g(start)}, total_iters={iters})"))
+            out.append(_warmup("Warm up to the larger learning rate", ev.lr, proposed, ev.lr, proposed,
+                               "so curvature can adapt on the way (Gilmer et al. 2021)"))
     if opt is None or not opt.preconditioned:
         out.append(Suggestion(
             "lr", "Switch to an adaptive optimizer", current=ev.lr, proposed=1e-3,
@@ -250,13 +259,8 @@ def _divergence(ev: Evidence) -> list[Suggestion]:
         safe = BLIND_LR_DECREASE * ev.lr
         why = "The loss diverged and the curvature is unknown: a decade lower is the safe first move (SASA)"
     out.append(_lr_suggestion("Lower the learning rate below the stability limit", ev, safe, why + "."))
-    start = safe / ev.lr
-    iters = warmup_iters(start)
-    out.append(Suggestion(
-        "schedule", "Warm up from a stable learning rate", current=ev.lr, proposed=safe,
-        reason=f"Start at {_g(safe)} and grow to {_g(ev.lr)} over {iters} steps: warmup lets curvature fall "
-               f"while the lr rises (Gilmer et al. 2021; Kalra & Barkeshli 2024).",
-        code=f"{_SCHED}.LinearLR(opt, start_factor={_g(start)}, total_iters={iters})"))
+    out.append(_warmup("Warm up from a stable learning rate", ev.lr, safe, safe, ev.lr,
+                       "warmup lets curvature fall while the lr rises (Gilmer et al. 2021; Kalra & Barkeshli 2024)"))
     return out
 
 

@@ -21,8 +21,9 @@ Rules (defaults in brackets, see ``docs/diagnosis-rules.md``):
   [50% of the loss level within a window].
 * One verdict per situation: after an event the detector returns ``None`` until it sees a **recovery** (the loss
   confirmed falling again, the lower confidence bound of ``I`` at least ``rel_improvement``, and the window's
-  median below the lowest loss of the window that fired, so a noise excursion does not re-arm); then, after ``cooldown`` more
-  updates [window // 2], it may fire again (a saddle escaped, then a new plateau). Divergence may interrupt a stall.
+  median below the lowest loss of the window that fired, so a noise excursion does not re-arm); then, after
+  ``cooldown`` more updates [window // 2], it may fire again (a saddle escaped, then a new plateau). Divergence may
+  interrupt a stall.
 
 Example:
     >>> import numpy as np
@@ -268,7 +269,8 @@ class StallDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (the detector keeps its own constructor settings)."""
-        required = {"steps", "losses", "first", "n_seen", "running_min", "state", "since_rearm", "last_step", "stall_floor"}
+        required = {"steps", "losses", "first", "n_seen", "running_min", "state", "since_rearm", "last_step",
+                    "stall_floor"}
         if not isinstance(state, dict) or not required <= set(state):
             raise UsageError(f"StallDetector.load_state_dict: expected keys {sorted(required)}")
         state = from_jsonable(state)
