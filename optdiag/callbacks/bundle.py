@@ -1,0 +1,157 @@
+"""``OptDiag``: the gradient monitor, the Hessian monitor and the stall diagnoser as one callback, one line to add."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from optdiag.callbacks._base import _CALLBACK_BASES, OptDiagCallback
+from optdiag.callbacks.gradient_norm import GradientNormMonitor
+from optdiag.callbacks.hessian import HessianMonitor, LossFn
+from optdiag.callbacks.stall import StallDiagnoser
+from optdiag.diagnosis import Diagnosis
+
+__all__ = ["OptDiag", "FORWARDED_HOOKS"]
+
+
+def _lightning_hooks() -> tuple[str, ...]:
+    """Every hook a Lightning ``Callback`` defines (both namespaces): ``setup``, ``teardown`` and ``on_*``.
+
+    ``state_dict``/``load_state_dict`` are not forwarded but composed (see :meth:`OptDiag.state_dict`).
+    """
+    names = {
+        name
+        for base in _CALLBACK_BASES
+        for name, member in vars(base).items()
+        if callable(member) and (name.startswith("on_") or name in ("setup", "teardown"))
+    }
+    return tuple(sorted(names))
+
+
+FORWARDED_HOOKS = _lightning_hooks()
+
+
+def _forwarding(name: str) -> Callable[..., None]:
+    def hook(self: "OptDiag", *args: Any, **kwargs: Any) -> None:
+        for child in self.children:
+            getattr(child, name)(*args, **kwargs)
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"Call ``{name}`` of each child in order (gradient monitor, Hessian monitor, stall diagnoser)."
+    return hook
+
+
+class OptDiag(OptDiagCallback):
+    """Why did the loss stop going down? The three optdiag callbacks with sensible defaults, as one callback.
+
+    Bundles a :class:`~optdiag.callbacks.GradientNormMonitor` (gradient norms and cosines every step), a
+    :class:`~optdiag.callbacks.HessianMonitor` (``lambda_max``, ``lambda_min``, trace and the stability ratio within
+    a time ``budget``, or every ``every_n_steps``) and a :class:`~optdiag.callbacks.StallDiagnoser` (a verdict with
+    evidence and suggestions whenever the loss stalls or diverges) that uses those two monitors. Every Lightning
+    hook is forwarded to the children in that order; their checkpoint state is saved under this callback's key.
+
+    The defaults keep the overhead to about 5% of training time: curvature snapshots are scheduled within
+    ``budget`` (plus at most ``max_snapshots`` bounded snapshots at stalls), and the per-step gradient statistics
+    cost a few vector norms.
+
+    Args:
+        every_n_steps: curvature snapshot cadence in optimizer steps; ``None`` schedules them within ``budget``.
+        budget: fraction of training time the scheduled curvature snapshots may take.
+        window: losses the stall test looks at; raise it for very noisy losses.
+        min_window: fewest losses before a stall may be declared.
+        rel_improvement: relative loss improvement across a window below which training counts as stalled.
+        probe_batches: training batches kept as the fixed probe set for curvature (the "probe size").
+        max_hvp: Hessian-vector products per eigenvalue solve.
+        trace_hvp: products for the Hessian trace (``0`` switches it off).
+        density_every: a spectral density every this many snapshots (``0`` switches it off).
+        per_layer: log per-layer gradient norms.
+        max_snapshots: extra curvature snapshots the diagnoser may take at stalls per run.
+        escape_check: at a saddle, evaluate the real loss along the escape direction.
+        loss_floor: the loss you would be happy with, if known.
+        loss_fn: ``loss_fn(pl_module, batch) -> scalar`` for curvature; default ``optdiag_loss`` or
+            ``training_step``.
+        verbose: print a summary of the verdicts when ``fit`` ends (rank 0).
+        seed: seed of the curvature probes.
+
+    Attributes:
+        gradient_monitor, hessian_monitor, stall_diagnoser: the children.
+        children: the three, in the order hooks reach them.
+
+    Example:
+        >>> import optdiag, pytorch_lightning as pl
+        >>> cb = optdiag.OptDiag()
+        >>> trainer = pl.Trainer(callbacks=[cb], max_steps=1000)  # doctest: +SKIP
+        >>> trainer.fit(model, data)  # doctest: +SKIP
+        >>> for d in cb.diagnoses: print(d.step, d.kind, d.suggestions[0].action)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        budget: float = 0.05,
+        *,
+        window: int = 50,
+        min_window: int = 20,
+        rel_improvement: float = 0.01,
+        probe_batches: int = 2,
+        max_hvp: int = 40,
+        trace_hvp: int = 18,
+        density_every: int = 10,
+        per_layer: bool = True,
+        max_snapshots: int = 20,
+        escape_check: bool = True,
+        loss_floor: float | None = None,
+        loss_fn: LossFn | None = None,
+        verbose: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.gradient_monitor = GradientNormMonitor(per_layer=per_layer)
+        self.hessian_monitor = HessianMonitor(
+            every_n_steps, budget, probe_batches=probe_batches, loss_fn=loss_fn, max_hvp=max_hvp,
+            trace_hvp=trace_hvp, density_every=density_every, seed=seed,
+        )
+        self.stall_diagnoser = StallDiagnoser(
+            window, min_window, rel_improvement, max_snapshots=max_snapshots, escape_check=escape_check,
+            loss_floor=loss_floor, verbose=verbose, gradient_monitor=self.gradient_monitor,
+            hessian_monitor=self.hessian_monitor,
+        )
+        self.children: tuple[OptDiagCallback, ...] = (self.gradient_monitor, self.hessian_monitor,
+                                                      self.stall_diagnoser)
+
+    @property
+    def diagnoses(self) -> list[Diagnosis]:
+        """Every diagnosis so far, oldest first."""
+        return self.stall_diagnoser.diagnoses
+
+    def summary(self) -> str:
+        """The stall diagnoser's summary of the last fit."""
+        return self.stall_diagnoser.summary()
+
+    def _state_key_arguments(self) -> dict[str, Any]:
+        return {"every_n_steps": self.hessian_monitor.every_n_steps, "window": self.stall_diagnoser.window}
+
+    @property
+    def warning_counts(self) -> dict[str, int]:  # type: ignore[override]
+        """The children's problem counts, as ``"<Child>.<kind>"``."""
+        return {f"{type(c).__name__}.{k}": n for c in getattr(self, "children", ()) for k, n in c.warning_counts.items()}
+
+    @warning_counts.setter
+    def warning_counts(self, value: dict[str, int]) -> None:
+        pass  # the bundle itself has no problems to count; the base class's initial {} is dropped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "gradient_monitor": self.gradient_monitor.state_dict(),
+            "hessian_monitor": self.hessian_monitor.state_dict(),
+            "stall_diagnoser": self.stall_diagnoser.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name in ("gradient_monitor", "hessian_monitor", "stall_diagnoser"):
+            if name in state_dict:
+                getattr(self, name).load_state_dict(state_dict[name])
+
+
+for _name in FORWARDED_HOOKS:
+    setattr(OptDiag, _name, _forwarding(_name))
+del _name

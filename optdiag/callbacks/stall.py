@@ -1,0 +1,442 @@
+"""``StallDiagnoser``: when the loss stops going down, take a curvature snapshot and say why, and what to change.
+
+Data flow (DESIGN.md): training loss -> :class:`~optdiag.diagnosis.stall.StallDetector` -> at a stall, a bounded
+curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus the gradient statistics of the window
+(:class:`GradientNormMonitor`) -> :class:`~optdiag.diagnosis.evidence.Evidence` ->
+:func:`~optdiag.diagnosis.classify.diagnose_stall` -> a :class:`~optdiag.diagnosis.types.Diagnosis` in
+:attr:`StallDiagnoser.diagnoses`, ``events.jsonl``, a TensorBoard text panel and the end-of-fit summary.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
+from optdiag.callbacks.gradient_norm import GradientNormMonitor
+from optdiag.callbacks.hessian import HessianMonitor
+from optdiag.curvature.operator import HessianOperator
+from optdiag.curvature.params import trainable_parameters
+from optdiag.curvature.state import preserved_state
+from optdiag.diagnosis import Diagnosis, Evidence, OptimizerSpec, StallDetector, StallEvent, diagnose_stall
+from optdiag.errors import OptDiagError, UsageError
+from optdiag.sinks import events as events_sink
+
+__all__ = ["StallDiagnoser"]
+
+# Snapshot keys that become Evidence fields under the same name, and the two that are renamed.
+_SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_min_residual", "hessian_trace",
+                    "hessian_trace_stderr", "preconditioned_lambda_max", "grad_noise_trace")
+_SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased"}
+_INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
+TEXT_TAG = "optdiag/diagnosis"
+
+
+def _loss_of(outputs: Any) -> float | None:
+    """The training loss in a batch's outputs (a tensor, or a dict with ``"loss"``), as a float."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return float(loss.detach())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    return None
+
+
+def _finite_mean(values: list[float]) -> float | None:
+    kept = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
+class StallDiagnoser(OptDiagCallback):
+    """Detect when the training loss stops going down and diagnose why, with evidence and suggestions.
+
+    At every optimizer step the training loss (averaged over gradient accumulation and over ranks, so that every
+    rank takes the same decision) goes into a :class:`~optdiag.diagnosis.StallDetector`. When it reports a stall or
+    divergence, the diagnoser gathers the evidence:
+
+    * a curvature snapshot now, whatever the monitor's schedule: ``lambda_max``, ``lambda_min`` with residuals,
+      the trace, the probe gradient and its noise (``HessianMonitor.measure(..., reason="stall")``; at most
+      ``max_snapshots`` per run, each bounded by the monitor's ``max_hvp``; none for a non-finite loss);
+    * from the gradient monitor, the mean ``|g|``, gradient and update cosines over the stalled window and the
+      early-training ``|g|``;
+    * lr, momentum and the optimizer kind with its stability threshold.
+
+    :func:`~optdiag.diagnosis.diagnose_stall` turns them into a :class:`~optdiag.diagnosis.Diagnosis`. A saddle
+    verdict also carries the escape direction's expected drop ``1/2 lambda_min t^2`` at the step ``t`` the
+    diagnosis quotes (``escape_distance``), and the drop actually measured along the eigenvector on the probe
+    batches (``escape_t``, ``escape_expected_drop``, ``escape_measured_drop``); the model is never written.
+
+    Each diagnosis is appended to :attr:`diagnoses`, to ``<log_dir>/optdiag/events.jsonl`` (global rank 0; the
+    first logger's ``log_dir``, else ``trainer.default_root_dir``; the file is appended to, never overwritten) and,
+    with a ``TensorBoardLogger``, to a text panel (``optdiag/diagnosis``) holding its evidence and suggestion
+    tables. A short summary is printed when ``fit`` ends (rank 0). Nothing raises into the training loop.
+
+    **Monitors.** The diagnoser uses the :class:`GradientNormMonitor` and :class:`HessianMonitor` passed to it or
+    found in ``trainer.callbacks``. Missing ones are created privately and driven by the diagnoser itself: the
+    private gradient monitor logs as usual (no one else does), the private Hessian monitor only collects its probe
+    batches and measures at stalls (no scheduled snapshots). :class:`~optdiag.OptDiag` bundles all three.
+
+    Args:
+        window: losses the stall test fits (the detector's window).
+        min_window: fewest losses before a stall may be declared.
+        rel_improvement: relative improvement across a window below which the loss counts as stalled.
+        max_snapshots: curvature snapshots the diagnoser may request per run (each bounded in HVPs).
+        escape_check: evaluate the real loss along a saddle's escape direction (two probe-set forward passes).
+        loss_floor: the loss you would be happy with, if you know it (passed to the diagnosis as evidence).
+        verbose: print the end-of-fit summary (global rank 0).
+        gradient_monitor, hessian_monitor: monitors to use instead of looking in ``trainer.callbacks``.
+        **detector_kwargs: further :class:`~optdiag.diagnosis.StallDetector` settings (``confidence``,
+            ``cooldown``, ``explosion_factor``, ``rise_tolerance``).
+
+    Attributes:
+        diagnoses: every diagnosis so far, oldest first.
+        detector: the :class:`~optdiag.diagnosis.StallDetector`.
+
+    Example:
+        >>> import pytorch_lightning as pl
+        >>> diagnoser = StallDiagnoser(window=100)
+        >>> trainer = pl.Trainer(callbacks=[diagnoser], max_steps=2000)  # doctest: +SKIP
+        >>> trainer.fit(model, data)  # doctest: +SKIP
+        >>> [(d.step, d.kind) for d in diagnoser.diagnoses]  # doctest: +SKIP
+        [(412, 'saddle_point')]
+    """
+
+    def __init__(
+        self,
+        window: int = 50,
+        min_window: int = 20,
+        rel_improvement: float = 0.01,
+        *,
+        max_snapshots: int = 20,
+        escape_check: bool = True,
+        loss_floor: float | None = None,
+        verbose: bool = True,
+        gradient_monitor: GradientNormMonitor | None = None,
+        hessian_monitor: HessianMonitor | None = None,
+        **detector_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.detector = StallDetector(window=window, min_window=min_window, rel_improvement=rel_improvement,
+                                      **detector_kwargs)
+        if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 0:
+            raise UsageError(f"max_snapshots must be an int >= 0, got {max_snapshots!r}")
+        if loss_floor is not None and (isinstance(loss_floor, bool) or not isinstance(loss_floor, (int, float))
+                                       or not math.isfinite(loss_floor)):
+            raise UsageError(f"loss_floor must be a finite number or None, got {loss_floor!r}")
+        if gradient_monitor is not None and not isinstance(gradient_monitor, GradientNormMonitor):
+            raise UsageError(f"gradient_monitor must be a GradientNormMonitor, got {type(gradient_monitor).__name__}")
+        if hessian_monitor is not None and not isinstance(hessian_monitor, HessianMonitor):
+            raise UsageError(f"hessian_monitor must be a HessianMonitor, got {type(hessian_monitor).__name__}")
+        self.window, self.min_window, self.rel_improvement = window, min_window, rel_improvement
+        self.max_snapshots = max_snapshots
+        self.escape_check = bool(escape_check)
+        self.loss_floor = None if loss_floor is None else float(loss_floor)
+        self.verbose = bool(verbose)
+        self._given = (gradient_monitor, hessian_monitor)
+        self.gradient_monitor: GradientNormMonitor | None = gradient_monitor
+        self.hessian_monitor: HessianMonitor | None = hessian_monitor
+        self._private: dict[str, OptDiagCallback] = {}
+        self.diagnoses: list[Diagnosis] = []
+        self.n_snapshots = 0
+        self._loss_initial: float | None = None
+        self._loss_min = math.inf
+        self._grad_norms_initial: list[float] = []
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        self._pending_losses: list[float] = []
+        self._last_step_seen: int | None = None
+        self._batch_size: int | None = None
+        self._steps_run = 0
+        self._last_loss: float | None = None
+        self._first_loss_this_fit: float | None = None
+        self._diagnoses_at_fit_start = len(self.diagnoses)
+
+    def _state_key_arguments(self) -> dict[str, Any]:
+        return {"window": self.window, "min_window": self.min_window, "rel_improvement": self.rel_improvement}
+
+    # --- monitors -------------------------------------------------------------------------------------------------
+    def _resolve_monitors(self, trainer: Any) -> None:
+        """Given monitors first, then those in ``trainer.callbacks``, else private ones (created once)."""
+        given_gradient, given_hessian = self._given
+        callbacks = list(getattr(trainer, "callbacks", []))
+        self.gradient_monitor = given_gradient or next(
+            (cb for cb in callbacks if isinstance(cb, GradientNormMonitor)), None)
+        self.hessian_monitor = given_hessian or next(
+            (cb for cb in callbacks if isinstance(cb, HessianMonitor)), None)
+        if self.gradient_monitor is None:
+            self.gradient_monitor = self._private_monitor("gradient_monitor")
+        else:
+            self._private.pop("gradient_monitor", None)
+        if self.hessian_monitor is None:
+            self.hessian_monitor = self._private_monitor("hessian_monitor")
+        else:
+            self._private.pop("hessian_monitor", None)
+
+    def _private_monitor(self, name: str) -> Any:
+        """The private monitor called ``name``, created on first use (cheap settings: no per-layer norms)."""
+        if name not in self._private:
+            self._private[name] = (GradientNormMonitor(per_layer=False, histogram_every_n_steps=0)
+                                   if name == "gradient_monitor" else HessianMonitor())
+        return self._private[name]
+
+    def _drive(self, hook: str, *args: Any) -> None:
+        """Forward a hook to the private monitors (never the Hessian monitor's schedule: it measures at stalls)."""
+        for name, monitor in self._private.items():
+            if name == "hessian_monitor" and hook == "on_train_batch_end":
+                continue
+            getattr(monitor, hook)(*args)
+
+    # --- hooks ----------------------------------------------------------------------------------------------------
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.check_strategy(trainer)
+        self._resolve_monitors(trainer)
+        self._drive("setup", trainer, pl_module, stage)
+
+    @guarded
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._drive("on_train_start", trainer, pl_module)
+        self._reset_transient()
+        last = self.detector.state_dict()["last_step"]
+        if last is not None and int(trainer.global_step) < int(last):
+            self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
+
+    @guarded
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._drive("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+        self._batch_size = batch_size_of(batch) or self._batch_size
+
+    @guarded
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        self._drive("on_after_backward", trainer, pl_module)
+
+    @guarded
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self._drive("on_before_optimizer_step", trainer, pl_module, optimizer)
+
+    @guarded
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._drive("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+        loss = _loss_of(outputs)
+        if loss is None:
+            self.warn_once("no-loss", "StallDiagnoser found no loss in training_step's output (return the loss "
+                           "tensor or a dict with 'loss'); stall detection is off.")
+            return
+        self._pending_losses.append(loss)
+        step = int(trainer.global_step)
+        if step == self._last_step_seen:
+            return  # gradient accumulation: no optimizer step yet
+        self._last_step_seen = step
+        loss = self._reduced_mean(trainer, self._pending_losses)
+        self._pending_losses = []
+        self._track(loss)
+        event = self.detector.update(step, loss)
+        if event is not None:
+            self._handle(trainer, pl_module, event)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._drive("on_train_end", trainer, pl_module)
+        if self.verbose and trainer.is_global_zero:
+            print(self.summary(), flush=True)
+
+    # --- per-step bookkeeping -------------------------------------------------------------------------------------
+    @staticmethod
+    def _reduced_mean(trainer: Any, losses: list[float]) -> float:
+        """The mean loss over the accumulation window and over ranks (identical on every rank)."""
+        local = sum(losses) / len(losses)
+        if OptDiagCallback.world_size(trainer) > 1:
+            reduced = trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64,
+                                                           device=trainer.strategy.root_device), reduce_op="mean")
+            return float(reduced)
+        return local
+
+    def _track(self, loss: float) -> None:
+        self._steps_run += 1
+        self._last_loss = loss
+        if math.isfinite(loss):
+            if self._loss_initial is None:
+                self._loss_initial = loss
+            if self._first_loss_this_fit is None:
+                self._first_loss_this_fit = loss
+            self._loss_min = min(self._loss_min, loss)
+        latest = self.gradient_monitor.latest if self.gradient_monitor is not None else {}
+        norm = latest.get("grad_norm")
+        if len(self._grad_norms_initial) < _INITIAL_STEPS and norm is not None and math.isfinite(norm):
+            self._grad_norms_initial.append(float(norm))
+
+    # --- a stall --------------------------------------------------------------------------------------------------
+    def _handle(self, trainer: Any, pl_module: Any, event: StallEvent) -> None:
+        snapshot = self._snapshot(trainer, pl_module, event)
+        evidence = self._evidence(trainer, pl_module, event, snapshot)
+        diagnosis = diagnose_stall(evidence, event)
+        if diagnosis.kind == "saddle_point" and self.escape_check:
+            try:
+                diagnosis.evidence.update(self._escape(trainer, pl_module, diagnosis))
+            except (OptDiagError, RuntimeError, ValueError) as error:
+                self.warn_once("escape-check", f"the saddle's escape direction could not be evaluated ({error})")
+        self._record(trainer, diagnosis)
+
+    def _snapshot(self, trainer: Any, pl_module: Any, event: StallEvent) -> dict[str, Any]:
+        """A bounded curvature snapshot at this step, started cold (see below), even if one was just scheduled."""
+        monitor = self.hessian_monitor
+        if monitor is None or event.trigger == "nonfinite" or not monitor.enabled:
+            return {}
+        if self.n_snapshots >= self.max_snapshots:
+            self.warn_once("max-snapshots", f"the {self.max_snapshots} stall snapshots of this run are used up; "
+                           "further verdicts rest on the loss and gradient only")
+            return {}
+        self.n_snapshots += 1
+        # Start the eigen-solves cold: a warm start from before the stall can lie in an invariant subspace of the
+        # new Hessian (e.g. the direction of the saddle just escaped) and then never sees the new negative curvature.
+        monitor.last_eigenvectors = {}
+        snapshot = monitor.measure(trainer, pl_module, reason="stall" if event.reason == "stall" else "divergence")
+        return {} if "skipped" in snapshot else snapshot
+
+    def _window_gradients(self, event: StallEvent) -> dict[str, float | None]:
+        """Gradient statistics of the stalled window (a gradient's step is one before its update's).
+
+        ``grad_norm`` is the current level, the mean over the window's last fifth (as for the loss): the window's
+        start may still hold the descent that led into the stall. The cosines are means over the whole window,
+        which they need to be reliable.
+        """
+        if self.gradient_monitor is None or not event.window_steps:
+            return {}
+        first, last = event.window_steps[0] - 1, event.window_steps[-1] - 1
+        records = [r for r in self.gradient_monitor.history if first <= r.get("step", -1) <= last]
+        if not records:
+            return {}
+        recent = records[-max(1, len(records) // 5):]
+        return {
+            "grad_norm": _finite_mean([r.get("grad_norm") for r in recent]),
+            "grad_cosine": _finite_mean([r.get("grad_cosine") for r in records]),
+            "update_cosine": _finite_mean([r.get("update_cosine") for r in records]),
+        }
+
+    def _evidence(self, trainer: Any, pl_module: Any, event: StallEvent, snapshot: dict[str, Any]) -> Evidence:
+        window = [float(v) for v in event.window]
+        recent = window[-max(1, len(window) // 5):]  # the current level: the last fifth of the window
+        fields: dict[str, Any] = {
+            "step": event.step,
+            "loss_window": window,
+            "loss": _finite_mean(recent) if event.trigger != "nonfinite" else self._last_loss,
+            "loss_min": self._loss_min if math.isfinite(self._loss_min) else None,
+            "loss_initial": self._loss_initial,
+            "rel_slope": event.rel_slope if math.isfinite(event.rel_slope) else None,
+            "grad_norm_initial": _finite_mean(self._grad_norms_initial),
+            "batch_size": self._batch_size,
+            "num_params": sum(p.numel() for _, p in trainable_parameters(pl_module)),
+            "loss_floor": self.loss_floor,
+            "nonfinite": event.trigger == "nonfinite",
+        }
+        fields.update(self._window_gradients(event))
+        for name in _SNAPSHOT_FIELDS:
+            fields[name] = snapshot.get(name)
+        for name, field_name in _SNAPSHOT_RENAMED.items():
+            fields[field_name] = snapshot.get(name)
+        if fields["grad_sq_norm_unbiased"] is None and self.gradient_monitor is not None:
+            # gradient accumulation gives the monitor its own noise estimate
+            fields["grad_sq_norm_unbiased"] = self.gradient_monitor.latest.get("grad_sq_unbiased")
+            fields["grad_noise_trace"] = fields["grad_noise_trace"] or self.gradient_monitor.latest.get(
+                "grad_noise_trace")
+        optimizer = snapshot.get("optimizer")
+        if optimizer is None and trainer.optimizers:
+            optimizer = OptimizerSpec.from_torch(trainer.optimizers[0])
+        fields["optimizer"] = optimizer
+        # the unbiased |G|^2 may dip below 0 when G ~ 0, and NaN means "not measured" here
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) and k != "loss" else v) for k, v in fields.items()}
+        return Evidence(**clean)
+
+    def _escape(self, trainer: Any, pl_module: Any, diagnosis: Diagnosis) -> dict[str, float]:
+        """The real loss along the escape direction at the step ``t`` the diagnosis quotes, vs ``1/2 lambda_min t^2``.
+
+        The diagnosis gives ``escape_drop_coefficient`` (``1/2 lambda_min``) and ``escape_distance`` (the ``t`` at
+        which the second-order model predicts a 1% drop); the loss is evaluated at ``theta +- t u`` on the probe
+        batches through ``functional_call`` (the model is never written).
+        """
+        monitor = self.hessian_monitor
+        result = monitor.last_eigenvectors.get("SA") if monitor is not None else None
+        coefficient = diagnosis.evidence.get("escape_drop_coefficient")
+        t = diagnosis.evidence.get("escape_distance")
+        if result is None or coefficient is None or t is None:
+            return {}
+        u = result.eigenvectors[0]
+        out = {"escape_t": t, "escape_expected_drop": coefficient * t * t}
+        batches = monitor._batches()  # the probe set the eigenvector was computed on (HessianMonitor internals)
+        if not batches:
+            return out
+        from optdiag.analysis.landscape import loss_at, point_of  # the one place a loss is evaluated off-model
+
+        with preserved_state(pl_module):
+            pl_module.train(monitor.mode == "train")
+            with HessianOperator(pl_module, monitor.loss_fn, batches, method="recompute", dtype=u.dtype) as op:
+                theta = point_of(op)
+                direction = u.to(device=theta.device, dtype=theta.dtype)
+                values = [op.loss, loss_at(op, theta + t * direction), loss_at(op, theta - t * direction)]
+        base, plus, minus = (self._reduced_mean(trainer, [v]) for v in values)
+        # the eigenvector's sign is arbitrary: the escape goes whichever way the loss falls more
+        out.update(escape_measured_drop=min(plus, minus) - base, escape_probe_loss=base)
+        return out
+
+    # --- output ---------------------------------------------------------------------------------------------------
+    def _record(self, trainer: Any, diagnosis: Diagnosis) -> None:
+        self.diagnoses.append(diagnosis)
+        if not trainer.is_global_zero:
+            return
+        try:
+            events_sink.append_event(events_sink.events_path(self.log_dir(trainer)), diagnosis.to_dict())
+        except OSError as error:
+            self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
+        tb = self.tensorboard_logger(trainer)
+        if tb is not None:
+            tb.experiment.add_text(TEXT_TAG, diagnosis.to_markdown(), global_step=diagnosis.step)
+            tb.experiment.flush()
+
+    def summary(self) -> str:
+        """A few lines on this fit: how many steps, the loss, and one line per verdict with its top suggestion.
+
+        Example:
+            >>> print(StallDiagnoser().summary())
+            optdiag: no stall in 0 steps.
+        """
+        new = self.diagnoses[self._diagnoses_at_fit_start:]
+        loss = ""
+        if self._first_loss_this_fit is not None and self._last_loss is not None:
+            loss = f" (loss {self._first_loss_this_fit:.4g} -> {self._last_loss:.4g})"
+        if not new:
+            return f"optdiag: no stall in {self._steps_run} steps{loss}."
+        lines = [f"optdiag: {len(new)} verdict{'s' if len(new) != 1 else ''} in {self._steps_run} steps{loss}:"]
+        for d in new:
+            top = d.suggestions[0].action if d.suggestions else "no change suggested"
+            lines.append(f"  step {d.step:>6}  {d.kind:<13}  confidence {d.confidence:.2f}  {d.summary}  -> {top}")
+        return "\n".join(lines)
+
+    # --- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "diagnoses": [d.to_dict() for d in self.diagnoses],
+            "detector": self.detector.state_dict(),
+            "n_snapshots": self.n_snapshots,
+            "loss_initial": self._loss_initial,
+            "loss_min": self._loss_min if math.isfinite(self._loss_min) else None,
+            "grad_norms_initial": list(self._grad_norms_initial),
+            "warning_counts": dict(self.warning_counts),
+        }
+        state.update({name: monitor.state_dict() for name, monitor in self._private.items()})
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diagnoses = [Diagnosis.from_dict(d) for d in state_dict.get("diagnoses", [])]
+        if "detector" in state_dict:
+            self.detector.load_state_dict(state_dict["detector"])
+        self.n_snapshots = int(state_dict.get("n_snapshots", 0))
+        self._loss_initial = state_dict.get("loss_initial")
+        loss_min = state_dict.get("loss_min")
+        self._loss_min = math.inf if loss_min is None else float(loss_min)
+        self._grad_norms_initial = [float(v) for v in state_dict.get("grad_norms_initial", [])]
+        self.warning_counts = dict(state_dict.get("warning_counts", {}))
+        for name in ("gradient_monitor", "hessian_monitor"):
+            if name in state_dict:
+                self._private_monitor(name).load_state_dict(state_dict[name])
+        self._diagnoses_at_fit_start = len(self.diagnoses)

@@ -1,0 +1,161 @@
+"""OptDiag: one callback that drives GradientNormMonitor, HessianMonitor and StallDiagnoser."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import optdiag
+from lightning_models import models_for
+from optdiag.callbacks._base import _CALLBACK_BASES
+from optdiag.callbacks.bundle import FORWARDED_HOOKS, OptDiag
+from optdiag.callbacks.gradient_norm import GradientNormMonitor
+from optdiag.callbacks.hessian import HessianMonitor
+from optdiag.callbacks.stall import StallDiagnoser
+from optdiag.demo.runner import quiet_lightning
+from optdiag.demo.scenarios import scenario
+from optdiag.errors import UsageError
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with quiet_lightning():
+        yield
+
+
+def _trainer(root, callbacks, max_steps, **kwargs):
+    options = dict(max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+                   default_root_dir=str(root))
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+def test_one_line_bundle_with_reachable_children():
+    cb = optdiag.OptDiag()
+    assert isinstance(cb.gradient_monitor, GradientNormMonitor)
+    assert isinstance(cb.hessian_monitor, HessianMonitor)
+    assert isinstance(cb.stall_diagnoser, StallDiagnoser)
+    assert cb.children == (cb.gradient_monitor, cb.hessian_monitor, cb.stall_diagnoser)
+    assert cb.diagnoses is cb.stall_diagnoser.diagnoses
+    # defaults that keep overhead small: curvature on a 5% time budget, not on a fixed cadence
+    assert cb.hessian_monitor.every_n_steps is None and cb.hessian_monitor.budget == 0.05
+    assert optdiag.OptDiag is OptDiag and isinstance(cb, _CALLBACK_BASES)
+
+
+def test_knobs_reach_the_children():
+    cb = OptDiag(every_n_steps=7, window=80, min_window=30, probe_batches=3, max_hvp=25, max_snapshots=4,
+                 per_layer=False, escape_check=False, loss_floor=0.1, verbose=False)
+    assert cb.hessian_monitor.every_n_steps == 7 and cb.hessian_monitor.probe_batches == 3
+    assert cb.hessian_monitor.max_hvp == 25 and cb.gradient_monitor.per_layer is False
+    d = cb.stall_diagnoser
+    assert (d.detector.window, d.detector.min_window, d.max_snapshots) == (80, 30, 4)
+    assert (d.escape_check, d.loss_floor, d.verbose) == (False, 0.1, False)
+    assert d.gradient_monitor is cb.gradient_monitor and d.hessian_monitor is cb.hessian_monitor
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 2.0}, "budget must be a fraction"),
+    ({"window": 1}, "window must be an int"),
+    ({"max_snapshots": -2}, "max_snapshots"),
+])
+def test_bad_knobs_fail_at_construction(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        OptDiag(**kwargs)
+
+
+def test_every_lightning_hook_is_forwarded_in_order():
+    base_hooks = {name for base in _CALLBACK_BASES for name in vars(base)
+                  if name.startswith("on_") or name in ("setup", "teardown")}
+    assert set(FORWARDED_HOOKS) == base_hooks
+    assert {"on_train_batch_end", "on_before_optimizer_step", "on_save_checkpoint", "setup"} <= base_hooks
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getattr__(self, hook):
+            return lambda *args, **kwargs: calls.append((self.name, hook, args, kwargs))
+
+    cb = OptDiag()
+    cb.children = (Recorder("a"), Recorder("b"), Recorder("c"))
+    for hook in FORWARDED_HOOKS:
+        assert hook in vars(OptDiag), hook  # generated on the class, not inherited as a no-op
+        calls.clear()
+        getattr(cb, hook)("trainer", "module", key="value")
+        assert calls == [(n, hook, ("trainer", "module"), {"key": "value"}) for n in "abc"]
+
+
+def test_state_dict_is_composed_and_restored():
+    cb = OptDiag()
+    cb.stall_diagnoser.detector.update(0, 1.0)
+    cb.gradient_monitor.latest = {"step": 0, "grad_norm": 2.0}
+    state = cb.state_dict()
+    assert set(state) == {"gradient_monitor", "hessian_monitor", "stall_diagnoser"}
+    fresh = OptDiag()
+    fresh.load_state_dict(state)
+    assert fresh.stall_diagnoser.detector.state_dict() == cb.stall_diagnoser.detector.state_dict()
+    assert fresh.gradient_monitor.latest == {"step": 0, "grad_norm": 2.0}
+
+
+def test_logs_scalars_and_diagnoses_in_a_real_run(tmp_path):
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    cb = OptDiag(every_n_steps=5, verbose=False)
+    (run,) = scenario("divergence").build()
+    _trainer(tmp_path, [cb], 12, logger=logger, log_every_n_steps=1).fit(run.module, run.loader)
+    assert [d.kind for d in cb.diagnoses] == ["divergence"]
+    header = open(os.path.join(logger.log_dir, "metrics.csv"), encoding="utf-8").readline().split(",")
+    for name in ("grad_norm", "lambda_max", "lambda_min", "hessian_trace", "stability_threshold",
+                 "stability_ratio"):
+        assert f"optdiag/{name}" in header, name
+    assert os.path.exists(os.path.join(logger.log_dir, "optdiag", "events.jsonl"))
+
+
+def test_works_with_the_lightning_pytorch_namespace(tmp_path):
+    models = models_for("lightning.pytorch")
+    cb = OptDiag(every_n_steps=4, verbose=False)
+    trainer = models.L.Trainer(max_steps=8, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
+                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                               default_root_dir=str(tmp_path))
+    trainer.fit(models.RegressionModule(), models.RegressionDataModule())
+    assert [s["step"] for s in cb.hessian_monitor.history] == [4, 8]
+    assert len(cb.gradient_monitor.history) == 8
+
+
+@pytest.mark.slow
+def test_resume_from_a_checkpoint_keeps_diagnoses_and_detector(tmp_path):
+    (run,) = scenario("minimum").build()
+    first = OptDiag(verbose=False)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    _trainer(tmp_path, [first, checkpoint], 100, enable_checkpointing=True).fit(run.module, run.loader)
+    assert [d.kind for d in first.diagnoses] == ["local_minimum"]
+
+    (again,) = scenario("minimum").build()
+    second = OptDiag(verbose=False)
+    _trainer(tmp_path, [second], 110).fit(again.module, again.loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert second.diagnoses[0] == first.diagnoses[0]  # restored from the checkpoint, not re-diagnosed
+    detector = second.stall_diagnoser.detector.state_dict()
+    assert detector["last_step"] == 110 and detector["first"] == first.stall_diagnoser.detector.state_dict()["first"]
+
+
+def test_bundle_does_not_change_training(tmp_path):
+    def weights(callbacks):
+        (run,) = scenario("oscillation").build()
+        _trainer(tmp_path, callbacks, 60).fit(run.module, run.loader)
+        return [p.detach().clone() for p in run.module.parameters()]
+
+    with_bundle = weights([OptDiag(every_n_steps=10, verbose=False)])
+    without = weights([])
+    assert all(torch.equal(a, b) for a, b in zip(with_bundle, without))
+
+
+def test_signature_documents_every_knob():
+    documented = inspect.getdoc(OptDiag)
+    for name in inspect.signature(OptDiag).parameters:
+        assert f"{name}:" in documented or f"{name}," in documented, name

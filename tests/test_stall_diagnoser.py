@@ -1,0 +1,308 @@
+"""StallDiagnoser on real Lightning Trainers: each demo scenario's verdict and key evidence, a healthy run without a
+verdict, events.jsonl, the TensorBoard text panel, the end-of-fit summary, private monitors, resumable state and
+"degrade, don't crash"."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+import optdiag
+from optdiag.callbacks.gradient_norm import GradientNormMonitor
+from optdiag.callbacks.hessian import HessianMonitor
+from optdiag.callbacks.stall import TEXT_TAG, StallDiagnoser
+from optdiag.demo.runner import quiet_lightning, run_scenario
+from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
+from optdiag.diagnosis import Diagnosis
+from optdiag.errors import UsageError
+from optdiag.sinks.events import events_path, read_events
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with quiet_lightning():
+        yield
+
+
+def trainer_for(tmp_path, callbacks, max_steps, logger=None, **kwargs):
+    return pl.Trainer(
+        max_steps=max_steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=logger if logger is not None
+        else False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=1, deterministic=True, default_root_dir=str(tmp_path), **kwargs)
+
+
+def fit_scenario(tmp_path, name, callbacks, max_steps=None, logger=None, **kwargs):
+    (run,) = scenario(name).build()
+    trainer = trainer_for(tmp_path, callbacks, max_steps or run.max_steps, logger, **kwargs)
+    trainer.fit(run.module, run.loader)
+    return trainer, run
+
+
+# --- each scenario: verdict and key evidence ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("demo"))
+
+
+def _run(name, demo_dir):
+    with quiet_lightning():
+        return run_scenario(name, demo_dir)
+
+
+@pytest.mark.slow
+def test_saddle_saddle_then_minimum_with_escape_drops(demo_dir):
+    result = _run("saddle", demo_dir)
+    (run,) = result.runs
+    assert [d.kind for d in run.diagnoses] == ["saddle_point", "saddle_point", "local_minimum"]
+    first, second, minimum = run.diagnoses
+    for d, sigma in ((first, SADDLE_SIGMAS[0]), (second, SADDLE_SIGMAS[1])):
+        ev = d.evidence
+        assert ev["lambda_min"] == pytest.approx(-sigma, rel=0.05)  # the saddle's Hessian: -sigma_i
+        assert ev["escape_expected_drop"] == pytest.approx(0.5 * ev["lambda_min"] * ev["escape_t"] ** 2)
+        assert ev["escape_measured_drop"] < 0
+        assert ev["escape_t"] == ev["escape_distance"]  # measured where the diagnosis quotes the drop
+        assert ev["escape_measured_drop"] == pytest.approx(ev["escape_expected_drop"], rel=0.1)
+        assert ev["lr"] == 0.02 and ev["stability_threshold"] == pytest.approx(2 / 0.02)
+        assert ev["lambda_min_residual"] < 0.05 * sigma
+    # at the first saddle W ~ 0 (offset learnt): L(t u) - L(0) = -sigma t^2 / 2 + t^4 / 8 along the unit escape u
+    t = first.evidence["escape_t"]
+    assert first.evidence["escape_measured_drop"] == pytest.approx(-SADDLE_SIGMAS[0] * t**2 / 2 + t**4 / 8, rel=0.05)
+    assert minimum.evidence["lambda_min"] > -0.01 * minimum.evidence["lambda_max"]
+    assert minimum.evidence["lambda_max"] == pytest.approx(SADDLE_OFFSET_SCALE**2, rel=0.02)  # the offset's k^2
+    # events.jsonl holds the same verdicts and round-trips into Diagnosis
+    lines = open(run.events_file, encoding="utf-8").read().splitlines()
+    assert [Diagnosis.from_dict(json.loads(line)) for line in lines] == run.diagnoses
+
+
+@pytest.mark.slow
+def test_oscillation_verdict_evidence_and_advice(demo_dir):
+    (run,) = _run("oscillation", demo_dir).runs
+    assert [d.kind for d in run.diagnoses] == ["oscillation"]
+    ev = run.diagnoses[0].evidence
+    assert ev["lr_lambda_max"] > 1.4 or ev["grad_cosine"] < -0.3
+    assert ev["grad_cosine"] < -0.3  # consecutive gradients point against each other
+    lr_advice = [s for s in run.diagnoses[0].suggestions if s.target == "lr"]
+    assert lr_advice and lr_advice[0].proposed < lr_advice[0].current
+
+
+@pytest.mark.slow
+def test_minimum_verdict_with_positive_curvature_and_noise_gradient(demo_dir):
+    (run,) = _run("minimum", demo_dir).runs
+    assert [d.kind for d in run.diagnoses] == ["local_minimum"]
+    ev = run.diagnoses[0].evidence
+    assert ev["lambda_min"] > 0 and ev["lambda_max"] > ev["lambda_min"]
+    assert ev["grad_snr"] < 1  # the true gradient is statistically zero (norm test)
+
+
+@pytest.mark.slow
+def test_plateau_verdict_says_raise_the_learning_rate(demo_dir):
+    (run,) = _run("plateau", demo_dir).runs
+    assert [d.kind for d in run.diagnoses] == ["plateau"]
+    ev = run.diagnoses[0].evidence
+    assert ev["lr_lambda_max"] < 1e-3 and ev["grad_norm"] > 0.5 * ev["grad_norm_initial"]
+    lr_advice = [s for s in run.diagnoses[0].suggestions if s.target == "lr"]
+    assert lr_advice and lr_advice[0].proposed >= 5 * lr_advice[0].current
+
+
+def test_divergence_verdict_once(demo_dir):
+    (run,) = _run("divergence", demo_dir).runs
+    assert not math.isfinite(run.losses[-1])  # the loss overflowed and stayed non-finite ...
+    assert [d.kind for d in run.diagnoses] == ["divergence"]  # ... yet there is exactly one verdict
+    assert run.diagnoses[0].evidence["lr_lambda_max"] > 2
+
+
+@pytest.mark.slow
+def test_edge_of_stability_gives_no_verdict(demo_dir):
+    (run,) = _run("edge_of_stability", demo_dir).runs
+    assert run.diagnoses == []
+    late = [s["lambda_max"] for s in run.curvature if s["step"] >= 300]
+    assert len(late) >= 10
+    assert sum(late) / len(late) == pytest.approx(2 / EOS_LR, rel=0.15)
+    assert not os.path.exists(run.events_file)  # no verdict, no events
+
+
+@pytest.mark.slow
+def test_large_batch_ends_sharper_than_small_batch(demo_dir):
+    small, large = _run("batch_size", demo_dir).runs
+    assert small.truth["batch_size"] < large.truth["batch_size"]
+    assert large.final["lambda_max"] > 1.2 * small.final["lambda_max"]
+    assert large.final["hessian_trace"] > small.final["hessian_trace"]
+    assert large.final["lambda_max"] == pytest.approx(2 / EOS_LR, rel=0.15)  # full batch: on the edge
+
+
+# --- a healthy run ----------------------------------------------------------------------------------------------
+def test_healthy_run_gives_no_verdict_and_says_so(tmp_path, capsys):
+    diagnoser = StallDiagnoser()
+    fit_scenario(tmp_path, "minimum", [diagnoser], max_steps=40)  # still converging fast at step 40
+    assert diagnoser.diagnoses == []
+    out = capsys.readouterr().out
+    assert "optdiag: no stall in 40 steps" in out
+    assert not os.path.exists(events_path(tmp_path))
+
+
+# --- outputs ----------------------------------------------------------------------------------------------------
+def test_events_file_without_logger_is_under_default_root_dir_and_appended(tmp_path):
+    path = events_path(tmp_path)
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write('{"note": "a line the user wrote"}\n')
+    diagnoser = StallDiagnoser()
+    fit_scenario(tmp_path, "divergence", [diagnoser])
+    records = read_events(path)
+    assert records[0] == {"note": "a line the user wrote"}  # never overwritten
+    assert [Diagnosis.from_dict(r) for r in records[1:]] == diagnoser.diagnoses
+
+
+def test_text_panel_and_summary(tmp_path, capsys):
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    diagnoser = StallDiagnoser()
+    fit_scenario(tmp_path, "divergence", [diagnoser], logger=logger)
+    (diagnosis,) = diagnoser.diagnoses
+    out = capsys.readouterr().out
+    assert "optdiag: 1 verdict in 150 steps" in out and "divergence" in out
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    tag = f"{TEXT_TAG}/text_summary"
+    assert tag in accumulator.Tags()["tensors"]
+    (event,) = accumulator.Tensors(tag)
+    text = event.tensor_proto.string_val[0].decode()
+    assert event.step == diagnosis.step and text == diagnosis.to_markdown()
+    assert "| evidence | value |" in text
+    assert read_events(events_path(logger.log_dir))[0]["kind"] == "divergence"
+
+
+def test_quiet_when_not_verbose(tmp_path, capsys):
+    fit_scenario(tmp_path, "divergence", [StallDiagnoser(verbose=False)])
+    assert "optdiag:" not in capsys.readouterr().out
+
+
+# --- monitors ---------------------------------------------------------------------------------------------------
+def test_alone_it_drives_private_monitors_and_logs_gradients_once(tmp_path):
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    diagnoser = StallDiagnoser()
+    fit_scenario(tmp_path, "divergence", [diagnoser], max_steps=12, logger=logger)
+    assert isinstance(diagnoser.gradient_monitor, GradientNormMonitor)
+    assert isinstance(diagnoser.hessian_monitor, HessianMonitor)
+    assert [r["step"] for r in diagnoser.gradient_monitor.history] == list(range(12))
+    # the private Hessian monitor measures only at stalls: one snapshot, for the divergence verdict
+    assert [s["reason"] for s in diagnoser.hessian_monitor.history] == ["divergence"]
+    with open(os.path.join(logger.log_dir, "metrics.csv"), encoding="utf-8") as handle:
+        rows = [line.split(",") for line in handle.read().splitlines()]
+    column = rows[0].index("optdiag/grad_norm")
+    assert sum(1 for row in rows[1:] if row[column]) == 12  # one value per step, not two
+
+
+def test_uses_monitors_found_in_trainer_callbacks(tmp_path):
+    gradient, hessian = GradientNormMonitor(), HessianMonitor(every_n_steps=1000)
+    diagnoser = StallDiagnoser()
+    fit_scenario(tmp_path, "divergence", [gradient, hessian, diagnoser], max_steps=12)
+    assert diagnoser.gradient_monitor is gradient and diagnoser.hessian_monitor is hessian
+    assert diagnoser.state_dict().keys().isdisjoint({"gradient_monitor", "hessian_monitor"})
+    assert [s["reason"] for s in hessian.history] == ["divergence"]
+
+
+def test_snapshots_are_bounded(tmp_path):
+    diagnoser = StallDiagnoser(max_snapshots=0)
+    with pytest.warns(UserWarning, match="stall snapshots of this run are used up"):
+        fit_scenario(tmp_path, "divergence", [diagnoser])
+    (diagnosis,) = diagnoser.diagnoses
+    assert "lambda_max" not in diagnosis.evidence and diagnoser.hessian_monitor.history == []
+
+
+# --- do no harm, degrade, resume --------------------------------------------------------------------------------
+def _final_weights(tmp_path, callbacks, steps):
+    (run,) = scenario("saddle").build()
+    trainer_for(tmp_path, callbacks, steps).fit(run.module, run.loader)
+    return [p.detach().clone() for p in run.module.parameters()]
+
+
+def test_training_is_bitwise_identical_with_the_diagnoser(tmp_path):
+    # the saddle verdict at step ~50 runs a stall snapshot and the escape check along the eigenvector
+    diagnoser = StallDiagnoser()
+    with_diagnoser = _final_weights(tmp_path / "a", [diagnoser], 70)
+    assert [d.kind for d in diagnoser.diagnoses] == ["saddle_point"]
+    assert "escape_measured_drop" in diagnoser.diagnoses[0].evidence
+    without = _final_weights(tmp_path / "b", [], 70)
+    assert all(torch.equal(a, b) for a, b in zip(with_diagnoser, without))
+
+
+def test_a_failing_diagnosis_never_stops_training(tmp_path, monkeypatch):
+    def broken(evidence, event):
+        raise RuntimeError("classifier exploded")
+
+    monkeypatch.setattr("optdiag.callbacks.stall.diagnose_stall", broken)
+    diagnoser = StallDiagnoser()
+    with pytest.warns(UserWarning, match="classifier exploded"):
+        trainer, run = fit_scenario(tmp_path, "divergence", [diagnoser])
+    assert trainer.global_step == run.max_steps and diagnoser.diagnoses == []
+
+
+def test_no_loss_in_outputs_switches_detection_off_with_one_warning(tmp_path):
+    class NoLossOutput(ScenarioModule):
+        def __init__(self):
+            super().__init__(nn.Linear(2, 1), nn.functional.mse_loss, lr=0.1)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = self.loss_fn(self(batch[0]), batch[1])
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            return None
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            pass
+
+    diagnoser = StallDiagnoser()
+    loader = torch.utils.data.DataLoader(StepBatches(torch.randn(8, 2), torch.randn(8, 1), 30), batch_size=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_for(tmp_path, [diagnoser], 30).fit(NoLossOutput(), loader)
+    assert sum("found no loss" in str(w.message) for w in caught) == 1 and diagnoser.diagnoses == []
+
+
+def test_state_dict_round_trip_keeps_diagnoses_and_detector(tmp_path):
+    diagnoser = StallDiagnoser()
+    fit_scenario(tmp_path, "divergence", [diagnoser])
+    state = json.loads(json.dumps(diagnoser.state_dict()))  # checkpoint-safe plain data
+    restored = StallDiagnoser()
+    restored.load_state_dict(state)
+    assert restored.diagnoses == diagnoser.diagnoses
+    assert restored.detector.state_dict() == diagnoser.detector.state_dict()
+    # the private monitors' state travels with the diagnoser (no one else checkpoints them)
+    saved = state["gradient_monitor"]["history"]
+    assert json.dumps(saved) == json.dumps(diagnoser.gradient_monitor.history)  # NaN-safe equality
+
+
+def test_a_second_fit_starts_a_new_loss_history(tmp_path):
+    diagnoser = StallDiagnoser()
+    fit_scenario(tmp_path, "divergence", [diagnoser])
+    fit_scenario(tmp_path, "divergence", [diagnoser])  # global_step starts at 0 again
+    assert [d.kind for d in diagnoser.diagnoses] == ["divergence", "divergence"]
+    assert diagnoser.warning_counts == {}
+
+
+# --- arguments and helpers --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, message", [
+    ({"window": 2}, "window must be an int"),
+    ({"max_snapshots": -1}, "max_snapshots must be an int >= 0"),
+    ({"loss_floor": float("nan")}, "loss_floor must be a finite number"),
+    ({"gradient_monitor": HessianMonitor()}, "gradient_monitor must be a GradientNormMonitor"),
+    ({"hessian_monitor": GradientNormMonitor()}, "hessian_monitor must be a HessianMonitor"),
+])
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises(UsageError, match=message):
+        StallDiagnoser(**kwargs)
+
+
+def test_public_name():
+    assert optdiag.StallDiagnoser is StallDiagnoser
