@@ -42,7 +42,7 @@ from optdiag.curvature import (
     spectral_density,
     top_eigenvalues,
 )
-from optdiag.curvature.operator import _infer_batch_size
+from optdiag.curvature.batches import sample_count
 from optdiag.errors import OptDiagError, UsageError
 
 __all__ = ["AnalysisSettings", "CheckpointAnalysis", "AnalysisReport", "analyze_checkpoint", "POINT_TYPES"]
@@ -496,7 +496,7 @@ def _loss_pass(
     first: Optional[HessianOperator] = None
     loss_sum, grad_sum, n_samples, n_batches = 0.0, None, 0, 0
     for chunk in _chunks(iter_batches(data, settings.loss_batches, where), settings.max_batches):
-        sizes = [_infer_batch_size(b, n_batches + i) for i, b in enumerate(chunk)]
+        sizes = [sample_count(b, n_batches + i) for i, b in enumerate(chunk)]
         op = HessianOperator(model, loss_fn, chunk, method="auto" if first is None else "func", dtype=settings.dtype)
         count = sum(sizes)
         loss_sum += op.loss * count
@@ -666,7 +666,7 @@ def _noise(model: nn.Module, loss_fn: Callable, batches: list, notes: list[str])
     from optdiag.curvature.noise import estimate_gradient_noise_scale
 
     try:
-        size = _infer_batch_size(batches[0], 0)
+        size = sample_count(batches[0], 0)
         if size < 2:
             raise UsageError("batches of one sample cannot be split")
         return estimate_gradient_noise_scale(model, loss_fn, batches, small_batch_size=max(1, size // 4))

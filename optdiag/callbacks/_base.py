@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import pytorch_lightning
 
-from optdiag.curvature.operator import _first_tensor
+from optdiag.curvature.batches import first_tensor
 from optdiag.errors import UsageError
 from optdiag.sinks import logger as logger_sink
 from optdiag.sinks import tensorboard as tensorboard_sink
@@ -160,5 +160,5 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
 def batch_size_of(batch: Any) -> int | None:
     """The leading dimension of the first tensor found in a (nested) batch, or None if there is none."""
-    first = _first_tensor(batch)
+    first = first_tensor(batch)
     return int(first.shape[0]) if first is not None and first.dim() > 0 else None

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from optdiag.curvature.operator import _as_batch_list
+from optdiag.curvature.batches import as_batch_list, iter_tensors, map_tensors
 from optdiag.curvature.sharpness import _WeightedLoss
 from optdiag.curvature.state import preserved_state
 from optdiag.errors import UsageError
@@ -307,7 +307,7 @@ def estimate_gradient_noise_scale(
     """
     if isinstance(small_batch_size, bool) or not isinstance(small_batch_size, int) or small_batch_size < 1:
         raise UsageError(f"small_batch_size must be a positive int, got {small_batch_size!r}")
-    raw = _as_batch_list(batches)
+    raw = as_batch_list(batches)
     if not raw:
         raise UsageError("batches is empty: at least one batch is needed")
     big_size = _leading_size(raw[0], 0)
@@ -332,19 +332,9 @@ def estimate_gradient_noise_scale(
     return gradient_noise_scale(small_means, big, small_batch_size, big_size, paired=True)
 
 
-def _tensors(batch: Any) -> list[torch.Tensor]:
-    if isinstance(batch, torch.Tensor):
-        return [batch]
-    if isinstance(batch, dict):
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        return [t for item in batch for t in _tensors(item)]
-    return []
-
-
 def _leading_size(batch: Any, index: int) -> int:
     """The number of samples in a batch: the common leading dimension of all its tensors."""
-    sizes = {int(t.shape[0]) for t in _tensors(batch) if t.dim() > 0}
+    sizes = {int(t.shape[0]) for t in iter_tensors(batch) if t.dim() > 0}
     if len(sizes) != 1:
         raise UsageError(
             f"batch {index} must hold tensors with one common leading (sample) dimension to be split into "
@@ -354,13 +344,5 @@ def _leading_size(batch: Any, index: int) -> int:
 
 
 def _take(batch: Any, start: int, length: int) -> Any:
-    """Samples ``start:start+length`` of every tensor in a nested batch (other leaves unchanged)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[start : start + length] if batch.dim() > 0 else batch
-    if isinstance(batch, dict):
-        return {key: _take(value, start, length) for key, value in batch.items()}
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
-        return type(batch)(*(_take(value, start, length) for value in batch))
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_take(value, start, length) for value in batch)
-    return batch
+    """Samples ``start:start+length`` of every tensor in a nested batch (scalars and other leaves unchanged)."""
+    return map_tensors(batch, lambda t: t[start : start + length] if t.dim() > 0 else t)

@@ -28,13 +28,14 @@ import dataclasses
 import math
 import os
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from optdiag.curvature.base import CurvatureOperator
+from optdiag.curvature.batches import as_batch_list, batch_weights, move_batch
 from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.state import GENERATORS, RngState, replayed_rng, rng_state
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
@@ -106,84 +107,6 @@ def _split_supervised(batch: Any) -> tuple[Any, Any]:
         "supervised_loss expects a batch (inputs, targets) or {'x': inputs, 'y': targets}, "
         f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Batches
-
-
-def _is_container(obj: Any) -> bool:
-    return isinstance(obj, (tuple, list, dict))
-
-
-def _as_batch_list(batches: Any) -> list:
-    """One batch, or an iterable of batches, as a list of batches.
-
-    A tensor, a dict, or a tuple/list with at least one element that is not a tuple/list/dict is one batch; a
-    tuple/list whose elements are all tuples/lists/dicts is a sequence of batches; any other iterable (a
-    ``DataLoader``, a generator) is iterated. Wrap a single nested batch in a list to be explicit.
-    """
-    if isinstance(batches, (torch.Tensor, dict)):
-        return [batches]
-    if isinstance(batches, (tuple, list)):
-        if len(batches) > 0 and all(_is_container(b) for b in batches):
-            return list(batches)
-        return [batches] if len(batches) > 0 else []
-    if isinstance(batches, Iterable) and not isinstance(batches, (str, bytes)):
-        return list(batches)
-    raise UsageError(f"batches must be a batch or an iterable of batches, got {type(batches).__name__}")
-
-
-def _first_tensor(obj: Any) -> Optional[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (tuple, list)):
-        for item in obj:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def _infer_batch_size(batch: Any, index: int) -> int:
-    first = _first_tensor(batch)
-    if first is None or first.dim() == 0:
-        raise UsageError(
-            f"cannot infer the size of batch {index}: it has no tensor with a leading (sample) dimension; "
-            "pass batch_sizes=[...]"
-        )
-    return int(first.shape[0])
-
-
-def _move(obj: Any, device: torch.device, float_dtype: Optional[torch.dtype]) -> Any:
-    """Move every tensor in a nested batch to ``device`` (and floating tensors to ``float_dtype`` if given)."""
-    if isinstance(obj, torch.Tensor):
-        if float_dtype is not None and obj.is_floating_point():
-            return obj.to(device=device, dtype=float_dtype)
-        return obj.to(device=device)
-    if isinstance(obj, dict):
-        return {k: _move(v, device, float_dtype) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_move(v, device, float_dtype) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_move(v, device, float_dtype) for v in obj)
-    return obj
-
-
-def _batch_weights(batches: list, batch_sizes: Optional[Sequence[float]]) -> list[float]:
-    if batch_sizes is None:
-        sizes = [_infer_batch_size(b, i) for i, b in enumerate(batches)]
-    else:
-        sizes = list(batch_sizes)
-        if len(sizes) != len(batches):
-            raise UsageError(f"batch_sizes has {len(sizes)} entries for {len(batches)} batches")
-    for i, s in enumerate(sizes):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise UsageError(f"batch size {i} must be a positive number, got {s!r}")
-    total = float(sum(sizes))
-    return [float(s) / total for s in sizes]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -384,12 +307,12 @@ class HessianOperator(CurvatureOperator):
         self._params = [p for _, p in named]
         super().__init__(sum(p.numel() for p in self._params), device, dtype)
 
-        raw = _as_batch_list(batches)
+        raw = as_batch_list(batches)
         if not raw:
             raise UsageError("batches is empty: the operator needs at least one batch")
-        self.weights = _batch_weights(raw, batch_sizes)
+        self.weights = batch_weights(raw, batch_sizes)
         self._cast = any(p.dtype != dtype for p in model.parameters() if p.is_floating_point())
-        self._batches = [_move(b, device, dtype if self._cast else None) for b in raw]
+        self._batches = [move_batch(b, device, dtype if self._cast else None) for b in raw]
         self._holder = _LossCall(model, loss_fn)
         self._rng: list[RngState] = []
         self._closed = False

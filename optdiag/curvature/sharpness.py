@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-# The batch conventions (one batch or many, weights by size, a holder so functional_call swaps tensors around a
-# whole loss_fn call) are HessianOperator's; they are reused, not restated.
-from optdiag.curvature.operator import LossFn, _as_batch_list, _batch_weights, _exact_forward, _LossCall, _move
+from optdiag.curvature.batches import as_batch_list, batch_weights, move_batch
+from optdiag.curvature.operator import LossFn, _exact_forward, _LossCall
 from optdiag.curvature.params import flatten, trainable_parameters, unflatten
 from optdiag.curvature.state import preserved_state, replayed_rng, rng_state
 from optdiag.errors import NonFiniteError, UsageError
@@ -86,12 +85,12 @@ class _WeightedLoss:
         named = trainable_parameters(model)
         self.params = [p for _, p in named]
         self._keys = [f"model.{name}" for name, _ in named]
-        raw = list(batches) if batch_list else _as_batch_list(batches)
+        raw = list(batches) if batch_list else as_batch_list(batches)
         if not raw:
             raise UsageError("batches is empty: at least one batch is needed")
-        self._weights = _batch_weights(raw, None)
+        self._weights = batch_weights(raw)
         self._device = self.params[0].device
-        self._batches = [_move(b, self._device, None) for b in raw]
+        self._batches = [move_batch(b, self._device) for b in raw]
         self._holder = _LossCall(model, loss_fn)
         self._rng = rng_state()
         self.n_evals = 0
