@@ -234,6 +234,22 @@ def _check_minimum(result: ScenarioResult) -> list[Check]:
     return [Check("convex: every eigenvalue > 0 at the end", ok, f"exact lambda_min = {_fmt(final.get('lambda_min'))}")]
 
 
+def _check_plateau(result: ScenarioResult) -> list[Check]:
+    d = _first(result.runs[0], "plateau")
+    raise_lr = [s for s in (d.suggestions if d else []) if s.target == "lr" and s.proposed and s.current]
+    ok = bool(raise_lr) and raise_lr[0].proposed > raise_lr[0].current
+    detail = (f"lr {_fmt(raise_lr[0].current)} -> {_fmt(raise_lr[0].proposed)}" if raise_lr
+              else "no learning-rate suggestion")
+    return [Check("advice raises the learning rate", ok, detail)]
+
+
+def _check_divergence(result: ScenarioResult) -> list[Check]:
+    d = _first(result.runs[0], "divergence")
+    ratio = d.evidence.get("lr_lambda_max") if d else None
+    return [Check("past the stability limit: lr*lambda_max > 2", ratio is not None and ratio > 2,
+                  f"lr*lambda_max = {_fmt(ratio)} (truth {_fmt(result.runs[0].truth['lr_lambda_max'])})")]
+
+
 def _check_edge_of_stability(result: ScenarioResult) -> list[Check]:
     run = result.runs[0]
     target = run.truth["two_over_lr"]
@@ -268,6 +284,8 @@ _CHECKS: dict[str, Callable[[ScenarioResult], list[Check]]] = {
     "saddle": _check_saddle,
     "oscillation": _check_oscillation,
     "minimum": _check_minimum,
+    "plateau": _check_plateau,
+    "divergence": _check_divergence,
     "edge_of_stability": _check_edge_of_stability,
     "batch_size": _check_batch_size,
 }

@@ -392,7 +392,9 @@ def _batch_size() -> list[ScenarioRun]:
     for batch in (8, x.shape[0]):
         module = ScenarioModule(_built(0, _tanh_mlp), nn.functional.mse_loss, lr=EOS_LR)
         truth = {"lr": EOS_LR, "two_over_lr": 2.0 / EOS_LR, "batch_size": batch}
-        runs.append(ScenarioRun(f"batch {batch}", module, _loader(x, y, steps, batch), steps, (x, y), truth))
+        loader = _loader(x, y, steps, batch)
+        # the same cadence for both runs, so their sharpness curves compare step by step
+        runs.append(ScenarioRun(f"batch {batch}", module, loader, steps, (x, y), truth, {"every_n_steps": 50}))
     return runs
 
 
