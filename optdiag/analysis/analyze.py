@@ -577,7 +577,7 @@ def _curvature_and_verdict(
     progress.done()
 
     progress.stage("sharpness")
-    batches = op._batches  # the analysis batches, already on the device
+    batches = op.objective.batches  # the analysis batches, already on the device
     sharpness = _sharpness(model, loss_fn, batches, settings, notes)
     noise = _noise(model, loss_fn, batches, notes)
     progress.done()

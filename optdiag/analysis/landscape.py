@@ -1,9 +1,10 @@
 """Loss landscapes around a point: 1-D slices, 2-D surfaces and straight paths between checkpoints.
 
-Every function evaluates the weighted mean loss of a :class:`~optdiag.curvature.HessianOperator`'s batches at
-``theta + t d`` without touching the model: parameters are substituted through ``torch.func.functional_call`` (the
-operator's own forward), each batch replays the operator's RNG snapshot (so dropout masks match its Hessian), and
-the model's buffers, modes, ``.grad`` and RNGs are kept by :func:`~optdiag.curvature.preserved_state`.
+Every function evaluates the weighted mean loss of a :class:`~optdiag.curvature.HessianOperator` at
+``theta + t d`` without touching the model, through the operator's own
+:class:`~optdiag.curvature.objective.BatchObjective` (``op.objective``): parameters are substituted through
+``torch.func.functional_call``, each batch replays the random draws of the operator (so dropout masks match its
+Hessian), and the model's buffers, modes, ``.grad`` and RNGs are kept by :func:`~optdiag.curvature.preserved_state`.
 
 Random directions are filter-normalised as in Li, Xu, Taylor, Studer & Goldstein (NeurIPS 2018, "Visualizing the
 Loss Landscape of Neural Nets"): a Gaussian direction whose every filter (slice along a weight's first dimension:
@@ -20,8 +21,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from optdiag.curvature.params import flatten, unflatten
-from optdiag.curvature.state import preserved_state, replayed_rng
+from optdiag.curvature.objective import BatchObjective
+from optdiag.curvature.params import flatten
+from optdiag.curvature.state import preserved_state
 from optdiag.errors import UsageError
 
 __all__ = [
@@ -124,16 +126,17 @@ class InterpolationPath:
         }
 
 
-def _check_operator(op: Any) -> None:
-    for attribute in ("_loss", "_names", "_leaves", "weights", "_rng", "model"):
-        if not hasattr(op, attribute):
-            raise UsageError(f"expected a HessianOperator (the loss landscape reuses its batches), got {type(op).__name__}")
+def _objective(op: Any) -> BatchObjective:
+    """The operator's objective, or a clear error for anything that is not a HessianOperator."""
+    objective = getattr(op, "objective", None)
+    if not isinstance(objective, BatchObjective):
+        raise UsageError(f"expected a HessianOperator (the loss landscape reuses its batches), got {type(op).__name__}")
+    return objective
 
 
 def point_of(op: Any) -> torch.Tensor:
     """The flat trainable parameters the operator sits at (a copy)."""
-    _check_operator(op)
-    return flatten(leaf.detach() for leaf in op._leaves)
+    return _objective(op).point()
 
 
 def loss_at(op: Any, params: torch.Tensor) -> float:
@@ -147,18 +150,9 @@ def loss_at(op: Any, params: torch.Tensor) -> float:
         >>> loss_at(op, torch.tensor([0.5, 0.5]))
         0.0
     """
-    _check_operator(op)
-    params = torch.as_tensor(params)
-    if params.dim() != 1 or params.numel() != op.num_params:
-        raise UsageError(f"expected flat parameters of length {op.num_params}, got shape {tuple(params.shape)}")
-    parts = unflatten(params.to(device=op.device, dtype=op.dtype), op._leaves)
-    substituted = {f"model.{name}": part for name, part in zip(op._names, parts)}
-    total = 0.0
+    objective = _objective(op)
     with preserved_state(op.model), torch.no_grad():
-        for index, weight in enumerate(op.weights):
-            with replayed_rng(op._rng[index]):
-                total += weight * float(op._loss(index, substituted))
-    return total
+        return objective.value(params, finite=False)
 
 
 def filter_normalized_direction(op: Any, seed: int = 0, ignore_1d: bool = True) -> torch.Tensor:
@@ -187,10 +181,10 @@ def filter_normalized_direction(op: Any, seed: int = 0, ignore_1d: bool = True) 
         >>> torch.allclose(w.norm(dim=1), net.weight.detach().norm(dim=1)), bool((b == 0).all())
         (True, True)
     """
-    _check_operator(op)
+    objective = _objective(op)
     generator = torch.Generator().manual_seed(int(seed))
     pieces = []
-    for leaf in op._leaves:
+    for leaf in objective.parameters:
         theta = leaf.detach().to("cpu", torch.float64)
         noise = torch.randn(theta.shape, generator=generator, dtype=torch.float64)
         if theta.dim() <= 1:
@@ -237,7 +231,7 @@ def loss_slice(op: Any, direction: torch.Tensor, t: Sequence[float], name: str =
         >>> s.loss.tolist(), s.curvature
         ([1.0, 0.0, 1.0], 2.0)
     """
-    _check_operator(op)
+    _objective(op)
     steps = _steps(t, "t")
     d = _direction(op, direction, name)
     theta = point_of(op)
@@ -259,7 +253,7 @@ def loss_surface(
     names: tuple[str, str] = ("top eigenvector 1", "top eigenvector 2"),
 ) -> LossSurface:
     """``L(theta + a d1 + b d2)`` on the grid ``alphas x betas`` (``len(alphas) * len(betas)`` loss passes)."""
-    _check_operator(op)
+    _objective(op)
     a, b = _steps(alphas, "alphas"), _steps(betas, "betas")
     u, v = _direction(op, d1, names[0]), _direction(op, d2, names[1])
     theta = point_of(op)
@@ -294,7 +288,7 @@ def linear_interpolation(
         >>> path.loss.tolist(), path.barrier  # the chord is at 1, the middle at 0: no barrier
         ([1.0, 0.0, 1.0], 0.0)
     """
-    _check_operator(op)
+    _objective(op)
     steps = _steps(np.linspace(0.0, 1.0, 11) if t is None else t, "t")
     if steps.min() < 0.0 or steps.max() > 1.0:
         raise UsageError(f"interpolation steps must lie in [0, 1], got {steps.min()}..{steps.max()}")

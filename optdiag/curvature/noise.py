@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from optdiag.curvature.batches import as_batch_list, iter_tensors, map_tensors
-from optdiag.curvature.sharpness import _WeightedLoss
+from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.state import preserved_state
 from optdiag.errors import UsageError
 
@@ -325,8 +325,8 @@ def estimate_gradient_noise_scale(
             chunks = [_take(batch, start, small_batch_size) for start in range(0, size - small_batch_size + 1,
                                                                                   small_batch_size)]
             # One evaluation object per batch: the whole batch first, then its chunks.
-            loss = _WeightedLoss(model, loss_fn, [batch, *chunks], batch_list=True)
-            sq_norms = [float(g.double().pow(2).sum()) for _, g in loss.per_batch(loss.point())]
+            objective = BatchObjective(model, loss_fn, [batch, *chunks], batch_list=True)
+            sq_norms = [float(g.double().pow(2).sum()) for _, g in objective.per_batch(objective.point())]
             big.append(sq_norms[0])
             small_means.append(float(np.mean(sq_norms[1:])))
     return gradient_noise_scale(small_means, big, small_batch_size, big_size, paired=True)

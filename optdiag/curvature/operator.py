@@ -23,26 +23,19 @@ a replayed snapshot of the RNGs (so a dropout mask is fixed for the operator's l
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import math
 import os
 import warnings
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from optdiag.curvature.base import CurvatureOperator
-from optdiag.curvature.batches import as_batch_list, batch_weights, move_batch
-from optdiag.curvature.params import trainable_parameters
-from optdiag.curvature.state import GENERATORS, RngState, replayed_rng, rng_state
+from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
 
 __all__ = ["HessianOperator", "supervised_loss", "LossFn", "METHODS"]
 
-LossFn = Callable[[nn.Module, Any], torch.Tensor]
 METHODS = ("auto", "graph", "recompute", "func", "linearize")
 
 # Messages by which autograd / torch.func say a backward cannot be differentiated again.
@@ -107,40 +100,6 @@ def _split_supervised(batch: Any) -> tuple[Any, Any]:
         "supervised_loss expects a batch (inputs, targets) or {'x': inputs, 'y': targets}, "
         f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
     )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Forward passes that leave the model alone
-
-
-class _LossCall(nn.Module):
-    """Holds the model so that ``functional_call`` can swap its tensors around a whole ``loss_fn`` call."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.model = model
-        self._loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> torch.Tensor:
-        return self._loss_fn(self.model, batch)
-
-
-@contextlib.contextmanager
-def _exact_forward(device: torch.device) -> Iterator[None]:
-    """Full precision, twice-differentiable forward: grad on, autocast off, attention by the math kernel."""
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
-        if device.type != "cpu":
-            stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-        except ImportError:  # torch < 2.3: only the math kernel is twice differentiable anyway on CPU
-            pass
-        else:
-            # Fused attention kernels have no double backward; the math kernel is plain differentiable ops.
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-        yield
 
 
 def _default_memory_budget(device: torch.device) -> int:
@@ -240,6 +199,9 @@ class HessianOperator(CurvatureOperator):
         weights: the weight ``w_i`` of each batch.
         graph_bytes: bytes saved by the first-order graphs (measured at construction).
         loss: the weighted mean loss at the point (float).
+        objective: the :class:`~optdiag.curvature.objective.BatchObjective` whose Hessian this is: the batches
+            (``op.objective.batches``, on the device), the point (``op.objective.point()``) and the same loss at any
+            other parameters (``op.objective.value(theta)``), with the same dropout masks.
 
     Raises:
         UsageError: no batches, a bad argument, ``torch.inference_mode``, a loss that is not a scalar or does not
@@ -268,60 +230,23 @@ class HessianOperator(CurvatureOperator):
         dtype: Optional[torch.dtype] = None,
         memory_budget: Optional[int] = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise UsageError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
         if method not in METHODS:
             raise UsageError(f"method must be one of {METHODS}, got {method!r}")
-        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-            raise UsageError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
         if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                           or memory_budget < 0):
             raise UsageError(f"memory_budget must be a non-negative number of bytes, got {memory_budget!r}")
-        if torch.is_inference_mode_enabled():
-            raise UsageError(
-                "HessianOperator cannot run under torch.inference_mode(): inference tensors record no autograd "
-                "graph. Call it outside inference_mode (torch.no_grad() is fine)."
-            )
-
-        named = trainable_parameters(model)
-        for name, p in named:
-            if p.is_inference():
-                raise UsageError(f"parameter {name!r} is an inference tensor (created under inference_mode)")
-        param_dtypes = {p.dtype for _, p in named}
-        if dtype is None:
-            if len(param_dtypes) != 1:
-                raise UsageError(
-                    f"the trainable parameters have mixed dtypes {sorted(map(str, param_dtypes))}; pass dtype=..."
-                )
-            dtype = next(iter(param_dtypes))
-        devices = {p.device for _, p in named}
-        if len(devices) != 1:
-            raise UsageError(f"the trainable parameters live on several devices {sorted(map(str, devices))}")
-        device = next(iter(devices))
-
+        self.objective = BatchObjective(model, loss_fn, batches, batch_sizes=batch_sizes, dtype=dtype)
+        device = self.objective.device
+        super().__init__(self.objective.num_params, device, self.objective.dtype)
         self.model = model
         self.loss_fn = loss_fn
-        self._names = [name for name, _ in named]
-        self._params = [p for _, p in named]
-        super().__init__(sum(p.numel() for p in self._params), device, dtype)
-
-        raw = as_batch_list(batches)
-        if not raw:
-            raise UsageError("batches is empty: the operator needs at least one batch")
-        self.weights = batch_weights(raw, batch_sizes)
-        self._cast = any(p.dtype != dtype for p in model.parameters() if p.is_floating_point())
-        self._batches = [move_batch(b, device, dtype if self._cast else None) for b in raw]
-        self._holder = _LossCall(model, loss_fn)
-        self._rng: list[RngState] = []
+        self.weights = self.objective.weights
+        self._leaves = self.objective.parameters
         self._closed = False
         self._flat_grad_graph: Optional[torch.Tensor] = None  # "graph": sum_i w_i g_i with its graph
         self._linearized: list[Callable] = []
         self._batched_ok = True
         self.matmat_chunk = 64
-        self._fixed = self._fixed_tensors()
-        self._leaves = self._differentiable_leaves()
 
         budget = _default_memory_budget(device) if (method == "auto" and memory_budget is None) else memory_budget
         self._evaluate_point(keep_graph=method in ("auto", "graph"), budget=budget if method == "auto" else None)
@@ -333,134 +258,39 @@ class HessianOperator(CurvatureOperator):
         if method == "linearize":
             self._linearize_all()
 
-    # ------------------------------------------------------------------------------------------------------------
-    # Setup
-
-    def _fixed_tensors(self) -> dict[str, torch.Tensor]:
-        """The model's tensors as ``functional_call`` should see them, except buffers (copied per forward):
-        converted copies of every floating parameter when computing in another dtype, else nothing."""
-        if not self._cast:
-            return {}
-        fixed = {}
-        for name, p in self.model.named_parameters():
-            value = p.detach().to(self.dtype) if p.is_floating_point() else p.detach()
-            fixed[f"model.{name}"] = value
-        return fixed
-
-    def _differentiable_leaves(self) -> list[torch.Tensor]:
-        """The tensors the graph method differentiates: the real parameters, or their converted copies."""
-        if not self._cast:
-            return list(self._params)
-        leaves = []
-        for name in self._names:
-            leaf = self._fixed[f"model.{name}"].requires_grad_(True)
-            leaves.append(leaf)
-        return leaves
-
-    def _buffer_copies(self) -> dict[str, torch.Tensor]:
-        """Fresh private copies of the buffers, so a train-mode forward (BatchNorm's running statistics) never
-        writes the model's own."""
-        copies = {}
-        for name, buf in self.model.named_buffers():
-            value = buf.detach()
-            if self._cast and value.is_floating_point():
-                value = value.to(self.dtype)
-            copies[f"model.{name}"] = value.clone()
-        return copies
-
-    def _loss(self, index: int, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        """The loss of batch ``index`` through ``functional_call``; parameters from ``params`` when given."""
-        tensors = dict(self._fixed)
-        tensors.update(self._buffer_copies())
-        if params is not None:
-            tensors.update(params)
-        with _exact_forward(self.device):
-            loss = functional_call(self._holder, tensors, (self._batches[index],), strict=False)
-            return self._checked_loss(loss, index)
-
-    def _checked_loss(self, loss: Any, index: int) -> torch.Tensor:
-        if not isinstance(loss, torch.Tensor):
-            raise UsageError(f"loss_fn must return a tensor, got {type(loss).__name__} for batch {index}")
-        if loss.numel() != 1:
-            raise UsageError(
-                f"loss_fn must return a scalar (the mean loss of the batch), got shape {tuple(loss.shape)} for "
-                f"batch {index}; reduce it with .mean()"
-            )
-        if not loss.is_floating_point():
-            raise UsageError(f"loss_fn returned a {loss.dtype} tensor for batch {index}; a floating loss is needed")
-        return loss.reshape(())
-
     @torch.enable_grad()
     def _evaluate_point(self, keep_graph: bool, budget: Optional[int]) -> None:
-        """Loss and gradient of every batch (recording each batch's RNG snapshot); keep the first-order graphs
-        for the graph method while they fit ``budget``."""
+        """Loss and gradient of every batch (their first evaluations, which fix each batch's random draws); keep
+        the first-order graphs for the graph method while they fit ``budget``."""
         total_loss = torch.zeros((), device=self.device, dtype=self.dtype)
         gradient = torch.zeros(self.num_params, device=self.device, dtype=self.dtype)
         graph_terms: list[torch.Tensor] = []
         known = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
         known.update(p.untyped_storage().data_ptr() for p in self._leaves)
         self.graph_bytes = 0
-        outer = rng_state()
-        moved: set[str] = set()
-        try:
-            for i in range(len(self._batches)):
-                # Batches draw from one continuing stream, as in a training loop; each batch's starting point is
-                # kept so that recomputing engines can replay the same dropout masks.
-                before = rng_state()
-                loss = self._loss(i)
-                moved.update(rng_state().changed_since(before))
-                self._rng.append(before)
-                grads = self._first_order(loss, i)
-                flat = self._check_gradient(grads, i)
-                saved, refuses = _walk_graph([flat], known)
-                if refuses:
-                    raise NotTwiceDifferentiableError(
-                        f"the backward pass of batch {i} contains an operation marked @once_differentiable, so it "
-                        "cannot be differentiated again; Hessian-vector products are impossible for this model"
-                    )
-                self.graph_bytes += saved
-                w = self.weights[i]
-                total_loss += w * loss.detach()
-                gradient += w * flat.detach()
-                if keep_graph and (budget is None or self.graph_bytes <= budget):
-                    graph_terms.append(flat * w if len(self._batches) > 1 else flat)
-                else:
-                    keep_graph = False
-                    graph_terms.clear()
-        finally:
-            outer.restore()
-        # Replay only the generators the forward pass actually uses (usually torch's, for dropout; none in eval
-        # mode), so products do not pay for snapshots they do not need.
-        self._replayed = tuple(g for g in GENERATORS if g in moved)
-        self._rng = [self._only(state, self._replayed) for state in self._rng]
+        n_batches = len(self.objective.batches)
+        for i in range(n_batches):
+            loss, grads = self.objective.loss_and_grad(i, create_graph=True)
+            flat = self._check_gradient(grads, i)
+            saved, refuses = _walk_graph([flat], known)
+            if refuses:
+                raise NotTwiceDifferentiableError(
+                    f"the backward pass of batch {i} contains an operation marked @once_differentiable, so it "
+                    "cannot be differentiated again; Hessian-vector products are impossible for this model"
+                )
+            self.graph_bytes += saved
+            w = self.weights[i]
+            total_loss += w * loss.detach()
+            gradient += w * flat.detach()
+            if keep_graph and (budget is None or self.graph_bytes <= budget):
+                graph_terms.append(flat * w if n_batches > 1 else flat)
+            else:
+                keep_graph = False
+                graph_terms.clear()
         self.loss = float(total_loss)
         self._gradient = gradient
         if keep_graph:
             self._flat_grad_graph = graph_terms[0] if len(graph_terms) == 1 else torch.stack(graph_terms).sum(0)
-
-    @staticmethod
-    def _only(state: RngState, generators: tuple[str, ...]) -> RngState:
-        return dataclasses.replace(
-            state,
-            torch_cpu=state.torch_cpu if "torch" in generators else None,
-            torch_cuda=state.torch_cuda if "torch" in generators else None,
-            numpy=state.numpy if "numpy" in generators else None,
-            python=state.python if "python" in generators else None,
-        )
-
-    def _replaying(self, index: int) -> contextlib.AbstractContextManager:
-        """Replay batch ``index``'s RNG snapshot around a recomputed forward pass (nothing if it draws none)."""
-        return replayed_rng(self._rng[index]) if self._replayed else contextlib.nullcontext()
-
-    def _first_order(self, loss: torch.Tensor, index: int) -> tuple[torch.Tensor, ...]:
-        if not math.isfinite(float(loss.detach())):
-            raise NonFiniteError(f"the loss of batch {index} is {float(loss.detach())}")
-        if loss.grad_fn is None:
-            raise UsageError(
-                f"the loss of batch {index} does not depend on the trainable parameters (it has no autograd "
-                "graph): was it computed under torch.no_grad() or detached?"
-            )
-        return torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
 
     @staticmethod
     def _check_gradient(grads: Sequence[torch.Tensor], i: int) -> torch.Tensor:
@@ -481,10 +311,11 @@ class HessianOperator(CurvatureOperator):
     # torch.func engines
 
     def _stateless_loss(self, index: int) -> Callable[..., torch.Tensor]:
-        keys = [f"model.{name}" for name in self._names]
+        """Batch ``index``'s loss as a function of the parameters, for torch.func; the caller replays the RNGs
+        around the whole transform (see ``_func_hvp``)."""
 
         def f(*params: torch.Tensor) -> torch.Tensor:
-            return self._loss(index, dict(zip(keys, params)))
+            return self.objective.loss(index, params, replay=False)
 
         return f
 
@@ -509,8 +340,8 @@ class HessianOperator(CurvatureOperator):
     def _linearize_all(self) -> None:
         argnums = tuple(range(len(self._leaves)))
         primals = self._primals()
-        for i in range(len(self._batches)):
-            with self._replaying(i), warnings.catch_warnings():
+        for i in range(len(self.objective.batches)):
+            with self.objective.replaying(i), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.fx const-folding chatter
                 try:
                     _, jvp_fn = torch.func.linearize(torch.func.grad(self._stateless_loss(i), argnums), *primals)
@@ -526,8 +357,7 @@ class HessianOperator(CurvatureOperator):
             self._linearized.append(jvp_fn)
 
     def _recomputed_hvp(self, vectors: torch.Tensor, index: int, batched: bool) -> tuple[torch.Tensor, ...]:
-        with self._replaying(index):
-            loss = self._loss(index)
+        loss = self.objective.loss(index)
         grads = torch.autograd.grad(loss, self._leaves, create_graph=True, materialize_grads=True)
         flat = torch.cat([g.reshape(-1) for g in grads])
         return torch.autograd.grad(
@@ -535,7 +365,7 @@ class HessianOperator(CurvatureOperator):
         )
 
     def _func_hvp(self, tangents: Sequence[torch.Tensor], index: int, linearized: bool) -> Sequence[torch.Tensor]:
-        with self._replaying(index):
+        with self.objective.replaying(index):
             if linearized:
                 return self._linearized[index](*tangents)
             argnums = tuple(range(len(self._leaves)))
@@ -646,6 +476,6 @@ class HessianOperator(CurvatureOperator):
 
     def __repr__(self) -> str:
         return (
-            f"HessianOperator(num_params={self.num_params}, batches={len(self._batches)}, method={self.method!r}, "
+            f"HessianOperator(num_params={self.num_params}, batches={len(self.objective.batches)}, method={self.method!r}, "
             f"device={self.device}, dtype={self.dtype})"
         )

@@ -1,7 +1,8 @@
 """How sharp is the point a model sits at: Keskar's epsilon-sharpness, SAM's and the adaptive (ASAM) sharpness.
 
 Every measure here evaluates the same sample-weighted mean loss over batches as
-:class:`~optdiag.curvature.operator.HessianOperator` (THEORY.md section 5), at perturbed parameters passed through
+:class:`~optdiag.curvature.operator.HessianOperator` (THEORY.md section 5), a
+:class:`~optdiag.curvature.objective.BatchObjective`, at perturbed parameters passed through
 ``torch.func.functional_call``: the model's parameters are never written, and its buffers, modes, ``.grad`` and
 RNGs are as before afterwards. Random ops (dropout) draw the same values at every evaluation, so the perturbed and
 unperturbed losses are comparable.
@@ -21,13 +22,10 @@ import numpy as np
 import scipy.optimize
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from optdiag.curvature.batches import as_batch_list, batch_weights, move_batch
-from optdiag.curvature.operator import LossFn, _exact_forward, _LossCall
-from optdiag.curvature.params import flatten, trainable_parameters, unflatten
-from optdiag.curvature.state import preserved_state, replayed_rng, rng_state
-from optdiag.errors import NonFiniteError, UsageError
+from optdiag.curvature.objective import BatchObjective, LossFn
+from optdiag.curvature.state import preserved_state
+from optdiag.errors import UsageError
 
 __all__ = ["SharpnessResult", "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness"]
 
@@ -66,73 +64,6 @@ class SharpnessResult:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict, ready for JSON."""
         return asdict(self)
-
-
-class _WeightedLoss:
-    """The sample-weighted mean loss over batches as a function of the flat trainable-parameter vector.
-
-    Parameters go in through ``functional_call`` and are never written. The RNG snapshot taken at construction is
-    replayed at every evaluation, so dropout draws the same masks each time. Use it inside ``preserved_state``:
-    a train-mode forward updates BatchNorm's running statistics, which the caller must put back.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, batches: Any, *, batch_list: bool = False) -> None:
-        """``batch_list=True``: ``batches`` is already a list of batches (no guessing whether a tuple is one)."""
-        if not isinstance(model, nn.Module):
-            raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
-            raise UsageError(f"loss_fn must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}")
-        named = trainable_parameters(model)
-        self.params = [p for _, p in named]
-        self._keys = [f"model.{name}" for name, _ in named]
-        raw = list(batches) if batch_list else as_batch_list(batches)
-        if not raw:
-            raise UsageError("batches is empty: at least one batch is needed")
-        self._weights = batch_weights(raw)
-        self._device = self.params[0].device
-        self._batches = [move_batch(b, self._device) for b in raw]
-        self._holder = _LossCall(model, loss_fn)
-        self._rng = rng_state()
-        self.n_evals = 0
-
-    def point(self) -> torch.Tensor:
-        """The current parameters as one flat vector (a copy)."""
-        return flatten(p.detach() for p in self.params)
-
-    def per_batch(self, point: torch.Tensor, with_grad: bool = True) -> list[tuple[float, Optional[torch.Tensor]]]:
-        """Each batch's loss and flat gradient (``None`` unless ``with_grad``) at ``point``."""
-        leaves = [t.detach().clone().requires_grad_(with_grad) for t in unflatten(point, self.params)]
-        tensors = dict(zip(self._keys, leaves))
-        out = []
-        with replayed_rng(self._rng), _exact_forward(self._device):
-            for i, batch in enumerate(self._batches):
-                loss = functional_call(self._holder, tensors, (batch,), strict=False)
-                if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise UsageError(f"loss_fn must return a scalar tensor (the mean loss of batch {i})")
-                gradient = None
-                if with_grad:
-                    if loss.grad_fn is None:
-                        raise UsageError(
-                            f"the loss of batch {i} does not depend on the trainable parameters (no autograd graph)"
-                        )
-                    grads = torch.autograd.grad(loss.reshape(()), leaves, allow_unused=True, materialize_grads=True)
-                    gradient = flatten(grads)
-                    if not bool(torch.isfinite(gradient).all()):
-                        raise NonFiniteError(f"the gradient of batch {i} has NaN or infinite entries")
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise NonFiniteError(f"the loss of batch {i} is {value}")
-                out.append((value, gradient))
-        self.n_evals += 1
-        return out
-
-    def __call__(self, point: torch.Tensor, with_grad: bool = True) -> tuple[float, Optional[torch.Tensor]]:
-        """The weighted mean loss and its flat gradient (``None`` unless ``with_grad``) at ``point``."""
-        parts = self.per_batch(point, with_grad)
-        total = sum(w * loss for w, (loss, _) in zip(self._weights, parts))
-        if not with_grad:
-            return total, None
-        return total, sum(w * g for w, (_, g) in zip(self._weights, parts))
 
 
 def _check_positive(name: str, value: Any) -> float:
@@ -195,10 +126,10 @@ def epsilon_sharpness(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UsageError(f"seed must be an int, got {seed!r}")
 
-    f = _WeightedLoss(model, loss_fn, batches)
+    f = BatchObjective(model, loss_fn, batches)
     with preserved_state(model):
         x = f.point()
-        loss, _ = f(x)
+        loss, _ = f.value_and_grad(x)  # also refuses a loss that does not depend on the parameters
         x64 = x.detach().cpu().double().numpy()
         rng = np.random.default_rng(seed)
         if subspace_dim is None:
@@ -216,7 +147,7 @@ def epsilon_sharpness(
 
         def negative_loss(z: np.ndarray) -> tuple[float, np.ndarray]:
             y = torch.as_tensor(to_parameter_space(z), dtype=x.dtype, device=x.device)
-            value, gradient = f(x + y)
+            value, gradient = f.value_and_grad(x + y)
             if value > best["loss"]:
                 best.update(loss=value, z=z.copy())
             gradient64 = gradient.detach().cpu().double().numpy()
@@ -317,10 +248,10 @@ def _first_order_sharpness(
     model: nn.Module, loss_fn: LossFn, batches: Any, rho: float, eta: Optional[float]
 ) -> SharpnessResult:
     """SAM (``eta=None``: ``T_w = I``) or ASAM (``T_w = |w| + eta``): ``L(w + rho T^2 g / |T g|) - L(w)``."""
-    f = _WeightedLoss(model, loss_fn, batches)
+    f = BatchObjective(model, loss_fn, batches)
     with preserved_state(model):
         w = f.point()
-        loss, gradient = f(w)
+        loss, gradient = f.value_and_grad(w)
         scale = torch.ones_like(w) if eta is None else w.abs() + eta
         scaled_norm = float(torch.linalg.vector_norm(scale * gradient))
         if scaled_norm == 0.0:
@@ -330,7 +261,7 @@ def _first_order_sharpness(
                 "epsilon_sharpness or lambda_max at a critical point"
             )
         perturbation = rho * scale**2 * gradient / scaled_norm
-        perturbed_loss, _ = f(w + perturbation, with_grad=False)
+        perturbed_loss = f.value(w + perturbation)
     return SharpnessResult(
         value=perturbed_loss - loss,
         kind="sam" if eta is None else "adaptive",
