@@ -201,6 +201,20 @@ def test_plain_state_dict_with_a_factory_and_a_criterion(tmp_path):
     assert point.n_batches == 2  # the datamodule's batches of 6
 
 
+def test_loss_pass_over_several_chunks_of_an_mse_model(tmp_path):
+    # max_batches=1 and two batches of 6: the second batch is a later chunk of the loss pass. Its operator must not
+    # need forward-mode derivatives, which F.mse_loss lacks in torch 2.13.
+    path = tmp_path / "zero.pt"
+    torch.save({"model_state_dict": {"net.0.weight": torch.zeros(2, 3)}}, path)
+    report = analyze_checkpoint(path, model=fx.make_plain_net, data=fx.make_datamodule, loss=torch.nn.MSELoss,
+                                **dict(FAST, max_batches=1))
+    point = report[0]
+    assert (point.n_batches, point.hessian_batches, point.n_samples) == (2, 1, 12)
+    # At W = 0 with whitened inputs: mean |A x|^2 / 2 = |A|_F^2 / 2 = 5, and the gradient is -A, of norm sqrt(10).
+    assert point.loss == pytest.approx(5.0, rel=1e-6)
+    assert point.grad_norm == pytest.approx(10.0**0.5, rel=1e-6)
+
+
 def test_bad_settings_are_usage_errors(checkpoints):
     with pytest.raises(UsageError, match="max_batches"):
         analyze_checkpoint(checkpoints["minimum"], model=fx.LinearNet, max_batches=0)

@@ -491,13 +491,15 @@ def _loss_pass(
     """The analysis operator (first chunk) and the mean loss, gradient norm, samples and batches over all chunks.
 
     Each chunk's loss and gradient come from a ``HessianOperator`` over it (the same sample weighting and forward
-    as the curvature); later chunks use the ``"func"`` engine, which keeps no graph, and are freed at once.
+    as the curvature); later chunks use the ``"recompute"`` engine, which keeps no graph (and, unlike ``"func"``,
+    needs no forward-mode derivatives), and are freed at once.
     """
     first: Optional[HessianOperator] = None
     loss_sum, grad_sum, n_samples, n_batches = 0.0, None, 0, 0
     for chunk in _chunks(iter_batches(data, settings.loss_batches, where), settings.max_batches):
         sizes = [sample_count(b, n_batches + i) for i, b in enumerate(chunk)]
-        op = HessianOperator(model, loss_fn, chunk, method="auto" if first is None else "func", dtype=settings.dtype)
+        method = "auto" if first is None else "recompute"
+        op = HessianOperator(model, loss_fn, chunk, method=method, dtype=settings.dtype)
         count = sum(sizes)
         loss_sum += op.loss * count
         gradient = op.gradient().double() * count
