@@ -236,6 +236,7 @@ class StallDiagnoser(OptDiagCallback):
         if event is not None:
             self._handle(trainer, pl_module, event)
 
+    @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._drive("on_train_end", trainer, pl_module)
         if self.verbose and trainer.is_global_zero:
