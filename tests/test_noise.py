@@ -241,7 +241,7 @@ def test_estimate_splits_dict_batches_and_leaves_the_model_alone():
     [
         ([(torch.zeros(8, 2), torch.zeros(8)), (torch.zeros(6, 2), torch.zeros(6))], 2, "batch 1 has 6 samples"),
         ([(torch.zeros(8, 2), torch.zeros(8))], 8, "smaller than the batch size 8"),
-        ([(torch.zeros(8, 2), torch.zeros(8))], 0, "positive int"),
+        ([(torch.zeros(8, 2), torch.zeros(8))], 0, "small_batch_size must be >= 1"),
         ([(torch.zeros(8, 2), torch.zeros(7))], 2, "common leading"),
         ([], 2, "empty"),
     ],

@@ -42,6 +42,7 @@ from optdiag.curvature import (
     spectral_density,
     top_eigenvalues,
 )
+from optdiag.curvature._checks import check_count, check_positive
 from optdiag.curvature.batches import sample_count
 from optdiag.errors import OptDiagError, UsageError
 
@@ -92,27 +93,23 @@ class AnalysisSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_batches", "k", "trace_hvp", "density_runs", "density_steps"):
-            _positive_int(name, getattr(self, name))
+            check_count(name, getattr(self, name))
         if self.loss_batches is not None:
-            _positive_int("loss_batches", self.loss_batches)
-        if isinstance(self.resolution, bool) or not isinstance(self.resolution, int) or self.resolution < 3:
-            raise UsageError(f"resolution must be an int of at least 3, got {self.resolution!r}")
+            check_count("loss_batches", self.loss_batches)
+        check_count("resolution", self.resolution, minimum=3)
         if isinstance(self.surface_resolution, bool) or not isinstance(self.surface_resolution, int) or (
             self.surface_resolution != 0 and self.surface_resolution < 3
         ):
             raise UsageError(f"surface_resolution must be 0 (no contour) or at least 3, got {self.surface_resolution!r}")
         for name in ("tol", "eps", "rho_sam", "rho_adaptive"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise UsageError(f"{name} must be a positive number, got {value!r}")
+            check_positive(name, getattr(self, name))
         if self.radius is not None and not (isinstance(self.radius, (int, float)) and self.radius > 0):
             raise UsageError(f"radius must be a positive number or None, got {self.radius!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("device 'cuda' was asked for but no CUDA device is available")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise UsageError(f"seed must be a non-negative int, got {self.seed!r}")
+        check_count("seed", self.seed, minimum=0)
 
     @property
     def torch_device(self) -> torch.device:
@@ -125,11 +122,6 @@ class AnalysisSettings:
         out["dtype"] = None if self.dtype is None else str(self.dtype).replace("torch.", "")
         out["device_used"] = str(self.torch_device)
         return out
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UsageError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass

@@ -21,9 +21,8 @@ from scipy.linalg import eigh_tridiagonal
 
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.curvature.lanczos import lanczos_tridiagonal
+from optdiag.curvature._checks import check_count, check_operator
 from optdiag.curvature.trace import (
-    check_count,
-    check_operator,
     plain_values,
     probe_generator,
     random_probe,

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from optdiag.curvature._checks import check_count, check_operator, check_seed
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.errors import NonFiniteError, UsageError
 
@@ -233,17 +234,6 @@ def _wanted_order(values: np.ndarray, which: str) -> np.ndarray:
     return np.argsort(-np.abs(values), kind="stable")
 
 
-def _check_operator(op: Any) -> None:
-    if not isinstance(op, CurvatureOperator):
-        raise UsageError(f"expected a CurvatureOperator (e.g. HessianOperator, MatrixOperator), got {type(op).__name__}")
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 def _check_tol(tol: Any) -> float:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not np.isfinite(tol) or tol <= 0:
         raise UsageError(f"tol must be a positive finite number (relative to the spectral scale), got {tol!r}")
@@ -335,27 +325,27 @@ def top_eigenvalues(
         >>> round(top_eigenvalues(op, k=1, which="SA", tol=1e-8).eigenvalues.item(), 6)
         1.0
     """
-    _check_operator(op)
+    check_operator(op)
     n = op.num_params
-    k = _check_positive_int("k", k)
+    k = check_count("k", k)
     if k > n:
         raise UsageError(f"k={k} eigenpairs asked of an operator with only num_params={n} dimensions (need k <= n)")
     if which not in _WHICH:
         raise UsageError(f"which must be one of {_WHICH} (largest, smallest algebraic, largest magnitude), got {which!r}")
     tol = _check_tol(tol)
-    block = min(_check_positive_int("block", block), n)
+    block = min(check_count("block", block), n)
     start_rows = _start_rows(op, v0)
     if start_rows is not None:
         # Warm start: each previous eigenvector seeds its own block column. Their sum as one vector would mix
         # nearby eigenvectors back together; as a block the first product already gives their Rayleigh-Ritz pairs.
         block = max(block, min(start_rows.shape[0], k, n))
-    max_hvp = max(20 * k, 100) if max_hvp is None else _check_positive_int("max_hvp", max_hvp)
+    max_hvp = max(20 * k, 100) if max_hvp is None else check_count("max_hvp", max_hvp)
     if max_hvp < k:
         raise UsageError(f"max_hvp={max_hvp} is too small for k={k}: at least k operator products are needed")
     if max_basis is None:
         capacity = min(n, max(3 * k + 20, 60, k + 4 * block))
     else:
-        capacity = min(_check_positive_int("max_basis", max_basis), n)
+        capacity = min(check_count("max_basis", max_basis), n)
         if capacity < min(n, k + 2 * block):
             raise UsageError(
                 f"max_basis={max_basis} is too small: it must hold k + 2 * block = {k + 2 * block} vectors "
@@ -363,7 +353,7 @@ def top_eigenvalues(
             )
     keep = max(k, min(capacity - 2 * block, k + (capacity - k) // 2))
 
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator().manual_seed(check_seed(seed))
     basis = _KrylovBasis(op, capacity, generator, refill=True)
     basis.tridiagonal = block == 1  # blocks couple each vector to up to 2 * block neighbours
     if start_rows is not None:
@@ -430,10 +420,10 @@ def power_iteration(
         >>> round(power_iteration(op, tol=1e-10).eigenvalues.item(), 6)
         -4.0
     """
-    _check_operator(op)
+    check_operator(op)
     tol = _check_tol(tol)
-    max_hvp = _check_positive_int("max_hvp", max_hvp)
-    generator = torch.Generator().manual_seed(int(seed))
+    max_hvp = check_count("max_hvp", max_hvp)
+    generator = torch.Generator().manual_seed(check_seed(seed))
     rows = _start_rows(op, v0)
     starts = [] if rows is None else _combine_rows(rows, 1)
     if starts and float(torch.linalg.vector_norm(starts[0])) > 0.0:
@@ -488,8 +478,8 @@ def lanczos_tridiagonal(
         >>> len(alphas), sorted(round(float(x), 6) for x in scipy.linalg.eigh_tridiagonal(alphas, betas)[0])
         (3, [1.0, 2.0, 3.0])
     """
-    _check_operator(op)
-    num_steps = _check_positive_int("num_steps", num_steps)
+    check_operator(op)
+    num_steps = check_count("num_steps", num_steps)
     if not isinstance(start, torch.Tensor) or start.dim() != 1 or start.numel() != op.num_params:
         raise UsageError(f"start must be a flat tensor of length num_params={op.num_params}")
     if not torch.isfinite(start).all() or float(torch.linalg.vector_norm(start)) == 0.0:

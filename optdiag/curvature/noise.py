@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from optdiag.curvature._checks import check_count, check_positive
 from optdiag.curvature.batches import as_batch_list, iter_tensors, map_tensors
 from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.state import preserved_state
@@ -111,7 +112,7 @@ def gradient_noise_scale(
     """
     small = _measurements("sq_norm_small", sq_norm_small)
     big = _measurements("sq_norm_big", sq_norm_big)
-    b_small, b_big = _batch_size("b_small", b_small), _batch_size("b_big", b_big)
+    b_small, b_big = check_positive("b_small", b_small), check_positive("b_big", b_big)
     if not b_small < b_big:
         raise UsageError(f"need b_small < b_big, got b_small={b_small:g} and b_big={b_big:g}")
     if paired and small.size != big.size:
@@ -156,12 +157,6 @@ def _measurements(name: str, values) -> np.ndarray:
     if not np.all(np.isfinite(array)) or np.any(array < 0):
         raise UsageError(f"{name} must hold finite, non-negative squared norms, got {array.tolist()[:8]}")
     return array
-
-
-def _batch_size(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise UsageError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _stderr(values: np.ndarray) -> float:
@@ -242,7 +237,7 @@ def gradient_is_zero(
         (0.32, True)
     """
     sq_norm, trace_sigma = _finite("sq_norm", sq_norm), _finite("trace_sigma", trace_sigma)
-    batch_size, theta = _batch_size("batch_size", batch_size), _batch_size("theta", theta)
+    batch_size, theta = check_positive("batch_size", batch_size), check_positive("theta", theta)
     if trace_sigma > 0:
         statistic = batch_size * sq_norm / trace_sigma
     else:
@@ -305,8 +300,7 @@ def estimate_gradient_noise_scale(
         >>> estimate_gradient_noise_scale(net, loss_fn, data, small_batch_size=8).n_big
         4
     """
-    if isinstance(small_batch_size, bool) or not isinstance(small_batch_size, int) or small_batch_size < 1:
-        raise UsageError(f"small_batch_size must be a positive int, got {small_batch_size!r}")
+    small_batch_size = check_count("small_batch_size", small_batch_size)
     raw = as_batch_list(batches)
     if not raw:
         raise UsageError("batches is empty: at least one batch is needed")

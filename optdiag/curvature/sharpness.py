@@ -23,6 +23,7 @@ import scipy.optimize
 import torch
 from torch import nn
 
+from optdiag.curvature._checks import check_count, check_positive, check_seed
 from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.curvature.state import preserved_state
 from optdiag.errors import UsageError
@@ -64,12 +65,6 @@ class SharpnessResult:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict, ready for JSON."""
         return asdict(self)
-
-
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UsageError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def epsilon_sharpness(
@@ -116,15 +111,10 @@ def epsilon_sharpness(
         >>> epsilon_sharpness(net, loss_fn, data, eps=1e-3).value >= 0
         True
     """
-    eps = _check_positive("eps", eps)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise UsageError(f"max_iter must be a positive int, got {max_iter!r}")
-    if subspace_dim is not None and (
-        isinstance(subspace_dim, bool) or not isinstance(subspace_dim, int) or subspace_dim < 1
-    ):
-        raise UsageError(f"subspace_dim must be a positive int or None, got {subspace_dim!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UsageError(f"seed must be an int, got {seed!r}")
+    eps = check_positive("eps", eps)
+    max_iter = check_count("max_iter", max_iter)
+    subspace_dim = None if subspace_dim is None else check_count("subspace_dim", subspace_dim)
+    seed = check_seed(seed)
 
     f = BatchObjective(model, loss_fn, batches)
     with preserved_state(model):
@@ -203,7 +193,7 @@ def sam_sharpness(model: nn.Module, loss_fn: LossFn, batches: Any, rho: float = 
         >>> sam_sharpness(net, loss_fn, data, rho=0.05).kind
         'sam'
     """
-    rho = _check_positive("rho", rho)
+    rho = check_positive("rho", rho)
     return _first_order_sharpness(model, loss_fn, batches, rho, eta=None)
 
 
@@ -238,7 +228,7 @@ def adaptive_sharpness(
         >>> adaptive_sharpness(net, loss_fn, data, rho=0.5, eta=0.0).kind
         'adaptive'
     """
-    rho = _check_positive("rho", rho)
+    rho = check_positive("rho", rho)
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
         raise UsageError(f"eta must be a non-negative finite number, got {eta!r}")
     return _first_order_sharpness(model, loss_fn, batches, rho, eta=float(eta))

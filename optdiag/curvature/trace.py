@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from optdiag.curvature._checks import check_count, check_operator, check_seed
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.errors import NonFiniteError, UsageError
 
@@ -67,31 +68,6 @@ def plain_values(value: Any) -> Any:
     if isinstance(value, (np.ndarray, np.generic)):
         return value.tolist()
     return value
-
-
-def check_operator(op: Any) -> CurvatureOperator:
-    """Raise a clear error unless ``op`` is a :class:`CurvatureOperator`."""
-    if not isinstance(op, CurvatureOperator):
-        raise UsageError(
-            f"expected a CurvatureOperator (e.g. HessianOperator or MatrixOperator), got {type(op).__name__}"
-        )
-    return op
-
-
-def check_count(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int, or a :class:`UsageError` naming ``name`` if it is not an integer ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UsageError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise UsageError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def check_seed(seed: Any) -> int:
-    """``seed`` as an int, or a :class:`UsageError` if it is not an integer."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    return int(seed)
 
 
 def probe_generator(op: CurvatureOperator, seed: int) -> torch.Generator:
