@@ -281,6 +281,7 @@ def _optdiag(*args: str, cwd: str) -> subprocess.CompletedProcess:
                           text=True, timeout=240)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and Lightning
 def test_cli_bad_scenario_exits_2_with_one_line(tmp_path):
     done = _optdiag("demo", "--scenario", "nope", "--out", str(tmp_path / "o"), cwd=str(tmp_path))
     assert done.returncode == 2

@@ -17,7 +17,7 @@ import torch
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
-from optdiag.curvature.operator import HessianOperator
+from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis import Diagnosis, Evidence, OptimizerSpec, StallDetector, StallEvent, diagnose_stall
@@ -367,14 +367,12 @@ class StallDiagnoser(OptDiagCallback):
         batches = monitor._batches()  # the probe set the eigenvector was computed on (HessianMonitor internals)
         if not batches:
             return out
-        from optdiag.analysis.landscape import loss_at, point_of  # the one place a loss is evaluated off-model
-
         with preserved_state(pl_module):
             pl_module.train(monitor.mode == "train")
-            with HessianOperator(pl_module, monitor.loss_fn, batches, method="recompute", dtype=u.dtype) as op:
-                theta = point_of(op)
-                direction = u.to(device=theta.device, dtype=theta.dtype)
-                values = [op.loss, loss_at(op, theta + t * direction), loss_at(op, theta - t * direction)]
+            objective = BatchObjective(pl_module, monitor.loss_fn, batches, dtype=u.dtype, batch_list=True)
+            theta = objective.point()
+            direction = u.to(device=theta.device, dtype=theta.dtype)
+            values = [objective.value(theta + sign * t * direction) for sign in (0.0, 1.0, -1.0)]
         base, plus, minus = (self._reduced_mean(trainer, [v]) for v in values)
         # the eigenvector's sign is arbitrary: the escape goes whichever way the loss falls more
         out.update(escape_measured_drop=min(plus, minus) - base, escape_probe_loss=base)
