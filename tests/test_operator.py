@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import collections
+import copy
+import math
 import random
 
 import numpy as np
@@ -11,6 +14,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from optdiag.curvature.batches import (
+    as_batch_list,
+    batch_weights,
+    first_tensor,
+    iter_tensors,
+    map_tensors,
+    move_batch,
+    sample_count,
+)
+from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.operator import METHODS, HessianOperator, supervised_loss
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
 from tests.models import (
@@ -411,3 +424,105 @@ def test_supervised_loss_validates_criterion_and_batch():
     with pytest.raises(UsageError, match="length 3"):
         loss_fn(nn.Identity(), (torch.ones(2), torch.ones(2), torch.ones(2)))
     assert float(loss_fn(nn.Identity(), {"x": torch.ones(2), "y": torch.zeros(2)})) == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective behind the operator, and the batch conventions
+
+
+def _at(model: nn.Module, theta: torch.Tensor) -> nn.Module:
+    """A copy of ``model`` with its (all trainable) parameters set to the flat ``theta``."""
+    moved = copy.deepcopy(model)
+    torch.nn.utils.vector_to_parameters(theta, moved.parameters())
+    return moved
+
+
+def test_objective_equals_the_dense_reference_away_from_the_point_and_leaves_batchnorm_alone():
+    model, criterion, batches = _case("cnn_bn_train")  # train-mode BatchNorm: a forward would update its buffers
+    buffers = {name: (buf, buf.clone()) for name, buf in model.named_buffers()}
+    f = BatchObjective(model, supervised_loss(criterion), batches)
+    d = torch.randn(f.num_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    theta = f.point() + 0.1 * d
+    value, gradient = f.value_and_grad(theta)
+    shifted = _at(model, theta)
+    assert value == pytest.approx(float(reference_loss(shifted, criterion, batches)), rel=1e-13)
+    torch.testing.assert_close(gradient, reference_gradient(shifted, criterion, batches), atol=ATOL, rtol=0)
+    assert f.value(theta) == value and f.n_evals == 2
+    assert f.weights == [6 / 9, 3 / 9]
+    torch.testing.assert_close(f.point(), torch.nn.utils.parameters_to_vector(model.parameters()), atol=0, rtol=0)
+    for name, buf in model.named_buffers():
+        assert buf is buffers[name][0] and torch.equal(buf, buffers[name][1]), name
+
+
+def test_operator_objective_is_its_loss_with_its_dropout_mask():
+    torch.manual_seed(0)
+    model = DropoutMLP().double().train()
+    batches = [_mlp_class_batch(8, 1), _mlp_class_batch(5, 2)]
+    batches = [(x, y % 2) for x, y in batches]
+    loss_fn = supervised_loss(nn.CrossEntropyLoss())
+    torch.manual_seed(42)
+    op = HessianOperator(model, loss_fn, batches)
+    before = torch.get_rng_state()
+    f = op.objective
+    value, gradient = f.value_and_grad(f.point())
+    assert value == pytest.approx(op.loss, rel=1e-14)
+    torch.testing.assert_close(gradient, op.gradient(), atol=1e-14, rtol=0)
+    assert f.value(f.point()) == value  # the same draws at every evaluation
+    torch.manual_seed(42)
+    assert BatchObjective(model, loss_fn, batches).value(f.point()) == value  # built at the same RNG state
+    torch.manual_seed(43)
+    assert BatchObjective(model, loss_fn, batches).value(f.point()) != pytest.approx(value)  # dropout is active
+    torch.set_rng_state(before)
+    f.value(f.point() + 0.01)
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream never moves
+
+
+def test_objective_batches_draw_from_one_stream_whatever_order_they_are_first_evaluated_in():
+    torch.manual_seed(0)
+    model = DropoutMLP().double().train()
+    batches = [(mlp_batch(6, seed)[0], torch.zeros(6, dtype=torch.long)) for seed in (1, 2)]
+    loss_fn = supervised_loss(nn.CrossEntropyLoss())
+    torch.manual_seed(7)
+    in_order = BatchObjective(model, loss_fn, batches)
+    expected = [float(in_order.loss(0).detach()), float(in_order.loss(1).detach())]
+    torch.manual_seed(7)
+    backwards = BatchObjective(model, loss_fn, batches)
+    with pytest.raises(UsageError, match="not been evaluated"):
+        backwards.replaying(1)
+    assert [float(backwards.loss(1).detach()), float(backwards.loss(0).detach())] == expected[::-1]
+    assert expected[0] != expected[1]
+
+
+def test_objective_value_can_return_a_non_finite_loss_and_checks_the_point():
+    model = nn.Linear(1, 1, bias=False).double()
+    f = BatchObjective(model, lambda m, b: (1.0 / m(b) ** 2).mean(), torch.ones(4, 1, dtype=torch.float64))
+    assert f.value(torch.tensor([0.5], dtype=torch.float64)) == 4.0
+    assert f.value(torch.zeros(1, dtype=torch.float64), finite=False) == math.inf
+    with pytest.raises(NonFiniteError, match="loss of batch 0"):
+        f.value(torch.zeros(1, dtype=torch.float64))
+    with pytest.raises(UsageError, match="length 1"):
+        f.value(torch.zeros(2, dtype=torch.float64))
+
+
+Pair = collections.namedtuple("Pair", "x y")
+
+
+def test_batch_conventions():
+    x, y = torch.zeros(6, 3), torch.zeros(6, dtype=torch.long)
+    assert len(as_batch_list((x, y))) == 1 and len(as_batch_list([(x, y), (x, y)])) == 2
+    assert len(as_batch_list(iter([x, x, x]))) == 3 and as_batch_list([]) == []
+    with pytest.raises(UsageError, match="iterable of batches"):
+        as_batch_list(3)
+    nested = {"meta": ("id", torch.ones(2)), "x": x}
+    assert [t.shape for t in iter_tensors(nested)] == [torch.Size([2]), torch.Size([6, 3])]
+    assert first_tensor(["no", "tensors"]) is None and sample_count(nested) == 2
+    with pytest.raises(UsageError, match="batch 4.*batch_sizes"):
+        sample_count(("text", torch.tensor(1.0)), 4)
+    assert batch_weights([(x, y), (x[:2], y[:2])]) == [0.75, 0.25]
+    assert batch_weights([None, None], [1, 3]) == [0.25, 0.75]
+    with pytest.raises(UsageError, match="batch size 1 must be a positive number"):
+        batch_weights([x, x], [1, 0])
+    pair = map_tensors(Pair(x, [y, "label"]), lambda t: t[:2])
+    assert isinstance(pair, Pair) and pair.x.shape == (2, 3) and pair.y[0].shape == (2,) and pair.y[1] == "label"
+    moved = move_batch({"x": x, "y": y}, torch.device("cpu"), torch.float64)
+    assert moved["x"].dtype == torch.float64 and moved["y"].dtype == torch.long
