@@ -26,6 +26,9 @@ _WHICH = ("LA", "SA", "LM")
 _TWICE_IS_ENOUGH = 0.717
 _MAX_ORTHOGONALISATION_PASSES = 4
 
+# Share of a fresh random direction mixed into every warm-start vector (see _warm_starts).
+_WARM_START_MIX = 0.3
+
 
 @dataclass
 class EigenResult:
@@ -42,6 +45,7 @@ class EigenResult:
         scale: the spectral scale the relative tolerance was measured against (the largest Ritz value magnitude).
 
     Example:
+        >>> from optdiag.curvature import MatrixOperator
         >>> op = MatrixOperator(torch.diag(torch.tensor([3.0, 1.0, -2.0], dtype=torch.float64)))
         >>> res = top_eigenvalues(op, k=1)
         >>> round(res.eigenvalues.item(), 6), res.converged
@@ -269,6 +273,25 @@ def _combine_rows(rows: torch.Tensor, count: int) -> list[torch.Tensor]:
     return [rows[slot::count].sum(dim=0) for slot in range(min(count, rows.shape[0]))]
 
 
+def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Warm-start vectors: the combined rows, each with a share ``_WARM_START_MIX`` of a fresh random direction.
+
+    A warm start comes from a nearby but different operator, where it may be (nearly) an eigenvector of the
+    wrong eigenvalue, say an interior one after the spectrum moved. Alone it spans an (almost) invariant
+    subspace, its Ritz residual is tiny and the convergence test would accept the wrong eigenvalue after one
+    product. The random share makes the Krylov space reach the whole spectrum, so only the wanted extreme
+    pairs can pass the residual test; it costs a few products against a pure warm start.
+    """
+    starts = []
+    for vector in _combine_rows(rows, count):
+        noise = torch.randn(vector.numel(), generator=generator, dtype=torch.float64).to(vector.device, vector.dtype)
+        noise = noise / torch.linalg.vector_norm(noise)
+        norm = torch.linalg.vector_norm(vector)
+        direction = vector / norm if float(norm) > 0.0 else torch.zeros_like(vector)
+        starts.append(direction + _WARM_START_MIX * noise)
+    return starts
+
+
 def top_eigenvalues(
     op: CurvatureOperator,
     k: int = 1,
@@ -301,7 +324,10 @@ def top_eigenvalues(
         v0: a start vector of length ``num_params``, a matrix of start vectors (rows), or a previous
             ``EigenResult`` (warm start). With ``r`` rows the block size grows to ``min(r, k)``: each row (up to
             ``k``; further ones are summed in round-robin) starts its own block column, so a warm start from ``k``
-            previous eigenvectors begins with their Rayleigh-Ritz pairs. Default: one random vector.
+            previous eigenvectors begins with their Rayleigh-Ritz pairs. Each warm-start vector gets a 30% share
+            of a seeded random direction, because a vector from an earlier operator can be an eigenvector of the
+            wrong (interior) eigenvalue of this one and would otherwise "converge" at once. Default: one random
+            vector.
         seed: seed of the private ``torch.Generator`` for random start and refill vectors (global RNG untouched).
         block: vectors multiplied per step (block Lanczos). A single-vector Krylov space holds one copy of a
             repeated eigenvalue per invariant subspace; use ``block`` >= the multiplicity you need resolved.
@@ -318,6 +344,7 @@ def top_eigenvalues(
         NonFiniteError: the operator returned NaN or Inf.
 
     Example:
+        >>> from optdiag.curvature import MatrixOperator
         >>> op = MatrixOperator(torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64)))
         >>> res = top_eigenvalues(op, k=2, which="LA", tol=1e-8)
         >>> [round(x, 6) for x in res.eigenvalues.tolist()], res.converged
@@ -357,7 +384,7 @@ def top_eigenvalues(
     basis = _KrylovBasis(op, capacity, generator, refill=True)
     basis.tridiagonal = block == 1  # blocks couple each vector to up to 2 * block neighbours
     if start_rows is not None:
-        basis.add_start_vectors(_combine_rows(start_rows, block))
+        basis.add_start_vectors(_warm_starts(start_rows, block, generator))
     while basis.n_basis < block:
         basis.add_random_vector()
 
@@ -416,6 +443,7 @@ def power_iteration(
         EigenResult with ``k = 1`` and ``which = "LM"``.
 
     Example:
+        >>> from optdiag.curvature import MatrixOperator
         >>> op = MatrixOperator(torch.diag(torch.tensor([1.0, -4.0, 2.0], dtype=torch.float64)))
         >>> round(power_iteration(op, tol=1e-10).eigenvalues.item(), 6)
         -4.0
@@ -427,7 +455,7 @@ def power_iteration(
     rows = _start_rows(op, v0)
     starts = [] if rows is None else _combine_rows(rows, 1)
     if starts and float(torch.linalg.vector_norm(starts[0])) > 0.0:
-        v = starts[0]
+        v = starts[0]  # exactly the given start: the baseline follows its textbook closed form
     else:
         v = torch.randn(op.num_params, generator=generator, dtype=torch.float64).to(op.device, op.dtype)
     v = v / torch.linalg.vector_norm(v)
@@ -473,6 +501,7 @@ def lanczos_tridiagonal(
         of ``T`` as float64 numpy arrays, and the ``(m, num_params)`` orthonormal basis on the operator's device.
 
     Example:
+        >>> from optdiag.curvature import MatrixOperator
         >>> op = MatrixOperator(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)))
         >>> alphas, betas, basis = lanczos_tridiagonal(op, torch.ones(3, dtype=torch.float64), 5)
         >>> len(alphas), sorted(round(float(x), 6) for x in scipy.linalg.eigh_tridiagonal(alphas, betas)[0])
