@@ -26,8 +26,10 @@ _WHICH = ("LA", "SA", "LM")
 _TWICE_IS_ENOUGH = 0.717
 _MAX_ORTHOGONALISATION_PASSES = 4
 
-# Share of a fresh random direction mixed into every warm-start vector (see _warm_starts).
-_WARM_START_MIX = 0.3
+# A random share of 10x the tolerance in a warm start keeps a wrong start's residual well above the convergence
+# test (see _warm_starts) while costing little; capped where a start would stop being warm at all.
+_WARM_START_MIX_PER_TOL = 10.0
+_WARM_START_MIX_MAX = 0.3
 
 
 @dataclass
@@ -273,22 +275,25 @@ def _combine_rows(rows: torch.Tensor, count: int) -> list[torch.Tensor]:
     return [rows[slot::count].sum(dim=0) for slot in range(min(count, rows.shape[0]))]
 
 
-def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """Warm-start vectors: the combined rows, each with a share ``_WARM_START_MIX`` of a fresh random direction.
+def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator, tol: float) -> list[torch.Tensor]:
+    """Warm-start vectors: the combined rows, each plus a share ``min(0.3, 10 tol)`` of a fresh random direction.
 
     A warm start comes from a nearby but different operator, where it may be (nearly) an eigenvector of the
     wrong eigenvalue, say an interior one after the spectrum moved. Alone it spans an (almost) invariant
     subspace, its Ritz residual is tiny and the convergence test would accept the wrong eigenvalue after one
-    product. The random share makes the Krylov space reach the whole spectrum, so only the wanted extreme
-    pairs can pass the residual test; it costs a few products against a pure warm start.
+    product. The random share makes the Krylov space reach the whole spectrum and keeps such a start's residual
+    (about share x the spectrum's spread) above ``tol`` times the scale, so only the wanted extreme pairs can
+    pass the residual test. The share is tied to ``tol`` because it costs products (on THEORY's spectrum, k=5 at
+    tol=1e-4: 10 products with share 1e-3, 90 with share 0.3, 119 cold).
     """
+    mix = min(_WARM_START_MIX_MAX, _WARM_START_MIX_PER_TOL * tol)
     starts = []
     for vector in _combine_rows(rows, count):
         noise = torch.randn(vector.numel(), generator=generator, dtype=torch.float64).to(vector.device, vector.dtype)
         noise = noise / torch.linalg.vector_norm(noise)
         norm = torch.linalg.vector_norm(vector)
         direction = vector / norm if float(norm) > 0.0 else torch.zeros_like(vector)
-        starts.append(direction + _WARM_START_MIX * noise)
+        starts.append(direction + mix * noise)
     return starts
 
 
@@ -324,8 +329,8 @@ def top_eigenvalues(
         v0: a start vector of length ``num_params``, a matrix of start vectors (rows), or a previous
             ``EigenResult`` (warm start). With ``r`` rows the block size grows to ``min(r, k)``: each row (up to
             ``k``; further ones are summed in round-robin) starts its own block column, so a warm start from ``k``
-            previous eigenvectors begins with their Rayleigh-Ritz pairs. Each warm-start vector gets a 30% share
-            of a seeded random direction, because a vector from an earlier operator can be an eigenvector of the
+            previous eigenvectors begins with their Rayleigh-Ritz pairs. Each warm-start vector gets a share
+            ``min(0.3, 10 tol)`` of a seeded random direction, because a vector from an earlier operator can be an eigenvector of the
             wrong (interior) eigenvalue of this one and would otherwise "converge" at once. Default: one random
             vector.
         seed: seed of the private ``torch.Generator`` for random start and refill vectors (global RNG untouched).
@@ -384,7 +389,7 @@ def top_eigenvalues(
     basis = _KrylovBasis(op, capacity, generator, refill=True)
     basis.tridiagonal = block == 1  # blocks couple each vector to up to 2 * block neighbours
     if start_rows is not None:
-        basis.add_start_vectors(_warm_starts(start_rows, block, generator))
+        basis.add_start_vectors(_warm_starts(start_rows, block, generator, tol))
     while basis.n_basis < block:
         basis.add_random_vector()
 
