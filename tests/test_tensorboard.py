@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import re
+import warnings
 
+import pytest
 import pytorch_lightning as pl
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
@@ -56,3 +59,41 @@ def test_custom_scalars_layout_is_registered_once_and_matches_the_logged_tags(tm
         assert any(re.fullmatch(pattern.rstrip("$"), wanted) for pattern in curvature)
     per_layer = charts["optdiag: Gradients"]["per-layer gradient norms"][0]
     assert {t for t in scalar_tags if re.search(per_layer, t)} == {"optdiag/net.0/grad_norm", "optdiag/net.2/grad_norm"}
+
+
+class Exploding(pl.LightningModule):
+    """loss = w^2 with SGD at lr 50: w <- -99 w, so the gradient 2 w grows 99-fold per step. It passes TensorBoard's
+    default histogram range (1e20) at step 10, is still finite at step 19 (2 * 99^19 = 1.7e38 < float32 max) and
+    overflows to Inf at step 20, NaN after."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0]))
+
+    def training_step(self, batch, batch_idx):
+        return (self.w**2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=50.0)
+
+
+def test_histograms_of_huge_and_non_finite_gradients_never_fail(tmp_path):
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    monitor = GradientNormMonitor(histogram_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=24, logger=logger)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(24, 1)), batch_size=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Exploding(), loader)
+    messages = [str(w.message) for w in caught if "optdiag" in str(w.message)]
+    assert not any("failed and was skipped" in m for m in messages), messages  # no "The histogram is empty"
+    assert sum("histograms of optdiag/w/grad skipped at step 20" in m for m in messages) == 1  # warned once ...
+    assert monitor.warning_counts["non-finite-histogram"] == 4  # ... and counted: steps 20 (Inf) to 23 (NaN)
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    accumulator.Reload()
+    events = accumulator.Histograms("optdiag/w/grad")
+    assert [e.step for e in events] == list(range(20))  # every finite gradient, beyond 1e20 too
+    for event in events:
+        expected = 2 * (-99.0) ** event.step
+        assert event.histogram_value.min == pytest.approx(expected, rel=1e-5)
+        assert event.histogram_value.num == 1

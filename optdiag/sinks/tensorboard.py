@@ -74,9 +74,44 @@ def log_figure(logger: Any, tag: str, figure: Any, step: int) -> None:
     logger.experiment.add_image(tag, image, global_step=int(step), dataformats="HWC")
 
 
-def log_histograms(logger: Any, tensors: Mapping[str, torch.Tensor], step: int) -> None:
-    """Add one histogram per named tensor (values flattened, on the CPU, as float32)."""
+# SummaryWriter's default ("tensorflow") bins span +-1e-12 .. +-1e20 (generate_testdata.py in TensorBoard); values
+# outside are dropped, and a tensor with none inside raises "The histogram is empty".
+_DEFAULT_BINS_LIMIT = 1e20
+_WIDE_BINS = 64
+
+
+def log_histograms(logger: Any, tensors: Mapping[str, torch.Tensor], step: int) -> list[str]:
+    """Add one histogram per named tensor (values flattened, on the CPU, as float32).
+
+    A tensor holding NaN or Inf has no histogram (TensorBoard cannot draw one) and is skipped; empty tensors too.
+    Finite values beyond TensorBoard's default bins (``|v| >= 1e20``, e.g. a diverging run's gradients) are binned
+    in 64 equal-width bins over their range instead, so that none is dropped (and no "histogram is empty" error).
+
+    Returns:
+        The tags that were skipped because their values are not all finite (for the caller to warn about).
+
+    Example:
+        >>> log_histograms(trainer.logger, {"optdiag/net.0/grad": grad}, step=10)  # doctest: +SKIP
+        []
+    """
+    skipped = []
     for tag, values in tensors.items():
         flat = values.detach().reshape(-1).float().cpu()
-        if flat.numel() and bool(torch.isfinite(flat).all()):
-            logger.experiment.add_histogram(tag, flat, global_step=int(step))
+        if not flat.numel():
+            continue
+        if not bool(torch.isfinite(flat).all()):
+            skipped.append(tag)
+            continue
+        bins = _wide_bins(flat) if float(flat.abs().max()) >= _DEFAULT_BINS_LIMIT else "tensorflow"
+        logger.experiment.add_histogram(tag, flat, global_step=int(step), bins=bins)
+    return skipped
+
+
+def _wide_bins(flat: torch.Tensor) -> np.ndarray:
+    """64 equal-width bin edges over the values' range, widened around a single value (numpy cannot split a range
+    that float64 does not resolve)."""
+    low, high = float(flat.min()), float(flat.max())
+    scale = max(abs(low), abs(high))
+    if high - low <= 1e-6 * scale:
+        low, high = low - 1e-3 * scale, high + 1e-3 * scale
+    return np.linspace(low, high, _WIDE_BINS + 1)
