@@ -30,11 +30,35 @@ def layer_name(parameter_name: str, depth: int | None) -> str:
     return ".".join(module if depth is None else module[:depth])
 
 
-def _cosine(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
-    if a is None or b is None:
-        return math.nan
-    denominator = float(torch.linalg.vector_norm(a)) * float(torch.linalg.vector_norm(b))
-    return float(torch.dot(a, b)) / denominator if denominator > 0 else math.nan
+def _cosine(dot: float, sq_a: float, sq_b: float) -> float:
+    """``a.b / (|a| |b|)`` from the products; NaN where undefined (a zero or non-finite vector)."""
+    denominator = math.sqrt(sq_a * sq_b) if sq_a >= 0 and sq_b >= 0 else math.nan
+    return dot / denominator if denominator > 0 and math.isfinite(denominator) else math.nan
+
+
+class _Rows:
+    """Preallocated float32 rows for the flat vectors kept between hooks (no per-step allocation).
+
+    Consecutive vectors alternate between rows 0 and 1 (``slot``), so that the current and the previous one sit in
+    one matrix and a single product ``rows @ rows.T`` yields every dot product and squared norm needed at once.
+    """
+
+    def __init__(self, n_rows: int, length: int, device: torch.device) -> None:
+        self.data = torch.empty(n_rows, length, dtype=torch.float32, device=device)
+        self.slot = 0
+        self.has_previous = False
+        self.previous_sq = math.nan  # squared norm of the previous vector
+
+    def matches(self, length: int, device: torch.device) -> bool:
+        return self.data.shape[1] == length and self.data.device == device
+
+    def advance(self) -> None:
+        self.slot, self.has_previous = 1 - self.slot, True
+
+
+def _flatten_into(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Concatenate flattened ``tensors`` into the preallocated float32 row ``out`` (one kernel, no allocation)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
 
 
 class GradientNormMonitor(OptDiagCallback):
@@ -115,9 +139,10 @@ class GradientNormMonitor(OptDiagCallback):
         """Per-run state that is not checkpointed (tensors tied to the current model and window)."""
         self._pending: dict[str, Any] | None = None
         self._named_cache: tuple[tuple[int, int], list] | None = None
-        self._params_before: torch.Tensor | None = None
-        self._previous_grad: torch.Tensor | None = None
-        self._previous_update: torch.Tensor | None = None
+        self._layer_of: dict[str, str] = {}  # parameter name -> layer name (computed once per name)
+        self._grads: _Rows | None = None  # rows 0/1: current and previous flat gradient
+        self._updates: _Rows | None = None  # rows 0/1: current and previous update; row 2: parameters before it
+        self._params_after: torch.Tensor | None = None
         self._micro_sum: torch.Tensor | None = None  # accumulated gradient after the previous micro-batch
         self._micro_sq_norms: list[float] = []
         self._micro_sizes: list[int] = []
@@ -165,26 +190,32 @@ class GradientNormMonitor(OptDiagCallback):
         step = int(trainer.global_step)
         named = self._named_monitored(pl_module, optimizer)
         with_grad = [(name, p) for name, p in named if p.grad is not None]
+        grads = [p.grad for _, p in with_grad]
         record: dict[str, Any] = {"step": step}
-        # one fused kernel for all per-parameter norms, one transfer of the results
-        norms = torch._foreach_norm([p.grad for _, p in with_grad]) if with_grad else []
-        squares = torch.stack(norms).double().square().tolist() if norms else []
+        gradient = None
+        if grads and (self.track_directions or self._noise_enabled(trainer, pl_module)):
+            gradient = self._flat_gradient(grads)
+        # one fused kernel for all per-parameter norms; with the dot products, one transfer to Python per step
+        values = self._transfer(torch._foreach_norm(grads) if grads else [], gradient)
+        squares = [v * v for v in values[: len(grads)]]
         total_sq = math.fsum(squares)
         record["grad_norm"] = math.sqrt(total_sq) if math.isfinite(total_sq) else total_sq
         if self.per_layer:
             layers: dict[str, float] = {}
             for (name, _), sq in zip(with_grad, squares):
-                key = layer_name(name, self.layer_depth)
+                key = self._layer_of.get(name) or self._layer_of.setdefault(name, layer_name(name, self.layer_depth))
                 layers[key] = layers.get(key, 0.0) + sq
             record.update({f"{layer}/grad_norm": math.sqrt(v) if v >= 0 else v for layer, v in layers.items()})
         finite = math.isfinite(total_sq)
         if not finite:
             self.warn_once("non-finite-gradient", f"non-finite gradient norm at step {step}; directions not updated.")
-        gradient = flatten(p.grad.detach().float() for _, p in with_grad) if with_grad else None
         if self.track_directions and finite and gradient is not None:
-            record["grad_cosine"] = _cosine(gradient, self._previous_grad)
-            self._previous_grad = gradient
-        self._params_before = flatten(p.detach().float() for _, p in named)
+            rows = self._grads
+            sq_now, dot, sq_previous = values[len(grads)], values[len(grads) + 1], rows.previous_sq
+            record["grad_cosine"] = _cosine(dot, sq_now, sq_previous) if rows.has_previous else math.nan
+            rows.previous_sq = sq_now
+            rows.advance()
+        self._remember_parameters(named)
         self._pending = record
         self._finish_noise_window(trainer, gradient, record)
         self._maybe_histograms(trainer, with_grad, step)
@@ -193,17 +224,16 @@ class GradientNormMonitor(OptDiagCallback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending is None:
             return
-        record, before = self._pending, self._params_before
-        self._pending = self._params_before = None
+        record, self._pending = self._pending, None
         named = self._named_monitored(pl_module, trainer.optimizers[0])
-        after = flatten(p.detach().float() for _, p in named)
-        update = after - before
-        record["update_norm"] = float(torch.linalg.vector_norm(update))
-        theta_norm = float(torch.linalg.vector_norm(before))
+        update_sq, theta_sq, dot, previous_sq = self._update_products(named)
+        record["update_norm"] = math.sqrt(update_sq) if update_sq >= 0 else math.nan
+        theta_norm = math.sqrt(theta_sq) if theta_sq >= 0 else math.nan
         record["update_ratio"] = record["update_norm"] / theta_norm if theta_norm > 0 else math.nan
+        rows = self._updates
         if self.track_directions and math.isfinite(record["update_norm"]):
-            record["update_cosine"] = _cosine(update, self._previous_update)
-            self._previous_update = update
+            record["update_cosine"] = _cosine(dot, update_sq, previous_sq) if rows.has_previous else math.nan
+            rows.advance()
         record["grad_norm_clipped"] = self._clipped_norm(trainer, pl_module, named, record["grad_norm"])
         for key in _OPTIONAL:
             record.setdefault(key, math.nan)
@@ -238,6 +268,51 @@ class GradientNormMonitor(OptDiagCallback):
             named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in in_optimizer]
             self._named_cache = (key, named)
         return self._named_cache[1]
+
+    def _rows(self, current: _Rows | None, n_rows: int, like: list[torch.Tensor]) -> _Rows:
+        """``current`` if it still fits vectors of the ``like`` tensors (same total length and device), else new rows
+        (the previous vector is then forgotten: a different parameter set has no comparable direction)."""
+        length, device = sum(t.numel() for t in like), like[0].device
+        return current if current is not None and current.matches(length, device) else _Rows(n_rows, length, device)
+
+    def _flat_gradient(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        self._grads = self._rows(self._grads, 2, grads)
+        return _flatten_into(grads, self._grads.data[self._grads.slot])
+
+    def _transfer(self, norms: list[torch.Tensor], gradient: torch.Tensor | None) -> list[float]:
+        """The per-parameter norms, then ``|g|^2`` and ``g . g_previous``, as Python floats in one transfer."""
+        parts = [torch.stack(norms).float()] if norms else []
+        if gradient is not None and self.track_directions:
+            parts.append(self._grads.data @ gradient)  # (row 0 . g, row 1 . g): one product for both
+        if not parts:
+            return []
+        values = torch.cat(parts).tolist()
+        if gradient is not None and self.track_directions:
+            slot, tail = self._grads.slot, values[len(norms):]
+            values[len(norms):] = [tail[slot], tail[1 - slot]]
+        return values
+
+    def _remember_parameters(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy the parameters before the optimizer step into row 2 of the update rows."""
+        params = [p for _, p in named]
+        self._updates = self._rows(self._updates, 3, params)
+        _flatten_into(params, self._updates.data[2])
+
+    def _update_products(self, named: list[tuple[str, torch.Tensor]]) -> tuple[float, float, float, float]:
+        """``|u|^2``, ``|theta_old|^2``, ``u . u_previous`` and ``|u_previous|^2`` for the update ``u`` just made."""
+        rows = self._updates
+        if self._params_after is None or self._params_after.shape != rows.data[2].shape \
+                or self._params_after.device != rows.data.device:
+            self._params_after = torch.empty_like(rows.data[2])
+        after = _flatten_into([p for _, p in named], self._params_after)
+        s = rows.slot
+        torch.sub(after, rows.data[2], out=rows.data[s])
+        gram = (rows.data @ rows.data.T).tolist()  # every product needed, in one kernel and one transfer
+        update_sq, theta_sq = gram[s][s], gram[2][2]
+        if not (math.isfinite(update_sq) and math.isfinite(theta_sq)):  # float32 squares overflow: exact norms
+            update_sq = float(torch.linalg.vector_norm(rows.data[s].double())) ** 2
+            theta_sq = float(torch.linalg.vector_norm(rows.data[2].double())) ** 2
+        return update_sq, theta_sq, gram[s][1 - s], gram[1 - s][1 - s]
 
     def _noise_enabled(self, trainer: Any, pl_module: Any) -> bool:
         return (
@@ -297,4 +372,8 @@ class GradientNormMonitor(OptDiagCallback):
         layers: dict[str, list[torch.Tensor]] = {}
         for name, p in with_grad:
             layers.setdefault(layer_name(name, self.layer_depth), []).append(p.grad.reshape(-1))
-        tensorboard_sink.log_histograms(tb, {f"optdiag/{k}/grad": torch.cat(v) for k, v in layers.items()}, step)
+        skipped = tensorboard_sink.log_histograms(
+            tb, {f"optdiag/{k}/grad": torch.cat(v) for k, v in layers.items()}, step)
+        if skipped:  # TensorBoard cannot bin NaN or Inf: those layers get no histogram at this step
+            self.warn_once("non-finite-histogram", f"gradient histograms of {', '.join(skipped)} skipped at step "
+                           f"{step}: non-finite values (counted in warning_counts['non-finite-histogram']).")
