@@ -95,6 +95,53 @@ def test_anti_aligned_gradients_signal_oscillation_without_curvature():
     assert diagnose_stall(_bouncing(snr=1e4, cosine=0.0)).confidence < 0.1
 
 
+def _demo_oscillation(**kw):
+    """The numbers the demo's oscillation run measured: SGD batch 64 at lr * lambda_max = 1.87, the gradient a
+    decade below its early scale yet 4.3 times one batch's noise, consecutive gradients anti-aligned."""
+    base = dict(step=292, loss=0.011574, loss_initial=13.46, grad_norm=0.8098, grad_norm_initial=14.837,
+                grad_sq_norm_unbiased=0.13509, grad_noise_trace=2.0271, batch_size=64, grad_cosine=-0.7349,
+                lambda_max=185.63, lambda_min=1.2915, lambda_min_residual=0.0756,
+                optimizer=OptimizerSpec("sgd", lr=0.01006))
+    return Evidence(**{**base, **kw})
+
+
+def test_measured_norm_test_decides_over_the_early_gradient_ratio():
+    d = diagnose_stall(_demo_oscillation())
+    assert d.evidence["grad_snr"] == pytest.approx(4.265, rel=1e-3) and d.evidence["grad_norm_ratio"] < 0.1
+    assert d.evidence["tests"]["grad_zero"] == pytest.approx(1 - C.log_ratio_probability(d.evidence["grad_snr"], 1))
+    assert d.kind == "oscillation" and d.confidence > 0.95
+    assert [s.target for s in d.suggestions][0] == "lr" and d.suggestions[0].proposed < d.suggestions[0].current
+
+
+def test_early_gradient_ratio_decides_without_measured_noise():
+    """Full batch: tr Sigma = 0 makes the norm test say "not exactly zero" (snr inf); the ratio decides."""
+    at = _critical(-30.0, grad_sq_norm_unbiased=1e-2, grad_noise_trace=0.0, grad_norm=C.GRAD_TINY_RATIO,
+                   grad_norm_initial=1.0)
+    d = diagnose_stall(at)
+    assert d.evidence["grad_snr"] == math.inf and d.evidence["tests"]["grad_zero"] == pytest.approx(0.5, abs=1e-9)
+    below = Evidence(**{**at.__dict__, "grad_norm": C.GRAD_TINY_RATIO / 2})
+    assert diagnose_stall(below).kind == "saddle_point" and diagnose_stall(below).confidence == pytest.approx(0.9)
+    not_measured = Evidence(**{**at.__dict__, "grad_sq_norm_unbiased": None, "grad_noise_trace": None,
+                               "batch_size": None, "grad_norm": C.GRAD_TINY_RATIO / 2})
+    assert diagnose_stall(not_measured).evidence["tests"]["grad_zero"] == pytest.approx(0.9)
+    no_scale = Evidence(**{**at.__dict__, "grad_norm_initial": None})
+    assert diagnose_stall(no_scale).evidence["tests"]["grad_zero"] is None  # a full batch and no early scale
+
+
+def test_anti_aligned_large_gradient_is_oscillation_below_the_deterministic_threshold():
+    """THEORY 1: with minibatch noise the safe step is well below 2/lr; the cosine carries the verdict."""
+    for ratio in (0.25, 0.35):  # lr * lambda_max = 0.5 and 0.7: the stability test alone says no
+        quiet = diagnose_stall(_bouncing(snr=4.0, ratio=ratio, cosine=0.0))
+        assert quiet.confidence < 0.5 and quiet.evidence["uncertain"]
+        d = diagnose_stall(_bouncing(snr=4.0, ratio=ratio, cosine=-0.6))
+        assert d.kind == "oscillation" and d.confidence > 0.95 and not d.evidence["uncertain"]
+    scores = [diagnose_stall(_bouncing(snr=4.0, ratio=0.3, cosine=c)).evidence["scores"]["oscillation"]
+              for c in np.linspace(0.5, -0.9, 15)]
+    assert np.all(np.diff(scores) >= -1e-12)
+    # the same cosine with a statistically zero gradient is a noisy minimum, not a bounce
+    assert diagnose_stall(_bouncing(snr=0.1, ratio=0.3, cosine=-0.6)).kind == "local_minimum"
+
+
 def _flat(lam, grad_ratio=1e-3):
     return Evidence(step=3, loss=2.0, lambda_max=lam, lambda_min=lam / 10, grad_norm=grad_ratio,
                     grad_norm_initial=1.0, optimizer=OptimizerSpec("sgd", lr=0.01))
@@ -111,11 +158,75 @@ def test_plateau_boundary_on_step_curvature():
     assert np.all(np.diff(plateau_scores) <= 1e-12)
 
 
-def test_plateau_needs_a_tiny_gradient():
-    boundary = C.FLAT_STEP_CURVATURE / 0.01
-    assert diagnose_stall(_flat(boundary / 10, grad_ratio=C.GRAD_TINY_RATIO)).evidence["scores"]["plateau"] == \
-        pytest.approx(0.5, abs=1e-6)
+def test_plateau_needs_tiny_predicted_progress_not_a_tiny_gradient():
+    """The step makes no progress: lr |g|^2 / loss below the detector's 1% per window (49 steps)."""
+    boundary = C.FLAT_STEP_CURVATURE / 0.01  # flat curvature (lr * lambda = 0.002), loss 2, lr 0.01
+    at_grad = math.sqrt(C.NO_PROGRESS_PER_STEP * 2.0 / 0.01)  # lr g^2 / loss exactly on the boundary
+    at = diagnose_stall(_flat(boundary / 10, grad_ratio=at_grad))
+    assert at.evidence["predicted_progress"] == pytest.approx(C.NO_PROGRESS_PER_STEP, rel=1e-12)
+    assert at.evidence["scores"]["plateau"] == pytest.approx(0.5, abs=1e-6)
+    assert diagnose_stall(_flat(boundary / 10, grad_ratio=at_grad / math.sqrt(2))).evidence["scores"]["plateau"] \
+        == pytest.approx(0.9)  # half the predicted progress: 0.9
     assert diagnose_stall(_flat(boundary / 10, grad_ratio=1.0)).evidence["scores"]["plateau"] < 0.01
+    # a gradient as large as at the start does not veto a plateau when the step is too small to use it
+    ev = _flat(boundary / 10, grad_ratio=1.0)
+    tiny_lr = Evidence(**{**ev.__dict__, "optimizer": OptimizerSpec("sgd", lr=1e-5)})
+    d = diagnose_stall(tiny_lr)
+    assert d.evidence["tests"]["grad_zero"] < 1e-3 and d.kind == "plateau" and d.confidence > 0.9
+    scores = [diagnose_stall(_flat(boundary / 10, grad_ratio=g)).evidence["scores"]["plateau"]
+              for g in np.geomspace(1e-4, 1.0, 25)]
+    assert np.all(np.diff(scores) <= 1e-12) and scores[0] > 0.99 and scores[-1] < 0.01
+
+
+def test_predicted_progress_on_a_quadratic_is_twice_lr_lambda():
+    """L = lambda x^2 / 2 (floor 0): |G|^2 / L = 2 lambda, so lr |G|^2 / L = 2 lr lambda exactly."""
+    lam, x, lr = 0.04, 3.0, 0.01
+    ev = Evidence(step=1, loss=0.5 * lam * x * x, lambda_max=lam, lambda_min=lam,
+                  grad_sq_norm_unbiased=(lam * x) ** 2, grad_noise_trace=0.0, batch_size=8,
+                  grad_norm=lam * abs(x) * 100,  # ignored: the unbiased |G|^2 is preferred when measured
+                  optimizer=OptimizerSpec("sgd", lr=lr))
+    assert diagnose_stall(ev).evidence["predicted_progress"] == pytest.approx(2 * lr * lam, rel=1e-12)
+    momentum = Evidence(**{**ev.__dict__, "optimizer": OptimizerSpec("heavy_ball", lr=lr, momentum=0.9)})
+    assert diagnose_stall(momentum).evidence["predicted_progress"] == pytest.approx(2 * lr * lam / 0.1, rel=1e-12)
+
+
+def test_predicted_progress_edge_cases():
+    base = dict(step=1, lambda_max=1e-3, lambda_min=1e-4, optimizer=OptimizerSpec("sgd", lr=0.01))
+    zero_grad = diagnose_stall(Evidence(**base, loss=0.0, grad_norm=0.0, grad_norm_initial=1.0))
+    assert zero_grad.evidence["predicted_progress"] == 0.0 and zero_grad.evidence["tests"]["no_progress"] == 1.0
+    zero_loss = diagnose_stall(Evidence(**base, loss=0.0, grad_norm=1.0, grad_norm_initial=1.0))
+    assert zero_loss.evidence["predicted_progress"] == math.inf and zero_loss.evidence["tests"]["no_progress"] == 0
+    negative = diagnose_stall(Evidence(**base, loss=-2.0, grad_norm=1e-3))  # log-likelihoods: relative to |loss|
+    assert negative.evidence["predicted_progress"] == pytest.approx(0.01 * 1e-6 / 2.0)
+    adam = diagnose_stall(Evidence(step=1, loss=1.0, grad_norm=1.0, preconditioned_lambda_max=0.1,
+                                   optimizer=OptimizerSpec("adam", lr=1e-3, beta1=0.9)))
+    # Adam's step is P^-1 g: lr |g|^2 predicts nothing, so the test is unmeasured and does not veto
+    assert "predicted_progress" not in adam.evidence and adam.evidence["tests"]["no_progress"] is None
+    assert adam.kind == "plateau" and adam.confidence > 0.99
+
+
+def test_demo_plateau_evidence_is_a_confident_plateau():
+    """The numbers the demo's tiny-lr run measured (full batch: lr 2e-5, the gradient as large as at the start)."""
+    ev = Evidence(step=20, loss=13.045, loss_initial=13.065, grad_norm=7.4496, grad_norm_initial=7.4539,
+                  grad_sq_norm_unbiased=55.484, grad_noise_trace=0.0, batch_size=512, grad_cosine=1.0,
+                  lambda_max=2.4123, lambda_min=1.5295, optimizer=OptimizerSpec("sgd", lr=2e-5))
+    d = diagnose_stall(ev)
+    assert d.kind == "plateau" and d.confidence > 0.9 and not d.evidence["uncertain"]
+    assert d.evidence["tests"]["grad_zero"] < 0.01  # not a zero gradient: the step is what is too small
+    assert "Raise the learning rate" in [s.action for s in d.suggestions]
+
+
+def test_plateau_score_is_low_at_the_demo_minimum_saddle_and_oscillation():
+    minimum = Evidence(step=61, loss=0.2539, grad_norm=0.5213, grad_norm_initial=3.1448,
+                       grad_sq_norm_unbiased=-0.0012, grad_noise_trace=12.255, batch_size=32, grad_cosine=-0.144,
+                       lambda_max=2.8685, lambda_min=1.2550, optimizer=OptimizerSpec("sgd", lr=0.12436))
+    saddle = Evidence(step=53, loss=5.1139, grad_norm=0.005838, grad_norm_initial=6.4691,
+                      grad_sq_norm_unbiased=5.85e-5, grad_noise_trace=0.0, batch_size=64, grad_cosine=0.9987,
+                      lambda_max=9.0, lambda_min=-3.0, lambda_min_residual=3e-6,
+                      optimizer=OptimizerSpec("sgd", lr=0.02))
+    for ev, kind in ((minimum, "local_minimum"), (saddle, "saddle_point"), (_demo_oscillation(), "oscillation")):
+        d = diagnose_stall(ev)
+        assert d.kind == kind and d.confidence > 0.9 and d.evidence["scores"]["plateau"] < 0.01
 
 
 def test_momentum_widens_the_effective_step_for_the_flatness_test():
@@ -194,6 +305,31 @@ def test_minimum_sharpness_and_high_loss_is_model_bias():
 def test_unmeasured_evidence_still_gives_a_kind():
     d = diagnose_stall(Evidence(step=7))
     assert d.kind in KINDS and 0 <= d.confidence <= 0.5
+
+
+def test_no_fitting_kind_is_reported_as_uncertain_without_advice():
+    # flat curvature, yet lr |g|^2 / loss predicts 25% per window and the gradient is large: nothing fits
+    ev = _flat(C.FLAT_STEP_CURVATURE / 0.01 / 10, grad_ratio=1.0)
+    d = diagnose_stall(ev)
+    assert d.confidence < 0.01 and d.evidence["uncertain"] and d.suggestions == []
+    assert d.summary.startswith(f"Uncertain: no situation fits the evidence; the closest is {d.kind}")
+    assert d.evidence["scores"]["plateau"] < 0.01 and d.evidence["tests"]["no_progress"] < 0.01
+    assert "it fails" in d.summary  # the closest kind's own failing tests are named
+    nothing = diagnose_stall(Evidence(step=7))
+    assert nothing.evidence["uncertain"] and nothing.summary.startswith("Uncertain") and nothing.suggestions == []
+
+
+def test_uncertainty_floor_is_the_half_boundary():
+    at = diagnose_stall(_critical(-C.NEGATIVE_CURVATURE_TAU * 100.0))  # saddle vs minimum exactly on tau
+    assert at.confidence == pytest.approx(0.5, abs=1e-6) and at.evidence["uncertain"]  # a tie: a coin flip
+    assert "(next local_minimum at 0.50)" in at.summary and at.suggestions == []
+    just_below = diagnose_stall(_bouncing(snr=1e4, ratio=0.49))
+    assert just_below.confidence < 0.5 and just_below.evidence["uncertain"] and just_below.suggestions == []
+    assert "fails oscillation_signal" in just_below.summary
+    just_above = diagnose_stall(_bouncing(snr=1e4, ratio=0.51))
+    assert just_above.confidence > 0.5 and not just_above.evidence["uncertain"] and just_above.suggestions
+    no_grad = classify_point(Evidence(step=0, lambda_max=10.0, lambda_min=1.0))  # confidence exactly 0.5
+    assert no_grad.evidence["uncertain"] is False and not no_grad.summary.startswith("Uncertain")
 
 
 def test_bad_input():

@@ -3,10 +3,14 @@
 import json
 import math
 
+import warnings
+
 import numpy as np
 import pytest
+from scipy import stats
 
-from optdiag.diagnosis.stall import StallDetector, StallEvent, explosion_threshold
+from optdiag.diagnosis import stall as stall_module
+from optdiag.diagnosis.stall import StallDetector, StallEvent, explosion_threshold, theil_sen
 from optdiag.errors import UsageError
 
 
@@ -150,3 +154,58 @@ def test_update_validation():
         det.update(6, "high")
     with pytest.raises(UsageError, match="keys"):
         det.load_state_dict({"steps": []})
+
+
+# --- the Theil-Sen fit: scipy's numbers, without scipy's per-call cost -------------------------------------------
+def _scipy_theil_sen(x, y, confidence=0.95):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on an undefined interval; both then give nan
+        res = stats.theilslopes(y, x, alpha=confidence)
+    return res.slope, res.low_slope, res.high_slope
+
+
+def test_theil_sen_equals_scipy_on_random_windows():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        n = int(rng.integers(2, 80))
+        x = np.cumsum(rng.integers(1, 4, n)).astype(float)  # uneven step spacing
+        y = rng.standard_normal(n) * 10 ** rng.uniform(-6, 3) + rng.uniform(-1, 1) * x
+        if trial % 3 == 0:
+            y = np.round(4 * y / np.abs(y).max())  # many ties: Sen's correction matters
+        confidence = float(rng.choice([0.3, 0.5, 0.8, 0.95, 0.99]))
+        np.testing.assert_allclose(theil_sen(x, y, confidence), _scipy_theil_sen(x, y, confidence),
+                                   rtol=1e-12, atol=0, equal_nan=True)
+
+
+def test_theil_sen_exact_line_and_outliers():
+    x = np.arange(10.0)
+    y = 3.0 - 0.5 * x
+    y[[2, 7]] = [100.0, -100.0]  # two wild points out of ten do not move the median slope
+    slope, lo, hi = theil_sen(x, y)
+    assert slope == -0.5 and lo <= -0.5 <= hi
+    assert theil_sen(x, 3.0 - 0.5 * x) == (-0.5, -0.5, -0.5)  # a noise-free line: a zero-width interval
+
+
+@pytest.mark.parametrize("x, y, confidence, match", [
+    ([0.0], [1.0], 0.95, ">= 2 points"),
+    ([0.0, 0.0, 1.0], [1.0, 2.0, 3.0], 0.95, "strictly increasing"),
+    ([0.0, 1.0], [1.0, 2.0, 3.0], 0.95, "strictly increasing"),
+    ([0.0, 1.0], [1.0, 2.0], 1.0, "confidence"),
+])
+def test_theil_sen_rejects_bad_input(x, y, confidence, match):
+    with pytest.raises(UsageError, match=match):
+        theil_sen(np.array(x), np.array(y), confidence)
+
+
+def test_detector_decisions_equal_those_with_scipy(monkeypatch):
+    rng = np.random.default_rng(5)
+    t = np.arange(600)
+    curves = [np.exp(-t / 200) * _noise(len(t), 0.05, 1), _noise(len(t), 0.03, 2),
+              np.concatenate([np.full(150, 1.0), np.exp(-np.arange(150) / 20), np.full(300, 0.05)])
+              * _noise(len(t), 0.01, 3),
+              np.concatenate([np.exp(-t[:300] / 60), 0.01 * 1.02 ** np.arange(300)]),
+              np.round(_noise(len(t), 0.05, 4), 2), rng.uniform(0.5, 1.5, len(t))]
+    ours = [[e.to_dict() for e in _events(c)] for c in curves]
+    monkeypatch.setattr(stall_module, "theil_sen", _scipy_theil_sen)
+    with_scipy = [[e.to_dict() for e in _events(c)] for c in curves]
+    assert ours == with_scipy and sum(len(e) for e in ours) >= 4  # the same events, and there are some

@@ -203,7 +203,7 @@ def _plateau(ev: Evidence) -> list[Suggestion]:
             proposed = factor * ev.lr
             out.append(_lr_suggestion(
                 "Raise the learning rate", ev, proposed,
-                f"Gradient and curvature are tiny (stability ratio {_fmt_optional(ratio)}): lr "
+                f"The step barely feels the curvature (stability ratio {_fmt_optional(ratio)}): lr "
                 f"{_g(proposed)} is x{_g(factor)}, at most a decade and within {TARGET_RATIO} of the threshold."))
             out.append(_warmup("Warm up to the larger learning rate", ev.lr, proposed, ev.lr, proposed,
                                "so curvature can adapt on the way (Gilmer et al. 2021)"))

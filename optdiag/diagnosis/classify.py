@@ -5,7 +5,10 @@ THEORY.md. A test's probability is a logistic function of the statistic's distan
 ``1 / (1 + exp(-z / W))``: exactly 0.5 on the boundary, 0.9 a factor of 2 past it (``W = ln 2 / ln 9`` on log-ratio
 statistics), near 1 far from it. A kind's score combines its tests with ``min`` (all must hold) and ``1 - p`` for
 tests that must fail, so it is monotone in every statistic; the verdict is the highest score and its confidence is
-that score. A test whose inputs were not measured is ``None`` and treated as documented at each score.
+that score. A test whose inputs were not measured is ``None`` and treated as documented at each score. When even
+the best score is below :data:`UNCERTAIN_BELOW`, or tied with another kind's, no kind fits: the diagnosis still
+names the closest kind (the contract needs one) but says so in its summary and ``evidence["uncertain"]``, and
+proposes no change.
 
 Example:
     >>> from optdiag.diagnosis.evidence import Evidence
@@ -23,7 +26,7 @@ from typing import Any
 
 from optdiag.diagnosis.advice import suggest
 from optdiag.diagnosis.evidence import Evidence
-from optdiag.diagnosis.stall import StallEvent, explosion_threshold
+from optdiag.diagnosis.stall import DEFAULT_REL_IMPROVEMENT, DEFAULT_WINDOW, StallEvent, explosion_threshold
 from optdiag.diagnosis.types import KINDS, Diagnosis
 from optdiag.errors import UsageError
 
@@ -38,7 +41,12 @@ GRAD_TINY_RATIO = 0.1
 #: the window, like the small negative eigenvalues of trained nets.
 NEGATIVE_CURVATURE_TAU = 0.02
 #: Curvature is flat when effective_lr * |lambda| < 1/50: even the stiffest direction needs over a window to move.
-FLAT_STEP_CURVATURE = 0.02
+FLAT_STEP_CURVATURE = 1.0 / DEFAULT_WINDOW
+#: No progress when the first-order predicted decrease per step, effective_lr * |G|^2, is below the stall
+#: detector's own boundary (1% of the loss per window of 50 losses, 49 steps): the step size explains the stall.
+NO_PROGRESS_PER_STEP = DEFAULT_REL_IMPROVEMENT / (DEFAULT_WINDOW - 1)
+#: Below this best score no kind fits (at least one of its tests is more likely false than true): "uncertain".
+UNCERTAIN_BELOW = 0.5
 #: Oscillation when sharpness / threshold >= 0.5: SGD's sign-flip boundary lr * lambda = 1, and the margin
 #: THEORY section 1 observed for small-batch momentum (divergence already at lr * lambda = 2.0 of 3.8).
 OSCILLATION_RATIO = 0.5
@@ -77,13 +85,18 @@ def log_ratio_probability(stat: float, boundary: float) -> float:
 
 
 def _grad_zero(ev: Evidence) -> float | None:
-    """P(the true gradient is ~0): norm test, or the gradient against its early scale; the larger."""
-    tests = []
-    if ev.grad_snr is not None:
-        tests.append(1.0 - log_ratio_probability(ev.grad_snr, GRAD_SNR_BOUNDARY))
+    """P(the true gradient is ~0).
+
+    With the gradient noise measured (``tr Sigma > 0``) the norm test decides: it compares the gradient with the
+    noise it is measured against, while a gradient that merely shrank since early training can still be far above
+    that noise (a bounce across a valley). Without it (not measured, or a full batch: ``tr Sigma = 0``, where the
+    norm test only says "not exactly zero") the gradient against its early-training scale; None without either.
+    """
+    if ev.grad_snr is not None and ev.grad_noise_trace:
+        return 1.0 - log_ratio_probability(ev.grad_snr, GRAD_SNR_BOUNDARY)
     if ev.grad_norm_ratio is not None:
-        tests.append(1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO))
-    return max(tests) if tests else None
+        return 1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO)
+    return None
 
 
 def _negative_curvature(ev: Evidence) -> float | None:
@@ -120,6 +133,31 @@ def _flat(ev: Evidence) -> float | None:
     return None if stat is None else 1.0 - log_ratio_probability(stat, FLAT_STEP_CURVATURE)
 
 
+def _predicted_progress(ev: Evidence, loss: float | None) -> float | None:
+    """``effective_lr * |G|^2 / |loss|``: the first-order predicted relative decrease of the loss per step.
+
+    ``|G|^2`` is the unbiased full-gradient estimate when measured, else ``grad_norm^2`` (a minibatch norm, which
+    overstates ``|G|^2`` by ``tr Sigma / B``: it errs against calling a plateau). None for preconditioned
+    optimizers (their step is ``P^-1 g``, not ``g``) or without lr, gradient or loss.
+    """
+    opt = ev.optimizer
+    if opt is None or opt.effective_lr is None or opt.preconditioned or loss is None or not math.isfinite(loss):
+        return None
+    g2 = ev.grad_sq_norm_unbiased if ev.grad_sq_norm_unbiased is not None else (
+        None if ev.grad_norm is None else ev.grad_norm**2)
+    if g2 is None or not math.isfinite(g2):
+        return None
+    g2 = max(g2, 0.0)  # the unbiased estimate can dip below 0 when G is ~0
+    if g2 == 0:
+        return 0.0
+    return math.inf if loss == 0 else opt.effective_lr * g2 / abs(loss)
+
+
+def _no_progress(ev: Evidence, loss: float | None) -> float | None:
+    stat = _predicted_progress(ev, loss)
+    return None if stat is None else 1.0 - log_ratio_probability(stat, NO_PROGRESS_PER_STEP)
+
+
 def _oscillation_signal(ev: Evidence) -> float | None:
     """P(the step bounces): at/past the stability boundary, or consecutive gradients anti-aligned; the larger."""
     tests = []
@@ -148,6 +186,7 @@ def _tests(ev: Evidence, event: StallEvent | None) -> dict[str, float | None]:
         "grad_zero": _grad_zero(ev),
         "negative_curvature": _negative_curvature(ev),
         "flat": _flat(ev),
+        "no_progress": _no_progress(ev, _current_loss(ev, event)),
         "oscillation_signal": _oscillation_signal(ev),
         "divergence": _divergence(ev, event),
     }
@@ -155,7 +194,8 @@ def _tests(ev: Evidence, event: StallEvent | None) -> dict[str, float | None]:
 
 def _scores(t: dict[str, float | None]) -> dict[str, float]:
     """Kind scores. Unmeasured: grad_zero and negative_curvature count 0.5 (undecided) for the critical-point
-    kinds, but do not veto oscillation or plateau; flat and oscillation_signal count 0 (no claim without them)."""
+    kinds, but do not veto oscillation; no_progress does not veto plateau; flat and oscillation_signal count 0
+    (no claim without them)."""
     gz, neg = t["grad_zero"], t["negative_curvature"]
     flat = t["flat"] if t["flat"] is not None else 0.0
     osc = t["oscillation_signal"] if t["oscillation_signal"] is not None else 0.0
@@ -166,7 +206,7 @@ def _scores(t: dict[str, float | None]) -> dict[str, float]:
         "oscillation": min(osc, 1.0 if gz is None else 1.0 - gz),
         "saddle_point": min(1.0 - flat, gz_half, neg_half),
         "local_minimum": min(1.0 - flat, gz_half, 1.0 - neg_half),
-        "plateau": min(flat, 1.0 - osc, 1.0 if gz is None else gz),
+        "plateau": min(flat, 1.0 - osc, 1.0 if t["no_progress"] is None else t["no_progress"]),
     }
 
 
@@ -188,6 +228,9 @@ def _record(ev: Evidence, event: StallEvent | None, tests: dict[str, Any], score
     step_curv = _step_curvature(ev)
     if step_curv is not None:
         record["step_curvature"] = step_curv
+    progress = _predicted_progress(ev, _current_loss(ev, event))
+    if progress is not None:
+        record["predicted_progress"] = progress
     record["tests"] = tests
     record["scores"] = scores
     return record
@@ -244,11 +287,51 @@ def _summary(kind: str, record: dict) -> str:
             text += ("; the loss is still high, so this is the model's bias rather than the optimizer: "
                      "consider capacity or features")
         return text + "."
-    return (f"On a plateau: gradient and curvature are both tiny (effective lr * |lambda| = "
-            f"{_fmt(record.get('step_curvature'))}), so steps barely move the loss.")
+    text = (f"On a plateau: the step barely feels the curvature (effective lr * |lambda| = "
+            f"{_fmt(record.get('step_curvature'))})")
+    if "predicted_progress" in record:
+        per_window = 100 * record["predicted_progress"] * (DEFAULT_WINDOW - 1)
+        text += (f" and lowers the loss by a predicted {_fmt(per_window)}% per {DEFAULT_WINDOW} losses "
+                 f"(lr * |G|^2 / loss per step)")
+    return text + ", so steps barely move the loss."
 
 
-def _build(ev: Evidence, event: StallEvent | None, allowed: tuple[str, ...]) -> tuple[str, float, dict]:
+#: The tests each kind needs, with the value that supports it ("1 - p" written as a leading "not ").
+_KIND_TESTS = {
+    "oscillation": ("oscillation_signal", "not grad_zero"),
+    "saddle_point": ("not flat", "grad_zero", "negative_curvature"),
+    "local_minimum": ("not flat", "grad_zero", "not negative_curvature"),
+    "plateau": ("flat", "not oscillation_signal", "no_progress"),
+}
+
+
+def _is_uncertain(kind: str, scores: dict[str, float], allowed: tuple[str, ...]) -> bool:
+    """Below :data:`UNCERTAIN_BELOW`, or tied with another kind (possible only on a boundary, at 0.5)."""
+    if scores[kind] < UNCERTAIN_BELOW:
+        return True
+    if kind == "divergence":
+        return False  # chosen by its own override, not by comparison
+    return any(k != kind and abs(scores[k] - scores[kind]) <= 1e-12 for k in allowed)
+
+
+def _uncertain_summary(kind: str, record: dict, allowed: tuple[str, ...]) -> str:
+    """Why no kind fits: the closest kind, its score, and which of its tests fail (support below 0.5)."""
+    tests, scores = record["tests"], record["scores"]
+    failing = []
+    for name in _KIND_TESTS.get(kind, ()):
+        negated = name.startswith("not ")
+        value = tests[name[4:] if negated else name]
+        if value is not None and (1.0 - value if negated else value) < UNCERTAIN_BELOW:
+            failing.append(f"{name} = {1.0 - value if negated else value:.2f}")
+    runner_up = max((k for k in allowed if k != kind), key=lambda k: scores[k])
+    text = (f"Uncertain: no situation fits the evidence; the closest is {kind} at {scores[kind]:.2f} "
+            f"(next {runner_up} at {scores[runner_up]:.2f})")
+    if failing:
+        text += f"; it fails {', '.join(failing)}"
+    return text + ". No change is proposed: measure again (curvature, gradient noise) or watch the loss."
+
+
+def _build(ev: Evidence, event: StallEvent | None, allowed: tuple[str, ...]) -> Diagnosis:
     if not isinstance(ev, Evidence):
         raise UsageError(f"expected an Evidence, got {type(ev).__name__}")
     if event is not None and not isinstance(event, StallEvent):
@@ -258,7 +341,14 @@ def _build(ev: Evidence, event: StallEvent | None, allowed: tuple[str, ...]) -> 
     kind = _pick(scores, allowed)
     record = _record(ev, event, tests, scores)
     _add_kind_evidence(kind, ev, record, _current_loss(ev, event))
-    return kind, scores[kind], record
+    # A verdict that fails one of its own tests, or that only tie order picked, is not acted on: it is reported
+    # as uncertain, without advice.
+    record["uncertain"] = _is_uncertain(kind, scores, allowed)
+    if record["uncertain"]:
+        return Diagnosis(step=ev.step, kind=kind, confidence=scores[kind], evidence=record, suggestions=[],
+                         summary=_uncertain_summary(kind, record, allowed))
+    return Diagnosis(step=ev.step, kind=kind, confidence=scores[kind], evidence=record,
+                     suggestions=suggest(kind, ev), summary=_summary(kind, record))
 
 
 def diagnose_stall(evidence: Evidence, event: StallEvent | None = None) -> Diagnosis:
@@ -276,9 +366,7 @@ def diagnose_stall(evidence: Evidence, event: StallEvent | None = None) -> Diagn
         >>> diagnose_stall(Evidence(step=3, loss=float("nan"))).kind
         'divergence'
     """
-    kind, confidence, record = _build(evidence, event, KINDS)
-    return Diagnosis(step=evidence.step, kind=kind, confidence=confidence, evidence=record,
-                     suggestions=suggest(kind, evidence), summary=_summary(kind, record))
+    return _build(evidence, event, KINDS)
 
 
 def classify_point(evidence: Evidence) -> Diagnosis | None:
@@ -297,6 +385,4 @@ def classify_point(evidence: Evidence) -> Diagnosis | None:
     grad_zero = _grad_zero(evidence)
     if grad_zero is not None and grad_zero < 0.5:
         return None
-    kind, confidence, record = _build(evidence, None, ("saddle_point", "local_minimum", "plateau"))
-    return Diagnosis(step=evidence.step, kind=kind, confidence=confidence, evidence=record,
-                     suggestions=suggest(kind, evidence), summary=_summary(kind, record))
+    return _build(evidence, None, ("saddle_point", "local_minimum", "plateau"))

@@ -1,7 +1,8 @@
 """Stall (plateau) and divergence detection on the training-loss history.
 
-The test is a Theil-Sen fit (``scipy.stats.theilslopes``) of the loss against the step over the most recent
-``window`` losses: the median of all pairwise slopes, with a distribution-free confidence interval. Dividing by the
+The test is a Theil-Sen fit (:func:`theil_sen`, the same numbers as ``scipy.stats.theilslopes``) of the loss
+against the step over the most recent ``window`` losses: the median of all pairwise slopes, with a
+distribution-free confidence interval. Dividing by the
 loss level (``|median|`` of the window) and multiplying by the window's step span turns the slope into the
 *relative improvement across the window* ``I = -slope * span / level``, which is scale-free: multiplying the loss by
 1000 changes nothing. Theil-Sen ignores up to ~29% of wild points, so minibatch spikes do not move it.
@@ -35,19 +36,26 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import statistics
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from optdiag.diagnosis.types import from_jsonable, to_jsonable
 from optdiag.errors import UsageError
 
 _ARMED, _STALLED, _DIVERGED = "armed", "stalled", "diverged"
+
+#: Default losses per fit: "stalled" is judged over this many steps (the classifier's one-window arguments too).
+DEFAULT_WINDOW = 50
+#: Default relative improvement across a window below which the loss counts as stalled (1% per window).
+DEFAULT_REL_IMPROVEMENT = 0.01
 
 
 def explosion_threshold(first_loss: float, running_min: float, factor: float = 1.0) -> float | None:
@@ -64,6 +72,63 @@ def explosion_threshold(first_loss: float, running_min: float, factor: float = 1
     if not math.isfinite(scale) or scale == 0:
         return None
     return running_min + factor * scale
+
+
+def _tie_term(values: np.ndarray) -> float:
+    """``sum k (k - 1) (2k + 5)`` over groups of ``k`` equal values: Sen's (1968) tie correction."""
+    ordered = np.sort(values)
+    if (ordered[1:] != ordered[:-1]).all():
+        return 0.0  # the usual case for real-valued losses, without np.unique's cost
+    _, counts = np.unique(ordered, return_counts=True)
+    counts = counts[counts > 1].astype(float)
+    return float(np.sum(counts * (counts - 1) * (2 * counts + 5)))
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs ``i < j`` of ``range(n)`` (cached: the window length rarely changes)."""
+    return np.triu_indices(n, 1)
+
+
+def theil_sen(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Theil-Sen slope of ``y`` against strictly increasing ``x`` with Sen's confidence interval.
+
+    The same numbers as ``scipy.stats.theilslopes(y, x, alpha=confidence)`` (slope, low and high slope), computed
+    with one vectorised pass over the ``n (n - 1) / 2`` pairwise slopes: scipy's per-call overhead made the fit
+    most of the detector's cost per training step. The interval is the pair of order statistics of the sorted
+    slopes that Sen (1968, eq. 2.6) gives, with his correction for tied ``y`` values.
+
+    Args:
+        x: the abscissae, strictly increasing (training steps), at least 2.
+        y: the values (losses), same length.
+        confidence: the interval's confidence level in (0, 1).
+
+    Returns:
+        ``(slope, low, high)``; the bounds are ``nan`` when the interval is undefined.
+
+    Example:
+        >>> theil_sen(np.arange(5.0), np.array([0.0, 2.0, 4.0, 6.0, 100.0]))[0]
+        2.0
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    n = len(y)
+    if n < 2 or x.shape != y.shape or x.ndim != 1 or not (x[1:] > x[:-1]).all():
+        raise UsageError(f"theil_sen: needs >= 2 points with strictly increasing x, got {n}")
+    if not 0 < confidence < 1:
+        raise UsageError(f"theil_sen: confidence must be in (0, 1), got {confidence!r}")
+    i, j = _pair_indices(n)
+    slopes = np.sort((y[j] - y[i]) / (x[j] - x[i]))
+    middle = len(slopes) // 2  # the median of the sorted slopes, as np.median computes it
+    slope = float(slopes[middle] if len(slopes) % 2 else (slopes[middle - 1] + slopes[middle]) / 2.0)
+    z = special.ndtri(min(confidence, 1.0 - confidence) / 2.0)  # the lower quantile, as scipy uses it
+    # Sen's variance of Kendall's S: n (n-1) (2n+5) / 18, less the ties (x has none: it strictly increases).
+    variance = (n * (n - 1) * (2 * n + 5) - _tie_term(y)) / 18.0
+    if not variance >= 0:
+        return slope, math.nan, math.nan
+    sigma, count = math.sqrt(variance), len(slopes)
+    upper = min(int(np.round((count - z * sigma) / 2.0)), count - 1)
+    lower = max(int(np.round((count + z * sigma) / 2.0)) - 1, 0)
+    return slope, float(slopes[lower]), float(slopes[upper])
 
 
 @dataclass
@@ -134,7 +199,8 @@ class StallDetector:
         'divergence'
     """
 
-    def __init__(self, window: int = 50, min_window: int = 20, rel_improvement: float = 0.01,
+    def __init__(self, window: int = DEFAULT_WINDOW, min_window: int = 20,
+                 rel_improvement: float = DEFAULT_REL_IMPROVEMENT,
                  confidence: float = 0.95, cooldown: int | None = None, explosion_factor: float = 2.0,
                  rise_tolerance: float = 0.5) -> None:
         self.window = _check_number("window", window, 3, integer=True)
@@ -195,7 +261,7 @@ class StallDetector:
         self._losses.append(loss)
         # Explosion is judged on medians of three losses (the start level, the best level, the current level),
         # so neither one minibatch spike nor one lucky batch moves its reference points.
-        recent = float(np.median(list(self._losses)[-3:]))
+        recent = float(statistics.median(list(self._losses)[-3:]))  # python: cheaper than numpy for 3
         if self._n_seen < 3:
             self._first = recent
         self._n_seen += 1
@@ -214,7 +280,7 @@ class StallDetector:
         if self._state != _ARMED:
             # Recovery: the loss surely falls again *and* has left the level it stalled at (its typical value now
             # lies below the lowest loss of the stalled window), so a noise excursion does not re-arm.
-            if improvement_lo >= self.rel_improvement and float(np.median(self._losses)) < self._stall_floor:
+            if improvement_lo >= self.rel_improvement and statistics.median(self._losses) < self._stall_floor:
                 self._state, self._since_rearm = _ARMED, 0
             return None
         # A full window decides on the fitted improvement; a shorter one only when its whole interval is below.
@@ -231,8 +297,8 @@ class StallDetector:
         x = np.asarray(self._steps, dtype=float)
         y = np.asarray(self._losses, dtype=float)
         # Fit on step offsets so large step numbers do not cost precision.
-        slope, _, lo, hi = stats.theilslopes(y, x - x[0], alpha=self.confidence)
-        level = abs(float(np.median(y))) or float(np.max(np.abs(y))) or 1.0
+        slope, lo, hi = theil_sen(x - x[0], y, self.confidence)
+        level = abs(statistics.median(self._losses)) or float(np.max(np.abs(y))) or 1.0
         # Rates are per full window (mean step spacing x (window - 1)), so a short early window needs the same
         # rate of improvement as a full one, not the same total improvement.
         span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (len(x) - 1)
