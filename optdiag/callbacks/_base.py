@@ -84,8 +84,15 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     @property
     def state_key(self) -> str:
-        """Checkpoint key: the class name and its key arguments, e.g. ``HessianMonitor{'every_n_steps': 10, ...}``."""
-        return self._generate_state_key(**self._state_key_arguments())
+        """Checkpoint key: the class name and its key arguments, e.g. ``HessianMonitor{'every_n_steps': 10, ...}``.
+
+        Built once and cached: Lightning reads it around every hook call (for its profiler's action names), and
+        the key arguments are constructor settings that do not change.
+        """
+        key = self.__dict__.get("_cached_state_key")
+        if key is None:
+            key = self.__dict__["_cached_state_key"] = self._generate_state_key(**self._state_key_arguments())
+        return key
 
     # --- messages -------------------------------------------------------------------------------------------------
     def warn_once(self, kind: str, message: str) -> None:
