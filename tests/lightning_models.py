@@ -173,9 +173,14 @@ def models_for(namespace: str = "pytorch_lightning") -> SimpleNamespace:
 
 
 def make_trainer(tmp_path: Any, callbacks: list | None = None, *, namespace: str = "pytorch_lightning", **kwargs: Any):
-    """A quiet CPU Trainer logging CSV to ``tmp_path`` (pass ``logger=`` to override), no checkpoints by default."""
+    """A quiet CPU Trainer logging CSV to ``tmp_path`` (pass ``logger=`` to override), no checkpoints by default.
+
+    ``default_root_dir`` is ``tmp_path`` too: without a logger, files (checkpoints, ``optdiag/events.jsonl``) would
+    otherwise land in the current working directory.
+    """
     L = models_for(namespace).L
     options: dict[str, Any] = dict(
+        default_root_dir=str(tmp_path),
         accelerator="cpu",
         devices=1,
         max_steps=5,

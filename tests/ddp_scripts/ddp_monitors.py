@@ -71,6 +71,7 @@ def main(out: str) -> None:
     logger = RecordingLogger(out)
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_steps=4, callbacks=[hessian, gradient], logger=logger,
+        default_root_dir=out,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
     )
     trainer.fit(LinearRegression(), loader)
