@@ -23,20 +23,25 @@ def _run(tmp_path, with_monitors: bool, module_kwargs: dict, manual: bool = Fals
     m = models_for("pytorch_lightning")
     pl.seed_everything(123)
     callbacks = []
+    root = tmp_path / str(with_monitors)
     if with_monitors:
+        loss_fn = _mse if manual else None
         callbacks = [
             GradientNormMonitor(histogram_every_n_steps=1),
-            HessianMonitor(every_n_steps=2, probe_batches=2, density_every=1, loss_fn=_mse if manual else None),
+            HessianMonitor(every_n_steps=2, probe_batches=2, density_every=1, loss_fn=loss_fn),
+            HessianMonitor(budget=1.0, probe_batches=1, loss_fn=loss_fn),  # adaptive: the cost probe runs too
         ]
+        # TensorBoard: the histograms and the densities (drawn only there) run as well
+        trainer_kwargs["logger"] = pl.loggers.TensorBoardLogger(str(root), name="tb")
     module = (m.ManualRegressionModule if manual else m.RegressionModule)(**module_kwargs)
-    trainer = make_trainer(tmp_path / str(with_monitors), callbacks, max_steps=4, deterministic=False,
-                           **trainer_kwargs)
+    trainer = make_trainer(root, callbacks, max_steps=4, deterministic=False, **trainer_kwargs)
     trainer.fit(module, m.RegressionDataModule(batch_size=16))
     optimizer_state = trainer.optimizers[0].state_dict()
     rngs = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     if with_monitors:
         assert callbacks[1].history, "the Hessian monitor must actually have run"
-        assert callbacks[0].history
+        assert callbacks[1].last_density is not None and callbacks[0].history
+        assert callbacks[2].estimated_seconds is not None  # whether its snapshots came within 4 steps is timing
     return module.state_dict(), optimizer_state, rngs
 
 

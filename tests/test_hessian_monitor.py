@@ -167,28 +167,142 @@ def test_probe_loss_is_the_training_step_loss_on_the_probe_set(tmp_path):
         assert monitor.history[0]["probe_loss"] == pytest.approx(float(nn.functional.mse_loss(module.lin(x), y)), rel=1e-5)
 
 
-def test_adaptive_schedule_places_the_next_snapshot_within_the_budget():
-    import time
+class _Strategy:
+    @staticmethod
+    def broadcast(obj, src=0):
+        return obj
 
-    class Strategy:
-        @staticmethod
-        def broadcast(obj, src=0):
-            return obj
 
+class _Trainer:
+    """What the schedule reads from a Trainer: the strategy's broadcast, the optimizers and the loggers."""
+
+    strategy, loggers = _Strategy, []
+
+    def __init__(self, optimizers=()):
+        self.optimizers = list(optimizers)
+
+
+class FakeClock:
+    """``time.perf_counter`` for the monitor's module: moves only when told (training steps, Hessian work)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr("optdiag.callbacks.hessian.time.perf_counter", fake)
+    return fake
+
+
+def test_adaptive_schedule_places_the_next_snapshot_within_the_budget(clock):
     monitor = HessianMonitor(budget=0.05)
-    monitor._train_started = time.perf_counter() - 10.0  # 10 s of training over 100 steps: 0.1 s per step
-    monitor._steps_at_start, monitor.monitor_seconds = 0, 1.0  # this 1 s snapshot already counted
-    monitor._plan_next(type("T", (), {"strategy": Strategy})(), step=100, seconds=1.0)
+    monitor._train_started = clock.now - 10.0  # 10 s of wall time over 100 steps
+    monitor._steps_at_start, monitor._spent = 0, 1.0  # of which this 1 s snapshot
+    monitor._plan_next(_Trainer(), step=100, seconds=1.0)
     # (1 s spent + 1 s next) / 0.05 = 40 s of training needed; 10 - 1 = 9 s done in 100 steps -> 31 s more at
     # 0.09 s per step = 345 steps
-    assert monitor._next_step == pytest.approx(100 + 345, abs=2)
+    assert monitor._next_step == 100 + 345
+    assert monitor.budget_balance() == pytest.approx(0.05 * 9 - 1.0)
 
 
-def test_adaptive_run_takes_a_first_snapshot_then_spaces_them(tmp_path):
-    monitor = HessianMonitor(budget=0.05, probe_batches=1)
-    _fit(tmp_path, monitor, steps=6)
-    assert monitor.history[0]["step"] == 1
-    assert len(monitor.history) < 6 and monitor._next_step > monitor.history[-1]["step"]
+def test_first_adaptive_snapshot_waits_until_training_pays_for_its_estimated_cost(clock, monkeypatch):
+    monitor = HessianMonitor(budget=0.05, max_hvp=10, trace_hvp=6)
+
+    def timed_product(trainer, pl_module, work):  # building the operators: 0.04 s; one product: 0.01 s
+        clock.advance(0.05)
+        return {"per_product": 0.01, "n_batches": 2, "num_params": 1000}
+
+    monkeypatch.setattr(monitor, "_with_operators", timed_product)
+    monitor._train_started, monitor._steps_at_start = clock.now, 0
+    clock.advance(0.2)  # two training steps of 0.1 s
+    monitor._plan_first(_Trainer([torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)]), None, step=2)
+    # a cold snapshot: two eigen-solves at their cap (2 x 10), the trace (6), batch sharpness (one per batch: 2)
+    # -> 28 products of 0.01 s, plus the 0.04 s of building the operators
+    assert monitor.estimated_seconds == pytest.approx(0.04 + 28 * 0.01)
+    # (0.05 s probe + 0.32 s snapshot) / 0.05 = 7.4 s of training; 0.2 s done at 0.1 s per step -> 72 steps more
+    assert monitor._next_step == 2 + 72
+    assert monitor.monitor_seconds == pytest.approx(0.05) and monitor.budget_balance() == pytest.approx(0.01 - 0.05)
+
+
+def test_adam_estimate_counts_the_preconditioned_solve_and_a_density_only_with_tensorboard(tmp_path):
+    monitor = HessianMonitor(max_hvp=10, trace_hvp=6, density_steps=12)
+    adam = _Trainer([torch.optim.Adam([nn.Parameter(torch.zeros(1))])])
+    assert monitor._expected_products(adam, 2, num_params=1000) == 3 * 10 + 6 + 2
+    adam.loggers = [pl.loggers.TensorBoardLogger(str(tmp_path))]  # the first snapshot draws a density there
+    assert monitor._expected_products(adam, 2, num_params=1000) == 3 * 10 + 6 + 2 + 12
+    # a Krylov space of a 5-parameter model has at most 5 dimensions: no solve (or density) takes more
+    assert monitor._expected_products(adam, 2, num_params=5) == 3 * 5 + 6 + 2 + 5
+
+
+class ClockSteps(pl.Callback):
+    """Advance the fake clock by 0.1 s per training batch: the training time the budget is a fraction of."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.clock.advance(0.1)
+
+
+def test_adaptive_run_probes_the_cost_then_spaces_snapshots_within_the_budget(tmp_path, clock, monkeypatch):
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, max_hvp=10, trace_hvp=0, density_every=0)
+    real_product, real_snapshot = monitor._time_product, monitor._snapshot
+
+    def timed_product(*args):
+        clock.advance(0.01)  # the probe: one product, 0.01 s, and nothing else
+        return {**real_product(*args), "per_product": 0.01}
+
+    def timed_snapshot(*args):
+        clock.advance(0.2)
+        return real_snapshot(*args)
+
+    monkeypatch.setattr(monitor, "_time_product", timed_product)
+    monkeypatch.setattr(monitor, "_snapshot", timed_snapshot)
+    _fit(tmp_path, monitor, steps=90, extra=[ClockSteps(clock)])
+    # probe at step 1 (0.1 s trained): a 5-parameter model, so each solve takes at most 5 products; with the one
+    # for batch sharpness, 11 x 0.01 s = 0.11 s; (0.01 + 0.11) / 0.05 = 2.4 s of training -> step 24. Then the
+    # measured 0.2 s is the estimate: (0.01 + 0.2 + 0.2) / 0.05 = 8.2 s -> step 82.
+    assert [h["step"] for h in monitor.history] == [24, 82]
+    assert monitor.monitor_seconds == pytest.approx(0.01 + 2 * 0.2)
+    assert monitor.budget_balance() >= 0  # the books balance at the end of the run
+
+
+def test_stall_snapshots_are_affordable_first_then_only_out_of_debt_and_always_with_a_fixed_cadence(clock):
+    monitor = HessianMonitor(budget=0.1)
+    monitor._train_started = clock.now - 10.0
+    monitor._spent = 1.0  # 9 s trained, 0.9 s allowed: in debt by 0.1 s
+    assert monitor.budget_balance() == pytest.approx(-0.1)
+    assert monitor.can_afford_snapshot(_Trainer())  # the first snapshot of a fit: always
+    monitor._fit_snapshots = 1
+    assert not monitor.can_afford_snapshot(_Trainer())
+    clock.advance(1.0)  # one more second of training repays it
+    assert monitor.can_afford_snapshot(_Trainer())
+    fixed = HessianMonitor(every_n_steps=10)
+    fixed._train_started, fixed._spent = clock.now - 1.0, 100.0
+    assert fixed.can_afford_snapshot(_Trainer())  # a fixed cadence is the user's own choice of cost
+
+
+def test_probe_set_is_the_fixed_copies_or_the_current_batch(tmp_path):
+    monitor = HessianMonitor(every_n_steps=100, probe_batches=2)
+    assert monitor.probe_set() == []
+    _fit(tmp_path, monitor, steps=3)
+    x, y = _data().tensors
+    batches = monitor.probe_set()
+    assert len(batches) == 2 and batches is not monitor.probe_set()  # a new list each call
+    for k, (bx, by) in enumerate(batches):
+        assert torch.equal(bx, x[k * BATCH:(k + 1) * BATCH]) and torch.equal(by, y[k * BATCH:(k + 1) * BATCH])
+    current = HessianMonitor(every_n_steps=100, probe="current")
+    _fit(tmp_path, current, steps=3)
+    ((cx, _),) = current.probe_set()
+    assert torch.equal(cx, x[2 * BATCH:3 * BATCH])  # the third batch, the last one trained on
 
 
 def test_model_without_double_backward_warns_once_and_keeps_gradient_monitoring(tmp_path):

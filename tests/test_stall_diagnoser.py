@@ -217,6 +217,23 @@ def test_snapshots_are_bounded(tmp_path):
     assert "lambda_max" not in diagnosis.evidence and diagnoser.hessian_monitor.history == []
 
 
+def test_stall_snapshot_over_the_time_budget_is_skipped_with_one_warning(tmp_path, monkeypatch):
+    asked = []
+
+    def broke(self, trainer):
+        asked.append(trainer)
+        return False
+
+    monkeypatch.setattr(HessianMonitor, "can_afford_snapshot", broke)
+    diagnoser = StallDiagnoser()
+    with pytest.warns(UserWarning, match="time budget is spent"):
+        trainer, _ = fit_scenario(tmp_path, "divergence", [diagnoser])
+    (diagnosis,) = diagnoser.diagnoses
+    assert asked == [trainer]  # asked once, for the one verdict, with the trainer (for rank 0's broadcast)
+    assert "lambda_max" not in diagnosis.evidence and diagnoser.hessian_monitor.history == []
+    assert diagnoser.warning_counts["over-budget"] == 1 and diagnoser.n_snapshots == 0  # not counted: not taken
+
+
 # --- do no harm, degrade, resume --------------------------------------------------------------------------------
 def _final_weights(tmp_path, callbacks, steps):
     (run,) = scenario("saddle").build()

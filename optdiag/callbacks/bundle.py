@@ -49,22 +49,27 @@ class OptDiag(OptDiagCallback):
     evidence and suggestions whenever the loss stalls or diverges) that uses those two monitors. Every Lightning
     hook is forwarded to the children in that order; their checkpoint state is saved under this callback's key.
 
-    The defaults keep the overhead to about 5% of training time: curvature snapshots are scheduled within
-    ``budget`` (plus at most ``max_snapshots`` bounded snapshots at stalls), and the per-step gradient statistics
-    cost a few vector norms.
+    Cost at the defaults: curvature snapshots (scheduled and at stalls) share one time account of ``budget`` of the
+    training time; the first snapshot of a fit waits until training has paid for its estimated cost, except that
+    the first verdict always gets its snapshot (an overdraft of one snapshot, repaid before the next scheduled one;
+    see :class:`~optdiag.callbacks.HessianMonitor`). The per-step work (gradient statistics, the stall test) is
+    outside that budget: a few tenths of a millisecond per step, which is tens of percent for models whose
+    Lightning step takes a couple of milliseconds and negligible for real ones (``benchmarks/bench_overhead.py``).
 
     Args:
         every_n_steps: curvature snapshot cadence in optimizer steps; ``None`` schedules them within ``budget``.
-        budget: fraction of training time the scheduled curvature snapshots may take.
+        budget: fraction of training time the curvature snapshots (scheduled and at stalls) may take.
         window: losses the stall test looks at; raise it for very noisy losses.
         min_window: fewest losses before a stall may be declared.
         rel_improvement: relative loss improvement across a window below which training counts as stalled.
         probe_batches: training batches kept as the fixed probe set for curvature (the "probe size").
         max_hvp: Hessian-vector products per eigenvalue solve.
         trace_hvp: products for the Hessian trace (``0`` switches it off).
-        density_every: a spectral density every this many snapshots (``0`` switches it off).
+        density_every: a spectral density every this many snapshots, drawn in TensorBoard (computed only with a
+            ``TensorBoardLogger``; ``0`` switches it off).
         per_layer: log per-layer gradient norms.
-        max_snapshots: extra curvature snapshots the diagnoser may take at stalls per run.
+        max_snapshots: extra curvature snapshots the diagnoser may take at stalls per run (also bounded in time by
+            the budget).
         escape_check: at a saddle, evaluate the real loss along the escape direction.
         loss_floor: the loss you would be happy with, if known.
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` for curvature; default ``optdiag_loss`` or
@@ -94,7 +99,7 @@ class OptDiag(OptDiagCallback):
         rel_improvement: float = 0.01,
         probe_batches: int = 2,
         max_hvp: int = 40,
-        trace_hvp: int = 18,
+        trace_hvp: int = 12,
         density_every: int = 10,
         per_layer: bool = True,
         max_snapshots: int = 20,

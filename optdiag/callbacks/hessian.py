@@ -81,7 +81,8 @@ class HessianMonitor(OptDiagCallback):
     * ``probe_loss``, ``probe_grad_norm``, and with two or more probe batches the gradient noise:
       ``probe_grad_sq_unbiased`` (``|G|^2``) and ``grad_noise_trace`` (``tr(Sigma)``).
     * every ``density_every``-th snapshot, a spectral density (stochastic Lanczos quadrature) as a TensorBoard
-      figure when a ``TensorBoardLogger`` is present.
+      figure. A figure is the only place a density is shown, so it is computed only when a ``TensorBoardLogger``
+      is attached (it would be the costliest part of a snapshot otherwise: 40 products and a growing basis).
 
     **Probe set.** ``probe="fixed"`` (default): copies of the first ``probe_batches`` training batches, exactly as
     the model received them (already on its device), kept for the whole run so that estimates compare over time;
@@ -91,9 +92,23 @@ class HessianMonitor(OptDiagCallback):
     module defines it, else ``training_step`` with logging silenced). With manual optimization ``training_step``
     steps the optimizer, so define ``optdiag_loss`` or pass ``loss_fn``; otherwise Hessian estimates stay off.
 
-    **Schedule.** ``every_n_steps=n``: every ``n`` optimizer steps. ``every_n_steps=None``: adaptive; the first
-    snapshot follows the first step, then each next one is placed so that the measured monitor time stays within
-    ``budget`` of the training time (rank 0's clock, broadcast so that all ranks agree).
+    **Schedule.** ``every_n_steps=n``: every ``n`` optimizer steps. ``every_n_steps=None`` (default): adaptive, so
+    that the Hessian work stays within ``budget`` of the training time (wall time less the Hessian work). It keeps
+    an account: :meth:`budget_balance` = ``budget * training seconds - Hessian seconds`` of this fit.
+
+    * The first snapshot (cold: no warm start, the most expensive of the run) is not taken right away. When the
+      probe set is complete, one Hessian-vector product on it is timed (the "cost probe": building the operators
+      plus one product, charged to the account), and the snapshot's cost is estimated as that setup plus the
+      product time the number of products a cold snapshot may take: each eigen-solve at its ``max_hvp`` cap (capped
+      by the number of parameters), ``trace_hvp``, one per probe batch, and a density if one is due. Solves often
+      converge before their cap, which leaves room for the Lanczos bookkeeping the estimate does not count. The
+      first snapshot comes once training time pays for the probe and this estimate within the budget.
+    * Each later snapshot is placed the same way, with the last snapshot's measured time as the estimate.
+    * Stall snapshots (:class:`~optdiag.callbacks.StallDiagnoser`) are charged to the same account: see
+      :meth:`can_afford_snapshot`. One may run early and overdraw the budget; the scheduled ones then wait until
+      training time has repaid the debt.
+
+    Decisions that depend on the clock are rank 0's, broadcast so that all ranks meet in the same collectives.
 
     **Do no harm.** Work happens inside :func:`~optdiag.curvature.state.preserved_state` with autocast off, in
     float32 (or the parameters' dtype if wider), on the LightningModule itself (not the DDP wrapper); dropout masks
@@ -104,7 +119,8 @@ class HessianMonitor(OptDiagCallback):
 
     Args:
         every_n_steps: fixed cadence in optimizer steps, or ``None`` for the adaptive budget.
-        budget: fraction of training time the adaptive schedule may spend, in ``(0, 1]``.
+        budget: fraction of training time the adaptive schedule (and the stall snapshots it admits) may spend, in
+            ``(0, 1]``.
         probe: ``"fixed"`` or ``"current"``.
         probe_batches: number of training batches in the fixed probe set.
         loss_fn: the curvature loss (see above).
@@ -112,8 +128,11 @@ class HessianMonitor(OptDiagCallback):
             or ``"eval"``.
         tol: relative residual tolerance of the eigen-solves.
         max_hvp: products allowed per eigen-solve.
-        trace_hvp: products for the trace (Hutch++); ``0`` switches the trace off.
-        density_every: a spectral density every this many snapshots; ``0`` switches it off.
+        trace_hvp: products for the trace (Hutch++: a sketch of ``trace_hvp // 3`` vectors, as many products on
+            it, the rest as probes of the remainder); ``0`` switches the trace off. The default 12 is a third of a
+            cold snapshot's products; the trace is reported with its standard error and no verdict depends on it.
+        density_every: a spectral density every this many snapshots (the first one included), computed only when
+            a ``TensorBoardLogger`` is attached; ``0`` switches it off.
         density_steps: Lanczos steps per density run.
         seed: seed of the probes, start vectors and dropout masks.
         history_size: how many snapshots :attr:`history` keeps.
@@ -122,6 +141,9 @@ class HessianMonitor(OptDiagCallback):
         history: one dict per snapshot (the :meth:`measure` keys, without the ``OptimizerSpec``).
         last_eigenvectors: ``{"LA": EigenResult, "SA": EigenResult}`` of the last snapshot (for escape directions).
         last_density: the last ``DensityResult`` or None.
+        monitor_seconds: wall seconds of Hessian work (snapshots and cost probes) over all fits.
+        estimated_seconds: the expected cost of the next snapshot (the cost probe's estimate, then the last
+            snapshot's measured time); None before either.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -141,7 +163,7 @@ class HessianMonitor(OptDiagCallback):
         mode: str = "train",
         tol: float = 1e-3,
         max_hvp: int = 40,
-        trace_hvp: int = 18,
+        trace_hvp: int = 12,
         density_every: int = 10,
         density_steps: int = 40,
         seed: int = 0,
@@ -189,6 +211,9 @@ class HessianMonitor(OptDiagCallback):
         self._train_started: float | None = None
         self._steps_at_start = 0
         self._last_step_seen = -1
+        self._spent = 0.0  # Hessian seconds of this fit (snapshots and the cost probe): the budget's debit side
+        self._fit_snapshots = 0
+        self.estimated_seconds: float | None = None  # what the next snapshot is expected to cost
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -229,27 +254,105 @@ class HessianMonitor(OptDiagCallback):
         if step == self._last_step_seen:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step_seen = step
-        if self.enabled and self._due(step):
+        if not self.enabled or not self._probe_ready():
+            return
+        if self.every_n_steps is None and self._next_step is None:
+            self._plan_first(trainer, pl_module, step)
+        elif self._due(step):
             self.measure(trainer, pl_module)
 
-    # --- schedule -------------------------------------------------------------------------------------------------
+    # --- schedule and budget ---------------------------------------------------------------------------------------
+    def _probe_ready(self) -> bool:
+        return self.probe != "fixed" or len(self._probe_set) >= self.probe_batches
+
     def _due(self, step: int) -> bool:
-        if self.probe == "fixed" and len(self._probe_set) < self.probe_batches:
-            return False
         if self.every_n_steps is not None:
             return step % self.every_n_steps == 0
-        return self._next_step is None or step >= self._next_step
+        return self._next_step is not None and step >= self._next_step
+
+    def _train_seconds(self) -> float:
+        """Wall time of this fit so far, less the time the Hessian work took."""
+        if self._train_started is None:
+            return 0.0
+        return max(time.perf_counter() - self._train_started - self._spent, 0.0)
+
+    def budget_balance(self) -> float:
+        """Seconds of Hessian work this fit may still spend: ``budget * training time - Hessian time so far``.
+
+        Negative while in debt (after a stall snapshot taken early). Rank 0's clock is what counts under DDP: the
+        decisions built on it (:meth:`can_afford_snapshot`, the adaptive schedule) are broadcast from rank 0.
+        """
+        return self.budget * self._train_seconds() - self._spent
+
+    def can_afford_snapshot(self, trainer: Any) -> bool:
+        """Whether an unscheduled snapshot (a stall's) may run now.
+
+        With a fixed cadence always (the cadence is the user's choice of cost). With the adaptive budget: the first
+        snapshot of a fit always (the first verdict gets its curvature, however early), later ones only while the
+        account is not in debt (:meth:`budget_balance` >= 0). A snapshot allowed here may overdraw the budget by its
+        own cost; the scheduled snapshots then wait until training time has repaid the debt. So the Hessian work of
+        a fit stays within ``budget`` of its training time plus one snapshot (and the cost probe). Every rank must
+        call this under DDP: rank 0 decides, the answer is broadcast.
+
+        Example:
+            >>> HessianMonitor(every_n_steps=100).can_afford_snapshot(trainer=None)
+            True
+        """
+        if self.every_n_steps is not None:
+            return True
+        affordable = self._fit_snapshots == 0 or self.budget_balance() >= 0.0
+        return bool(trainer.strategy.broadcast(affordable, src=0))
+
+    def _plan_first(self, trainer: Any, pl_module: Any, step: int) -> None:
+        """Before the first adaptive snapshot: estimate its cost from one timed product, and schedule it once the
+        training time pays for that estimate within the budget (rather than right away, when it would be the most
+        expensive snapshot of the run, cold, against almost no training time)."""
+        started = time.perf_counter()
+        result = self._guarded(step, "cost-probe", lambda: self._with_operators(trainer, pl_module, self._time_product))
+        seconds = time.perf_counter() - started
+        self._charge(seconds)
+        if "per_product" in result:
+            products = self._expected_products(trainer, result["n_batches"], result["num_params"])
+            setup = seconds - result["per_product"]  # building the operators, saving and restoring the state
+            self.estimated_seconds = setup + result["per_product"] * products
+        else:  # the probe failed (warned and counted): a snapshot of about the same cost is retried later
+            self.estimated_seconds = seconds
+        with contextlib.suppress(Exception):
+            self._plan_next(trainer, step, self.estimated_seconds)
+
+    def _time_product(self, mean: ReducedMeanOperator, operators: list, optimizer: Any) -> dict[str, Any]:
+        built = time.perf_counter()
+        generator = torch.Generator().manual_seed(self.seed)  # its own generator: the global RNG never moves
+        v = torch.randn(mean.num_params, generator=generator, dtype=torch.float64).to(mean.device, mean.dtype)
+        mean.matvec(v)
+        return {"per_product": time.perf_counter() - built, "n_batches": len(operators), "num_params": mean.num_params}
+
+    def _expected_products(self, trainer: Any, n_batches: int, num_params: int) -> int:
+        """Products a cold snapshot may take: each eigen-solve at its cap (a Krylov space has at most
+        ``num_params`` dimensions), the trace, batch sharpness (one per batch) and a density if one is due."""
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        solves = 2 + int(optimizer is not None and OptimizerSpec.from_torch(optimizer).preconditioned)
+        density = min(self.density_steps, num_params) if self._density_due(trainer) else 0
+        return solves * min(self.max_hvp, num_params) + self.trace_hvp + n_batches + density
+
+    def _density_due(self, trainer: Any) -> bool:
+        """Densities are drawn only as TensorBoard figures: computed only when a TensorBoard logger will show them."""
+        return bool(self.density_every) and self._n_snapshots % self.density_every == 0 \
+            and self.tensorboard_logger(trainer) is not None
+
+    def _charge(self, seconds: float) -> None:
+        self._spent += seconds
+        self.monitor_seconds += seconds
 
     def _plan_next(self, trainer: Any, step: int, seconds: float) -> None:
-        """Adaptive schedule: the next snapshot when training time has paid for this one within the budget."""
+        """Adaptive schedule: the next snapshot when training time has paid for the work so far and for the next
+        one (expected to cost ``seconds``) within the budget; a debt from an early stall snapshot is repaid first."""
         if self.every_n_steps is not None:
             return
         steps_done = max(step - self._steps_at_start, 1)
-        train_seconds = max(time.perf_counter() - (self._train_started or time.perf_counter())
-                            - self.monitor_seconds, 1e-9)
+        train_seconds = max(self._train_seconds(), 1e-9)
         seconds_per_step = train_seconds / steps_done
-        # spend no more than `budget` overall: the monitor time so far, plus the next snapshot, over training time
-        needed_train_seconds = (self.monitor_seconds + seconds) / self.budget
+        needed_train_seconds = (self._spent + seconds) / self.budget
         wait = max(1, math.ceil((needed_train_seconds - train_seconds) / seconds_per_step))
         wait = trainer.strategy.broadcast(wait, src=0)  # rank 0's clock decides, so all ranks meet in collectives
         self._next_step = step + int(wait)
@@ -268,37 +371,53 @@ class HessianMonitor(OptDiagCallback):
         """
         step = int(trainer.global_step)
         started = time.perf_counter()
-        try:
-            result = self._measure(trainer, pl_module, step, reason)
-        except NotTwiceDifferentiableError as error:
-            self._disable("not-twice-differentiable", f"Hessian estimates switched off: {error}")
-            result = {"step": step, "reason": reason, "skipped": "not twice differentiable"}
-        except NonFiniteError as error:
-            self.warn_once("non-finite", f"curvature snapshot at step {step} skipped: {error}")
-            result = {"step": step, "reason": reason, "skipped": "non-finite"}
-        except UsageError as error:
-            self._disable("usage", f"Hessian estimates switched off: {error}")
-            result = {"step": step, "reason": reason, "skipped": str(error)}
-        except Exception as error:  # noqa: BLE001 - degrade, don't crash
-            self.warn_once(f"error:{type(error).__name__}", f"curvature snapshot at step {step} failed "
-                           f"({type(error).__name__}: {error}); skipped")
-            result = {"step": step, "reason": reason, "skipped": f"{type(error).__name__}"}
+        result = self._guarded(step, reason, lambda: self._with_operators(
+            trainer, pl_module, lambda mean, operators, optimizer: self._snapshot(
+                trainer, pl_module, mean, operators, optimizer, step, reason)))
         seconds = time.perf_counter() - started
-        self.monitor_seconds += seconds
+        self._charge(seconds)
         result["seconds"] = seconds
         if "skipped" not in result:
             self._n_snapshots += 1
+            self._fit_snapshots += 1
             self._history.append({k: v for k, v in result.items() if k not in _HEAVY})
             self.log_scalars(trainer, result, step)
+            self.estimated_seconds = seconds
         with contextlib.suppress(Exception):
-            self._plan_next(trainer, step, seconds)
+            self._plan_next(trainer, step, self.estimated_seconds or seconds)
         return result
+
+    def _guarded(self, step: int, reason: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """``work()``, or ``{"step", "reason", "skipped": why}`` after warning (once per kind) if it failed."""
+        try:
+            return work()
+        except NotTwiceDifferentiableError as error:
+            self._disable("not-twice-differentiable", f"Hessian estimates switched off: {error}")
+            return {"step": step, "reason": reason, "skipped": "not twice differentiable"}
+        except NonFiniteError as error:
+            self.warn_once("non-finite", f"curvature snapshot at step {step} skipped: {error}")
+            return {"step": step, "reason": reason, "skipped": "non-finite"}
+        except UsageError as error:
+            self._disable("usage", f"Hessian estimates switched off: {error}")
+            return {"step": step, "reason": reason, "skipped": str(error)}
+        except Exception as error:  # noqa: BLE001 - degrade, don't crash
+            self.warn_once(f"error:{type(error).__name__}", f"curvature snapshot at step {step} failed "
+                           f"({type(error).__name__}: {error}); skipped")
+            return {"step": step, "reason": reason, "skipped": f"{type(error).__name__}"}
 
     def _disable(self, kind: str, message: str) -> None:
         self.enabled = False
         self.warn_once(kind, message)
 
-    def _batches(self) -> list[Any]:
+    def probe_set(self) -> list[Any]:
+        """The batches a snapshot is computed on now: the fixed probe set (the copies kept from the first training
+        batches; fewer until they have all been seen) or, with ``probe="current"``, the batch just trained on.
+
+        Example:
+            >>> monitor = HessianMonitor(probe_batches=2)
+            >>> monitor.probe_set()  # nothing seen yet
+            []
+        """
         if self.probe == "fixed":
             return list(self._probe_set)
         return [] if self._current_batch is None else [self._current_batch]
@@ -308,8 +427,10 @@ class HessianMonitor(OptDiagCallback):
         widest = max(dtypes, key=lambda d: torch.finfo(d).bits)
         return widest if torch.finfo(widest).bits >= 32 else torch.float32
 
-    def _measure(self, trainer: Any, pl_module: Any, step: int, reason: str) -> dict[str, Any]:
-        batches = self._batches()
+    def _with_operators(self, trainer: Any, pl_module: Any, work: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+        """``work(mean, operators, optimizer)`` on the probe set's Hessian operators, with the training state saved
+        and restored around it (do no harm), autocast off and fixed dropout masks."""
+        batches = self.probe_set()
         dtype = self._compute_dtype(pl_module)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         with preserved_state(pl_module), _autocast_off(pl_module.device):
@@ -329,7 +450,7 @@ class HessianMonitor(OptDiagCallback):
                 raise NonFiniteError("no usable probe batch on some rank")
             mean = ReducedMeanOperator(operators, [float(batch_size_of(b) or 1) for b in batches])
             try:
-                return self._snapshot(trainer, pl_module, mean, operators, optimizer, step, reason)
+                return work(mean, operators, optimizer)
             finally:
                 for op in operators:
                     op.close()
@@ -358,7 +479,7 @@ class HessianMonitor(OptDiagCallback):
         out.update(self._gradient_quantities(mean, operators))
         out.update(self._stability(mean, optimizer, pl_module, out["lambda_max"]))
         density = None
-        if self.density_every and self._n_snapshots % self.density_every == 0:
+        if self._density_due(trainer):
             density = spectral_density(mean, n_runs=1, n_steps=min(self.density_steps, mean.num_params),
                                        seed=self.seed)
             self.last_density = density

@@ -57,8 +57,11 @@ class StallDiagnoser(OptDiagCallback):
     divergence, the diagnoser gathers the evidence:
 
     * a curvature snapshot now, whatever the monitor's schedule: ``lambda_max``, ``lambda_min`` with residuals,
-      the trace, the probe gradient and its noise (``HessianMonitor.measure(..., reason="stall")``; at most
-      ``max_snapshots`` per run, each bounded by the monitor's ``max_hvp``; none for a non-finite loss);
+      the trace, the probe gradient and its noise (``HessianMonitor.measure(..., reason="stall")``; none for a
+      non-finite loss). Bounded in count (``max_snapshots`` per run), in size (the monitor's ``max_hvp`` per
+      eigen-solve) and in time: with the monitor's adaptive budget (its default) a stall snapshot runs only while
+      that budget is not in debt (:meth:`HessianMonitor.can_afford_snapshot`), so it may run early, overdrawing by
+      at most its own cost, and the scheduled snapshots then wait until the debt is repaid;
     * from the gradient monitor, the mean ``|g|``, gradient and update cosines over the stalled window and the
       early-training ``|g|``;
     * lr, momentum and the optimizer kind with its stability threshold.
@@ -82,7 +85,8 @@ class StallDiagnoser(OptDiagCallback):
         window: losses the stall test fits (the detector's window).
         min_window: fewest losses before a stall may be declared.
         rel_improvement: relative improvement across a window below which the loss counts as stalled.
-        max_snapshots: curvature snapshots the diagnoser may request per run (each bounded in HVPs).
+        max_snapshots: curvature snapshots the diagnoser may request per run (each bounded in HVPs, and all of
+            them in time by the Hessian monitor's budget, see above).
         escape_check: evaluate the real loss along a saddle's escape direction (two probe-set forward passes).
         loss_floor: the loss you would be happy with, if you know it (passed to the diagnosis as evidence).
         verbose: print the end-of-fit summary (global rank 0).
@@ -288,6 +292,11 @@ class StallDiagnoser(OptDiagCallback):
             self.warn_once("max-snapshots", f"the {self.max_snapshots} stall snapshots of this run are used up; "
                            "further verdicts rest on the loss and gradient only")
             return {}
+        if not monitor.can_afford_snapshot(trainer):  # every rank asks: rank 0's answer is broadcast
+            self.warn_once("over-budget", "a stall snapshot was skipped: the Hessian monitor's time budget is spent "
+                           f"(balance {monitor.budget_balance():.3g} s); this verdict rests on the loss and gradient "
+                           "only (counted in warning_counts['over-budget'])")
+            return {}
         self.n_snapshots += 1
         # Start the eigen-solves cold: a warm start from before the stall can lie in an invariant subspace of the
         # new Hessian (e.g. the direction of the saddle just escaped) and then never sees the new negative curvature.
@@ -364,7 +373,7 @@ class StallDiagnoser(OptDiagCallback):
             return {}
         u = result.eigenvectors[0]
         out = {"escape_t": t, "escape_expected_drop": coefficient * t * t}
-        batches = monitor._batches()  # the probe set the eigenvector was computed on (HessianMonitor internals)
+        batches = monitor.probe_set()  # the probe set the eigenvector was computed on
         if not batches:
             return out
         with preserved_state(pl_module):

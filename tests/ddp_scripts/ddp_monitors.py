@@ -1,4 +1,4 @@
-"""Two-process DDP run on CPU (gloo) with both monitors; each rank saves what it saw to OUT/rank<r>.pt.
+"""Two-process DDP run on CPU (gloo) with both monitors (the Hessian one at a fixed cadence and adaptive); each rank saves what it saw to OUT/rank<r>.pt.
 
 Run as ``python ddp_monitors.py OUT``; Lightning re-launches it for rank 1 with the same arguments.
 """
@@ -67,18 +67,27 @@ def main(out: str) -> None:
     data = regression_data(n=128, in_features=4, seed=1)
     loader = DataLoader(data, batch_size=16, shuffle=False)
     hessian = HessianMonitor(every_n_steps=2, probe_batches=2, tol=1e-6, max_hvp=15, trace_hvp=15)
+    adaptive = HessianMonitor(budget=1.0, probe_batches=1, trace_hvp=0)  # cost probe and schedule: rank 0's clock
     gradient = GradientNormMonitor()
     logger = RecordingLogger(out)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=4, callbacks=[hessian, gradient], logger=logger,
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=4, callbacks=[hessian, adaptive, gradient],
+        logger=logger,
         default_root_dir=out,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
     )
     trainer.fit(LinearRegression(), loader)
     rank = trainer.global_rank
+    # a stall snapshot's go-ahead is rank 0's: rank 1, deep in debt on its own clock, must still get rank 0's yes
+    adaptive._fit_snapshots = 1
+    adaptive._spent = 0.0 if rank == 0 else 1e9
+    affordable = adaptive.can_afford_snapshot(trainer)
     torch.save(
         {
             "history": hessian.history,
+            "adaptive_steps": [h["step"] for h in adaptive.history],
+            "adaptive_estimate": adaptive.estimated_seconds,
+            "affordable": affordable,
             "probe": hessian._probe_set,
             "grad_norms": [h["grad_norm"] for h in gradient.history],
             "logger_calls": logger.calls,
