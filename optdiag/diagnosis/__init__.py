@@ -13,6 +13,7 @@ _EXPORTS = {
     "stability_threshold": ".stability",
     "StallDetector": ".stall",
     "StallEvent": ".stall",
+    "theil_sen": ".stall",
     "Evidence": ".evidence",
     "diagnose_stall": ".classify",
     "classify_point": ".classify",
