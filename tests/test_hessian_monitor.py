@@ -218,28 +218,28 @@ def test_first_adaptive_snapshot_waits_until_training_pays_for_its_estimated_cos
 
     def timed_product(trainer, pl_module, work):  # building the operators: 0.04 s; one product: 0.01 s
         clock.advance(0.05)
-        return {"per_product": 0.01, "n_batches": 2, "num_params": 1000}
+        return {"per_product": 0.01, "num_params": 1000}
 
     monkeypatch.setattr(monitor, "_with_operators", timed_product)
     monitor._train_started, monitor._steps_at_start = clock.now, 0
     clock.advance(0.2)  # two training steps of 0.1 s
     monitor._plan_first(_Trainer([torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)]), None, step=2)
-    # a cold snapshot: two eigen-solves at their cap (2 x 10), the trace (6), batch sharpness (one per batch: 2)
-    # -> 28 products of 0.01 s, plus the 0.04 s of building the operators
-    assert monitor.estimated_seconds == pytest.approx(0.04 + 28 * 0.01)
-    # (0.05 s probe + 0.32 s snapshot) / 0.05 = 7.4 s of training; 0.2 s done at 0.1 s per step -> 72 steps more
-    assert monitor._next_step == 2 + 72
+    # a cold snapshot: two eigen-solves at their cap (2 x 10), the trace (6), batch sharpness (one product per
+    # probe batch: one over the probe set) -> 27 products of 0.01 s, plus the 0.04 s of building the operators
+    assert monitor.estimated_seconds == pytest.approx(0.04 + 27 * 0.01)
+    # (0.05 s probe + 0.31 s snapshot) / 0.05 = 7.2 s of training; 0.2 s done at 0.1 s per step -> 70 steps more
+    assert monitor._next_step == 2 + 70
     assert monitor.monitor_seconds == pytest.approx(0.05) and monitor.budget_balance() == pytest.approx(0.01 - 0.05)
 
 
 def test_adam_estimate_counts_the_preconditioned_solve_and_a_density_only_with_tensorboard(tmp_path):
     monitor = HessianMonitor(max_hvp=10, trace_hvp=6, density_steps=12)
     adam = _Trainer([torch.optim.Adam([nn.Parameter(torch.zeros(1))])])
-    assert monitor._expected_products(adam, 2, num_params=1000) == 3 * 10 + 6 + 2
+    assert monitor._expected_products(adam, num_params=1000) == 3 * 10 + 6 + 1
     adam.loggers = [pl.loggers.TensorBoardLogger(str(tmp_path))]  # the first snapshot draws a density there
-    assert monitor._expected_products(adam, 2, num_params=1000) == 3 * 10 + 6 + 2 + 12
+    assert monitor._expected_products(adam, num_params=1000) == 3 * 10 + 6 + 1 + 12
     # a Krylov space of a 5-parameter model has at most 5 dimensions: no solve (or density) takes more
-    assert monitor._expected_products(adam, 2, num_params=5) == 3 * 5 + 6 + 2 + 5
+    assert monitor._expected_products(adam, num_params=5) == 3 * 5 + 6 + 1 + 5
 
 
 class ClockSteps(pl.Callback):

@@ -100,7 +100,7 @@ class HessianMonitor(OptDiagCallback):
       probe set is complete, one Hessian-vector product on it is timed (the "cost probe": building the operators
       plus one product, charged to the account), and the snapshot's cost is estimated as that setup plus the
       product time the number of products a cold snapshot may take: each eigen-solve at its ``max_hvp`` cap (capped
-      by the number of parameters), ``trace_hvp``, one per probe batch, and a density if one is due. Solves often
+      by the number of parameters), ``trace_hvp``, one for batch sharpness, and a density if one is due. Solves often
       converge before their cap, which leaves room for the Lanczos bookkeeping the estimate does not count. The
       first snapshot comes once training time pays for the probe and this estimate within the budget.
     * Each later snapshot is placed the same way, with the last snapshot's measured time as the estimate.
@@ -312,7 +312,7 @@ class HessianMonitor(OptDiagCallback):
         seconds = time.perf_counter() - started
         self._charge(seconds)
         if "per_product" in result:
-            products = self._expected_products(trainer, result["n_batches"], result["num_params"])
+            products = self._expected_products(trainer, result["num_params"])
             setup = seconds - result["per_product"]  # building the operators, saving and restoring the state
             self.estimated_seconds = setup + result["per_product"] * products
         else:  # the probe failed (warned and counted): a snapshot of about the same cost is retried later
@@ -325,15 +325,16 @@ class HessianMonitor(OptDiagCallback):
         generator = torch.Generator().manual_seed(self.seed)  # its own generator: the global RNG never moves
         v = torch.randn(mean.num_params, generator=generator, dtype=torch.float64).to(mean.device, mean.dtype)
         mean.matvec(v)
-        return {"per_product": time.perf_counter() - built, "n_batches": len(operators), "num_params": mean.num_params}
+        return {"per_product": time.perf_counter() - built, "num_params": mean.num_params}
 
-    def _expected_products(self, trainer: Any, n_batches: int, num_params: int) -> int:
-        """Products a cold snapshot may take: each eigen-solve at its cap (a Krylov space has at most
-        ``num_params`` dimensions), the trace, batch sharpness (one per batch) and a density if one is due."""
+    def _expected_products(self, trainer: Any, num_params: int) -> int:
+        """Products over the probe set a cold snapshot may take: each eigen-solve at its cap (a Krylov space has at
+        most ``num_params`` dimensions), the trace, batch sharpness (one product per probe batch: one over the set)
+        and a density if one is due."""
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         solves = 2 + int(optimizer is not None and OptimizerSpec.from_torch(optimizer).preconditioned)
         density = min(self.density_steps, num_params) if self._density_due(trainer) else 0
-        return solves * min(self.max_hvp, num_params) + self.trace_hvp + n_batches + density
+        return solves * min(self.max_hvp, num_params) + self.trace_hvp + 1 + density
 
     def _density_due(self, trainer: Any) -> bool:
         """Densities are drawn only as TensorBoard figures: computed only when a TensorBoard logger will show them."""
