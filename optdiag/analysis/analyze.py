@@ -284,11 +284,12 @@ class AnalysisReport:
         settings: the :class:`AnalysisSettings` used.
         created: ISO timestamp (UTC).
 
-    Example:
-        >>> report = analyze_checkpoint("epoch=3.ckpt", model=MyModule)  # doctest: +SKIP
-        >>> report.checkpoints[0].lambda_max, report.checkpoints[0].point_type  # doctest: +SKIP
-        (12.3, 'local_minimum')
-        >>> report.write("optdiag-report")  # doctest: +SKIP
+    Example::
+
+        report = analyze_checkpoint("epoch=3.ckpt", model=MyModule)
+        report.checkpoints[0].lambda_max, report.checkpoints[0].point_type
+        # (12.3, 'local_minimum')
+        report.write("optdiag-report")
     """
 
     checkpoints: list[CheckpointAnalysis]
@@ -400,9 +401,10 @@ def analyze_checkpoint(
         UsageError: any bad input (missing or unreadable file, weights that do not fit the model, unusable data or
             loss, bad settings), with one line naming the problem.
 
-    Example:
-        >>> report = analyze_checkpoint("last.ckpt", model=MyModule, max_batches=4)  # doctest: +SKIP
-        >>> print(report.summary())  # doctest: +SKIP
+    Example::
+
+        report = analyze_checkpoint("last.ckpt", model=MyModule, max_batches=4)
+        print(report.summary())
     """
     if settings is None:
         try:

@@ -2,9 +2,10 @@
 
 Built on a plain Agg :class:`~matplotlib.figure.Figure` (no pyplot), like :mod:`optdiag.sinks.figures`.
 
-Example:
-    >>> fig = scenario_figure(result)  # doctest: +SKIP
-    >>> fig.savefig("saddle.png", dpi=90)  # doctest: +SKIP
+Example::
+
+    fig = scenario_figure(result)
+    fig.savefig("saddle.png", dpi=90)
 """
 
 from __future__ import annotations

@@ -43,9 +43,10 @@ def log_scalars(trainer: Any, values: Mapping[str, Any], step: int) -> dict[str,
     Returns:
         The metrics dict that was (or, on other ranks, would have been) written.
 
-    Example:
-        >>> log_scalars(trainer, {"lambda_max": 12.5}, step=trainer.global_step)  # doctest: +SKIP
-        {'optdiag/lambda_max': 12.5}
+    Example::
+
+        log_scalars(trainer, {"lambda_max": 12.5}, step=trainer.global_step)
+        # {'optdiag/lambda_max': 12.5}
     """
     metrics = scalar_metrics(values)
     if metrics and getattr(trainer, "is_global_zero", True):

@@ -53,9 +53,10 @@ def register_layout(logger: Any) -> bool:
     Returns:
         True if the layout was written now, False if this logger already had it.
 
-    Example:
-        >>> register_layout(trainer.logger)  # doctest: +SKIP
-        True
+    Example::
+
+        register_layout(trainer.logger)
+        # True
     """
     if getattr(logger, _REGISTERED_FLAG, False):
         return False
@@ -90,9 +91,10 @@ def log_histograms(logger: Any, tensors: Mapping[str, torch.Tensor], step: int) 
     Returns:
         The tags that were skipped because their values are not all finite (for the caller to warn about).
 
-    Example:
-        >>> log_histograms(trainer.logger, {"optdiag/net.0/grad": grad}, step=10)  # doctest: +SKIP
-        []
+    Example::
+
+        log_histograms(trainer.logger, {"optdiag/net.0/grad": grad}, step=10)
+        # []
     """
     skipped = []
     for tag, values in tensors.items():
