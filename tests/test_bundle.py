@@ -119,13 +119,13 @@ def test_logs_scalars_and_diagnoses_in_a_real_run(tmp_path):
 
 def test_works_with_the_lightning_pytorch_namespace(tmp_path):
     models = models_for("lightning.pytorch")
-    cb = OptDiag(every_n_steps=4, verbose=False)
+    cb = OptDiag(every_n_steps=4, grad_every_n_steps=4, verbose=False)
     trainer = models.L.Trainer(max_steps=8, accelerator="cpu", devices=1, callbacks=[cb], logger=False,
                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                default_root_dir=str(tmp_path))
     trainer.fit(models.RegressionModule(), models.RegressionDataModule())
     assert [s["step"] for s in cb.hessian_monitor.history] == [4, 8]
-    assert len(cb.gradient_monitor.history) == 8
+    assert [h["step"] for h in cb.gradient_monitor.history] == [0, 1, 2, 3, 4, 7]  # 4 first, then pairs
 
 
 @pytest.mark.slow

@@ -30,10 +30,19 @@ def _lightning_hooks() -> tuple[str, ...]:
 FORWARDED_HOOKS = _lightning_hooks()
 
 
+_EMPTY_HOOKS = {(name, member) for base in _CALLBACK_BASES for name, member in vars(base).items() if callable(member)}
+
+
+def _implements(child: Any, name: str) -> bool:
+    """Whether ``child`` does something in hook ``name`` (not Lightning's empty base implementation)."""
+    return (name, getattr(type(child), name, None)) not in _EMPTY_HOOKS
+
+
 def _forwarding(name: str) -> Callable[..., None]:
     def hook(self: "OptDiag", *args: Any, **kwargs: Any) -> None:
-        for child in self.children:
-            getattr(child, name)(*args, **kwargs)
+        # Lightning calls every hook of every callback; skipping the children's empty ones saves per-step time
+        for method in self._receivers(name):
+            method(*args, **kwargs)
 
     hook.__name__ = hook.__qualname__ = name
     hook.__doc__ = f"Call ``{name}`` of each child in order (gradient monitor, Hessian monitor, stall diagnoser)."
@@ -68,6 +77,8 @@ class OptDiag(OptDiagCallback):
         density_every: a spectral density every this many snapshots, drawn in TensorBoard (computed only with a
             ``TensorBoardLogger``; ``0`` switches it off).
         per_layer: log per-layer gradient norms.
+        grad_every_n_steps: the gradient monitor's cadence: a pair of consecutive steps every this many steps
+            (``None``: the Trainer's ``log_every_n_steps`` capped at 10; ``1``: every step).
         max_snapshots: extra curvature snapshots the diagnoser may take at stalls per run (also bounded in time by
             the budget).
         escape_check: at a saddle, evaluate the real loss along the escape direction.
@@ -102,6 +113,7 @@ class OptDiag(OptDiagCallback):
         trace_hvp: int = 12,
         density_every: int = 10,
         per_layer: bool = True,
+        grad_every_n_steps: int | None = None,
         max_snapshots: int = 20,
         escape_check: bool = True,
         loss_floor: float | None = None,
@@ -110,7 +122,7 @@ class OptDiag(OptDiagCallback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        self.gradient_monitor = GradientNormMonitor(per_layer=per_layer)
+        self.gradient_monitor = GradientNormMonitor(per_layer=per_layer, every_n_steps=grad_every_n_steps)
         self.hessian_monitor = HessianMonitor(
             every_n_steps, budget, probe_batches=probe_batches, loss_fn=loss_fn, max_hvp=max_hvp,
             trace_hvp=trace_hvp, density_every=density_every, seed=seed,
@@ -122,6 +134,24 @@ class OptDiag(OptDiagCallback):
         )
         self.children: tuple[OptDiagCallback, ...] = (self.gradient_monitor, self.hessian_monitor,
                                                       self.stall_diagnoser)
+
+    @property
+    def children(self) -> tuple[Any, ...]:
+        """The three children, in the order hooks reach them."""
+        return self._children
+
+    @children.setter
+    def children(self, value: tuple[Any, ...]) -> None:
+        self._children = tuple(value)
+        self._receivers_by_hook: dict[str, list[Callable[..., Any]]] = {}
+
+    def _receivers(self, name: str) -> list[Callable[..., Any]]:
+        """The children's bound ``name`` hooks that do something, in order (looked up once per hook)."""
+        receivers = self._receivers_by_hook.get(name)
+        if receivers is None:
+            receivers = self._receivers_by_hook[name] = [
+                getattr(child, name) for child in self._children if _implements(child, name)]
+        return receivers
 
     @property
     def diagnoses(self) -> list[Diagnosis]:

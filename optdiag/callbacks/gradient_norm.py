@@ -1,4 +1,5 @@
-"""``GradientNormMonitor``: gradient and update statistics at every optimizer step, at the cost of a few norms."""
+"""``GradientNormMonitor``: gradient and update statistics on a sampled cadence of optimizer steps (pairs of
+consecutive steps, so that the cosines stay exact), at the cost of a few norms per measured step."""
 
 from __future__ import annotations
 
@@ -16,6 +17,18 @@ from optdiag.sinks import tensorboard as tensorboard_sink
 
 # Quantities that are undefined at some steps (first step, no clipping); NaN there, and then not logged.
 _OPTIONAL = ("grad_cosine", "update_cosine", "grad_norm_clipped")
+#: The default cadence never samples more sparsely than this (the stall diagnoser averages over 50-step windows).
+MAX_DEFAULT_EVERY_N_STEPS = 10
+
+
+def measured_steps_interval(log_every_n_steps: int, every_n_steps: int | None) -> int:
+    """The measuring cadence: ``every_n_steps``, or by default the logging interval capped at 10.
+
+    Example:
+        >>> measured_steps_interval(50, None), measured_steps_interval(1, None), measured_steps_interval(50, 1)
+        (10, 1, 1)
+    """
+    return every_n_steps or max(1, min(log_every_n_steps, MAX_DEFAULT_EVERY_N_STEPS))
 
 
 def layer_name(parameter_name: str, depth: int | None) -> str:
@@ -46,14 +59,18 @@ class _Rows:
     def __init__(self, n_rows: int, length: int, device: torch.device) -> None:
         self.data = torch.empty(n_rows, length, dtype=torch.float32, device=device)
         self.slot = 0
-        self.has_previous = False
+        self.previous_step: int | None = None  # the step of the previous vector
         self.previous_sq = math.nan  # squared norm of the previous vector
 
     def matches(self, length: int, device: torch.device) -> bool:
         return self.data.shape[1] == length and self.data.device == device
 
-    def advance(self) -> None:
-        self.slot, self.has_previous = 1 - self.slot, True
+    def follows(self, step: int) -> bool:
+        """Whether the previous vector belongs to the step just before ``step`` (a cosine needs consecutive steps)."""
+        return self.previous_step == step - 1
+
+    def advance(self, step: int) -> None:
+        self.slot, self.previous_step = 1 - self.slot, step
 
 
 def _flatten_into(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -62,7 +79,7 @@ def _flatten_into(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tenso
 
 
 class GradientNormMonitor(OptDiagCallback):
-    """Log gradient norms, update sizes and their directions at every optimizer step.
+    """Log gradient norms, update sizes and their directions, on every ``every_n_steps``-th optimizer step.
 
     Measured in ``on_before_optimizer_step`` (after AMP unscaling, before clipping, once per gradient-accumulation
     window) and completed after the step:
@@ -75,32 +92,42 @@ class GradientNormMonitor(OptDiagCallback):
     * ``grad_cosine`` / ``update_cosine``: cosine between consecutive gradients / updates. Persistently negative
       values mean the optimizer bounces across a valley (oscillation); near zero, noise-dominated steps.
     * under gradient accumulation (single process), the gradient noise scale from the micro-batch gradients
-      (McCandlish et al. 2018), pooled over the last ``noise_window`` windows: ``grad_sq_unbiased`` (``|G|^2``),
-      ``grad_noise_trace`` (``tr(Sigma)``) and ``noise_scale`` (``B_simple``, a critical-batch-size proxy).
+      (McCandlish et al. 2018), pooled over the last ``noise_window`` measured windows: ``grad_sq_unbiased``
+      (``|G|^2``), ``grad_noise_trace`` (``tr(Sigma)``) and ``noise_scale`` (``B_simple``, a critical-batch-size
+      proxy).
+
+    **Cadence.** With ``n = every_n_steps``, the measured steps are the first ``n`` steps of training (the
+    early-training gradient scale) and then the pairs ``k n - 1, k n``: two consecutive steps, so that the cosines
+    of step ``k n`` are exact cosines of consecutive gradients and updates (NaN at the first step of a pair).
+    Unmeasured steps cost almost nothing: no norms, no copies of the parameters. By default ``n`` is the Trainer's ``log_every_n_steps`` capped at 10: every logged step is measured,
+    and the stall diagnoser gets at least a pair per 10 steps for its window means. ``every_n_steps=1`` measures
+    every step. Steps depend on ``trainer.global_step`` only, so every DDP rank measures the same steps.
 
     All are logged as ``optdiag/<name>`` through the trainer's loggers at ``trainer.global_step`` (the step the
-    gradient belongs to), on global rank 0, every ``log_every_n_steps`` steps; they are also kept in :attr:`latest`
-    and :attr:`history`. With a ``TensorBoardLogger``, per-layer gradient histograms are added every
-    ``histogram_every_n_steps`` steps. Only the first optimizer is monitored.
+    gradient belongs to), on global rank 0, every ``log_every_n_steps`` steps (rounded up to a multiple of ``n``,
+    so that only measured steps are logged); every measured step is kept in :attr:`latest` and :attr:`history`.
+    With a ``TensorBoardLogger``, per-layer gradient histograms are added every ``histogram_every_n_steps`` steps
+    (on their own cadence). Only the first optimizer is monitored.
 
     Args:
         layer_depth: how many module-name components make a layer (``None``: the module owning the parameter).
         per_layer: whether to measure and log per-layer gradient norms.
         log_every_n_steps: logging interval in optimizer steps (``None``: the Trainer's ``log_every_n_steps``).
-            Every step is still measured and kept in the history.
+        every_n_steps: measuring cadence ``n`` (pairs of consecutive steps every ``n`` steps, see above); ``None``:
+            the logging interval capped at 10; ``1``: every step.
         track_directions: whether to keep the previous gradient and update (two flat copies of the parameters) to
             compute the cosines.
         noise_window: number of accumulation windows pooled for the noise scale; ``0`` switches it off.
         histogram_every_n_steps: interval of per-layer gradient histograms in TensorBoard; ``0`` switches them off.
-        history_size: how many steps :attr:`history` keeps (oldest dropped first).
+        history_size: how many measured steps :attr:`history` keeps (oldest dropped first).
 
     Attributes:
-        latest: the values of the last completed step (keys above, plus ``step``).
-        history: one dict per optimizer step, oldest first, each with a ``step`` key.
+        latest: the values of the last measured step (keys above, plus ``step``).
+        history: one dict per measured optimizer step, oldest first, each with a ``step`` key.
 
     Example:
         >>> import pytorch_lightning as pl
-        >>> monitor = GradientNormMonitor(layer_depth=1)
+        >>> monitor = GradientNormMonitor(layer_depth=1, every_n_steps=1)  # every step
         >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=100)  # doctest: +SKIP
         >>> trainer.fit(model, data); monitor.latest["grad_norm"]  # doctest: +SKIP
     """
@@ -110,6 +137,7 @@ class GradientNormMonitor(OptDiagCallback):
         layer_depth: int | None = None,
         per_layer: bool = True,
         log_every_n_steps: int | None = None,
+        every_n_steps: int | None = None,
         track_directions: bool = True,
         noise_window: int = 10,
         histogram_every_n_steps: int = 100,
@@ -120,6 +148,9 @@ class GradientNormMonitor(OptDiagCallback):
             raise UsageError(f"layer_depth must be None or an int >= 1, got {layer_depth!r}")
         if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
             raise UsageError(f"log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}")
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise UsageError(f"every_n_steps must be None or an int >= 1, got {every_n_steps!r}")
         for name, value, low in (("noise_window", noise_window, 0), ("histogram_every_n_steps", histogram_every_n_steps, 0),
                                  ("history_size", history_size, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -127,6 +158,7 @@ class GradientNormMonitor(OptDiagCallback):
         self.layer_depth = layer_depth
         self.per_layer = bool(per_layer)
         self.log_every_n_steps = log_every_n_steps
+        self.every_n_steps = every_n_steps
         self.track_directions = bool(track_directions)
         self.noise_window = noise_window
         self.histogram_every_n_steps = histogram_every_n_steps
@@ -138,6 +170,8 @@ class GradientNormMonitor(OptDiagCallback):
     def _reset_transient(self) -> None:
         """Per-run state that is not checkpointed (tensors tied to the current model and window)."""
         self._pending: dict[str, Any] | None = None
+        self._cadence = self.every_n_steps or 1  # measuring interval, resolved against the Trainer at train start
+        self._log_interval = self._cadence  # logging interval, a multiple of the cadence
         self._named_cache: tuple[tuple[int, int], list] | None = None
         self._layer_of: dict[str, str] = {}  # parameter name -> layer name (computed once per name)
         self._grads: _Rows | None = None  # rows 0/1: current and previous flat gradient
@@ -153,6 +187,18 @@ class GradientNormMonitor(OptDiagCallback):
     def history(self) -> list[dict[str, float]]:
         return list(self._history)
 
+    def is_measured(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is measured: one of the first ``n`` steps (``n`` the cadence), or a pair
+        ``k n - 1, k n``.
+
+        Example:
+            >>> monitor = GradientNormMonitor(every_n_steps=4)
+            >>> [s for s in range(13) if monitor.is_measured(s)]
+            [0, 1, 2, 3, 4, 7, 8, 11, 12]
+        """
+        phase = step % self._cadence
+        return step < self._cadence or phase == 0 or (self.track_directions and phase == self._cadence - 1)
+
     def _state_key_arguments(self) -> dict[str, Any]:
         return {"layer_depth": self.layer_depth, "per_layer": self.per_layer}
 
@@ -163,15 +209,18 @@ class GradientNormMonitor(OptDiagCallback):
     @guarded
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_transient()
+        log_every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
+        self._cadence = measured_steps_interval(log_every, self.every_n_steps)
+        self._log_interval = -(-log_every // self._cadence) * self._cadence  # rounded up to a measured step
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._noise_enabled(trainer, pl_module):
+        if self._noise_enabled(trainer, pl_module) and self.is_measured(int(trainer.global_step)):
             self._micro_sizes.append(batch_size_of(batch) or 0)
 
     @guarded
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        if not self._noise_enabled(trainer, pl_module):
+        if not self._noise_enabled(trainer, pl_module) or not self.is_measured(int(trainer.global_step)):
             return
         grads = [p.grad for p in self._monitored(trainer) if p.grad is not None]
         if not grads:
@@ -188,6 +237,13 @@ class GradientNormMonitor(OptDiagCallback):
             self.warn_once("multiple-optimizers", "GradientNormMonitor measures the first optimizer only.")
             return
         step = int(trainer.global_step)
+        if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
+            self._maybe_histograms(trainer, self._named_monitored(pl_module, optimizer), step)
+        if self.is_measured(step):
+            self._measure_gradient(trainer, pl_module, optimizer, step)
+
+    def _measure_gradient(self, trainer: Any, pl_module: Any, optimizer: Any, step: int) -> None:
+        """Norms and the gradient cosine of this step; the parameters are kept to measure the update after it."""
         named = self._named_monitored(pl_module, optimizer)
         with_grad = [(name, p) for name, p in named if p.grad is not None]
         grads = [p.grad for _, p in with_grad]
@@ -212,13 +268,12 @@ class GradientNormMonitor(OptDiagCallback):
         if self.track_directions and finite and gradient is not None:
             rows = self._grads
             sq_now, dot, sq_previous = values[len(grads)], values[len(grads) + 1], rows.previous_sq
-            record["grad_cosine"] = _cosine(dot, sq_now, sq_previous) if rows.has_previous else math.nan
+            record["grad_cosine"] = _cosine(dot, sq_now, sq_previous) if rows.follows(step) else math.nan
             rows.previous_sq = sq_now
-            rows.advance()
+            rows.advance(step)
         self._remember_parameters(named)
         self._pending = record
         self._finish_noise_window(trainer, gradient, record)
-        self._maybe_histograms(trainer, with_grad, step)
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -232,15 +287,15 @@ class GradientNormMonitor(OptDiagCallback):
         record["update_ratio"] = record["update_norm"] / theta_norm if theta_norm > 0 else math.nan
         rows = self._updates
         if self.track_directions and math.isfinite(record["update_norm"]):
-            record["update_cosine"] = _cosine(dot, update_sq, previous_sq) if rows.has_previous else math.nan
-            rows.advance()
+            follows = rows.follows(record["step"])
+            record["update_cosine"] = _cosine(dot, update_sq, previous_sq) if follows else math.nan
+            rows.advance(record["step"])
         record["grad_norm_clipped"] = self._clipped_norm(trainer, pl_module, named, record["grad_norm"])
         for key in _OPTIONAL:
             record.setdefault(key, math.nan)
         self.latest = record
         self._history.append(record)
-        every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
-        if record["step"] % every == 0:
+        if record["step"] % self._log_interval == 0:
             self.log_scalars(trainer, self._loggable(trainer, record), record["step"])
 
     # --- state ----------------------------------------------------------------------------------------------------
@@ -363,14 +418,16 @@ class GradientNormMonitor(OptDiagCallback):
             out.pop("grad_norm_clipped", None)
         return out
 
-    def _maybe_histograms(self, trainer: Any, with_grad: list, step: int) -> None:
+    def _maybe_histograms(self, trainer: Any, named: list, step: int) -> None:
         if not self.histogram_every_n_steps or step % self.histogram_every_n_steps or not trainer.is_global_zero:
             return
         tb = self.tensorboard_logger(trainer)
         if tb is None:
             return
         layers: dict[str, list[torch.Tensor]] = {}
-        for name, p in with_grad:
+        for name, p in named:
+            if p.grad is None:
+                continue
             layers.setdefault(layer_name(name, self.layer_depth), []).append(p.grad.reshape(-1))
         skipped = tensorboard_sink.log_histograms(
             tb, {f"optdiag/{k}/grad": torch.cat(v) for k, v in layers.items()}, step)

@@ -147,6 +147,7 @@ class StallDiagnoser(OptDiagCallback):
         self._loss_initial: float | None = None
         self._loss_min = math.inf
         self._grad_norms_initial: list[float] = []
+        self._initial_until: int | None = None  # the early-training |g| is collected from steps before this one
         self._reset_transient()
 
     def _reset_transient(self) -> None:
@@ -157,6 +158,7 @@ class StallDiagnoser(OptDiagCallback):
         self._last_loss: float | None = None
         self._first_loss_this_fit: float | None = None
         self._diagnoses_at_fit_start = len(self.diagnoses)
+        self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
 
     def _state_key_arguments(self) -> dict[str, Any]:
         return {"window": self.window, "min_window": self.min_window, "rel_improvement": self.rel_improvement}
@@ -266,9 +268,22 @@ class StallDiagnoser(OptDiagCallback):
             if self._first_loss_this_fit is None:
                 self._first_loss_this_fit = loss
             self._loss_min = min(self._loss_min, loss)
+        self._track_initial_gradient()
+
+    def _track_initial_gradient(self) -> None:
+        """Collect ``|g|`` of the measured steps among the first ``_INITIAL_STEPS`` steps of the run (the gradient
+        monitor may measure only every few steps, so each measured step is taken once)."""
+        if self._initial_until is not None and self._last_gradient_step is not None \
+                and self._last_gradient_step >= self._initial_until:
+            return  # the early-training window is over: nothing more to collect
         latest = self.gradient_monitor.latest if self.gradient_monitor is not None else {}
-        norm = latest.get("grad_norm")
-        if len(self._grad_norms_initial) < _INITIAL_STEPS and norm is not None and math.isfinite(norm):
+        step, norm = latest.get("step"), latest.get("grad_norm")
+        if step is None or step == self._last_gradient_step:
+            return
+        self._last_gradient_step = step
+        if self._initial_until is None:
+            self._initial_until = step + _INITIAL_STEPS
+        if step < self._initial_until and norm is not None and math.isfinite(norm):
             self._grad_norms_initial.append(float(norm))
 
     # --- a stall --------------------------------------------------------------------------------------------------
@@ -307,9 +322,10 @@ class StallDiagnoser(OptDiagCallback):
     def _window_gradients(self, event: StallEvent) -> dict[str, float | None]:
         """Gradient statistics of the stalled window (a gradient's step is one before its update's).
 
-        ``grad_norm`` is the current level, the mean over the window's last fifth (as for the loss): the window's
-        start may still hold the descent that led into the stall. The cosines are means over the whole window,
-        which they need to be reliable.
+        ``grad_norm`` is the current level, the mean over the window's last fifth of steps (as for the loss): the
+        window's start may still hold the descent that led into the stall. The cosines are means over the whole
+        window, which they need to be reliable. The gradient monitor may measure only pairs of steps every few
+        steps: these are then means over the measured steps of the window (a sample of its steps).
         """
         if self.gradient_monitor is None or not event.window_steps:
             return {}
@@ -317,7 +333,8 @@ class StallDiagnoser(OptDiagCallback):
         records = [r for r in self.gradient_monitor.history if first <= r.get("step", -1) <= last]
         if not records:
             return {}
-        recent = records[-max(1, len(records) // 5):]
+        recent_from = last - max(1, (last - first + 1) // 5)
+        recent = [r for r in records if r["step"] > recent_from] or records[-1:]
         return {
             "grad_norm": _finite_mean([r.get("grad_norm") for r in recent]),
             "grad_cosine": _finite_mean([r.get("grad_cosine") for r in records]),
@@ -429,6 +446,7 @@ class StallDiagnoser(OptDiagCallback):
             "loss_initial": self._loss_initial,
             "loss_min": self._loss_min if math.isfinite(self._loss_min) else None,
             "grad_norms_initial": list(self._grad_norms_initial),
+            "grad_norms_initial_until": self._initial_until,
             "warning_counts": dict(self.warning_counts),
         }
         state.update({name: monitor.state_dict() for name, monitor in self._private.items()})
@@ -443,6 +461,9 @@ class StallDiagnoser(OptDiagCallback):
         loss_min = state_dict.get("loss_min")
         self._loss_min = math.inf if loss_min is None else float(loss_min)
         self._grad_norms_initial = [float(v) for v in state_dict.get("grad_norms_initial", [])]
+        until = state_dict.get("grad_norms_initial_until")
+        # a checkpoint without the bound: its list is final if it was full, else collection goes on from the resume
+        self._initial_until = int(until) if until is not None else (-1 if self._grad_norms_initial else None)
         self.warning_counts = dict(state_dict.get("warning_counts", {}))
         for name in ("gradient_monitor", "hessian_monitor"):
             if name in state_dict:
