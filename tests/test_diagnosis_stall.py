@@ -104,6 +104,134 @@ def test_significant_rise_is_divergence():
     assert events and events[-1].reason == "divergence" and events[-1].trigger == "rising"
 
 
+# --- near zero: a rise must be large against the noise and the range spanned, not only against the level ---------
+def _cross_entropy_to_zero(seed, n=1500):
+    """A classifier's minibatch cross-entropy: 2.3 decaying to a 1e-4 floor, its relative noise growing to ~100%
+    as it nears zero (log-sd 0.05 -> 0.8; the digits CNN shows ~1), and eight brief upticks (hard batches, x10)."""
+    rng = np.random.default_rng(seed)
+    clean = 2.3 * np.exp(-np.arange(n) / 80) + 1e-4
+    noisy = clean * np.exp((0.05 + 0.75 * (1 - clean / clean[0])) * rng.standard_normal(n))
+    for start in rng.choice(np.arange(300, n - 20), 8, replace=False):
+        noisy[start:start + 5] *= 10
+    return noisy
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cross_entropy_reaching_zero_stalls_at_its_floor_and_never_diverges(seed):
+    curve = _cross_entropy_to_zero(seed)
+    events = _events(curve)
+    assert [e.reason for e in events if e.reason == "divergence"] == []
+    # Converged (1e-4 of a 2.3 start): the last verdict is a stall at the floor, a minimum for the classifier.
+    assert events and events[-1].reason == "stall" and np.median(events[-1].window) < 1e-3
+    # The level as the only yardstick (the former rule) calls the same noise a divergence.
+    level_only = _events(curve, StallDetector(rise_noise_factor=0.0, rise_span_fraction=0.0))
+    assert any(e.trigger == "rising" for e in level_only)
+
+
+def _rise_rule(window, first, running_min, tolerance=0.5, noise_factor=3.0, span_fraction=0.01):
+    """The rising rule computed independently with scipy: (fires, margin)."""
+    x = np.arange(len(window), dtype=float)
+    slope, _, low, _ = stats.theilslopes(window, x, alpha=0.95)
+    level, rise = abs(np.median(window)), slope * (len(window) - 1)
+    noise = stats.median_abs_deviation(window - slope * x, scale="normal")
+    scale = abs(first - running_min) + abs(running_min)
+    ratios = [rise / b if b > 0 else math.inf for b in (tolerance * level, noise_factor * noise, span_fraction * scale)]
+    return low > 0 and min(ratios) > 1, math.log(min(ratios))
+
+
+@pytest.mark.parametrize("factor", [1.0, 1000.0])
+def test_rise_against_noise_boundary(factor):
+    # One window of 50 losses rising by 1 over it from a level of ~1.5, with fixed noise of growing size: the rise
+    # is significant and large against the level and the range spanned; the noise decides, at 3 robust sd.
+    t = np.arange(50)
+    z = np.random.default_rng(11).standard_normal(50)
+    decisions = []
+    for amplitude in np.linspace(0.2, 0.45, 26):
+        curve = factor * (1.0 + t / 49 + amplitude * z)
+        det = StallDetector(window=50, min_window=50)
+        events = [det.update(int(i), float(v)) for i, v in enumerate(curve)]
+        assert events[:-1] == [None] * 49  # one decision, on the full window
+        fired = events[-1].trigger == "rising"
+        assert fired or events[-1].reason == "stall"  # a rise within the noise: the loss does not go down
+        first, running_min = np.median(curve[:3]), min(np.median(curve[max(0, k - 2):k + 1]) for k in range(50))
+        expected, margin = _rise_rule(curve, first, running_min)
+        assert fired == expected, amplitude
+        if fired:
+            assert events[-1].margin == pytest.approx(margin, rel=1e-9, abs=1e-12)
+        decisions.append(fired)
+    assert decisions[0] and not decisions[-1]  # both sides of the boundary are in the sweep
+
+
+@pytest.mark.parametrize("factor", [1.0, 1000.0])
+@pytest.mark.parametrize("rise, fires", [(0.0095, False), (0.0105, True)])
+def test_rise_against_range_spanned_boundary(rise, fires, factor):
+    # From 1 down to 1e-3, then a noise-free linear climb of `rise` per window: far above the level (5x) and any
+    # noise (none), so only the range spanned (|1 - 1e-3| + 1e-3 = 1) decides, at 1% per window.
+    curve = np.concatenate([np.full(60, 1.0), np.full(60, 1e-3), 1e-3 + rise * np.arange(1, 41) / 49]) * factor
+    events = _events(curve)
+    rising = [e for e in events if e.reason == "divergence"]
+    assert [e.trigger for e in rising] == (["rising"] if fires else [])
+    if fires:
+        assert rising[0].margin == pytest.approx(math.log(rise / 0.01), abs=0.02)
+
+
+def test_smooth_rise_near_zero_after_convergence_is_not_divergence():
+    # A regulariser's equilibrium: the data loss, converged to ~1e-9 of a 1.0 start, creeps up noise-free, doubling
+    # per window. Against its level that is large and certain; against the range spanned it is nothing.
+    t = np.arange(600)
+    curve = np.concatenate([np.exp(-t / 30), np.exp(-599 / 30) * 2.0 ** (np.arange(300) / 49)])
+    assert [e.reason for e in _events(curve)] == ["stall"]
+    assert [e.trigger for e in _events(curve, StallDetector(rise_span_fraction=0.0))] == ["flat", "rising"]
+
+
+def test_decay_towards_zero_is_not_a_stall_while_it_falls_relative_to_its_level():
+    # Improvement is relative to the loss's own level: 2.3 -> 1e-7, falling 22% per window throughout, is no stall.
+    t = np.arange(1700)
+    assert _events(2.3 * np.exp(-t / 200) * _noise(len(t), 0.02, 4)) == []
+
+
+def _digits_cnn_losses(epochs=20, batch_size=32):
+    """Minibatch losses of benchmarks/bench_overhead.py's digits CNN (SGD lr 0.05, momentum 0.9), plain torch."""
+    import torch
+    from sklearn.datasets import load_digits
+    from torch import nn
+
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)  # bundled with scikit-learn: nothing is downloaded
+    images, labels = torch.tensor(x / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8), torch.tensor(y)
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 4 * 4, 10))
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for _ in range(epochs):
+        for batch in torch.randperm(len(labels)).split(batch_size):
+            loss = nn.functional.cross_entropy(net(images[batch]), labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    return np.array(losses)
+
+
+@pytest.mark.slow
+def test_digits_cnn_trained_to_zero_loss_gets_no_divergence():
+    # The reported false alarm: a healthy run whose cross-entropy falls from 2.3 to ~3e-4, fluctuating by about its
+    # own level near zero, where the level-only rule took a noise tilt for "divergence" (how often depends on the
+    # batch order: the synthetic test above pins that down; this one checks the real curve stays clean).
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is several times faster on a shared 2-core machine
+    try:
+        losses = _digits_cnn_losses()
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[:3].min() > 2.0 and np.median(losses[-50:]) < 1e-2
+    events = _events(losses)
+    assert [e.reason for e in events if e.reason == "divergence"] == []
+    assert events[-1].reason == "stall" and np.median(events[-1].window) < 1e-2
+
+
 def test_explosion_threshold_rule():
     assert explosion_threshold(2.0, 0.5, 1.0) == 2.5
     assert explosion_threshold(-1.0, -3.0, 1.0) == -3.0 + 2.0 + 3.0  # negative losses (log-likelihoods)
@@ -138,6 +266,8 @@ def test_event_round_trip():
         ({"confidence": 1.0}, "confidence"),
         ({"rel_improvement": -0.1}, "rel_improvement"),
         ({"explosion_factor": 0.0}, "explosion_factor"),
+        ({"rise_noise_factor": -1.0}, "rise_noise_factor"),
+        ({"rise_span_fraction": math.nan}, "rise_span_fraction"),
     ],
 )
 def test_constructor_validation(kwargs, match):

@@ -18,8 +18,11 @@ Rules (defaults in brackets, see ``docs/diagnosis-rules.md``):
 * **divergence**, immediately: a non-finite loss; an explosion, ``loss > running_min + explosion_factor * scale``
   with ``scale = |first - running_min| + |running_min|`` [factor 2: for a positive loss, above twice where it
   started plus the best seen; all three levels are medians of three consecutive losses, so a single minibatch
-  spike never counts]; or a significant rise, slope CI entirely positive with ``-I > rise_tolerance``
-  [50% of the loss level within a window].
+  spike never counts]; or a significant, large rise: slope CI entirely positive, and the rise across a window
+  (``-I * level``) above ``rise_tolerance`` of the level [50%], ``rise_noise_factor`` robust standard deviations of
+  the window's residuals about the fit [3] and ``rise_span_fraction`` of the explosion ``scale`` [1%]. The level
+  alone is not enough near zero: a classifier's cross-entropy there fluctuates by about its own level, so noise
+  tilts a window by 50% of it, and wiggles negligible against the range the loss has spanned are no divergence.
 * One verdict per situation: after an event the detector returns ``None`` until it sees a **recovery** (the loss
   confirmed falling again, the lower confidence bound of ``I`` at least ``rel_improvement``, and the window's
   median below the lowest loss of the window that fired, so a noise excursion does not re-arm); then, after
@@ -56,6 +59,17 @@ _ARMED, _STALLED, _DIVERGED = "armed", "stalled", "diverged"
 DEFAULT_WINDOW = 50
 #: Default relative improvement across a window below which the loss counts as stalled (1% per window).
 DEFAULT_REL_IMPROVEMENT = 0.01
+#: Default rise across a window, in robust noise standard deviations, below which a rise is noise, not divergence.
+DEFAULT_RISE_NOISE_FACTOR = 3.0
+#: Default rise across a window, as a fraction of the explosion scale, below which a rise is negligible.
+DEFAULT_RISE_SPAN_FRACTION = 0.01
+#: Median absolute deviation -> standard deviation for normal noise (1.4826; scipy's ``scale="normal"``).
+_MAD_TO_SIGMA = float(1.0 / special.ndtri(0.75))
+
+
+def _loss_scale(first_loss: float, running_min: float) -> float:
+    """``|first_loss - running_min| + |running_min|``: the range the loss has spanned plus its best level."""
+    return abs(first_loss - running_min) + abs(running_min)
 
 
 def explosion_threshold(first_loss: float, running_min: float, factor: float = 1.0) -> float | None:
@@ -68,7 +82,7 @@ def explosion_threshold(first_loss: float, running_min: float, factor: float = 1
         >>> explosion_threshold(2.0, 0.5)
         2.5
     """
-    scale = abs(first_loss - running_min) + abs(running_min)
+    scale = _loss_scale(first_loss, running_min)
     if not math.isfinite(scale) or scale == 0:
         return None
     return running_min + factor * scale
@@ -145,7 +159,8 @@ class StallEvent:
         trigger: ``"flat"``, ``"nonfinite"``, ``"explosion"`` or ``"rising"``.
         rel_improvement: ``-slope * span / level``, the relative improvement across the window.
         margin: how far the deciding statistic lies past its boundary, as a natural log ratio (``inf`` for a
-            non-finite loss): the classifier's confidence for a divergence grows with it.
+            non-finite loss; for a rise, past the nearest of its three boundaries): the classifier's confidence
+            for a divergence grows with it.
     """
 
     step: int
@@ -191,7 +206,12 @@ class StallDetector:
         confidence: confidence level of the Theil-Sen interval.
         cooldown: updates after a recovery before a new stall may fire (default ``window // 2``).
         explosion_factor: see :func:`explosion_threshold`.
-        rise_tolerance: relative rise across a window that, when significant, counts as divergence.
+        rise_tolerance: relative rise across a window (against the loss level) that, when significant, counts as
+            divergence.
+        rise_noise_factor: the least rise across a window, in robust standard deviations of the window's residuals
+            about the fit, that counts as divergence (near zero the noise is as large as the level).
+        rise_span_fraction: the least rise across a window, as a fraction of the explosion scale
+            ``|first - running_min| + |running_min|``, that counts as divergence.
 
     Example:
         >>> det = StallDetector()
@@ -202,7 +222,8 @@ class StallDetector:
     def __init__(self, window: int = DEFAULT_WINDOW, min_window: int = 20,
                  rel_improvement: float = DEFAULT_REL_IMPROVEMENT,
                  confidence: float = 0.95, cooldown: int | None = None, explosion_factor: float = 2.0,
-                 rise_tolerance: float = 0.5) -> None:
+                 rise_tolerance: float = 0.5, rise_noise_factor: float = DEFAULT_RISE_NOISE_FACTOR,
+                 rise_span_fraction: float = DEFAULT_RISE_SPAN_FRACTION) -> None:
         self.window = _check_number("window", window, 3, integer=True)
         self.min_window = _check_number("min_window", min_window, 3, self.window, integer=True)
         self.rel_improvement = _check_number("rel_improvement", rel_improvement, 0.0)
@@ -214,6 +235,8 @@ class StallDetector:
         if self.explosion_factor == 0:
             raise UsageError("StallDetector: explosion_factor must be > 0")
         self.rise_tolerance = _check_number("rise_tolerance", rise_tolerance, 0.0)
+        self.rise_noise_factor = _check_number("rise_noise_factor", rise_noise_factor, 0.0)
+        self.rise_span_fraction = _check_number("rise_span_fraction", rise_span_fraction, 0.0)
         self.reset()
 
     def reset(self) -> None:
@@ -268,15 +291,16 @@ class StallDetector:
         self._running_min = min(self._running_min, recent)
         limit = explosion_threshold(self._first, self._running_min, self.explosion_factor)
         if limit is not None and recent > limit:
-            scale = abs(self._first - self._running_min) + abs(self._running_min)
+            scale = _loss_scale(self._first, self._running_min)
             margin = math.log((recent - self._running_min) / (self.explosion_factor * scale))
             return self._diverge(step, "explosion", margin, fit=self._fit() if len(self._losses) >= 3 else None)
         if len(self._losses) < self.min_window:
             return None
         fit = self._fit()
         improvement_lo = fit["improvement_lo"]
-        if fit["slope_ci"][0] > 0 and -fit["rel_improvement"] > self.rise_tolerance:
-            return self._diverge(step, "rising", math.log(-fit["rel_improvement"] / self.rise_tolerance), fit=fit)
+        rise_margin = self._rise_margin(fit)
+        if rise_margin is not None:
+            return self._diverge(step, "rising", rise_margin, fit=fit)
         if self._state != _ARMED:
             # Recovery: the loss surely falls again *and* has left the level it stalled at (its typical value now
             # lies below the lowest loss of the stalled window), so a noise excursion does not re-arm.
@@ -309,7 +333,28 @@ class StallDetector:
             "rel_improvement": -float(slope) * span / level,
             "improvement_lo": -float(hi) * span / level,
             "improvement_hi": -float(lo) * span / level,
+            "level": level,
         }
+
+    def _rise_margin(self, fit: dict[str, Any]) -> float | None:
+        """The log margin of a divergent rise past its nearest boundary, or None when the rise is not one.
+
+        A rise must be significant (slope CI above 0) and large against three yardsticks: the loss level, the
+        window's own noise (robust standard deviation of the residuals about the Theil-Sen line) and the range the
+        loss has spanned. Near zero the level is as small as the noise, so the first alone would call noise a rise.
+        """
+        rise = -fit["rel_improvement"] * fit["level"]  # loss units per full window
+        if not (fit["slope_ci"][0] > 0 and rise > self.rise_tolerance * fit["level"]):
+            return None  # the common case: decided without the residuals' cost
+        x = np.asarray(self._steps, dtype=float)
+        residuals = np.asarray(self._losses, dtype=float) - fit["slope"] * (x - x[0])
+        noise = _MAD_TO_SIGMA * float(np.median(np.abs(residuals - np.median(residuals))))
+        scale = _loss_scale(self._first, self._running_min)
+        boundaries = (self.rise_tolerance * fit["level"], self.rise_noise_factor * noise,
+                      self.rise_span_fraction * scale)
+        # A zero boundary (a noise-free window, a zero setting) is passed by any rise: it never decides.
+        margin = math.log(min(rise / b if b > 0 else math.inf for b in boundaries))
+        return margin if margin > 0 else None
 
     def _diverge(self, step: int, trigger: str, margin: float, fit: dict[str, Any] | None) -> StallEvent | None:
         if self._state == _DIVERGED:
