@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_models import RegressionDataModule, RegressionModule, make_trainer
-from optdiag.callbacks.gradient_norm import GradientNormMonitor, layer_name
+from optdiag.callbacks.gradient_norm import GradientNormMonitor, layer_name, measured_steps_interval
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.errors import UsageError
 
@@ -52,11 +52,11 @@ def _fit(tmp_path, monitor, module=None, steps=4, **trainer_kwargs):
     return trainer, recorder
 
 
-def test_norms_updates_and_cosines_match_an_independent_record(tmp_path):
-    monitor = GradientNormMonitor()
-    _, rec = _fit(tmp_path, monitor, steps=4)
-    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3]
-    for k, h in enumerate(monitor.history):
+def _assert_matches_record(monitor, rec):
+    """Every measured step's numbers against the independent record; cosines only between consecutive steps."""
+    measured = {h["step"] for h in monitor.history}
+    for h in monitor.history:
+        k = h["step"]
         g = _flat(rec.grads[k])
         assert h["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-6)
         for layer in ("net.0", "net.2"):
@@ -66,13 +66,38 @@ def test_norms_updates_and_cosines_match_an_independent_record(tmp_path):
         assert h["update_norm"] == pytest.approx(float(update.norm()), rel=1e-5)
         assert h["update_ratio"] == pytest.approx(float(update.norm() / _flat(rec.params_before[k]).norm()), rel=1e-5)
         assert h["grad_norm_clipped"] == h["grad_norm"]  # no clipping configured
-        if k == 0:
+        if k - 1 not in measured:  # the first step, or the first of a pair: no consecutive previous vector
             assert math.isnan(h["grad_cosine"]) and math.isnan(h["update_cosine"])
         else:
             assert h["grad_cosine"] == pytest.approx(_cos(g, _flat(rec.grads[k - 1])), abs=1e-6)
             previous = _flat(rec.params_after[k - 1]) - _flat(rec.params_before[k - 1])
             assert h["update_cosine"] == pytest.approx(_cos(update, previous), abs=1e-5)
     assert monitor.latest == monitor.history[-1]
+
+
+def test_norms_updates_and_cosines_match_an_independent_record(tmp_path):
+    monitor = GradientNormMonitor(every_n_steps=1)
+    _, rec = _fit(tmp_path, monitor, steps=4)
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3]
+    _assert_matches_record(monitor, rec)
+
+
+def test_sampled_cadence_measures_the_first_steps_then_consecutive_pairs_exactly(tmp_path):
+    monitor = GradientNormMonitor(every_n_steps=3)
+    _, rec = _fit(tmp_path, monitor, steps=10)
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3, 5, 6, 8, 9]  # 0-2, then pairs (3k - 1, 3k)
+    _assert_matches_record(monitor, rec)
+    cosines = {h["step"]: h["grad_cosine"] for h in monitor.history}
+    assert math.isnan(cosines[5]) and math.isnan(cosines[8]) and not math.isnan(cosines[6])
+
+
+@pytest.mark.parametrize("trainer_every, expected", [(1, 1), (4, 4), (50, 10)])
+def test_default_cadence_is_the_logging_interval_capped_at_ten(tmp_path, trainer_every, expected):
+    monitor = GradientNormMonitor()
+    _fit(tmp_path, monitor, steps=12, log_every_n_steps=trainer_every)
+    measured = [s for s in range(12) if s < expected or s % expected in (0, expected - 1)]
+    assert [h["step"] for h in monitor.history] == measured
+    assert measured_steps_interval(trainer_every, None) == expected and measured_steps_interval(50, 7) == 7
 
 
 def test_plain_sgd_update_is_lr_times_gradient(tmp_path):
@@ -150,6 +175,24 @@ def test_once_per_accumulation_window_and_noise_scale_from_micro_batches(tmp_pat
     assert monitor.history[0]["noise_scale"] == pytest.approx(expected.b_simple, rel=1e-4)
 
 
+def test_noise_scale_only_from_the_micro_batches_of_measured_steps(tmp_path):
+    monitor = GradientNormMonitor(noise_window=1, every_n_steps=3)
+    module = RegressionModule(optimizer="sgd", lr=0.05)
+    _, rec = _fit(tmp_path, monitor, module=module, steps=6, accumulate_grad_batches=2)
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3, 5]
+    # step 5 pools only its own two micro-batches (noise_window=1), not those of the unmeasured step 4
+    probe = RegressionModule(optimizer="sgd", lr=0.05)
+    probe.load_state_dict({n: p for n, p in rec.params_before[5].items()})
+    micro = []
+    for x, y in rec.batches[10:12]:
+        probe.zero_grad()
+        nn.functional.mse_loss(probe(x), y).backward()
+        micro.append(torch.cat([p.grad.reshape(-1).double() for p in probe.parameters()]))
+    window = torch.stack(micro).mean(0)
+    expected = gradient_noise_scale([float(g.square().sum()) for g in micro], float(window.square().sum()), 32, 64)
+    assert monitor.history[-1]["grad_noise_trace"] == pytest.approx(expected.trace_sigma, rel=1e-4)
+
+
 def test_no_noise_keys_without_accumulation(tmp_path):
     monitor = GradientNormMonitor()
     _fit(tmp_path, monitor, steps=2)
@@ -166,13 +209,21 @@ def test_logged_through_the_trainer_loggers_at_the_gradient_step(tmp_path):
     monitor = GradientNormMonitor(log_every_n_steps=2)
     _fit(tmp_path, monitor, steps=5)
     rows = [r for r in _csv_rows(tmp_path) if r.get("optdiag/grad_norm")]
-    assert [int(r["step"]) for r in rows] == [0, 2, 4]
+    assert [int(r["step"]) for r in rows] == [0, 2, 4]  # the default cadence follows: every step up to 2
     for r in rows:
         h = monitor.history[int(r["step"])]
         assert float(r["optdiag/grad_norm"]) == pytest.approx(h["grad_norm"])
         assert float(r["optdiag/net.0/grad_norm"]) == pytest.approx(h["net.0/grad_norm"])
     assert "optdiag/grad_norm_clipped" not in rows[0] or not rows[0]["optdiag/grad_norm_clipped"]
     assert rows[0]["optdiag/grad_cosine"] == ""  # undefined at the first step: not logged
+
+
+def test_sampled_steps_are_logged_on_the_logging_interval_rounded_up_to_the_cadence(tmp_path):
+    monitor = GradientNormMonitor(log_every_n_steps=4, every_n_steps=3)
+    _fit(tmp_path, monitor, steps=14)
+    rows = [r for r in _csv_rows(tmp_path) if r.get("optdiag/grad_norm")]
+    assert [int(r["step"]) for r in rows] == [0, 6, 12]  # 4 -> 6, a measured step with its cosines
+    assert all(r["optdiag/grad_cosine"] for r in rows[1:])
 
 
 def test_non_finite_gradient_warns_once_counts_and_training_goes_on(tmp_path):
@@ -201,7 +252,8 @@ def test_layer_depth_one_merges_the_sequential(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"layer_depth": 0}, {"log_every_n_steps": 0}, {"noise_window": -1}, {"history_size": 0}, {"layer_depth": "1"}],
+    [{"layer_depth": 0}, {"log_every_n_steps": 0}, {"noise_window": -1}, {"history_size": 0}, {"layer_depth": "1"},
+     {"every_n_steps": 0}, {"every_n_steps": True}],
 )
 def test_bad_arguments_are_refused_with_the_name(kwargs):
     with pytest.raises(UsageError, match=next(iter(kwargs))):

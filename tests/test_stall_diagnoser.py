@@ -323,3 +323,22 @@ def test_bad_arguments_are_refused_at_construction(kwargs, message):
 
 def test_public_name():
     assert optdiag.StallDiagnoser is StallDiagnoser
+
+
+# --- a sampled gradient monitor ---------------------------------------------------------------------------------
+def test_window_gradients_are_means_over_the_sampled_steps_of_the_window(tmp_path):
+    gradient = GradientNormMonitor(every_n_steps=5)
+    diagnoser = StallDiagnoser(verbose=False, gradient_monitor=gradient)
+    fit_scenario(tmp_path, "oscillation", [gradient, diagnoser])
+    diagnosis = diagnoser.diagnoses[0]
+    first, last = diagnosis.step - len(diagnosis.evidence["loss_window"]), diagnosis.step - 1  # gradient steps
+    records = [r for r in gradient.history if first <= r["step"] <= last]
+    assert {r["step"] % 5 for r in records if r["step"] >= 5} == {0, 4}  # pairs only
+    cosines = [r["grad_cosine"] for r in records if not math.isnan(r["grad_cosine"])]
+    assert len(cosines) >= 4 and diagnosis.evidence["grad_cosine"] == pytest.approx(sum(cosines) / len(cosines))
+    recent = [r["grad_norm"] for r in records if r["step"] > last - (last - first + 1) // 5]
+    assert diagnosis.evidence["grad_norm"] == pytest.approx(sum(recent) / len(recent))
+    # the early-training scale: every measured step among the first ten
+    initial = [r["grad_norm"] for r in gradient.history if r["step"] < 10]
+    assert [r["step"] for r in gradient.history if r["step"] < 10] == [0, 1, 2, 3, 4, 5, 9]
+    assert diagnosis.evidence["grad_norm_initial"] == pytest.approx(sum(initial) / len(initial))

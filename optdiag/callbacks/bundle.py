@@ -52,7 +52,8 @@ def _forwarding(name: str) -> Callable[..., None]:
 class OptDiag(OptDiagCallback):
     """Why did the loss stop going down? The three optdiag callbacks with sensible defaults, as one callback.
 
-    Bundles a :class:`~optdiag.callbacks.GradientNormMonitor` (gradient norms and cosines every step), a
+    Bundles a :class:`~optdiag.callbacks.GradientNormMonitor` (gradient norms and cosines of the first steps, then
+    of a pair of consecutive steps every ``grad_every_n_steps``), a
     :class:`~optdiag.callbacks.HessianMonitor` (``lambda_max``, ``lambda_min``, trace and the stability ratio within
     a time ``budget``, or every ``every_n_steps``) and a :class:`~optdiag.callbacks.StallDiagnoser` (a verdict with
     evidence and suggestions whenever the loss stalls or diverges) that uses those two monitors. Every Lightning
@@ -61,9 +62,10 @@ class OptDiag(OptDiagCallback):
     Cost at the defaults: curvature snapshots (scheduled and at stalls) share one time account of ``budget`` of the
     training time; the first snapshot of a fit waits until training has paid for its estimated cost, except that
     the first verdict always gets its snapshot (an overdraft of one snapshot, repaid before the next scheduled one;
-    see :class:`~optdiag.callbacks.HessianMonitor`). The per-step work (gradient statistics, the stall test) is
-    outside that budget: a few tenths of a millisecond per step, which is tens of percent for models whose
-    Lightning step takes a couple of milliseconds and negligible for real ones (``benchmarks/bench_overhead.py``).
+    see :class:`~optdiag.callbacks.HessianMonitor`). The per-step work is outside that budget: the gradient
+    statistics on a fifth of the steps (pairs every 10 steps) and the stall test's fit at every step, together
+    about 0.1-0.15 ms per step on average, a few percent of a 2-4 ms Lightning step of a small CPU model and
+    negligible for real ones (``benchmarks/bench_overhead.py``).
 
     Args:
         every_n_steps: curvature snapshot cadence in optimizer steps; ``None`` schedules them within ``budget``.

@@ -63,7 +63,8 @@ class StallDiagnoser(OptDiagCallback):
       that budget is not in debt (:meth:`HessianMonitor.can_afford_snapshot`), so it may run early, overdrawing by
       at most its own cost, and the scheduled snapshots then wait until the debt is repaid;
     * from the gradient monitor, the mean ``|g|``, gradient and update cosines over the stalled window and the
-      early-training ``|g|``;
+      early-training ``|g|`` (means over the steps it measured: by default the first ten, then a pair of
+      consecutive steps every ten);
     * lr, momentum and the optimizer kind with its stability threshold.
 
     :func:`~optdiag.diagnosis.diagnose_stall` turns them into a :class:`~optdiag.diagnosis.Diagnosis`. A saddle
