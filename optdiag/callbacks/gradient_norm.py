@@ -99,9 +99,10 @@ class GradientNormMonitor(OptDiagCallback):
     **Cadence.** With ``n = every_n_steps``, the measured steps are the first ``n`` steps of training (the
     early-training gradient scale) and then the pairs ``k n - 1, k n``: two consecutive steps, so that the cosines
     of step ``k n`` are exact cosines of consecutive gradients and updates (NaN at the first step of a pair).
-    Unmeasured steps cost almost nothing: no norms, no copies of the parameters. By default ``n`` is the Trainer's ``log_every_n_steps`` capped at 10: every logged step is measured,
-    and the stall diagnoser gets at least a pair per 10 steps for its window means. ``every_n_steps=1`` measures
-    every step. Steps depend on ``trainer.global_step`` only, so every DDP rank measures the same steps.
+    Unmeasured steps cost almost nothing: no norms, no copies of the parameters. By default ``n`` is the Trainer's
+    ``log_every_n_steps`` capped at 10: every logged step is measured, and the stall diagnoser gets at least a pair
+    per 10 steps for its window means. ``every_n_steps=1`` measures every step. The schedule depends on
+    ``trainer.global_step`` only, so every DDP rank measures the same steps.
 
     All are logged as ``optdiag/<name>`` through the trainer's loggers at ``trainer.global_step`` (the step the
     gradient belongs to), on global rank 0, every ``log_every_n_steps`` steps (rounded up to a multiple of ``n``,
