@@ -55,6 +55,29 @@ def test_noise_free_flat_loss_fires_at_min_window():
     assert [e.step for e in events] == [19]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_check_every_fits_on_its_steps_only_and_decides_like_every_step(seed):
+    losses = _noise(800, 0.05, seed)
+    every_step = _events(losses)
+    sparse = _events(losses, StallDetector(check_every=5))
+    assert [e.reason for e in sparse] == [e.reason for e in every_step] == ["stall"]
+    assert sparse[0].step % 5 == 0
+    assert every_step[0].step <= sparse[0].step <= every_step[0].step + 4
+
+
+def test_check_every_still_catches_a_non_finite_loss_at_once():
+    det = StallDetector(check_every=5)
+    for step in range(1, 23):
+        assert det.update(step, 1.0 - 0.01 * step) is None
+    event = det.update(23, float("inf"))  # 23 is not a fitting step
+    assert event is not None and event.reason == "divergence" and event.step == 23
+
+
+def test_check_every_must_be_a_positive_integer():
+    with pytest.raises(UsageError, match="check_every"):
+        StallDetector(check_every=0)
+
+
 def test_saddle_escape_then_new_plateau_gives_two_events():
     # flat at 1, escape (falls to 0.3), flat again: two situations, two verdicts.
     curve = np.concatenate([np.ones(300), 0.3 + 0.7 * np.exp(-np.arange(150) / 20), np.full(300, 0.3)])

@@ -123,6 +123,7 @@ class StallDiagnoser(OptDiagCallback):
         **detector_kwargs: Any,
     ) -> None:
         super().__init__()
+        detector_kwargs.setdefault("check_every", 5)
         self.detector = StallDetector(window=window, min_window=min_window, rel_improvement=rel_improvement,
                                       **detector_kwargs)
         if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 0:

@@ -212,6 +212,9 @@ class StallDetector:
             about the fit, that counts as divergence (near zero the noise is as large as the level).
         rise_span_fraction: the least rise across a window, as a fraction of the explosion scale
             ``|first - running_min| + |running_min|``, that counts as divergence.
+        check_every: fit the window (stall, recovery and rise decisions) only on steps divisible by this; every
+            loss still enters the window, and non-finite losses and explosions are caught at once. The fit is
+            most of the detector's cost; ``StallDiagnoser`` uses 5, delaying a stall verdict by at most 4 steps.
 
     Example:
         >>> det = StallDetector()
@@ -223,7 +226,8 @@ class StallDetector:
                  rel_improvement: float = DEFAULT_REL_IMPROVEMENT,
                  confidence: float = 0.95, cooldown: int | None = None, explosion_factor: float = 2.0,
                  rise_tolerance: float = 0.5, rise_noise_factor: float = DEFAULT_RISE_NOISE_FACTOR,
-                 rise_span_fraction: float = DEFAULT_RISE_SPAN_FRACTION) -> None:
+                 rise_span_fraction: float = DEFAULT_RISE_SPAN_FRACTION, check_every: int = 1) -> None:
+        self.check_every = _check_number("check_every", check_every, 1, integer=True)
         self.window = _check_number("window", window, 3, integer=True)
         self.min_window = _check_number("min_window", min_window, 3, self.window, integer=True)
         self.rel_improvement = _check_number("rel_improvement", rel_improvement, 0.0)
@@ -294,8 +298,8 @@ class StallDetector:
             scale = _loss_scale(self._first, self._running_min)
             margin = math.log((recent - self._running_min) / (self.explosion_factor * scale))
             return self._diverge(step, "explosion", margin, fit=self._fit() if len(self._losses) >= 3 else None)
-        if len(self._losses) < self.min_window:
-            return None
+        if len(self._losses) < self.min_window or step % self.check_every:
+            return None  # the fit (stall, recovery, rise) only every check_every steps: it is most of the cost
         fit = self._fit()
         improvement_lo = fit["improvement_lo"]
         rise_margin = self._rise_margin(fit)
