@@ -41,4 +41,4 @@ _EXPORTS = {
     "unflatten": ".params",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, {k: f"{__name__}{v}" for k, v in _EXPORTS.items()})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -22,4 +22,4 @@ _EXPORTS = {
     "yellowfin": ".tuning",
 }
 __all__ = sorted(_EXPORTS)
-__getattr__, __dir__ = lazy_exports(__name__, {k: f"{__name__}{v}" for k, v in _EXPORTS.items()})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
