@@ -22,7 +22,9 @@ from typing import Any
 
 from optdiag.errors import UsageError
 
-KINDS = ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence")
+#: What a verdict can say. ``loss_spike`` is a spike that recovered (not divergence); there is no "uncertain" kind:
+#: an undecided check is not a diagnosis.
+KINDS = ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence", "loss_spike")
 TARGETS = ("lr", "momentum", "schedule", "batch_size")
 _NONFINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
