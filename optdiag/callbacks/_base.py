@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import pytorch_lightning
 
 from optdiag.curvature.batches import first_tensor
+from optdiag import policy
 from optdiag.errors import UsageError
 from optdiag.sinks import logger as logger_sink
 from optdiag.sinks import tensorboard as tensorboard_sink
@@ -41,19 +41,18 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def guarded(hook: _F) -> _F:
-    """Decorate a callback hook so that an unexpected exception becomes one warning instead of a crash.
+    """Decorate a callback hook so that any exception becomes one warning instead of a crash.
 
-    "Degrade, don't crash": nothing a monitor does may raise into the training loop. The exception's type is
-    counted in ``self.warning_counts`` and reported once per type. :class:`~optdiag.errors.UsageError` (bad
-    configuration found in ``setup``) is not caught: it must stop the run with its message.
+    The exception policy (:mod:`optdiag.policy`, ``docs/errors.md``): nothing optdiag does after ``setup`` may
+    raise into the training loop, :class:`~optdiag.errors.UsageError` included (configuration errors are found in
+    the constructor or in ``setup``, which is not guarded). The exception's type is counted in
+    ``self.warning_counts`` and reported once per type; the hook is skipped and training continues unchanged.
     """
 
     @functools.wraps(hook)
     def wrapper(self: "OptDiagCallback", *args: Any, **kwargs: Any) -> Any:
         try:
             return hook(self, *args, **kwargs)
-        except UsageError:
-            raise
         except Exception as exc:  # noqa: BLE001 - the point is to keep training alive
             self.warn_once(
                 f"hook-error:{type(exc).__name__}",
@@ -96,11 +95,15 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
     # --- messages -------------------------------------------------------------------------------------------------
     def warn_once(self, kind: str, message: str) -> None:
-        """Count a problem of ``kind``; warn (``UserWarning``, every rank) the first time it happens."""
+        """Count a problem of ``kind``; warn (``UserWarning``, every rank) the first time it happens.
+
+        The warning goes through :func:`optdiag.policy.warn`: a filter that turns warnings into errors cannot make
+        it raise (it is logged instead), and it is counted either way.
+        """
         count = self.warning_counts.get(kind, 0)
         self.warning_counts[kind] = count + 1
         if count == 0:
-            warnings.warn(f"optdiag: {message}", UserWarning, stacklevel=3)
+            policy.warn(f"optdiag: {message}", stacklevel=3)
 
     # --- environment ----------------------------------------------------------------------------------------------
     @staticmethod
