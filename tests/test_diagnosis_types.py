@@ -20,7 +20,7 @@ def _diagnosis(**evidence):
 
 
 def test_kinds_are_the_contract():
-    assert KINDS == ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence")
+    assert KINDS == ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence", "loss_spike")
 
 
 def test_round_trip_is_lossless_and_strict_json():
@@ -89,12 +89,18 @@ def test_markdown_has_evidence_and_suggestion_tables():
 def test_evidence_round_trip_and_nonfinite_flag():
     ev = Evidence(step=4, loss=0.5, lambda_max=10.0, batch_size=8, optimizer=OptimizerSpec("sgd", lr=0.1))
     assert Evidence.from_dict(json.loads(json.dumps(ev.to_dict(), allow_nan=False))) == ev
-    assert Evidence(step=1, lambda_max=float("nan")).nonfinite
     assert Evidence(step=1, loss_window=[1.0, float("inf")]).nonfinite
+    # measured numbers are cleaned, never refused (docs/errors.md): NaN curvature is "not available" ...
+    nan_curvature = Evidence(step=1, lambda_max=float("nan"))
+    assert not nan_curvature.nonfinite and nan_curvature.lambda_max is None
+    assert nan_curvature.unavailable == ["lambda_max"]
+    # ... a negative norm is clamped to 0 and said so, a batch of 0 samples is not a count
+    negative = Evidence(step=1, grad_norm=-1.0, batch_size=0)
+    assert negative.grad_norm == 0.0 and negative.clamped == {"grad_norm": -1.0}
+    assert negative.batch_size is None and negative.unavailable == ["batch_size"]
+    # ... while a value that is not a number at all is the caller's mistake
     with pytest.raises(UsageError, match="grad_norm"):
-        Evidence(step=1, grad_norm=-1.0)
-    with pytest.raises(UsageError, match="batch_size"):
-        Evidence(step=1, batch_size=0)
+        Evidence(step=1, grad_norm="1.0")
     with pytest.raises(UsageError, match="unknown keys"):
         Evidence.from_dict({"step": 1, "sharpnes": 3})
 

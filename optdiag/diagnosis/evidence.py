@@ -15,18 +15,25 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from optdiag.diagnosis.stability import OptimizerSpec, stability_threshold
 from optdiag.diagnosis.types import from_jsonable, to_jsonable
 from optdiag.errors import UsageError
+from optdiag.policy import Measurements, check_number
 
-# Fields that cannot be negative when measured (a negative value is a caller's bug, not evidence).
-_NON_NEGATIVE = ("grad_norm", "grad_norm_initial", "grad_noise_trace", "lambda_max_residual",
-                 "lambda_min_residual", "hessian_trace_stderr")
+# How each measured field is cleaned (optdiag.policy; docs/errors.md, "Measured numbers").
+# A non-finite loss is the evidence of divergence: kept, and it sets ``nonfinite``.
 _LOSS_FIELDS = ("loss", "loss_min", "loss_initial")
+# An overflowing gradient (+inf) is divergence evidence too; NaN there is "not available".
+_GRADIENT_SIZE = ("grad_norm", "grad_sq_norm_unbiased")
+# Quantities that cannot be negative (norms, variances, residuals, standard errors): rounding below 0 is clamped.
+_NON_NEGATIVE = ("grad_norm", "grad_norm_initial", "grad_sq_norm_unbiased", "grad_noise_trace", "lambda_max_residual",
+                 "lambda_min_residual", "hessian_trace_stderr")
+_COSINES = ("grad_cosine", "update_cosine")
+_NOT_MEASURED_HERE = ("step", "loss_window", "optimizer", "nonfinite", "batch_size", "num_params", "clamped",
+                      "unavailable")
 
 
 @dataclass
@@ -47,12 +54,25 @@ class Evidence:
         hessian_trace, hessian_trace_stderr: Hutchinson trace estimate and its standard error.
         preconditioned_lambda_max: ``lambda_max(P^-1 H)`` for Adam/RMSprop.
         epsilon_sharpness: Keskar's epsilon-sharpness (percent). num_params: parameter count.
-        optimizer: the :class:`OptimizerSpec` of the run. nonfinite: a loss/gradient/curvature was NaN or inf
-            (set automatically when any field is non-finite). loss_floor: the user's idea of a good loss, if known.
+        optimizer: the :class:`OptimizerSpec` of the run. loss_floor: the user's idea of a good loss, if known.
+        nonfinite: the run diverged: set automatically when a loss (``loss``, ``loss_window``, ``loss_min``,
+            ``loss_initial``) is NaN or infinite or a gradient size (``grad_norm``, ``grad_sq_norm_unbiased``) is
+            ``+inf``.
+        clamped: ``{field: raw value}`` of measurements that rounding put outside their possible range (a negative
+            noise trace, a cosine above 1), stored clamped to it. Filled automatically; a producer that clamped a
+            value itself may pass its own entries.
+        unavailable: fields that came in as NaN (or as an infinity that cannot be a measurement, e.g. an infinite
+            eigenvalue) and are stored as ``None``. Filled automatically, like ``clamped``.
+
+    Measured numbers are never refused (``docs/errors.md``): only a value that is not a number at all (a string)
+    raises :class:`~optdiag.errors.UsageError`.
 
     Example:
         >>> Evidence(step=5, loss=float("nan")).nonfinite
         True
+        >>> ev = Evidence(step=5, grad_noise_trace=-1e-10, lambda_max=float("nan"))
+        >>> ev.grad_noise_trace, ev.lambda_max, ev.clamped, ev.unavailable
+        (0.0, None, {'grad_noise_trace': -1e-10}, ['lambda_max'])
     """
 
     step: int
@@ -80,11 +100,18 @@ class Evidence:
     optimizer: OptimizerSpec | None = None
     nonfinite: bool = False
     loss_floor: float | None = None
+    clamped: dict[str, float] = field(default_factory=dict)
+    unavailable: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral) or self.step < 0:
-            raise UsageError(f"Evidence.step must be a non-negative int, got {self.step!r}")
-        self.step = int(self.step)
+        self.step = check_number("Evidence.step", self.step, low=0, integer=True, what="a non-negative int")
+        if not isinstance(self.nonfinite, bool):
+            raise UsageError(f"Evidence.nonfinite must be a bool, got {self.nonfinite!r}")
+        if not isinstance(self.clamped, dict) or not isinstance(self.unavailable, (list, tuple)):
+            raise UsageError("Evidence.clamped must be a dict and Evidence.unavailable a list of field names")
+        m = Measurements()
+        m.clamped.update({str(k): float(v) for k, v in self.clamped.items()})
+        m.unavailable.extend(str(name) for name in self.unavailable)
         if self.loss_window is not None:
             try:
                 self.loss_window = [float(x) for x in self.loss_window]
@@ -92,32 +119,29 @@ class Evidence:
                 raise UsageError("Evidence.loss_window must be a sequence of numbers") from None
             self.nonfinite |= not all(math.isfinite(x) for x in self.loss_window)
         for f in fields(self):
-            if f.name in ("step", "loss_window", "optimizer", "nonfinite", "batch_size", "num_params"):
+            if f.name in _NOT_MEASURED_HERE:
                 continue
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise UsageError(f"Evidence.{f.name} must be a number or None, got {value!r}")
-            value = float(value)
-            setattr(self, f.name, value)
-            if not math.isfinite(value):
-                self.nonfinite = True  # a NaN/inf measurement is itself the evidence of divergence
-            elif f.name in _NON_NEGATIVE and value < 0:
-                raise UsageError(f"Evidence.{f.name} cannot be negative, got {value}")
+            name = f.name
+            value = m.number(
+                name, getattr(self, name),
+                low=0.0 if name in _NON_NEGATIVE else (-1.0 if name in _COSINES else None),
+                high=1.0 if name in _COSINES else None,
+                keep_nonfinite=name in _LOSS_FIELDS, keep_inf=name in _GRADIENT_SIZE)
+            setattr(self, name, value)
+            if value is not None and not math.isfinite(value):
+                self.nonfinite = True  # a non-finite loss or an overflowing gradient: evidence of divergence
         for name in ("batch_size", "num_params"):
-            value = getattr(self, name)
-            if value is not None:
-                if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < 1:
-                    raise UsageError(f"Evidence.{name} must be a positive int, got {value!r}")
-                setattr(self, name, int(value))
+            value = m.number(name, getattr(self, name))
+            if value is not None and (value < 1 or value != int(value)):
+                m.unavailable.append(name)  # not a count: a measurement gone wrong, not evidence
+                value = None
+            setattr(self, name, None if value is None else int(value))
+        self.clamped, self.unavailable = m.clamped, m.unavailable
         if self.optimizer is not None and not isinstance(self.optimizer, OptimizerSpec):
             if isinstance(self.optimizer, dict):
                 self.optimizer = OptimizerSpec.from_dict(self.optimizer)
             else:
                 raise UsageError(f"Evidence.optimizer must be an OptimizerSpec, got {type(self.optimizer).__name__}")
-        if not isinstance(self.nonfinite, bool):
-            raise UsageError(f"Evidence.nonfinite must be a bool, got {self.nonfinite!r}")
 
     # ---- derived quantities: computed here and nowhere else -------------------------------------------------
     @property
@@ -165,7 +189,6 @@ class Evidence:
         g2, noise, b = self.grad_sq_norm_unbiased, self.grad_noise_trace, self.batch_size
         if g2 is None or noise is None or b is None:
             return None
-        g2 = max(g2, 0.0)  # the unbiased estimate can dip below 0 when G is ~0
         if noise == 0:
             return math.inf if g2 > 0 else 0.0
         return g2 / (noise / b)
@@ -203,8 +226,11 @@ class Evidence:
         }
 
     def record(self) -> dict[str, Any]:
-        """Measured fields (those not None) plus :meth:`derived`, ready for ``Diagnosis.evidence``."""
-        out = {k: v for k, v in self.to_dict().items() if v is not None and k != "optimizer"}
+        """Measured fields (those not None) plus :meth:`derived`, ready for ``Diagnosis.evidence``.
+
+        ``clamped`` and ``unavailable`` appear only when something was clamped or unavailable.
+        """
+        out = {k: v for k, v in self.to_dict().items() if v not in (None, {}, []) and k != "optimizer"}
         out.update({k: v for k, v in to_jsonable(self.derived()).items() if v is not None})
         return from_jsonable(out)
 

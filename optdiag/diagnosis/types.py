@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 #: What a verdict can say. ``loss_spike`` is a spike that recovered (not divergence); there is no "uncertain" kind:
 #: an undecided check is not a diagnosis.
@@ -71,17 +72,6 @@ def from_jsonable(value: Any) -> Any:
     return value
 
 
-def _optional_number(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(f"{name} must be a number or None, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise UsageError(f"{name} must be finite, got {value}")
-    return value
-
-
 def _nonempty_text(name: str, value: Any, *, one_line: bool = False) -> str:
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"{name} must be a non-empty string, got {value!r}")
@@ -119,8 +109,8 @@ class Suggestion:
             raise UsageError(f"Suggestion.target must be one of {TARGETS}, got {self.target!r}")
         _nonempty_text("Suggestion.action", self.action, one_line=True)
         _nonempty_text("Suggestion.reason", self.reason)
-        self.current = _optional_number("Suggestion.current", self.current)
-        self.proposed = _optional_number("Suggestion.proposed", self.proposed)
+        self.current = check_number("Suggestion.current", self.current, allow_none=True)
+        self.proposed = check_number("Suggestion.proposed", self.proposed, allow_none=True)
         if self.code is not None:
             _nonempty_text("Suggestion.code", self.code, one_line=True)
 
@@ -170,15 +160,10 @@ class Diagnosis:
     summary: str = ""
 
     def __post_init__(self) -> None:
-        if isinstance(self.step, bool) or not isinstance(self.step, numbers.Integral) or self.step < 0:
-            raise UsageError(f"Diagnosis.step must be a non-negative int, got {self.step!r}")
-        self.step = int(self.step)
+        self.step = check_number("Diagnosis.step", self.step, low=0, integer=True, what="a non-negative int")
         if self.kind not in KINDS:
             raise UsageError(f"Diagnosis.kind must be one of {KINDS}, got {self.kind!r}")
-        confidence = _optional_number("Diagnosis.confidence", self.confidence)
-        if confidence is None or not 0.0 <= confidence <= 1.0:
-            raise UsageError(f"Diagnosis.confidence must be in [0, 1], got {self.confidence!r}")
-        self.confidence = confidence
+        self.confidence = check_number("Diagnosis.confidence", self.confidence, low=0.0, high=1.0)
         if not isinstance(self.evidence, dict):
             raise UsageError(f"Diagnosis.evidence must be a dict, got {type(self.evidence).__name__}")
         # Normalise once so equality, JSON and Markdown all see the same plain values.
