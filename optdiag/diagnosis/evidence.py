@@ -218,6 +218,7 @@ class Evidence:
             "optimizer_kind": None if opt is None else opt.kind,
             "effective_lr": None if opt is None else opt.effective_lr,
             "stability_threshold": self.stability_threshold,
+            "stability_note": None if opt is None else opt.reason or None,
             "stability_ratio": self.stability_ratio,
             "lr_lambda_max": self.lr_lambda_max,
             "grad_snr": self.grad_snr,

@@ -29,30 +29,14 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 OPTIMIZER_KINDS = ("sgd", "heavy_ball", "nesterov", "adam", "adamw", "rmsprop", "unknown")
 _PRECONDITIONED = ("adam", "adamw", "rmsprop")
-
-
-def _number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-            high_open: bool = False, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if hasattr(value, "item") and not isinstance(value, numbers.Real):  # a 0-d tensor lr, read by duck typing
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise UsageError(f"OptimizerSpec.{name} must be a finite number, got {value!r}")
-    value = float(value)
-    if low is not None and value < low:
-        raise UsageError(f"OptimizerSpec.{name} must be >= {low}, got {value}")
-    if high is not None and (value >= high if high_open else value > high):
-        raise UsageError(f"OptimizerSpec.{name} must be {'<' if high_open else '<='} {high}, got {value}")
-    return value
 
 
 @dataclass
@@ -69,6 +53,11 @@ class OptimizerSpec:
         alpha: RMSprop's smoothing constant.
         weight_decay: coupled L2 weight decay (SGD family: shifts every eigenvalue by this amount).
         name: the optimizer class name, e.g. ``"SGD"``.
+        reason: why the stability threshold is unknown, when :meth:`from_torch` read settings it cannot analyse
+            (``SGD(momentum=1.0)``, ``lr=0``, an optimizer without a stability analysis); empty otherwise.
+
+    The constructor checks its arguments (:class:`~optdiag.errors.UsageError` for a bad one);
+    :meth:`from_torch` never raises on what it reads from a real optimizer.
 
     Example:
         >>> OptimizerSpec("adam", lr=1e-3, beta1=0.9).preconditioned
@@ -85,6 +74,7 @@ class OptimizerSpec:
     alpha: float | None = None
     weight_decay: float = 0.0
     name: str = ""
+    reason: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in OPTIMIZER_KINDS:
@@ -92,20 +82,22 @@ class OptimizerSpec:
         if self.kind == "unknown" and (self.lr is None or (isinstance(self.lr, float) and math.isnan(self.lr))):
             self.lr = math.nan  # an optimizer without a learning rate: nothing below uses it
         else:
-            self.lr = _number("lr", self.lr, low=0.0)
-        self.momentum = _number("momentum", self.momentum, low=0.0, high=1.0, high_open=True)
-        self.dampening = _number("dampening", self.dampening, low=0.0, high=1.0)
-        self.beta1 = _number("beta1", self.beta1, low=0.0, high=1.0, high_open=True, allow_none=True)
-        self.beta2 = _number("beta2", self.beta2, low=0.0, high=1.0, high_open=True, allow_none=True)
-        self.eps = _number("eps", self.eps, low=0.0, allow_none=True)
-        self.alpha = _number("alpha", self.alpha, low=0.0, high=1.0, allow_none=True)
-        self.weight_decay = _number("weight_decay", self.weight_decay, low=0.0)
+            self.lr = check_number("OptimizerSpec.lr", self.lr, low=0.0)
+        unit = dict(low=0.0, high=1.0, high_open=True)
+        self.momentum = check_number("OptimizerSpec.momentum", self.momentum, **unit)
+        self.dampening = check_number("OptimizerSpec.dampening", self.dampening, low=0.0, high=1.0)
+        self.beta1 = check_number("OptimizerSpec.beta1", self.beta1, allow_none=True, **unit)
+        self.beta2 = check_number("OptimizerSpec.beta2", self.beta2, allow_none=True, **unit)
+        self.eps = check_number("OptimizerSpec.eps", self.eps, low=0.0, allow_none=True)
+        self.alpha = check_number("OptimizerSpec.alpha", self.alpha, low=0.0, high=1.0, allow_none=True)
+        self.weight_decay = check_number("OptimizerSpec.weight_decay", self.weight_decay, low=0.0)
         if self.kind in ("adam", "adamw") and self.beta1 is None:
             raise UsageError(f"OptimizerSpec(kind={self.kind!r}) needs beta1")
         if self.kind == "nesterov" and (self.momentum <= 0 or self.dampening != 0):
             raise UsageError("OptimizerSpec(kind='nesterov') needs momentum > 0 and dampening 0 (as torch.optim.SGD)")
-        if not isinstance(self.name, str):
-            raise UsageError(f"OptimizerSpec.name must be a string, got {self.name!r}")
+        for label in ("name", "reason"):
+            if not isinstance(getattr(self, label), str):
+                raise UsageError(f"OptimizerSpec.{label} must be a string, got {getattr(self, label)!r}")
 
     @property
     def preconditioned(self) -> bool:
@@ -154,10 +146,28 @@ class OptimizerSpec:
             raise UsageError(f"group must be an index in [0, {len(groups)}), got {group!r}")
         g = groups[group]
         name = type(optimizer).__name__
+        # What is read is a measurement of the run, not an argument: settings outside the analysis give a spec
+        # with an unknown threshold and the reason, never an exception (docs/errors.md).
+        try:
+            spec = cls._read(name, g)
+        except (UsageError, TypeError, ValueError, AttributeError, KeyError) as error:
+            return cls._unknown(name, g, f"{name}'s settings are outside the stability analysis ({error})")
+        if spec.kind != "unknown" and stability_threshold(spec) is None:
+            spec.reason = (f"{name} takes no step (lr {spec.lr:g}, dampening {spec.dampening:g}): "
+                           "no stability threshold")
+        return spec
+
+    @classmethod
+    def _read(cls, name: str, g: Any) -> OptimizerSpec:
         lr = g.get("lr", math.nan)
         wd = g.get("weight_decay", 0.0) or 0.0
-        if name == "SGD":
+        if name in ("SGD", "RMSprop"):
             momentum = g.get("momentum", 0.0) or 0.0
+            if check_number(f"{name} momentum", momentum) >= 1:
+                return cls._unknown(name, g, (
+                    f"{name} with momentum {float(momentum):g}: heavy ball with momentum >= 1 never converges (its "
+                    "characteristic roots have modulus >= 1 on every curvature), so no curvature is stable"))
+        if name == "SGD":
             if momentum == 0:
                 return cls("sgd", lr=lr, weight_decay=wd, name=name)
             kind = "nesterov" if g.get("nesterov", False) else "heavy_ball"
@@ -167,17 +177,23 @@ class OptimizerSpec:
             beta1, beta2 = g.get("betas", (0.9, 0.999))
             return cls(name.lower(), lr=lr, beta1=beta1, beta2=beta2, eps=g.get("eps"), weight_decay=wd, name=name)
         if name == "RMSprop":
-            return cls("rmsprop", lr=lr, momentum=g.get("momentum", 0.0) or 0.0, alpha=g.get("alpha"),
-                       eps=g.get("eps"), weight_decay=wd, name=name)
+            return cls("rmsprop", lr=lr, momentum=momentum, alpha=g.get("alpha"), eps=g.get("eps"),
+                       weight_decay=wd, name=name)
+        return cls._unknown(name, g, f"no stability analysis for {name} (only SGD, Adam, AdamW and RMSprop)")
+
+    @classmethod
+    def _unknown(cls, name: str, g: Any, reason: str) -> OptimizerSpec:
+        """An ``"unknown"`` spec keeping the learning rate when it is a usable number (else ``nan``)."""
         try:
-            return cls("unknown", lr=lr, name=name)
-        except UsageError:  # e.g. a non-numeric lr in an exotic optimizer: still never a wrong number
-            return cls("unknown", lr=math.nan, name=name)
+            lr = check_number("lr", g.get("lr"), low=0.0)
+        except UsageError:
+            lr = math.nan
+        return cls("unknown", lr=lr, name=name, reason=reason)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of the fields (non-finite lr kept as a float; :func:`to_jsonable` makes it JSON-safe)."""
         return {k: getattr(self, k) for k in ("kind", "lr", "momentum", "dampening", "beta1", "beta2", "eps",
-                                              "alpha", "weight_decay", "name")}
+                                              "alpha", "weight_decay", "name", "reason")}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OptimizerSpec:
@@ -246,10 +262,8 @@ def heavy_ball_rings(lr: float, momentum: float, lam: float) -> bool:
         >>> heavy_ball_rings(0.01, 0.9, 100.0), heavy_ball_rings(0.01, 0.9, 0.1)
         (True, False)
     """
-    for name, value in (("lr", lr), ("momentum", momentum), ("lam", lam)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise UsageError(f"heavy_ball_rings: {name} must be a finite number, got {value!r}")
-    if lr <= 0 or not 0 <= momentum < 1:
-        raise UsageError(f"heavy_ball_rings needs lr > 0 and momentum in [0, 1), got {lr}, {momentum}")
+    lr = check_number("heavy_ball_rings: lr", lr, low=0.0, low_open=True)
+    momentum = check_number("heavy_ball_rings: momentum", momentum, low=0.0, high=1.0, high_open=True)
+    lam = check_number("heavy_ball_rings: lam", lam)
     root = math.sqrt(momentum)
     return (1.0 - root) ** 2 < lr * lam < (1.0 + root) ** 2
