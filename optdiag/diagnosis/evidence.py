@@ -213,7 +213,8 @@ class Evidence:
         opt = self.optimizer
         return {
             "lr": self.lr,
-            "momentum": None if opt is None else (opt.beta1 if opt.kind in ("adam", "adamw") else opt.momentum),
+            "momentum": None if opt is None or opt.kind == "unknown" else (
+                opt.beta1 if opt.kind in ("adam", "adamw") else opt.momentum),
             "optimizer": None if opt is None else opt.name or opt.kind,
             "optimizer_kind": None if opt is None else opt.kind,
             "effective_lr": None if opt is None else opt.effective_lr,
