@@ -50,8 +50,11 @@ def test_yellowfin_solves_its_cubic_exactly():
     assert momentum2 > momentum and lr2 < lr
     with pytest.raises(UsageError, match="distance"):
         yellowfin(1.0, 2.0, 1.0, 0.0)
-    with pytest.raises(UsageError):
-        polyak_heavy_ball(2.0, 1.0)
+    # measured bounds in the wrong order span the same range (docs/errors.md): the same answer, no exception
+    assert polyak_heavy_ball(2.0, 1.0) == polyak_heavy_ball(1.0, 2.0)
+    assert yellowfin(2.0, 1.0, 5.0, 0.3) == yellowfin(1.0, 2.0, 5.0, 0.3)
+    with pytest.raises(UsageError, match="mu"):
+        polyak_heavy_ball(0.0, 1.0)
 
 
 def test_oscillation_sgd_lr_puts_lr_lambda_at_one():

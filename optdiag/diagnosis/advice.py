@@ -42,6 +42,16 @@ SMALL_BATCH = 32  # Masters & Luschi 2018: batches of 2-32 often train best
 _SCHED = "torch.optim.lr_scheduler"
 
 
+def _offer(target: str, action: str, current: float | None = None, proposed: float | None = None,
+           reason: str = "", code: str | None = None) -> Suggestion | None:
+    """A :class:`Suggestion`, or None when a number in it is not finite: extreme measurements (a sharpness of
+    1e-300, a loss of inf) can make a computed lr or step overflow, and such advice is left out, never raised."""
+    for value in (current, proposed):
+        if value is not None and not math.isfinite(value):
+            return None
+    return Suggestion(target, action, current=current, proposed=proposed, reason=reason, code=code)
+
+
 def _set(key: str, value: str) -> str:
     return f"for g in opt.param_groups: g[{key!r}] = {value}"
 
@@ -59,7 +69,7 @@ def _target_lr(ev: Evidence) -> float | None:
     if ev.optimizer is None or ev.sharpness is None:
         return None
     limit = max_stable_lr(ev.optimizer, ev.sharpness)
-    return None if limit is None else TARGET_RATIO * limit
+    return None if limit is None or not limit > 0 else TARGET_RATIO * limit
 
 
 def warmup_iters(start_factor: float) -> int:
@@ -74,38 +84,46 @@ def warmup_iters(start_factor: float) -> int:
     return max(1, math.ceil((1.0 - start_factor) / (start_factor * WARMUP_GROWTH_PER_STEP) - 1e-9))
 
 
-def _warmup(action: str, current: float, proposed: float, start_lr: float, final_lr: float, why: str) -> Suggestion:
-    """A ``LinearLR`` warmup from ``start_lr`` to the optimizer's lr ``final_lr``."""
-    start = start_lr / final_lr
-    iters = warmup_iters(start)
-    return Suggestion(
+def _warmup(action: str, current: float, proposed: float, start_lr: float, final_lr: float,
+            why: str) -> Suggestion | None:
+    """A ``LinearLR`` warmup from ``start_lr`` to the optimizer's lr ``final_lr`` (None when there is no finite
+    ramp between them: an inverted one, or a start so small against the end that its length overflows)."""
+    start = start_lr / final_lr if final_lr else math.nan
+    if not 0 < start <= 1:
+        return None
+    try:
+        iters = warmup_iters(start)
+    except (OverflowError, ZeroDivisionError):
+        return None
+    return _offer(
         "schedule", action, current=current, proposed=proposed,
         reason=f"Set lr = {_g(final_lr)} and ramp up to it from {_g(start_lr)} over {iters} steps: {why}.",
         code=f"{_SCHED}.LinearLR(opt, start_factor={_g(start)}, total_iters={iters})")
 
 
-def _lr_suggestion(action: str, ev: Evidence, proposed: float, reason: str) -> Suggestion:
-    return Suggestion("lr", action, current=ev.lr, proposed=proposed, reason=reason,
+def _lr_suggestion(action: str, ev: Evidence, proposed: float, reason: str) -> Suggestion | None:
+    return _offer("lr", action, current=ev.lr, proposed=proposed, reason=reason,
                       code=_set("lr", _g(proposed)))
 
 
 def _ratio_text(ev: Evidence) -> str:
-    return (f"lambda_max = {_g(ev.sharpness)} is {_g(ev.stability_ratio)} of the {ev.optimizer.kind} stability "
-            f"threshold {_g(ev.stability_threshold)} at lr {_g(ev.lr)}")
+    return (f"lambda_max = {_fmt_optional(ev.sharpness)} is {_fmt_optional(ev.stability_ratio)} of the "
+            f"{ev.optimizer.kind} stability threshold {_fmt_optional(ev.stability_threshold)} at lr "
+            f"{_fmt_optional(ev.lr)}")
 
 
-def _batch_toward_b_simple(ev: Evidence, why: str) -> list[Suggestion]:
+def _batch_toward_b_simple(ev: Evidence, why: str) -> list[Suggestion | None]:
     b, b_simple = ev.batch_size, ev.b_simple
     if b is None or b_simple is None or not math.isfinite(b_simple) or b >= b_simple:
         return []
     proposed = 2 ** math.ceil(math.log2(b_simple))
-    return [Suggestion("batch_size", "Increase the batch size", current=b, proposed=proposed,
+    return [_offer("batch_size", "Increase the batch size", current=b, proposed=proposed,
                        reason=f"{why}: batch {b} is below the noise scale B_simple = tr(Sigma)/|G|^2 = "
                               f"{_g(b_simple)} (McCandlish et al. 2018).",
                        code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)")]
 
 
-def _oscillation(ev: Evidence) -> list[Suggestion]:
+def _oscillation(ev: Evidence) -> list[Suggestion | None]:
     out = []
     target = _target_lr(ev)
     if target is not None and ev.lr and target < ev.lr:
@@ -118,13 +136,13 @@ def _oscillation(ev: Evidence) -> list[Suggestion]:
             "Halve the learning rate", ev, DECAY_FACTOR * ev.lr,
             f"Consecutive gradients are anti-aligned (cosine {_fmt_optional(ev.grad_cosine)}): the iterate "
             f"bounces at a loss floor; halve the step (Chee & Toulis 2018)."))
-    out.append(Suggestion(
+    out.append(_offer(
         "schedule", "Decay the learning rate when the loss stops improving", current=ev.lr,
         proposed=None if ev.lr is None else DECAY_FACTOR * ev.lr,
         reason="A bouncing iterate settles at a loss floor that shrinks with the lr: halving it there is the "
                "Chee & Toulis rule.",
         code=f"{_SCHED}.ReduceLROnPlateau(opt, factor={DECAY_FACTOR})"))
-    out.append(Suggestion(
+    out.append(_offer(
         "schedule", "Anneal the learning rate to zero over the run", current=ev.lr, proposed=None,
         reason="A decaying schedule lowers the noise-driven loss floor steadily instead of in steps.",
         code=f"{_SCHED}.CosineAnnealingLR(opt, T_max=trainer.estimated_stepping_batches)"))
@@ -135,7 +153,7 @@ def _oscillation(ev: Evidence) -> list[Suggestion]:
         x = ev.lr * ev.sharpness / TARGET_RATIO
         beta = (x - 2.0) / (x + 2.0)
         if opt.beta1 < beta < 0.999:
-            out.append(Suggestion(
+            out.append(_offer(
                 "momentum", "Raise Adam's betas[0]", current=opt.beta1, proposed=beta,
                 reason=f"Preconditioned {_ratio_text(ev)}; betas[0] = {_g(beta)} raises the threshold "
                        f"(2+2b)/((1-b) lr) to twice the sharpness.",
@@ -143,7 +161,7 @@ def _oscillation(ev: Evidence) -> list[Suggestion]:
     return out
 
 
-def _saddle(ev: Evidence) -> list[Suggestion]:
+def _saddle(ev: Evidence) -> list[Suggestion | None]:
     out = []
     opt = ev.optimizer
     if opt is not None and opt.kind in ("sgd", "heavy_ball", "nesterov", "adam", "adamw"):
@@ -160,7 +178,7 @@ def _saddle(ev: Evidence) -> list[Suggestion]:
                 continue  # this much momentum would put the sharpness past the safe ratio (nesterov shrinks it)
             name = "betas[0]" if kind in ("adam", "adamw") else "momentum"
             code = _set("betas", f"({beta}, g['betas'][1])") if name == "betas[0]" else _set("momentum", str(beta))
-            out.append(Suggestion(
+            out.append(_offer(
                 "momentum", f"Raise {name}", current=current, proposed=beta,
                 reason=f"Negative curvature lambda_min = {_g(ev.lambda_min)}: momentum {beta} multiplies the step "
                        f"along the escape direction by up to {_g(1 / (1 - beta))} and keeps the sharpness within "
@@ -178,13 +196,13 @@ def _saddle(ev: Evidence) -> list[Suggestion]:
                 f"threshold."))
     if ev.batch_size is not None and ev.batch_size >= 4:
         proposed = ev.batch_size // 2
-        out.append(Suggestion(
+        out.append(_offer(
             "batch_size", "Halve the batch size", current=ev.batch_size, proposed=proposed,
             reason="SGD noise ~ lr/(B(1-beta)) (Smith & Le 2018): more noise kicks the iterate off the saddle.",
             code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)"))
     if ev.lambda_min is not None and ev.lambda_min < 0 and ev.loss:
         t = math.sqrt(2.0 * 0.01 * abs(ev.loss) / -ev.lambda_min)
-        out.append(Suggestion(
+        out.append(_offer(
             "schedule", "Take one step along the negative-curvature eigenvector", current=None, proposed=t,
             reason=f"Along its eigenvector u the loss changes by 1/2 lambda_min t^2 = {_g(0.5 * ev.lambda_min)} t^2: "
                    f"t = {_g(t)} lowers it by 1% (u from top_eigenvalues(op, which='SA')).",
@@ -193,7 +211,7 @@ def _saddle(ev: Evidence) -> list[Suggestion]:
     return out
 
 
-def _plateau(ev: Evidence) -> list[Suggestion]:
+def _plateau(ev: Evidence) -> list[Suggestion | None]:
     out = []
     opt = ev.optimizer
     if ev.lr:
@@ -208,17 +226,17 @@ def _plateau(ev: Evidence) -> list[Suggestion]:
             out.append(_warmup("Warm up to the larger learning rate", ev.lr, proposed, ev.lr, proposed,
                                "so curvature can adapt on the way (Gilmer et al. 2021)"))
     if opt is None or not opt.preconditioned:
-        out.append(Suggestion(
+        out.append(_offer(
             "lr", "Switch to an adaptive optimizer", current=ev.lr, proposed=1e-3,
             reason="On a flat region per-parameter step sizes (Adam) rescale the tiny gradients directly.",
             code="opt = torch.optim.Adam(model.parameters(), lr=1e-3)"))
     return out
 
 
-def _minimum(ev: Evidence) -> list[Suggestion]:
+def _minimum(ev: Evidence) -> list[Suggestion | None]:
     out = []
     if ev.lr:
-        out.append(Suggestion(
+        out.append(_offer(
             "schedule", "Decay the learning rate to settle into the minimum", current=ev.lr,
             proposed=DECAY_FACTOR * ev.lr,
             reason="The gradient is ~0 with no negative curvature: a smaller step lowers the noise floor "
@@ -227,7 +245,7 @@ def _minimum(ev: Evidence) -> list[Suggestion]:
     ratio, b = ev.stability_ratio, ev.batch_size
     if ratio is not None and ratio >= TARGET_RATIO and b is not None and b > SMALL_BATCH:
         proposed = max(SMALL_BATCH, b // 4)
-        out.append(Suggestion(
+        out.append(_offer(
             "batch_size", "Use a smaller batch for a flatter minimum", current=b, proposed=proposed,
             reason=f"Sharp minimum ({_ratio_text(ev)}) with batch {b}: large batches land in sharp minima "
                    f"(Keskar et al. 2017), batches up to 32 often train best (Masters & Luschi 2018).",
@@ -235,19 +253,22 @@ def _minimum(ev: Evidence) -> list[Suggestion]:
     opt = ev.optimizer
     lam_max = ev.lambda_max
     if lam_max is not None and lam_max > 0 and (opt is None or not opt.preconditioned):
-        mu = max(ev.lambda_min if ev.lambda_min is not None else 0.0, lam_max / POLYAK_MAX_CONDITION)
+        # a measured lambda_min above lambda_max (Lanczos error) leaves the range [lambda_max, lambda_max]
+        mu = min(max(ev.lambda_min if ev.lambda_min is not None else 0.0, lam_max / POLYAK_MAX_CONDITION), lam_max)
+        if mu <= 0:  # lambda_max / 1000 underflowed: no range to tune for
+            return out
         lr, beta, rate = polyak_heavy_ball(mu, lam_max)
         why = (f"Polyak's heavy-ball optimum for curvature in [{_g(mu)}, {_g(lam_max)}] converges at rate "
                f"{_g(rate)} per step; it sits on the stability edge, so halve lr with small noisy batches.")
-        out.append(Suggestion("lr", "Set the Polyak learning rate", current=ev.lr, proposed=lr, reason=why,
+        out.append(_offer("lr", "Set the Polyak learning rate", current=ev.lr, proposed=lr, reason=why,
                               code=_set("lr", _g(lr))))
-        out.append(Suggestion("momentum", "Set the Polyak momentum",
+        out.append(_offer("momentum", "Set the Polyak momentum",
                               current=None if opt is None else opt.momentum, proposed=beta, reason=why,
                               code=_set("momentum", _g(beta))))
     return out
 
 
-def _divergence(ev: Evidence) -> list[Suggestion]:
+def _divergence(ev: Evidence) -> list[Suggestion | None]:
     out = []
     if not ev.lr:
         return out
@@ -284,4 +305,5 @@ def suggest(kind: str, evidence: Evidence) -> list[Suggestion]:
         raise UsageError(f"kind must be one of {KINDS}, got {kind!r}")
     if not isinstance(evidence, Evidence):
         raise UsageError(f"expected an Evidence, got {type(evidence).__name__}")
-    return _RULES[kind](evidence)
+    rule = _RULES.get(kind)
+    return [] if rule is None else [s for s in rule(evidence) if s is not None]

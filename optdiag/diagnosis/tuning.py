@@ -9,19 +9,19 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 
 import numpy as np
 
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise UsageError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
+def _range(low_name: str, low: float, high_name: str, high: float) -> tuple[float, float]:
+    """Two positive curvature bounds as ``(smaller, larger)``: measured bounds can come in either order (a
+    Lanczos estimate of the smallest curvature a little above the largest), and the range they span is the same."""
+    a = check_number(low_name, low, low=0.0, low_open=True)
+    b = check_number(high_name, high, low=0.0, low_open=True)
+    return min(a, b), max(a, b)
 
 
 def polyak_heavy_ball(mu: float, L: float) -> tuple[float, float, float]:
@@ -32,7 +32,7 @@ def polyak_heavy_ball(mu: float, L: float) -> tuple[float, float, float]:
 
     Args:
         mu: smallest curvature to converge on (> 0).
-        L: largest curvature (>= mu).
+        L: largest curvature (> 0). The two may come in either order: the range is the one they span.
 
     Returns:
         ``(lr, momentum, rate)``.
@@ -41,9 +41,7 @@ def polyak_heavy_ball(mu: float, L: float) -> tuple[float, float, float]:
         >>> [round(x, 4) for x in polyak_heavy_ball(1.0, 1.0)]
         [1.0, 0.0, 0.0]
     """
-    mu, L = _positive("mu", mu), _positive("L", L)
-    if mu > L:
-        raise UsageError(f"polyak_heavy_ball needs mu <= L, got mu={mu}, L={L}")
+    mu, L = _range("mu", mu, "L", L)
     root_kappa = math.sqrt(L / mu)
     momentum = ((root_kappa - 1.0) / (root_kappa + 1.0)) ** 2
     return 4.0 / (math.sqrt(L) + math.sqrt(mu)) ** 2, momentum, math.sqrt(momentum)
@@ -59,7 +57,7 @@ def yellowfin(h_min: float, h_max: float, grad_variance: float, distance: float)
     ``lr = (1 - sqrt(momentum))^2 / h_min``. With ``C = 0`` it reduces to Polyak's pair.
 
     Args:
-        h_min, h_max: curvature range (``0 < h_min <= h_max``).
+        h_min, h_max: curvature range (both > 0; either order, as for :func:`polyak_heavy_ball`).
         grad_variance: ``C``, the variance of the stochastic gradient (>= 0).
         distance: ``D``, the distance to the optimum (> 0 when ``C > 0``).
 
@@ -70,11 +68,9 @@ def yellowfin(h_min: float, h_max: float, grad_variance: float, distance: float)
         >>> [round(v, 4) for v in yellowfin(1.0, 100.0, 0.0, 1.0)]
         [0.0331, 0.6694]
     """
-    h_min, h_max = _positive("h_min", h_min), _positive("h_max", h_max)
-    if h_min > h_max:
-        raise UsageError(f"yellowfin needs h_min <= h_max, got {h_min}, {h_max}")
-    c = _positive("grad_variance", grad_variance, allow_zero=True)
-    d = _positive("distance", distance, allow_zero=True)
+    h_min, h_max = _range("h_min", h_min, "h_max", h_max)
+    c = check_number("grad_variance", grad_variance, low=0.0)
+    d = check_number("distance", distance, low=0.0)
     if c == 0:
         x = 0.0  # no noise: nothing to average out, the range constraint alone sets the momentum
     elif d == 0:
