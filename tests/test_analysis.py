@@ -121,13 +121,14 @@ def test_series_and_barrier_between_consecutive_checkpoints(pair_report):
 
 
 TOP_KEYS = {"schema_version", "optdiag_version", "created", "settings", "checkpoints", "series", "barriers",
-            "barrier_notes"}
+            "barrier_notes", "story"}
 CHECKPOINT_KEYS = {
     "path", "step", "epoch", "format", "num_params", "n_samples", "n_batches", "hessian_batches", "loss",
     "analysis_loss", "grad_norm", "lambda_max", "lambda_min", "top_eigenvalues", "bottom_eigenvalues", "residuals",
     "converged", "hessian_trace", "hessian_trace_stderr", "stability_threshold", "stability_ratio",
     "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness", "sharpness", "density", "gradient_noise",
-    "optimizer", "diagnosis", "point_type", "slices", "surface", "notes", "n_hvp", "seconds",
+    "optimizer", "diagnosis", "point_type", "slices", "surface", "notes", "n_hvp", "seconds", "mode",
+    "critical_point", "lambda_min_measured_on",
 }
 
 

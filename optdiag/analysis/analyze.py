@@ -13,7 +13,9 @@ What is computed over which data:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import itertools
 import math
 import os
 import sys
@@ -27,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from optdiag.analysis import landscape
+from optdiag.analysis import landscape, story
 from optdiag.analysis.loading import LoadedCheckpoint, iter_batches, load_checkpoint, resolve_data, resolve_loss
+from optdiag.analysis.modes import MODES, ModeChoice, choose_mode, function_mode
 from optdiag.curvature import (
     DensityResult,
     EigenResult,
@@ -44,6 +47,8 @@ from optdiag.curvature import (
 )
 from optdiag.curvature._checks import check_count, check_positive
 from optdiag.curvature.batches import sample_count
+from optdiag.curvature.objective import BatchObjective
+from optdiag.curvature.state import preserved_state
 from optdiag.errors import OptDiagError, UsageError
 
 __all__ = ["AnalysisSettings", "CheckpointAnalysis", "AnalysisReport", "analyze_checkpoint", "POINT_TYPES"]
@@ -68,6 +73,9 @@ class AnalysisSettings:
         radius: the half-width of the eigenvector slices and of the contour (None: chosen from the loss and
             curvature, see :func:`_eigen_radius`). Random filter-normalised slices span [-1, 1].
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
+        mode: which function of the weights is analysed: ``"train"`` (batch statistics, dropout off), ``"eval"``
+            (running statistics) or ``"auto"`` (train when the model has BatchNorm-like layers or its train and
+            eval outputs differ, else eval); see :mod:`optdiag.analysis.modes`.
         dtype: compute dtype of the curvature (None: the model's).
         seed: seeds every random choice (start vectors, probes, directions) through private generators.
         progress: show progress bars on stderr.
@@ -88,6 +96,7 @@ class AnalysisSettings:
     radius: Optional[float] = None
     device: str = "auto"
     dtype: Optional[torch.dtype] = None
+    mode: str = "auto"
     seed: int = 0
     progress: bool = False
 
@@ -110,6 +119,8 @@ class AnalysisSettings:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("device 'cuda' was asked for but no CUDA device is available")
         check_count("seed", self.seed, minimum=0)
+        if self.mode not in MODES:
+            raise UsageError(f"mode must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -144,6 +155,11 @@ class CheckpointAnalysis:
         noise: gradient noise statistics on the analysis batches (None when they cannot be measured).
         notes: what was skipped and why.
         n_hvp: Hessian-vector products spent. seconds: wall time.
+        classified: classify_point's verdict before the critical-point gate (``diagnosis`` is it when it stands).
+        mode: the function analysed and why (:meth:`optdiag.analysis.modes.ModeChoice.to_dict`).
+        critical_point: the critical-point gate (:mod:`optdiag.analysis.story`): ``critical``, ``reason``,
+            ``classified_as`` (classify_point's verdict before the gate) and the ``tests`` it weighed.
+        lambda_min_measured_on: what ``lambda_min`` was measured on: batches, samples, mode, products, residual.
     """
 
     path: str
@@ -171,6 +187,10 @@ class CheckpointAnalysis:
     notes: list[str] = field(default_factory=list)
     n_hvp: int = 0
     seconds: float = 0.0
+    classified: Any = None
+    mode: dict[str, Any] = field(default_factory=dict)
+    critical_point: dict[str, Any] = field(default_factory=dict)
+    lambda_min_measured_on: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lambda_max(self) -> float:
@@ -233,7 +253,19 @@ class CheckpointAnalysis:
             "notes": list(self.notes),
             "n_hvp": int(self.n_hvp),
             "seconds": round(float(self.seconds), 3),
+            "mode": _jsonable(self.mode),
+            "critical_point": _jsonable(self.critical_point),
+            "lambda_min_measured_on": _jsonable(self.lambda_min_measured_on),
         }
+
+    def lambda_min_label(self) -> str:
+        """``lambda_min`` with what it was measured on, e.g. ``-3 (Lanczos, 4 batches / 128 samples, train mode,
+        41 products, residual 1e-05)``."""
+        on = self.lambda_min_measured_on
+        if not on:
+            return f"{self.lambda_min:.4g}"
+        return (f"{self.lambda_min:.4g} (Lanczos, {on['batches']} batches / {on['samples']} samples, {on['mode']} "
+                f"mode, {on['n_hvp']} products, residual {on['residual']:.2g})")
 
 
 def _noise_dict(noise: Any) -> dict[str, Any]:
@@ -305,6 +337,15 @@ class AnalysisReport:
         return len(self.checkpoints)
 
     @property
+    def story(self) -> dict[str, Any]:
+        """The series as phases (:func:`optdiag.analysis.story.tell_story`): ``text``, ``final``, ``phases``."""
+        rows = [dict(label=c.label, step=c.step, loss=c.loss, point_type=c.point_type, lambda_min=c.lambda_min,
+                     lambda_max=c.lambda_max,
+                     uncertain=bool(c.diagnosis is not None and c.diagnosis.evidence.get("uncertain")))
+                for c in self.checkpoints]
+        return story.tell_story(rows, [b.to_dict() for b in self.barriers])
+
+    @property
     def series(self) -> dict[str, list]:
         """Quantities across checkpoints: ``step``, ``loss``, ``grad_norm``, ``lambda_max``, ``lambda_min``,
         ``hessian_trace`` and the three sharpness measures."""
@@ -328,18 +369,25 @@ class AnalysisReport:
             "series": self.series,
             "barriers": [b.to_dict() for b in self.barriers],
             "barrier_notes": list(self.barrier_notes),
+            "story": _jsonable(self.story),
         }
 
     def summary(self) -> str:
         """A few plain-text lines per checkpoint, for the terminal."""
         lines = []
+        if self.checkpoints:
+            lines.append(f"story: {self.story['text']}")
         for c in self.checkpoints:
             step = "?" if c.step is None else c.step
             lines.append(
                 f"{c.label} (step {step}): loss {c.loss:.4g}, |grad| {c.grad_norm:.3g}, "
-                f"lambda_max {c.lambda_max:.4g}, lambda_min {c.lambda_min:.4g}, trace {c.trace.estimate:.4g} "
+                f"lambda_max {c.lambda_max:.4g}, lambda_min {c.lambda_min_label()}, trace {c.trace.estimate:.4g} "
                 f"+- {c.trace.stderr:.2g} -> {c.point_type.replace('_', ' ')}"
             )
+            if c.mode:
+                lines.append(f"    analysed: the {c.mode['function']} ({c.mode['reason']})")
+            if c.critical_point and c.diagnosis is None:
+                lines.append(f"    {c.critical_point['reason']}")
             if c.diagnosis is not None:
                 lines.append(f"    {c.diagnosis.summary}")
                 for s in c.diagnosis.suggestions:
@@ -422,21 +470,25 @@ def analyze_checkpoint(
     results: list[CheckpointAnalysis] = []
     barriers: list[landscape.InterpolationPath] = []
     barrier_notes: list[str] = []
-    previous: Optional[tuple[str, torch.Tensor]] = None
+    previous: Optional[tuple[str, torch.Tensor, Optional[torch.Tensor]]] = None
     for index, item in enumerate(loaded):
-        analysis, op = _analyze_one(item, data, loss, optimizer, settings, f"[{index + 1}/{len(loaded)}]")
-        point = landscape.point_of(op)
-        if previous is not None:
-            label, start = previous
-            try:
-                barriers.append(
-                    landscape.linear_interpolation(op, start, point, t=np.linspace(0.0, 1.0, settings.resolution),
-                                                   labels=(label, analysis.label))
-                )
-            except UsageError as err:
-                barrier_notes.append(f"{label} -> {analysis.label}: {err}")
-        previous = (analysis.label, point.detach().cpu())
-        op.close()
+        with contextlib.ExitStack() as scope:  # the analysed function's mode, for the checkpoint and its path
+            analysis, op, gradient = _analyze_one(item, data, loss, optimizer, settings,
+                                                  f"[{index + 1}/{len(loaded)}]", scope)
+            point = landscape.point_of(op)
+            if previous is not None:
+                label, start, start_gradient = previous
+                path = None
+                try:
+                    path = landscape.linear_interpolation(op, start, point,
+                                                          t=np.linspace(0.0, 1.0, settings.resolution),
+                                                          labels=(label, analysis.label))
+                    barriers.append(path)
+                except UsageError as err:
+                    barrier_notes.append(f"{label} -> {analysis.label}: {err}")
+                _judge_towards_next(results[-1], start, start_gradient, analysis, point, path)
+            previous = (analysis.label, point.detach().cpu(), gradient)
+            op.close()
         results.append(analysis)
         item.model = None  # release the weights as we go
     return AnalysisReport(results, barriers, settings, barrier_notes=barrier_notes)
@@ -480,9 +532,10 @@ def _chunks(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _loss_pass(
-    model: nn.Module, loss_fn: Callable, data: Iterable[Any], settings: AnalysisSettings, where: str
-) -> tuple[HessianOperator, float, float, int, int]:
-    """The analysis operator (first chunk) and the mean loss, gradient norm, samples and batches over all chunks.
+    model: nn.Module, loss_fn: Callable, batches: Iterator[Any], settings: AnalysisSettings
+) -> tuple[HessianOperator, float, torch.Tensor, int, int]:
+    """The analysis operator (first chunk) and the mean loss, gradient (float64), samples and batches over all
+    chunks of ``batches``.
 
     Each chunk's loss and gradient come from a ``HessianOperator`` over it (the same sample weighting and forward
     as the curvature); later chunks use the ``"recompute"`` engine, which keeps no graph (and, unlike ``"func"``,
@@ -490,7 +543,7 @@ def _loss_pass(
     """
     first: Optional[HessianOperator] = None
     loss_sum, grad_sum, n_samples, n_batches = 0.0, None, 0, 0
-    for chunk in _chunks(iter_batches(data, settings.loss_batches, where), settings.max_batches):
+    for chunk in _chunks(batches, settings.max_batches):
         sizes = [sample_count(b, n_batches + i) for i, b in enumerate(chunk)]
         method = "auto" if first is None else "recompute"
         op = HessianOperator(model, loss_fn, chunk, method=method, dtype=settings.dtype)
@@ -505,28 +558,51 @@ def _loss_pass(
         else:
             op.close()
     assert first is not None and grad_sum is not None  # iter_batches raised if there was no batch
-    return first, loss_sum / n_samples, float((grad_sum / n_samples).norm()), n_samples, n_batches
+    return first, loss_sum / n_samples, grad_sum / n_samples, n_samples, n_batches
+
+
+def _full_data_loss(model: nn.Module, loss_fn: Callable, data: Any, settings: AnalysisSettings,
+                    params: torch.Tensor, where: str) -> float:
+    """The sample-weighted mean loss over the loss pass's data at flat parameters ``params`` (the model keeps its
+    own), chunk by chunk as in :func:`_loss_pass`."""
+    total, count = 0.0, 0
+    for chunk in _chunks(iter_batches(data, settings.loss_batches, where), settings.max_batches):
+        size = sum(sample_count(b, i) for i, b in enumerate(chunk))
+        objective = BatchObjective(model, loss_fn, chunk, dtype=settings.dtype, batch_list=True)
+        with preserved_state(model), torch.no_grad():
+            total += objective.value(params, finite=False) * size
+        count += size
+    return total / count
 
 
 def _analyze_one(
-    item: LoadedCheckpoint, data: Any, loss: Any, optimizer: Any, settings: AnalysisSettings, label: str
-) -> tuple[CheckpointAnalysis, HessianOperator]:
+    item: LoadedCheckpoint, data: Any, loss: Any, optimizer: Any, settings: AnalysisSettings, label: str,
+    scope: contextlib.ExitStack,
+) -> tuple[CheckpointAnalysis, HessianOperator, torch.Tensor]:
+    """Analyse one checkpoint; the analysed function's mode is entered into ``scope`` (kept for the barrier path).
+    Also returns the full-data gradient (float64, on the CPU) for the gate on the path to the next checkpoint."""
     started = time.perf_counter()
     progress = _Progress(settings.progress, f"{label} {item.path.name}")
     model = item.model.to(settings.torch_device)
-    model.eval()  # deterministic: no dropout, BatchNorm on its running statistics
     loss_fn = resolve_loss(model, loss)
     source = resolve_data(model, data)
     notes: list[str] = []
+    where = f"the data of {item.path.name}"
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*self\.log.*")
             progress.stage("loss pass")
-            op, mean_loss, grad_norm, n_samples, n_batches = _loss_pass(
-                model, loss_fn, source, settings, f"the data of {item.path.name}"
+            batches = iter_batches(source, settings.loss_batches, where)
+            first = next(batches)  # iter_batches raises a UsageError when there is none
+            mode = choose_mode(model, loss_fn, first, settings.mode, settings.dtype)
+            scope.enter_context(function_mode(model, mode.used))
+            op, mean_loss, gradient, n_samples, n_batches = _loss_pass(
+                model, loss_fn, itertools.chain([first], batches), settings
             )
             progress.done()
-            analysis = _curvature_and_verdict(item, op, model, loss_fn, optimizer, settings, progress, notes)
+            full = _FullData(mean_loss, gradient, n_samples, source, where)
+            analysis = _curvature_and_verdict(item, op, model, loss_fn, optimizer, settings, progress, notes, full,
+                                              mode)
     except UsageError:
         raise
     except OptDiagError as err:  # NaN/Inf loss, no double backward: a property of this checkpoint and model
@@ -537,10 +613,21 @@ def _analyze_one(
     finally:
         progress.close()
     analysis.update(
-        loss=mean_loss, grad_norm=grad_norm, n_samples=n_samples, n_batches=n_batches, notes=notes,
-        seconds=time.perf_counter() - started,
+        loss=mean_loss, grad_norm=float(gradient.norm()), n_samples=n_samples, n_batches=n_batches, notes=notes,
+        seconds=time.perf_counter() - started, mode=mode.to_dict(),
     )
-    return CheckpointAnalysis(**analysis), op
+    return CheckpointAnalysis(**analysis), op, gradient.detach().cpu()
+
+
+@dataclass
+class _FullData:
+    """The loss pass's results and data, for the evidence and the gradient line."""
+
+    loss: float
+    gradient: torch.Tensor
+    n_samples: int
+    source: Any
+    where: str
 
 
 def _curvature_and_verdict(
@@ -552,6 +639,8 @@ def _curvature_and_verdict(
     settings: AnalysisSettings,
     progress: _Progress,
     notes: list[str],
+    full: _FullData,
+    mode: ModeChoice,
 ) -> dict[str, Any]:
     k = min(settings.k, op.num_params)
     seed = settings.seed
@@ -582,13 +671,18 @@ def _curvature_and_verdict(
     spec = _optimizer_spec(model, item, optimizer, notes)
     from optdiag.diagnosis import Evidence, classify_point
 
+    # The gradient evidence is the full-data gradient (exact for the loss the optimizer minimised over this data),
+    # against the per-sample noise measured on the analysis batches: the norm test on the whole data.
+    grad_sq = float(full.gradient.pow(2).sum())
+    noise_trace = None if noise is None else _num(noise.trace_sigma)
+    noise_trace = None if noise_trace is None else max(noise_trace, 0.0)
     evidence = Evidence(
         step=item.step if item.step is not None else 0,
-        loss=op.loss,
-        grad_norm=float(op.gradient().norm()),
-        grad_sq_norm_unbiased=None if noise is None else noise.grad_sq_norm,
-        grad_noise_trace=None if noise is None else noise.trace_sigma,
-        batch_size=None if noise is None else int(noise.b_big),
+        loss=full.loss,
+        grad_norm=math.sqrt(grad_sq),
+        grad_sq_norm_unbiased=None if noise_trace is None else grad_sq,
+        grad_noise_trace=noise_trace,
+        batch_size=None if noise_trace is None else int(noise.b_big),
         lambda_max=float(top.eigenvalues[0]),
         lambda_max_residual=float(top.residuals[0]),
         lambda_min=float(bottom.eigenvalues[0]),
@@ -599,7 +693,12 @@ def _curvature_and_verdict(
         num_params=op.num_params,
         optimizer=spec,
     )
-    diagnosis = classify_point(evidence)
+    classified = classify_point(evidence)
+    line = _gradient_line(op, model, loss_fn, settings, full, top, bottom, notes)
+    critical_point = {"classified_as": None if classified is None else {
+        "kind": classified.kind, "confidence": classified.confidence, "summary": classified.summary},
+        "tests": {"gradient_zero": story.norm_test_record(evidence), "gradient_line": line, "towards_next": None}}
+    diagnosis = _apply_gate(classified, critical_point)
     progress.done()
 
     progress.stage("slices")
@@ -634,7 +733,60 @@ def _curvature_and_verdict(
         surface=surface,
         noise=noise,
         n_hvp=op.n_hvp,
+        classified=classified,
+        critical_point=critical_point,
+        lambda_min_measured_on={
+            "batches": len(op.weights),
+            "samples": sum(sample_count(b, i) for i, b in enumerate(op.objective.batches)),
+            "mode": mode.used,
+            "n_hvp": int(bottom.n_hvp),
+            "residual": float(bottom.residuals[0]),
+        },
     )
+
+
+def _gradient_line(op: HessianOperator, model: nn.Module, loss_fn: Callable, settings: AnalysisSettings,
+                   full: _FullData, top: EigenResult, bottom: EigenResult, notes: list[str]) -> Optional[dict]:
+    """The gate's gradient line: the full-data loss at the step along ``-G`` that the quadratic model (one product
+    for the curvature along ``G``) calls best; None for a zero gradient."""
+    norm = float(full.gradient.norm())
+    if not math.isfinite(norm) or norm == 0.0:
+        return None
+    direction = (full.gradient / norm).to(device=op.device, dtype=op.dtype)
+    with preserved_state(model):
+        curvature = float(op.matvec(direction) @ direction)
+    step = story.gradient_step(norm, curvature, _quadratic_radius(full.loss, top, bottom))
+    if step is None:
+        return None
+    t, predicted = step
+    try:
+        measured = _full_data_loss(model, loss_fn, full.source, settings, landscape.point_of(op) - t * direction,
+                                   full.where)
+    except UsageError as err:  # e.g. data that can be iterated only once
+        notes.append(f"the loss along the gradient was not measured: {err}")
+        measured = None
+    return story.gradient_line_record(full.loss, norm, curvature, t, predicted, measured)
+
+
+def _apply_gate(classified: Any, critical_point: dict[str, Any]) -> Any:
+    """Record the gate's decision in ``critical_point`` and return the verdict that stands (None: not critical)."""
+    tests = critical_point["tests"]
+    keep, reason = story.gate(classified, tests["gradient_zero"], tests["gradient_line"], tests["towards_next"])
+    critical_point.update(critical=keep, reason=reason)
+    return classified if keep else None
+
+
+def _judge_towards_next(earlier: CheckpointAnalysis, start: torch.Tensor, start_gradient: Optional[torch.Tensor],
+                        later: CheckpointAnalysis, point: torch.Tensor,
+                        path: Optional[landscape.InterpolationPath]) -> None:
+    """Add the path to ``later`` to the evidence of ``earlier``, and gate its verdict again."""
+    if start_gradient is None or start_gradient.numel() != point.numel() or not earlier.critical_point:
+        return
+    delta = point.detach().cpu().double() - start.double()
+    first_order = -float(start_gradient.double() @ delta)
+    earlier.critical_point["tests"]["towards_next"] = story.towards_next_record(
+        later.label, earlier.loss, later.loss, first_order, None if path is None else path.barrier)
+    earlier.diagnosis = _apply_gate(earlier.classified, earlier.critical_point)
 
 
 def _sharpness(
@@ -712,13 +864,19 @@ def _first_optimizer(configured: Any) -> Any:
     return None
 
 
+def _quadratic_radius(loss: float, top: EigenResult, bottom: EigenResult) -> float:
+    """Where the stiffest direction's quadratic model changes by about four times the loss:
+    ``|lambda| r^2 / 2 = 4 max(L, 0.01)``."""
+    scale = max(abs(float(top.eigenvalues[0])), abs(float(bottom.eigenvalues[0])), 1e-12)
+    return math.sqrt(8.0 * max(loss, 1e-2) / scale)
+
+
 def _eigen_radius(op: HessianOperator, top: EigenResult, bottom: EigenResult, settings: AnalysisSettings) -> float:
-    """Half-width of the eigenvector slices: where the quadratic model's change reaches about four times the loss
-    (``|lambda| r^2 / 2 = 4 max(L, 0.01)``), capped at the norm of the weights (at least 1)."""
+    """Half-width of the eigenvector slices: :func:`_quadratic_radius` of the analysis loss, capped at the norm of
+    the weights (at least 1)."""
     if settings.radius is not None:
         return float(settings.radius)
-    scale = max(abs(float(top.eigenvalues[0])), abs(float(bottom.eigenvalues[0])), 1e-12)
-    radius = math.sqrt(8.0 * max(op.loss, 1e-2) / scale)
+    radius = _quadratic_radius(op.loss, top, bottom)
     return min(radius, max(float(landscape.point_of(op).norm()), 1.0))
 
 
