@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto uses CUDA when available (default: %(default)s)")
     parser.add_argument("--dtype", choices=tuple(_DTYPES), default="auto",
                         help="compute dtype of the curvature; auto = the model's (default: %(default)s)")
+    parser.add_argument("--mode", choices=("auto", "train", "eval"), default="auto",
+                        help="the function analysed: train = batch statistics with dropout off (what the "
+                             "optimizer saw), eval = running statistics; auto = train when the model has "
+                             "BatchNorm-like layers or its train/eval outputs differ, else eval "
+                             "(default: %(default)s)")
     parser.add_argument("--seed", type=_non_negative, default=0, metavar="S",
                         help="seed of every random choice (default: %(default)s)")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -92,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         surface_resolution=args.surface_resolution,
         device=args.device,
         dtype=_DTYPES[args.dtype],
+        mode=args.mode,
         seed=args.seed,
         progress=not args.quiet,
     )
