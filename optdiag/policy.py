@@ -83,7 +83,7 @@ def check_number(
         value: what was passed.
         low, high, low_open, high_open: the allowed range.
         allow_none: accept ``None`` (returned as is).
-        integer: require an integral value and return an ``int``.
+        integer: require an integer (``int`` or numpy integer; ``2.0`` is refused) and return an ``int``.
         what: the message's description of a good value, instead of the one built from the range.
 
     Raises:
@@ -103,7 +103,7 @@ def check_number(
     kind = "an integer" if integer else "a finite number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise UsageError(f"{name} must be {what or kind}{' or None' if allow_none else ''}, got {value!r}")
-    if integer and value != int(value):
+    if integer and not isinstance(value, numbers.Integral):  # 2.0 is not a count: a float where an int belongs
         raise UsageError(f"{name} must be {what or kind}, got {value!r}")
     number = int(value) if integer else float(value)
     too_low = low is not None and (number <= low if low_open else number < low)

@@ -1,7 +1,7 @@
 """Argument checks shared by the estimators and measures: one message per kind of mistake, in one place.
 
 Each check returns the value in its plain Python type, or raises :class:`~optdiag.errors.UsageError` (a
-``ValueError``) naming the argument.
+``ValueError``) naming the argument. The number checks are :func:`optdiag.policy.check_number` with fixed ranges.
 
 Example:
     >>> check_count("k", 3), check_positive("eps", 1e-3), check_seed(7)
@@ -10,14 +10,11 @@ Example:
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any
-
-import numpy as np
 
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 __all__ = ["check_operator", "check_count", "check_seed", "check_positive"]
 
@@ -33,23 +30,15 @@ def check_operator(op: Any) -> CurvatureOperator:
 
 def check_count(name: str, value: Any, minimum: int = 1) -> int:
     """``value`` as an int, or a :class:`UsageError` naming ``name`` unless it is an integer ``>= minimum``
-    (``bool`` is refused; numpy integers are accepted)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise UsageError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise UsageError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
+    (``bool`` and floats are refused; numpy integers are accepted)."""
+    return check_number(name, value, low=minimum, integer=True)
 
 
 def check_seed(seed: Any) -> int:
     """``seed`` as an int, or a :class:`UsageError` unless it is an integer."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise UsageError(f"seed must be an integer, got {seed!r}")
-    return int(seed)
+    return check_number("seed", seed, integer=True)
 
 
 def check_positive(name: str, value: Any) -> float:
     """``value`` as a float, or a :class:`UsageError` naming ``name`` unless it is a positive finite real."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise UsageError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_number(name, value, low=0.0, low_open=True, what="a positive finite number")

@@ -10,8 +10,7 @@ gradient at a stalled point is distinguishable from noise at all (THEORY.md sect
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -23,6 +22,7 @@ from optdiag.curvature.batches import as_batch_list, iter_tensors, map_tensors
 from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.state import preserved_state
 from optdiag.errors import UsageError
+from optdiag.policy import Measurements, check_number
 
 __all__ = [
     "NoiseScaleResult",
@@ -40,15 +40,20 @@ class NoiseScaleResult:
     Attributes:
         grad_sq_norm: unbiased estimate of ``|G|^2``, the squared norm of the true gradient. Being unbiased it can
             come out negative when the gradient is small against the noise.
-        trace_sigma: unbiased estimate of ``tr(Sigma)``, the trace of the per-sample gradient covariance.
+        trace_sigma: estimate of ``tr(Sigma)``, the trace of the per-sample gradient covariance: the unbiased
+            estimate, clamped to 0 when it comes out negative (a variance cannot be; the raw value is in
+            ``clamped``).
         b_simple: ``trace_sigma / grad_sq_norm``; ``inf`` when ``grad_sq_norm <= 0 < trace_sigma`` (no measurable
-            signal: the gradient is noise at every batch size), ``nan`` when ``trace_sigma < 0`` or both are ``<= 0``
-            (the measurements are too noisy to say anything; take more).
+            signal: the gradient is noise at every batch size), ``nan`` when the raw trace estimate was negative or
+            both are ``<= 0`` (the measurements are too noisy to say anything; take more).
         b_small, b_big: the two batch sizes.
         sq_norm_small, sq_norm_big: the mean measured ``|g_B|^2`` at each batch size (the raw inputs, averaged).
         n_small, n_big: how many measurements were averaged at each batch size.
         grad_sq_norm_stderr, trace_sigma_stderr: standard errors of the two estimates (``nan`` with a single
             measurement, where there is no spread to estimate them from).
+        clamped: ``{name: raw value}`` of what was moved into its possible range (docs/errors.md): a negative
+            ``trace_sigma``, or a negative squared norm among the measurements (``sq_norm_small``/``sq_norm_big``,
+            the most negative one); empty when nothing was.
     """
 
     grad_sq_norm: float
@@ -62,6 +67,7 @@ class NoiseScaleResult:
     n_big: int
     grad_sq_norm_stderr: float
     trace_sigma_stderr: float
+    clamped: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (floats and ints; JSON-ready apart from ``inf``/``nan``)."""
@@ -101,17 +107,22 @@ def gradient_noise_scale(
     Returns:
         A :class:`NoiseScaleResult`.
 
+    The squared norms are measurements, cleaned by the package's one rule (:mod:`optdiag.policy`): a negative one
+    (rounding) counts as 0 and a negative ``trace_sigma`` estimate is clamped to 0, both recorded in ``clamped``;
+    NaN or infinite ones are not refused but make the estimates that depend on them NaN or infinite.
+
     Raises:
-        UsageError (a ``ValueError``): for batch sizes that are not ``0 < b_small < b_big``, empty, negative or
-            non-finite squared norms, or ``paired=True`` with unequal lengths.
+        UsageError (a ``ValueError``): for batch sizes that are not ``0 < b_small < b_big``, no squared norms or
+            ones that are not numbers, or ``paired=True`` with unequal lengths.
 
     Example:
         >>> r = gradient_noise_scale(4.125, 1.390625, b_small=32, b_big=256)  # |G|^2 = 1, tr(Sigma) = 100
         >>> r.grad_sq_norm, r.trace_sigma, r.b_simple
         (1.0, 100.0, 100.0)
     """
-    small = _measurements("sq_norm_small", sq_norm_small)
-    big = _measurements("sq_norm_big", sq_norm_big)
+    m = Measurements()
+    small = _measurements("sq_norm_small", sq_norm_small, m)
+    big = _measurements("sq_norm_big", sq_norm_big, m)
     b_small, b_big = check_positive("b_small", b_small), check_positive("b_big", b_big)
     if not b_small < b_big:
         raise UsageError(f"need b_small < b_big, got b_small={b_small:g} and b_big={b_big:g}")
@@ -125,7 +136,8 @@ def gradient_noise_scale(
         return (s - b) / (1.0 / b_small - 1.0 / b_big)
 
     mean_small, mean_big = float(small.mean()), float(big.mean())
-    grad_sq_norm, trace_sigma = grad_sq(mean_small, mean_big), trace(mean_small, mean_big)
+    grad_sq_norm, raw_trace = grad_sq(mean_small, mean_big), trace(mean_small, mean_big)
+    trace_sigma = m.number("trace_sigma", raw_trace, low=0.0, keep_nonfinite=True)
     if paired:
         grad_sq_err = _stderr(grad_sq(small, big))
         trace_err = _stderr(trace(small, big))
@@ -136,7 +148,7 @@ def gradient_noise_scale(
     return NoiseScaleResult(
         grad_sq_norm=grad_sq_norm,
         trace_sigma=trace_sigma,
-        b_simple=_b_simple(grad_sq_norm, trace_sigma),
+        b_simple=_b_simple(grad_sq_norm, raw_trace),
         b_small=b_small,
         b_big=b_big,
         sq_norm_small=mean_small,
@@ -145,17 +157,24 @@ def gradient_noise_scale(
         n_big=int(big.size),
         grad_sq_norm_stderr=grad_sq_err,
         trace_sigma_stderr=trace_err,
+        clamped=m.clamped,
     )
 
 
-def _measurements(name: str, values) -> np.ndarray:
+def _measurements(name: str, values, m: Measurements) -> np.ndarray:
+    """The squared norms as a float64 array; negative ones (rounding) set to 0 and the most negative recorded."""
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().double().numpy()
-    array = np.atleast_1d(np.asarray(values, dtype=np.float64)).reshape(-1)
+    try:
+        array = np.atleast_1d(np.asarray(values, dtype=np.float64)).reshape(-1)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must hold numbers (squared gradient norms), got {values!r}") from None
     if array.size == 0:
         raise UsageError(f"{name} is empty: need at least one squared gradient norm")
-    if not np.all(np.isfinite(array)) or np.any(array < 0):
-        raise UsageError(f"{name} must hold finite, non-negative squared norms, got {array.tolist()[:8]}")
+    lowest = float(np.min(array))
+    if lowest < 0:  # np.min is NaN when a NaN is present, and NaN < 0 is False: NaN stays
+        m.number(name, lowest, low=0.0)
+        array = np.where(array < 0, 0.0, array)
     return array
 
 
@@ -236,7 +255,7 @@ def gradient_is_zero(
         >>> test.statistic, bool(test)
         (0.32, True)
     """
-    sq_norm, trace_sigma = _finite("sq_norm", sq_norm), _finite("trace_sigma", trace_sigma)
+    sq_norm, trace_sigma = check_number("sq_norm", sq_norm), check_number("trace_sigma", trace_sigma)
     batch_size, theta = check_positive("batch_size", batch_size), check_positive("theta", theta)
     if trace_sigma > 0:
         statistic = batch_size * sq_norm / trace_sigma
@@ -254,14 +273,6 @@ def gradient_is_zero(
         theta=theta,
         noise_sq_norm=max(trace_sigma, 0.0) / batch_size,
     )
-
-
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise UsageError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise UsageError(f"{name} must be finite, got {value!r}")
-    return float(value)
 
 
 def estimate_gradient_noise_scale(
