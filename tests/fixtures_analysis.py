@@ -161,3 +161,128 @@ def write_lightning_checkpoint(path, hidden: int = 0, weights: dict[str, torch.T
                 module.get_parameter(name).copy_(value)
     trainer.save_checkpoint(str(path))
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A BatchNorm net whose train-mode and eval-mode losses differ
+
+
+class BatchNormNet(pl.LightningModule):
+    """``Linear -> BatchNorm1d -> Dropout -> Linear``: train mode (batch statistics) and eval mode (running
+    statistics) compute different functions; dropout makes the train-mode loss random unless it is switched off."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(D_IN, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, D_OUT))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return half_squared_error(self, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader()
+
+
+def write_batchnorm_checkpoint(path, steps: int = 3) -> str:
+    """Train :class:`BatchNormNet` for ``steps`` steps with a real Trainer and save it after setting its running
+    statistics far from any batch's (mean 2, variance 0.05), as early in training or after a batch-size change."""
+    torch.manual_seed(0)
+    module = BatchNormNet()
+    trainer = pl.Trainer(
+        max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(path) + ".trainer",
+    )
+    trainer.fit(module)
+    with torch.no_grad():
+        module.net[1].running_mean.fill_(2.0)
+        module.net[1].running_var.fill_(0.05)
+    trainer.save_checkpoint(str(path))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A real run that descends and then converges: full-batch gradient descent on noisy linear regression
+
+
+N_NOISY = 64
+
+
+def make_noisy_dataset() -> TensorDataset:
+    """Whitened inputs (``X^T X / n = I``, so the Hessian of the half squared error is the identity and gradient
+    descent at ``lr`` shrinks the distance to the least-squares solution by ``1 - lr`` per step) and targets
+    ``A x`` plus noise, so the loss at the minimum is well above 0."""
+    generator = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(N_NOISY, D_IN, generator=generator))
+    x = q * N_NOISY**0.5
+    return TensorDataset(x, x @ TARGET_MAP.T + torch.randn(N_NOISY, D_OUT, generator=generator))
+
+
+def make_noisy_loader() -> DataLoader:
+    """The whole noisy dataset as one batch (the run is full-batch gradient descent)."""
+    return DataLoader(make_noisy_dataset(), batch_size=N_NOISY, shuffle=False)
+
+
+class NoisyRegression(pl.LightningModule):
+    """``y = W x + b`` trained by full-batch gradient descent on :func:`make_noisy_dataset`."""
+
+    def __init__(self, lr: float = 0.5) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return half_squared_error(self, batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_noisy_loader()
+
+
+class SaveAtSteps(pl.Callback):
+    """Save a checkpoint ``step=<n>.ckpt`` before training (step 0) and after each optimizer step in ``steps``."""
+
+    def __init__(self, folder, steps) -> None:
+        self.folder, self.steps, self.paths = folder, set(steps), []
+
+    def _save(self, trainer) -> None:
+        path = str(self.folder / f"step={trainer.global_step}.ckpt")
+        trainer.save_checkpoint(path)
+        self.paths.append(path)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if 0 in self.steps:
+            self._save(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step in self.steps:
+            self._save(trainer)
+
+
+def write_noisy_run(folder, steps=(0, 1, 2, 4, 30, 40, 50)) -> list[str]:
+    """Train :class:`NoisyRegression` with a real Trainer and save checkpoints at ``steps``; their paths."""
+    torch.manual_seed(0)
+    module = NoisyRegression()
+    saver = SaveAtSteps(folder, steps)
+    trainer = pl.Trainer(
+        max_steps=max(steps), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, default_root_dir=str(folder / "trainer"),
+        callbacks=[saver],
+    )
+    trainer.fit(module)
+    return saver.paths
+
+
+def make_one_sample_loader() -> DataLoader:
+    """The 12 samples one at a time: batches of one sample cannot be split, so no gradient noise is measured."""
+    return DataLoader(make_dataset(), batch_size=1, shuffle=False)

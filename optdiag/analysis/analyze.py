@@ -664,7 +664,8 @@ def _curvature_and_verdict(
     progress.stage("sharpness")
     batches = op.objective.batches  # the analysis batches, already on the device
     sharpness = _sharpness(model, loss_fn, batches, settings, notes)
-    noise = _noise(model, loss_fn, batches, notes)
+    # A train-mode BatchNorm cannot normalise one sample: its micro-batches need two at least.
+    noise = _noise(model, loss_fn, batches, notes, 2 if mode.used == "train" and mode.batchnorm_layers else 1)
     progress.done()
 
     progress.stage("verdict")
@@ -809,15 +810,17 @@ def _sharpness(
     return out
 
 
-def _noise(model: nn.Module, loss_fn: Callable, batches: list, notes: list[str]) -> Any:
-    """``|G|^2`` and ``tr(Sigma)`` from the analysis batches split in quarters (for the zero-gradient test)."""
+def _noise(model: nn.Module, loss_fn: Callable, batches: list, notes: list[str], smallest: int = 1) -> Any:
+    """``|G|^2`` and ``tr(Sigma)`` from the analysis batches split in quarters (for the zero-gradient test), in
+    micro-batches of ``smallest`` samples at least."""
     from optdiag.curvature.noise import estimate_gradient_noise_scale
 
     try:
         size = sample_count(batches[0], 0)
-        if size < 2:
-            raise UsageError("batches of one sample cannot be split")
-        return estimate_gradient_noise_scale(model, loss_fn, batches, small_batch_size=max(1, size // 4))
+        if size <= smallest:
+            raise UsageError(f"batches of {size} sample{'s' if size > 1 else ''} cannot be split into micro-batches "
+                             f"of {smallest} or more")
+        return estimate_gradient_noise_scale(model, loss_fn, batches, small_batch_size=max(smallest, size // 4))
     except (UsageError, ValueError) as err:
         notes.append(f"gradient noise not measured: {err}")
         return None
