@@ -157,10 +157,79 @@ def _verdict_block(ckpt: Mapping[str, Any]) -> str:
             parts.append(_table(["quantity", "value"], [[k, v] for k, v in evidence.items()]))
             parts.append("</details>")
     else:
-        parts.append(": the gradient is not small enough for this to be a critical point; the loss still has a "
+        gate = ckpt.get("critical_point") or {}
+        parts.append(f": {_e(gate['reason'])}." if gate.get("reason") else
+                     ": the gradient is not small enough for this to be a critical point; the loss still has a "
                      "descent direction here.")
+        classified = gate.get("classified_as")
+        if classified:
+            parts.append(f'<p class="muted">Without this evidence the curvature alone would have said '
+                         f'{_e(str(classified.get("kind")).replace("_", " "))} (confidence '
+                         f'{_e(_fmt(classified.get("confidence"), 2))}).</p>')
+    parts.append(_gate_table(ckpt.get("critical_point") or {}))
     parts.append("</div>")
     return "".join(parts)
+
+
+def _gate_table(gate: Mapping[str, Any]) -> str:
+    """The evidence the critical-point gate weighed, one row per test."""
+    tests = gate.get("tests") or {}
+    rows = []
+    zero = tests.get("gradient_zero")
+    if zero:
+        rows.append(["full-data gradient against one batch's noise", f"|G| = {_fmt(zero.get('grad_norm'))}, "
+                     f"tr(Σ)/B = {_fmt(zero.get('noise_per_batch'))}, |G|²/(tr(Σ)/B) = {_fmt(zero.get('grad_snr'))}",
+                     None if zero.get("grad_snr") is None else zero["grad_snr"] > 1])
+    line = tests.get("gradient_line")
+    if line:
+        rows.append(["loss along the full-data gradient", f"t = {_fmt(line.get('step'))}: "
+                     f"{_fmt(line.get('measured_drop'))} lower ({_fmt(_pct(line.get('relative_drop')))}%; "
+                     f"predicted {_fmt(line.get('predicted_drop'))})", line.get("descends")])
+    nxt = tests.get("towards_next")
+    if nxt:
+        rows.append([f"path to {nxt.get('to')}", f"loss {_fmt(nxt.get('loss'))} → {_fmt(nxt.get('next_loss'))} "
+                     f"({_fmt(_pct(nxt.get('relative_drop')))}%), first-order drop −G·Δ = "
+                     f"{_fmt(nxt.get('first_order_drop'))}, barrier {_fmt(nxt.get('barrier'))}", nxt.get("descends")])
+    if not rows:
+        return ""
+    return ("<details><summary>Is it a critical point?</summary>"
+            + _table(["test", "measured", "still descending"], rows, text_columns=2) + "</details>")
+
+
+def _pct(fraction: Any) -> Any:
+    return None if fraction is None else 100.0 * fraction
+
+
+def _mode_line(ckpt: Mapping[str, Any]) -> str:
+    mode = ckpt.get("mode") or {}
+    if not mode:
+        return ""
+    return (f'<p><b>Function analysed:</b> the {_e(mode.get("function"))}. '
+            f'<span class="muted">{_e(mode.get("reason"))}</span></p>')
+
+
+def _lambda_min_label(ckpt: Mapping[str, Any]) -> str:
+    on = ckpt.get("lambda_min_measured_on") or {}
+    if not on:
+        return ""
+    return (f'<p class="muted">lambda_min = {_e(_fmt(ckpt.get("lambda_min")))}: Lanczos on {_e(on.get("batches"))} '
+            f'batches ({_e(on.get("samples"))} samples), {_e(on.get("mode"))} mode, {_e(on.get("n_hvp"))} '
+            f'Hessian-vector products, residual {_e(_fmt(on.get("residual"), 2))}.</p>')
+
+
+def _story_section(data: Mapping[str, Any]) -> str:
+    story = data.get("story") or {}
+    phases = story.get("phases") or []
+    if not phases:
+        return ""
+    out = ["<h2>The story</h2>", f'<p class="verdict">{_e(story.get("text"))}</p>']
+    out.append(_table(
+        ["first step", "last step", "state", "checkpoints", "loss from", "loss to", "lambda_min", "largest barrier"],
+        [[p.get("first_step"), p.get("last_step"), p.get("state"), ", ".join(p.get("checkpoints") or []),
+          p.get("loss_start"), p.get("loss_end"), p.get("lambda_min"), p.get("max_barrier")] for p in phases],
+        text_columns=0,
+    ))
+    return "\n".join(out)
 
 
 def _checkpoint_section(i: int, ckpt: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
@@ -171,6 +240,7 @@ def _checkpoint_section(i: int, ckpt: Mapping[str, Any], figs: Mapping[str, Any]
                f'samples in {_e(ckpt.get("n_batches"))} batches; curvature over the first '
                f'{_e(ckpt.get("hessian_batches"))} batches · {_e(ckpt.get("n_hvp"))} Hessian-vector products · '
                f'{_e(_fmt(ckpt.get("seconds"), 3))} s</p>')
+    out.append(_mode_line(ckpt))
     out.append(_verdict_block(ckpt))
     residuals = ckpt.get("residuals") or {}
     top, bottom = ckpt.get("top_eigenvalues") or [], ckpt.get("bottom_eigenvalues") or []
@@ -178,6 +248,7 @@ def _checkpoint_section(i: int, ckpt: Mapping[str, Any], figs: Mapping[str, Any]
     rows += [[f"smallest {j + 1}", v, r] for j, (v, r) in enumerate(zip(bottom, residuals.get("bottom", [])))]
     out.append("<h3>Curvature</h3>")
     out.append(_table(["eigenvalue", "value", "residual |Hu − λu|"], rows))
+    out.append(_lambda_min_label(ckpt))
     out.append(_table(
         ["quantity", "value"],
         [
@@ -232,6 +303,7 @@ def render_html(data: Mapping[str, Any], figs: Optional[Mapping[str, Any]] = Non
         ))
     else:
         out.append("<p>No checkpoints were analysed.</p>")
+    out.append(_story_section(data))
     if "series" in figs or "barriers" in figs:
         out.append("<h2>Across checkpoints</h2>")
         out.append('<div class="figures">' + "".join(
