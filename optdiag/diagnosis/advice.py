@@ -56,8 +56,8 @@ def _set(key: str, value: str) -> str:
     return f"for g in opt.param_groups: g[{key!r}] = {value}"
 
 
-def _g(x: float) -> str:
-    return f"{x:.4g}"
+def _g(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"  # a reason may quote a number that was not measured
 
 
 def _fmt_optional(x: float | None) -> str:
