@@ -223,3 +223,189 @@ def test_bad_settings_are_usage_errors(checkpoints):
         analyze_checkpoint(checkpoints["minimum"], model=fx.LinearNet, frobnicate=1)
     with pytest.raises(UsageError, match="no checkpoint"):
         analyze_checkpoint([], model=fx.LinearNet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The function analysed: train mode (batch statistics, dropout off) for BatchNorm nets, eval mode on request
+
+
+@pytest.fixture(scope="module")
+def bn_ckpt(tmp_path_factory):
+    return fx.write_batchnorm_checkpoint(tmp_path_factory.mktemp("bn") / "bn.ckpt")
+
+
+def _direct_loss(path, mode, batches=None):
+    """The sample-weighted mean loss of a fresh copy of the checkpoint's BatchNormNet, in ``mode`` with dropout off
+    (a fresh copy each time: a plain train-mode forward updates the running statistics)."""
+    model = fx.BatchNormNet.load_from_checkpoint(path, weights_only=True)
+    model.train(mode == "train")
+    model.net[2].eval()
+    batches = list(fx.make_loader()) if batches is None else batches
+    with torch.no_grad():
+        total = sum(float(fx.half_squared_error(model, b)) * len(b[0]) for b in batches)
+    return total / sum(len(b[0]) for b in batches)
+
+
+def test_batchnorm_net_is_analysed_as_the_training_function(bn_ckpt):
+    train, evaluation = _direct_loss(bn_ckpt, "train"), _direct_loss(bn_ckpt, "eval")
+    assert abs(train - evaluation) > 0.5 * train  # the premise: two different functions of the same weights
+    point = analyze_checkpoint(bn_ckpt, model=fx.BatchNormNet, **FAST)[0]
+    assert point.mode["used"] == "train" and point.mode["requested"] == "auto"
+    assert point.mode["batchnorm_layers"] == ["net.1"] and point.mode["dropout_layers"] == ["net.2"]
+    assert "BatchNorm" in point.mode["reason"] and "dropout off" in point.mode["reason"]
+    assert point.loss == pytest.approx(train, rel=1e-6)
+    assert point.analysis_loss == pytest.approx(train, rel=1e-6)  # max_batches=3 is all the data
+    first = [next(iter(fx.make_loader()))]
+    assert point.mode["first_batch_loss"]["train"] == pytest.approx(_direct_loss(bn_ckpt, "train", first), rel=1e-6)
+    assert point.mode["first_batch_loss"]["eval"] == pytest.approx(_direct_loss(bn_ckpt, "eval", first), rel=1e-6)
+    assert point.lambda_min_measured_on == {"batches": 3, "samples": 12, "mode": "train",
+                                            "n_hvp": point.bottom.n_hvp, "residual": float(point.bottom.residuals[0])}
+    data = point.to_dict()
+    assert data["mode"]["function"] == "training-mode function (batch statistics, dropout off)"
+
+
+def test_eval_mode_on_request_reproduces_the_eval_loss(bn_ckpt):
+    point = analyze_checkpoint(bn_ckpt, model=fx.BatchNormNet, mode="eval", **FAST)[0]
+    assert point.mode["used"] == "eval" and point.mode["reason"].startswith("asked for")
+    assert point.loss == pytest.approx(_direct_loss(bn_ckpt, "eval"), rel=1e-6)
+    assert point.lambda_min_measured_on["mode"] == "eval"
+    with pytest.raises(UsageError, match="mode must be one of"):
+        analyze_checkpoint(bn_ckpt, model=fx.BatchNormNet, mode="training")
+
+
+def _bits(model):
+    return {k: v.clone().reshape(-1).view(torch.uint8) for k, v in model.state_dict().items()}
+
+
+def test_train_mode_analysis_leaves_buffers_and_modes_bitwise_unchanged(bn_ckpt):
+    instance = fx.BatchNormNet.load_from_checkpoint(bn_ckpt, weights_only=True).eval()
+    before, digest = _bits(instance), _sha(bn_ckpt)
+    analyze_checkpoint(bn_ckpt, model=instance, **FAST)
+    after = _bits(instance)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(m.training for m in instance.modules()) and _sha(bn_ckpt) == digest
+    # The context the analysis runs in: train-mode forwards inside, running statistics bit for bit outside.
+    from optdiag.analysis.modes import function_mode
+
+    running_mean = instance.net[1].running_mean
+    with function_mode(instance, "train"):
+        assert instance.net[1].training and not instance.net[2].training
+        instance(next(iter(fx.make_loader()))[0])  # a plain forward updates the running statistics ...
+        assert not torch.equal(instance.net[1].running_mean, before["net.1.running_mean"].view(torch.float32))
+    assert instance.net[1].running_mean is running_mean  # ... and they are put back, as the same tensor
+    assert all(torch.equal(before[k], v) for k, v in _bits(instance).items())
+    assert not instance.training
+
+
+def test_auto_mode_is_eval_when_both_modes_compute_the_same_function(checkpoints):
+    point = analyze_checkpoint(checkpoints["minimum"], model=fx.LinearNet, **FAST)[0]
+    assert point.mode["used"] == "eval" and point.mode["batchnorm_layers"] == []
+    assert point.mode["first_batch_loss"]["train"] == point.mode["first_batch_loss"]["eval"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One consistent story: no minimum verdict for a point that still descends; phases that match the run
+
+
+def _dense_loss_and_gradient(weight, dataset):
+    """Float64 half squared error of ``y = W x`` over the whole dataset, and its gradient."""
+    x, y = (t.double() for t in dataset.tensors)
+    w = weight.detach().double().requires_grad_(True)
+    loss = 0.5 * ((x @ w.T - y) ** 2).sum(1).mean()
+    (grad,) = torch.autograd.grad(loss, w)
+    return float(loss), grad
+
+
+def test_a_still_descending_checkpoint_is_not_called_a_minimum(tmp_path):
+    # Halfway to the minimum of a convex problem, with batches of one sample: no gradient noise can be measured, so
+    # the curvature alone (positive definite) would call it a minimum. The loss along the gradient says otherwise.
+    half = {"net.0.weight": fx.TARGET_MAP / 2}
+    path = fx.write_lightning_checkpoint(tmp_path / "half.ckpt", hidden=0, weights=half)
+    point = analyze_checkpoint(path, model=fx.LinearNet, data=fx.make_one_sample_loader,
+                               **dict(FAST, max_batches=12))[0]
+    loss, grad = _dense_loss_and_gradient(half["net.0.weight"], fx.make_dataset())
+    step = float(grad.norm())  # the Hessian is the identity: the quadratic model is lowest at t = |G|
+    expected, _ = _dense_loss_and_gradient(half["net.0.weight"] - grad.float(), fx.make_dataset())
+    assert point.classified is not None and point.classified.kind == "local_minimum"
+    assert point.critical_point["classified_as"]["kind"] == "local_minimum"
+    assert point.point_type == "not_critical" and point.diagnosis is None
+    line = point.critical_point["tests"]["gradient_line"]
+    assert line["curvature"] == pytest.approx(1.0, rel=1e-5) and line["step"] == pytest.approx(step, rel=1e-5)
+    assert line["measured_loss"] == pytest.approx(expected, abs=1e-6)
+    assert line["measured_drop"] == pytest.approx(loss - expected, rel=1e-5) and line["descends"] is True
+    assert point.critical_point["critical"] is False
+    assert point.critical_point["reason"].startswith("not a critical point: still descending")
+    assert "noise not measured" in " ".join(point.notes)
+
+
+@pytest.fixture(scope="module")
+def run_report(tmp_path_factory):
+    paths = fx.write_noisy_run(tmp_path_factory.mktemp("run"))
+    report = analyze_checkpoint(paths, model=fx.NoisyRegression, **dict(FAST, max_batches=1, surface_resolution=0))
+    return paths, report
+
+
+def test_a_real_run_is_told_as_phases_that_match_its_losses(run_report):
+    from optdiag.analysis.story import DESCENT_FRACTION
+
+    paths, report = run_report
+    # The truth, independently: the full-data loss of each saved weight; "descending" while the next checkpoint
+    # is lower by more than the descent fraction, "minimum" once it is not (the last checkpoint as the one before).
+    dataset = fx.make_noisy_dataset()
+    saved = [torch.load(p, weights_only=True) for p in paths]
+    truth = [_dense_loss_and_gradient(s["state_dict"]["net.0.weight"], dataset)[0] for s in saved]
+    steps = [s["global_step"] for s in saved]
+    states = ["descending" if a - b > DESCENT_FRACTION * a else "minimum" for a, b in zip(truth, truth[1:])]
+    states.append(states[-1])
+    assert "descending" in states and states[-1] == "minimum"  # the run is what the test is about
+    expected = []
+    for i, state in enumerate(states):
+        if not expected or expected[-1]["state"] != state:
+            expected.append({"state": state, "members": []})
+        expected[-1]["members"].append(i)
+    story = report.story
+    assert [p["state"] for p in story["phases"]] == [e["state"] for e in expected]
+    for n, (phase, want) in enumerate(zip(story["phases"], expected)):
+        end = expected[n + 1]["members"][0] if n + 1 < len(expected) else want["members"][-1]
+        assert phase["checkpoints"] == [report[i].label for i in want["members"]]
+        assert (phase["first_step"], phase["last_step"]) == (steps[want["members"][0]], steps[end])
+        assert phase["loss_start"] == pytest.approx(truth[want["members"][0]], rel=1e-5)
+        assert phase["loss_end"] == pytest.approx(truth[end], rel=1e-5)
+        assert phase["text"].startswith(f"steps {steps[want['members'][0]]}-{steps[end]}: {want['state']} (loss ")
+    assert story["final"] == "minimum" and story["text"].endswith("; final: minimum")
+    for c, state in zip(report.checkpoints, states):
+        assert (c.point_type == "local_minimum") == (state == "minimum"), c.label
+    # Every verdict agrees with its own evidence: no minimum where the loss still falls along the gradient or
+    # on the path to the next checkpoint.
+    for c in report.checkpoints:
+        tests = c.critical_point["tests"]
+        falls = any((tests[k] or {}).get("descends") for k in ("gradient_line", "towards_next"))
+        assert not (falls and c.point_type in ("local_minimum", "saddle_point")), c.label
+
+
+def test_the_story_and_the_gate_are_in_report_json_and_html(run_report, tmp_path):
+    _, report = run_report
+    html_path, json_path = report.write(tmp_path)
+    data = json.loads(json_path.read_text())
+    assert data["story"] == json.loads(json.dumps(report.story))
+    gated = [c for c in data["checkpoints"] if c["critical_point"]["classified_as"] and c["diagnosis"] is None]
+    page = html_path.read_text()
+    assert "The story" in page and report.story["text"] in page.replace("&gt;", ">")
+    for c in gated:
+        assert c["point_type"] == "not_critical" and c["critical_point"]["reason"].startswith("not a critical point")
+    assert "Function analysed" in page and "Is it a critical point?" in page
+    assert "Lanczos on 1 batches (64 samples), eval mode" in page
+
+
+def test_story_splits_phases_at_a_barrier_between_minima():
+    from optdiag.analysis.story import tell_story
+
+    rows = [dict(label=f"{s}.ckpt", step=s, loss=1.0, point_type="local_minimum", lambda_min=0.5, lambda_max=2.0,
+                 uncertain=False) for s in (10, 20, 30)]
+    barriers = [{"from": "10.ckpt", "to": "20.ckpt", "barrier": 0.0}, {"from": "20.ckpt", "to": "30.ckpt",
+                                                                        "barrier": 0.3}]
+    story = tell_story(rows, barriers)
+    assert [p["checkpoints"] for p in story["phases"]] == [["10.ckpt", "20.ckpt"], ["30.ckpt"]]
+    assert story["phases"][0]["max_barrier"] == 0.0 and "a barrier of 0.3" in story["phases"][1]["text"]
+    assert story["text"] == ("steps 10-30: minimum (loss 1 -> 1, lambda_min 0.5); step 30: minimum (loss 1, "
+                             "lambda_min 0.5; a barrier of 0.3 separates it from the previous one); final: minimum")
