@@ -75,6 +75,17 @@ def log_figure(logger: Any, tag: str, figure: Any, step: int) -> None:
     logger.experiment.add_image(tag, image, global_step=int(step), dataformats="HWC")
 
 
+def log_text(logger: Any, tag: str, text: str, step: int) -> None:
+    """Add a Markdown text panel (e.g. ``Diagnosis.to_markdown()``) to a ``TensorBoardLogger`` and flush it.
+
+    Example::
+
+        log_text(trainer.logger, "optdiag/diagnosis", diagnosis.to_markdown(), diagnosis.step)
+    """
+    logger.experiment.add_text(tag, str(text), global_step=int(step))
+    logger.experiment.flush()
+
+
 # SummaryWriter's default ("tensorflow") bins span +-1e-12 .. +-1e20 (generate_testdata.py in TensorBoard); values
 # outside are dropped, and a tensor with none inside raises "The histogram is empty".
 _DEFAULT_BINS_LIMIT = 1e20
