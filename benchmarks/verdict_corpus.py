@@ -1,0 +1,1138 @@
+"""The verdict corpus: short real Lightning runs whose truth is checked independently, scored against OptDiag().
+
+A verdict is a claim a user acts on. This script trains 20+ small PyTorch Lightning runs (MLPs with and without
+BatchNorm/dropout, a BatchNorm CNN and a small transformer on scikit-learn's bundled digits or on generated
+tensors, and small linear/regression nets whose dense Hessian is affordable) with ``optdiag.OptDiag()`` at its
+defaults, and scores the verdicts against a truth the script establishes itself, without optdiag: the full-data
+loss evaluated during training, dense float64 Hessians of the small nets (``torch.autograd.functional.hessian``),
+closed-form least-squares minima, and reruns with a different learning rate. A run whose truth check fails is
+reported as "truth not established" and left out of the scores.
+
+Each run has kinds it SHOULD get and kinds it MAY get (the truth check may add some, e.g. ``loss_spike`` on a
+healthy run whose full-data loss did spike); any other verdict is wrong (on a run that should get a verdict) or a
+false alarm (on a healthy run). Oscillation and plateau runs are also rerun with the learning rate optdiag
+suggested, to see whether the advice helps (reported beside the verdicts, not part of the truth).
+
+    python benchmarks/verdict_corpus.py                      # the whole corpus (a few minutes on 2 cores)
+    python benchmarks/verdict_corpus.py --only osc_sgd_b16,plateau_regression
+    python benchmarks/verdict_corpus.py --write-docs         # also writes docs/verdict-corpus.md
+
+See docs/verdict-corpus.md for every run and how its truth is established.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime
+import io
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+KINDS = ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence", "loss_spike")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- truth classes: what a run SHOULD and MAY get ---------------------------------------------------------------
+#: truth class -> (kinds the run should get, kinds it may get whatever its truth check finds)
+EXPECTED: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "healthy": (frozenset(), frozenset()),
+    "spike": (frozenset({"loss_spike"}), frozenset()),
+    "catapult": (frozenset({"loss_spike"}), frozenset()),
+    "divergence": (frozenset({"divergence"}), frozenset()),
+    "minimum": (frozenset({"local_minimum"}), frozenset()),
+    "saddle": (frozenset({"saddle_point"}), frozenset()),
+    "oscillation": (frozenset({"oscillation"}), frozenset()),
+    "plateau": (frozenset({"plateau"}), frozenset()),
+}
+
+
+# --- scoring (pure: synthetic verdicts in, counts out; tests/test_verdict_corpus.py) -----------------------------
+@dataclass
+class Score:
+    """One run's verdict kinds held against its truth.
+
+    Attributes:
+        right: expected kinds that were given; missed: expected kinds that were not.
+        accepted: kinds given that the truth allows (MAY) without requiring them.
+        wrong: kinds given on a run that expected other kinds; false_alarms: kinds given on a run that expected none.
+    """
+
+    right: frozenset[str]
+    missed: frozenset[str]
+    accepted: frozenset[str]
+    wrong: frozenset[str]
+    false_alarms: frozenset[str]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missed or self.wrong or self.false_alarms)
+
+
+def score_run(given: Iterable[str], should: Iterable[str], may: Iterable[str] = ()) -> Score:
+    """Score the verdict kinds ``given`` (repeats count once) against the kinds a run ``should`` and ``may`` get.
+
+    Example:
+        >>> s = score_run(["saddle_point", "plateau"], should={"saddle_point"}, may={"local_minimum"})
+        >>> sorted(s.right), sorted(s.wrong), s.ok
+        (['saddle_point'], ['plateau'], False)
+    """
+    given, should, may = frozenset(given), frozenset(should), frozenset(may)
+    extra = given - should
+    return Score(
+        right=given & should, missed=should - given, accepted=extra & may,
+        wrong=(extra - may) if should else frozenset(), false_alarms=(extra - may) if not should else frozenset(),
+    )
+
+
+@dataclass
+class KindTally:
+    """Runs counted per verdict kind (a kind given several times in one run counts once)."""
+
+    right: int = 0
+    accepted: int = 0
+    wrong: int = 0
+    false_alarms: int = 0
+    missed: int = 0
+
+    @property
+    def precision(self) -> float | None:
+        """Of the runs that got this kind, the fraction where the truth wanted or allowed it; None if none got it."""
+        given = self.right + self.accepted + self.wrong + self.false_alarms
+        return (self.right + self.accepted) / given if given else None
+
+    @property
+    def recall(self) -> float | None:
+        """Of the runs that should get this kind, the fraction that did; None if none should."""
+        due = self.right + self.missed
+        return self.right / due if due else None
+
+
+def tally(scores: Iterable[Score]) -> dict[str, KindTally]:
+    """Per-kind counts over runs, every kind of :data:`KINDS` present (unknown kinds are added after them).
+
+    Example:
+        >>> t = tally([score_run(["plateau"], should=()), score_run([], should={"plateau"})])
+        >>> t["plateau"].false_alarms, t["plateau"].missed, t["plateau"].precision
+        (1, 1, 0.0)
+    """
+    table = {kind: KindTally() for kind in KINDS}
+    for s in scores:
+        for attr in ("right", "accepted", "wrong", "false_alarms", "missed"):
+            for kind in getattr(s, attr):
+                row = table.setdefault(kind, KindTally())
+                setattr(row, attr, getattr(row, attr) + 1)
+    return table
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+Data = tuple[torch.Tensor, torch.Tensor]
+
+
+def digits(images: bool = False) -> Data:
+    """scikit-learn's bundled 8x8 digits (1797 images, nothing downloaded), pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data, dtype=torch.float32) / 16.0
+    if images:
+        x = x.view(-1, 1, 8, 8)
+    return x, torch.tensor(d.target, dtype=torch.long)
+
+
+def max_token_sequences(n: int = 1024, length: int = 8, vocab: int = 10, seed: int = 0) -> Data:
+    """Random token sequences labelled by their largest token: attention has to look at every position."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, length), generator=gen)
+    return x, x.max(dim=1).values
+
+
+def ill_conditioned_regression(n: int = 512, d: int = 8, scale: float = 10.0, noise: float = 0.3,
+                               seed: int = 0) -> Data:
+    """Gaussian features, the first replaced by ``+-scale`` (condition number ~scale^2), noisy linear targets.
+
+    The steep feature's square is the same in every sample, so minibatches share the steep curvature: a step
+    set against ``lambda_max`` has the same ``lr * lambda`` on every batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    x[:, 0] = scale * torch.sign(x[:, 0])
+    w = torch.randn(d, 1, generator=gen)
+    w[0] /= scale
+    return x, x @ w + noise * torch.randn(n, 1, generator=gen)
+
+
+def wave_regression(n: int = 64, d: int = 4, seed: int = 0) -> Data:
+    """A smooth nonlinear target ``sin(x . w)``, standardised, for the small MLPs."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    y = torch.sin(x @ torch.randn(d, 1, generator=gen))
+    return x, (y - y.mean()) / y.std()
+
+
+def whitened_map(n: int = 64, d_in: int = 4, d_out: int = 3, sigmas: Sequence[float] = (3.0, 1.0),
+                 noise: float = 0.3, seed: int = 0) -> Data:
+    """Inputs with ``X^T X / n = I`` exactly and targets ``X A^T + noise``, ``A`` of singular values ``sigmas``.
+
+    For a deep linear net from a tiny init, ``W = 0`` is then a saddle whose Hessian (2 layers, loss
+    ``1/2 |.|^2``) has eigenvalues ``+-sigma_i``; the noise keeps the minimum's loss above zero.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, d_in, generator=gen, dtype=torch.float64))
+    x = q * math.sqrt(n)
+    u, _ = torch.linalg.qr(torch.randn(d_out, len(sigmas), generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(d_in, len(sigmas), generator=gen, dtype=torch.float64))
+    a = u @ torch.diag(torch.tensor(list(sigmas), dtype=torch.float64)) @ v.T
+    y = x @ a.T + noise * torch.randn(n, d_out, generator=gen, dtype=torch.float64)
+    return x.float(), y.float()
+
+
+DATA: dict[str, Callable[[], Data]] = {
+    "digits": digits,
+    "digits_images": lambda: digits(images=True),
+    "max_token": max_token_sequences,
+    "ill_regression": ill_conditioned_regression,
+    "regression": lambda: ill_conditioned_regression(scale=1.0, noise=0.5, seed=1),
+    "wave": wave_regression,
+    "whitened": whitened_map,
+}
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+class TinyTransformer(nn.Module):
+    """Token + position embeddings, two ``nn.TransformerEncoderLayer``, mean pooling, a linear classifier."""
+
+    def __init__(self, vocab: int = 10, length: int = 8, width: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Parameter(0.1 * torch.randn(length, width))
+        layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=64, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.tokens(x) + self.positions).mean(dim=1))
+
+
+class DeepLinear(nn.Module):
+    """``y = W_L ... W_1 x`` without biases, every matrix initialised at scale ``init``: the origin is a saddle."""
+
+    def __init__(self, sizes: Sequence[int], init: float) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in zip(sizes[:-1], sizes[1:]))
+        for layer in self.layers:
+            nn.init.normal_(layer.weight, std=init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _mlp(hidden: int = 64) -> nn.Module:
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def _bn_dropout_mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 64),
+                         nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 10))
+
+
+def _bn_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                         nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16 * 4 * 4, 10))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "mlp": _mlp,
+    "bn_dropout_mlp": _bn_dropout_mlp,
+    "bn_cnn": _bn_cnn,
+    "transformer": TinyTransformer,
+    "linear": lambda: nn.Linear(8, 1),
+    "tanh_mlp": lambda: nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1)),
+    "wide2": lambda: nn.Sequential(nn.Linear(4, 128), nn.ReLU(), nn.Linear(128, 1)),
+    "linear2": lambda: DeepLinear((4, 4, 3), init=1e-5),
+    "linear3": lambda: DeepLinear((4, 4, 4, 3), init=0.1),
+}
+
+
+def half_squared_error(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``1/2 |prediction - target|^2`` summed over outputs, averaged over samples."""
+    return 0.5 * (prediction - target).pow(2).sum(dim=-1).mean()
+
+
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "ce": nn.functional.cross_entropy,
+    "mse": nn.functional.mse_loss,
+    "half_se": half_squared_error,
+}
+
+
+# --- run definitions -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunSpec:
+    """One corpus run: what trains, how, and the truth class it is checked against.
+
+    Attributes:
+        name: unique, used by ``--only``.
+        truth: the truth class (a key of :data:`EXPECTED` and :data:`TRUTH_CHECKS`).
+        family / model / data / loss: display family and keys of :data:`MODELS`, :data:`DATA`, :data:`LOSSES`.
+        optimizer: ``"sgd"``, ``"sgd_m0.9"`` (heavy ball), ``"adam"``, ``"adamw"``.
+        lr: the base learning rate, or with ``lr_lambda0`` set, ``lr = lr_lambda0 / lambda0`` where ``lambda0`` is
+            the dense-Hessian top eigenvalue of the full-data loss at initialisation.
+        batch: batch size; None is the full batch.
+        steps: optimizer steps.
+        schedule: ``"constant"``, ``"cosine"`` (to 10% at the end), ``"warmup_cosine"`` (10% linear warmup, then
+            cosine to 10%) or ``"burst:START:LEN:FACTOR"`` (lr times FACTOR for LEN steps from START).
+        eval_every: the full-data loss is evaluated every this many steps (eval mode, no gradient).
+        snapshots: keep the parameters at every step (small nets: dense Hessians at chosen steps afterwards).
+        loss_floor: passed to ``OptDiag(loss_floor=...)`` (the only setting a run may pass).
+        description: what is set up and why its truth is what it is.
+    """
+
+    name: str
+    truth: str
+    family: str
+    model: str
+    data: str
+    loss: str
+    optimizer: str
+    lr: float
+    batch: int | None
+    steps: int
+    schedule: str = "constant"
+    lr_lambda0: float | None = None
+    eval_every: int = 5
+    snapshots: bool = False
+    seed: int = 0
+    loss_floor: float | None = None
+    description: str = ""
+
+
+RUNS: tuple[RunSpec, ...] = (
+    # healthy: the full-data loss keeps falling; no verdict is right
+    RunSpec("healthy_mlp_sgd_b32", "healthy", "MLP", "mlp", "digits", "ce", "sgd", 0.1, 32, 300,
+            description="digits MLP 64-64-64-10, plain SGD lr 0.1, batch 32: textbook minibatch training, "
+                        "still learning after 5 epochs."),
+    RunSpec("healthy_cnn_bn_adam_b64", "healthy", "CNN+BN", "bn_cnn", "digits_images", "ce", "adam", 1e-3, 64, 300,
+            description="digits CNN with BatchNorm, Adam lr 1e-3, batch 64."),
+    RunSpec("healthy_bn_dropout_mlp_sgdm_b8", "healthy", "MLP+BN+dropout", "bn_dropout_mlp", "digits", "ce",
+            "sgd_m0.9", 0.01, 8, 400,
+            description="digits MLP with BatchNorm and dropout 0.2, SGD momentum 0.9 lr 0.01, batch 8: a very "
+                        "noisy minibatch loss that still falls."),
+    RunSpec("healthy_mlp_adamw_warmcos_b64", "healthy", "MLP", "mlp", "digits", "ce", "adamw", 3e-3, 64, 300,
+            "warmup_cosine", description="digits MLP, AdamW lr 3e-3, batch 64, linear warmup + cosine."),
+    RunSpec("healthy_transformer_adamw_warmcos_b32", "healthy", "transformer", "transformer", "max_token", "ce",
+            "adamw", 3e-3, 32, 300, "warmup_cosine", eval_every=10,
+            description="two TransformerEncoderLayers on 8-token sequences labelled by their largest token, AdamW "
+                        "lr 3e-3, batch 32, warmup + cosine."),
+    RunSpec("healthy_cnn_bn_sgdm_cos_b16", "healthy", "CNN+BN", "bn_cnn", "digits_images", "ce", "sgd_m0.9", 0.02,
+            16, 300, "cosine", description="digits BatchNorm CNN, SGD momentum 0.9 lr 0.02, batch 16, cosine."),
+    RunSpec("healthy_mlp_adam_full", "healthy", "MLP", "mlp", "digits", "ce", "adam", 1e-3, None, 200,
+            description="digits MLP, Adam lr 1e-3 on the full batch of 1797: smooth and still falling."),
+    # recovering spikes: the loss jumps, then comes back below where it was
+    RunSpec("spike_lr_burst_mlp_sgd_b32", "spike", "MLP", "mlp", "digits", "ce", "sgd", 0.05, 32, 300,
+            "burst:150:5:30", eval_every=1,
+            description="digits MLP, SGD lr 0.05 batch 32; the lr is multiplied by 30 for steps 150-154, then "
+                        "returns: the loss jumps, then recovers."),
+    RunSpec("spike_lr_burst_cnn_adam_b64", "spike", "CNN+BN", "bn_cnn", "digits_images", "ce", "adam", 1e-3, 64, 300,
+            "burst:150:5:30", eval_every=1,
+            description="digits BatchNorm CNN, Adam lr 1e-3 batch 64; lr x30 for steps 150-154."),
+    RunSpec("spike_sgdm_large_lr_mlp_b32", "spike", "MLP", "mlp", "digits", "ce", "sgd_m0.9", 0.3, 32, 300,
+            eval_every=1,
+            description="digits MLP, SGD momentum 0.9 at lr 0.3 (large), batch 32: early spikes that recover."),
+    # catapult: full-batch GD at lr = 3 / lambda0 on a wide 2-layer net
+    RunSpec("catapult_wide2_gd", "catapult", "wide 2-layer", "wide2", "wave", "mse", "sgd", 0.0, None, 300,
+            lr_lambda0=3.0, eval_every=1, snapshots=True,
+            description="2-layer ReLU net of width 128 on a 64-point regression, MSE, full-batch GD at "
+                        "lr = 3 / lambda0: past the 2 / lambda0 limit of its initial curvature, the loss jumps, the "
+                        "net moves to a flatter region and the loss settles below its start (catapult)."),
+    RunSpec("catapult_wide2_gd_seed1", "catapult", "wide 2-layer", "wide2", "wave", "mse", "sgd", 0.0, None, 300,
+            lr_lambda0=3.0, eval_every=1, snapshots=True, seed=1,
+            description="the same catapult from another initialisation."),
+    # divergence
+    RunSpec("divergence_regression_sgd_b64", "divergence", "linear regression", "linear", "ill_regression", "mse",
+            "sgd", 0.0, 64, 150, lr_lambda0=3.0, eval_every=1,
+            description="ill-conditioned linear regression, SGD batch 64 at lr*lambda_max = 3 > 2: the steep "
+                        "direction grows by |1 - 3| = 2 per step."),
+    RunSpec("divergence_transformer_sgdm_b32", "divergence", "transformer", "transformer", "max_token", "ce",
+            "sgd_m0.9", 5.0, 32, 60, eval_every=1,
+            description="the small transformer with SGD momentum 0.9 at lr 5: far past any stable step."),
+    RunSpec("divergence_tanh_mlp_gd", "divergence", "small MLP", "tanh_mlp", "wave", "mse", "sgd", 0.0, None, 150,
+            lr_lambda0=12.0, eval_every=1,
+            description="small tanh MLP, full-batch GD at lr = 12 / lambda0."),
+    # local minimum
+    RunSpec("minimum_regression_gd", "minimum", "linear regression", "linear", "regression", "mse", "sgd", 0.0,
+            None, 300, lr_lambda0=1.0, snapshots=True,
+            description="well-conditioned noisy linear regression (convex), full-batch GD at lr = 1 / lambda_max: "
+                        "at the least-squares solution within a few dozen steps, then stays."),
+    RunSpec("minimum_regression_sgd_b32", "minimum", "linear regression", "linear", "regression", "mse", "sgd", 0.0,
+            32, 300, lr_lambda0=0.3, snapshots=True,
+            description="the same regression with SGD batch 32 at lr*lambda_max = 0.3: converges and jitters "
+                        "at the minimum."),
+    RunSpec("minimum_regression_sgdm_b64", "minimum", "linear regression", "linear", "regression", "mse",
+            "sgd_m0.9", 0.0, 64, 300, lr_lambda0=0.1, snapshots=True,
+            description="the same regression with heavy ball 0.9 at lr*lambda_max = 0.1, batch 64."),
+    # saddle
+    RunSpec("saddle_linear2_gd", "saddle", "linear net", "linear2", "whitened", "half_se", "sgd", 0.05, None, 400,
+            snapshots=True,
+            description="2-layer linear net 4-4-3 from init scale 1e-5 on whitened inputs, target map with "
+                        "singular values 3 and 1, full-batch GD lr 0.05: it sits at the saddle W = 0 (Hessian "
+                        "eigenvalues +-3, +-1), escapes along sigma = 3, plateaus at the next saddle, then converges."),
+    RunSpec("saddle_linear3_gd", "saddle", "linear net", "linear3", "whitened", "half_se", "sgd", 0.05, None, 400,
+            snapshots=True,
+            description="3-layer linear net 4-4-4-3 from init scale 0.1, same data, full-batch GD lr 0.05: "
+                        "plateaus near the origin and at the saddle between the two modes."),
+    RunSpec("saddle_linear2_sgd_b16", "saddle", "linear net", "linear2", "whitened", "half_se", "sgd", 0.05, 16, 400,
+            snapshots=True,
+            description="the 2-layer linear net of saddle_linear2_gd with SGD batch 16."),
+    # oscillation
+    RunSpec("osc_sgd_b16", "oscillation", "linear regression", "linear", "ill_regression", "mse", "sgd", 0.0, 16,
+            400, lr_lambda0=1.8, snapshots=True,
+            description="ill-conditioned linear regression (one feature x10), SGD batch 16 at lr*lambda_max = "
+                        "1.8: the steep direction flips sign every step and the minibatch noise keeps it "
+                        "bouncing above the least-squares loss."),
+    RunSpec("osc_momentum_b32", "oscillation", "linear regression", "linear", "ill_regression", "mse", "sgd_m0.9",
+            0.0, 32, 400, lr_lambda0=3.4, snapshots=True,
+            description="the same regression, heavy ball 0.9 at lr*lambda_max = 3.4 (limit 2(1+0.9) = 3.8), "
+                        "batch 32: the steep mode rings near period 2 and the loss bounces at a floor."),
+    # plateau
+    RunSpec("plateau_regression_gd", "plateau", "linear regression", "linear", "regression", "mse", "sgd", 0.0,
+            None, 300, lr_lambda0=1e-4,
+            description="the convex regression with lr = 1e-4 / lambda_max (1e-4 of a good one): the loss crawls."),
+    RunSpec("plateau_mlp_sgd_b64", "plateau", "MLP", "mlp", "digits", "ce", "sgd", 1e-5, 64, 300,
+            description="digits MLP, SGD lr 1e-5 (1e-4 of the healthy run's 0.1), batch 64: the loss crawls."),
+)
+
+
+# --- training ------------------------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def flat_params(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
+
+
+def make_optimizer(kind: str, params: Iterable[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if kind.startswith("sgd_m"):
+        return torch.optim.SGD(params, lr=lr, momentum=float(kind[len("sgd_m"):]))
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    raise ValueError(f"unknown optimizer {kind!r}")
+
+
+def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
+    """The multiplier of the base lr at each step, for ``torch.optim.lr_scheduler.LambdaLR``."""
+    if schedule == "constant":
+        return lambda t: 1.0
+    if schedule in ("cosine", "warmup_cosine"):
+        warm = max(steps // 10, 1) if schedule == "warmup_cosine" else 0
+
+        def factor(t: int) -> float:
+            if t < warm:
+                return (t + 1) / warm
+            progress = min((t - warm) / max(steps - warm, 1), 1.0)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return factor
+    if schedule.startswith("burst:"):
+        start, length, mult = schedule.split(":")[1:]
+        start, length, mult = int(start), int(length), float(mult)
+        return lambda t: mult if start <= t < start + length else 1.0
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def burst_window(schedule: str) -> tuple[int, int] | None:
+    if not schedule.startswith("burst:"):
+        return None
+    start, length = (int(v) for v in schedule.split(":")[1:3])
+    return start, start + length
+
+
+def _corpus_module_class():
+    import pytorch_lightning as pl
+
+    class CorpusModule(pl.LightningModule):
+        """A plain supervised module that records, beside training, what the truth checks need.
+
+        The full-data loss is evaluated in eval mode without gradients (no RNG drawn, no BatchNorm statistics
+        touched), so recording it does not change the run.
+        """
+
+        def __init__(self, spec: RunSpec, net: nn.Module, data: Data, lr: float) -> None:
+            super().__init__()
+            self.spec, self.net, self.lr = spec, net, lr
+            self.loss_fn = LOSSES[spec.loss]
+            self.full_data = data
+            self.losses: list[float] = []
+            self.evals: list[tuple[int, float]] = []
+            self.params: list[torch.Tensor] = []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Data, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return self.loss_fn(self(x), y)
+
+        def _record(self, step: int) -> None:
+            if self.spec.snapshots:
+                self.params.append(flat_params(self.net))
+            if step % self.spec.eval_every == 0 or step == self.spec.steps:
+                self.evals.append((step, full_loss(self.net, self.loss_fn, self.full_data)))
+
+        def on_train_start(self) -> None:
+            self._record(0)
+
+        def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append(float(loss.detach()))
+            self._record(self.trainer.global_step)
+
+        def configure_optimizers(self):
+            opt = make_optimizer(self.spec.optimizer, self.parameters(), self.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(self.spec.schedule, self.spec.steps))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    return CorpusModule
+
+
+@torch.no_grad()
+def full_loss(net: nn.Module, loss_fn: Callable, data: Data) -> float:
+    was_training = net.training
+    net.eval()
+    try:
+        return float(loss_fn(net(data[0]), data[1]))
+    finally:
+        net.train(was_training)
+
+
+def dense_hessian(net: nn.Module, loss_fn: Callable, data: Data, params: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Eigenvalues (ascending) of the full-data Hessian in float64, the gradient, and the loss, at ``params``.
+
+    Computed with ``torch.autograd.functional.hessian`` on a float64 copy: exact up to rounding, independent of
+    optdiag's Hessian-vector products. Only for small nets (the Hessian is ``P x P``).
+    """
+    net = copy.deepcopy(net).double().eval()
+    names = [n for n, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    sizes = [p.numel() for _, p in net.named_parameters()]
+    flat = (flat_params(net) if params is None else params).double()
+    x, y = data[0].double() if data[0].is_floating_point() else data[0], data[1]
+    y = y.double() if y.is_floating_point() else y
+
+    def loss_of(theta: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(theta, sizes)
+        values = {n: c.view(s) for n, c, s in zip(names, chunks, shapes)}
+        return loss_fn(torch.func.functional_call(net, values, (x,)), y)
+
+    theta = flat.clone().requires_grad_(True)
+    loss = loss_of(theta)
+    (grad,) = torch.autograd.grad(loss, theta)
+    hess = torch.autograd.functional.hessian(loss_of, flat)
+    return torch.linalg.eigvalsh(0.5 * (hess + hess.T)), grad, float(loss.detach())
+
+
+@dataclass
+class Built:
+    module: Any
+    loader: Any
+    data: Data
+    lr: float
+    lambda0: float | None
+
+
+def build(spec: RunSpec, lr: float | None = None) -> Built:
+    """Fresh seeded model, data and loader for ``spec``; ``lr`` overrides the spec's (reruns)."""
+    from torch.utils.data import DataLoader
+
+    from optdiag.demo.scenarios import StepBatches
+
+    seed_everything(spec.seed)
+    net = MODELS[spec.model]()
+    data = DATA[spec.data]()
+    lambda0 = None
+    if spec.lr_lambda0 is not None:
+        lambda0 = float(dense_hessian(net, LOSSES[spec.loss], data)[0][-1])
+    if lr is None:
+        lr = spec.lr_lambda0 / lambda0 if spec.lr_lambda0 is not None else spec.lr
+    module = _corpus_module_class()(spec, net, data, lr)
+    loader = DataLoader(StepBatches(data[0], data[1], spec.steps, spec.batch, seed=spec.seed), batch_size=None)
+    return Built(module, loader, data, lr, lambda0)
+
+
+@dataclass
+class Record:
+    """What one training run left behind for the truth checks and the scores."""
+
+    spec: RunSpec
+    lr: float
+    lambda0: float | None
+    losses: list[float]
+    evals: list[tuple[int, float]]
+    params: list[torch.Tensor]
+    net: nn.Module
+    data: Data
+    diagnoses: list = field(default_factory=list)
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def train(spec: RunSpec, *, lr: float | None = None, with_optdiag: bool = True, root: str | None = None) -> Record:
+    """Train ``spec`` (with ``optdiag.OptDiag()`` at its defaults unless told not to) and record it."""
+    import pytorch_lightning as pl
+
+    import optdiag
+
+    built = build(spec, lr)
+    callbacks = []
+    if with_optdiag:
+        callbacks.append(optdiag.OptDiag() if spec.loss_floor is None else optdiag.OptDiag(loss_floor=spec.loss_floor))
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        trainer = pl.Trainer(max_steps=spec.steps, accelerator="cpu", devices=1, logger=False,
+                             callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp, num_sanity_val_steps=0)
+        started = time.perf_counter()
+        # OptDiag's end-of-fit summary goes to stdout (the tables show it all); its warnings are kept for the report
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", message="optdiag:")
+            trainer.fit(built.module, built.loader)
+        seconds = time.perf_counter() - started
+    m = built.module
+    said = [str(w.message) for w in caught if str(w.message).startswith("optdiag:")]
+    return Record(spec, built.lr, built.lambda0, m.losses, m.evals, m.params, m.net, built.data,
+                  list(callbacks[0].diagnoses) if with_optdiag else [], seconds, said)
+
+
+# --- truth checks (independent of optdiag) ------------------------------------------------------------------------
+@dataclass
+class Truth:
+    """The verdict of a truth check: established or not, the numbers, and kinds the run may get besides."""
+
+    ok: bool
+    detail: str
+    may: frozenset[str] = frozenset()
+
+
+def _g(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3g}"
+
+
+def _eval_values(rec: Record) -> list[float]:
+    return [v for _, v in rec.evals]
+
+
+def _finite(values: Sequence[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
+def spike_in(values: Sequence[float], rise: float = 1.5) -> tuple[int, float, float] | None:
+    """The first eval that rose ``rise`` times above the lowest before it and the loss then fell below that low.
+
+    Returns ``(index, pre-spike low, peak)`` or None.
+
+    Example:
+        >>> spike_in([2.0, 1.0, 3.0, 0.8])
+        (2, 1.0, 3.0)
+    """
+    low = math.inf
+    for i, v in enumerate(values):
+        if i and v > rise * low and math.isfinite(v):
+            peak = max(values[i:i + 50])
+            if min(values[i:]) < low:
+                return i, low, peak
+        low = min(low, v)
+    return None
+
+
+def _quarters_falling(values: Sequence[float], min_drop: float) -> tuple[bool, list[float]]:
+    """Whether the loss fell by at least ``min_drop`` (relative) over each quarter of the run; the drops."""
+    n = len(values)
+    cuts = [round(i * (n - 1) / 4) for i in range(5)]
+    drops = [1 - values[b] / values[a] for a, b in zip(cuts[:-1], cuts[1:])]
+    return all(d >= min_drop for d in drops), drops
+
+
+def check_healthy(rec: Record, rerun: Callable) -> Truth:
+    """The full-data loss stays finite and falls by >= 2% over each quarter of the run."""
+    values = _eval_values(rec)
+    if not _finite(values):
+        return Truth(False, "full-data loss non-finite")
+    ok, drops = _quarters_falling(values, 0.02)
+    spike = spike_in(values, rise=1.3)
+    may = frozenset({"loss_spike"}) if spike else frozenset()
+    detail = (f"full-data loss {values[0]:.3g} -> {values[-1]:.3g}, fall per quarter "
+              + "/".join(f"{100 * d:.0f}%" for d in drops) + (" (a spike seen)" if spike else ""))
+    return Truth(ok, detail, may)
+
+
+def check_spike(rec: Record, rerun: Callable) -> Truth:
+    """The full-data loss (every step) rises >= 1.5x above its low so far, then ends below that low; finite."""
+    values = _eval_values(rec)
+    if not _finite(values):
+        return Truth(False, "full-data loss non-finite")
+    spike = spike_in(values)
+    if spike is None:
+        return Truth(False, f"no recovering spike in the full-data loss ({values[0]:.3g} -> {values[-1]:.3g}, "
+                            f"max {max(values):.3g})")
+    i, low, peak = spike
+    step = rec.evals[i][0]
+    ok = values[-1] < low
+    return Truth(ok, f"full-data loss {low:.3g} -> {peak:.3g} at step {step}, ends {values[-1]:.3g}")
+
+
+def _at_minimum(rec: Record, params: torch.Tensor | None = None) -> tuple[bool, str]:
+    """Dense Hessian PSD (lambda_min >= -1e-4 lambda_max) and a full gradient <= 5% of the one at init.
+
+    5%, not 0: a minibatch run jitters about the minimum, its full gradient is the noise of the last steps.
+    """
+    eig, grad, _ = dense_hessian(rec.net, LOSSES[rec.spec.loss], rec.data, params)
+    _, grad0, _ = dense_hessian(rec.net, LOSSES[rec.spec.loss], rec.data, rec.params[0] if rec.params else None)
+    lmin, lmax = float(eig[0]), float(eig[-1])
+    gnorm, g0 = float(grad.norm()), float(grad0.norm())
+    ok = lmin >= -1e-4 * abs(lmax) and gnorm <= 0.05 * g0
+    return ok, f"lambda_min {_g(lmin)}, lambda_max {_g(lmax)}, |g| {_g(gnorm)} (init {_g(g0)})"
+
+
+def check_catapult(rec: Record, rerun: Callable) -> Truth:
+    """lr*lambda0 in (2, 4); the loss jumps >= 2x its start, ends below it, at lambda_max < 2/lr."""
+    values = _eval_values(rec)
+    if not _finite(values):
+        return Truth(False, "full-data loss non-finite")
+    eig, _, _ = dense_hessian(rec.net, LOSSES[rec.spec.loss], rec.data)
+    ratio, end_ratio = rec.lr * rec.lambda0, rec.lr * float(eig[-1])
+    peak = max(values[:100])
+    ok = 2 < ratio < 4 and peak >= 2 * values[0] and values[-1] < values[0] and end_ratio < 2
+    at_min, min_detail = _at_minimum(rec)
+    detail = (f"lr*lambda0 {ratio:.3g}; loss {values[0]:.3g} -> peak {peak:.3g} -> {values[-1]:.3g}; "
+              f"lr*lambda_max at the end {end_ratio:.3g}" + ("; ends at a minimum" if at_min else ""))
+    return Truth(ok, detail, frozenset({"local_minimum"}) if at_min else frozenset())
+
+
+def check_divergence(rec: Record, rerun: Callable) -> Truth:
+    """The full-data loss goes non-finite, or ends above its start and still rising over the last quarter."""
+    values = _eval_values(rec)
+    ratio = f"lr*lambda0 {rec.lr * rec.lambda0:.3g}; " if rec.lambda0 else ""
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+    if bad is not None:
+        return Truth(True, f"{ratio}full-data loss non-finite from step {rec.evals[bad][0]}")
+    tail = values[3 * len(values) // 4:]
+    rising = values[-1] > values[0] and tail[-1] > tail[0]
+    return Truth(rising, f"{ratio}full-data loss {values[0]:.3g} -> {values[-1]:.3g}")
+
+
+def check_minimum(rec: Record, rerun: Callable) -> Truth:
+    """At the end: dense Hessian PSD, full gradient <= 5% of the initial one, and the mean full-data loss of the
+    last eighth of the run within 1% of the eighth before (flat, up to the minibatch jitter)."""
+    values = _eval_values(rec)
+    if not _finite(values):
+        return Truth(False, "full-data loss non-finite")
+    at_min, detail = _at_minimum(rec)
+    k = max(len(values) // 8, 1)
+    last, before = sum(values[-k:]) / k, sum(values[-2 * k:-k]) / k
+    flat = abs(last - before) <= 0.01 * abs(before)
+    return Truth(at_min and flat, f"{detail}; mean loss of the last two eighths {before:.4g} -> {last:.4g}")
+
+
+def linear_net_best_loss(data: Data) -> float:
+    """The global minimum of ``1/2 |Y - W_L ... W_1 X|^2 / n`` for a deep linear net wide enough: least squares."""
+    x, y = data[0].double(), data[1].double()
+    coef = torch.linalg.lstsq(x, y).solution
+    return float(half_squared_error(x @ coef, y))
+
+
+def check_saddle(rec: Record, rerun: Callable) -> Truth:
+    """Some step (every 10th) sits near a critical point (|g| <= 5% of its largest) with lambda_min < -1e-3
+    |lambda_max| (far beyond rounding), and the loss later falls >= 10% below its level there (the escape).
+
+    At the end the run may be at the global minimum in value (within 5% of least squares), where a deep linear
+    net still has tiny negative curvature along the noise modes it has not learnt (modes of singular value ~0.04
+    that take thousands of steps, worth the last few % of the loss): then local_minimum is allowed.
+    """
+    loss_fn = LOSSES[rec.spec.loss]
+    found, gmax = None, 0.0
+    stats = []
+    for step in range(0, len(rec.params), 10):
+        eig, grad, loss = dense_hessian(rec.net, loss_fn, rec.data, rec.params[step])
+        stats.append((step, float(eig[0]), float(eig[-1]), float(grad.norm()), loss))
+        gmax = max(gmax, float(grad.norm()))
+    values = _eval_values(rec)
+    for step, lmin, lmax, gnorm, loss in stats:
+        later = min(v for s, v in rec.evals if s >= step)
+        if lmin < -1e-3 * abs(lmax) and gnorm <= 0.05 * gmax and later <= 0.9 * loss:
+            found = (step, lmin, lmax, gnorm, loss)
+            break
+    best = linear_net_best_loss(rec.data)
+    at_min = math.isfinite(values[-1]) and values[-1] <= 1.05 * best
+    may = frozenset({"local_minimum"}) if at_min else frozenset()
+    if found is None:
+        return Truth(False, f"no near-critical point with negative curvature (max |g| {_g(gmax)})", may)
+    step, lmin, lmax, gnorm, loss = found
+    return Truth(True, f"step {step}: lambda_min {_g(lmin)}, lambda_max {_g(lmax)}, |g| {_g(gnorm)} "
+                       f"(max {_g(gmax)}), loss {_g(loss)}; ends at {_g(values[-1])} (least squares {_g(best)})"
+                       + (": at the minimum" if at_min else ""), may)
+
+
+def _least_squares_loss(rec: Record) -> float:
+    x, y = rec.data
+    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    coef = torch.linalg.lstsq(design, y.double()).solution
+    return float(((design @ coef - y.double()) ** 2).mean())
+
+
+def _floor(values: Sequence[float]) -> float:
+    tail = values[3 * len(values) // 4:]
+    return sum(tail) / len(tail)
+
+
+def _least_squares_solution(data: Data) -> torch.Tensor:
+    x, y = data
+    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    return torch.linalg.lstsq(design, y.double()).solution.reshape(-1)  # nn.Linear's order: weight, then bias
+
+
+def steep_autocorrelation(rec: Record, last: int = 100) -> float:
+    """Lag-1 autocorrelation, over the last ``last`` steps, of the error ``u . (theta_t - theta*)`` along the top
+    Hessian eigenvector ``u`` of a linear regression (the Hessian is constant; ``theta*`` is least squares).
+
+    Near -1: the steep coordinate flips sign every step (a bounce); near +1: it creeps one way.
+    """
+    eig_vectors = torch.linalg.eigh(_regression_hessian(rec.data)).eigenvectors
+    u, best = eig_vectors[:, -1], _least_squares_solution(rec.data)
+    errors = torch.stack([(p.double() - best) @ u for p in rec.params[-last:]])
+    errors = errors - errors.mean()
+    return float((errors[1:] * errors[:-1]).sum() / (errors * errors).sum())
+
+
+def _regression_hessian(data: Data) -> torch.Tensor:
+    x = data[0].double()
+    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+    return 2.0 * design.T @ design / x.shape[0]
+
+
+def check_oscillation(rec: Record, rerun: Callable) -> Truth:
+    """The steep coordinate bounces (lag-1 autocorrelation of its error < -0.3 over the last 100 steps), the loss
+    floor (mean of the last quarter) sits >= 5% above the least-squares loss, and a rerun at half the lr gets
+    closer to it (the step, not the data, sets the floor)."""
+    values = _eval_values(rec)
+    if not _finite(values):
+        return Truth(False, "full-data loss non-finite")
+    rho = steep_autocorrelation(rec)
+    best = _least_squares_loss(rec)
+    floor = _floor(values)
+    half_floor = _floor(_eval_values(rerun(rec.lr / 2)))
+    ok = rho < -0.3 and floor >= 1.05 * best and half_floor - best < floor - best
+    return Truth(ok, f"lr*lambda_max {rec.lr * rec.lambda0:.3g}; steep-error autocorrelation {rho:.2f}; loss floor "
+                     f"{floor:.4g} vs least squares {best:.4g}; at lr/2: {half_floor:.4g}")
+
+
+def check_plateau(rec: Record, rerun: Callable) -> Truth:
+    """The loss fell < 10% while a rerun at 1000x the lr fell > 5x more; lr*lambda0 < 1e-2 where measured."""
+    values = _eval_values(rec)
+    if not _finite(values):
+        return Truth(False, "full-data loss non-finite")
+    fell = values[0] - values[-1]
+    big = _eval_values(rerun(rec.lr * 1000))
+    big_fell = values[0] - min(big) if _finite(big) else math.nan
+    ratio_ok = rec.lambda0 is None or rec.lr * rec.lambda0 < 1e-2
+    ok = fell < 0.1 * values[0] and big_fell > 5 * fell and ratio_ok
+    ratio = f"lr*lambda0 {rec.lr * rec.lambda0:.2g}; " if rec.lambda0 else ""
+    return Truth(ok, f"{ratio}loss {values[0]:.4g} -> {values[-1]:.4g} (fell {fell:.3g}); at 1000x lr it fell "
+                     f"{big_fell:.3g}")
+
+
+TRUTH_CHECKS: dict[str, Callable[[Record, Callable], Truth]] = {
+    "healthy": check_healthy,
+    "spike": check_spike,
+    "catapult": check_catapult,
+    "divergence": check_divergence,
+    "minimum": check_minimum,
+    "saddle": check_saddle,
+    "oscillation": check_oscillation,
+    "plateau": check_plateau,
+}
+
+
+# --- advice check: rerun with the learning rate optdiag proposed ------------------------------------------------
+ADVICE_CHECKED = ("oscillation", "plateau")
+
+
+def suggested_lr(diagnoses: Sequence[Any], kind: str) -> float | None:
+    """The proposed lr of the first ``kind`` verdict's first lr suggestion with a number."""
+    for d in diagnoses:
+        if d.kind == kind:
+            for s in d.suggestions:
+                if s.target == "lr" and s.proposed is not None:
+                    return float(s.proposed)
+    return None
+
+
+def check_advice(rec: Record, rerun: Callable) -> str:
+    """Rerun with optdiag's proposed lr: oscillation -> a lower loss floor; plateau -> >= 10x the progress."""
+    kind = rec.spec.truth
+    lr = suggested_lr(rec.diagnoses, kind)
+    if lr is None:
+        return "no lr suggestion"
+    values, new = _eval_values(rec), _eval_values(rerun(lr))
+    if not _finite(new):
+        return f"lr {rec.lr:.3g} -> {lr:.3g}: BAD (the rerun diverged)"
+    if kind == "oscillation":
+        good = _floor(new) < _floor(values)
+        return f"lr {rec.lr:.3g} -> {lr:.3g}: floor {_floor(values):.4g} -> {_floor(new):.4g} " + (
+            "(helped)" if good else "(BAD)")
+    before, after = values[0] - values[-1], values[0] - new[-1]
+    good = after >= 10 * max(before, 0.0) and after > 0
+    return f"lr {rec.lr:.3g} -> {lr:.3g}: loss fell {before:.3g} -> {after:.3g} " + ("(helped)" if good else "(BAD)")
+
+
+# --- the corpus ------------------------------------------------------------------------------------------------------
+@dataclass
+class Outcome:
+    spec: RunSpec
+    record: Record
+    truth: Truth
+    score: Score | None  # None when the truth was not established
+    advice: str = ""
+    seconds: float = 0.0
+
+
+def run_one(spec: RunSpec, root: str | None = None) -> Outcome:
+    started = time.perf_counter()
+    rec = train(spec, root=root)
+
+    def rerun(lr: float) -> Record:
+        return train(spec, lr=lr, with_optdiag=False, root=root)
+
+    try:
+        truth = TRUTH_CHECKS[spec.truth](rec, rerun)
+    except Exception as exc:  # a truth check that cannot run establishes nothing
+        truth = Truth(False, f"truth check failed: {type(exc).__name__}: {exc}")
+    should, may = EXPECTED[spec.truth]
+    score = score_run((d.kind for d in rec.diagnoses), should, may | truth.may) if truth.ok else None
+    advice = check_advice(rec, rerun) if spec.truth in ADVICE_CHECKED else ""
+    return Outcome(spec, rec, truth, score, advice, time.perf_counter() - started)
+
+
+def select(only: str | None) -> list[RunSpec]:
+    if not only:
+        return list(RUNS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    by_name = {s.name: s for s in RUNS}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown run(s): {', '.join(unknown)}; known: {', '.join(by_name)}")
+    return [by_name[n] for n in names]
+
+
+def _schedule_text(spec: RunSpec) -> str:
+    if spec.schedule.startswith("burst:"):
+        start, length, mult = spec.schedule.split(":")[1:]
+        return f"lr x{mult} steps {start}-{int(start) + int(length) - 1}"
+    return spec.schedule
+
+
+def _verdicts_text(diagnoses: Sequence[Any]) -> str:
+    return ", ".join(f"{d.step} {d.kind} {d.confidence:.2f}" for d in diagnoses) or "none"
+
+
+def _result_text(o: Outcome) -> str:
+    if o.score is None:
+        return "truth not established"
+    if o.score.ok:
+        return "right"
+    parts = [f"{name} {', '.join(sorted(getattr(o.score, attr)))}"
+             for name, attr in (("missed", "missed"), ("wrong", "wrong"), ("false alarm", "false_alarms"))
+             if getattr(o.score, attr)]
+    return "WRONG: " + "; ".join(parts)
+
+
+def _table(rows: list[list[str]], markdown: bool) -> list[str]:
+    if markdown:
+        lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+        lines.insert(1, "|" + "---|" * len(rows[0]))
+        return lines
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
+def run_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
+    rows = [["run", "family", "optimizer", "lr", "batch", "schedule", "truth", "verdicts (step kind confidence)",
+             "result"]]
+    for o in outcomes:
+        s = o.spec
+        rows.append([s.name, s.family, s.optimizer, f"{o.record.lr:.3g}", "full" if s.batch is None else str(s.batch),
+                     _schedule_text(s), s.truth, _verdicts_text(o.record.diagnoses), _result_text(o)])
+    return rows
+
+
+def kind_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
+    table = tally(o.score for o in outcomes if o.score is not None)
+    rows = [["kind", "right", "accepted", "wrong", "false alarms", "missed", "precision", "recall"]]
+    for kind, t in table.items():
+        rows.append([kind, str(t.right), str(t.accepted), str(t.wrong), str(t.false_alarms), str(t.missed),
+                     _g(t.precision), _g(t.recall)])
+    return rows
+
+
+def _warnings_text(said: Sequence[str]) -> str:
+    """Distinct optdiag warnings, each cut at its first clause, with counts."""
+    counts: dict[str, int] = {}
+    for message in said:
+        key = message.removeprefix("optdiag: ").split(";")[0].split(" (")[0][:70]
+        counts[key] = counts.get(key, 0) + 1
+    return "; ".join(f"{n}x {k}" for k, n in counts.items()) or "—"
+
+
+def detail_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
+    rows = [["run", "truth check", "advice rerun", "optdiag warnings", "seconds"]]
+    for o in outcomes:
+        rows.append([o.spec.name, ("" if o.truth.ok else "NOT ESTABLISHED: ") + o.truth.detail, o.advice or "—",
+                     _warnings_text(o.record.warnings), f"{o.seconds:.1f}"])
+    return rows
+
+
+def summary_line(outcomes: Sequence[Outcome]) -> str:
+    scored = [o for o in outcomes if o.score is not None]
+    right = sum(o.score.ok for o in scored)
+    return (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
+            f"truth not established for {len(outcomes) - len(scored)}")
+
+
+def report(outcomes: Sequence[Outcome], markdown: bool = False) -> str:
+    parts = ["Runs:", *_table(run_rows(outcomes), markdown), "", "Per kind (runs; a kind repeated in a run counts once):",
+             *_table(kind_rows(outcomes), markdown), "", "Truth checks and advice reruns:",
+             *_table(detail_rows(outcomes), markdown), "", summary_line(outcomes)]
+    return "\n".join(parts)
+
+
+DOC_INTRO = """\
+# The verdict corpus
+
+A verdict is a claim a user acts on: "you are at a saddle, raise the momentum" makes someone change a run. The
+verdict corpus is the yardstick for those claims: `benchmarks/verdict_corpus.py` trains {n} short, real PyTorch
+Lightning runs with `optdiag.OptDiag()` **at its defaults** (a run may pass `loss_floor`; none does today) and
+holds every verdict against a truth the script establishes **without optdiag**. This page is written by
+`python benchmarks/verdict_corpus.py --write-docs`; the numbers below are from the commit it names.
+
+```bash
+python benchmarks/verdict_corpus.py                              # all runs, ~1-2 min on 2 cores
+python benchmarks/verdict_corpus.py --only osc_sgd_b16,plateau_mlp_sgd_b64
+python benchmarks/verdict_corpus.py --write-docs                 # regenerate this page
+```
+
+## What is trained
+
+Model families: MLPs on scikit-learn's bundled 8x8 digits (with and without BatchNorm + dropout), a BatchNorm CNN
+on the digits, a small transformer (two `nn.TransformerEncoderLayer` on 8-token sequences labelled by their
+largest token), and small nets whose dense Hessian is affordable (linear regression, a 4-16-1 tanh MLP, a width-128
+2-layer ReLU net, 2- and 3-layer linear nets). Optimizers: SGD, heavy ball (SGD momentum 0.9), Adam, AdamW.
+Batches from 8 to the full batch; schedules constant, cosine, linear warmup + cosine, and an lr burst
+(`LambdaLR`). Everything is seeded, runs on one CPU thread, logger off, `default_root_dir` in a temporary folder.
+Nothing is downloaded.
+
+## How a run is scored
+
+Each run belongs to a truth class that says which verdict kinds it SHOULD get and which it MAY get; the truth
+check can allow more (a healthy run whose full-data loss did spike may get `loss_spike`; a run that ends at a
+minimum may get `local_minimum`). A run is **right** when it got every kind it should and nothing else it may not.
+A kind given but not allowed is **wrong** on a run that expected other kinds and a **false alarm** on a run that
+expected none; an expected kind not given is **missed**. A run whose truth check fails is reported as
+**truth not established** and is not scored: the run did not do what it was built to do, so no verdict on it can
+be judged.
+
+| truth class | should get | may get | truth established by |
+|---|---|---|---|
+| healthy | nothing | `loss_spike` if the full-data loss spiked (rose 1.3x above its low, then fell below it) | the full-data loss, evaluated every few steps in eval mode, falls >= 2% over each quarter of the run |
+| spike | `loss_spike` | | the full-data loss (every step) rises >= 1.5x above its low so far, and ends below that low |
+| catapult | `loss_spike` | `local_minimum` if it ends at one | dense Hessian at init: 2 < lr lambda0 < 4; the loss jumps >= 2x its start within 100 steps, ends below its start, at a point where lr lambda_max < 2 (a flatter region) |
+| divergence | `divergence` | | the full-data loss turns non-finite, or ends above its start still rising over the last quarter |
+| minimum | `local_minimum` | | at the end: dense Hessian PSD (lambda_min >= -1e-4 lambda_max), full gradient <= 5% of the initial one, full-data loss flat (the last eighth within 1% of the one before) |
+| saddle | `saddle_point` | `local_minimum` if it ends within 5% of the least-squares loss | dense Hessian every 10 steps: a near-critical point (full gradient <= 5% of its largest) with lambda_min < -1e-3 lambda_max, after which the loss falls >= 10% (the escape) |
+| oscillation | `oscillation` | | linear regression, where the Hessian is constant and the minimum is least squares: the error along the top eigenvector has lag-1 autocorrelation < -0.3 over the last 100 steps (it flips sign: a bounce), the loss floor is >= 5% above the least-squares loss, and a rerun at half the lr gets closer to it |
+| plateau | `plateau` | | the loss falls < 10% over the run, a rerun at 1000x the lr falls > 5x more, and lr lambda0 < 1e-2 where a dense Hessian is affordable |
+
+Advice is checked too, beside the truth: an oscillation or plateau run that got an lr suggestion is rerun (without
+optdiag) with the proposed lr; the suggestion *helped* when the oscillation's loss floor went down, or when the
+plateau's loss fell at least 10x more. A run with no numeric lr suggestion says so.
+
+Per-kind precision = (right + accepted) / runs that got the kind; recall = right / runs that should get it.
+Counts are of runs: a kind given three times in one run counts once. The corpus is small and each run has one
+seed: read a single wrong verdict as a case to look at, not as a rate.
+"""
+
+
+def write_docs(outcomes: Sequence[Outcome], seconds: float, path: str) -> None:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+                          ).stdout.strip() or "unknown"
+    today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [DOC_INTRO.format(n=len(outcomes)).rstrip(), "", "## Results", "",
+             f"Measured {today} at commit `{head}` ({len(outcomes)} runs, {seconds:.0f} s on "
+             f"{torch.get_num_threads()} torch thread(s)). {summary_line(outcomes)}.", "",
+             "### Per kind", "",
+             "Counted in runs (a kind given twice in one run counts once); only runs whose truth was established. "
+             "*right*: expected and given; *accepted*: allowed by the truth check and given; *wrong*: given on a run "
+             "that expected other kinds; *false alarms*: given on a run that expected none; *missed*: expected, not "
+             "given. Precision = (right + accepted) / given; recall = right / expected.", "",
+             *_table(kind_rows(outcomes), True), "", "### Per run", "", *_table(run_rows(outcomes), True), "",
+             "### Truth checks and advice reruns", "", *_table(detail_rows(outcomes), True), "",
+             "## The runs", ""]
+    for s in (o.spec for o in outcomes):
+        should, _ = EXPECTED[s.truth]
+        lines.append(f"- **{s.name}** ({s.truth}; should get: {', '.join(sorted(should)) or 'nothing'}; "
+                     f"{s.steps} steps, {s.optimizer}, batch {'full' if s.batch is None else s.batch}, "
+                     f"{_schedule_text(s)}): {s.description}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated run names")
+    parser.add_argument("--write-docs", action="store_true", help="write docs/verdict-corpus.md")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    specs = select(args.only)
+    from optdiag.demo.runner import quiet_lightning
+
+    outcomes = []
+    started = time.perf_counter()
+    with quiet_lightning():
+        torch.set_num_threads(args.threads)
+        for spec in specs:
+            o = run_one(spec)
+            outcomes.append(o)
+            print(f"{spec.name}: {_verdicts_text(o.record.diagnoses)} -> {_result_text(o)} "
+                  f"[{o.truth.detail}] ({o.seconds:.1f} s)", flush=True)
+        seconds = time.perf_counter() - started
+    print()
+    print(report(outcomes))
+    print(f"\n{seconds:.0f} s")
+    if args.write_docs:
+        write_docs(outcomes, seconds, os.path.join(REPO, "docs", "verdict-corpus.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The verdict corpus harness (benchmarks/verdict_corpus.py): its scoring and its run table, not the corpus itself."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "verdict_corpus.py")
+
+
+@pytest.fixture(scope="module")
+def vc():
+    spec = importlib.util.spec_from_file_location("verdict_corpus", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    return module
+
+
+def test_right_run_gets_exactly_what_it_should(vc):
+    s = vc.score_run(["saddle_point", "saddle_point", "local_minimum"], should={"saddle_point"},
+                     may={"local_minimum"})
+    assert s.ok
+    assert s.right == {"saddle_point"} and s.accepted == {"local_minimum"}
+    assert s.missed == s.wrong == s.false_alarms == frozenset()
+
+
+def test_extra_kind_is_wrong_on_a_run_that_expected_another(vc):
+    s = vc.score_run(["loss_spike", "divergence"], should={"loss_spike"})
+    assert not s.ok
+    assert s.right == {"loss_spike"} and s.wrong == {"divergence"} and s.false_alarms == frozenset()
+
+
+def test_any_kind_on_a_healthy_run_is_a_false_alarm_unless_allowed(vc):
+    s = vc.score_run(["saddle_point", "loss_spike"], should=(), may={"loss_spike"})
+    assert not s.ok
+    assert s.false_alarms == {"saddle_point"} and s.accepted == {"loss_spike"} and s.wrong == frozenset()
+    assert vc.score_run([], should=()).ok
+
+
+def test_missed_kind(vc):
+    s = vc.score_run(["plateau"], should={"oscillation"})
+    assert s.missed == {"oscillation"} and s.wrong == {"plateau"} and s.right == frozenset()
+
+
+def test_tally_counts_runs_per_kind_and_precision(vc):
+    scores = [
+        vc.score_run(["saddle_point", "saddle_point"], should={"saddle_point"}),  # right once, not twice
+        vc.score_run(["saddle_point"], should=()),                                 # false alarm
+        vc.score_run(["saddle_point"], should={"plateau"}),                        # wrong + plateau missed
+        vc.score_run(["local_minimum"], should={"saddle_point"}, may={"local_minimum"}),  # saddle missed, min ok
+    ]
+    t = vc.tally(scores)
+    saddle, plateau, minimum = t["saddle_point"], t["plateau"], t["local_minimum"]
+    assert (saddle.right, saddle.accepted, saddle.wrong, saddle.false_alarms, saddle.missed) == (1, 0, 1, 1, 1)
+    assert saddle.precision == pytest.approx(1 / 3) and saddle.recall == pytest.approx(1 / 2)
+    assert (plateau.missed, plateau.precision, plateau.recall) == (1, None, 0.0)
+    assert (minimum.accepted, minimum.precision, minimum.recall) == (1, 1.0, None)
+    assert list(t)[:len(vc.KINDS)] == list(vc.KINDS)
+
+
+def test_spike_detector_on_synthetic_losses(vc):
+    assert vc.spike_in([2.0, 1.0, 3.0, 0.8]) == (2, 1.0, 3.0)
+    assert vc.spike_in([2.0, 1.0, 3.0, 1.2]) is None       # rose but never came back below 1.0
+    assert vc.spike_in([2.0, 1.0, 1.4, 0.5]) is None       # a 1.4x bump is not a 1.5x spike
+
+
+def test_every_run_has_a_truth_class_and_check(vc):
+    names = [spec.name for spec in vc.RUNS]
+    assert len(names) == len(set(names)) and len(names) >= 20
+    for spec in vc.RUNS:
+        assert spec.truth in vc.EXPECTED, spec.name
+        assert callable(vc.TRUTH_CHECKS[spec.truth]), spec.name
+        assert spec.model in vc.MODELS and spec.data in vc.DATA and spec.loss in vc.LOSSES, spec.name
+        assert spec.description, spec.name
+    assert set(vc.TRUTH_CHECKS) == set(vc.EXPECTED)
+    healthy = [s for s in vc.RUNS if s.truth == "healthy"]
+    assert len(healthy) >= 6
+    assert {s.truth for s in vc.RUNS} == set(vc.EXPECTED)
+
+
+def test_schedules_and_selection(vc):
+    burst = vc.lr_factor("burst:150:5:30", 300)
+    assert [burst(t) for t in (149, 150, 154, 155)] == [1.0, 30.0, 30.0, 1.0]
+    warm = vc.lr_factor("warmup_cosine", 100)
+    assert warm(0) == pytest.approx(0.1) and warm(9) == pytest.approx(1.0) and warm(100) == pytest.approx(0.1)
+    assert [s.name for s in vc.select("osc_sgd_b16,plateau_mlp_sgd_b64")] == ["osc_sgd_b16", "plateau_mlp_sgd_b64"]
+    with pytest.raises(SystemExit):
+        vc.select("no_such_run")
