@@ -165,3 +165,36 @@ def test_checkpoint_file_is_unchanged(ckpt, tmp_path, capsys):
     before = (os.path.getmtime(ckpt), open(ckpt, "rb").read())
     assert _run(capsys, ckpt, "--model", f"{FX}:LinearNet", "--out", str(tmp_path), "--quiet", *FAST)[0] == 0
     assert (os.path.getmtime(ckpt), open(ckpt, "rb").read()) == before
+
+
+@pytest.fixture(scope="module")
+def bn_ckpt(tmp_path_factory):
+    return fx.write_batchnorm_checkpoint(tmp_path_factory.mktemp("cli-bn") / "bn.ckpt")
+
+
+def _bn_direct_loss(path, mode):
+    """The BatchNormNet's mean loss over its data in ``mode``, dropout off, on a fresh copy (no state carried)."""
+    model = fx.BatchNormNet.load_from_checkpoint(path, weights_only=True)
+    model.train(mode == "train")
+    model.net[2].eval()
+    with torch.no_grad():
+        return sum(float(fx.half_squared_error(model, b)) * len(b[0]) for b in fx.make_loader()) / fx.N_SAMPLES
+
+
+@pytest.mark.parametrize("argv, mode", [([], "train"), (["--mode", "eval"], "eval"), (["--mode", "train"], "train")])
+def test_mode_option_chooses_the_function_analysed(bn_ckpt, tmp_path, capsys, argv, mode):
+    code, out, err = _run(capsys, bn_ckpt, "--model", f"{FX}:BatchNormNet", "--out", str(tmp_path), *FAST, *argv)
+    assert code == 0, err
+    ckpt = json.loads((tmp_path / "report.json").read_text())["checkpoints"][0]
+    assert ckpt["mode"]["used"] == mode and ckpt["lambda_min_measured_on"]["mode"] == mode
+    assert ckpt["loss"] == pytest.approx(_bn_direct_loss(bn_ckpt, mode), rel=1e-6)
+    assert f"{mode} mode" in out and "analysed: the" in out
+    assert ("training-mode function" if mode == "train" else "eval-mode function") in (
+        tmp_path / "report.html").read_text()
+
+
+def test_bad_mode_is_an_argument_error(ckpt, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["analyze", ckpt, "--model", f"{FX}:LinearNet", "--mode", "inference"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'inference'" in capsys.readouterr().err
