@@ -1,12 +1,16 @@
 """Post-hoc analysis of saved checkpoints: curvature, sharpness, a verdict for the point, and loss landscapes.
 
 The numbers come from the same functions the callbacks use (:mod:`optdiag.curvature`) and the verdict from
-:func:`optdiag.diagnosis.classify_point`, so a report and a training run speak the same language.
+:func:`optdiag.diagnosis.classify_point`, so a report and a training run speak the same language. A minimum or
+saddle verdict stands only when the loss agrees that the point is stationary (the gate of
+:mod:`optdiag.analysis.story`), and a series is told as phases. The function analysed is the training-mode one
+for BatchNorm nets (:mod:`optdiag.analysis.modes`).
 
 What is computed over which data:
 
 * ``loss`` and ``grad_norm``: the sample-weighted mean loss and the norm of its gradient over the whole data (or
   its first ``loss_batches`` batches), passed over in chunks of ``max_batches`` batches so memory stays bounded.
+  The verdict's gradient evidence and the gate's loss along the gradient use the same data.
 * Everything else (eigenvalues, trace, density, sharpness, slices, barriers): the Hessian of the mean loss over the
   first ``max_batches`` batches, the operator's "analysis batches".
 """
@@ -150,7 +154,8 @@ class CheckpointAnalysis:
         sharpness: ``{"epsilon": ..., "sam": ..., "adaptive": ...}`` (None where undefined, see ``notes``).
         optimizer: the :class:`~optdiag.diagnosis.OptimizerSpec` read from the module and checkpoint, if any.
         evidence: the :class:`~optdiag.diagnosis.Evidence` the verdict was made from.
-        diagnosis: the verdict for the point (None: not a critical point).
+        diagnosis: the verdict for the point (None: not a critical point, or still descending; see
+            ``critical_point``).
         slices: 1-D loss slices by direction; surface: the 2-D contour over the top two eigenvectors.
         noise: gradient noise statistics on the analysis batches (None when they cannot be measured).
         notes: what was skipped and why.
