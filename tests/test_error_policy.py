@@ -16,7 +16,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from lightning_models import RegressionDataModule, RegressionModule, make_trainer
@@ -274,9 +274,27 @@ def _json_form(diagnosis: Diagnosis) -> str:
     return json.dumps(diagnosis.to_dict(), allow_nan=False, sort_keys=True)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+# Inputs that broke a rule once (found by this test with many more examples); always tried first.
+_FOUND = [
+    dict(step=0, loss=0.0, grad_norm=1e300, optimizer=OptimizerSpec("sgd", lr=0.1)),  # |g|^2 overflows
+    dict(step=0, lambda_min=-1.0, lambda_max=5e-324),  # tau * lambda_max underflows to 0
+    dict(step=0, optimizer=OptimizerSpec("adam", lr=5e-324, beta1=0.0)),  # (1 - beta1) lr underflows to 0
+    dict(step=0, grad_sq_norm_unbiased=1.0, grad_noise_trace=5e-324, batch_size=2**40),  # tr(Sigma)/B underflows
+    dict(step=0, optimizer=OptimizerSpec("sgd", lr=0.1)),  # advice quoting an unmeasured lambda_min
+]
+
+
+def _with_found(test):
+    for values in _FOUND:
+        test = example(ev=Evidence(**values))(test)
+    return test
+
+
+# derandomize: the same examples on every run, so that the suite is not flaky; _FOUND pins what was found
+@settings(max_examples=150, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(ev=_evidence())
+@_with_found
 def test_no_evidence_makes_anything_raise(ev, sink_dir, tensorboard):
     verdicts = [diagnose_stall(ev), classify_point(ev)]
     for kind in KINDS:

@@ -191,7 +191,7 @@ class Evidence:
             return None
         if noise == 0:
             return math.inf if g2 > 0 else 0.0
-        return g2 / (noise / b)
+        return g2 * b / noise  # not g2 / (noise / b): noise / b can underflow to 0
 
     @property
     def b_simple(self) -> float | None:

@@ -231,7 +231,8 @@ def stability_threshold(spec: OptimizerSpec) -> float | None:
         return (2.0 + 2.0 * beta) / ((1.0 + 2.0 * beta) * lr) - spec.weight_decay
     if spec.kind in ("adam", "adamw"):
         b1 = spec.beta1
-        return (2.0 + 2.0 * b1) / ((1.0 - b1) * lr)
+        step = (1.0 - b1) * lr
+        return None if step == 0 else (2.0 + 2.0 * b1) / step  # 0 when a tiny lr underflows: no step
     # RMSprop: buf <- beta buf + g / P; p <- p - lr buf: heavy ball on P^-1 H (plain preconditioned GD at beta 0).
     return 2.0 * (1.0 + beta) / lr
 
