@@ -119,8 +119,8 @@ class ModeChoice:
     def description(self) -> str:
         """What the function is, in words."""
         if self.used == "train":
-            return "training-mode function (batch statistics, dropout off)"
-        return "eval-mode function (running statistics, dropout off)"
+            return f"training-mode function ({'batch statistics, ' if self.batchnorm_layers else ''}dropout off)"
+        return f"eval-mode function ({'running statistics, ' if self.batchnorm_layers else ''}dropout off)"
 
     def to_dict(self) -> dict[str, Any]:
         return {
