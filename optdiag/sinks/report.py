@@ -158,7 +158,7 @@ def _verdict_block(ckpt: Mapping[str, Any]) -> str:
             parts.append("</details>")
     else:
         gate = ckpt.get("critical_point") or {}
-        parts.append(f": {_e(gate['reason'])}." if gate.get("reason") else
+        parts.append(f": {_e(gate['reason'].removeprefix('not a critical point: '))}." if gate.get("reason") else
                      ": the gradient is not small enough for this to be a critical point; the loss still has a "
                      "descent direction here.")
         classified = gate.get("classified_as")
