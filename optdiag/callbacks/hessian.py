@@ -7,7 +7,7 @@ import dataclasses
 import math
 import time
 from collections import deque
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -27,6 +27,9 @@ from optdiag.sinks import tensorboard as tensorboard_sink
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 _HEAVY = ("optimizer",)  # kept in the returned dict, left out of the history and of checkpoints
+_MIN_SOLVE_HVP = 4  # an eigen-solve given fewer products has seen too little of the spectrum to be worth its setup
+_FULL_EVERY = 4  # adaptive schedule: every 4th scheduled snapshot adds lambda_min and the trace to lambda_max
+_OVER_BUDGET = "over budget"
 
 
 def lightning_loss(pl_module: Any, batch: Any) -> torch.Tensor:
@@ -168,6 +171,8 @@ class HessianMonitor(OptDiagCallback):
         density_steps: int = 40,
         seed: int = 0,
         history_size: int = 10_000,
+        burst_hvp: int = 40,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         super().__init__()
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
@@ -186,7 +191,7 @@ class HessianMonitor(OptDiagCallback):
         for name, value, low in (("probe_batches", probe_batches, 1), ("max_hvp", max_hvp, 2),
                                  ("trace_hvp", trace_hvp, 0), ("density_every", density_every, 0),
                                  ("density_steps", density_steps, 2), ("seed", seed, 0),
-                                 ("history_size", history_size, 1)):
+                                 ("history_size", history_size, 1), ("burst_hvp", burst_hvp, 4 * _MIN_SOLVE_HVP)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
         if trace_hvp and trace_hvp < 3:
@@ -195,8 +200,15 @@ class HessianMonitor(OptDiagCallback):
         self.loss_fn: LossFn = loss_fn or lightning_loss
         self.mode, self.tol, self.max_hvp, self.trace_hvp = mode, float(tol), max_hvp, trace_hvp
         self.density_every, self.density_steps, self.seed = density_every, density_steps, seed
-        self.history_size = history_size
+        self.history_size, self.burst_hvp = history_size, burst_hvp
+        self.clock: Callable[[], float] = clock or time.perf_counter
         self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
+        self.charges: deque[dict[str, Any]] = deque(maxlen=history_size)
+        # the cost model (estimate_seconds): timed on every snapshot, kept across fits like the warm starts
+        self._setup_seconds: float | None = None
+        self._product_seconds: float | None = None
+        self._part_hvp: dict[str, int] = {}  # each part's products at its last snapshot
+        self._last_setup_seconds = 0.0
         self.last_eigenvectors: dict[str, EigenResult] = {}
         self.last_density: Any = None
         self.enabled = True
@@ -211,9 +223,14 @@ class HessianMonitor(OptDiagCallback):
         self._train_started: float | None = None
         self._steps_at_start = 0
         self._last_step_seen = -1
-        self._spent = 0.0  # Hessian seconds of this fit (snapshots and the cost probe): the budget's debit side
+        self._spent = 0.0  # Hessian seconds of this fit, whatever asked for them
+        self._tokens: float | None = None  # the bucket's credit in seconds; None: full, size not yet known
+        self._credit_train = 0.0  # training seconds at the last refill
         self._fit_snapshots = 0
-        self.estimated_seconds: float | None = None  # what the next snapshot is expected to cost
+        self._fit_scheduled = 0
+        self._fit_estimates = 0
+        self._scheduling = False  # whether this monitor's own batch-end hook runs (a diagnoser's private one: no)
+        self.estimated_seconds: float | None = None  # what the next scheduled snapshot is expected to cost
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -229,7 +246,7 @@ class HessianMonitor(OptDiagCallback):
     @guarded
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run()
-        self._train_started = time.perf_counter()
+        self._train_started = self.clock()
         self._steps_at_start = int(trainer.global_step)
         self._last_step_seen = int(trainer.global_step)
         if self.loss_fn is lightning_loss and not pl_module.automatic_optimization \
@@ -254,12 +271,16 @@ class HessianMonitor(OptDiagCallback):
         if step == self._last_step_seen:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step_seen = step
+        self._scheduling = True
         if not self.enabled or not self._probe_ready():
             return
-        if self.every_n_steps is None and self._next_step is None:
-            self._plan_first(trainer, pl_module, step)
-        elif self._due(step):
-            self.measure(trainer, pl_module)
+        if self._due(step) or (self.every_n_steps is None and self._next_step is None):
+            self._scheduled(trainer, pl_module, step)
+
+    @guarded
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._scheduling and self.enabled and self.every_n_steps is None and not self._fit_estimates:
+            self.warn_once("no-estimate", self.summary())  # one line, with the numbers: the cost vs the budget
 
     # --- schedule and budget ---------------------------------------------------------------------------------------
     def _probe_ready(self) -> bool:
@@ -270,122 +291,297 @@ class HessianMonitor(OptDiagCallback):
             return step % self.every_n_steps == 0
         return self._next_step is not None and step >= self._next_step
 
-    def _train_seconds(self) -> float:
-        """Wall time of this fit so far, less the time the Hessian work took."""
-        if self._train_started is None:
-            return 0.0
-        return max(time.perf_counter() - self._train_started - self._spent, 0.0)
-
-    def budget_balance(self) -> float:
-        """Seconds of Hessian work this fit may still spend: ``budget * training time - Hessian time so far``.
-
-        Negative while in debt (after a stall snapshot taken early). Rank 0's clock is what counts under DDP: the
-        decisions built on it (:meth:`can_afford_snapshot`, the adaptive schedule) are broadcast from rank 0.
-        """
-        return self.budget * self._train_seconds() - self._spent
-
-    def can_afford_snapshot(self, trainer: Any) -> bool:
-        """Whether an unscheduled snapshot (a stall's) may run now.
-
-        With a fixed cadence always (the cadence is the user's choice of cost). With the adaptive budget: the first
-        snapshot of a fit always (the first verdict gets its curvature, however early), later ones only while the
-        account is not in debt (:meth:`budget_balance` >= 0). A snapshot allowed here may overdraw the budget by its
-        own cost; the scheduled snapshots then wait until training time has repaid the debt. So the Hessian work of
-        a fit stays within ``budget`` of its training time plus one snapshot (and the cost probe). Every rank must
-        call this under DDP: rank 0 decides, the answer is broadcast.
-
-        Example:
-            >>> HessianMonitor(every_n_steps=100).can_afford_snapshot(trainer=None)
-            True
-        """
+    def _scheduled(self, trainer: Any, pl_module: Any, step: int) -> None:
+        """A scheduled snapshot. Fixed cadence: everything. Adaptive: a lambda_max refresh that leaves the stall
+        reserve in the bucket, and every ``_FULL_EVERY``-th one also lambda_min and the trace, from a full bucket."""
         if self.every_n_steps is not None:
-            return True
-        affordable = self._fit_snapshots == 0 or self.budget_balance() >= 0.0
-        return bool(trainer.strategy.broadcast(affordable, src=0))
-
-    def _plan_first(self, trainer: Any, pl_module: Any, step: int) -> None:
-        """Before the first adaptive snapshot: estimate its cost from one timed product, and schedule it once the
-        training time pays for that estimate within the budget (rather than right away, when it would be the most
-        expensive snapshot of the run, cold, against almost no training time)."""
-        started = time.perf_counter()
-        result = self._guarded(step, "cost-probe", lambda: self._with_operators(trainer, pl_module, self._time_product))
-        seconds = time.perf_counter() - started
-        self._charge(seconds)
-        if "per_product" in result:
-            products = self._expected_products(trainer, result["num_params"])
-            setup = seconds - result["per_product"]  # building the operators, saving and restoring the state
-            self.estimated_seconds = setup + result["per_product"] * products
-        else:  # the probe failed (warned and counted): a snapshot of about the same cost is retried later
-            self.estimated_seconds = seconds
+            self.measure(trainer, pl_module, trace=True, budgeted=False)
+            return
+        full = self._full_due()
+        result = self.measure(trainer, pl_module, trace=full, lambda_min=full,
+                              reserve_seconds=0.0 if full else (self._reserve() or 0.0))
+        if result.get("skipped") != _OVER_BUDGET:
+            self._fit_scheduled += 1
         with contextlib.suppress(Exception):
-            self._plan_next(trainer, step, self.estimated_seconds)
-
-    def _time_product(self, mean: ReducedMeanOperator, operators: list, optimizer: Any) -> dict[str, Any]:
-        built = time.perf_counter()
-        generator = torch.Generator().manual_seed(self.seed)  # its own generator: the global RNG never moves
-        v = torch.randn(mean.num_params, generator=generator, dtype=torch.float64).to(mean.device, mean.dtype)
-        mean.matvec(v)
-        return {"per_product": time.perf_counter() - built, "num_params": mean.num_params}
-
-    def _expected_products(self, trainer: Any, num_params: int) -> int:
-        """Products over the probe set a cold snapshot may take: each eigen-solve at its cap (a Krylov space has at
-        most ``num_params`` dimensions), the trace, batch sharpness (one product per probe batch: one over the set)
-        and a density if one is due."""
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        solves = 2 + int(optimizer is not None and OptimizerSpec.from_torch(optimizer).preconditioned)
-        density = min(self.density_steps, num_params) if self._density_due(trainer) else 0
-        return solves * min(self.max_hvp, num_params) + self.trace_hvp + 1 + density
+            self._plan_next(trainer, step)
 
     def _density_due(self, trainer: Any) -> bool:
         """Densities are drawn only as TensorBoard figures: computed only when a TensorBoard logger will show them."""
         return bool(self.density_every) and self._n_snapshots % self.density_every == 0 \
             and self.tensorboard_logger(trainer) is not None
 
-    def _charge(self, seconds: float) -> None:
+    def _full_due(self) -> bool:
+        return self._fit_scheduled % _FULL_EVERY == _FULL_EVERY - 1
+
+    def _train_seconds(self) -> float:
+        """Wall time of this fit so far, less the time the Hessian work took."""
+        if self._train_started is None:
+            return 0.0
+        return max(self.clock() - self._train_started - self._spent, 0.0)
+
+    def estimate_seconds(self, n_hvp: int = 0) -> float | None:
+        """What a piece of curvature work is expected to cost: one setup (state saved and restored, a forward and
+        backward pass over the probe set) plus ``n_hvp`` products over the probe set; None until a snapshot has
+        been timed. The diagnoser prices its escape check (a few forward passes) as one setup.
+
+        Example:
+            >>> HessianMonitor().estimate_seconds(10) is None  # nothing timed yet
+            True
+        """
+        if self._setup_seconds is None or self._product_seconds is None:
+            return None
+        return self._setup_seconds + n_hvp * self._product_seconds
+
+    def capacity(self) -> float | None:
+        """The bucket's size in seconds: three setups and ``burst_hvp`` products (None until a snapshot is timed).
+
+        The stall reserve that scheduled lambda_max refreshes leave alone (:meth:`_reserve`: a snapshot's setup,
+        half the products and the escape check's setup), and one setup and the other half for the refreshes; a
+        stall snapshot may use all of it. See docs/callbacks/hessian-monitor.md.
+        """
+        reserve = self._reserve()
+        return None if reserve is None else reserve + self.estimate_seconds(self.burst_hvp - self.burst_hvp // 2)
+
+    def _reserve(self) -> float | None:
+        """The credit scheduled refreshes leave for a stall: two setups (the snapshot's and the escape check's) and
+        half of ``burst_hvp`` products."""
+        single = self.estimate_seconds(self.burst_hvp // 2)
+        return None if single is None else single + self._setup_seconds
+
+    def _credit(self) -> float | None:
+        """Refill the bucket with ``budget`` times the training seconds since the last refill (capped at its
+        capacity) and return its credit; None while the capacity is unknown (the bucket then counts as full)."""
+        train = self._train_seconds()
+        capacity = self.capacity()
+        if capacity is None:
+            self._credit_train = train
+            return None
+        if self._tokens is None:
+            self._tokens = capacity  # the bucket starts full: the first estimates come early
+        else:
+            self._tokens = min(capacity, self._tokens + self.budget * max(train - self._credit_train, 0.0))
+        self._credit_train = train
+        return self._tokens
+
+    def budget_balance(self) -> float:
+        """Seconds of Hessian work the budget holds now: the token bucket's credit.
+
+        The bucket earns ``budget`` seconds per second of training (wall time less Hessian time), holds at most
+        :meth:`capacity`, and every piece of curvature work is charged to it, whatever asked for it (scheduled
+        snapshots, stall snapshots, the diagnoser's escape check). Work starts only when its estimated cost is
+        covered, so the balance is negative only by the amount the last piece of work overran its estimate.
+        ``inf`` before the first snapshot has been timed (the bucket starts full; its size is not known yet).
+        Rank 0's clock is what counts under DDP: the decisions built on it are broadcast from rank 0.
+
+        Example:
+            >>> HessianMonitor().budget_balance()
+            inf
+        """
+        credit = self._credit()
+        return math.inf if credit is None else credit
+
+    def can_afford(self, trainer: Any, seconds: float | None) -> bool:
+        """Whether curvature work expected to cost ``seconds`` may start now (every rank must call it under DDP:
+        rank 0 decides, the answer is broadcast). Always with a fixed cadence (the cadence is the user's choice of
+        cost) and while the cost is unknown (``seconds`` None: the bucket starts full).
+
+        Example:
+            >>> HessianMonitor(every_n_steps=10).can_afford(trainer=None, seconds=5.0)
+            True
+        """
+        if self.every_n_steps is not None:
+            return True
+        affordable = seconds is None or self.budget_balance() >= seconds
+        return bool(trainer.strategy.broadcast(affordable, src=0))
+
+    def can_afford_snapshot(self, trainer: Any) -> bool:
+        """Whether a stall snapshot may run now: the bucket holds the stall reserve (a setup and ``burst_hvp // 2``
+        products for the snapshot, a setup for the diagnoser's escape check; :meth:`can_afford`), which the
+        scheduled refreshes leave alone. So a stall gets its curvature unless another stall snapshot spent the
+        reserve less than ``reserve / (budget * seconds per step)`` steps ago.
+
+        Example:
+            >>> HessianMonitor(every_n_steps=100).can_afford_snapshot(trainer=None)
+            True
+        """
+        return self.can_afford(trainer, self._reserve())
+
+    def _n_probe_batches(self) -> int:
+        return len(self.probe_set()) or self.probe_batches
+
+    def _charge(self, seconds: float, what: str, step: int, n_hvp: int = 0) -> None:
+        """Debit Hessian work from the account (the training clock excludes it) and write it in :attr:`charges`."""
         self._spent += seconds
         self.monitor_seconds += seconds
+        self._credit()  # refill up to now first: the work's own seconds earn nothing
+        if self._tokens is not None:
+            self._tokens -= seconds
+        self.charges.append({"step": step, "what": what, "seconds": seconds, "n_hvp": n_hvp,
+                             "balance": self._tokens})
 
-    def _plan_next(self, trainer: Any, step: int, seconds: float) -> None:
-        """Adaptive schedule: the next snapshot when training time has paid for the work so far and for the next
-        one (expected to cost ``seconds``) within the budget; a debt from an early stall snapshot is repaid first."""
+    @contextlib.contextmanager
+    def charged(self, step: int, what: str) -> Iterator[None]:
+        """Charge the wall time of the block to the budget, as ``what`` at ``step`` (work done outside
+        :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check).
+
+        Example:
+            >>> monitor = HessianMonitor()
+            >>> with monitor.charged(step=0, what="escape"):
+            ...     pass
+            >>> monitor.charges[-1]["what"]
+            'escape'
+        """
+        started = self.clock()
+        try:
+            yield
+        finally:
+            self._charge(self.clock() - started, what, step)
+
+    def _refresh_products(self) -> int:
+        """Products a lambda_max refresh is expected to take: its last solve's count (it warm-starts from it),
+        batch sharpness, and the preconditioned solve's last count for Adam/AdamW/RMSprop."""
+        la = self._part_hvp.get("lambda_max", self.burst_hvp // 2)
+        pla = self._part_hvp.get("preconditioned_lambda_max", 0)
+        return max(la, _MIN_SOLVE_HVP) + pla + self._n_probe_batches()
+
+    def _plan_next(self, trainer: Any, step: int) -> None:
+        """Adaptive schedule: the next snapshot at the step where the bucket will hold its estimated cost (a
+        refresh: above the stall reserve; a full one: the whole capacity), at the fit's credit per step so far."""
         if self.every_n_steps is not None:
             return
-        steps_done = max(step - self._steps_at_start, 1)
-        train_seconds = max(self._train_seconds(), 1e-9)
-        seconds_per_step = train_seconds / steps_done
-        needed_train_seconds = (self._spent + seconds) / self.budget
-        wait = max(1, math.ceil((needed_train_seconds - train_seconds) / seconds_per_step))
+        credit, capacity = self._credit(), self.capacity()
+        if credit is None or capacity is None:
+            wait = 1
+        else:
+            if self._full_due():
+                needed = capacity
+            else:
+                needed = min(capacity, self._reserve() + self.estimate_seconds(self._refresh_products()))
+            self.estimated_seconds = needed - (0.0 if self._full_due() else self._reserve())
+            per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
+            shortfall = needed - credit
+            wait = 1 if shortfall <= 0 else max(1, math.ceil(shortfall / max(per_step, 1e-12)))
         wait = trainer.strategy.broadcast(wait, src=0)  # rank 0's clock decides, so all ranks meet in collectives
         self._next_step = step + int(wait)
 
+    def _plan(self, trainer: Any, budgeted: bool, lambda_min: bool, reserve_seconds: float) -> int | None:
+        """Products this snapshot may spend beyond batch sharpness (rank 0's bucket, broadcast); -1 for no limit,
+        None when the bucket cannot pay for the smallest useful snapshot."""
+        if not budgeted:
+            return -1
+        n_batches = self._n_probe_batches()
+        solves = 1 + int(lambda_min) + int(self._preconditioned(trainer))
+        credit = self._credit()
+        if credit is None:  # nothing timed yet: the bucket is full, and holds burst_hvp products and two setups
+            products = (self.burst_hvp if lambda_min else self.burst_hvp // 2) - n_batches
+        else:
+            products = math.floor((credit - reserve_seconds - self._setup_seconds) / self._product_seconds) - n_batches
+        plan = int(products) if products >= solves * _MIN_SOLVE_HVP else None
+        return trainer.strategy.broadcast(plan, src=0)
+
+    @staticmethod
+    def _preconditioned(trainer: Any) -> bool:
+        optimizer = trainer.optimizers[0] if getattr(trainer, "optimizers", None) else None
+        return optimizer is not None and OptimizerSpec.from_torch(optimizer).preconditioned
+
+    def _update_costs(self, seconds: float, setup: float, n_hvp: int) -> None:
+        """The cost model behind :meth:`estimate_seconds`: each snapshot's setup and its seconds per product
+        (Lanczos bookkeeping and the gradient quantities included), averaged with the previous estimates."""
+        per_product = max(seconds - setup, 0.0) / max(n_hvp, 1)
+        if self._setup_seconds is None:
+            self._setup_seconds, self._product_seconds = setup, per_product
+        else:
+            self._setup_seconds = 0.5 * (self._setup_seconds + setup)
+            self._product_seconds = 0.5 * (self._product_seconds + per_product)
+
+    def summary(self) -> str:
+        """One line on this fit's curvature work; when the schedule took no estimate, why, with the numbers.
+
+        Example:
+            >>> print(HessianMonitor().summary())
+            optdiag: HessianMonitor took no curvature estimate in 0 steps (the probe set was never complete).
+        """
+        steps = max(self._last_step_seen - self._steps_at_start, 0)
+        if self._fit_estimates:
+            return (f"optdiag: HessianMonitor took {self._fit_estimates} curvature estimate"
+                    f"{'s' if self._fit_estimates != 1 else ''} in {steps} steps, {self._spent:.3g} s of Hessian work "
+                    f"for {self._train_seconds():.3g} s of training (budget {self.budget:g}).")
+        refresh = self.estimate_seconds(self._refresh_products())
+        if not self._probe_ready():
+            return f"optdiag: HessianMonitor took no curvature estimate in {steps} steps (the probe set was never complete)."
+        if refresh is None:
+            return f"optdiag: HessianMonitor took no curvature estimate in {steps} steps (every snapshot failed: see the warnings)."
+        return (f"optdiag: HessianMonitor took no curvature estimate in {steps} steps: one lambda_max estimate costs "
+                f"about {refresh:.3g} s, the budget ({self.budget:g} of {self._train_seconds():.3g} s of training, "
+                f"plus a burst of {self.capacity():.3g} s) had {self.budget_balance():.3g} s left.")
+
     # --- the snapshot ---------------------------------------------------------------------------------------------
-    def measure(self, trainer: Any, pl_module: Any, *, reason: str = "scheduled") -> dict[str, Any]:
-        """Take a curvature snapshot now, whatever the schedule (every rank must call it under DDP).
+    def measure(self, trainer: Any, pl_module: Any, *, reason: str = "scheduled", trace: bool = False,
+                lambda_min: bool = True, budgeted: bool | None = None, reserve_seconds: float = 0.0) -> dict[str, Any]:
+        """Take a curvature snapshot now, whatever the schedule, charged to the budget (every rank must call it
+        under DDP).
+
+        The work is bounded by the bucket's credit less ``reserve_seconds`` (``budgeted``, the default with the
+        adaptive schedule; a fixed cadence measures everything at the ``max_hvp`` caps): batch sharpness first,
+        then lambda_max (warm-started from the last estimate, at most half of the products when lambda_min
+        follows), the preconditioned sharpness for Adam/AdamW/RMSprop, lambda_min with the rest, the trace if
+        ``trace`` and products are left, a density for scheduled snapshots when due. Each solve gets at most
+        ``max_hvp`` products. lambda_min starts from its last eigenvector for scheduled snapshots; for any other
+        ``reason`` (a stall) from that eigenvector plus an equal share of a random vector: a start from before the
+        stall may lie in an invariant subspace of the new Hessian (the direction of a saddle just escaped), where
+        Lanczos would never see the new negative curvature, and the random half reaches every direction as a cold
+        start does (within a factor 1/sqrt(2)) while the warm half converges at once when nothing moved.
+
+        Args:
+            trainer, pl_module: the Lightning objects.
+            reason: ``"scheduled"``, ``"stall"``, ``"divergence"``, ...; snapshots for any reason other than
+                ``"scheduled"`` are logged under ``optdiag/<reason>/...``, so a stall's lambda_min never shares a
+                tag with the schedule's.
+            trace: estimate the trace too (``trace_hvp`` products).
+            lambda_min: estimate lambda_min (a lambda_max refresh leaves it out).
+            budgeted: bound the work by the bucket; default: with the adaptive schedule.
+            reserve_seconds: credit to leave in the bucket (for work that follows, e.g. the escape check).
 
         Returns:
             The snapshot: ``step``, ``reason``, ``lambda_max``, ``lambda_max_residual``, ``lambda_min``,
-            ``lambda_min_residual``, ``hessian_trace``, ``hessian_trace_stderr``, ``stability_threshold``,
+            ``lambda_min_residual``, ``lambda_min_start`` (``"warm"``, ``"mixed"``, ``"cold"``),
+            ``eigen_converged``, ``hessian_trace``, ``hessian_trace_stderr``, ``stability_threshold``,
             ``stability_ratio``, ``preconditioned_lambda_max``, ``batch_sharpness``, ``probe_loss``,
-            ``probe_grad_norm``, ``probe_grad_sq_unbiased``, ``grad_noise_trace``, ``probe_batch_size``, ``lr``,
-            ``momentum``, ``optimizer`` (an ``OptimizerSpec``), ``n_hvp``, ``seconds``. Quantities that do not
-            apply are ``None``. When no snapshot could be taken: ``{"step", "reason", "skipped": why}``.
+            ``probe_grad_norm``, ``probe_grad_sq_unbiased``, ``grad_noise_trace``, ``probe_batch_size``,
+            ``probe_batches`` (how many), ``lr``, ``momentum``, ``optimizer`` (an ``OptimizerSpec``), ``n_hvp``
+            (products over the probe set), ``n_hvp_parts`` (``{"batch_sharpness", "lambda_max",
+            "preconditioned_lambda_max", "lambda_min", "hessian_trace", "density"}``: the products of each part
+            taken), ``setup_seconds``, ``seconds`` and ``budget_balance`` (the bucket's credit after it). Quantities
+            not measured are ``None``. When no snapshot could be taken: ``{"step", "reason", "skipped": why}``
+            (``"over budget"`` when the bucket cannot pay for the smallest useful snapshot).
         """
         step = int(trainer.global_step)
-        started = time.perf_counter()
+        if budgeted is None:
+            budgeted = self.every_n_steps is None
+        products = self._plan(trainer, budgeted, lambda_min, reserve_seconds)
+        if products is None:
+            return {"step": step, "reason": reason, "skipped": _OVER_BUDGET}
+        started = self.clock()
+        self._last_setup_seconds = 0.0
         result = self._guarded(step, reason, lambda: self._with_operators(
             trainer, pl_module, lambda mean, operators, optimizer: self._snapshot(
-                trainer, pl_module, mean, operators, optimizer, step, reason)))
-        seconds = time.perf_counter() - started
-        self._charge(seconds)
+                trainer, pl_module, mean, operators, optimizer, step, reason,
+                _Allowance(None if products < 0 else products), trace, lambda_min)))
+        seconds = self.clock() - started
+        n_hvp = int(result.get("n_hvp") or 0)
+        if "skipped" not in result:
+            self._update_costs(seconds, self._last_setup_seconds, n_hvp)
+        self._charge(seconds, reason, step, n_hvp)
         result["seconds"] = seconds
         if "skipped" not in result:
+            result["setup_seconds"] = self._last_setup_seconds
+            result["budget_balance"] = self._tokens
             self._n_snapshots += 1
             self._fit_snapshots += 1
+            self._fit_estimates += 1
             self._history.append({k: v for k, v in result.items() if k not in _HEAVY})
-            self.log_scalars(trainer, result, step)
-            self.estimated_seconds = seconds
-        with contextlib.suppress(Exception):
-            self._plan_next(trainer, step, self.estimated_seconds or seconds)
+            prefix = "" if reason == "scheduled" else f"{reason}/"
+            self.log_scalars(trainer, {prefix + k: v for k, v in result.items()}, step)
         return result
 
     def _guarded(self, step: int, reason: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -431,6 +627,7 @@ class HessianMonitor(OptDiagCallback):
     def _with_operators(self, trainer: Any, pl_module: Any, work: Callable[..., dict[str, Any]]) -> dict[str, Any]:
         """``work(mean, operators, optimizer)`` on the probe set's Hessian operators, with the training state saved
         and restored around it (do no harm), autocast off and fixed dropout masks."""
+        started = self.clock()
         batches = self.probe_set()
         dtype = self._compute_dtype(pl_module)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -450,41 +647,62 @@ class HessianMonitor(OptDiagCallback):
                     raise failure
                 raise NonFiniteError("no usable probe batch on some rank")
             mean = ReducedMeanOperator(operators, [float(batch_size_of(b) or 1) for b in batches])
+            self._last_setup_seconds = self.clock() - started
             try:
                 return work(mean, operators, optimizer)
             finally:
                 for op in operators:
                     op.close()
 
-    def _snapshot(self, trainer, pl_module, mean, operators, optimizer, step, reason) -> dict[str, Any]:
-        hvp_before = mean.n_hvp
-        la = top_eigenvalues(mean, k=1, which="LA", tol=self.tol, max_hvp=self.max_hvp,
-                             v0=self.last_eigenvectors.get("LA"), seed=self.seed)
-        sa = top_eigenvalues(mean, k=1, which="SA", tol=self.tol, max_hvp=self.max_hvp,
-                             v0=self.last_eigenvectors.get("SA"), seed=self.seed + 1)
-        self.last_eigenvectors = {"LA": la, "SA": sa}
-        out: dict[str, Any] = {
-            "step": step,
-            "reason": reason,
-            "lambda_max": float(la.eigenvalues[0]),
-            "lambda_max_residual": float(la.residuals[0]),
-            "lambda_min": float(sa.eigenvalues[0]),
-            "lambda_min_residual": float(sa.residuals[0]),
-            "eigen_converged": bool(la.converged and sa.converged),
-        }
-        if self.trace_hvp:
-            trace = hessian_trace(mean, n_hvp=self.trace_hvp, seed=self.seed)
-            out.update(hessian_trace=float(trace.estimate), hessian_trace_stderr=float(trace.stderr))
-        else:
-            out.update(hessian_trace=None, hessian_trace_stderr=None)
+    def _snapshot(self, trainer, pl_module, mean, operators, optimizer, step, reason, allowance, trace,
+                  lambda_min) -> dict[str, Any]:
+        parts: dict[str, int] = {"batch_sharpness": len(operators)}  # one product per probe batch
+        allowance.spend(len(operators))
+        out: dict[str, Any] = {"step": step, "reason": reason, "probe_batches": len(operators)}
         out.update(self._gradient_quantities(mean, operators))
-        out.update(self._stability(mean, optimizer, pl_module, out["lambda_max"]))
+        preconditioned = optimizer is not None and OptimizerSpec.from_torch(optimizer).preconditioned
+        later = int(lambda_min) + int(preconditioned)  # solves after lambda_max, each owed _MIN_SOLVE_HVP products
+        la = top_eigenvalues(mean, k=1, which="LA", tol=self.tol, max_hvp=allowance.cap(self.max_hvp, later),
+                             v0=self.last_eigenvectors.get("LA"), seed=self.seed)
+        self.last_eigenvectors["LA"] = la
+        parts["lambda_max"] = allowance.spend(la.n_hvp)
+        out.update(lambda_max=float(la.eigenvalues[0]), lambda_max_residual=float(la.residuals[0]))
+        out.update(self._stability(mean, optimizer, pl_module, out["lambda_max"], allowance, int(lambda_min), parts))
+        out.update(lambda_min=None, lambda_min_residual=None, lambda_min_start=None)
+        converged = la.converged
+        if lambda_min:
+            previous = self.last_eigenvectors.get("SA")
+            start = None if previous is None else "warm" if reason == "scheduled" else "mixed"
+            v0: Any = previous
+            if start == "mixed":  # see measure(): half the last eigenvector, half a random direction
+                generator = torch.Generator().manual_seed(self.seed + 3 + step)
+                noise = torch.randn(mean.num_params, generator=generator, dtype=torch.float64)
+                noise = (noise / noise.norm()).to(previous.eigenvectors.device, previous.eigenvectors.dtype)
+                v0 = torch.stack([previous.eigenvectors[0], noise])
+            sa = top_eigenvalues(mean, k=1, which="SA", tol=self.tol, max_hvp=allowance.cap(self.max_hvp, 0),
+                                 v0=v0, seed=self.seed + 1)
+            self.last_eigenvectors["SA"] = sa
+            parts["lambda_min"] = allowance.spend(sa.n_hvp)
+            converged = converged and sa.converged
+            out.update(lambda_min=float(sa.eigenvalues[0]), lambda_min_residual=float(sa.residuals[0]),
+                       lambda_min_start=start or "cold")
+        out["eigen_converged"] = bool(converged)
+        out.update(hessian_trace=None, hessian_trace_stderr=None)
+        if trace and self.trace_hvp and allowance.covers(self.trace_hvp):
+            before = mean.n_hvp
+            result = hessian_trace(mean, n_hvp=self.trace_hvp, seed=self.seed)
+            parts["hessian_trace"] = allowance.spend(mean.n_hvp - before)
+            out.update(hessian_trace=float(result.estimate), hessian_trace_stderr=float(result.stderr))
         density = None
-        if self._density_due(trainer):
-            density = spectral_density(mean, n_runs=1, n_steps=min(self.density_steps, mean.num_params),
-                                       seed=self.seed)
+        n_density = min(self.density_steps, mean.num_params)
+        if reason == "scheduled" and trace and self._density_due(trainer) and allowance.covers(n_density):
+            before = mean.n_hvp
+            density = spectral_density(mean, n_runs=1, n_steps=n_density, seed=self.seed)
+            parts["density"] = allowance.spend(mean.n_hvp - before)
             self.last_density = density
-        out["n_hvp"] = mean.n_hvp - hvp_before + len(operators)  # + one product per batch for batch sharpness
+        self._part_hvp.update(parts)
+        out["n_hvp_parts"] = parts
+        out["n_hvp"] = sum(parts.values())
         out["hvp_count"] = out["n_hvp"]
         if density is not None and trainer.is_global_zero:
             self._log_density(trainer, density, step)
@@ -518,7 +736,8 @@ class HessianMonitor(OptDiagCallback):
             out.update(probe_grad_sq_unbiased=noise.grad_sq_norm, grad_noise_trace=noise.trace_sigma)
         return out
 
-    def _stability(self, mean, optimizer, pl_module, lambda_max: float) -> dict[str, Any]:
+    def _stability(self, mean, optimizer, pl_module, lambda_max: float, allowance: "_Allowance", later: int,
+                   parts: dict[str, int]) -> dict[str, Any]:
         out: dict[str, Any] = {"optimizer": None, "lr": None, "momentum": None, "stability_threshold": None,
                                "stability_ratio": None, "preconditioned_lambda_max": None}
         if optimizer is None:
@@ -538,9 +757,10 @@ class HessianMonitor(OptDiagCallback):
                 out["stability_threshold"] = None
                 return out
             warm = self.last_eigenvectors.get("PLA")
-            result = top_eigenvalues(pre, k=1, which="LA", tol=self.tol, max_hvp=self.max_hvp, v0=warm,
-                                     seed=self.seed + 2)
+            result = top_eigenvalues(pre, k=1, which="LA", tol=self.tol, max_hvp=allowance.cap(self.max_hvp, later),
+                                     v0=warm, seed=self.seed + 2)
             self.last_eigenvectors["PLA"] = result
+            parts["preconditioned_lambda_max"] = allowance.spend(result.n_hvp)
             sharpness = float(result.eigenvalues[0])
             out["preconditioned_lambda_max"] = sharpness
         if threshold is not None and threshold > 0:
@@ -577,6 +797,31 @@ class HessianMonitor(OptDiagCallback):
         self.monitor_seconds = float(state_dict.get("monitor_seconds", 0.0))
         self.enabled = bool(state_dict.get("enabled", True))
         self.warning_counts = dict(state_dict.get("warning_counts", {}))
+
+
+class _Allowance:
+    """The products a budgeted snapshot may still spend (``None``: no limit), handed out part by part."""
+
+    def __init__(self, products: int | None) -> None:
+        self.left = products
+
+    def cap(self, max_hvp: int, later_solves: int) -> int:
+        """An eigen-solve's cap: ``max_hvp``, and with a limit at most what is left once each later solve is owed
+        its minimum, and at most half of it when one follows (a warm refresh rarely needs more)."""
+        if self.left is None:
+            return max_hvp
+        share = self.left - later_solves * _MIN_SOLVE_HVP
+        if later_solves:
+            share = min(share, max(self.left // 2, _MIN_SOLVE_HVP))
+        return max(1, min(max_hvp, share))
+
+    def covers(self, products: int) -> bool:
+        return self.left is None or self.left >= products
+
+    def spend(self, products: int) -> int:
+        if self.left is not None:
+            self.left -= products
+        return products
 
 
 @contextlib.contextmanager

@@ -315,10 +315,11 @@ class StallDiagnoser(OptDiagCallback):
                            "only (counted in warning_counts['over-budget'])")
             return {}
         self.n_snapshots += 1
-        # Start the eigen-solves cold: a warm start from before the stall can lie in an invariant subspace of the
-        # new Hessian (e.g. the direction of the saddle just escaped) and then never sees the new negative curvature.
-        monitor.last_eigenvectors = {}
-        snapshot = monitor.measure(trainer, pl_module, reason="stall" if event.reason == "stall" else "divergence")
+        # Charged to the monitor's budget, no trace, lambda_min not started from a warm start alone (see
+        # HessianMonitor.measure); credit for one setup is left for the escape check
+        reserve = (monitor.estimate_seconds() or 0.0) if self.escape_check else 0.0
+        snapshot = monitor.measure(trainer, pl_module, reason="stall" if event.reason == "stall" else "divergence",
+                                   trace=False, reserve_seconds=reserve)
         return {} if "skipped" in snapshot else snapshot
 
     def _window_gradients(self, event: StallEvent) -> dict[str, float | None]:
@@ -395,7 +396,11 @@ class StallDiagnoser(OptDiagCallback):
         batches = monitor.probe_set()  # the probe set the eigenvector was computed on
         if not batches:
             return out
-        with preserved_state(pl_module):
+        if not monitor.can_afford(trainer, monitor.estimate_seconds()):  # priced as one setup of the monitor's
+            self.warn_once("escape-over-budget", "the saddle's escape direction was not evaluated: the Hessian "
+                           f"monitor's time budget is spent (balance {monitor.budget_balance():.3g} s)")
+            return out
+        with monitor.charged(int(trainer.global_step), "escape"), preserved_state(pl_module):
             pl_module.train(monitor.mode == "train")
             objective = BatchObjective(pl_module, monitor.loss_fn, batches, dtype=u.dtype, batch_list=True)
             theta = objective.point()

@@ -1,0 +1,229 @@
+"""HessianMonitor's budget: a token bucket charged with every curvature product, on an injected clock.
+
+The clock moves only when told: 0.1 s per training batch, and fixed prices for the Hessian work (building a
+probe batch's operator, one product), so the accounting can be checked against exact numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_models import make_trainer, regression_data
+from optdiag.callbacks.hessian import HessianMonitor
+from optdiag.curvature.operator import HessianOperator
+from test_hessian_monitor import BATCH, LinearRegression, _hessian, _loader
+
+STEP_SECONDS, SETUP_SECONDS, PRODUCT_SECONDS = 0.1, 0.02, 0.004
+
+
+class FakeClock:
+    """A ``time.perf_counter`` that moves only when told."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class ClockSteps(pl.Callback):
+    """0.1 s of training per batch: the time the budget is a fraction of."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.clock.advance(STEP_SECONDS)
+
+
+@pytest.fixture
+def priced(monkeypatch):
+    """The fake clock, with building a probe batch's operator at 0.02 s and each product at 0.004 s."""
+    clock = FakeClock()
+    build, product = HessianOperator.__init__, HessianOperator._matvec
+
+    def timed_build(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        clock.advance(SETUP_SECONDS)
+
+    def timed_product(self, v):
+        clock.advance(PRODUCT_SECONDS)
+        return product(self, v)
+
+    monkeypatch.setattr(HessianOperator, "__init__", timed_build)
+    monkeypatch.setattr(HessianOperator, "_matvec", timed_product)
+    return clock
+
+
+class StallStorm(pl.Callback):
+    """Asks for a stall snapshot every 5 steps from step 30, as StallDiagnoser does (affordability first, a
+    reserve for the escape check, then the check itself charged at one setup's price)."""
+
+    def __init__(self, monitor, clock):
+        self.monitor, self.clock = monitor, clock
+        self.asked = self.taken = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step < 30 or step % 5:
+            return
+        self.asked += 1
+        if not self.monitor.can_afford_snapshot(trainer):
+            return
+        snapshot = self.monitor.measure(trainer, pl_module, reason="stall",
+                                        reserve_seconds=self.monitor.estimate_seconds())
+        if "skipped" in snapshot:
+            return
+        self.taken += 1
+        assert snapshot["hessian_trace"] is None and "hessian_trace" not in snapshot["n_hvp_parts"]  # not asked
+        if self.monitor.can_afford(trainer, self.monitor.estimate_seconds()):
+            with self.monitor.charged(step, "escape"):
+                self.clock.advance(SETUP_SECONDS)
+
+
+def _windows(charges, steps, width):
+    spent = np.zeros(steps + 1)
+    for charge in charges:
+        spent[charge["step"]] += charge["seconds"]
+    return [spent[a:a + width].sum() for a in range(0, steps + 1 - width + 1)]
+
+
+def test_any_window_of_100_steps_stays_within_the_budget_plus_one_bucket(tmp_path, priced):
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)
+    storm = StallStorm(monitor, priced)
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [ClockSteps(priced), monitor, storm], max_steps=400)
+    trainer.fit(LinearRegression(), _loader())
+    # the cost model is exact here: one setup, then 0.004 s a product (Lanczos bookkeeping takes no fake time)
+    assert monitor.estimate_seconds(10) == pytest.approx(SETUP_SECONDS + 10 * PRODUCT_SECONDS)
+    capacity = 3 * SETUP_SECONDS + 40 * PRODUCT_SECONDS  # three setups and burst_hvp = 40 products
+    assert monitor.capacity() == pytest.approx(capacity)
+    # every charge is in the ledger (snapshots, stall snapshots and escape checks), and the ledger is the spend
+    assert sum(c["seconds"] for c in monitor.charges) == pytest.approx(monitor.monitor_seconds)
+    assert {c["what"] for c in monitor.charges} == {"scheduled", "stall", "escape"}
+    # 100 steps are 10 s of training: 0.5 s of budget, plus at most one bucket's burst (estimates never overran)
+    windows = _windows(monitor.charges, 400, 100)
+    assert max(windows) <= 0.05 * 100 * STEP_SECONDS + capacity + 1e-9
+    assert min(c["balance"] for c in monitor.charges) >= -1e-9
+    assert monitor.monitor_seconds <= 0.05 * 400 * STEP_SECONDS + capacity + 1e-9
+    # the storm asked for far more than that: a stall snapshot runs only when the bucket holds the stall reserve
+    # (0.12 s), and the bucket earns 0.005 s a step, so most requests were refused
+    assert storm.asked == 75 and 10 <= storm.taken < storm.asked // 2
+    # lambda_max was measured throughout (the storm's snapshots starve the schedule, and measure it themselves)
+    assert [h["reason"] for h in monitor.history[:2]] == ["scheduled", "scheduled"]
+    assert max(h["step"] for h in monitor.history) > 370
+    exact = np.linalg.eigvalsh(_hessian(slice(0, BATCH)))
+    for h in monitor.history:
+        assert h["lambda_max"] == pytest.approx(exact[-1], rel=1e-3)
+
+
+def test_stall_snapshot_takes_what_the_bucket_holds_lambda_max_first_then_a_short_lambda_min(tmp_path, priced):
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced, max_hvp=40)
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [ClockSteps(priced), monitor], max_steps=3)
+    trainer.fit(LinearRegression(), _loader())
+    module = trainer.lightning_module
+    monitor._tokens = SETUP_SECONDS + 12 * PRODUCT_SECONDS  # credit for one setup and 12 products
+    before = priced.now
+    snapshot = monitor.measure(trainer, module, reason="stall")
+    # batch sharpness (1), then lambda_max within half of the other 11, lambda_min with the rest, no trace
+    parts = snapshot["n_hvp_parts"]
+    assert parts["batch_sharpness"] == 1 and parts["lambda_max"] <= 5
+    assert parts["lambda_max"] + parts["lambda_min"] <= 11 and "hessian_trace" not in parts
+    assert snapshot["n_hvp"] == sum(parts.values())
+    assert snapshot["seconds"] == pytest.approx(priced.now - before)
+    assert snapshot["seconds"] == pytest.approx(SETUP_SECONDS + snapshot["n_hvp"] * PRODUCT_SECONDS)
+    assert monitor.charges[-1] == {"step": 3, "what": "stall", "seconds": snapshot["seconds"],
+                                   "n_hvp": snapshot["n_hvp"], "balance": pytest.approx(0.0, abs=1e-9)
+                                   if snapshot["n_hvp"] == 12 else monitor.charges[-1]["balance"]}
+    assert monitor.budget_balance() >= -1e-9
+    # a 5-parameter model: a Krylov space of 5 dimensions holds the exact extreme eigenvalues
+    exact = np.linalg.eigvalsh(_hessian(slice(0, BATCH)))
+    assert snapshot["lambda_min"] == pytest.approx(exact[0], rel=1e-3)
+    # now the bucket is empty: the next stall snapshot is refused, and says why
+    assert not monitor.can_afford_snapshot(trainer)
+    assert monitor.measure(trainer, module, reason="stall")["skipped"] == "over budget"
+
+
+def test_the_next_refresh_waits_for_its_estimated_cost_above_the_stall_reserve(priced):
+    class Trainer:
+        class strategy:
+            @staticmethod
+            def broadcast(obj, src=0):
+                return obj
+        optimizers, loggers = [], []
+
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)
+    monitor._train_started, monitor._steps_at_start = priced.now - 10.0, 0  # 10 s over 100 steps, all training
+    monitor._setup_seconds, monitor._product_seconds = 0.01, 0.001
+    monitor._part_hvp = {"lambda_max": 5}
+    monitor._tokens, monitor._credit_train = 0.03, 10.0
+    monitor._fit_scheduled = 1  # the next one is a refresh (lambda_min and the trace come every 4th)
+    monitor._plan_next(Trainer(), step=100)
+    # reserve: 2 setups + 20 products = 0.04 s; the refresh: 1 setup + (5 + 1 batch) products = 0.016 s;
+    # the bucket holds 0.03 s and earns 0.05 * 0.1 = 0.005 s a step -> (0.056 - 0.03) / 0.005 = 5.2 -> 6 steps
+    assert monitor._next_step == 106
+    assert monitor.estimated_seconds == pytest.approx(0.016)
+    assert monitor.capacity() == pytest.approx(0.04 + 0.01 + 20 * 0.001)
+
+
+def test_a_200_step_run_at_the_defaults_logs_lambda_max_several_times(tmp_path):
+    monitor = HessianMonitor()  # adaptive, 5% budget, real clock
+    pl.seed_everything(0)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = make_trainer(tmp_path, [monitor], max_steps=200, logger=logger, log_every_n_steps=1)
+    trainer.fit(LinearRegression(), _loader())
+    with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("optdiag/lambda_max")]
+    exact = np.linalg.eigvalsh(_hessian(slice(0, 2 * BATCH)))
+    assert len(rows) >= 3
+    assert int(rows[0]["step"]) == 2  # the first estimate as soon as the two probe batches are in
+    for row in rows:
+        assert float(row["optdiag/lambda_max"]) == pytest.approx(exact[-1], rel=1e-3)
+    assert monitor.monitor_seconds <= 0.05 * monitor._train_seconds() + monitor.capacity() + 0.05  # + overrun
+
+
+def test_a_fit_without_any_estimate_says_so_once(tmp_path):
+    monitor = HessianMonitor(probe_batches=3)
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match="took no curvature estimate in 2 steps") as caught:
+        make_trainer(tmp_path, [monitor], max_steps=2).fit(LinearRegression(), _loader())
+    assert sum("curvature estimate" in str(w.message) for w in caught) == 1
+    assert "probe set was never complete" in monitor.summary()
+
+
+def test_scheduled_and_stall_lambda_min_at_one_step_are_logged_apart_and_labelled(tmp_path):
+    class StallAtFour(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 4:
+                monitor.measure(trainer, pl_module, reason="stall")
+
+    monitor = HessianMonitor(every_n_steps=4, probe_batches=2, tol=1e-6)
+    pl.seed_everything(0)
+    logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
+    trainer = make_trainer(tmp_path, [monitor, StallAtFour()], max_steps=4, logger=logger, log_every_n_steps=1)
+    trainer.fit(LinearRegression(), _loader())
+    scheduled, stall = monitor.history
+    assert (scheduled["step"], scheduled["reason"], stall["step"], stall["reason"]) == (4, "scheduled", 4, "stall")
+    # the scheduled solve warm-starts from nothing (first); the stall's mixes the last eigenvector with a random one
+    assert (scheduled["lambda_min_start"], stall["lambda_min_start"]) == ("cold", "mixed")
+    for h in (scheduled, stall):
+        assert h["probe_batches"] == 2 and h["n_hvp"] == sum(h["n_hvp_parts"].values())
+    assert scheduled["hessian_trace"] is not None and stall["hessian_trace"] is None  # the trace only when asked
+    with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("step") == "4"]
+    logged = {k: float(v) for row in rows for k, v in row.items() if k.startswith("optdiag/") and v}
+    exact = np.linalg.eigvalsh(_hessian(slice(0, 2 * BATCH)))
+    assert logged["optdiag/lambda_min"] == scheduled["lambda_min"] == pytest.approx(exact[0], rel=1e-4)
+    assert logged["optdiag/stall/lambda_min"] == stall["lambda_min"] == pytest.approx(exact[0], rel=1e-4)
+    assert logged["optdiag/stall/n_hvp"] == stall["n_hvp"]
