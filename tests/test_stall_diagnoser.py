@@ -52,6 +52,13 @@ def demo_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("demo"))
 
 
+def _as_written(diagnosis):
+    """The diagnosis as events.jsonl got it: before its prediction's outcome was added to its evidence."""
+    evidence = {k: v for k, v in diagnosis.evidence.items() if k != "outcome"}
+    return Diagnosis(diagnosis.step, diagnosis.kind, diagnosis.confidence, evidence, diagnosis.suggestions,
+                     diagnosis.summary)
+
+
 def _run(name, demo_dir):
     with quiet_lightning():
         return run_scenario(name, demo_dir)
@@ -77,9 +84,15 @@ def test_saddle_saddle_then_minimum_with_escape_drops(demo_dir):
     assert first.evidence["escape_measured_drop"] == pytest.approx(-SADDLE_SIGMAS[0] * t**2 / 2 + t**4 / 8, rel=0.05)
     assert minimum.evidence["lambda_min"] > -0.01 * minimum.evidence["lambda_max"]
     assert minimum.evidence["lambda_max"] == pytest.approx(SADDLE_OFFSET_SCALE**2, rel=0.02)  # the offset's k^2
-    # events.jsonl holds the same verdicts and round-trips into Diagnosis
-    lines = open(run.events_file, encoding="utf-8").read().splitlines()
-    assert [Diagnosis.from_dict(json.loads(line)) for line in lines] == run.diagnoses
+    # events.jsonl holds the same verdicts (round-tripping into Diagnosis) and, later, each one's checked outcome
+    records = [json.loads(line) for line in open(run.events_file, encoding="utf-8").read().splitlines()]
+    verdicts = [Diagnosis.from_dict(r) for r in records if r.get("record") != "outcome"]
+    assert verdicts == [_as_written(d) for d in run.diagnoses]
+    outcomes = [r for r in records if r.get("record") == "outcome"]
+    assert [(r["verdict_step"], r["outcome"]) for r in outcomes] == [
+        (d.step, d.evidence["outcome"]["outcome"]) for d in run.diagnoses if "outcome" in d.evidence]
+    # the saddles predicted a drop once the escape direction grows, and the loss did drop
+    assert [r["outcome"] for r in outcomes if r["kind"] == "saddle_point"] == ["confirmed", "confirmed"]
 
 
 @pytest.mark.slow
@@ -158,7 +171,8 @@ def test_events_file_without_logger_is_under_default_root_dir_and_appended(tmp_p
     fit_scenario(tmp_path, "divergence", [diagnoser])
     records = read_events(path)
     assert records[0] == {"note": "a line the user wrote"}  # never overwritten
-    assert [Diagnosis.from_dict(r) for r in records[1:]] == diagnoser.diagnoses
+    verdicts = [Diagnosis.from_dict(r) for r in records[1:] if r.get("record") != "outcome"]
+    assert verdicts == [_as_written(d) for d in diagnoser.diagnoses]
 
 
 def test_text_panel_and_summary(tmp_path, capsys):
@@ -188,22 +202,24 @@ def test_quiet_when_not_verbose(tmp_path, capsys):
 def test_alone_it_drives_private_monitors_and_logs_gradients_once(tmp_path):
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
     diagnoser = StallDiagnoser()
-    fit_scenario(tmp_path, "divergence", [diagnoser], max_steps=12, logger=logger)
+    # long enough for the sustained rise that makes divergence (about 35 steps on this run)
+    fit_scenario(tmp_path, "divergence", [diagnoser], max_steps=45, logger=logger)
     assert isinstance(diagnoser.gradient_monitor, GradientNormMonitor)
     assert isinstance(diagnoser.hessian_monitor, HessianMonitor)
-    assert [r["step"] for r in diagnoser.gradient_monitor.history] == list(range(12))
+    measured = [r["step"] for r in diagnoser.gradient_monitor.history]
+    assert measured[:10] == list(range(10)) and measured == sorted(set(measured))
     # the private Hessian monitor measures only at stalls: one snapshot, for the divergence verdict
     assert [s["reason"] for s in diagnoser.hessian_monitor.history] == ["divergence"]
     with open(os.path.join(logger.log_dir, "metrics.csv"), encoding="utf-8") as handle:
         rows = [line.split(",") for line in handle.read().splitlines()]
     column = rows[0].index("optdiag/grad_norm")
-    assert sum(1 for row in rows[1:] if row[column]) == 12  # one value per step, not two
+    assert sum(1 for row in rows[1:] if row[column]) == len(measured)  # one value per measured step, not two
 
 
 def test_uses_monitors_found_in_trainer_callbacks(tmp_path):
     gradient, hessian = GradientNormMonitor(), HessianMonitor(every_n_steps=1000)
     diagnoser = StallDiagnoser()
-    fit_scenario(tmp_path, "divergence", [gradient, hessian, diagnoser], max_steps=12)
+    fit_scenario(tmp_path, "divergence", [gradient, hessian, diagnoser], max_steps=45)
     assert diagnoser.gradient_monitor is gradient and diagnoser.hessian_monitor is hessian
     assert diagnoser.state_dict().keys().isdisjoint({"gradient_monitor", "hessian_monitor"})
     assert [s["reason"] for s in hessian.history] == ["divergence"]
@@ -242,9 +258,10 @@ def _final_weights(tmp_path, callbacks, steps):
 
 
 def test_training_is_bitwise_identical_with_the_diagnoser(tmp_path):
-    # the saddle verdict at step ~50 runs a stall snapshot and the escape check along the eigenvector
+    # the saddle verdict at step ~65 runs a stall snapshot and the escape check along the eigenvector (a fixed
+    # cadence, so that the adaptive budget of this sub-second run does not hold the snapshot back)
     diagnoser = StallDiagnoser()
-    with_diagnoser = _final_weights(tmp_path / "a", [diagnoser], 70)
+    with_diagnoser = _final_weights(tmp_path / "a", [HessianMonitor(every_n_steps=10_000), diagnoser], 70)
     assert [d.kind for d in diagnoser.diagnoses] == ["saddle_point"]
     assert "escape_measured_drop" in diagnoser.diagnoses[0].evidence
     without = _final_weights(tmp_path / "b", [], 70)
@@ -252,7 +269,7 @@ def test_training_is_bitwise_identical_with_the_diagnoser(tmp_path):
 
 
 def test_a_failing_diagnosis_never_stops_training(tmp_path, monkeypatch):
-    def broken(evidence, event):
+    def broken(*args, **kwargs):
         raise RuntimeError("classifier exploded")
 
     monkeypatch.setattr("optdiag.callbacks.stall.diagnose_stall", broken)
@@ -310,7 +327,7 @@ def test_a_second_fit_starts_a_new_loss_history(tmp_path):
 
 # --- arguments and helpers --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
-    ({"window": 2}, "window must be an int"),
+    ({"window": 2}, "window must be"),
     ({"max_snapshots": -1}, "max_snapshots must be an int >= 0"),
     ({"loss_floor": float("nan")}, "loss_floor must be a finite number"),
     ({"gradient_monitor": HessianMonitor()}, "gradient_monitor must be a GradientNormMonitor"),

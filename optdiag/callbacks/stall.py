@@ -21,6 +21,8 @@ from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis import Diagnosis, Evidence, OptimizerSpec, StallDetector, StallEvent, diagnose_stall
+from optdiag.diagnosis.classify import Thresholds, check_prediction
+from optdiag.policy import LOGGER
 from optdiag.errors import OptDiagError, UsageError
 from optdiag.sinks import events as events_sink
 
@@ -31,6 +33,7 @@ _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_m
                     "hessian_trace_stderr", "preconditioned_lambda_max", "grad_noise_trace")
 _SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
+_RETRIES = 3  # an undecided stall is looked at again this many times (every half window) before optdiag stays silent
 TEXT_TAG = "optdiag/diagnosis"
 
 
@@ -44,9 +47,59 @@ def _loss_of(outputs: Any) -> float | None:
     return None
 
 
+def _dataset_size(trainer: Any, batch_size: int | None) -> int | None:
+    """Samples per epoch: the batch size when an epoch is one batch (full batch), else the dataset's length."""
+    batches = getattr(trainer, "num_training_batches", None)
+    if batches == 1 and batch_size:
+        return int(batch_size)
+    try:
+        return int(len(trainer.train_dataloader.dataset))
+    except (AttributeError, TypeError):
+        return None
+
+
+def _number(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"
+
+
 def _finite_mean(values: list[float]) -> float | None:
     kept = [v for v in values if v is not None and math.isfinite(v)]
     return sum(kept) / len(kept) if kept else None
+
+
+def gradient_pairs(records: list[dict[str, Any]]) -> dict[str, float | int | None]:
+    """Mean inner product of consecutive gradients and mean product of their norms, from the monitor's records.
+
+    A record with a finite ``grad_cosine`` and the record of the step before it form a pair:
+    ``g_t . g_(t-1) = cos * |g_t| |g_(t-1)|``. Over many pairs the mean inner product estimates ``|G|^2`` (the
+    minibatch noise of two different batches averages out) and the mean ``|g_t| |g_(t-1)|`` estimates
+    ``|G|^2 + tr(Sigma)/B`` (the product, not the squares: a gradient that merely shrinks from step to step, as a
+    full-batch one does, must not look noisy).
+
+    Returns:
+        ``grad_pair_count``, ``grad_pair_dot`` (mean), ``grad_pair_dot_stderr`` and ``grad_pair_sq``; the numbers
+        are None without pairs.
+
+    Example:
+        >>> recs = [{"step": 0, "grad_norm": 2.0}, {"step": 1, "grad_norm": 1.0, "grad_cosine": 0.5}]
+        >>> gradient_pairs(recs)
+        {'grad_pair_count': 1, 'grad_pair_dot': 1.0, 'grad_pair_dot_stderr': None, 'grad_pair_sq': 2.0}
+    """
+    norms = {r.get("step"): r.get("grad_norm") for r in records}
+    dots, squares = [], []
+    for r in records:
+        cosine, now, before = r.get("grad_cosine"), r.get("grad_norm"), norms.get(r.get("step", -2) - 1)
+        if None in (cosine, now, before) or not all(math.isfinite(v) for v in (cosine, now, before)):
+            continue
+        dots.append(cosine * now * before)
+        squares.append(now * before)
+    n = len(dots)
+    if not n:
+        return {"grad_pair_count": 0, "grad_pair_dot": None, "grad_pair_dot_stderr": None, "grad_pair_sq": None}
+    mean = sum(dots) / n
+    stderr = math.sqrt(sum((d - mean) ** 2 for d in dots) / (n - 1) / n) if n > 1 else None
+    return {"grad_pair_count": n, "grad_pair_dot": mean, "grad_pair_dot_stderr": stderr,
+            "grad_pair_sq": sum(squares) / n}
 
 
 class StallDiagnoser(OptDiagCallback):
@@ -146,6 +199,10 @@ class StallDiagnoser(OptDiagCallback):
         self._private: dict[str, OptDiagCallback] = {}
         self.diagnoses: list[Diagnosis] = []
         self.n_snapshots = 0
+        self.thresholds = Thresholds.from_detector(self.detector)
+        self.undecided: list[dict[str, Any]] = []  # evidence of checks that did not decide (a debug trail)
+        self._open: list[int] = []  # indices of verdicts whose prediction has not been checked yet
+        self.n_spikes = 0
         self._loss_initial: float | None = None
         self._loss_min = math.inf
         self._grad_norms_initial: list[float] = []
@@ -156,11 +213,15 @@ class StallDiagnoser(OptDiagCallback):
         self._pending_losses: list[float] = []
         self._last_step_seen: int | None = None
         self._batch_size: int | None = None
+        self._dataset_size: int | None = None
         self._steps_run = 0
         self._last_loss: float | None = None
         self._first_loss_this_fit: float | None = None
         self._diagnoses_at_fit_start = len(self.diagnoses)
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
+        self._pending: tuple[StallEvent, int, int] | None = None  # an undecided stall: (event, tries, next step)
+        # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
+        self._recent_losses: list[tuple[int, float]] = []
 
     def _state_key_arguments(self) -> dict[str, Any]:
         return {"window": self.window, "min_window": self.min_window, "rel_improvement": self.rel_improvement}
@@ -215,6 +276,8 @@ class StallDiagnoser(OptDiagCallback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._drive("on_train_batch_start", trainer, pl_module, batch, batch_idx)
         self._batch_size = batch_size_of(batch) or self._batch_size
+        if self._dataset_size is None:
+            self._dataset_size = _dataset_size(trainer, self._batch_size)
 
     @guarded
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
@@ -242,7 +305,11 @@ class StallDiagnoser(OptDiagCallback):
         self._track(loss)
         event = self.detector.update(step, loss)
         if event is not None:
+            self._pending = None
             self._handle(trainer, pl_module, event)
+        elif self._pending is not None and step >= self._pending[2]:
+            self._retry(trainer, pl_module, step)
+        self._check_predictions(trainer, step, loss)
 
     @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -289,16 +356,46 @@ class StallDiagnoser(OptDiagCallback):
             self._grad_norms_initial.append(float(norm))
 
     # --- a stall --------------------------------------------------------------------------------------------------
-    def _handle(self, trainer: Any, pl_module: Any, event: StallEvent) -> None:
+    def _handle(self, trainer: Any, pl_module: Any, event: StallEvent, tries: int = 0) -> None:
+        """Gather the evidence for a detector event and record the verdict, or note that it did not decide."""
+        if event.reason == "spike":
+            self.n_spikes += 1
         snapshot = self._snapshot(trainer, pl_module, event)
         evidence = self._evidence(trainer, pl_module, event, snapshot)
-        diagnosis = diagnose_stall(evidence, event)
+        undecided: list[dict[str, Any]] = []
+        diagnosis = diagnose_stall(evidence, event, self.thresholds, undecided=undecided)
+        if diagnosis is None:
+            # No verdict without evidence: keep the record for debugging only, and look again later (more gradient
+            # pairs, perhaps a scheduled curvature estimate) while the loss stays stalled.
+            self.undecided.append({"step": event.step, "reason": event.reason, "tries": tries + 1,
+                                   "scores": undecided[0]["scores"] if undecided else {}})
+            LOGGER.debug("optdiag: %s at step %d did not decide a verdict (try %d): %s", event.reason, event.step,
+                         tries + 1, self.undecided[-1]["scores"])
+            if event.reason == "stall" and tries + 1 < _RETRIES:
+                self._pending = (event, tries + 1, event.step + max(1, self.thresholds.window // 2))
+            return
         if diagnosis.kind == "saddle_point" and self.escape_check:
             try:
                 diagnosis.evidence.update(self._escape(trainer, pl_module, diagnosis))
             except (OptDiagError, RuntimeError, ValueError) as error:
                 self.warn_once("escape-check", f"the saddle's escape direction could not be evaluated ({error})")
         self._record(trainer, diagnosis)
+
+    def _retry(self, trainer: Any, pl_module: Any, step: int) -> None:
+        """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled)."""
+        event, tries, _ = self._pending
+        self._pending = None
+        if not self.detector.stalled:
+            return
+        history = self.detector.state_dict()
+        window = self.thresholds.window
+        steps, losses = history["steps"][-window:], [float(v) for v in history["losses"][-window:]]
+        retried = StallEvent(step=step, reason="stall", slope=event.slope, slope_ci=event.slope_ci,
+                             rel_slope=event.rel_slope, window=losses, window_steps=[int(v) for v in steps],
+                             trigger=event.trigger, rel_improvement=event.rel_improvement, margin=event.margin,
+                             improvement_hi=event.improvement_hi, horizon=event.horizon + (step - event.step),
+                             noise=event.noise)
+        self._handle(trainer, pl_module, retried, tries)
 
     def _snapshot(self, trainer: Any, pl_module: Any, event: StallEvent) -> dict[str, Any]:
         """A bounded curvature snapshot at this step, started cold (see below), even if one was just scheduled."""
@@ -318,31 +415,49 @@ class StallDiagnoser(OptDiagCallback):
         # Charged to the monitor's budget, no trace, lambda_min not started from a warm start alone (see
         # HessianMonitor.measure); credit for one setup is left for the escape check
         reserve = (monitor.estimate_seconds() or 0.0) if self.escape_check else 0.0
-        snapshot = monitor.measure(trainer, pl_module, reason="stall" if event.reason == "stall" else "divergence",
+        snapshot = monitor.measure(trainer, pl_module, reason=event.reason,
                                    trace=False, reserve_seconds=reserve)
         return {} if "skipped" in snapshot else snapshot
 
     def _window_gradients(self, event: StallEvent) -> dict[str, float | None]:
-        """Gradient statistics of the stalled window (a gradient's step is one before its update's).
+        """Gradient statistics of the stalled horizon (a gradient's step is one before its update's).
 
-        ``grad_norm`` is the current level, the mean over the window's last fifth of steps (as for the loss): the
-        window's start may still hold the descent that led into the stall. The cosines are means over the whole
-        window, which they need to be reliable. The gradient monitor may measure only pairs of steps every few
-        steps: these are then means over the measured steps of the window (a sample of its steps).
+        ``grad_norm`` is the current level, the mean over the last fifth of the window's steps (as for the loss).
+        The cosines are means over the whole window. The consecutive-gradient pairs (both steps measured) over the
+        whole horizon the stall test used give ``grad_pair_dot``, the mean ``g_t . g_(t-1)`` (with its standard
+        error), and ``grad_pair_sq``, the mean ``|g|^2`` of the same steps: the classifier's "is the gradient about
+        zero?" compares them with enough samples (docs/diagnosis-rules.md). For a spike, the window is the one
+        before the spike (its typical gradient norm sets the clipping advice).
         """
         if self.gradient_monitor is None or not event.window_steps:
             return {}
-        first, last = event.window_steps[0] - 1, event.window_steps[-1] - 1
+        last = event.window_steps[-1] - 1
+        if event.reason == "spike" and event.spike:
+            last = int(event.spike["start_step"]) - 2
+        first = event.window_steps[0] - 1 if event.reason != "spike" else last - self.thresholds.window
         records = [r for r in self.gradient_monitor.history if first <= r.get("step", -1) <= last]
         if not records:
             return {}
         recent_from = last - max(1, (last - first + 1) // 5)
         recent = [r for r in records if r["step"] > recent_from] or records[-1:]
-        return {
+        out = {
             "grad_norm": _finite_mean([r.get("grad_norm") for r in recent]),
             "grad_cosine": _finite_mean([r.get("grad_cosine") for r in records]),
             "update_cosine": _finite_mean([r.get("update_cosine") for r in records]),
         }
+        horizon_first = last - max(event.horizon, len(event.window_steps)) + 1
+        out.update(gradient_pairs([r for r in self.gradient_monitor.history if horizon_first <= r.get("step", -1)
+                                   <= last]))
+        return out
+
+    def _ratio_before(self, event: StallEvent) -> float | None:
+        """For a spike: the stability ratio of the last curvature estimate before it began (None if none)."""
+        if event.reason != "spike" or not event.spike or self.hessian_monitor is None:
+            return None
+        start = event.spike["start_step"]
+        before = [h for h in self.hessian_monitor.history if h.get("step", math.inf) < start
+                  and h.get("stability_ratio") is not None]
+        return before[-1]["stability_ratio"] if before else None
 
     def _evidence(self, trainer: Any, pl_module: Any, event: StallEvent, snapshot: dict[str, Any]) -> Evidence:
         window = [float(v) for v in event.window]
@@ -359,6 +474,9 @@ class StallDiagnoser(OptDiagCallback):
             "num_params": sum(p.numel() for _, p in trainable_parameters(pl_module)),
             "loss_floor": self.loss_floor,
             "nonfinite": event.trigger == "nonfinite",
+            "dataset_size": self._dataset_size,
+            "spike_count": self.n_spikes if event.reason == "spike" else None,
+            "stability_ratio_before": self._ratio_before(event),
         }
         fields.update(self._window_gradients(event))
         for name in _SNAPSHOT_FIELDS:
@@ -414,6 +532,7 @@ class StallDiagnoser(OptDiagCallback):
     # --- output ---------------------------------------------------------------------------------------------------
     def _record(self, trainer: Any, diagnosis: Diagnosis) -> None:
         self.diagnoses.append(diagnosis)
+        self._open.append(len(self.diagnoses) - 1)
         if not trainer.is_global_zero:
             return
         try:
@@ -423,6 +542,49 @@ class StallDiagnoser(OptDiagCallback):
         tb = self.tensorboard_logger(trainer)
         if tb is not None:
             tb.experiment.add_text(TEXT_TAG, diagnosis.to_markdown(), global_step=diagnosis.step)
+            tb.experiment.flush()
+
+    # --- retrospective check ----------------------------------------------------------------------------------------
+    def _check_predictions(self, trainer: Any, step: int, loss: float) -> None:
+        """Check each open verdict's prediction once its time has come (``evidence["outcome"]``, events, TensorBoard)."""
+        if not self._open:
+            self._recent_losses = []
+            return
+        self._recent_losses.append((step, loss))
+        still_open = []
+        for index in self._open:
+            diagnosis = self.diagnoses[index]
+            due = (diagnosis.evidence.get("prediction") or {}).get("check_at_step", math.inf)
+            if step < due:
+                still_open.append(index)
+                continue
+            losses = [v for s, v in self._recent_losses if s > diagnosis.step]
+            lr = OptimizerSpec.from_torch(trainer.optimizers[0]).lr if trainer.optimizers else None
+            outcome = check_prediction(diagnosis, losses, lr, self.thresholds)
+            outcome["checked_at_step"] = step
+            diagnosis.evidence["outcome"] = outcome
+            self._log_outcome(trainer, diagnosis, outcome)
+        self._open = still_open
+        if self._open:  # keep only the losses the oldest open verdict still needs
+            oldest = min(self.diagnoses[i].step for i in self._open)
+            self._recent_losses = [(s, v) for s, v in self._recent_losses if s > oldest]
+        else:
+            self._recent_losses = []
+
+    def _log_outcome(self, trainer: Any, diagnosis: Diagnosis, outcome: dict[str, Any]) -> None:
+        if not trainer.is_global_zero:
+            return
+        record = {"record": "outcome", "verdict_step": diagnosis.step, "kind": diagnosis.kind,
+                  "claim": (diagnosis.evidence.get("prediction") or {}).get("claim"), **outcome}
+        try:
+            events_sink.append_event(events_sink.events_path(self.log_dir(trainer)), record)
+        except OSError as error:
+            self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
+        tb = self.tensorboard_logger(trainer)
+        if tb is not None:
+            tb.experiment.add_text(TEXT_TAG, f"**{diagnosis.kind}** at step {diagnosis.step}, checked at step "
+                                   f"{outcome['checked_at_step']}: **{outcome['outcome']}** "
+                                   f"({outcome.get('detail', '')})", global_step=outcome["checked_at_step"])
             tb.experiment.flush()
 
     def summary(self) -> str:
@@ -440,8 +602,14 @@ class StallDiagnoser(OptDiagCallback):
             return f"optdiag: no stall in {self._steps_run} steps{loss}."
         lines = [f"optdiag: {len(new)} verdict{'s' if len(new) != 1 else ''} in {self._steps_run} steps{loss}:"]
         for d in new:
-            top = d.suggestions[0].action if d.suggestions else "no change suggested"
-            lines.append(f"  step {d.step:>6}  {d.kind:<13}  confidence {d.confidence:.2f}  {d.summary}  -> {top}")
+            top = d.suggestions[0] if d.suggestions else None
+            advice = "no change suggested" if top is None else top.action + (
+                "" if top.proposed is None else f" ({_number(top.current)} -> {_number(top.proposed)})")
+            lines.append(f"  step {d.step:>6}  {d.kind:<13}  confidence {d.confidence:.2f}  {d.summary}  -> {advice}")
+            outcome = d.evidence.get("outcome")
+            if outcome:
+                lines.append(f"  {'':>11}  checked at step {outcome.get('checked_at_step')}: {outcome['outcome']}"
+                             f" ({outcome.get('detail', '')})")
         return "\n".join(lines)
 
     # --- state ----------------------------------------------------------------------------------------------------
@@ -450,6 +618,8 @@ class StallDiagnoser(OptDiagCallback):
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "detector": self.detector.state_dict(),
             "n_snapshots": self.n_snapshots,
+            "n_spikes": self.n_spikes,
+            "open_predictions": list(self._open),
             "loss_initial": self._loss_initial,
             "loss_min": self._loss_min if math.isfinite(self._loss_min) else None,
             "grad_norms_initial": list(self._grad_norms_initial),
@@ -464,6 +634,8 @@ class StallDiagnoser(OptDiagCallback):
         if "detector" in state_dict:
             self.detector.load_state_dict(state_dict["detector"])
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
+        self.n_spikes = int(state_dict.get("n_spikes", 0))
+        self._open = [int(i) for i in state_dict.get("open_predictions", []) if 0 <= int(i) < len(self.diagnoses)]
         self._loss_initial = state_dict.get("loss_initial")
         loss_min = state_dict.get("loss_min")
         self._loss_min = math.inf if loss_min is None else float(loss_min)

@@ -343,7 +343,7 @@ def _scaled_regression(lr_lambda_max: float, batch_size: int, steps: int, optdia
 
 
 def _oscillation() -> list[ScenarioRun]:
-    return _scaled_regression(lr_lambda_max=1.8, batch_size=64, steps=400, optdiag=CURVE_CADENCE)
+    return _scaled_regression(lr_lambda_max=1.8, batch_size=64, steps=1000, optdiag=CURVE_CADENCE)
 
 
 def _divergence() -> list[ScenarioRun]:
@@ -354,7 +354,7 @@ def _divergence() -> list[ScenarioRun]:
 def _minimum() -> list[ScenarioRun]:
     x, y = _minimum_data()
     lam = regression_lambda_max(x)
-    lr, steps, batch = 0.3 / lam, 300, 32
+    lr, steps, batch = 0.3 / lam, 800, 32
     module = ScenarioModule(_built(0, lambda: nn.Linear(x.shape[1], 1)), nn.functional.mse_loss, lr=lr)
     truth = {"lambda_max": lam, "lr": lr, "lr_lambda_max": 0.3}
     return [ScenarioRun("main", module, _loader(x, y, steps, batch), steps, (x, y), truth, dict(CURVE_CADENCE))]

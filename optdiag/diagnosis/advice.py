@@ -285,8 +285,48 @@ def _divergence(ev: Evidence) -> list[Suggestion | None]:
     return out
 
 
+def _loss_spike(ev: Evidence) -> list[Suggestion | None]:
+    """Advice for *repeated* spikes only (one spike that recovers needs no change): warmup, a lower peak lr, clipping.
+
+    The numbers: warmup over twice the step of the latest spike (the lr was too large for the curvature until
+    then; spikes that keep coming late are not a warmup problem and get none); the peak lr at ``TARGET_RATIO`` of
+    the stability threshold where the sharpness was measured, else halved; clipping at twice the typical gradient
+    norm before the spike, so ordinary steps are untouched and only the spike's large ones are capped.
+    """
+    if (ev.spike_count or 0) < REPEATED_SPIKES or not ev.lr:
+        return []
+    out: list[Suggestion | None] = []
+    spike_step = ev.step
+    if spike_step <= WARMUP_SPIKES_BEFORE:
+        iters = max(10, 10 * math.ceil(2 * spike_step / 10))
+        out.append(_offer(
+            "schedule", "Warm up the learning rate", current=ev.lr, proposed=float(iters),
+            reason=f"{ev.spike_count} loss spikes, the latest ending at step {spike_step}: a linear warmup over "
+                   f"{iters} steps (twice that) keeps the early steps below the curvature's limit (Gilmer et al. "
+                   f"2022).",
+            code=f"{_SCHED}.LinearLR(opt, start_factor=0.1, total_iters={iters})"))
+    target = _target_lr(ev)
+    lower = DECAY_FACTOR * ev.lr if target is None or target >= ev.lr else target
+    why = (_ratio_text(ev) + f"; lr {_g(lower)} puts it at {TARGET_RATIO} of the threshold" if target is not None
+           and target < ev.lr else f"{ev.spike_count} spikes with the curvature unmeasured: halve the peak lr")
+    out.append(_lr_suggestion("Lower the peak learning rate", ev, lower, why + "."))
+    if ev.grad_norm:
+        clip = 2.0 * ev.grad_norm
+        out.append(_offer(
+            "lr", "Clip the gradient norm", current=None, proposed=clip,
+            reason=f"Clipping at twice the typical gradient norm {_g(ev.grad_norm)} before the spike caps the step "
+                   f"lr * |g| only where a spike makes it large.",
+            code=f"pl.Trainer(gradient_clip_val={_g(clip)}, gradient_clip_algorithm='norm')"))
+    return out
+
+
+#: Spikes from which on a run gets advice (one spike that recovers is reported, not acted on).
+REPEATED_SPIKES = 2
+#: Spikes up to this step are early-training spikes, which warmup removes.
+WARMUP_SPIKES_BEFORE = 2000
+
 _RULES = {"oscillation": _oscillation, "saddle_point": _saddle, "plateau": _plateau,
-          "local_minimum": _minimum, "divergence": _divergence}
+          "local_minimum": _minimum, "divergence": _divergence, "loss_spike": _loss_spike}
 
 
 def suggest(kind: str, evidence: Evidence) -> list[Suggestion]:

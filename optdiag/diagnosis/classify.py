@@ -1,14 +1,19 @@
-"""From evidence to a verdict: which of the five situations the run is in, and how sure we are.
+"""From evidence to a verdict: which situation the run is in, how sure we are, and what it predicts.
 
-Each rule is a *test*: a statistic compared with a boundary justified in ``docs/diagnosis-rules.md`` from
-THEORY.md. A test's probability is a logistic function of the statistic's distance from the boundary,
-``1 / (1 + exp(-z / W))``: exactly 0.5 on the boundary, 0.9 a factor of 2 past it (``W = ln 2 / ln 9`` on log-ratio
-statistics), near 1 far from it. A kind's score combines its tests with ``min`` (all must hold) and ``1 - p`` for
-tests that must fail, so it is monotone in every statistic; the verdict is the highest score and its confidence is
-that score. A test whose inputs were not measured is ``None`` and treated as documented at each score. When even
-the best score is below :data:`UNCERTAIN_BELOW`, or tied with another kind's, no kind fits: the diagnosis still
-names the closest kind (the contract needs one) but says so in its summary and ``evidence["uncertain"]``, and
-proposes no change.
+Each rule is a *test*: a statistic compared with a boundary justified in ``docs/diagnosis-rules.md``. A test's
+probability is a logistic function of the statistic's distance from the boundary, ``1 / (1 + exp(-z / W))``:
+exactly 0.5 on the boundary, 0.9 a factor of 2 past it (``W = ln 2 / ln 9`` on log-ratio statistics), near 1 far from
+it. Every kind is one row of :data:`RULES`: the tests it needs, whether each must hold or fail, and the probability
+assumed when the test's inputs were not measured. A kind's score is the ``min`` over its row (all must hold), so it
+is monotone in every statistic; the verdict is the highest score among the kinds the detector's event allows.
+
+**No verdict without evidence.** When the best score is 0.5 or less (at least one of its tests is as likely false
+as true), or tied with another kind's, nothing is diagnosed: :func:`diagnose_stall` returns ``None`` and the caller
+measures more or stays silent. Every verdict states what it predicts (``evidence["prediction"]``) so that the
+monitor can check it later (:func:`check_prediction`).
+
+The thresholds that come from the stall detector (the window, the 1% per window) are those of the detector
+actually configured: pass :meth:`Thresholds.from_detector`.
 
 Example:
     >>> from optdiag.diagnosis.evidence import Evidence
@@ -22,13 +27,15 @@ Example:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from optdiag.diagnosis.advice import suggest
 from optdiag.diagnosis.evidence import Evidence
-from optdiag.diagnosis.stall import DEFAULT_REL_IMPROVEMENT, DEFAULT_WINDOW, StallEvent, explosion_threshold
-from optdiag.diagnosis.types import KINDS, Diagnosis
+from optdiag.diagnosis.stall import DEFAULT_REL_IMPROVEMENT, DEFAULT_WINDOW, StallEvent
+from optdiag.diagnosis.types import Diagnosis
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 #: Logistic width on log-ratio statistics: a factor of 2 past a boundary gives probability 0.9.
 LOG_WIDTH = math.log(2.0) / math.log(9.0)
@@ -36,31 +43,104 @@ LOG_WIDTH = math.log(2.0) / math.log(9.0)
 GRAD_SNR_BOUNDARY = 1.0
 #: A gradient below 10% of its early-training scale counts as tiny (one decade down).
 GRAD_TINY_RATIO = 0.1
+#: Fewest consecutive-gradient pairs whose mean inner product may judge the gradient against its noise.
+MIN_GRADIENT_PAIRS = 8
+#: A gradient is deterministic (full batch) when its pairs' noise is below this share of its squared norm.
+DETERMINISTIC_NOISE_SHARE = 1e-3
 #: Negative curvature is significant when lambda_min < -TAU * lambda_max: at lr = 1/lambda_max it then grows a
 #: perturbation e-fold within 1/TAU = 50 steps, one stall window; weaker negative curvature is not escaped in
 #: the window, like the small negative eigenvalues of trained nets.
 NEGATIVE_CURVATURE_TAU = 0.02
-#: Curvature is flat when effective_lr * |lambda| < 1/50: even the stiffest direction needs over a window to move.
-FLAT_STEP_CURVATURE = 1.0 / DEFAULT_WINDOW
-#: No progress when the first-order predicted decrease per step, effective_lr * |G|^2, is below the stall
-#: detector's own boundary (1% of the loss per window of 50 losses, 49 steps): the step size explains the stall.
-NO_PROGRESS_PER_STEP = DEFAULT_REL_IMPROVEMENT / (DEFAULT_WINDOW - 1)
-#: Below this best score no kind fits (at least one of its tests is more likely false than true): "uncertain".
-UNCERTAIN_BELOW = 0.5
 #: Oscillation when sharpness / threshold >= 0.5: SGD's sign-flip boundary lr * lambda = 1, and the margin
-#: THEORY section 1 observed for small-batch momentum (divergence already at lr * lambda = 2.0 of 3.8).
+#: observed for small-batch momentum (divergence already at lr * lambda = 2.0 of 3.8).
 OSCILLATION_RATIO = 0.5
 #: Consecutive minibatch gradients anti-aligned: stationary SGD gives E cos = -lr * lambda / 2 per direction, -0.5
-#: at the sign-flip boundary, diluted to about 2/3 of that by flatter directions (THEORY: -0.6 at 1.8 vs -0.9).
+#: at the sign-flip boundary, diluted to about 2/3 of that by flatter directions.
 ANTI_ALIGNED_COSINE = -0.3
 #: Logistic width for the cosine (linear scale): 0.1 past the boundary gives probability 0.9.
 COSINE_WIDTH = 0.1 / math.log(9.0)
-#: The explosion factor shared with :class:`~optdiag.diagnosis.stall.StallDetector`'s default.
-EXPLOSION_FACTOR = 2.0
+#: A verdict needs a score above this (every test of its row more likely true than false).
+DECIDES_ABOVE = 0.5
+#: A saddle's prediction is checked after this many e-folds of the escape direction (from a 1e-4 offset, ~ln 1e4).
+SADDLE_EFOLDS = 10
 #: At a minimum, a loss still above 10% of its initial gap to ``loss_floor`` is "still high".
 LOSS_HIGH_GAP = 0.1
+#: When scores tie above DECIDES_ABOVE (they cannot on real numbers unless one test limits both), this order
+#: names the more actionable kind first; an exact tie is still undecided (see :func:`_decide`).
+PRIORITY = ("divergence", "loss_spike", "oscillation", "saddle_point", "local_minimum", "plateau")
 
-_PRIORITY = ("divergence", "oscillation", "saddle_point", "local_minimum", "plateau")
+#: The one rule table: kind -> ((test, must_hold, probability when not measured), ...).
+#: ``must_hold=False`` uses ``1 - p``. "Not measured" is 0.5 (undecided) for the critical-point tests, which then
+#: cannot carry a verdict on their own, 0 for the signals a kind is claimed from, 1 for a test that may only veto.
+RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
+    "divergence": (("divergence_event", True, 0.0),),
+    "loss_spike": (("spike_event", True, 0.0),),
+    "oscillation": (("oscillation_signal", True, 0.0),),
+    "saddle_point": (("flat", False, 0.0), ("grad_zero", True, 0.5), ("negative_curvature", True, 0.5)),
+    "local_minimum": (("flat", False, 0.0), ("grad_zero", True, 0.5), ("negative_curvature", False, 0.5),
+                      ("oscillation_signal", False, 0.0)),
+    "plateau": (("flat", True, 0.0), ("oscillation_signal", False, 0.0), ("no_progress", True, 1.0)),
+}
+#: The kinds each detector event may lead to (a stall can still reveal a non-finite loss).
+EVENT_KINDS = {
+    "stall": ("divergence", "oscillation", "saddle_point", "local_minimum", "plateau"),
+    "divergence": ("divergence",),
+    "spike": ("loss_spike",),
+    None: ("divergence", "oscillation", "saddle_point", "local_minimum", "plateau"),
+}
+#: What each verdict predicts, checked ``Thresholds.check_after`` windows later by :func:`check_prediction`.
+PREDICTIONS = {
+    "local_minimum": "the loss stays at its level (it falls by less than the stall limit per window)",
+    "saddle_point": "the loss drops by at least the escape drop once the escape direction grows",
+    "oscillation": "lowering the learning rate removes the bounce (the loss falls after the lr is lowered)",
+    "plateau": "the loss keeps crawling: it does not rise, and falls by less than the stall limit per window",
+    "divergence": "the loss does not come back below its starting level",
+    "loss_spike": "the loss stays below the spike's peak (the spike was transient)",
+}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The boundaries that depend on how the stall detector is configured.
+
+    Attributes:
+        window: the detector's window (losses per window).
+        rel_improvement: the detector's stall limit (relative improvement per window).
+        check_after: windows after a verdict at which its prediction is checked.
+
+    Example:
+        >>> t = Thresholds(window=100, rel_improvement=0.02)
+        >>> t.flat_step_curvature, round(t.no_progress_per_step, 8)
+        (0.01, 0.00020202)
+    """
+
+    window: int = DEFAULT_WINDOW
+    rel_improvement: float = DEFAULT_REL_IMPROVEMENT
+    check_after: int = 4
+
+    def __post_init__(self) -> None:
+        check_number("Thresholds.window", self.window, low=3, integer=True)
+        check_number("Thresholds.rel_improvement", self.rel_improvement, low=0.0)
+        check_number("Thresholds.check_after", self.check_after, low=1, integer=True)
+
+    @classmethod
+    def from_detector(cls, detector: Any, **kwargs: Any) -> Thresholds:
+        """The thresholds of a configured :class:`~optdiag.diagnosis.stall.StallDetector`."""
+        return cls(window=detector.window, rel_improvement=detector.rel_improvement, **kwargs)
+
+    @property
+    def flat_step_curvature(self) -> float:
+        """Flat when ``effective_lr * |lambda| < 1 / window``: the stiffest direction needs over a window to move."""
+        return 1.0 / self.window
+
+    @property
+    def no_progress_per_step(self) -> float:
+        """No progress when the first-order predicted decrease per step, ``effective_lr |G|^2 / loss``, is below the
+        detector's own limit spread over a window's steps: the step size alone explains the stall."""
+        return self.rel_improvement / (self.window - 1)
+
+
+DEFAULT_THRESHOLDS = Thresholds()
 
 
 def _logistic(z: float) -> float:
@@ -77,36 +157,53 @@ def log_ratio_probability(stat: float, boundary: float) -> float:
         >>> log_ratio_probability(2.0, 1.0), log_ratio_probability(1.0, 1.0)
         (0.9, 0.5)
     """
-    if stat <= 0:
+    if not stat > 0:  # 0, negative or NaN
         return 0.0
-    if math.isinf(stat):
+    if math.isinf(stat) or boundary <= 0:
         return 1.0
     return round(_logistic(math.log(stat / boundary) / LOG_WIDTH), 12)
 
 
-def _grad_zero(ev: Evidence) -> float | None:
-    """P(the true gradient is ~0).
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
 
-    With the gradient noise measured (``tr Sigma > 0``) the norm test decides: it compares the gradient with the
-    noise it is measured against, while a gradient that merely shrank since early training can still be far above
-    that noise (a bounce across a valley). Without it (not measured, or a full batch: ``tr Sigma = 0``, where the
-    norm test only says "not exactly zero") the gradient against its early-training scale; None without either.
+
+def _grad_zero(ev: Evidence) -> float | None:
+    """P(the true gradient is ~0), judged against the gradient's own noise with enough samples.
+
+    1. Consecutive-gradient pairs over the stalled horizon (at least :data:`MIN_GRADIENT_PAIRS`): the mean inner
+       product ``g_t . g_(t-1)`` estimates ``|G|^2``, the mean ``|g_t| |g_(t-1)|`` less it the noise ``tr(Sigma)/B``; the
+       norm test compares the upper confidence bound of ``|G|^2`` with that noise. A deterministic gradient (noise
+       below a thousandth of ``|g|^2``: full batch) is judged by its current size against its early-training
+       scale instead.
+    2. Otherwise the probe set's norm test when its noise estimate rests on at least :data:`MIN_GRADIENT_PAIRS`
+       batches (two probe batches prove nothing).
+    3. Otherwise, for a noise-free gradient only, ``|g|`` against its early-training scale; else not measured.
     """
-    if ev.grad_snr is not None and ev.grad_noise_trace:
+    pairs = ev.grad_pair_count or 0
+    if pairs >= MIN_GRADIENT_PAIRS and _finite(ev.grad_pair_dot) and _finite(ev.grad_pair_sq) and ev.grad_pair_sq > 0:
+        noise = ev.grad_pair_sq - ev.grad_pair_dot
+        if noise > DETERMINISTIC_NOISE_SHARE * ev.grad_pair_sq:
+            upper = ev.grad_pair_dot + 2.0 * (ev.grad_pair_dot_stderr or 0.0)
+            return 1.0 - log_ratio_probability(max(upper, 0.0) / noise, GRAD_SNR_BOUNDARY)
+        if ev.grad_norm_ratio is not None:  # deterministic: the current |g| against its early-training scale
+            return 1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO)
+    if ev.grad_snr is not None and ev.grad_noise_trace and (ev.grad_noise_batches or 0) >= MIN_GRADIENT_PAIRS:
         return 1.0 - log_ratio_probability(ev.grad_snr, GRAD_SNR_BOUNDARY)
-    if ev.grad_norm_ratio is not None:
+    noise_free = ev.grad_noise_trace == 0 or (ev.batch_size is not None and ev.batch_size == ev.dataset_size)
+    if noise_free and ev.grad_norm_ratio is not None:
         return 1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO)
     return None
 
 
 def _negative_curvature(ev: Evidence) -> float | None:
     """P(lambda_min is significantly negative): relative to lambda_max and beyond its Lanczos residual."""
-    if ev.lambda_min is None or not math.isfinite(ev.lambda_min):
+    if not _finite(ev.lambda_min):
         return None
     if ev.lambda_min >= 0:
         return 0.0
     magnitude = -ev.lambda_min
-    lam_max = ev.lambda_max if ev.lambda_max is not None and math.isfinite(ev.lambda_max) else None
+    lam_max = ev.lambda_max if _finite(ev.lambda_max) else None
     relative = math.inf if lam_max is None or lam_max <= 0 else magnitude / (NEGATIVE_CURVATURE_TAU * lam_max)
     p = log_ratio_probability(relative, 1.0)
     if ev.lambda_min_residual is not None:
@@ -120,42 +217,33 @@ def _step_curvature(ev: Evidence) -> float | None:
     opt = ev.optimizer
     if opt is None or opt.effective_lr is None:
         return None
-    if opt.preconditioned:
-        curvatures = [ev.preconditioned_lambda_max]
-    else:
-        curvatures = [ev.lambda_max, ev.lambda_min]
-    curvatures = [abs(c) for c in curvatures if c is not None and math.isfinite(c)]
+    curvatures = [ev.preconditioned_lambda_max] if opt.preconditioned else [ev.lambda_max, ev.lambda_min]
+    curvatures = [abs(c) for c in curvatures if _finite(c)]
     return opt.effective_lr * max(curvatures) if curvatures else None
-
-
-def _flat(ev: Evidence) -> float | None:
-    stat = _step_curvature(ev)
-    return None if stat is None else 1.0 - log_ratio_probability(stat, FLAT_STEP_CURVATURE)
 
 
 def _predicted_progress(ev: Evidence, loss: float | None) -> float | None:
     """``effective_lr * |G|^2 / |loss|``: the first-order predicted relative decrease of the loss per step.
 
-    ``|G|^2`` is the unbiased full-gradient estimate when measured, else ``grad_norm^2`` (a minibatch norm, which
-    overstates ``|G|^2`` by ``tr Sigma / B``: it errs against calling a plateau). None for preconditioned
+    ``|G|^2`` is the pairs' estimate when there are enough pairs, else the unbiased estimate, else ``grad_norm^2``
+    (a minibatch norm, which overstates ``|G|^2``: it errs against calling a plateau). None for preconditioned
     optimizers (their step is ``P^-1 g``, not ``g``) or without lr, gradient or loss.
     """
     opt = ev.optimizer
-    if opt is None or opt.effective_lr is None or opt.preconditioned or loss is None or not math.isfinite(loss):
+    if opt is None or opt.effective_lr is None or opt.preconditioned or not _finite(loss):
         return None
-    g2 = ev.grad_sq_norm_unbiased if ev.grad_sq_norm_unbiased is not None else (
-        None if ev.grad_norm is None else ev.grad_norm**2)
-    if g2 is None or not math.isfinite(g2):
+    if (ev.grad_pair_count or 0) >= MIN_GRADIENT_PAIRS and _finite(ev.grad_pair_dot):
+        g2 = ev.grad_pair_dot
+    elif ev.grad_sq_norm_unbiased is not None:
+        g2 = ev.grad_sq_norm_unbiased
+    else:
+        g2 = None if ev.grad_norm is None else ev.grad_norm**2
+    if not _finite(g2):
         return None
-    g2 = max(g2, 0.0)  # the unbiased estimate can dip below 0 when G is ~0
+    g2 = max(g2, 0.0)  # the estimates of |G|^2 can dip below 0 when G is ~0
     if g2 == 0:
         return 0.0
     return math.inf if loss == 0 else opt.effective_lr * g2 / abs(loss)
-
-
-def _no_progress(ev: Evidence, loss: float | None) -> float | None:
-    stat = _predicted_progress(ev, loss)
-    return None if stat is None else 1.0 - log_ratio_probability(stat, NO_PROGRESS_PER_STEP)
 
 
 def _oscillation_signal(ev: Evidence) -> float | None:
@@ -163,77 +251,54 @@ def _oscillation_signal(ev: Evidence) -> float | None:
     tests = []
     if ev.stability_ratio is not None:
         tests.append(log_ratio_probability(ev.stability_ratio, OSCILLATION_RATIO))
-    if ev.grad_cosine is not None and math.isfinite(ev.grad_cosine):
+    if _finite(ev.grad_cosine):
         tests.append(round(_logistic((ANTI_ALIGNED_COSINE - ev.grad_cosine) / COSINE_WIDTH), 12))
     return max(tests) if tests else None
 
 
-def _divergence(ev: Evidence, event: StallEvent | None) -> float:
-    if ev.nonfinite or (ev.loss is not None and not math.isfinite(ev.loss)):
-        return 1.0
-    tests = [0.0]
-    if event is not None and event.reason == "divergence":
-        tests.append(_logistic(event.margin / LOG_WIDTH) if math.isfinite(event.margin) else 1.0)
-    if None not in (ev.loss, ev.loss_min, ev.loss_initial):
-        limit = explosion_threshold(ev.loss_initial, ev.loss_min, EXPLOSION_FACTOR)
-        if limit is not None and ev.loss > ev.loss_min:
-            tests.append(log_ratio_probability(ev.loss - ev.loss_min, limit - ev.loss_min))
-    return max(tests)
+def _event_probability(event: StallEvent | None, reason: str) -> float | None:
+    if event is None or event.reason != reason:
+        return None
+    return _logistic(event.margin / LOG_WIDTH) if math.isfinite(event.margin) else 1.0
 
 
-def _tests(ev: Evidence, event: StallEvent | None) -> dict[str, float | None]:
+def _tests(ev: Evidence, event: StallEvent | None, loss: float | None, th: Thresholds) -> dict[str, float | None]:
+    step_curvature = _step_curvature(ev)
+    progress = _predicted_progress(ev, loss)
+    divergence = 1.0 if ev.nonfinite else _event_probability(event, "divergence")
     return {
+        "divergence_event": divergence,
+        "spike_event": _event_probability(event, "spike"),
         "grad_zero": _grad_zero(ev),
         "negative_curvature": _negative_curvature(ev),
-        "flat": _flat(ev),
-        "no_progress": _no_progress(ev, _current_loss(ev, event)),
+        "flat": None if step_curvature is None else 1.0 - log_ratio_probability(step_curvature,
+                                                                                th.flat_step_curvature),
+        "no_progress": None if progress is None else 1.0 - log_ratio_probability(progress, th.no_progress_per_step),
         "oscillation_signal": _oscillation_signal(ev),
-        "divergence": _divergence(ev, event),
     }
 
 
-def _scores(t: dict[str, float | None]) -> dict[str, float]:
-    """Kind scores. Unmeasured: grad_zero and negative_curvature count 0.5 (undecided) for the critical-point
-    kinds, but do not veto oscillation; no_progress does not veto plateau; flat and oscillation_signal count 0
-    (no claim without them)."""
-    gz, neg = t["grad_zero"], t["negative_curvature"]
-    flat = t["flat"] if t["flat"] is not None else 0.0
-    osc = t["oscillation_signal"] if t["oscillation_signal"] is not None else 0.0
-    gz_half = 0.5 if gz is None else gz
-    neg_half = 0.5 if neg is None else neg
-    return {
-        "divergence": t["divergence"],
-        "oscillation": min(osc, 1.0 if gz is None else 1.0 - gz),
-        "saddle_point": min(1.0 - flat, gz_half, neg_half),
-        "local_minimum": min(1.0 - flat, gz_half, 1.0 - neg_half),
-        "plateau": min(flat, 1.0 - osc, 1.0 if t["no_progress"] is None else t["no_progress"]),
-    }
+def _scores(tests: dict[str, float | None], kinds: tuple[str, ...]) -> dict[str, float]:
+    scores = {}
+    for kind in kinds:
+        support = []
+        for name, must_hold, missing in RULES[kind]:
+            p = tests[name]
+            p = missing if p is None else p
+            support.append(p if must_hold else 1.0 - p)
+        scores[kind] = min(support)
+    return scores
 
 
-def _pick(scores: dict[str, float], allowed: tuple[str, ...]) -> str:
-    if scores["divergence"] >= 0.5 and "divergence" in allowed:
-        return "divergence"  # a non-finite or exploding loss overrides everything else
-    best = max(scores[k] for k in allowed)
-    return next(k for k in _PRIORITY if k in allowed and scores[k] == best)
-
-
-def _record(ev: Evidence, event: StallEvent | None, tests: dict[str, Any], scores: dict[str, float]) -> dict:
-    record = ev.record()
-    if event is not None:
-        record.setdefault("loss_window", list(event.window))
-        record.setdefault("rel_slope", event.rel_slope)
-        record.update({"window_steps": list(event.window_steps), "slope": event.slope,
-                       "slope_ci": list(event.slope_ci), "rel_improvement": event.rel_improvement,
-                       "stall_reason": event.reason, "stall_trigger": event.trigger})
-    step_curv = _step_curvature(ev)
-    if step_curv is not None:
-        record["step_curvature"] = step_curv
-    progress = _predicted_progress(ev, _current_loss(ev, event))
-    if progress is not None:
-        record["predicted_progress"] = progress
-    record["tests"] = tests
-    record["scores"] = scores
-    return record
+def _decide(scores: dict[str, float]) -> str | None:
+    """The kind with the best score above :data:`DECIDES_ABOVE`; None if none, or if another kind ties it."""
+    best = max(scores.values())
+    if not best > DECIDES_ABOVE:
+        return None
+    winners = [k for k in PRIORITY if k in scores and abs(scores[k] - best) <= 1e-12]
+    if len(winners) > 1 and "divergence" not in winners:
+        return None
+    return winners[0]
 
 
 def _current_loss(ev: Evidence, event: StallEvent | None) -> float | None:
@@ -246,10 +311,33 @@ def _current_loss(ev: Evidence, event: StallEvent | None) -> float | None:
     return None
 
 
+def _record(ev: Evidence, event: StallEvent | None, tests: dict[str, Any], scores: dict[str, float],
+            loss: float | None) -> dict:
+    record = ev.record()
+    if event is not None:
+        record.setdefault("loss_window", list(event.window))
+        record.setdefault("rel_slope", event.rel_slope)
+        record.update({"window_steps": list(event.window_steps), "slope": event.slope,
+                       "slope_ci": list(event.slope_ci), "rel_improvement": event.rel_improvement,
+                       "rel_improvement_upper": event.improvement_hi, "stall_horizon": event.horizon,
+                       "loss_noise": event.noise, "stall_reason": event.reason, "stall_trigger": event.trigger})
+        if event.spike:
+            record["spike"] = dict(event.spike)
+    step_curvature = _step_curvature(ev)
+    if step_curvature is not None:
+        record["step_curvature"] = step_curvature
+    progress = _predicted_progress(ev, loss)
+    if progress is not None:
+        record["predicted_progress"] = progress
+    record["tests"] = tests
+    record["scores"] = scores
+    return record
+
+
 def _add_kind_evidence(kind: str, ev: Evidence, record: dict, loss: float | None) -> None:
-    if kind == "saddle_point" and ev.lambda_min is not None and ev.lambda_min < 0:
+    if kind == "saddle_point" and _finite(ev.lambda_min) and ev.lambda_min < 0:
         record["escape_drop_coefficient"] = 0.5 * ev.lambda_min  # L(theta + t u) - L(theta) ~ this * t^2
-        if ev.lambda_max:
+        if _finite(ev.lambda_max) and ev.lambda_max:
             record["negative_curvature_ratio"] = -ev.lambda_min / ev.lambda_max
         if loss:
             record["escape_distance"] = math.sqrt(2.0 * 0.01 * abs(loss) / -ev.lambda_min)
@@ -259,30 +347,56 @@ def _add_kind_evidence(kind: str, ev: Evidence, record: dict, loss: float | None
         if gap0 > 0:
             record["loss_gap_fraction"] = (loss - ev.loss_floor) / gap0
             record["loss_still_high"] = record["loss_gap_fraction"] > LOSS_HIGH_GAP
+    if kind == "loss_spike":
+        record["catapult"] = _catapult(ev)
 
 
-def _fmt(x: float | None) -> str:
-    return "?" if x is None else f"{x:.3g}"
+def _catapult(ev: Evidence) -> bool | None:
+    """A catapult: the sharpness was past the stability threshold before the spike and below it after.
+
+    None when either side was not measured (the spike is then reported without that claim).
+    """
+    before, after = ev.stability_ratio_before, ev.stability_ratio
+    if not (_finite(before) and _finite(after)):
+        return None
+    return before > 1.0 and after < 1.0
 
 
-def _summary(kind: str, record: dict) -> str:
+def _fmt(x: Any) -> str:
+    return f"{x:.3g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "?"
+
+
+def _summary(kind: str, record: dict, th: Thresholds) -> str:
     if kind == "divergence":
-        return "The loss is diverging (non-finite or exploding): the step is past the stable range."
+        if record.get("nonfinite"):
+            return "The loss is diverging: it became non-finite (NaN or inf): the step is past the stable range."
+        return (f"The loss is diverging: it is above where it started and has kept rising for over "
+                f"{th.window // 4} steps (relative change per window {_fmt(-record.get('rel_improvement', math.nan))}).")
+    if kind == "loss_spike":
+        spike = record.get("spike", {})
+        text = (f"A loss spike that recovered: the loss rose to {_fmt(spike.get('peak'))} "
+                f"({_fmt(spike.get('ratio'))}x its running median {_fmt(spike.get('reference'))}, "
+                f"{_fmt(spike.get('sigmas'))} robust sd) at step {_fmt(spike.get('peak_step'))} and was back by step "
+                f"{_fmt(spike.get('end_step'))}")
+        if record.get("catapult"):
+            text += "; a catapult: the sharpness fell from above the stability threshold to below it"
+        return text + "."
     if kind == "oscillation":
-        return (f"The loss is flat while the gradient stays large: the step bounces across a valley "
+        return (f"The loss is flat while the step bounces across a valley "
                 f"(lr*lambda_max = {_fmt(record.get('lr_lambda_max'))}, stability ratio "
                 f"{_fmt(record.get('stability_ratio'))}, gradient cosine {_fmt(record.get('grad_cosine'))}).")
     if kind == "saddle_point":
-        text = (f"Stuck near a saddle point: the gradient is ~0 and lambda_min = {_fmt(record.get('lambda_min'))} "
-                f"is significantly negative; moving t along its eigenvector lowers the loss by about "
-                f"{_fmt(-record.get('escape_drop_coefficient', math.nan))} * t^2")
+        text = (f"Stuck near a saddle point: the gradient is ~0 against its noise and lambda_min = "
+                f"{_fmt(record.get('lambda_min'))} is significantly negative; moving t along its eigenvector lowers "
+                f"the loss by about {_fmt(-record.get('escape_drop_coefficient', math.nan))} * t^2")
         if "escape_distance" in record:
             text += f" (1% of the loss at t = {_fmt(record['escape_distance'])})"
         return text + "."
     if kind == "local_minimum":
-        text = (f"At a local minimum: the gradient is ~0 and no significant negative curvature (lambda_max = "
-                f"{_fmt(record.get('lambda_max'))}, trace {_fmt(record.get('hessian_trace'))}, "
-                f"{_fmt(record.get('stability_ratio'))} of the stability threshold)")
+        text = (f"At a local minimum: the gradient is ~0 against its noise and there is no significant negative "
+                f"curvature (lambda_max = {_fmt(record.get('lambda_max'))}, lambda_min = "
+                f"{_fmt(record.get('lambda_min'))}, {_fmt(record.get('stability_ratio'))} of the stability "
+                f"threshold)")
         if record.get("loss_still_high"):
             text += ("; the loss is still high, so this is the model's bias rather than the optimizer: "
                      "consider capacity or features")
@@ -290,94 +404,87 @@ def _summary(kind: str, record: dict) -> str:
     text = (f"On a plateau: the step barely feels the curvature (effective lr * |lambda| = "
             f"{_fmt(record.get('step_curvature'))})")
     if "predicted_progress" in record:
-        per_window = 100 * record["predicted_progress"] * (DEFAULT_WINDOW - 1)
-        text += (f" and lowers the loss by a predicted {_fmt(per_window)}% per {DEFAULT_WINDOW} losses "
+        per_window = 100 * record["predicted_progress"] * (th.window - 1)
+        text += (f" and lowers the loss by a predicted {_fmt(per_window)}% per {th.window} steps "
                  f"(lr * |G|^2 / loss per step)")
     return text + ", so steps barely move the loss."
 
 
-#: The tests each kind needs, with the value that supports it ("1 - p" written as a leading "not ").
-_KIND_TESTS = {
-    "oscillation": ("oscillation_signal", "not grad_zero"),
-    "saddle_point": ("not flat", "grad_zero", "negative_curvature"),
-    "local_minimum": ("not flat", "grad_zero", "not negative_curvature"),
-    "plateau": ("flat", "not oscillation_signal", "no_progress"),
-}
-
-
-def _is_uncertain(kind: str, scores: dict[str, float], allowed: tuple[str, ...]) -> bool:
-    """Below :data:`UNCERTAIN_BELOW`, or tied with another kind (possible only on a boundary, at 0.5)."""
-    if scores[kind] < UNCERTAIN_BELOW:
-        return True
+def _prediction(kind: str, ev: Evidence, record: dict, loss: float | None, th: Thresholds) -> dict[str, Any]:
+    """What the verdict predicts, with the numbers :func:`check_prediction` needs."""
+    out: dict[str, Any] = {"claim": PREDICTIONS[kind], "check_at_step": ev.step + th.check_after * th.window,
+                           "loss": loss, "lr": ev.lr}
+    if kind == "saddle_point":
+        out["drop"] = record.get("escape_drop")
+        # the escape grows e-fold every 1 / (lr |lambda_min|) steps; from a tiny offset it needs about ten e-folds
+        if _finite(ev.lambda_min) and ev.lambda_min < 0 and ev.optimizer is not None and ev.optimizer.effective_lr:
+            efold = 1.0 / (ev.optimizer.effective_lr * -ev.lambda_min)
+            out["check_at_step"] = max(out["check_at_step"], ev.step + math.ceil(SADDLE_EFOLDS * efold))
+    if kind == "loss_spike":
+        out["peak"] = record.get("spike", {}).get("peak")
     if kind == "divergence":
-        return False  # chosen by its own override, not by comparison
-    return any(k != kind and abs(scores[k] - scores[kind]) <= 1e-12 for k in allowed)
+        out["loss_initial"] = ev.loss_initial
+    return out
 
 
-def _uncertain_summary(kind: str, record: dict, allowed: tuple[str, ...]) -> str:
-    """Why no kind fits: the closest kind, its score, and which of its tests fail (support below 0.5)."""
-    tests, scores = record["tests"], record["scores"]
-    failing = []
-    for name in _KIND_TESTS.get(kind, ()):
-        negated = name.startswith("not ")
-        value = tests[name[4:] if negated else name]
-        if value is not None and (1.0 - value if negated else value) < UNCERTAIN_BELOW:
-            failing.append(f"{name} = {1.0 - value if negated else value:.2f}")
-    runner_up = max((k for k in allowed if k != kind), key=lambda k: scores[k])
-    text = (f"Uncertain: no situation fits the evidence; the closest is {kind} at {scores[kind]:.2f} "
-            f"(next {runner_up} at {scores[runner_up]:.2f})")
-    if failing:
-        text += f"; it fails {', '.join(failing)}"
-    return text + ". No change is proposed: measure again (curvature, gradient noise) or watch the loss."
-
-
-def _build(ev: Evidence, event: StallEvent | None, allowed: tuple[str, ...]) -> Diagnosis:
+def _build(ev: Evidence, event: StallEvent | None, kinds: tuple[str, ...], th: Thresholds,
+           record_undecided: list | None) -> Diagnosis | None:
     if not isinstance(ev, Evidence):
         raise UsageError(f"expected an Evidence, got {type(ev).__name__}")
     if event is not None and not isinstance(event, StallEvent):
         raise UsageError(f"event must be a StallEvent or None, got {type(event).__name__}")
-    tests = _tests(ev, event)
-    scores = _scores(tests)
-    kind = _pick(scores, allowed)
-    record = _record(ev, event, tests, scores)
-    _add_kind_evidence(kind, ev, record, _current_loss(ev, event))
-    # A verdict that fails one of its own tests, or that only tie order picked, is not acted on: it is reported
-    # as uncertain, without advice.
-    record["uncertain"] = _is_uncertain(kind, scores, allowed)
-    if record["uncertain"]:
-        return Diagnosis(step=ev.step, kind=kind, confidence=scores[kind], evidence=record, suggestions=[],
-                         summary=_uncertain_summary(kind, record, allowed))
+    if not isinstance(th, Thresholds):
+        raise UsageError(f"thresholds must be a Thresholds, got {type(th).__name__}")
+    loss = _current_loss(ev, event)
+    tests = _tests(ev, event, loss, th)
+    scores = _scores(tests, kinds)
+    kind = _decide(scores)
+    record = _record(ev, event, tests, scores, loss)
+    if kind is None:
+        if record_undecided is not None:
+            record_undecided.append(record)
+        return None
+    _add_kind_evidence(kind, ev, record, loss)
+    record["prediction"] = _prediction(kind, ev, record, loss, th)
     return Diagnosis(step=ev.step, kind=kind, confidence=scores[kind], evidence=record,
-                     suggestions=suggest(kind, ev), summary=_summary(kind, record))
+                     suggestions=suggest(kind, ev), summary=_summary(kind, record, th))
 
 
-def diagnose_stall(evidence: Evidence, event: StallEvent | None = None) -> Diagnosis:
-    """Classify a stalled (or diverging) run into one of :data:`KINDS`, with confidence, evidence and advice.
+def diagnose_stall(evidence: Evidence, event: StallEvent | None = None, thresholds: Thresholds | None = None, *,
+                   undecided: list | None = None) -> Diagnosis | None:
+    """Classify a detector event (a stall, a recovered spike, a divergence) with confidence, evidence and advice.
 
     Args:
-        evidence: the measurements at the stall (what was not measured is None).
-        event: the detector's event, if any: its window, slope and a divergence trigger are used and recorded.
+        evidence: the measurements at the event (what was not measured is None).
+        event: the detector's event, if any: its reason decides which kinds are possible (a spike can only be a
+            ``loss_spike``, a divergence only ``divergence``), and its window, slope and margin are recorded.
+        thresholds: the configured detector's thresholds (:meth:`Thresholds.from_detector`); defaults otherwise.
+        undecided: a list to which the evidence record of an undecided check is appended (a debug trail).
 
     Returns:
-        A :class:`Diagnosis`; ``evidence`` holds every number used, the per-test probabilities under ``"tests"``
-        and the per-kind scores under ``"scores"``.
+        A :class:`Diagnosis` (its ``evidence`` holds every number used, the per-test probabilities under
+        ``"tests"``, the per-kind scores under ``"scores"`` and what it predicts under ``"prediction"``), or
+        ``None`` when the evidence does not decide.
 
     Example:
         >>> diagnose_stall(Evidence(step=3, loss=float("nan"))).kind
         'divergence'
+        >>> diagnose_stall(Evidence(step=3, loss=1.0)) is None
+        True
     """
-    return _build(evidence, event, KINDS)
+    kinds = EVENT_KINDS.get(None if event is None else event.reason, EVENT_KINDS[None])
+    return _build(evidence, event, kinds, thresholds or DEFAULT_THRESHOLDS, undecided)
 
 
-def classify_point(evidence: Evidence) -> Diagnosis | None:
+def classify_point(evidence: Evidence, thresholds: Thresholds | None = None) -> Diagnosis | None:
     """Classify a point with no loss history (post-hoc, a checkpoint): minimum, saddle or plateau.
 
-    Returns None when the gradient is not statistically zero (grad_zero test below 0.5): not a critical point.
-    Without gradient statistics the point is classified on curvature alone, at confidence at most 0.5.
+    Returns None when the gradient is not statistically zero (the point is not critical) or when the evidence does
+    not decide.
 
     Example:
         >>> classify_point(Evidence(step=0, lambda_max=2.0, lambda_min=-2.0, grad_norm=0.0,
-        ...                         grad_norm_initial=1.0)).kind
+        ...                         grad_norm_initial=1.0, grad_noise_trace=0.0)).kind
         'saddle_point'
     """
     if not isinstance(evidence, Evidence):
@@ -385,4 +492,74 @@ def classify_point(evidence: Evidence) -> Diagnosis | None:
     grad_zero = _grad_zero(evidence)
     if grad_zero is not None and grad_zero < 0.5:
         return None
-    return _build(evidence, None, ("saddle_point", "local_minimum", "plateau"))
+    return _build(evidence, None, ("saddle_point", "local_minimum", "plateau"), thresholds or DEFAULT_THRESHOLDS,
+                  None)
+
+
+def check_prediction(diagnosis: Diagnosis, losses: list[float], lr: float | None,
+                     thresholds: Thresholds | None = None) -> dict[str, Any]:
+    """Whether what a verdict predicted happened, judged on the losses seen since it.
+
+    Args:
+        diagnosis: a verdict of :func:`diagnose_stall` (its ``evidence["prediction"]``).
+        losses: the training losses of the steps after the verdict (non-finite ones included).
+        lr: the learning rate now.
+        thresholds: the thresholds the verdict was made with.
+
+    Returns:
+        ``{"outcome": "confirmed" | "refuted" | "not tested", "detail": one sentence, "loss_after": ...}``.
+
+    Example:
+        >>> from optdiag.diagnosis.types import Diagnosis
+        >>> d = Diagnosis(10, "local_minimum", 0.9, {"prediction": {"loss": 1.0, "lr": 0.1}}, [], "Minimum.")
+        >>> check_prediction(d, [1.0] * 200, lr=0.1)["outcome"]
+        'confirmed'
+    """
+    th = thresholds or DEFAULT_THRESHOLDS
+    prediction = diagnosis.evidence.get("prediction") or {}
+    before = prediction.get("loss")
+    finite = [x for x in losses if math.isfinite(x)]
+    tail = finite[-max(3, th.window // 5):]
+    after = sorted(tail)[len(tail) // 2] if tail else None
+    out: dict[str, Any] = {"outcome": "not tested", "loss_after": after, "loss_before": before}
+    kind = diagnosis.kind
+    if kind == "divergence":
+        start = prediction.get("loss_initial")
+        if len(finite) < len(losses) or after is None:
+            out.update(outcome="confirmed", detail="the loss is still non-finite")
+        elif _finite(start):
+            back = after < start
+            out.update(outcome="refuted" if back else "confirmed",
+                       detail=f"the loss is {_fmt(after)} against its start {_fmt(start)}")
+        return out
+    if after is None or not _finite(before) or before == 0:
+        out["detail"] = "no finite losses to compare"
+        return out
+    windows = max(len(losses) / th.window, 1.0)
+    change = (before - after) / abs(before)  # relative fall since the verdict
+    per_window = change / windows
+    out["relative_fall"] = change
+    if kind in ("local_minimum", "plateau"):
+        held = per_window < 2.0 * th.rel_improvement and (kind == "local_minimum" or change > -0.5)
+        out.update(outcome="confirmed" if held else "refuted",
+                   detail=f"the loss went {_fmt(before)} -> {_fmt(after)} ({_fmt(100 * per_window)}% per window)")
+    elif kind == "saddle_point":
+        drop = prediction.get("drop")
+        if _finite(drop):
+            escaped = before - after >= drop
+            out.update(outcome="confirmed" if escaped else "refuted",
+                       detail=f"the loss went {_fmt(before)} -> {_fmt(after)} (escape drop {_fmt(drop)})")
+    elif kind == "oscillation":
+        lr_then = prediction.get("lr")
+        if _finite(lr_then) and _finite(lr) and lr <= 0.7 * lr_then:
+            out.update(outcome="confirmed" if after < before else "refuted",
+                       detail=f"after the lr went {_fmt(lr_then)} -> {_fmt(lr)} the loss went "
+                              f"{_fmt(before)} -> {_fmt(after)}")
+        else:
+            out["detail"] = "the learning rate was not lowered, so the prediction was not put to the test"
+    elif kind == "loss_spike":
+        peak = prediction.get("peak")
+        if _finite(peak):
+            out.update(outcome="confirmed" if after < peak else "refuted",
+                       detail=f"the loss is {_fmt(after)} against the spike's peak {_fmt(peak)}")
+    return out

@@ -30,10 +30,12 @@ _LOSS_FIELDS = ("loss", "loss_min", "loss_initial")
 _GRADIENT_SIZE = ("grad_norm", "grad_sq_norm_unbiased")
 # Quantities that cannot be negative (norms, variances, residuals, standard errors): rounding below 0 is clamped.
 _NON_NEGATIVE = ("grad_norm", "grad_norm_initial", "grad_sq_norm_unbiased", "grad_noise_trace", "lambda_max_residual",
-                 "lambda_min_residual", "hessian_trace_stderr")
+                 "lambda_min_residual", "hessian_trace_stderr", "grad_pair_sq", "grad_pair_dot_stderr",
+                 "stability_ratio_before")
+# Counts: a value that is not a positive integer is a measurement gone wrong ("not available").
+_COUNTS = ("batch_size", "num_params", "grad_pair_count", "grad_noise_batches", "dataset_size", "spike_count")
 _COSINES = ("grad_cosine", "update_cosine")
-_NOT_MEASURED_HERE = ("step", "loss_window", "optimizer", "nonfinite", "batch_size", "num_params", "clamped",
-                      "unavailable")
+_NOT_MEASURED_HERE = ("step", "loss_window", "optimizer", "nonfinite", "clamped", "unavailable") + _COUNTS
 
 
 @dataclass
@@ -55,6 +57,14 @@ class Evidence:
         preconditioned_lambda_max: ``lambda_max(P^-1 H)`` for Adam/RMSprop.
         epsilon_sharpness: Keskar's epsilon-sharpness (percent). num_params: parameter count.
         optimizer: the :class:`OptimizerSpec` of the run. loss_floor: the user's idea of a good loss, if known.
+        grad_pair_count: pairs of consecutive steps whose gradients were measured over the stalled horizon;
+            grad_pair_dot: their mean inner product ``g_t . g_(t-1)`` (an estimate of ``|G|^2`` that minibatch noise
+            does not inflate), with its standard error grad_pair_dot_stderr; grad_pair_sq: the mean
+            ``|g_t| |g_(t-1)|`` of the same pairs (``|G|^2 + tr(Sigma)/B``). See ``docs/diagnosis-rules.md``, "The gradient is about zero".
+        grad_noise_batches: the batches the probe set's noise estimate rests on. dataset_size: samples per epoch
+            (a batch of that size is a full batch: no gradient noise).
+        stability_ratio_before: the stability ratio measured before a loss spike (a catapult crosses 1 downwards).
+        spike_count: loss spikes seen so far in the run, this one included.
         nonfinite: the run diverged: set automatically when a loss (``loss``, ``loss_window``, ``loss_min``,
             ``loss_initial``) is NaN or infinite or a gradient size (``grad_norm``, ``grad_sq_norm_unbiased``) is
             ``+inf``.
@@ -100,6 +110,14 @@ class Evidence:
     optimizer: OptimizerSpec | None = None
     nonfinite: bool = False
     loss_floor: float | None = None
+    grad_pair_count: int | None = None
+    grad_pair_dot: float | None = None
+    grad_pair_dot_stderr: float | None = None
+    grad_pair_sq: float | None = None
+    grad_noise_batches: int | None = None
+    dataset_size: int | None = None
+    stability_ratio_before: float | None = None
+    spike_count: int | None = None
     clamped: dict[str, float] = field(default_factory=dict)
     unavailable: list[str] = field(default_factory=list)
 
@@ -130,7 +148,7 @@ class Evidence:
             setattr(self, name, value)
             if value is not None and not math.isfinite(value):
                 self.nonfinite = True  # a non-finite loss or an overflowing gradient: evidence of divergence
-        for name in ("batch_size", "num_params"):
+        for name in _COUNTS:
             value = m.number(name, getattr(self, name))
             if value is not None and (value < 1 or value != int(value)):
                 m.unavailable.append(name)  # not a count: a measurement gone wrong, not evidence

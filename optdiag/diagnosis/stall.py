@@ -1,68 +1,83 @@
-"""Stall (plateau) and divergence detection on the training-loss history.
+"""Stall, loss-spike and divergence detection on the training-loss history, judged against the losses' own noise.
 
-The test is a Theil-Sen fit (:func:`theil_sen`, the same numbers as ``scipy.stats.theilslopes``) of the loss
-against the step over the most recent ``window`` losses: the median of all pairwise slopes, with a
-distribution-free confidence interval. Dividing by the
-loss level (``|median|`` of the window) and multiplying by the window's step span turns the slope into the
-*relative improvement across the window* ``I = -slope * span / level``, which is scale-free: multiplying the loss by
-1000 changes nothing. Theil-Sen ignores up to ~29% of wild points, so minibatch spikes do not move it.
+Minibatch losses are noisy (often 15-30% of their level): a window of raw losses that looks flat can hide a
+full-data loss that still falls 10% per window. So a stall is declared only when the data *prove* the loss is flat.
 
-Rules (defaults in brackets, see ``docs/diagnosis-rules.md``):
+* **trend test** (:func:`trend_test`): the losses of a horizon are cut into ``n_blocks`` consecutive blocks; an
+  ordinary least-squares line through the block means gives the slope and, from the block means' scatter about it,
+  its standard error with ``n_blocks - 2`` degrees of freedom (batch means: successive losses are correlated, block
+  means much less). The slope becomes the *relative improvement per window* ``I = -slope * span / level`` with
+  ``span`` one window of steps and ``level`` the current loss (``|median|`` of the last window), so the test is
+  scale-free.
+* **stall**: some horizon of ``window``, 2, 4, 8 or 16 windows (as many as the history holds; from ``min_window``
+  losses on before the first window is full) has the *upper* confidence bound of ``I`` below ``rel_improvement``
+  [1% per window]: the data exclude a meaningful decrease (an equivalence test, not "no significant decrease"),
+  and its interval is narrow enough to tell [half-width at most ``resolution`` x ``rel_improvement``, 3%]. The
+  interval's width comes from the block means and is never narrower than the per-loss noise (estimated from
+  successive differences over the longest horizon) allows, so a lucky small scatter proves nothing.
+  Noisy losses need a longer horizon before they can be called flat: the bound tightens as ``horizon^-3/2``; a
+  longer horizon that still holds an earlier descent only widens the bound, so it can delay a stall, never invent
+  one.
+* **loss spike**: the median of the last three losses exceeds the reference (the median of up to
+  ``spike_reference`` losses before it) by ``spike_sigmas`` robust standard deviations [6, as OLMo-core's guard] and
+  by half its level [``spike_ratio`` 1.5: minibatch losses are heavy-tailed, so a few hard batches in a row must
+  not count], and by 5% of the range the loss has spanned [``spike_span_fraction``: near a classifier's zero loss
+  one wrong example multiplies the loss, which is no instability]. It is *reported* when it has recovered (the three-loss median back within 3 standard deviations of
+  the reference) as a ``"spike"`` event with its size; one that never recovers is dropped after
+  ``spike_patience`` steps (it is then a stall or a divergence, judged on its own).
+* **divergence**: a non-finite loss, at once; or a sustained rise: the loss is above its starting level (median of
+  the first three losses) and a Theil-Sen fit (robust to spikes) of the last window rises significantly and by
+  more than ``rise_tolerance`` of the level, ``rise_noise_factor`` robust standard deviations of the residuals and
+  ``rise_span_fraction`` of the range the loss has spanned, on every check for ``window // 4`` steps. A spike that
+  comes back, or a catapult (the loss jumps for a few steps, then falls below its start), is no divergence.
+* One verdict per situation: after a stall or divergence the detector stays quiet until a **recovery** (the loss
+  falls again: lower bound of ``I`` at least ``rel_improvement`` over the last window, and its median below the
+  lowest loss of the window that fired) and ``cooldown`` more updates [window // 2].
 
-* **stall**: once the window is full, the fitted relative improvement per window ``I`` is below
-  ``rel_improvement`` [1% per window]; before that (from ``min_window`` losses on) only when the whole confidence
-  interval of ``I`` lies below it, because a short window's fit is too noisy to call a slow fall a stall. Rates are
-  per full window (``window - 1`` mean step spacings), so short and full windows are compared alike. A noisy loss
-  whose fitted fall per window is clearly above 1% is not a stall; a flat noisy loss is. Noise spreads ``I`` by
-  about ``sigma * sqrt(12 / window)`` for relative noise ``sigma``: raise ``window`` for very noisy losses.
-* **divergence**, immediately: a non-finite loss; an explosion, ``loss > running_min + explosion_factor * scale``
-  with ``scale = |first - running_min| + |running_min|`` [factor 2: for a positive loss, above twice where it
-  started plus the best seen; all three levels are medians of three consecutive losses, so a single minibatch
-  spike never counts]; or a significant, large rise: slope CI entirely positive, and the rise across a window
-  (``-I * level``) above ``rise_tolerance`` of the level [50%], ``rise_noise_factor`` robust standard deviations of
-  the window's residuals about the fit [3] and ``rise_span_fraction`` of the explosion ``scale`` [1%]. The level
-  alone is not enough near zero: a classifier's cross-entropy there fluctuates by about its own level, so noise
-  tilts a window by 50% of it, and wiggles negligible against the range the loss has spanned are no divergence.
-* One verdict per situation: after an event the detector returns ``None`` until it sees a **recovery** (the loss
-  confirmed falling again, the lower confidence bound of ``I`` at least ``rel_improvement``, and the window's
-  median below the lowest loss of the window that fired, so a noise excursion does not re-arm); then, after
-  ``cooldown`` more updates [window // 2], it may fire again (a saddle escaped, then a new plateau). Divergence may
-  interrupt a stall.
+The rules and their numbers are explained in ``docs/diagnosis-rules.md``.
 
 Example:
     >>> import numpy as np
     >>> det = StallDetector(window=30, min_window=10)
-    >>> events = [det.update(t, 1.0 + 0.01 * np.sin(t)) for t in range(40)]
-    >>> [e.step for e in events if e is not None]
-    [29]
+    >>> events = [det.update(t, 1.0 + 0.01 * np.sin(t)) for t in range(60)]
+    >>> [(e.step, e.reason) for e in events if e is not None]
+    [(32, 'stall')]
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 import statistics
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import special
+from scipy import special, stats
 
 from optdiag.diagnosis.types import from_jsonable, to_jsonable
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 _ARMED, _STALLED, _DIVERGED = "armed", "stalled", "diverged"
 
-#: Default losses per fit: "stalled" is judged over this many steps (the classifier's one-window arguments too).
+#: Default losses per window: improvement rates are per window, and the shortest stall horizon is one window.
 DEFAULT_WINDOW = 50
 #: Default relative improvement across a window below which the loss counts as stalled (1% per window).
 DEFAULT_REL_IMPROVEMENT = 0.01
 #: Default rise across a window, in robust noise standard deviations, below which a rise is noise, not divergence.
 DEFAULT_RISE_NOISE_FACTOR = 3.0
-#: Default rise across a window, as a fraction of the explosion scale, below which a rise is negligible.
+#: Default rise across a window, as a fraction of the range the loss has spanned, below which a rise is negligible.
 DEFAULT_RISE_SPAN_FRACTION = 0.01
+#: Horizons of the stall test, in windows: the bound on a noisy slope tightens as horizon^-3/2.
+HORIZONS = (1, 2, 4, 8, 16)
+#: Block means per horizon: enough degrees of freedom (8) for a t interval, blocks long enough to decorrelate.
+N_BLOCKS = 10
+#: Fewest losses whose spread a spike is measured against; before that a spike must double the loss.
+MIN_REFERENCE = 20
 #: Median absolute deviation -> standard deviation for normal noise (1.4826; scipy's ``scale="normal"``).
 _MAD_TO_SIGMA = float(1.0 / special.ndtri(0.75))
 
@@ -72,20 +87,82 @@ def _loss_scale(first_loss: float, running_min: float) -> float:
     return abs(first_loss - running_min) + abs(running_min)
 
 
-def explosion_threshold(first_loss: float, running_min: float, factor: float = 1.0) -> float | None:
-    """The loss above which training counts as exploding: ``running_min + factor * scale``.
-
-    ``scale = |first_loss - running_min| + |running_min|`` is the range the loss has spanned plus its best level,
-    so the rule is scale-free and works for losses that are negative (log-likelihoods). None when the scale is 0.
+def robust_sd(values: np.ndarray) -> float:
+    """The standard deviation of normal noise with the same median absolute deviation (robust to spikes).
 
     Example:
-        >>> explosion_threshold(2.0, 0.5)
-        2.5
+        >>> robust_sd(np.array([1.0, 2.0, 3.0, 100.0]))
+        1.482602218506
     """
-    scale = _loss_scale(first_loss, running_min)
-    if not math.isfinite(scale) or scale == 0:
-        return None
-    return running_min + factor * scale
+    values = np.asarray(values, dtype=float)
+    return round(_MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values)))), 12)
+
+
+@functools.lru_cache(maxsize=64)
+def _t_quantile(probability: float, dof: int) -> float:
+    return float(stats.t.ppf(probability, dof))
+
+
+def trend_test(steps: np.ndarray, losses: np.ndarray, n_blocks: int = N_BLOCKS, confidence: float = 0.95,
+               noise_sd: float | None = None) -> tuple[float, float, float, float]:
+    """Least-squares slope of the block means of ``losses`` against their mean steps, with a confidence interval.
+
+    The ``n`` points are cut into ``n_blocks`` consecutive blocks of (nearly) equal size; the blocks' mean losses
+    are regressed on their mean steps. Block means are nearly independent even when successive losses are not, so
+    the scatter of the block means about the line gives an honest standard error (the batch-means method), with
+    ``n_blocks - 2`` degrees of freedom. With fewer than ``2 n_blocks`` points, each point is its own block.
+    Eight degrees of freedom make that standard error itself noisy, and a lucky small one would "prove" a noisy
+    loss flat; ``noise_sd``, the per-loss noise estimated from a longer history, sets a floor: the interval is
+    never narrower than that of independent losses with this noise (``z * noise_sd / sqrt(sum (x - mean x)^2)``).
+
+    Args:
+        steps: strictly increasing steps. losses: the losses at those steps (finite).
+        n_blocks: blocks (at least 3). confidence: two-sided level of the interval.
+        noise_sd: the per-loss noise standard deviation, if known (see above).
+
+    Returns:
+        ``(slope, standard_error, low, high)``: the standard error is the interval's half-width over its quantile;
+        all ``nan`` with fewer than 3 points.
+
+    Example:
+        >>> slope, se, lo, hi = trend_test(np.arange(40.0), 3.0 - 0.5 * np.arange(40.0))
+        >>> round(slope, 12), se
+        (-0.5, 0.0)
+    """
+    x, y = np.asarray(steps, dtype=float), np.asarray(losses, dtype=float)
+    n = len(y)
+    blocks = n_blocks if n >= 2 * n_blocks else n
+    if blocks < 3:
+        return math.nan, math.nan, math.nan, math.nan
+    x = x - x[0]
+    bounds = np.linspace(0, n, blocks + 1).round().astype(int)
+    counts = np.diff(bounds).astype(float)
+    xm = np.add.reduceat(x, bounds[:-1]) / counts
+    ym = np.add.reduceat(y, bounds[:-1]) / counts
+    xc = xm - xm.mean()
+    sxx = float(xc @ xc)
+    if sxx <= 0:
+        return math.nan, math.nan, math.nan, math.nan
+    slope = float(xc @ (ym - ym.mean())) / sxx
+    residuals = ym - ym.mean() - slope * xc
+    t = _t_quantile(0.5 + confidence / 2.0, blocks - 2)
+    half = t * math.sqrt(max(float(residuals @ residuals), 0.0) / (blocks - 2) / sxx)
+    if noise_sd is not None and noise_sd > 0:
+        xr = x - x.mean()
+        z = _t_quantile(0.5 + confidence / 2.0, 10**6)  # the normal quantile (cached like the t quantiles)
+        half = max(half, z * noise_sd / math.sqrt(float(xr @ xr)))
+    return slope, half / t, slope - half, slope + half
+
+
+def difference_noise(losses: np.ndarray) -> float:
+    """Per-loss noise sd from successive differences (robust, and blind to a slow trend): ``robust_sd(diff) / sqrt 2``.
+
+    Example:
+        >>> difference_noise(np.array([1.0, 3.0, 1.0, 3.0, 1.0]))
+        2.096716165015
+    """
+    diffs = np.diff(np.asarray(losses, dtype=float))
+    return round(robust_sd(diffs) / math.sqrt(2.0), 12) if len(diffs) >= 2 else math.nan
 
 
 def _tie_term(values: np.ndarray) -> float:
@@ -147,20 +224,25 @@ def theil_sen(x: np.ndarray, y: np.ndarray, confidence: float = 0.95) -> tuple[f
 
 @dataclass
 class StallEvent:
-    """A stall or divergence found by :class:`StallDetector`.
+    """A stall, a recovered loss spike or a divergence found by :class:`StallDetector`.
 
     Attributes:
         step: the step of the update that fired.
-        reason: ``"stall"`` or ``"divergence"``.
-        slope: Theil-Sen slope of the loss per step over the window (``nan`` if there was no fit).
+        reason: ``"stall"``, ``"spike"`` or ``"divergence"``.
+        slope: the fitted slope of the loss per step (``nan`` if there was no fit).
         slope_ci: its confidence interval ``(lo, hi)``.
-        rel_slope: ``slope / level`` (per step; level = ``|median|`` of the window).
-        window: the losses fitted. window_steps: their steps.
-        trigger: ``"flat"``, ``"nonfinite"``, ``"explosion"`` or ``"rising"``.
-        rel_improvement: ``-slope * span / level``, the relative improvement across the window.
+        rel_slope: ``slope / level`` (per step; level = ``|median|`` of the last window).
+        window: the losses of the last window. window_steps: their steps.
+        trigger: ``"flat"``, ``"spike"``, ``"nonfinite"`` or ``"rising"``.
+        rel_improvement: ``-slope * span / level``, the relative improvement per window.
         margin: how far the deciding statistic lies past its boundary, as a natural log ratio (``inf`` for a
-            non-finite loss; for a rise, past the nearest of its three boundaries): the classifier's confidence
-            for a divergence grows with it.
+            non-finite loss).
+        improvement_hi: the upper confidence bound of ``rel_improvement`` (a stall needs it below the limit).
+        horizon: the number of losses the deciding fit used (a stall may need several windows of noisy losses).
+        noise: the robust standard deviation of the window's losses about the fit, relative to the level.
+        spike: for a spike, ``start_step``, ``peak_step``, ``end_step``, ``peak`` (three-loss median),
+            ``reference`` (median before it), ``reference_sd`` (robust sd), ``sigmas`` (peak above the reference in
+            sds) and ``ratio`` (peak / reference level); else empty.
     """
 
     step: int
@@ -173,6 +255,10 @@ class StallEvent:
     trigger: str = "flat"
     rel_improvement: float = math.nan
     margin: float = 0.0
+    improvement_hi: float = math.nan
+    horizon: int = 0
+    noise: float = math.nan
+    spike: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (non-finite floats as ``"nan"``/``"inf"`` strings)."""
@@ -183,38 +269,41 @@ class StallEvent:
         """Rebuild from :meth:`to_dict` output."""
         data = from_jsonable(dict(data))
         data["slope_ci"] = tuple(data["slope_ci"])
-        return cls(**data)
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-def _check_number(name: str, value: Any, low: float, high: float = math.inf, *, integer: bool = False) -> Any:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if integer:
-        ok = ok and float(value) == int(value)
-    if not ok or not low <= value <= high:
-        kind = "an int" if integer else "a number"
-        raise UsageError(f"StallDetector: {name} must be {kind} in [{low}, {high}], got {value!r}")
-    return int(value) if integer else float(value)
+def _check_number(name: str, value: Any, low: float, high: float | None = None, *, integer: bool = False) -> Any:
+    return check_number(f"StallDetector: {name}", value, low=low, high=high, integer=integer)
 
 
 class StallDetector:
-    """Watches the loss and reports, once per situation, when it stops falling or diverges.
+    """Watches the loss and reports, once per situation, a stall, a recovered spike or a divergence.
 
     Args:
-        window: the most recent losses fitted (also the span the relative improvement is measured over).
-        min_window: the fewest losses before a stall can be declared.
-        rel_improvement: the relative improvement across a window below which the loss counts as stalled.
-        confidence: confidence level of the Theil-Sen interval.
+        window: losses per window: rates are per window, and the shortest stall horizon is one window.
+        min_window: the fewest losses before a stall can be declared (a shorter first horizon).
+        rel_improvement: the relative improvement per window below which the loss counts as stalled.
+        confidence: two-sided confidence level of the trend intervals (the stall test uses its upper bound).
         cooldown: updates after a recovery before a new stall may fire (default ``window // 2``).
-        explosion_factor: see :func:`explosion_threshold`.
-        rise_tolerance: relative rise across a window (against the loss level) that, when significant, counts as
-            divergence.
+        resolution: a horizon may call the loss flat only if its interval is this many ``rel_improvement`` wide
+            or narrower on either side (3: it tells 1% per window from 4%); a shorter, blurrier fit cannot tell a
+            stall from a noisy descent, whatever its bound says.
+        max_horizon: the longest stall horizon, in windows (1, 2, 4, 8 or 16 windows are tried, up to this).
+        spike_sigmas: robust standard deviations above the reference median that make a spike.
+        spike_ratio: the least spike peak as a multiple of the reference level (for positive losses).
+        spike_span_fraction: the least spike height as a fraction of the range the loss has spanned
+            ``|first - running_min| + |running_min|``: a blip negligible against how far the loss has come is no
+            instability (hard batches near a classifier's zero loss).
+        spike_reference: losses before a spike its reference median and spread are taken from.
+        spike_patience: steps a spike may last before it is no longer reported as one.
+        rise_tolerance: relative rise across a window (against the loss level) that, when significant and
+            sustained, counts as divergence.
         rise_noise_factor: the least rise across a window, in robust standard deviations of the window's residuals
-            about the fit, that counts as divergence (near zero the noise is as large as the level).
-        rise_span_fraction: the least rise across a window, as a fraction of the explosion scale
+            about the fit, that counts as divergence.
+        rise_span_fraction: the least rise across a window, as a fraction of the range the loss has spanned
             ``|first - running_min| + |running_min|``, that counts as divergence.
-        check_every: fit the window (stall, recovery and rise decisions) only on steps divisible by this; every
-            loss still enters the window, and non-finite losses and explosions are caught at once. The fit is
-            most of the detector's cost; ``StallDiagnoser`` uses 5, delaying a stall verdict by at most 4 steps.
+        check_every: fit only on steps divisible by this; every loss still enters the history, and non-finite losses
+            and spikes are seen at once. ``StallDiagnoser`` uses 5.
 
     Example:
         >>> det = StallDetector()
@@ -223,30 +312,38 @@ class StallDetector:
     """
 
     def __init__(self, window: int = DEFAULT_WINDOW, min_window: int = 20,
-                 rel_improvement: float = DEFAULT_REL_IMPROVEMENT,
-                 confidence: float = 0.95, cooldown: int | None = None, explosion_factor: float = 2.0,
+                 rel_improvement: float = DEFAULT_REL_IMPROVEMENT, confidence: float = 0.95,
+                 cooldown: int | None = None, resolution: float = 3.0, max_horizon: int = HORIZONS[-1], spike_sigmas: float = 6.0,
+                 spike_ratio: float = 1.5, spike_span_fraction: float = 0.05, spike_reference: int = 128,
+                 spike_patience: int | None = None,
                  rise_tolerance: float = 0.5, rise_noise_factor: float = DEFAULT_RISE_NOISE_FACTOR,
                  rise_span_fraction: float = DEFAULT_RISE_SPAN_FRACTION, check_every: int = 1) -> None:
         self.check_every = _check_number("check_every", check_every, 1, integer=True)
         self.window = _check_number("window", window, 3, integer=True)
         self.min_window = _check_number("min_window", min_window, 3, self.window, integer=True)
         self.rel_improvement = _check_number("rel_improvement", rel_improvement, 0.0)
-        if not 0 < confidence < 1:
-            raise UsageError(f"StallDetector: confidence must be in (0, 1), got {confidence!r}")
-        self.confidence = float(confidence)
+        self.confidence = check_number("StallDetector: confidence", confidence, low=0.0, high=1.0, low_open=True,
+                                       high_open=True)
         self.cooldown = self.window // 2 if cooldown is None else _check_number("cooldown", cooldown, 0, integer=True)
-        self.explosion_factor = _check_number("explosion_factor", explosion_factor, 0.0)
-        if self.explosion_factor == 0:
-            raise UsageError("StallDetector: explosion_factor must be > 0")
+        self.resolution = _check_number("resolution", resolution, 0.0)
+        self.max_horizon = _check_number("max_horizon", max_horizon, 1, integer=True)
+        self.spike_sigmas = _check_number("spike_sigmas", spike_sigmas, 0.0)
+        self.spike_ratio = _check_number("spike_ratio", spike_ratio, 1.0)
+        self.spike_span_fraction = _check_number("spike_span_fraction", spike_span_fraction, 0.0)
+        self.spike_reference = _check_number("spike_reference", spike_reference, 3, integer=True)
+        self.spike_patience = 2 * self.window if spike_patience is None else _check_number(
+            "spike_patience", spike_patience, 1, integer=True)
         self.rise_tolerance = _check_number("rise_tolerance", rise_tolerance, 0.0)
         self.rise_noise_factor = _check_number("rise_noise_factor", rise_noise_factor, 0.0)
         self.rise_span_fraction = _check_number("rise_span_fraction", rise_span_fraction, 0.0)
+        self.horizons = tuple(h * self.window for h in HORIZONS if h <= self.max_horizon)
         self.reset()
 
     def reset(self) -> None:
         """Forget the history (a new run)."""
-        self._steps: deque[int] = deque(maxlen=self.window)
-        self._losses: deque[float] = deque(maxlen=self.window)
+        capacity = max(self.horizons[-1], self.spike_reference + 3)
+        self._steps: deque[int] = deque(maxlen=capacity)
+        self._losses: deque[float] = deque(maxlen=capacity)
         self._first: float | None = None
         self._n_seen = 0
         self._running_min = math.inf
@@ -254,6 +351,11 @@ class StallDetector:
         self._stall_floor = math.inf  # the lowest loss of the window that fired: recovery must get below it
         self._since_rearm = self.cooldown  # a fresh detector may fire as soon as it has min_window losses
         self._last_step: int | None = None
+        self._rising_since: int | None = None  # first check step of the current run of divergent rises
+        self._spike: dict[str, float] | None = None  # the spike in progress
+        self._reference: tuple[float, float, int] | None = None  # (median, robust sd, count) before the last 3
+        self._noise_sd = math.nan  # per-loss noise over the whole history, refreshed at each check
+        self.n_ignored = 0  # updates ignored: a step that did not increase, a loss that is not a number
 
     @property
     def stalled(self) -> bool:
@@ -265,97 +367,173 @@ class StallDetector:
         """True after a divergence event until the loss is seen falling again."""
         return self._state == _DIVERGED
 
+    @property
+    def in_spike(self) -> bool:
+        """True while a loss spike is in progress (not yet recovered)."""
+        return self._spike is not None
+
     def update(self, step: int, loss: float) -> StallEvent | None:
-        """Add one loss; return an event when a stall starts or divergence is seen, else None.
+        """Add one loss; return an event when a stall starts, a spike has recovered or divergence is seen.
+
+        Never raises on what it is given while training runs: a step that does not increase (a resumed or
+        restarted loop) or a loss that is not a number is ignored and counted in :attr:`n_ignored`.
 
         Args:
             step: the optimizer step (strictly increasing).
             loss: the training loss at that step (a Python float, not a tensor with a graph).
         """
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
-            raise UsageError(f"StallDetector.update: step must be an int, got {step!r}")
-        if self._last_step is not None and step <= self._last_step:
-            raise UsageError(f"StallDetector.update: steps must increase, got {step} after {self._last_step}")
         try:
             loss = float(loss)
+            valid_step = not isinstance(step, bool) and isinstance(step, numbers.Integral)
         except (TypeError, ValueError):
-            raise UsageError(f"StallDetector.update: loss must be a number, got {loss!r}") from None
+            valid_step = False
+        if not valid_step or (self._last_step is not None and step <= self._last_step):
+            self.n_ignored += 1
+            return None
         self._last_step = int(step)
         self._since_rearm += 1
         if not math.isfinite(loss):
+            self._spike = None
             return self._diverge(step, "nonfinite", math.inf, fit=None)
         self._steps.append(int(step))
         self._losses.append(loss)
-        # Explosion is judged on medians of three losses (the start level, the best level, the current level),
-        # so neither one minibatch spike nor one lucky batch moves its reference points.
         recent = float(statistics.median(list(self._losses)[-3:]))  # python: cheaper than numpy for 3
         if self._n_seen < 3:
             self._first = recent
         self._n_seen += 1
         self._running_min = min(self._running_min, recent)
-        limit = explosion_threshold(self._first, self._running_min, self.explosion_factor)
-        if limit is not None and recent > limit:
-            scale = _loss_scale(self._first, self._running_min)
-            margin = math.log((recent - self._running_min) / (self.explosion_factor * scale))
-            return self._diverge(step, "explosion", margin, fit=self._fit() if len(self._losses) >= 3 else None)
+        spike = self._track_spike(step, recent)
+        if spike is not None:
+            return spike
         if len(self._losses) < self.min_window or step % self.check_every:
-            return None  # the fit (stall, recovery, rise) only every check_every steps: it is most of the cost
-        fit = self._fit()
-        improvement_lo = fit["improvement_lo"]
-        rise_margin = self._rise_margin(fit)
-        if rise_margin is not None:
-            return self._diverge(step, "rising", rise_margin, fit=fit)
+            return None
+        return self._check(step)
+
+    # --- spikes -----------------------------------------------------------------------------------------------
+    def _track_spike(self, step: int, recent: float) -> StallEvent | None:
+        """Start, follow and close a spike on the three-loss median ``recent``; an event when it has recovered."""
+        if self._spike is None:
+            if self._state == _DIVERGED:
+                return None
+            if self._reference is None or step % self.check_every == 0:
+                self._reference = self._spike_reference()
+            if self._reference is None:
+                return None
+            reference, sd, count = self._reference
+            excess = recent - reference
+            # A spread from a handful of early losses means little: until MIN_REFERENCE losses, only a doubling of
+            # the loss counts (a catapult's first steps), which noise of 25% or so never produces.
+            ratio = self.spike_ratio if count >= MIN_REFERENCE else max(self.spike_ratio, 2.0)
+            if excess > self.spike_sigmas * sd and excess > (ratio - 1.0) * abs(reference) and \
+                    excess > self.spike_span_fraction * _loss_scale(self._first, self._running_min):
+                self._spike = {"start_step": float(step), "peak_step": float(step), "peak": recent,
+                               "reference": reference, "reference_sd": sd}
+            return None
+        spike = self._spike
+        if recent > spike["peak"]:
+            spike.update(peak=recent, peak_step=float(step))
+        if recent <= spike["reference"] + 3.0 * spike["reference_sd"] or recent <= spike["reference"]:
+            self._spike = None
+            sd, reference = spike["reference_sd"], spike["reference"]
+            spike.update(end_step=float(step),
+                         sigmas=(spike["peak"] - reference) / sd if sd > 0 else math.inf,
+                         ratio=spike["peak"] / reference if reference > 0 else math.inf)
+            margin = math.log(spike["sigmas"] / self.spike_sigmas) if self.spike_sigmas > 0 else math.inf
+            event = self._event(step, "spike", "spike", margin, None)
+            event.spike = dict(spike)
+            return event
+        if step - spike["start_step"] > self.spike_patience:
+            self._spike = None  # it did not come back: no longer a spike; a stall or divergence is judged on its own
+        return None
+
+    def _spike_reference(self) -> tuple[float, float, int] | None:
+        """Median and robust sd of the losses before the last three (up to ``spike_reference`` of them).
+
+        Refreshed on check steps only (it is most of a step's cost otherwise): the reference lags by at most
+        ``check_every - 1`` losses, which a reference of over a hundred losses does not notice.
+        """
+        n = len(self._losses)
+        if n < 6:
+            return None
+        history = np.fromiter(itertools.islice(self._losses, max(0, n - 3 - self.spike_reference), n - 3), float)
+        return float(np.median(history)), robust_sd(history), len(history)
+
+    # --- fits -------------------------------------------------------------------------------------------------
+    def _level(self) -> float:
+        last = list(self._losses)[-self.window:]
+        return abs(statistics.median(last)) or float(np.max(np.abs(last))) or 1.0
+
+    def _trend(self, n: int, level: float) -> dict[str, Any]:
+        """The trend test over the last ``n`` losses, as relative improvements per window (see the module doc)."""
+        x = np.asarray(list(self._steps)[-n:], dtype=float)
+        y = np.asarray(list(self._losses)[-n:], dtype=float)
+        slope, _, lo, hi = trend_test(x, y, confidence=self.confidence, noise_sd=self._noise_sd)
+        span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (len(x) - 1)  # one window of steps
+        return {"horizon": n, "slope": slope, "slope_ci": (lo, hi), "rel_slope": slope / level,
+                "rel_improvement": -slope * span / level, "improvement_lo": -hi * span / level,
+                "improvement_hi": -lo * span / level, "level": level}
+
+
+    def _check(self, step: int) -> StallEvent | None:
+        level = self._level()
+        self._noise_sd = difference_noise(np.fromiter(self._losses, float))
+        n = len(self._losses)
+        window_fit = self._trend(min(n, self.window), level)
+        rise_margin = self._rise_margin(level)
+        if rise_margin is None:
+            self._rising_since = None
+        else:
+            if self._rising_since is None:
+                self._rising_since = step
+            if step - self._rising_since >= self.window // 4:
+                return self._diverge(step, "rising", rise_margin, fit=window_fit)
         if self._state != _ARMED:
             # Recovery: the loss surely falls again *and* has left the level it stalled at (its typical value now
             # lies below the lowest loss of the stalled window), so a noise excursion does not re-arm.
-            if improvement_lo >= self.rel_improvement and statistics.median(self._losses) < self._stall_floor:
+            last = list(self._losses)[-self.window:]
+            if window_fit["improvement_lo"] >= self.rel_improvement and statistics.median(last) < self._stall_floor:
                 self._state, self._since_rearm = _ARMED, 0
             return None
-        # A full window decides on the fitted improvement; a shorter one only when its whole interval is below.
-        full = len(self._losses) == self.window
-        deciding = fit["rel_improvement"] if full else fit["improvement_hi"]
-        if deciding < self.rel_improvement and self._since_rearm >= self.cooldown:
-            self._state = _STALLED
-            self._stall_floor = min(self._losses)
-            margin = math.log1p(self.rel_improvement - deciding)
-            return self._event(step, "stall", "flat", margin, fit)
+        if self._since_rearm < self.cooldown or self._spike is not None:
+            return None  # a spike in progress is judged when it ends
+        horizons = [h for h in self.horizons if h <= n] or [n]
+        z = _t_quantile(0.5 + self.confidence / 2.0, 10**6)
+        for horizon in horizons:
+            # The per-loss noise alone makes this horizon's interval at least this wide (relative, per window):
+            # skip a fit that could not resolve a stall anyway (most of the cost on noisy losses).
+            floor = z * self._noise_sd * (self.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1))) / level
+            if floor > self.resolution * self.rel_improvement:
+                continue
+            fit = window_fit if horizon == window_fit["horizon"] else self._trend(horizon, level)
+            resolved = fit["improvement_hi"] - fit["improvement_lo"] <= 2.0 * self.resolution * self.rel_improvement
+            if resolved and fit["improvement_hi"] < self.rel_improvement:  # NaN (no interval) never passes
+                self._state = _STALLED
+                self._stall_floor = min(list(self._losses)[-self.window:])
+                margin = math.log1p(self.rel_improvement - fit["improvement_hi"])
+                return self._event(step, "stall", "flat", margin, fit)
         return None
 
-    def _fit(self) -> dict[str, Any]:
-        x = np.asarray(self._steps, dtype=float)
-        y = np.asarray(self._losses, dtype=float)
-        # Fit on step offsets so large step numbers do not cost precision.
-        slope, lo, hi = theil_sen(x - x[0], y, self.confidence)
-        level = abs(statistics.median(self._losses)) or float(np.max(np.abs(y))) or 1.0
-        # Rates are per full window (mean step spacing x (window - 1)), so a short early window needs the same
-        # rate of improvement as a full one, not the same total improvement.
-        span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (len(x) - 1)
-        return {
-            "slope": float(slope),
-            "slope_ci": (float(lo), float(hi)),
-            "rel_slope": float(slope) / level,
-            "rel_improvement": -float(slope) * span / level,
-            "improvement_lo": -float(hi) * span / level,
-            "improvement_hi": -float(lo) * span / level,
-            "level": level,
-        }
-
-    def _rise_margin(self, fit: dict[str, Any]) -> float | None:
+    def _rise_margin(self, level: float) -> float | None:
         """The log margin of a divergent rise past its nearest boundary, or None when the rise is not one.
 
-        A rise must be significant (slope CI above 0) and large against three yardsticks: the loss level, the
-        window's own noise (robust standard deviation of the residuals about the Theil-Sen line) and the range the
-        loss has spanned. Near zero the level is as small as the noise, so the first alone would call noise a rise.
+        The loss must be above where it started, and the last window's Theil-Sen slope (robust to a spike) must be
+        significant and large against three yardsticks: the loss level, the window's own noise (robust sd of the
+        residuals about the line) and the range the loss has spanned.
         """
-        rise = -fit["rel_improvement"] * fit["level"]  # loss units per full window
-        if not (fit["slope_ci"][0] > 0 and rise > self.rise_tolerance * fit["level"]):
-            return None  # the common case: decided without the residuals' cost
-        x = np.asarray(self._steps, dtype=float)
-        residuals = np.asarray(self._losses, dtype=float) - fit["slope"] * (x - x[0])
-        noise = _MAD_TO_SIGMA * float(np.median(np.abs(residuals - np.median(residuals))))
+        last = list(self._losses)[-self.window:]
+        if len(last) < self.min_window or statistics.median(last[-3:]) <= self._first:
+            return None
+        x = np.asarray(list(self._steps)[-len(last):], dtype=float)
+        x = x - x[0]
+        y = np.asarray(last, dtype=float)
+        slope, lo, _ = theil_sen(x, y, self.confidence)
+        span = (float(x[-1]) or 1.0) * (self.window - 1) / (len(x) - 1)
+        rise = slope * span
+        if not (lo > 0 and rise > self.rise_tolerance * level):
+            return None
+        noise = robust_sd(y - slope * x)
         scale = _loss_scale(self._first, self._running_min)
-        boundaries = (self.rise_tolerance * fit["level"], self.rise_noise_factor * noise,
-                      self.rise_span_fraction * scale)
+        boundaries = (self.rise_tolerance * level, self.rise_noise_factor * noise, self.rise_span_fraction * scale)
         # A zero boundary (a noise-free window, a zero setting) is passed by any rise: it never decides.
         margin = math.log(min(rise / b if b > 0 else math.inf for b in boundaries))
         return margin if margin > 0 else None
@@ -364,22 +542,37 @@ class StallDetector:
         if self._state == _DIVERGED:
             return None
         self._state = _DIVERGED
+        self._rising_since = None
         self._stall_floor = min(self._losses, default=math.inf)
         return self._event(step, "divergence", trigger, margin, fit)
 
     def _event(self, step: int, reason: str, trigger: str, margin: float, fit: dict[str, Any] | None) -> StallEvent:
         fit = fit or {"slope": math.nan, "slope_ci": (math.nan, math.nan), "rel_slope": math.nan,
-                      "rel_improvement": math.nan}
-        return StallEvent(step=int(step), reason=reason, slope=fit["slope"], slope_ci=fit["slope_ci"],
-                          rel_slope=fit["rel_slope"], window=list(self._losses), window_steps=list(self._steps),
-                          trigger=trigger, rel_improvement=fit["rel_improvement"], margin=margin)
+                      "rel_improvement": math.nan, "improvement_hi": math.nan, "horizon": 0}
+        window = list(self._losses)[-self.window:]
+        steps = list(self._steps)[-self.window:]
+        noise = math.nan
+        if len(window) >= 3 and math.isfinite(fit["slope"]):
+            x = np.asarray(steps, dtype=float)
+            residuals = np.asarray(window) - fit["slope"] * (x - x[0])
+            noise = robust_sd(residuals) / self._level()
+        return StallEvent(step=int(step), reason=reason, slope=fit["slope"], slope_ci=tuple(fit["slope_ci"]),
+                          rel_slope=fit["rel_slope"], window=window, window_steps=steps, trigger=trigger,
+                          rel_improvement=fit["rel_improvement"], margin=margin,
+                          improvement_hi=fit["improvement_hi"], horizon=int(fit["horizon"]), noise=noise)
+
+    def settings(self) -> dict[str, Any]:
+        """The constructor settings the classifier derives its thresholds from (see ``classify.Thresholds``)."""
+        return {"window": self.window, "rel_improvement": self.rel_improvement, "confidence": self.confidence,
+                "spike_sigmas": self.spike_sigmas, "spike_ratio": self.spike_ratio}
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe state, so a resumed run continues where it stopped (Lightning callback state)."""
         return to_jsonable({
             "steps": list(self._steps), "losses": list(self._losses), "first": self._first, "n_seen": self._n_seen,
             "running_min": self._running_min, "state": self._state, "since_rearm": self._since_rearm,
-            "last_step": self._last_step, "stall_floor": self._stall_floor,
+            "last_step": self._last_step, "stall_floor": self._stall_floor, "rising_since": self._rising_since,
+            "spike": self._spike,
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -401,3 +594,7 @@ class StallDetector:
         self._since_rearm = int(state["since_rearm"])
         self._stall_floor = float(state["stall_floor"])
         self._last_step = None if state["last_step"] is None else int(state["last_step"])
+        rising = state.get("rising_since")
+        self._rising_since = None if rising is None else int(rising)
+        spike = state.get("spike")
+        self._spike = None if spike is None else {k: float(v) for k, v in spike.items()}
