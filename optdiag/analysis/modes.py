@@ -130,8 +130,7 @@ class ModeChoice:
             "reason": self.reason,
             "batchnorm_layers": list(self.batchnorm_layers),
             "dropout_layers": list(self.dropout_layers),
-            "first_batch_loss": {k: (v if v is not None and math.isfinite(v) else None)
-                                 for k, v in self.first_batch_loss.items()},
+            "first_batch_loss": dict(self.first_batch_loss),  # a NaN stays a NaN: the report's encoder writes it
         }
 
 
