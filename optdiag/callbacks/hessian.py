@@ -95,21 +95,22 @@ class HessianMonitor(OptDiagCallback):
     module defines it, else ``training_step`` with logging silenced). With manual optimization ``training_step``
     steps the optimizer, so define ``optdiag_loss`` or pass ``loss_fn``; otherwise Hessian estimates stay off.
 
-    **Schedule.** ``every_n_steps=n``: every ``n`` optimizer steps. ``every_n_steps=None`` (default): adaptive, so
-    that the Hessian work stays within ``budget`` of the training time (wall time less the Hessian work). It keeps
-    an account: :meth:`budget_balance` = ``budget * training seconds - Hessian seconds`` of this fit.
+    **Schedule.** ``every_n_steps=n``: every ``n`` optimizer steps, everything measured. ``every_n_steps=None``
+    (default): adaptive, within ``budget`` of the training time (wall time less the Hessian work) over any window of
+    the run, give or take one bucket. Every piece of curvature work is charged to one token bucket, whatever asked
+    for it (scheduled and stall snapshots, the diagnoser's escape check; :attr:`charges` lists them): it earns
+    ``budget`` seconds per training second, holds at most :meth:`capacity` (three setups and ``burst_hvp``
+    products, priced by the cost model :meth:`estimate_seconds` that every snapshot refines) and starts full.
 
-    * The first snapshot (cold: no warm start, the most expensive of the run) is not taken right away. When the
-      probe set is complete, one Hessian-vector product on it is timed (the "cost probe": building the operators
-      plus one product, charged to the account), and the snapshot's cost is estimated as that setup plus the
-      product time the number of products a cold snapshot may take: each eigen-solve at its ``max_hvp`` cap (capped
-      by the number of parameters), ``trace_hvp``, one for batch sharpness, and a density if one is due. Solves often
-      converge before their cap, which leaves room for the Lanczos bookkeeping the estimate does not count. The
-      first snapshot comes once training time pays for the probe and this estimate within the budget.
-    * Each later snapshot is placed the same way, with the last snapshot's measured time as the estimate.
-    * Stall snapshots (:class:`~optdiag.callbacks.StallDiagnoser`) are charged to the same account: see
-      :meth:`can_afford_snapshot`. One may run early and overdraw the budget; the scheduled ones then wait until
-      training time has repaid the debt.
+    * The first snapshot comes as soon as the probe set is complete: lambda_max alone, cold, at most half of
+      ``burst_hvp`` products. Then lambda_max refreshes (warm-started: a few products) whenever the bucket holds
+      their estimated cost above the stall reserve (:meth:`can_afford_snapshot`); every ``_FULL_EVERY`` = 4th
+      scheduled snapshot waits for a full bucket and adds lambda_min, the trace and a density if due.
+    * A stall snapshot (:class:`~optdiag.callbacks.StallDiagnoser`) runs when the bucket holds the stall reserve
+      and may spend all of it: :meth:`measure` with ``trace=False``.
+
+    So over any window of training time ``T`` the Hessian work is at most ``budget * T + capacity()``, plus the
+    amount by which one piece of work overran its estimate. docs/callbacks/hessian-monitor.md has the reasoning.
 
     Decisions that depend on the clock are rank 0's, broadcast so that all ranks meet in the same collectives.
 
@@ -123,7 +124,7 @@ class HessianMonitor(OptDiagCallback):
     Args:
         every_n_steps: fixed cadence in optimizer steps, or ``None`` for the adaptive budget.
         budget: fraction of training time the adaptive schedule (and the stall snapshots it admits) may spend, in
-            ``(0, 1]``.
+            ``(0, 1]``, over any window (plus one bucket, see ``burst_hvp``).
         probe: ``"fixed"`` or ``"current"``.
         probe_batches: number of training batches in the fixed probe set.
         loss_fn: the curvature loss (see above).
@@ -138,15 +139,20 @@ class HessianMonitor(OptDiagCallback):
             a ``TensorBoardLogger`` is attached; ``0`` switches it off.
         density_steps: Lanczos steps per density run.
         seed: seed of the probes, start vectors and dropout masks.
-        history_size: how many snapshots :attr:`history` keeps.
+        history_size: how many snapshots :attr:`history` (and charges :attr:`charges`) keeps.
+        burst_hvp: the bucket's size in products (plus three setups): the most curvature work the adaptive
+            schedule may do at once beyond the budget's rate; half of it is the stall reserve.
+        clock: the time source, ``time.perf_counter`` by default (tests inject a fake one).
 
     Attributes:
         history: one dict per snapshot (the :meth:`measure` keys, without the ``OptimizerSpec``).
         last_eigenvectors: ``{"LA": EigenResult, "SA": EigenResult}`` of the last snapshot (for escape directions).
         last_density: the last ``DensityResult`` or None.
-        monitor_seconds: wall seconds of Hessian work (snapshots and cost probes) over all fits.
-        estimated_seconds: the expected cost of the next snapshot (the cost probe's estimate, then the last
-            snapshot's measured time); None before either.
+        monitor_seconds: wall seconds of Hessian work charged over all fits (snapshots of any reason, escape checks).
+        charges: one dict per charge: ``step``, ``what`` (the snapshot's reason, or e.g. ``"escape"``), ``seconds``,
+            ``n_hvp`` and ``balance`` (the bucket's credit after it; None while its size is unknown).
+        estimated_seconds: the expected cost of the next scheduled snapshot (adaptive schedule); None before one.
+        clock: the time source (injectable).
 
     Example:
         >>> import pytorch_lightning as pl
