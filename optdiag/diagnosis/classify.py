@@ -472,7 +472,7 @@ def diagnose_stall(evidence: Evidence, event: StallEvent | None = None, threshol
         >>> diagnose_stall(Evidence(step=3, loss=1.0)) is None
         True
     """
-    kinds = EVENT_KINDS.get(None if event is None else event.reason, EVENT_KINDS[None])
+    kinds = EVENT_KINDS.get(getattr(event, "reason", None), EVENT_KINDS[None])  # _build refuses a non-event
     return _build(evidence, event, kinds, thresholds or DEFAULT_THRESHOLDS, undecided)
 
 
