@@ -525,7 +525,9 @@ def check_prediction(diagnosis: Diagnosis, losses: list[float], lr: float | None
     kind = diagnosis.kind
     if kind == "divergence":
         start = prediction.get("loss_initial")
-        if len(finite) < len(losses) or after is None:
+        if not losses:
+            out["detail"] = "no losses since the verdict"
+        elif len(finite) < len(losses):
             out.update(outcome="confirmed", detail="the loss is still non-finite")
         elif _finite(start):
             back = after < start
