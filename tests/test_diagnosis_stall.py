@@ -1,4 +1,8 @@
-"""StallDetector on synthetic noisy loss curves: healthy runs stay silent, each stall speaks once."""
+"""StallDetector on synthetic noisy loss curves: healthy runs stay silent, each stall, spike or divergence speaks once.
+
+The curves carry multiplicative noise of 5% to 25% of their level, as real minibatch losses do (17-30% on ordinary
+runs): the detector must tell a noisy descent from a stall, and a spike that recovers from divergence.
+"""
 
 import json
 import math
@@ -10,7 +14,8 @@ import pytest
 from scipy import stats
 
 from optdiag.diagnosis import stall as stall_module
-from optdiag.diagnosis.stall import StallDetector, StallEvent, explosion_threshold, theil_sen
+from optdiag.diagnosis.stall import (StallDetector, StallEvent, difference_noise, robust_sd, theil_sen,
+                                     trend_test)
 from optdiag.errors import UsageError
 
 
@@ -25,44 +30,74 @@ def _events(losses, detector=None, start=0):
 
 
 def _noise(n, sigma, seed):
-    return 1.0 + sigma * np.random.default_rng(seed).standard_normal(n)
+    """Multiplicative log-normal noise with log-sd ``sigma``."""
+    return np.exp(sigma * np.random.default_rng(seed).standard_normal(n))
 
 
+def _per_window(fraction, n, window=50):
+    """A loss falling by ``fraction`` per window of ``window`` steps, for ``n`` steps."""
+    return (1.0 - fraction) ** (np.arange(n) / window)
+
+
+# --- healthy runs stay silent ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(3))
 def test_healthy_noisy_exponential_decay_gives_no_event(seed):
     t = np.arange(1200)
     assert _events(np.exp(-t / 200) * _noise(len(t), 0.05, seed)) == []
 
 
-def test_slowly_but_surely_falling_noisy_loss_is_not_a_stall():
-    # 10% per window of 50 steps, 2% minibatch noise: the fit sees the fall clearly.
-    t = np.arange(800)
-    assert _events(np.exp(-t / 500) * _noise(len(t), 0.02, 7)) == []
+@pytest.mark.parametrize("seed", range(6))
+def test_minibatch_noise_of_25_percent_hides_no_stall_in_a_healthy_descent(seed):
+    # The reported false alarm: a full-data loss falling 13% per window under minibatch noise of 25% of its level.
+    # A window of 50 such losses cannot tell that from flat; the detector must wait until it can (and then see the
+    # descent), never call it a stall.
+    assert _events(_per_window(0.13, 1500) * _noise(1500, 0.25, seed), StallDetector(check_every=5)) == []
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_flat_noisy_loss_gives_exactly_one_stall(seed):
+def test_slow_but_sure_descent_of_3_percent_per_window_is_not_a_stall(seed):
+    assert _events(_per_window(0.03, 1500) * _noise(1500, 0.25, seed), StallDetector(check_every=5)) == []
+
+
+def test_decay_towards_zero_is_not_a_stall_while_it_falls_relative_to_its_level():
+    # Improvement is relative to the loss's own level: 2.3 -> 1e-7, falling 22% per window throughout, is no stall.
+    t = np.arange(1700)
+    assert _events(2.3 * np.exp(-t / 200) * _noise(len(t), 0.02, 4)) == []
+
+
+# --- stalls ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(3))
+def test_flat_loss_with_5_percent_noise_gives_exactly_one_stall(seed):
     events = _events(_noise(800, 0.05, seed))
     assert [e.reason for e in events] == ["stall"]
     e = events[0]
-    assert 19 <= e.step <= 120 and e.trigger == "flat"
-    assert e.rel_improvement < 0.01 and e.slope_ci[0] <= e.slope <= e.slope_ci[1]
-    assert len(e.window) == len(e.window_steps) <= 50 and e.window_steps[-1] == e.step
+    assert e.trigger == "flat" and e.improvement_hi < 0.01 and e.slope_ci[0] <= e.slope <= e.slope_ci[1]
+    # 5% noise cannot be resolved to 3% per window by one window: the first horizon that can is two windows
+    assert e.horizon >= 100 and 99 <= e.step <= 400
+    assert len(e.window) == len(e.window_steps) == 50 and e.window_steps[-1] == e.step
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_flat_loss_with_25_percent_noise_needs_a_long_horizon(seed):
+    events = _events(_noise(1500, 0.25, seed), StallDetector(check_every=5))
+    assert [e.reason for e in events] == ["stall"]
+    # the 95% interval of the improvement per window over h losses with noise 0.25 is about
+    # 1.96 * 0.25 * 49 * sqrt(12 / h^3) wide on each side: below 3% only from h ~ 200 on
+    assert events[0].horizon >= 200 and events[0].improvement_hi < 0.01
 
 
 def test_noise_free_flat_loss_fires_at_min_window():
     events = _events(np.full(100, 3.0), StallDetector(window=50, min_window=20))
-    assert [e.step for e in events] == [19]
+    assert [(e.step, e.horizon) for e in events] == [(19, 20)]
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_check_every_fits_on_its_steps_only_and_decides_like_every_step(seed):
+def test_check_every_fits_on_its_steps_only(seed):
     losses = _noise(800, 0.05, seed)
     every_step = _events(losses)
     sparse = _events(losses, StallDetector(check_every=5))
     assert [e.reason for e in sparse] == [e.reason for e in every_step] == ["stall"]
-    assert sparse[0].step % 5 == 0
-    assert every_step[0].step <= sparse[0].step <= every_step[0].step + 4
+    assert sparse[0].step % 5 == 0 and sparse[0].step >= every_step[0].step
 
 
 def test_check_every_still_catches_a_non_finite_loss_at_once():
@@ -71,11 +106,6 @@ def test_check_every_still_catches_a_non_finite_loss_at_once():
         assert det.update(step, 1.0 - 0.01 * step) is None
     event = det.update(23, float("inf"))  # 23 is not a fitting step
     assert event is not None and event.reason == "divergence" and event.step == 23
-
-
-def test_check_every_must_be_a_positive_integer():
-    with pytest.raises(UsageError, match="check_every"):
-        StallDetector(check_every=0)
 
 
 def test_saddle_escape_then_new_plateau_gives_two_events():
@@ -88,7 +118,7 @@ def test_saddle_escape_then_new_plateau_gives_two_events():
 
 
 def test_scale_invariance():
-    curve = np.concatenate([np.ones(200), 0.2 + 0.8 * np.exp(-np.arange(200) / 30), np.full(200, 0.2)])
+    curve = np.concatenate([np.ones(300), 0.2 + 0.8 * np.exp(-np.arange(200) / 30), np.full(300, 0.2)])
     curve = curve * _noise(len(curve), 0.04, 3)
     base = _events(curve)
     scaled = _events(curve * 1000.0)
@@ -97,6 +127,49 @@ def test_scale_invariance():
         assert b.rel_slope == pytest.approx(a.rel_slope) and b.slope == pytest.approx(1000 * a.slope)
 
 
+# --- spikes ---------------------------------------------------------------------------------------------------------
+def test_a_recovering_spike_is_a_spike_not_divergence():
+    curve = _per_window(0.2, 600) * _noise(600, 0.05, 2)
+    curve[300:306] *= 10.0  # six steps at ten times the level, then back
+    events = _events(curve)
+    assert [e.reason for e in events] == ["spike"]
+    spike = events[0].spike
+    assert spike["start_step"] == 301 and spike["end_step"] == 307  # three-loss medians: 2 of 3 spiked
+    reference = np.median(curve[302 - 3 - 128:302 - 3])  # the 128 losses before the last three at step 301
+    assert spike["reference"] == pytest.approx(reference)
+    assert spike["ratio"] == pytest.approx(spike["peak"] / reference) and spike["ratio"] > 7  # x10 at 20%/window
+    assert spike["sigmas"] > 6 and events[0].margin == pytest.approx(math.log(spike["sigmas"] / 6))
+
+
+def test_a_single_outlier_batch_is_no_spike():
+    curve = _per_window(0.2, 400) * _noise(400, 0.05, 3)
+    curve[150] = 50.0
+    assert _events(curve) == []
+
+
+def test_blips_negligible_against_the_range_spanned_are_no_spike():
+    # A classifier near zero loss: one wrong example multiplies the loss by 10, which is nothing against 2.3 -> 1e-4.
+    curve = 2.3 * np.exp(-np.arange(900) / 60) + 1e-4
+    curve[700:705] *= 10
+    assert [e.reason for e in _events(curve) if e.reason == "spike"] == []
+
+
+def test_catapult_loss_jumps_then_settles_below_its_start():
+    # lr between 2 and 4 / lambda_0: the loss grows for a few steps, then falls below where it started.
+    curve = np.concatenate([[1.0, 0.99, 0.98, 0.97, 0.96, 0.95], [2.0, 6.0, 20.0, 40.0, 15.0, 3.0],
+                            0.9 * np.exp(-np.arange(300) / 80)])
+    events = _events(curve)
+    assert [e.reason for e in events] == ["spike"]
+    assert events[0].spike["ratio"] > 10 and events[0].spike["start_step"] <= 8
+
+
+def test_a_spike_that_keeps_rising_is_divergence():
+    curve = np.concatenate([_per_window(0.2, 200), 0.4 * 1.1 ** np.arange(100)])
+    events = _events(curve)
+    assert [e.reason for e in events] == ["divergence"] and events[0].trigger == "rising"
+
+
+# --- divergence -----------------------------------------------------------------------------------------------------
 def test_nan_is_divergence_immediately_and_only_once():
     det = StallDetector()
     assert det.update(0, 1.0) is None
@@ -105,29 +178,23 @@ def test_nan_is_divergence_immediately_and_only_once():
     assert det.update(2, float("inf")) is None and det.diverged
 
 
-def test_explosion_is_divergence():
-    curve = np.concatenate([np.exp(-np.arange(100) / 30), 0.04 * 1.3 ** np.arange(40)])
-    events = _events(curve)
-    assert [e.reason for e in events] == ["divergence"]
-    assert events[0].trigger == "explosion" and events[0].margin >= 0
-    # the rule: the median of the last three losses above running_min + 2 * (|first - min| + |min|)
-    assert np.median(curve[events[0].step - 2: events[0].step + 1]) > explosion_threshold(1.0, 0.04 * 1.3**0, 2.0) - 1
-
-
-def test_single_spike_is_not_an_explosion():
-    curve = np.exp(-np.arange(300) / 100)
-    curve[150] = 50.0
-    assert _events(curve) == []
-
-
-def test_significant_rise_is_divergence():
+def test_sustained_rise_above_the_start_is_divergence_after_a_quarter_window():
     t = np.arange(200)
-    curve = np.concatenate([np.exp(-t / 40), np.exp(-199 / 40) * np.exp(np.arange(100) / 40)])
-    events = _events(curve, StallDetector(explosion_factor=100.0))
-    assert events and events[-1].reason == "divergence" and events[-1].trigger == "rising"
+    curve = np.concatenate([np.exp(-t / 40), np.exp(-199 / 40) * np.exp(np.arange(400) / 20)])
+    events = _events(curve)
+    assert [e.reason for e in events][-1:] == ["divergence"] and events[-1].trigger == "rising"
+    above = int(np.argmax(curve[200:] > curve[0])) + 200  # the first step above the start
+    assert events[-1].step >= above + 50 // 4 - 1
 
 
-# --- near zero: a rise must be large against the noise and the range spanned, not only against the level ---------
+def test_a_rise_below_the_starting_level_is_no_divergence():
+    # After converging to ~1e-9, the loss creeps up noise-free, doubling per window: large against its level, still
+    # far below where it started: not divergence (a stall, at most).
+    t = np.arange(600)
+    curve = np.concatenate([np.exp(-t / 30), np.exp(-599 / 30) * 2.0 ** (np.arange(300) / 49)])
+    assert [e.reason for e in _events(curve) if e.reason == "divergence"] == []
+
+
 def _cross_entropy_to_zero(seed, n=1500):
     """A classifier's minibatch cross-entropy: 2.3 decaying to a 1e-4 floor, its relative noise growing to ~100%
     as it nears zero (log-sd 0.05 -> 0.8; the digits CNN shows ~1), and eight brief upticks (hard batches, x10)."""
@@ -140,77 +207,9 @@ def _cross_entropy_to_zero(seed, n=1500):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_cross_entropy_reaching_zero_stalls_at_its_floor_and_never_diverges(seed):
-    curve = _cross_entropy_to_zero(seed)
-    events = _events(curve)
-    assert [e.reason for e in events if e.reason == "divergence"] == []
-    # Converged (1e-4 of a 2.3 start): the last verdict is a stall at the floor, a minimum for the classifier.
-    assert events and events[-1].reason == "stall" and np.median(events[-1].window) < 1e-3
-    # The level as the only yardstick (the former rule) calls the same noise a divergence.
-    level_only = _events(curve, StallDetector(rise_noise_factor=0.0, rise_span_fraction=0.0))
-    assert any(e.trigger == "rising" for e in level_only)
-
-
-def _rise_rule(window, first, running_min, tolerance=0.5, noise_factor=3.0, span_fraction=0.01):
-    """The rising rule computed independently with scipy: (fires, margin)."""
-    x = np.arange(len(window), dtype=float)
-    slope, _, low, _ = stats.theilslopes(window, x, alpha=0.95)
-    level, rise = abs(np.median(window)), slope * (len(window) - 1)
-    noise = stats.median_abs_deviation(window - slope * x, scale="normal")
-    scale = abs(first - running_min) + abs(running_min)
-    ratios = [rise / b if b > 0 else math.inf for b in (tolerance * level, noise_factor * noise, span_fraction * scale)]
-    return low > 0 and min(ratios) > 1, math.log(min(ratios))
-
-
-@pytest.mark.parametrize("factor", [1.0, 1000.0])
-def test_rise_against_noise_boundary(factor):
-    # One window of 50 losses rising by 1 over it from a level of ~1.5, with fixed noise of growing size: the rise
-    # is significant and large against the level and the range spanned; the noise decides, at 3 robust sd.
-    t = np.arange(50)
-    z = np.random.default_rng(11).standard_normal(50)
-    decisions = []
-    for amplitude in np.linspace(0.2, 0.45, 26):
-        curve = factor * (1.0 + t / 49 + amplitude * z)
-        det = StallDetector(window=50, min_window=50)
-        events = [det.update(int(i), float(v)) for i, v in enumerate(curve)]
-        assert events[:-1] == [None] * 49  # one decision, on the full window
-        fired = events[-1].trigger == "rising"
-        assert fired or events[-1].reason == "stall"  # a rise within the noise: the loss does not go down
-        first, running_min = np.median(curve[:3]), min(np.median(curve[max(0, k - 2):k + 1]) for k in range(50))
-        expected, margin = _rise_rule(curve, first, running_min)
-        assert fired == expected, amplitude
-        if fired:
-            assert events[-1].margin == pytest.approx(margin, rel=1e-9, abs=1e-12)
-        decisions.append(fired)
-    assert decisions[0] and not decisions[-1]  # both sides of the boundary are in the sweep
-
-
-@pytest.mark.parametrize("factor", [1.0, 1000.0])
-@pytest.mark.parametrize("rise, fires", [(0.0095, False), (0.0105, True)])
-def test_rise_against_range_spanned_boundary(rise, fires, factor):
-    # From 1 down to 1e-3, then a noise-free linear climb of `rise` per window: far above the level (5x) and any
-    # noise (none), so only the range spanned (|1 - 1e-3| + 1e-3 = 1) decides, at 1% per window.
-    curve = np.concatenate([np.full(60, 1.0), np.full(60, 1e-3), 1e-3 + rise * np.arange(1, 41) / 49]) * factor
-    events = _events(curve)
-    rising = [e for e in events if e.reason == "divergence"]
-    assert [e.trigger for e in rising] == (["rising"] if fires else [])
-    if fires:
-        assert rising[0].margin == pytest.approx(math.log(rise / 0.01), abs=0.02)
-
-
-def test_smooth_rise_near_zero_after_convergence_is_not_divergence():
-    # A regulariser's equilibrium: the data loss, converged to ~1e-9 of a 1.0 start, creeps up noise-free, doubling
-    # per window. Against its level that is large and certain; against the range spanned it is nothing.
-    t = np.arange(600)
-    curve = np.concatenate([np.exp(-t / 30), np.exp(-599 / 30) * 2.0 ** (np.arange(300) / 49)])
-    assert [e.reason for e in _events(curve)] == ["stall"]
-    assert [e.trigger for e in _events(curve, StallDetector(rise_span_fraction=0.0))] == ["flat", "rising"]
-
-
-def test_decay_towards_zero_is_not_a_stall_while_it_falls_relative_to_its_level():
-    # Improvement is relative to the loss's own level: 2.3 -> 1e-7, falling 22% per window throughout, is no stall.
-    t = np.arange(1700)
-    assert _events(2.3 * np.exp(-t / 200) * _noise(len(t), 0.02, 4)) == []
+def test_cross_entropy_reaching_zero_never_diverges_nor_spikes(seed):
+    events = _events(_cross_entropy_to_zero(seed))
+    assert [e.reason for e in events if e.reason != "stall"] == []
 
 
 def _digits_cnn_losses(epochs=20, batch_size=32):
@@ -237,10 +236,9 @@ def _digits_cnn_losses(epochs=20, batch_size=32):
 
 
 @pytest.mark.slow
-def test_digits_cnn_trained_to_zero_loss_gets_no_divergence():
+def test_digits_cnn_trained_to_zero_loss_gets_no_divergence_nor_spike():
     # The reported false alarm: a healthy run whose cross-entropy falls from 2.3 to ~3e-4, fluctuating by about its
-    # own level near zero, where the level-only rule took a noise tilt for "divergence" (how often depends on the
-    # batch order: the synthetic test above pins that down; this one checks the real curve stays clean).
+    # own level near zero.
     import torch
 
     threads = torch.get_num_threads()
@@ -250,29 +248,53 @@ def test_digits_cnn_trained_to_zero_loss_gets_no_divergence():
     finally:
         torch.set_num_threads(threads)
     assert losses[:3].min() > 2.0 and np.median(losses[-50:]) < 1e-2
-    events = _events(losses)
-    assert [e.reason for e in events if e.reason == "divergence"] == []
-    assert events[-1].reason == "stall" and np.median(events[-1].window) < 1e-2
+    assert [e.reason for e in _events(losses) if e.reason != "stall"] == []
 
 
-def test_explosion_threshold_rule():
-    assert explosion_threshold(2.0, 0.5, 1.0) == 2.5
-    assert explosion_threshold(-1.0, -3.0, 1.0) == -3.0 + 2.0 + 3.0  # negative losses (log-likelihoods)
-    assert explosion_threshold(0.0, 0.0) is None
+# --- the statistics -------------------------------------------------------------------------------------------------
+def test_trend_test_is_least_squares_on_block_means():
+    rng = np.random.default_rng(1)
+    x = np.arange(100.0)
+    y = 2.0 - 0.01 * x + 0.1 * rng.standard_normal(100)
+    slope, se, lo, hi = trend_test(x, y)
+    xm, ym = x.reshape(10, 10).mean(axis=1), y.reshape(10, 10).mean(axis=1)
+    reference = stats.linregress(xm, ym)
+    assert slope == pytest.approx(reference.slope, rel=1e-12) and se == pytest.approx(reference.stderr, rel=1e-9)
+    half = stats.t.ppf(0.975, 8) * reference.stderr
+    assert (lo, hi) == (pytest.approx(slope - half, rel=1e-9), pytest.approx(slope + half, rel=1e-9))
+    # a per-loss noise floor widens a lucky narrow interval to that of independent losses
+    _, _, lo2, hi2 = trend_test(x, y, noise_sd=1.0)
+    floor = stats.norm.ppf(0.975) * 1.0 / math.sqrt(((x - x.mean()) ** 2).sum())
+    assert hi2 - slope == pytest.approx(floor, rel=1e-6) and slope - lo2 == pytest.approx(floor, rel=1e-6)
+
+
+def test_trend_test_exact_line_and_too_few_points():
+    slope, se, lo, hi = trend_test(np.arange(40.0), 3.0 - 0.5 * np.arange(40.0))
+    assert slope == pytest.approx(-0.5, abs=1e-12) and se == pytest.approx(0.0, abs=1e-12)
+    assert all(math.isnan(v) for v in trend_test(np.arange(2.0), np.ones(2)))
+
+
+def test_robust_noise_estimates():
+    assert robust_sd(np.array([1.0, 2.0, 3.0, 100.0])) == pytest.approx(stats.median_abs_deviation(
+        [1.0, 2.0, 3.0, 100.0], scale="normal"), rel=1e-9)
+    rng = np.random.default_rng(2)
+    trend_plus_noise = 0.01 * np.arange(20000) + 0.3 * rng.standard_normal(20000)
+    assert difference_noise(trend_plus_noise) == pytest.approx(0.3, rel=0.03)  # blind to the trend
 
 
 def test_resumed_detector_continues_exactly():
-    curve = np.concatenate([np.ones(150), 0.3 + 0.7 * np.exp(-np.arange(150) / 20), np.full(200, 0.3)])
+    curve = np.concatenate([np.ones(150), 0.3 + 0.7 * np.exp(-np.arange(150) / 20), np.full(300, 0.3)])
     curve = curve * _noise(len(curve), 0.03, 5)
+    curve[480:485] *= 8  # a spike in progress across the cut
     reference = [(e.step, e.reason) for e in _events(curve)]
     first = StallDetector()
-    part1 = _events(curve[:330], first)
+    part1 = _events(curve[:482], first)
     state = json.loads(json.dumps(first.state_dict(), allow_nan=False))
     resumed = StallDetector()
     resumed.load_state_dict(state)
-    part2 = _events(curve[330:], resumed, start=330)
+    part2 = _events(curve[482:], resumed, start=482)
     assert [(e.step, e.reason) for e in part1 + part2] == reference
-    assert len(reference) == 2
+    assert [r for _, r in reference] == ["stall", "stall", "spike"]
 
 
 def test_event_round_trip():
@@ -288,7 +310,8 @@ def test_event_round_trip():
         ({"min_window": 60}, "min_window"),
         ({"confidence": 1.0}, "confidence"),
         ({"rel_improvement": -0.1}, "rel_improvement"),
-        ({"explosion_factor": 0.0}, "explosion_factor"),
+        ({"spike_sigmas": -1.0}, "spike_sigmas"),
+        ({"spike_ratio": 0.5}, "spike_ratio"),
         ({"rise_noise_factor": -1.0}, "rise_noise_factor"),
         ({"rise_span_fraction": math.nan}, "rise_span_fraction"),
     ],
@@ -298,15 +321,14 @@ def test_constructor_validation(kwargs, match):
         StallDetector(**kwargs)
 
 
-def test_update_validation():
+def test_update_never_raises_on_what_training_feeds_it():
     det = StallDetector()
-    det.update(5, 1.0)
-    with pytest.raises(UsageError, match="increase"):
-        det.update(5, 1.0)
-    with pytest.raises(UsageError, match="loss"):
-        det.update(6, "high")
+    assert det.update(5, 1.0) is None
+    assert det.update(5, 1.0) is None and det.update(4, 1.0) is None  # a step that did not increase
+    assert det.update(6, "high") is None and det.update(True, 1.0) is None  # not a loss, not a step
+    assert det.n_ignored == 4
     with pytest.raises(UsageError, match="keys"):
-        det.load_state_dict({"steps": []})
+        det.load_state_dict({"steps": []})  # restoring a checkpoint is configuration: it may refuse
 
 
 # --- the Theil-Sen fit: scipy's numbers, without scipy's per-call cost -------------------------------------------

@@ -149,7 +149,7 @@ def trend_test(steps: np.ndarray, losses: np.ndarray, n_blocks: int = N_BLOCKS, 
     half = t * math.sqrt(max(float(residuals @ residuals), 0.0) / (blocks - 2) / sxx)
     if noise_sd is not None and noise_sd > 0:
         xr = x - x.mean()
-        z = _t_quantile(0.5 + confidence / 2.0, 10**6)  # the normal quantile (cached like the t quantiles)
+        z = float(special.ndtri(0.5 + confidence / 2.0))
         half = max(half, z * noise_sd / math.sqrt(float(xr @ xr)))
     return slope, half / t, slope - half, slope + half
 
@@ -497,7 +497,7 @@ class StallDetector:
         if self._since_rearm < self.cooldown or self._spike is not None:
             return None  # a spike in progress is judged when it ends
         horizons = [h for h in self.horizons if h <= n] or [n]
-        z = _t_quantile(0.5 + self.confidence / 2.0, 10**6)
+        z = float(special.ndtri(0.5 + self.confidence / 2.0))
         for horizon in horizons:
             # The per-loss noise alone makes this horizon's interval at least this wide (relative, per window):
             # skip a fit that could not resolve a stall anyway (most of the cost on noisy losses).
