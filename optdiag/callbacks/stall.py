@@ -398,7 +398,7 @@ class StallDiagnoser(OptDiagCallback):
         self._handle(trainer, pl_module, retried, tries)
 
     def _snapshot(self, trainer: Any, pl_module: Any, event: StallEvent) -> dict[str, Any]:
-        """A bounded curvature snapshot at this step, started cold (see below), even if one was just scheduled."""
+        """A curvature snapshot at this step, even if one was just scheduled, within the monitor's budget."""
         monitor = self.hessian_monitor
         if monitor is None or event.trigger == "nonfinite" or not monitor.enabled:
             return {}
