@@ -217,6 +217,26 @@ def test_usage_error_after_setup_is_swallowed_but_not_in_setup(tmp_path, monkeyp
         trainer.fit(RegressionModule(), RegressionDataModule())
 
 
+def test_analyze_with_a_rounding_negative_noise_trace_exits_0(tmp_path, capsys, monkeypatch):
+    from optdiag import cli
+    from optdiag.curvature import noise as noise_module
+    from tests import fixtures_analysis as fx
+
+    real = noise_module.estimate_gradient_noise_scale
+
+    def rounding(*args, **kwargs):  # the estimate as it came out before the estimator clamped it
+        return dataclasses.replace(real(*args, **kwargs), trace_sigma=-1e-10)
+
+    monkeypatch.setattr(noise_module, "estimate_gradient_noise_scale", rounding)
+    ckpt = fx.write_lightning_checkpoint(tmp_path / "model.ckpt", hidden=0, weights=fx.target_weights(), steps=1)
+    code = cli.main(["analyze", str(ckpt), "--model", "tests.fixtures_analysis:LinearNet", "--out",
+                     str(tmp_path / "r"), "--quiet", "--max-batches", "3", "--resolution", "5"])
+    assert code == 0, capsys.readouterr().err  # it was exit code 2: "grad_noise_trace cannot be negative"
+    point = json.loads((tmp_path / "r" / "report.json").read_text())["checkpoints"][0]
+    assert point["gradient_noise"]["trace_sigma"] == -1e-10  # the estimate as measured ...
+    assert point["critical_point"]["tests"]["gradient_zero"]["trace_sigma"] == 0.0  # ... and as the verdict used it
+
+
 # --- property test: nothing raises, whatever the numbers ----------------------------------------------------------
 _EXTREMES = [0.0, -0.0, 1e300, -1e300, 5e-324, -5e-324, 1e-300, -1e-10, 1.0, -1.0, 1.0000001,
              math.nan, math.inf, -math.inf]

@@ -53,6 +53,7 @@ from optdiag.curvature._checks import check_count, check_positive
 from optdiag.curvature.batches import sample_count
 from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.state import preserved_state
+from optdiag.diagnosis.types import to_jsonable
 from optdiag.errors import OptDiagError, UsageError
 
 __all__ = ["AnalysisSettings", "CheckpointAnalysis", "AnalysisReport", "analyze_checkpoint", "POINT_TYPES"]
@@ -274,15 +275,13 @@ class CheckpointAnalysis:
 
 
 def _noise_dict(noise: Any) -> dict[str, Any]:
-    return {k: getattr(noise, k) for k in ("grad_sq_norm", "trace_sigma", "b_simple", "b_big")}
+    return {k: getattr(noise, k) for k in ("grad_sq_norm", "trace_sigma", "b_simple", "b_big", "clamped")}
 
 
-def _num(value: Any) -> Optional[float]:
-    """A float for JSON; None for missing or non-finite values."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+def _num(value: Any) -> Any:
+    """A number's JSON form by the package's one encoder: a float, ``"nan"``/``"inf"``/``"-inf"``, or None if
+    missing (docs/errors.md, "JSON")."""
+    return None if value is None else to_jsonable(float(value))
 
 
 def _nums(values: Any) -> list[Optional[float]]:
@@ -292,17 +291,15 @@ def _nums(values: Any) -> list[Optional[float]]:
 
 
 def _jsonable(value: Any) -> Any:
+    """:func:`to_jsonable`, with objects it does not know (a path, a device) written as their ``str``."""
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, (bool, str)) or value is None:
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return _num(value)
-    return str(value)
+    try:
+        return to_jsonable(value)
+    except UsageError:
+        return str(value)
 
 
 def _sharpness_value(result: Optional[SharpnessResult]) -> Optional[float]:
@@ -680,8 +677,10 @@ def _curvature_and_verdict(
     # The gradient evidence is the full-data gradient (exact for the loss the optimizer minimised over this data),
     # against the per-sample noise measured on the analysis batches: the norm test on the whole data.
     grad_sq = float(full.gradient.pow(2).sum())
-    noise_trace = None if noise is None else _num(noise.trace_sigma)
-    noise_trace = None if noise_trace is None else max(noise_trace, 0.0)
+    # tr(Sigma) comes clamped at 0 from the estimator, which records a negative raw value: the evidence says so too
+    noise_trace = None if noise is None or not math.isfinite(noise.trace_sigma) else noise.trace_sigma
+    clamped = {"grad_noise_trace": noise.clamped["trace_sigma"]} if noise_trace is not None and \
+        "trace_sigma" in noise.clamped else {}
     evidence = Evidence(
         step=item.step if item.step is not None else 0,
         loss=full.loss,
@@ -698,6 +697,7 @@ def _curvature_and_verdict(
         epsilon_sharpness=None if sharpness["epsilon"] is None else sharpness["epsilon"].value,
         num_params=op.num_params,
         optimizer=spec,
+        clamped=clamped,
     )
     classified = classify_point(evidence)
     line = _gradient_line(op, model, loss_fn, settings, full, top, bottom, notes)

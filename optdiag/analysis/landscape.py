@@ -24,6 +24,7 @@ import torch
 from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.params import flatten
 from optdiag.curvature.state import preserved_state
+from optdiag.diagnosis.types import to_jsonable
 from optdiag.errors import UsageError
 
 __all__ = [
@@ -40,8 +41,8 @@ __all__ = [
 
 
 def _plain(values: Any) -> list:
-    """Floats for JSON, with NaN/Inf as None."""
-    return [float(v) if math.isfinite(float(v)) else None for v in np.asarray(values, dtype=float).reshape(-1)]
+    """Numbers in their JSON form, by the package's one encoder (non-finite ones as ``"nan"``/``"inf"``)."""
+    return to_jsonable(np.asarray(values, dtype=float).reshape(-1).tolist())
 
 
 @dataclass
@@ -71,10 +72,10 @@ class LossSlice:
             "name": self.name,
             "t": _plain(self.t),
             "loss": _plain(self.loss),
-            "slope": float(self.slope),
-            "curvature": float(self.curvature),
+            "slope": to_jsonable(float(self.slope)),
+            "curvature": to_jsonable(float(self.curvature)),
             "quadratic": _plain(self.quadratic),
-            "direction_norm": float(self.direction_norm),
+            "direction_norm": to_jsonable(float(self.direction_norm)),
         }
 
 
@@ -121,8 +122,8 @@ class InterpolationPath:
             "to": self.labels[1],
             "t": _plain(self.t),
             "loss": _plain(self.loss),
-            "barrier": float(self.barrier) if math.isfinite(self.barrier) else None,
-            "distance": float(self.distance),
+            "barrier": to_jsonable(float(self.barrier)),
+            "distance": to_jsonable(float(self.distance)),
         }
 
 

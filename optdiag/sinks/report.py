@@ -25,6 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 
+from optdiag.diagnosis.types import from_jsonable, to_jsonable
 from optdiag.errors import UsageError
 from optdiag.sinks import figures
 
@@ -82,21 +83,26 @@ def _img(fig: Any, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="{figures.figure_to_data_uri(fig)}">'
 
 
+def _is_finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _finite_pairs(t: list, values: list) -> tuple[list, list]:
-    pairs = [(a, b) for a, b in zip(t, values) if a is not None and b is not None]
+    pairs = [(a, b) for a, b in zip(t, values) if _is_finite(a) and _is_finite(b)]
     return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def report_figures(data: Mapping[str, Any]) -> dict[str, Any]:
     """The report's figures from its JSON form: ``{"<i>/density": Figure, "<i>/slices": ..., "<i>/contour": ...,
     "series": ..., "barriers": ...}`` (only those the data allow)."""
+    data = from_jsonable(to_jsonable(dict(data)))  # "nan"/"inf" strings back to floats, whichever form came in
     out: dict[str, Any] = {}
     for i, ckpt in enumerate(data.get("checkpoints", [])):
         name = Path(str(ckpt.get("path", f"checkpoint {i}"))).name
         den = ckpt.get("density")
         if den and den.get("grid"):
             grid, dens = _finite_pairs(den["grid"], den["density"])
-            nodes = [v for row in den.get("nodes", []) for v in row if v is not None]
+            nodes = [v for row in den.get("nodes", []) for v in row if _is_finite(v)]
             out[f"{i}/density"] = figures.plot_spectral_density(
                 SimpleNamespace(grid=grid, density=dens, nodes=nodes, sigma=den.get("sigma")),
                 title=f"Hessian spectral density: {name}",
@@ -112,7 +118,7 @@ def report_figures(data: Mapping[str, Any]) -> dict[str, Any]:
                 out[f"{i}/slices"] = figures.plot_loss_slices(drawable, title=f"Loss along directions: {name}")
         surface = ckpt.get("surface")
         if surface:
-            rows = [[math.nan if v is None else v for v in row] for row in surface["loss"]]
+            rows = [[v if _is_finite(v) else math.nan for v in row] for row in surface["loss"]]
             out[f"{i}/contour"] = figures.plot_loss_contour(
                 surface["alphas"], surface["betas"], rows, title=f"Loss around {name}",
                 labels=tuple(surface.get("names", ("direction 1", "direction 2"))),
@@ -282,6 +288,7 @@ def _checkpoint_section(i: int, ckpt: Mapping[str, Any], figs: Mapping[str, Any]
 
 def render_html(data: Mapping[str, Any], figs: Optional[Mapping[str, Any]] = None) -> str:
     """The self-contained page for a report's JSON form (figures are made from it unless given)."""
+    data = from_jsonable(to_jsonable(dict(data)))  # "nan"/"inf" strings back to floats, whichever form came in
     figs = report_figures(data) if figs is None else figs
     checkpoints = data.get("checkpoints", [])
     out = [
@@ -360,7 +367,7 @@ def write_report(report: Any, out_dir: str | os.PathLike) -> tuple[Path, Path]:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UsageError(f"cannot create the output directory {folder}: {err.strerror or err}") from err
-    text_json = json.dumps(data, indent=1, allow_nan=False)
+    text_json = json.dumps(to_jsonable(data), indent=1, allow_nan=False)  # the one encoder (docs/errors.md)
     page = render_html(data)
     for _ in range(100):  # another process may take the same name between the check and the open
         html_path, json_path = free_report_paths(folder)
