@@ -921,11 +921,15 @@ class Outcome:
     score: Score | None  # None when the truth was not established
     advice: str = ""
     seconds: float = 0.0
+    repeats: list[list[Any]] = field(default_factory=list)  # the verdicts of each further training with OptDiag
 
 
-def run_one(spec: RunSpec, root: str | None = None) -> Outcome:
+def run_one(spec: RunSpec, root: str | None = None, repeat: int = 1) -> Outcome:
+    """Train ``spec`` with OptDiag (``repeat`` times: the same trajectory, but the Hessian monitor's budget is
+    wall time, so its snapshots, and the verdicts resting on them, may differ), establish the truth, score."""
     started = time.perf_counter()
     rec = train(spec, root=root)
+    repeats = [train(spec, root=root).diagnoses for _ in range(repeat - 1)]
 
     def rerun(lr: float) -> Record:
         return train(spec, lr=lr, with_optdiag=False, root=root)
@@ -944,7 +948,7 @@ def run_one(spec: RunSpec, root: str | None = None) -> Outcome:
         truth.detail += f" (a recovering spike: {spike[1]:.3g} -> {spike[2]:.3g} at step {rec.evals[spike[0]][0]})"
     score = score_run((d.kind for d in rec.diagnoses), should, may) if truth.ok else None
     advice = check_advice(rec, rerun) if spec.truth in ADVICE_CHECKED else ""
-    return Outcome(spec, rec, truth, score, advice, time.perf_counter() - started)
+    return Outcome(spec, rec, truth, score, advice, time.perf_counter() - started, repeats)
 
 
 def select(only: str | None) -> list[RunSpec]:
@@ -1019,19 +1023,41 @@ def _warnings_text(said: Sequence[str]) -> str:
     return "; ".join(f"{n}x {k}" for k, n in counts.items()) or "—"
 
 
+def _repeats_text(o: Outcome) -> str:
+    """'same' when every repeat gave the first run's kinds in order, else each repeat's verdicts."""
+    first = [d.kind for d in o.record.diagnoses]
+    if all([d.kind for d in r] == first for r in o.repeats):
+        return f"same ({len(o.repeats)}x)"
+    return " / ".join(_verdicts_text(r) for r in o.repeats)
+
+
+def unstable_runs(outcomes: Sequence[Outcome]) -> list[str]:
+    return [o.spec.name for o in outcomes if not _repeats_text(o).startswith("same")]
+
+
 def detail_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
     rows = [["run", "truth check", "advice rerun", "optdiag warnings", "seconds"]]
+    repeated = any(o.repeats for o in outcomes)
+    if repeated:
+        rows[0].insert(3, "verdicts of the repeats")
     for o in outcomes:
         rows.append([o.spec.name, ("" if o.truth.ok else "NOT ESTABLISHED: ") + o.truth.detail, o.advice or "—",
                      _warnings_text(o.record.warnings), f"{o.seconds:.1f}"])
+        if repeated:
+            rows[-1].insert(3, _repeats_text(o))
     return rows
 
 
 def summary_line(outcomes: Sequence[Outcome]) -> str:
     scored = [o for o in outcomes if o.score is not None]
     right = sum(o.score.ok for o in scored)
-    return (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
+    line = (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
             f"truth not established for {len(outcomes) - len(scored)}")
+    if any(o.repeats for o in outcomes):
+        unstable = unstable_runs(outcomes)
+        line += (f"; trained {len(outcomes[0].repeats) + 1}x with OptDiag: verdict kinds changed between repeats on "
+                 f"{len(unstable)}" + (f" ({', '.join(unstable)})" if unstable else ""))
+    return line
 
 
 def report(outcomes: Sequence[Outcome], markdown: bool = False) -> str:
@@ -1092,6 +1118,11 @@ Advice is checked too, beside the truth: an oscillation or plateau run that got 
 optdiag) with the proposed lr; the suggestion *helped* when the oscillation's loss floor went down, or when the
 plateau's loss fell at least 5x as much as in the run and by at least 10% of its start (real progress). A run with no numeric lr suggestion says so.
 
+Training is deterministic and bitwise the same with or without optdiag, but the Hessian monitor's budget is wall
+time: on a loaded machine a curvature snapshot may be skipped in one run and taken in the next, and the verdicts
+that rest on it change. `--repeat N` trains each run N times with OptDiag (the first is scored) and lists the runs
+whose verdict kinds changed.
+
 Per-kind precision = (right + accepted) / runs that got the kind; recall = right / runs that should get it.
 Counts are of runs: a kind given three times in one run counts once. The corpus is small and each run has one
 seed: read a single wrong verdict as a case to look at, not as a rate.
@@ -1131,6 +1162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated run names")
     parser.add_argument("--write-docs", action="store_true", help="write docs/verdict-corpus.md")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="train each run this many times with OptDiag and report verdicts that change (the first "
+                             "is scored)")
     args = parser.parse_args(argv)
     specs = select(args.only)
     from optdiag.demo.runner import quiet_lightning
@@ -1140,7 +1174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with quiet_lightning():
         torch.set_num_threads(args.threads)
         for spec in specs:
-            o = run_one(spec)
+            o = run_one(spec, repeat=args.repeat)
             outcomes.append(o)
             print(f"{spec.name}: {_verdicts_text(o.record.diagnoses)} -> {_result_text(o)} "
                   f"[{o.truth.detail}] ({o.seconds:.1f} s)", flush=True)
