@@ -1,5 +1,6 @@
 """``GradientNormMonitor``: gradient and update statistics on a sampled cadence of optimizer steps (pairs of
-consecutive steps, so that the cosines stay exact), at the cost of a few norms per measured step."""
+consecutive steps, so that the cosines stay exact), at the cost of a few fused (``torch._foreach_*``) kernels per
+measured step; the gradient is never concatenated into one vector."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
 from optdiag.curvature.noise import gradient_noise_scale
-from optdiag.curvature.params import flatten
 from optdiag.errors import UsageError
 from optdiag.sinks import tensorboard as tensorboard_sink
 
@@ -49,33 +49,39 @@ def _cosine(dot: float, sq_a: float, sq_b: float) -> float:
     return dot / denominator if denominator > 0 and math.isfinite(denominator) else math.nan
 
 
-class _Rows:
-    """Preallocated float32 rows for the flat vectors kept between hooks (no per-step allocation).
+class _Buffer:
+    """Preallocated float32 rows with, per row, one view shaped like each tensor of a parameter list.
 
-    Consecutive vectors alternate between rows 0 and 1 (``slot``), so that the current and the previous one sit in
-    one matrix and a single product ``rows @ rows.T`` yields every dot product and squared norm needed at once.
+    The views let fused ``torch._foreach_*`` kernels copy, multiply or subtract a whole list of per-parameter
+    tensors into a row without concatenating them, and a row's sum or product with another row is then one kernel.
+    ``step`` is the optimizer step of the vector the buffer holds (None: nothing usable).
     """
 
-    def __init__(self, n_rows: int, length: int, device: torch.device) -> None:
-        self.data = torch.empty(n_rows, length, dtype=torch.float32, device=device)
-        self.slot = 0
-        self.previous_step: int | None = None  # the step of the previous vector
+    def __init__(self, n_rows: int, like: list[torch.Tensor]) -> None:
+        self.key = self.key_of(like)
+        total = sum(t.numel() for t in like)
+        self.data = torch.empty(n_rows, total, dtype=torch.float32, device=like[0].device)
+        offsets = [0]
+        for t in like:
+            offsets.append(offsets[-1] + t.numel())
+        self.views = [[row[a:b].view(t.shape) for t, a, b in zip(like, offsets, offsets[1:])] for row in self.data]
+        self.step: int | None = None
+        self.slot = 0  # with two rows: the row of the current vector (the other holds the previous one)
         self.previous_sq = math.nan  # squared norm of the previous vector
 
-    def matches(self, length: int, device: torch.device) -> bool:
-        return self.data.shape[1] == length and self.data.device == device
+    @staticmethod
+    def key_of(like: list[torch.Tensor]) -> tuple:
+        return (like[0].device, *(t.shape for t in like))
+
+    @classmethod
+    def fitting(cls, current: _Buffer | None, n_rows: int, like: list[torch.Tensor]) -> _Buffer:
+        """``current`` if it still fits tensors shaped like ``like``, else new rows (a different parameter set has
+        no comparable direction, so the previous vector is forgotten)."""
+        return current if current is not None and current.key == cls.key_of(like) else cls(n_rows, like)
 
     def follows(self, step: int) -> bool:
-        """Whether the previous vector belongs to the step just before ``step`` (a cosine needs consecutive steps)."""
-        return self.previous_step == step - 1
-
-    def advance(self, step: int) -> None:
-        self.slot, self.previous_step = 1 - self.slot, step
-
-
-def _flatten_into(tensors: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
-    """Concatenate flattened ``tensors`` into the preallocated float32 row ``out`` (one kernel, no allocation)."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors], out=out)
+        """Whether the held vector belongs to the step just before ``step`` (a cosine needs consecutive steps)."""
+        return self.step == step - 1
 
 
 class GradientNormMonitor(OptDiagCallback):
@@ -175,10 +181,12 @@ class GradientNormMonitor(OptDiagCallback):
         self._log_interval = self._cadence  # logging interval, a multiple of the cadence
         self._named_cache: tuple[tuple[int, int], list] | None = None
         self._layer_of: dict[str, str] = {}  # parameter name -> layer name (computed once per name)
-        self._grads: _Rows | None = None  # rows 0/1: current and previous flat gradient
-        self._updates: _Rows | None = None  # rows 0/1: current and previous update; row 2: parameters before it
-        self._params_after: torch.Tensor | None = None
-        self._micro_sum: torch.Tensor | None = None  # accumulated gradient after the previous micro-batch
+        self._grad_previous: _Buffer | None = None  # the previous measured gradient, when the next step needs it
+        self._updates: _Buffer | None = None  # rows: the parameters before this step, then minus its update; the
+        # other row: minus the previous update
+        self._theta_sq = math.nan  # |theta_old|^2 of the pending step
+        self._micro_previous: _Buffer | None = None  # accumulated gradient after the previous micro-batch
+        self._micro_started = False
         self._micro_sq_norms: list[float] = []
         self._micro_sizes: list[int] = []
         # per window: (micro batch size, window batch size, micro-batch |g|^2 list, window |g|^2)
@@ -226,11 +234,16 @@ class GradientNormMonitor(OptDiagCallback):
         grads = [p.grad for p in self._monitored(trainer) if p.grad is not None]
         if not grads:
             return
-        accumulated = flatten(g.float() for g in grads) / self._loss_scale(trainer)
-        micro = accumulated if self._micro_sum is None else accumulated - self._micro_sum
+        previous = self._micro_previous = _Buffer.fitting(self._micro_previous, 1, grads)
+        if self._micro_started:  # this micro-batch's gradient is what the accumulated one grew by
+            torch._foreach_sub_(previous.views[0], grads)  # minus the micro-batch gradient, in place
+            sq = float(torch.linalg.vector_norm(previous.data[0])) ** 2
+        else:
+            sq = math.fsum(float(n) ** 2 for n in torch._foreach_norm(grads))
+        torch._foreach_copy_(previous.views[0], grads)
+        self._micro_started = True
         # Lightning divides each micro-batch loss by accumulate_grad_batches; undo it to get the batch gradient.
-        self._micro_sq_norms.append(float(micro.square().sum()) * trainer.accumulate_grad_batches**2)
-        self._micro_sum = accumulated
+        self._micro_sq_norms.append(sq / self._loss_scale(trainer) ** 2 * trainer.accumulate_grad_batches**2)
 
     @guarded
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -248,14 +261,18 @@ class GradientNormMonitor(OptDiagCallback):
         named = self._named_monitored(pl_module, optimizer)
         with_grad = [(name, p) for name, p in named if p.grad is not None]
         grads = [p.grad for _, p in with_grad]
+        params = [p.detach() for _, p in named]
         record: dict[str, Any] = {"step": step}
-        gradient = None
-        if grads and (self.track_directions or self._noise_enabled(trainer, pl_module)):
-            gradient = self._flat_gradient(grads)
-        # one fused kernel for all per-parameter norms; with the dot products, one transfer to Python per step
-        values = self._transfer(torch._foreach_norm(grads) if grads else [], gradient)
+        # One fused kernel for the norms of every gradient and parameter (|theta_old| for the update ratio); the
+        # dot product with the previous gradient joins them in the single transfer to Python of this step.
+        norms = torch._foreach_norm(grads + params) if params else []
+        dot = self._gradient_dot(grads, step)
+        values = torch.stack([n.float() for n in norms] + ([dot] if dot is not None else [])).tolist() if norms else []
         squares = [v * v for v in values[: len(grads)]]
         total_sq = math.fsum(squares)
+        theta_sq = math.fsum(v * v for v in values[len(grads) : len(grads) + len(params)])
+        if not math.isfinite(theta_sq) and params:  # float32 norms overflow: exact ones in float64
+            theta_sq = math.fsum(float(torch.linalg.vector_norm(p.double())) ** 2 for p in params)
         record["grad_norm"] = math.sqrt(total_sq) if math.isfinite(total_sq) else total_sq
         if self.per_layer:
             layers: dict[str, float] = {}
@@ -266,15 +283,15 @@ class GradientNormMonitor(OptDiagCallback):
         finite = math.isfinite(total_sq)
         if not finite:
             self.warn_once("non-finite-gradient", f"non-finite gradient norm at step {step}; directions not updated.")
-        if self.track_directions and finite and gradient is not None:
-            rows = self._grads
-            sq_now, dot, sq_previous = values[len(grads)], values[len(grads) + 1], rows.previous_sq
-            record["grad_cosine"] = _cosine(dot, sq_now, sq_previous) if rows.follows(step) else math.nan
-            rows.previous_sq = sq_now
-            rows.advance(step)
-        self._remember_parameters(named)
+        if self.track_directions and grads:
+            previous_sq = self._grad_previous.previous_sq if dot is not None else math.nan
+            self._keep_gradient(grads, step if finite else None)
+            if finite:
+                record["grad_cosine"] = _cosine(values[-1], total_sq, previous_sq) if dot is not None else math.nan
+                self._grad_previous.previous_sq = total_sq
+        self._remember_parameters(params, theta_sq)
         self._pending = record
-        self._finish_noise_window(trainer, gradient, record)
+        self._finish_noise_window(trainer, total_sq if grads else None, record)
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -282,15 +299,16 @@ class GradientNormMonitor(OptDiagCallback):
             return
         record, self._pending = self._pending, None
         named = self._named_monitored(pl_module, trainer.optimizers[0])
-        update_sq, theta_sq, dot, previous_sq = self._update_products(named)
+        update_sq, dot, previous_sq = self._update_products(named, record["step"])
         record["update_norm"] = math.sqrt(update_sq) if update_sq >= 0 else math.nan
-        theta_norm = math.sqrt(theta_sq) if theta_sq >= 0 else math.nan
+        theta_norm = math.sqrt(self._theta_sq) if self._theta_sq >= 0 else math.nan
         record["update_ratio"] = record["update_norm"] / theta_norm if theta_norm > 0 else math.nan
         rows = self._updates
         if self.track_directions and math.isfinite(record["update_norm"]):
-            follows = rows.follows(record["step"])
-            record["update_cosine"] = _cosine(dot, update_sq, previous_sq) if follows else math.nan
-            rows.advance(record["step"])
+            record["update_cosine"] = _cosine(dot, update_sq, previous_sq) if dot is not None else math.nan
+            rows.previous_sq, rows.step, rows.slot = update_sq, record["step"], 1 - rows.slot
+        else:
+            rows.step = None
         record["grad_norm_clipped"] = self._clipped_norm(trainer, pl_module, named, record["grad_norm"])
         for key in _OPTIONAL:
             record.setdefault(key, math.nan)
@@ -325,50 +343,53 @@ class GradientNormMonitor(OptDiagCallback):
             self._named_cache = (key, named)
         return self._named_cache[1]
 
-    def _rows(self, current: _Rows | None, n_rows: int, like: list[torch.Tensor]) -> _Rows:
-        """``current`` if it still fits vectors of the ``like`` tensors (same total length and device), else new rows
-        (the previous vector is then forgotten: a different parameter set has no comparable direction)."""
-        length, device = sum(t.numel() for t in like), like[0].device
-        return current if current is not None and current.matches(length, device) else _Rows(n_rows, length, device)
+    def _gradient_dot(self, grads: list[torch.Tensor], step: int) -> torch.Tensor | None:
+        """``g . g_previous`` as a 0-d tensor when the previous step's gradient is held (None otherwise).
 
-    def _flat_gradient(self, grads: list[torch.Tensor]) -> torch.Tensor:
-        self._grads = self._rows(self._grads, 2, grads)
-        return _flatten_into(grads, self._grads.data[self._grads.slot])
+        The products overwrite the held gradient in place (one fused multiply, then one sum of the row): it is
+        not needed afterwards."""
+        previous = self._grad_previous
+        if not (self.track_directions and grads and previous is not None and previous.follows(step)):
+            return None
+        if previous.key != _Buffer.key_of(grads):
+            return None
+        torch._foreach_mul_(previous.views[0], grads)
+        return previous.data[0].sum()
 
-    def _transfer(self, norms: list[torch.Tensor], gradient: torch.Tensor | None) -> list[float]:
-        """The per-parameter norms, then ``|g|^2`` and ``g . g_previous``, as Python floats in one transfer."""
-        parts = [torch.stack(norms).float()] if norms else []
-        if gradient is not None and self.track_directions:
-            parts.append(self._grads.data @ gradient)  # (row 0 . g, row 1 . g): one product for both
-        if not parts:
-            return []
-        values = torch.cat(parts).tolist()
-        if gradient is not None and self.track_directions:
-            slot, tail = self._grads.slot, values[len(norms):]
-            values[len(norms):] = [tail[slot], tail[1 - slot]]
-        return values
+    def _keep_gradient(self, grads: list[torch.Tensor], step: int | None) -> None:
+        """Keep this step's gradient for the next step's cosine, only when the next step is measured too (the
+        second step of a pair keeps nothing); ``step`` None (a non-finite gradient) forgets the previous one."""
+        previous = self._grad_previous = _Buffer.fitting(self._grad_previous, 1, grads)
+        previous.step = None
+        if step is not None and self.is_measured(step + 1):
+            torch._foreach_copy_(previous.views[0], grads)
+            previous.step = step
 
-    def _remember_parameters(self, named: list[tuple[str, torch.Tensor]]) -> None:
-        """Copy the parameters before the optimizer step into row 2 of the update rows."""
-        params = [p for _, p in named]
-        self._updates = self._rows(self._updates, 3, params)
-        _flatten_into(params, self._updates.data[2])
+    def _remember_parameters(self, params: list[torch.Tensor], theta_sq: float) -> None:
+        """Copy the parameters before the optimizer step into the current row of the update buffer."""
+        self._theta_sq = theta_sq
+        if not params:
+            return
+        rows = self._updates = _Buffer.fitting(self._updates, 2, params)
+        torch._foreach_copy_(rows.views[rows.slot], params)
 
-    def _update_products(self, named: list[tuple[str, torch.Tensor]]) -> tuple[float, float, float, float]:
-        """``|u|^2``, ``|theta_old|^2``, ``u . u_previous`` and ``|u_previous|^2`` for the update ``u`` just made."""
+    def _update_products(self, named: list[tuple[str, torch.Tensor]], step: int) -> tuple[float, float | None, float]:
+        """``|u|^2``, ``u . u_previous`` (None without a consecutive previous update) and ``|u_previous|^2`` for the
+        update ``u`` just made. Both rows hold minus the update, so their product is ``u . u_previous``."""
         rows = self._updates
-        if self._params_after is None or self._params_after.shape != rows.data[2].shape \
-                or self._params_after.device != rows.data.device:
-            self._params_after = torch.empty_like(rows.data[2])
-        after = _flatten_into([p for _, p in named], self._params_after)
+        if rows is None:
+            return math.nan, None, math.nan
         s = rows.slot
-        torch.sub(after, rows.data[2], out=rows.data[s])
-        gram = (rows.data @ rows.data.T).tolist()  # every product needed, in one kernel and one transfer
-        update_sq, theta_sq = gram[s][s], gram[2][2]
-        if not (math.isfinite(update_sq) and math.isfinite(theta_sq)):  # float32 squares overflow: exact norms
+        torch._foreach_sub_(rows.views[s], [p.detach() for _, p in named])  # theta_old - theta_new = -u
+        follows = self.track_directions and rows.follows(step)
+        if follows:
+            products = (rows.data @ rows.data[s]).tolist()  # both products in one kernel and one transfer
+            update_sq, dot = products[s], products[1 - s]
+        else:
+            update_sq, dot = float(torch.linalg.vector_norm(rows.data[s])) ** 2, None
+        if not math.isfinite(update_sq):  # float32 squares overflow: the exact norm in float64
             update_sq = float(torch.linalg.vector_norm(rows.data[s].double())) ** 2
-            theta_sq = float(torch.linalg.vector_norm(rows.data[2].double())) ** 2
-        return update_sq, theta_sq, gram[s][1 - s], gram[1 - s][1 - s]
+        return update_sq, dot, rows.previous_sq
 
     def _noise_enabled(self, trainer: Any, pl_module: Any) -> bool:
         return (
@@ -383,16 +404,16 @@ class GradientNormMonitor(OptDiagCallback):
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         return float(scaler.get_scale()) if scaler is not None else 1.0
 
-    def _finish_noise_window(self, trainer: Any, gradient: torch.Tensor | None, record: dict[str, Any]) -> None:
+    def _finish_noise_window(self, trainer: Any, gradient_sq: float | None, record: dict[str, Any]) -> None:
         """Close an accumulation window: pool its micro-batch norms with earlier windows and estimate the noise."""
         sq_norms, sizes = self._micro_sq_norms, self._micro_sizes
-        self._micro_sq_norms, self._micro_sizes, self._micro_sum = [], [], None
-        if gradient is None or len(sq_norms) < 2 or len(sq_norms) != len(sizes) or min(sizes) <= 0:
+        self._micro_sq_norms, self._micro_sizes, self._micro_started = [], [], False
+        if gradient_sq is None or len(sq_norms) < 2 or len(sq_norms) != len(sizes) or min(sizes) <= 0:
             return
         if len(set(sizes)) != 1 or not all(math.isfinite(v) for v in sq_norms):
             return  # a ragged last batch or an overflowed micro-gradient: the two-batch-size formula does not apply
         # the accumulated gradient is sum(g_i) / accumulate_grad_batches; rescale it to the mean over the window
-        big_sq = float(gradient.square().sum()) * (trainer.accumulate_grad_batches / len(sq_norms)) ** 2
+        big_sq = gradient_sq * (trainer.accumulate_grad_batches / len(sq_norms)) ** 2
         b_small, b_big = sizes[0], sizes[0] * len(sizes)
         self._noise_windows.append((b_small, b_big, sq_norms, big_sq))
         pooled = [w for w in self._noise_windows if w[:2] == (b_small, b_big)]
