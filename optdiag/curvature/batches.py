@@ -20,12 +20,12 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 __all__ = [
     "as_batch_list",
@@ -142,8 +142,7 @@ def batch_weights(batches: Sequence[Any], batch_sizes: Optional[Sequence[float]]
         if len(sizes) != len(batches):
             raise UsageError(f"batch_sizes has {len(sizes)} entries for {len(batches)} batches")
     for i, s in enumerate(sizes):
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0:
-            raise UsageError(f"batch size {i} must be a positive number, got {s!r}")
+        check_number(f"batch size {i}", s, low=0.0, low_open=True, what="a positive number")
     total = float(sum(sizes))
     return [float(s) / total for s in sizes]
 

@@ -28,6 +28,7 @@ from optdiag.curvature.trace import (
     random_probe,
 )
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 DEFAULT_N_GRID = 1000
 SIGMA_FRACTION = 0.01
@@ -117,8 +118,7 @@ def spectral_density(
     n_steps = min(check_count("n_steps", n_steps), op.num_params)
     if grid is not None and n_grid is not None:
         raise UsageError("give either grid or n_grid, not both")
-    if sigma is not None and not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
-        raise UsageError(f"sigma must be a positive number or None, got {sigma!r}")
+    sigma = check_number("sigma", sigma, low=0.0, low_open=True, allow_none=True, what="a positive number")
     grid = _check_grid(grid) if grid is not None else None
     n_grid = check_count("n_grid", DEFAULT_N_GRID if n_grid is None else n_grid, minimum=2)
 

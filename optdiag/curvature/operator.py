@@ -33,6 +33,7 @@ from torch import nn
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
+from optdiag.policy import check_number
 
 __all__ = ["HessianOperator", "supervised_loss", "LossFn", "METHODS"]
 
@@ -232,9 +233,8 @@ class HessianOperator(CurvatureOperator):
     ) -> None:
         if method not in METHODS:
             raise UsageError(f"method must be one of {METHODS}, got {method!r}")
-        if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                          or memory_budget < 0):
-            raise UsageError(f"memory_budget must be a non-negative number of bytes, got {memory_budget!r}")
+        check_number("memory_budget", memory_budget, low=0, integer=True, allow_none=True,
+                     what="a non-negative number of bytes")
         self.objective = BatchObjective(model, loss_fn, batches, batch_sizes=batch_sizes, dtype=dtype)
         device = self.objective.device
         super().__init__(self.objective.num_params, device, self.objective.dtype)

@@ -14,7 +14,6 @@ ICML 2017).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -27,6 +26,7 @@ from optdiag.curvature._checks import check_count, check_positive, check_seed
 from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.curvature.state import preserved_state
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 
 __all__ = ["SharpnessResult", "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness"]
 
@@ -229,9 +229,8 @@ def adaptive_sharpness(
         'adaptive'
     """
     rho = check_positive("rho", rho)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-        raise UsageError(f"eta must be a non-negative finite number, got {eta!r}")
-    return _first_order_sharpness(model, loss_fn, batches, rho, eta=float(eta))
+    eta = check_number("eta", eta, low=0.0, what="a non-negative finite number")
+    return _first_order_sharpness(model, loss_fn, batches, rho, eta=eta)
 
 
 def _first_order_sharpness(

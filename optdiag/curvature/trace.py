@@ -22,6 +22,7 @@ import torch
 from optdiag.curvature._checks import check_count, check_operator, check_seed
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.errors import NonFiniteError, UsageError
+from optdiag.policy import check_number
 
 DEFAULT_N_HVP = 100
 """Products spent when neither ``n_hvp`` nor ``n_probes`` is given."""
@@ -150,8 +151,7 @@ def hessian_trace(
     check_operator(op)
     method = _choose(method, "method", _METHODS)
     distribution = _choose(distribution, "distribution", _DISTRIBUTIONS)
-    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
-        raise UsageError(f"tol must be a positive number or None, got {tol!r}")
+    tol = check_number("tol", tol, low=0.0, low_open=True, allow_none=True, what="a positive number")
     generator = probe_generator(op, seed)
     start = op.n_hvp
     if method == "hutchinson":
