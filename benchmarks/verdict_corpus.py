@@ -349,7 +349,7 @@ RUNS: tuple[RunSpec, ...] = (
             description="digits MLP, SGD lr 0.05 batch 32; the lr is multiplied by 30 for steps 150-154, then "
                         "returns: the loss jumps, then recovers."),
     RunSpec("spike_lr_burst_cnn_adam_b64", "spike", "CNN+BN", "bn_cnn", "digits_images", "ce", "adam", 1e-3, 64, 300,
-            "burst:150:5:30", eval_every=1,
+            "burst:150:5:30", eval_every=2,
             description="digits BatchNorm CNN, Adam lr 1e-3 batch 64; lr x30 for steps 150-154."),
     RunSpec("spike_sgdm_large_lr_mlp_b32", "spike", "MLP", "mlp", "digits", "ce", "sgd_m0.9", 0.3, 32, 300,
             eval_every=1,
@@ -1122,6 +1122,14 @@ Training is deterministic and bitwise the same with or without optdiag, but the 
 time: on a loaded machine a curvature snapshot may be skipped in one run and taken in the next, and the verdicts
 that rest on it change. `--repeat N` trains each run N times with OptDiag (the first is scored) and lists the runs
 whose verdict kinds changed.
+
+**Before the rewrite.** The corpus was first run on commit `616f91a`, before the stall detector and classifier
+were rewritten (loss spikes, no "uncertain" verdicts): 11 of 25 runs right. 5 of the 7 healthy runs got a false
+alarm (4 `saddle_point`, 1 `oscillation`) while their full-data loss fell 8-96% per quarter; all 3 recovering
+spikes and both catapults were called `saddle_point` or `divergence`; the three saddle runs got `oscillation` or
+`divergence` verdicts (confidence 0.00-0.21) and two of them a `saddle_point` of confidence 0.00-0.50; the momentum
+oscillation also got `divergence`.
+Minimum (3/3), plateau (2/2), divergence (3/3) and the SGD oscillation were right.
 
 Per-kind precision = (right + accepted) / runs that got the kind; recall = right / runs that should get it.
 Counts are of runs: a kind given three times in one run counts once. The corpus is small and each run has one
