@@ -301,6 +301,7 @@ _FOUND = [
     dict(step=0, optimizer=OptimizerSpec("adam", lr=5e-324, beta1=0.0)),  # (1 - beta1) lr underflows to 0
     dict(step=0, grad_sq_norm_unbiased=1.0, grad_noise_trace=5e-324, batch_size=2**40),  # tr(Sigma)/B underflows
     dict(step=0, optimizer=OptimizerSpec("sgd", lr=0.1)),  # advice quoting an unmeasured lambda_min
+    dict(step=0, lambda_max=1.79e308, lambda_min=1.0),  # Polyak's (sqrt(L) + sqrt(mu))^2 overflows
 ]
 
 

@@ -44,7 +44,8 @@ def polyak_heavy_ball(mu: float, L: float) -> tuple[float, float, float]:
     mu, L = _range("mu", mu, "L", L)
     root_kappa = math.sqrt(L / mu)
     momentum = ((root_kappa - 1.0) / (root_kappa + 1.0)) ** 2
-    return 4.0 / (math.sqrt(L) + math.sqrt(mu)) ** 2, momentum, math.sqrt(momentum)
+    half_step = 2.0 / (math.sqrt(L) + math.sqrt(mu))  # (2 / s)^2, not 4 / s^2: s^2 overflows for L near 1e308
+    return half_step * half_step, momentum, math.sqrt(momentum)
 
 
 def yellowfin(h_min: float, h_max: float, grad_variance: float, distance: float) -> tuple[float, float]:
