@@ -46,7 +46,7 @@ KINDS = ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# --- truth classes: what a run SHOULD and MAY get ---------------------------------------------------------------
+# --- truth classes: what a run SHOULD and MAY get ------------------------------------------------------------------
 #: truth class -> (kinds the run should get, kinds it may get whatever its truth check finds)
 EXPECTED: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "healthy": (frozenset(), frozenset()),
@@ -60,7 +60,7 @@ EXPECTED: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 }
 
 
-# --- scoring (pure: synthetic verdicts in, counts out; tests/test_verdict_corpus.py) -----------------------------
+# --- scoring (pure: synthetic verdicts in, counts out; tests/test_verdict_corpus.py) -------------------------------
 @dataclass
 class Score:
     """One run's verdict kinds held against its truth.
@@ -211,7 +211,7 @@ DATA: dict[str, Callable[[], Data]] = {
 }
 
 
-# --- models ----------------------------------------------------------------------------------------------------------
+# --- models --------------------------------------------------------------------------------------------------------
 class TinyTransformer(nn.Module):
     """Token + position embeddings, two ``nn.TransformerEncoderLayer``, mean pooling, a linear classifier."""
 
@@ -281,7 +281,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
-# --- run definitions -------------------------------------------------------------------------------------------------
+# --- run definitions -----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunSpec:
     """One corpus run: what trains, how, and the truth class it is checked against.
@@ -418,7 +418,7 @@ RUNS: tuple[RunSpec, ...] = (
 )
 
 
-# --- training ------------------------------------------------------------------------------------------------------------
+# --- training ----------------------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -459,13 +459,6 @@ def lr_factor(schedule: str, steps: int) -> Callable[[int], float]:
         start, length, mult = int(start), int(length), float(mult)
         return lambda t: mult if start <= t < start + length else 1.0
     raise ValueError(f"unknown schedule {schedule!r}")
-
-
-def burst_window(schedule: str) -> tuple[int, int] | None:
-    if not schedule.startswith("burst:"):
-        return None
-    start, length = (int(v) for v in schedule.split(":")[1:3])
-    return start, start + length
 
 
 def _corpus_module_class():
@@ -624,7 +617,7 @@ def train(spec: RunSpec, *, lr: float | None = None, with_optdiag: bool = True, 
                   list(callbacks[0].diagnoses) if with_optdiag else [], seconds, said)
 
 
-# --- truth checks (independent of optdiag) ------------------------------------------------------------------------
+# --- truth checks (independent of optdiag) -------------------------------------------------------------------------
 @dataclass
 class Truth:
     """The verdict of a truth check: established or not, the numbers, and kinds the run may get besides."""
@@ -792,11 +785,17 @@ def check_saddle(rec: Record, rerun: Callable) -> Truth:
                        + (": at the minimum" if at_min else ""), may)
 
 
+def _design(data: Data) -> torch.Tensor:
+    """``[X 1]`` in float64: ``nn.Linear``'s weight, then its bias, as one linear map."""
+    x = data[0].double()
+    return torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+
+
 def _least_squares_loss(rec: Record) -> float:
-    x, y = rec.data
-    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    coef = torch.linalg.lstsq(design, y.double()).solution
-    return float(((design @ coef - y.double()) ** 2).mean())
+    """The mean squared error of the least-squares fit: the minimum of a linear regression's MSE."""
+    design, y = _design(rec.data), rec.data[1].double()
+    coef = torch.linalg.lstsq(design, y).solution
+    return float(((design @ coef - y) ** 2).mean())
 
 
 def _floor(values: Sequence[float]) -> float:
@@ -805,9 +804,7 @@ def _floor(values: Sequence[float]) -> float:
 
 
 def _least_squares_solution(data: Data) -> torch.Tensor:
-    x, y = data
-    design = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    return torch.linalg.lstsq(design, y.double()).solution.reshape(-1)  # nn.Linear's order: weight, then bias
+    return torch.linalg.lstsq(_design(data), data[1].double()).solution.reshape(-1)
 
 
 def steep_autocorrelation(rec: Record, last: int = 100) -> float:
@@ -824,9 +821,9 @@ def steep_autocorrelation(rec: Record, last: int = 100) -> float:
 
 
 def _regression_hessian(data: Data) -> torch.Tensor:
-    x = data[0].double()
-    design = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-    return 2.0 * design.T @ design / x.shape[0]
+    """The MSE's Hessian ``2 [X 1]^T [X 1] / n``, the same at every point."""
+    design = _design(data)
+    return 2.0 * design.T @ design / design.shape[0]
 
 
 def momentum_of(spec: RunSpec) -> float:
@@ -879,7 +876,7 @@ TRUTH_CHECKS: dict[str, Callable[[Record, Callable], Truth]] = {
 }
 
 
-# --- advice check: rerun with the learning rate optdiag proposed ------------------------------------------------
+# --- advice check: rerun with the learning rate optdiag proposed ---------------------------------------------------
 ADVICE_CHECKED = ("oscillation", "plateau")
 
 
@@ -912,7 +909,7 @@ def check_advice(rec: Record, rerun: Callable) -> str:
     return f"lr {rec.lr:.3g} -> {lr:.3g}: loss fell {before:.3g} -> {after:.3g} " + ("(helped)" if good else "(BAD)")
 
 
-# --- the corpus ------------------------------------------------------------------------------------------------------
+# --- the corpus ----------------------------------------------------------------------------------------------------
 @dataclass
 class Outcome:
     spec: RunSpec
@@ -1061,8 +1058,9 @@ def summary_line(outcomes: Sequence[Outcome]) -> str:
 
 
 def report(outcomes: Sequence[Outcome], markdown: bool = False) -> str:
-    parts = ["Runs:", *_table(run_rows(outcomes), markdown), "", "Per kind (runs; a kind repeated in a run counts once):",
-             *_table(kind_rows(outcomes), markdown), "", "Truth checks and advice reruns:",
+    parts = ["Runs:", *_table(run_rows(outcomes), markdown), "",
+             "Per kind (runs; a kind repeated in a run counts once):", *_table(kind_rows(outcomes), markdown), "",
+             "Truth checks and advice reruns:",
              *_table(detail_rows(outcomes), markdown), "", summary_line(outcomes)]
     return "\n".join(parts)
 
@@ -1094,14 +1092,14 @@ Nothing is downloaded.
 
 ## How a run is scored
 
-Each run belongs to a truth class that says which verdict kinds it SHOULD get and which it MAY get; the truth
-check can allow more (a run that ends at a minimum may get `local_minimum`). A `loss_spike` verdict states a fact,
-so it is allowed on any run whose full-data loss did spike and recover (rose 1.5x above its low so far, then fell
-below that low), whatever its class; elsewhere it is wrong or a false alarm. A run is **right** when it got every kind it should and nothing else it may not.
-A kind given but not allowed is **wrong** on a run that expected other kinds and a **false alarm** on a run that
-expected none; an expected kind not given is **missed**. A run whose truth check fails is reported as
-**truth not established** and is not scored: the run did not do what it was built to do, so no verdict on it can
-be judged.
+Each run belongs to a truth class that says which verdict kinds it SHOULD get and which it MAY get; the truth check
+can allow more (a run that ends at a minimum may get `local_minimum`). A `loss_spike` verdict states a fact, so it
+is allowed on any run whose full-data loss did spike and recover (rose 1.5x above its low so far, then fell below
+that low), whatever its class; elsewhere it is wrong or a false alarm. A run is **right** when it got every kind it
+should and nothing else it may not. A kind given but not allowed is **wrong** on a run that expected other kinds and
+a **false alarm** on a run that expected none; an expected kind not given is **missed**. A run whose truth check
+fails is reported as **truth not established** and is not scored: the run did not do what it was built to do, so no
+verdict on it can be judged.
 
 | truth class | should get | may get | truth established by |
 |---|---|---|---|
@@ -1116,7 +1114,8 @@ be judged.
 
 Advice is checked too, beside the truth: an oscillation or plateau run that got an lr suggestion is rerun (without
 optdiag) with the proposed lr; the suggestion *helped* when the oscillation's loss floor went down, or when the
-plateau's loss fell at least 5x as much as in the run and by at least 10% of its start (real progress). A run with no numeric lr suggestion says so.
+plateau's loss fell at least 5x as much as in the run and by at least 10% of its start (real progress). A run with
+no numeric lr suggestion says so.
 
 Training is deterministic and bitwise the same with or without optdiag, but the Hessian monitor's budget is wall
 time: on a loaded machine a curvature snapshot may be skipped in one run and taken in the next, and the verdicts
