@@ -106,7 +106,7 @@ def test_any_window_of_100_steps_stays_within_the_budget_plus_one_bucket(tmp_pat
     trainer.fit(LinearRegression(), _loader())
     # the cost model is exact here: one setup, then 0.004 s a product (Lanczos bookkeeping takes no fake time)
     assert monitor.estimate_seconds(10) == pytest.approx(SETUP_SECONDS + 10 * PRODUCT_SECONDS)
-    capacity = 3 * SETUP_SECONDS + 40 * PRODUCT_SECONDS  # three setups and burst_hvp = 40 products
+    capacity = 5 * SETUP_SECONDS + 40 * PRODUCT_SECONDS  # five setups and burst_hvp = 40 products
     assert monitor.capacity() == pytest.approx(capacity)
     # every charge is in the ledger (snapshots, stall snapshots and escape checks), and the ledger is the spend
     assert sum(c["seconds"] for c in monitor.charges) == pytest.approx(monitor.monitor_seconds)
@@ -174,7 +174,7 @@ def test_the_next_refresh_waits_for_its_estimated_cost_above_the_stall_reserve(p
     # the bucket holds 0.03 s and earns 0.05 * 0.1 = 0.005 s a step -> (0.056 - 0.03) / 0.005 = 5.2 -> 6 steps
     assert monitor._next_step == 106
     assert monitor.estimated_seconds == pytest.approx(0.016)
-    assert monitor.capacity() == pytest.approx(0.04 + 0.01 + 20 * 0.001)
+    assert monitor.capacity() == pytest.approx(0.04 + 3 * 0.01 + 20 * 0.001)
 
 
 def test_a_200_step_run_at_the_defaults_logs_lambda_max_several_times(tmp_path):

@@ -99,13 +99,14 @@ class HessianMonitor(OptDiagCallback):
     (default): adaptive, within ``budget`` of the training time (wall time less the Hessian work) over any window of
     the run, give or take one bucket. Every piece of curvature work is charged to one token bucket, whatever asked
     for it (scheduled and stall snapshots, the diagnoser's escape check; :attr:`charges` lists them): it earns
-    ``budget`` seconds per training second, holds at most :meth:`capacity` (three setups and ``burst_hvp``
+    ``budget`` seconds per training second, holds at most :meth:`capacity` (five setups and ``burst_hvp``
     products, priced by the cost model :meth:`estimate_seconds` that every snapshot refines) and starts full.
 
     * The first snapshot comes as soon as the probe set is complete: lambda_max alone, cold, at most half of
       ``burst_hvp`` products. Then lambda_max refreshes (warm-started: a few products) whenever the bucket holds
       their estimated cost above the stall reserve (:meth:`can_afford_snapshot`); every ``_FULL_EVERY`` = 4th
-      scheduled snapshot waits for a full bucket and adds lambda_min, the trace and a density if due.
+      scheduled snapshot adds lambda_min (warm), and the trace and a density if due when the products left cover
+      them.
     * A stall snapshot (:class:`~optdiag.callbacks.StallDiagnoser`) runs when the bucket holds the stall reserve
       and may spend all of it: :meth:`measure` with ``trace=False``.
 
@@ -140,7 +141,7 @@ class HessianMonitor(OptDiagCallback):
         density_steps: Lanczos steps per density run.
         seed: seed of the probes, start vectors and dropout masks.
         history_size: how many snapshots :attr:`history` (and charges :attr:`charges`) keeps.
-        burst_hvp: the bucket's size in products (plus three setups): the most curvature work the adaptive
+        burst_hvp: the bucket's size in products (plus five setups): the most curvature work the adaptive
             schedule may do at once beyond the budget's rate; half of it is the stall reserve.
         clock: the time source, ``time.perf_counter`` by default (tests inject a fake one).
 
@@ -214,6 +215,7 @@ class HessianMonitor(OptDiagCallback):
         self._setup_seconds: float | None = None
         self._product_seconds: float | None = None
         self._part_hvp: dict[str, int] = {}  # each part's products at its last snapshot
+        self._cost_samples = 0
         self._last_setup_seconds = 0.0
         self.last_eigenvectors: dict[str, EigenResult] = {}
         self.last_density: Any = None
@@ -299,13 +301,13 @@ class HessianMonitor(OptDiagCallback):
 
     def _scheduled(self, trainer: Any, pl_module: Any, step: int) -> None:
         """A scheduled snapshot. Fixed cadence: everything. Adaptive: a lambda_max refresh that leaves the stall
-        reserve in the bucket, and every ``_FULL_EVERY``-th one also lambda_min and the trace, from a full bucket."""
+        reserve in the bucket, every ``_FULL_EVERY``-th one with lambda_min and (if the products left cover it)
+        the trace."""
         if self.every_n_steps is not None:
             self.measure(trainer, pl_module, trace=True, budgeted=False)
             return
         full = self._full_due()
-        result = self.measure(trainer, pl_module, trace=full, lambda_min=full,
-                              reserve_seconds=0.0 if full else (self._reserve() or 0.0))
+        result = self.measure(trainer, pl_module, trace=full, lambda_min=full, reserve_seconds=self._reserve() or 0.0)
         if result.get("skipped") != _OVER_BUDGET:
             self._fit_scheduled += 1
         with contextlib.suppress(Exception):
@@ -339,14 +341,17 @@ class HessianMonitor(OptDiagCallback):
         return self._setup_seconds + n_hvp * self._product_seconds
 
     def capacity(self) -> float | None:
-        """The bucket's size in seconds: three setups and ``burst_hvp`` products (None until a snapshot is timed).
+        """The bucket's size in seconds: five setups and ``burst_hvp`` products (None until a snapshot is timed).
 
         The stall reserve that scheduled lambda_max refreshes leave alone (:meth:`_reserve`: a snapshot's setup,
-        half the products and the escape check's setup), and one setup and the other half for the refreshes; a
-        stall snapshot may use all of it. See docs/callbacks/hessian-monitor.md.
+        half the products and the escape check's setup), and three setups and the other half for the refreshes (a
+        short run's first estimate and two warm refreshes come at once); a stall snapshot may use all of it. See
+        docs/callbacks/hessian-monitor.md.
         """
         reserve = self._reserve()
-        return None if reserve is None else reserve + self.estimate_seconds(self.burst_hvp - self.burst_hvp // 2)
+        if reserve is None:
+            return None
+        return reserve + 2 * self._setup_seconds + self.estimate_seconds(self.burst_hvp - self.burst_hvp // 2)
 
     def _reserve(self) -> float | None:
         """The credit scheduled refreshes leave for a stall: two setups (the snapshot's and the escape check's) and
@@ -443,27 +448,26 @@ class HessianMonitor(OptDiagCallback):
         finally:
             self._charge(self.clock() - started, what, step)
 
-    def _refresh_products(self) -> int:
-        """Products a lambda_max refresh is expected to take: its last solve's count (it warm-starts from it),
-        batch sharpness, and the preconditioned solve's last count for Adam/AdamW/RMSprop."""
-        la = self._part_hvp.get("lambda_max", self.burst_hvp // 2)
+    def _refresh_products(self, lambda_min: bool = False) -> int:
+        """Products a scheduled snapshot is expected to take: each solve's last count (it warm-starts from it, and
+        gets at least ``_MIN_SOLVE_HVP``), batch sharpness, the preconditioned solve's for Adam/AdamW/RMSprop."""
+        def last(part: str) -> int:
+            return max(self._part_hvp.get(part, self.burst_hvp // 4), _MIN_SOLVE_HVP)
+
         pla = self._part_hvp.get("preconditioned_lambda_max", 0)
-        return max(la, _MIN_SOLVE_HVP) + pla + self._n_probe_batches()
+        return last("lambda_max") + pla + (last("lambda_min") if lambda_min else 0) + self._n_probe_batches()
 
     def _plan_next(self, trainer: Any, step: int) -> None:
-        """Adaptive schedule: the next snapshot at the step where the bucket will hold its estimated cost (a
-        refresh: above the stall reserve; a full one: the whole capacity), at the fit's credit per step so far."""
+        """Adaptive schedule: the next snapshot at the step where the bucket will hold its estimated cost above the
+        stall reserve (at most the whole bucket), at the fit's credit per step so far."""
         if self.every_n_steps is not None:
             return
         credit, capacity = self._credit(), self.capacity()
         if credit is None or capacity is None:
             wait = 1
         else:
-            if self._full_due():
-                needed = capacity
-            else:
-                needed = min(capacity, self._reserve() + self.estimate_seconds(self._refresh_products()))
-            self.estimated_seconds = needed - (0.0 if self._full_due() else self._reserve())
+            needed = min(capacity, self._reserve() + self.estimate_seconds(self._refresh_products(self._full_due())))
+            self.estimated_seconds = needed - self._reserve()
             per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
             shortfall = needed - credit
             wait = 1 if shortfall <= 0 else max(1, math.ceil(shortfall / max(per_step, 1e-12)))
@@ -494,7 +498,8 @@ class HessianMonitor(OptDiagCallback):
         """The cost model behind :meth:`estimate_seconds`: each snapshot's setup and its seconds per product
         (Lanczos bookkeeping and the gradient quantities included), averaged with the previous estimates."""
         per_product = max(seconds - setup, 0.0) / max(n_hvp, 1)
-        if self._setup_seconds is None:
+        self._cost_samples += 1
+        if self._setup_seconds is None or self._cost_samples == 2:  # the first one carries one-time costs
             self._setup_seconds, self._product_seconds = setup, per_product
         else:
             self._setup_seconds = 0.5 * (self._setup_seconds + setup)
@@ -638,7 +643,11 @@ class HessianMonitor(OptDiagCallback):
         dtype = self._compute_dtype(pl_module)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         with preserved_state(pl_module), _autocast_off(pl_module.device):
-            torch.manual_seed(self.seed)  # the same dropout masks at every snapshot (RNGs restored on exit)
+            # the same dropout masks at every snapshot (RNGs restored on exit); only the generators the module draws
+            # from: torch.manual_seed visits every backend and costs a fifth of a small model's lambda_max refresh
+            torch.default_generator.manual_seed(self.seed)
+            if pl_module.device.type == "cuda":
+                torch.cuda.manual_seed_all(self.seed)
             pl_module.train(self.mode == "train")
             operators, failure = [], None
             try:
