@@ -42,8 +42,8 @@ def test_two_ranks_reduce_to_the_hessian_of_the_union_and_only_rank_zero_logs(tm
     # gradients are all-reduced by DDP before the optimizer step: both ranks measure the same norm
     assert ranks[0]["grad_norms"] == ranks[1]["grad_norms"]
     assert ranks[0]["logger_calls"] > 0 and ranks[1]["logger_calls"] == 0
-    # the adaptive schedule: both ranks ran the cost probe and took their snapshots at the same steps (rank 0's
-    # clock decides); a stall snapshot's go-ahead is rank 0's on every rank
+    # the adaptive schedule: both ranks priced their snapshots and took them at the same steps (rank 0's clock
+    # decides); a stall snapshot's go-ahead is rank 0's on every rank
     assert ranks[0]["adaptive_estimate"] > 0 and ranks[1]["adaptive_estimate"] > 0
     assert ranks[0]["adaptive_steps"] == ranks[1]["adaptive_steps"]
     assert ranks[0]["affordable"] is True and ranks[1]["affordable"] is True

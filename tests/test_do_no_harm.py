@@ -29,7 +29,7 @@ def _run(tmp_path, with_monitors: bool, module_kwargs: dict, manual: bool = Fals
         callbacks = [
             GradientNormMonitor(histogram_every_n_steps=1),
             HessianMonitor(every_n_steps=2, probe_batches=2, density_every=1, loss_fn=loss_fn),
-            HessianMonitor(budget=1.0, probe_batches=1, loss_fn=loss_fn),  # adaptive: the cost probe runs too
+            HessianMonitor(budget=1.0, probe_batches=1, loss_fn=loss_fn),  # adaptive: budgeted refreshes
         ]
         # TensorBoard: the histograms and the densities (drawn only there) run as well
         trainer_kwargs["logger"] = pl.loggers.TensorBoardLogger(str(root), name="tb")

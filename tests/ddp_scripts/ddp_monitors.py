@@ -67,7 +67,7 @@ def main(out: str) -> None:
     data = regression_data(n=128, in_features=4, seed=1)
     loader = DataLoader(data, batch_size=16, shuffle=False)
     hessian = HessianMonitor(every_n_steps=2, probe_batches=2, tol=1e-6, max_hvp=15, trace_hvp=15)
-    adaptive = HessianMonitor(budget=1.0, probe_batches=1, trace_hvp=0)  # cost probe and schedule: rank 0's clock
+    adaptive = HessianMonitor(budget=1.0, probe_batches=1, trace_hvp=0)  # the bucket and schedule: rank 0's clock
     gradient = GradientNormMonitor()
     logger = RecordingLogger(out)
     trainer = pl.Trainer(
@@ -79,8 +79,7 @@ def main(out: str) -> None:
     trainer.fit(LinearRegression(), loader)
     rank = trainer.global_rank
     # a stall snapshot's go-ahead is rank 0's: rank 1, deep in debt on its own clock, must still get rank 0's yes
-    adaptive._fit_snapshots = 1
-    adaptive._spent = 0.0 if rank == 0 else 1e9
+    adaptive._tokens = adaptive.capacity() if rank == 0 else -1e9
     affordable = adaptive.can_afford_snapshot(trainer)
     torch.save(
         {
