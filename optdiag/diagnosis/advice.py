@@ -148,7 +148,8 @@ def _oscillation(ev: Evidence) -> list[Suggestion | None]:
         code=f"{_SCHED}.CosineAnnealingLR(opt, T_max=trainer.estimated_stepping_batches)"))
     out += _batch_toward_b_simple(ev, "Gradient noise dominates")
     opt = ev.optimizer
-    if opt is not None and opt.kind in ("adam", "adamw") and ev.sharpness and ev.lr:
+    if opt is not None and opt.kind in ("adam", "adamw") and ev.sharpness is not None and ev.sharpness > 0 \
+            and ev.lr:  # a negative sharpness needs no larger threshold (and X = -2 would divide by 0)
         # (2 + 2 b) / ((1 - b) lr) >= sharpness / TARGET_RATIO  <=>  b >= (X - 2) / (X + 2), X = lr sharpness / ratio
         x = ev.lr * ev.sharpness / TARGET_RATIO
         beta = (x - 2.0) / (x + 2.0)
