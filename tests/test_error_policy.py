@@ -302,7 +302,7 @@ _FOUND = [
     dict(step=0, grad_sq_norm_unbiased=1.0, grad_noise_trace=5e-324, batch_size=2**40),  # tr(Sigma)/B underflows
     dict(step=0, optimizer=OptimizerSpec("sgd", lr=0.1)),  # advice quoting an unmeasured lambda_min
     dict(step=0, lambda_max=1.79e308, lambda_min=1.0),  # Polyak's (sqrt(L) + sqrt(mu))^2 overflows
-    dict(step=0, preconditioned_lambda_max=-2.0, optimizer=OptimizerSpec("adam", lr=1.0, beta1=0.9)),  # X = -2
+    dict(step=0, preconditioned_lambda_max=-1.0, optimizer=OptimizerSpec("adam", lr=1.0, beta1=0.9)),  # X = -2
 ]
 
 
