@@ -643,23 +643,51 @@ def _finite(values: Sequence[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-def spike_in(values: Sequence[float], rise: float = 1.5) -> tuple[int, float, float] | None:
-    """The first eval that rose ``rise`` times above the lowest before it and the loss then fell below that low.
+def spikes_in(values: Sequence[float], rise: float = 1.5) -> list[tuple[int, float, float, int]]:
+    """Every recovering spike: the loss rose ``rise`` times above its lowest so far, then fell below that low.
 
-    Returns ``(index, pre-spike low, peak)`` or None.
+    Returns ``(index where it rose, pre-spike low, peak, index of the peak)`` for each; a rise that never comes back
+    is no spike. After a spike, the low restarts at the value that recovered.
+
+    Example:
+        >>> spikes_in([2.0, 1.0, 3.0, 0.8, 0.9, 2.0, 0.5])
+        [(2, 1.0, 3.0, 2), (5, 0.8, 2.0, 5)]
+    """
+    found, low, i = [], math.inf, 0
+    while i < len(values):
+        if i and values[i] > rise * low:
+            back = next((k for k in range(i + 1, len(values)) if values[k] < low), None)
+            if back is not None:
+                peak = max(range(i, back), key=lambda k: values[k])
+                found.append((i, low, values[peak], peak))
+                low, i = values[back], back + 1
+                continue
+        low = min(low, values[i])
+        i += 1
+    return found
+
+
+def spike_in(values: Sequence[float], rise: float = 1.5) -> tuple[int, float, float] | None:
+    """The first recovering spike of :func:`spikes_in` as ``(index, pre-spike low, peak)``, or None.
 
     Example:
         >>> spike_in([2.0, 1.0, 3.0, 0.8])
         (2, 1.0, 3.0)
     """
-    low = math.inf
-    for i, v in enumerate(values):
-        if i and v > rise * low and math.isfinite(v):
-            peak = max(values[i:i + 50])
-            if min(values[i:]) < low:
-                return i, low, peak
-        low = min(low, v)
-    return None
+    found = spikes_in(values, rise)
+    return found[0][:3] if found else None
+
+
+def spike_verdicts_supported(verdict_steps: Sequence[int], peak_steps: Sequence[int], before: int = 100,
+                             after: int = 10) -> bool:
+    """Whether every ``loss_spike`` verdict follows a full-data spike: a peak at most ``before`` steps earlier (the
+    verdict comes once the loss has recovered) or ``after`` steps later (the full-data loss is sampled).
+
+    Example:
+        >>> spike_verdicts_supported([176], [10]), spike_verdicts_supported([60], [10, 150])
+        (False, True)
+    """
+    return all(any(t - before <= p <= t + after for p in peak_steps) for t in verdict_steps)
 
 
 def _quarters_falling(values: Sequence[float], min_drop: float) -> tuple[bool, list[float]]:
@@ -942,11 +970,13 @@ def run_one(spec: RunSpec, root: str | None = None, repeat: int = 1) -> Outcome:
     should, may = EXPECTED[spec.truth]
     may |= truth.may
     values = _eval_values(rec)
-    spike = spike_in(values) if _finite(values) else None
-    if spike is not None and "loss_spike" not in should:
-        # a loss_spike verdict states a fact: it is acceptable on any run whose full-data loss did spike and recover
-        may |= {"loss_spike"}
-        truth.detail += f" (a recovering spike: {spike[1]:.3g} -> {spike[2]:.3g} at step {rec.evals[spike[0]][0]})"
+    spikes = spikes_in(values) if _finite(values) else []
+    if spikes and "loss_spike" not in should:
+        # a loss_spike verdict states a fact: acceptable on any run, if each one follows a real full-data spike
+        peaks = [rec.evals[p][0] for *_, p in spikes]
+        if spike_verdicts_supported([d.step for d in rec.diagnoses if d.kind == "loss_spike"], peaks):
+            may |= {"loss_spike"}
+        truth.detail += " (recovering spikes peaking at step " + ", ".join(str(p) for p in peaks) + ")"
     score = score_run((d.kind for d in rec.diagnoses), should, may) if truth.ok else None
     advice = check_advice(rec, rerun) if spec.truth in ADVICE_CHECKED else ""
     return Outcome(spec, rec, truth, score, advice, time.perf_counter() - started, repeats)
@@ -1099,11 +1129,11 @@ Nothing is downloaded.
 Each run belongs to a truth class that says which verdict kinds it SHOULD get and which it MAY get; the truth check
 can allow more (a run that ends at a minimum may get `local_minimum`). A `loss_spike` verdict states a fact, so it
 is allowed on any run whose full-data loss did spike and recover (rose 1.5x above its low so far, then fell below
-that low), whatever its class; elsewhere it is wrong or a false alarm. A run is **right** when it got every kind it
-should and nothing else it may not. A kind given but not allowed is **wrong** on a run that expected other kinds and
-a **false alarm** on a run that expected none; an expected kind not given is **missed**. A run whose truth check
-fails is reported as **truth not established** and is not scored: the run did not do what it was built to do, so no
-verdict on it can be judged.
+that low), whatever its class, when each such verdict comes at most 100 steps after (or 10 before) a spike's peak;
+elsewhere it is wrong or a false alarm. A run is **right** when it got every kind it should and nothing else it may
+not. A kind given but not allowed is **wrong** on a run that expected other kinds and a **false alarm** on a run
+that expected none; an expected kind not given is **missed**. A run whose truth check fails is reported as **truth
+not established** and is not scored: the run did not do what it was built to do, so no verdict on it can be judged.
 
 | truth class | should get | may get | truth established by |
 |---|---|---|---|

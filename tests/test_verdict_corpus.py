@@ -70,6 +70,15 @@ def test_spike_detector_on_synthetic_losses(vc):
     assert vc.spike_in([2.0, 1.0, 3.0, 0.8]) == (2, 1.0, 3.0)
     assert vc.spike_in([2.0, 1.0, 3.0, 1.2]) is None       # rose but never came back below 1.0
     assert vc.spike_in([2.0, 1.0, 1.4, 0.5]) is None       # a 1.4x bump is not a 1.5x spike
+    assert vc.spikes_in([2.0, 1.0, 3.0, 4.0, 0.8, 0.9, 2.0, 0.5]) == [(2, 1.0, 4.0, 3), (6, 0.8, 2.0, 6)]
+
+
+def test_a_loss_spike_verdict_must_follow_a_real_spike(vc):
+    assert vc.spike_verdicts_supported([], [])                 # no verdict needs no support
+    assert vc.spike_verdicts_supported([150], [60])            # 90 steps after the peak
+    assert not vc.spike_verdicts_supported([176], [10])        # a spike 166 steps before does not cover it
+    assert vc.spike_verdicts_supported([55], [60])             # the sampled peak may trail by up to 10 steps
+    assert not vc.spike_verdicts_supported([40, 150], [60])    # every verdict needs its spike
 
 
 def test_every_run_has_a_truth_class_and_check(vc):
