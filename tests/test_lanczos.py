@@ -464,3 +464,83 @@ def test_warm_start_on_an_interior_eigenvector_still_finds_the_extreme(which, ex
     assert result.converged
     assert float(result.eigenvalues[0]) == pytest.approx(float(spectrum[expected_index]), abs=1e-4)
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bounded memory: the basis never exceeds max_basis vectors, is allocated as it grows, and stays orthonormal
+
+
+class DiagonalOperator(CurvatureOperator):
+    """``diag(d)`` without a dense matrix: large ``n`` at the cost of one multiply per product."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        super().__init__(diagonal.numel(), diagonal.device, diagonal.dtype)
+        self.diagonal = diagonal
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self.diagonal * v
+
+
+@pytest.mark.parametrize("which, k, max_basis", [("LA", 5, 12), ("SA", 2, 8), ("SA", 3, 10)])
+def test_bounded_basis_matches_eigh_and_never_holds_more_than_max_basis(theory_spectrum, which, k, max_basis):
+    matrix, exact = theory_spectrum
+    result = top_eigenvalues(MatrixOperator(matrix), k=k, which=which, tol=1e-8, max_hvp=5000, max_basis=max_basis)
+    assert result.converged
+    assert result.n_hvp > max_basis  # it restarted
+    assert k < result.basis_rows <= max_basis
+    expected = torch.flip(exact, [0])[:k] if which == "LA" else exact[:k]
+    torch.testing.assert_close(result.eigenvalues, expected, atol=1e-8 * result.scale, rtol=0)
+    torch.testing.assert_close(result.residuals, true_residuals(matrix, result), atol=1e-10, rtol=1e-3)
+    torch.testing.assert_close(result.eigenvectors @ result.eigenvectors.T, torch.eye(k, dtype=F64), atol=1e-10, rtol=0)
+
+
+def test_default_basis_is_bounded_by_memory_for_large_operators():
+    # 1M float64 parameters: 8 MB a vector, so the default basis holds what fits in 256 MiB (33 vectors), not 60.
+    n = 1_000_000
+    diagonal = torch.linspace(-1.0, 1.0, n, dtype=F64)
+    diagonal[:3] = torch.tensor([3.0, 2.5, 2.2], dtype=F64)
+    result = top_eigenvalues(DiagonalOperator(diagonal), k=3, which="LA", tol=1e-6, max_hvp=400)
+    assert result.converged
+    torch.testing.assert_close(result.eigenvalues, torch.tensor([3.0, 2.5, 2.2], dtype=F64), atol=1e-6, rtol=0)
+    assert result.basis_rows <= 256 * 2**20 // (8 * n) == 33
+
+
+def test_the_basis_is_allocated_as_it_grows():
+    # A separated top eigenvalue converges in a few products: the basis holds a few vectors, not its 60 allowed.
+    diagonal = torch.cat([torch.tensor([10.0]), torch.linspace(0.0, 1.0, 999)]).to(F64)
+    result = top_eigenvalues(DiagonalOperator(diagonal), k=1, which="LA", tol=1e-6, max_basis=60)
+    assert result.converged and result.n_hvp <= 12
+    assert result.basis_rows <= 15  # one slab of a quarter of max_basis
+
+
+def test_cgs2_keeps_the_basis_orthonormal_on_a_hard_spectrum():
+    # Eigenvalues spread over 12 orders of magnitude with a tight cluster on top: without reorthogonalisation
+    # Lanczos loses orthogonality within a few dozen steps (ghost copies of the top eigenvalue).
+    n = 400
+    eigenvalues = torch.cat([1.0 + 1e-10 * torch.arange(5, dtype=F64), torch.logspace(-12, -1, n - 5, dtype=F64)])
+    matrix = rotated(eigenvalues, seed=21)
+    start = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=F64)
+    alphas, betas, basis = lanczos_tridiagonal(MatrixOperator(matrix), start, 250)
+    assert basis.shape[0] == 250
+    assert float((basis @ basis.T - torch.eye(250, dtype=F64)).abs().max()) < 1e-13
+    ritz = scipy.linalg.eigh_tridiagonal(alphas, betas)[0]
+    assert int(np.sum(np.abs(ritz - 1.0) < 1e-6)) <= 5  # no ghost copies of the top cluster
+
+
+def test_cgs2_orthogonality_in_float32_with_restarts():
+    matrix = random_symmetric(300, seed=22).float()
+    result = top_eigenvalues(MatrixOperator(matrix), k=6, which="LA", tol=1e-4, max_hvp=2000, max_basis=14)
+    assert result.converged and result.eigenvectors.dtype == torch.float32
+    assert float((result.eigenvectors @ result.eigenvectors.T - torch.eye(6)).abs().max()) < 1e-5
+    exact = torch.flip(torch.linalg.eigvalsh(matrix.double()), [0])[:6]
+    torch.testing.assert_close(result.eigenvalues.double(), exact, atol=2e-4 * result.scale, rtol=0)
+
+
+def test_basis_on_the_cpu_gives_the_same_result_and_bad_devices_are_refused(theory_spectrum):
+    matrix, _ = theory_spectrum
+    here = top_eigenvalues(MatrixOperator(matrix), k=2, which="LA", tol=1e-8)
+    on_cpu = top_eigenvalues(MatrixOperator(matrix), k=2, which="LA", tol=1e-8, basis_device="cpu")
+    assert torch.equal(here.eigenvalues, on_cpu.eigenvalues) and here.n_hvp == on_cpu.n_hvp
+    assert on_cpu.eigenvectors.device == matrix.device
+    with pytest.raises(ValueError, match="basis_device"):
+        top_eigenvalues(MatrixOperator(matrix), basis_device="no-such-device")
