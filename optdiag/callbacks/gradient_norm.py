@@ -122,8 +122,8 @@ class GradientNormMonitor(OptDiagCallback):
         log_every_n_steps: logging interval in optimizer steps (``None``: the Trainer's ``log_every_n_steps``).
         every_n_steps: measuring cadence ``n`` (pairs of consecutive steps every ``n`` steps, see above); ``None``:
             the logging interval capped at 10; ``1``: every step.
-        track_directions: whether to keep the previous gradient and update (two flat copies of the parameters) to
-            compute the cosines.
+        track_directions: whether to keep the previous gradient and update (float32 copies of the parameters'
+            size) to compute the cosines.
         noise_window: number of accumulation windows pooled for the noise scale; ``0`` switches it off.
         histogram_every_n_steps: interval of per-layer gradient histograms in TensorBoard; ``0`` switches them off.
         history_size: how many measured steps :attr:`history` keeps (oldest dropped first).
