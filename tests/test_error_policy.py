@@ -217,6 +217,14 @@ def test_usage_error_after_setup_is_swallowed_but_not_in_setup(tmp_path, monkeyp
         trainer.fit(RegressionModule(), RegressionDataModule())
 
 
+def test_state_restored_from_a_checkpoint_that_no_longer_loads_is_skipped_with_a_warning():
+    # e.g. a checkpoint written by another optdiag version, with a kind this one does not know
+    diagnoser = StallDiagnoser()
+    with pytest.warns(UserWarning, match="StallDiagnoser.load_state_dict failed and was skipped"):
+        diagnoser.load_state_dict({"diagnoses": [{"step": 1, "kind": "uncertain", "confidence": 0.5, "summary": "?"}]})
+    assert diagnoser.diagnoses == [] and diagnoser.warning_counts == {"hook-error:UsageError": 1}
+
+
 def test_analyze_with_a_rounding_negative_noise_trace_exits_0(tmp_path, capsys, monkeypatch):
     from optdiag import cli
     from optdiag.curvature import noise as noise_module

@@ -61,7 +61,17 @@ def guarded(hook: _F) -> _F:
             )
             return None
 
+    wrapper._optdiag_guarded = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+# Lightning calls these on a callback after ``setup`` too (checkpoint saving and restoring, the end of a run).
+_GUARDED_METHODS = ("state_dict", "load_state_dict", "teardown")
+
+
+def _needs_guard(name: str, attribute: Any) -> bool:
+    return (name.startswith("on_") or name in _GUARDED_METHODS) and callable(attribute) \
+        and not getattr(attribute, "_optdiag_guarded", False)
 
 
 class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
@@ -75,6 +85,16 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     def __init__(self) -> None:
         super().__init__()
         self.warning_counts: dict[str, int] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Guard every hook a subclass defines (``on_*``, ``state_dict``, ``load_state_dict``, ``teardown``), so that
+        no hook can be left unguarded by mistake; ``setup`` stays unguarded (configuration errors stop the run).
+        A failing ``state_dict`` saves nothing for this callback; a failing ``load_state_dict`` keeps its fresh state.
+        """
+        super().__init_subclass__(**kwargs)
+        for name, attribute in list(vars(cls).items()):
+            if _needs_guard(name, attribute):
+                setattr(cls, name, guarded(attribute))
 
     # --- identity -------------------------------------------------------------------------------------------------
     def _state_key_arguments(self) -> dict[str, Any]:
