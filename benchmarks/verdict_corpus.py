@@ -403,7 +403,7 @@ RUNS: tuple[RunSpec, ...] = (
     # oscillation
     RunSpec("osc_sgd_b16", "oscillation", "linear regression", "linear", "ill_regression", "mse", "sgd", 0.0, 16,
             400, lr_lambda0=1.8, snapshots=True,
-            description="ill-conditioned linear regression (one feature x10), SGD batch 16 at lr*lambda_max = "
+            description="ill-conditioned linear regression (one feature +-10), SGD batch 16 at lr*lambda_max = "
                         "1.8: the steep direction flips sign every step and the minibatch noise keeps it "
                         "bouncing above the least-squares loss."),
     RunSpec("osc_momentum_b32", "oscillation", "linear regression", "linear", "ill_regression", "mse", "sgd_m0.9",
@@ -1049,7 +1049,8 @@ def _warnings_text(said: Sequence[str]) -> str:
     """Distinct optdiag warnings, each cut at its first clause, with counts."""
     counts: dict[str, int] = {}
     for message in said:
-        key = message.removeprefix("optdiag: ").split(";")[0].split(" (")[0][:70]
+        key = message.removeprefix("optdiag: ").split(";")[0].split(" (")[0]
+        key = key if len(key) <= 80 else key[:80].rsplit(" ", 1)[0] + " ..."
         counts[key] = counts.get(key, 0) + 1
     return "; ".join(f"{n}x {k}" for k, n in counts.items()) or "—"
 
@@ -1058,7 +1059,7 @@ def _repeats_text(o: Outcome) -> str:
     """'same' when every repeat gave the first run's kinds in order, else each repeat's verdicts."""
     first = [d.kind for d in o.record.diagnoses]
     if all([d.kind for d in r] == first for r in o.repeats):
-        return f"same ({len(o.repeats)}x)"
+        return f"same ({len(o.repeats)} repeat{'s' if len(o.repeats) > 1 else ''})"
     return " / ".join(_verdicts_text(r) for r in o.repeats)
 
 
@@ -1176,10 +1177,12 @@ def write_docs(outcomes: Sequence[Outcome], seconds: float, path: str, threads: 
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "optdiag"], cwd=REPO, capture_output=True,
                            text=True).stdout.strip()
+    where = f"commit `{head}`"
     if dirty:  # the numbers are then of the working tree, not of the commit alone
-        head += " plus uncommitted changes to optdiag/"
+        files = [f"`{line[3:]}`" for line in dirty.splitlines()]
+        where += " plus uncommitted changes to " + (", ".join(files) if len(files) <= 4 else f"{len(files)} files")
     lines = [DOC_INTRO.format(n=len(outcomes)).rstrip(), "", "## Results", "",
-             f"Measured {today} at commit `{head}` ({len(outcomes)} runs, {seconds:.0f} s on {threads} torch "
+             f"Measured {today} at {where} ({len(outcomes)} runs, {seconds:.0f} s on {threads} torch "
              f"thread(s)). {summary_line(outcomes)}.", "",
              "### Per kind", "",
              "Counted in runs (a kind given twice in one run counts once); only runs whose truth was established. "
