@@ -163,6 +163,8 @@ def test_sgd_with_momentum_one_trains_to_the_end_with_optdiag(tmp_path):
     assert trainer.global_step == 12
     monitor = cb.hessian_monitor
     assert monitor.enabled and len(monitor.history) >= 2  # the snapshots read the optimizer without raising
+    # momentum 1 never converges: no stability threshold (the lr is still reported)
+    assert [(h["lr"], h["stability_threshold"]) for h in monitor.history] == [(0.01, None)] * len(monitor.history)
     assert not any(k.startswith("HessianMonitor.usage") or "hook-error" in k for k in cb.warning_counts)
 
 
@@ -195,7 +197,7 @@ def test_fit_completes_when_optdiag_warnings_are_errors(tmp_path, caplog):
         trainer.fit(run.module, run.loader)
     assert trainer.global_step == run.max_steps and [d.kind for d in diagnoser.diagnoses] == ["divergence"]
     assert diagnoser.warning_counts == {"max-snapshots": 1}
-    assert [r.getMessage() for r in caplog.records if "used up" in r.getMessage()] != []
+    assert sum("used up" in r.getMessage() for r in caplog.records) == 1  # logged instead of raised, once
 
 
 def test_usage_error_after_setup_is_swallowed_but_not_in_setup(tmp_path, monkeypatch):
