@@ -25,6 +25,9 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
     zero = {"net.0.weight": torch.zeros(2, 3), "net.1.weight": torch.zeros(2, 2)}
     return {
+        # step 0 gives a series its early-training gradient scale: with it an exactly zero gradient is "tiny"
+        "init": fx.write_lightning_checkpoint(folder / "init.ckpt", hidden=2, steps=0),
+        "init_linear": fx.write_lightning_checkpoint(folder / "init_linear.ckpt", hidden=0, steps=0),
         "trained": fx.write_lightning_checkpoint(folder / "trained.ckpt", hidden=2, steps=2),
         "saddle": fx.write_lightning_checkpoint(folder / "saddle.ckpt", hidden=2, weights=zero, steps=3),
         "minimum": fx.write_lightning_checkpoint(folder / "minimum.ckpt", hidden=0, weights=fx.target_weights()),
@@ -34,7 +37,8 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair_report(checkpoints):
     # Given out of order on purpose: the report sorts by step. The Hessian is over all 3 batches (whitened data).
-    return analyze_checkpoint([checkpoints["saddle"], checkpoints["trained"]], model=fx.LinearNet, **FAST)
+    return analyze_checkpoint([checkpoints["saddle"], checkpoints["trained"], checkpoints["init"]],
+                              model=fx.LinearNet, **FAST)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,7 @@ def _sha(path) -> str:
 def test_public_entry_point_and_hyper_parameters_restored(checkpoints, pair_report):
     assert optdiag.analyze_checkpoint is analyze_checkpoint and optdiag.AnalysisReport is AnalysisReport
     first = pair_report[0]
-    assert [c.step for c in pair_report.checkpoints] == [2, 3]
+    assert [c.step for c in pair_report.checkpoints] == [0, 2, 3]
     assert first.format == "lightning"
     assert first.num_params == 10  # hidden=2 came from the checkpoint's hyper-parameters (the default is 0)
 
@@ -83,13 +87,14 @@ def test_numbers_equal_the_core_on_the_same_model_and_data(checkpoints):
 
 
 def test_saddle_of_the_two_layer_linear_net_at_the_origin(pair_report):
-    saddle = pair_report[1]
+    saddle = pair_report[-1]
     assert saddle.loss == pytest.approx(5.0, rel=1e-6)  # 0.5 |A|_F^2 with whitened inputs
     assert saddle.grad_norm == 0.0
     assert saddle.lambda_max == pytest.approx(3.0, abs=1e-4)  # +- the singular values of A
     assert saddle.lambda_min == pytest.approx(-3.0, abs=1e-4)
     assert saddle.trace.estimate == pytest.approx(0.0, abs=1e-4)
     assert saddle.point_type == "saddle_point"
+    assert saddle.evidence.grad_norm_initial == pytest.approx(pair_report[0].grad_norm)  # the step-0 scale
     escape = saddle.slices["bottom_eigenvector"]
     assert escape.curvature == pytest.approx(-3.0, abs=1e-4)
     centre = len(escape.t) // 2
@@ -97,8 +102,8 @@ def test_saddle_of_the_two_layer_linear_net_at_the_origin(pair_report):
 
 
 def test_minimum_of_linear_regression_has_the_input_covariance_as_hessian(checkpoints):
-    report = analyze_checkpoint(checkpoints["minimum"], model=fx.LinearNet, **FAST)
-    point = report[0]
+    report = analyze_checkpoint([checkpoints["init_linear"], checkpoints["minimum"]], model=fx.LinearNet, **FAST)
+    point = report[1]
     assert point.loss == pytest.approx(0.0, abs=1e-10) and point.grad_norm == pytest.approx(0.0, abs=1e-5)
     np.testing.assert_allclose(point.top.eigenvalues, [1.0, 1.0, 1.0], atol=1e-4)
     np.testing.assert_allclose(point.bottom.eigenvalues, [1.0, 1.0, 1.0], atol=1e-4)
@@ -112,12 +117,12 @@ def test_minimum_of_linear_regression_has_the_input_covariance_as_hessian(checkp
 
 def test_series_and_barrier_between_consecutive_checkpoints(pair_report):
     series = pair_report.series
-    assert series["step"] == [2, 3]
+    assert series["step"] == [0, 2, 3]
     assert series["lambda_max"] == [c.lambda_max for c in pair_report.checkpoints]
-    (barrier,) = pair_report.barriers
-    assert barrier.labels == ("trained.ckpt", "saddle.ckpt")
-    assert barrier.loss[0] == pytest.approx(pair_report[0].analysis_loss, rel=1e-6)
-    assert barrier.loss[-1] == pytest.approx(pair_report[1].analysis_loss, rel=1e-6)
+    first, barrier = pair_report.barriers
+    assert first.labels == ("init.ckpt", "trained.ckpt") and barrier.labels == ("trained.ckpt", "saddle.ckpt")
+    assert barrier.loss[0] == pytest.approx(pair_report[1].analysis_loss, rel=1e-6)
+    assert barrier.loss[-1] == pytest.approx(pair_report[2].analysis_loss, rel=1e-6)
 
 
 TOP_KEYS = {"schema_version", "optdiag_version", "created", "settings", "checkpoints", "series", "barriers",
@@ -138,7 +143,7 @@ def test_json_schema_is_stable_and_strict(written):
     assert set(data) == TOP_KEYS and data["schema_version"] == 1
     for ckpt in data["checkpoints"]:
         assert set(ckpt) == CHECKPOINT_KEYS
-        assert ckpt["point_type"] in ("local_minimum", "saddle_point", "plateau", "not_critical")
+        assert ckpt["point_type"] in ("local_minimum", "saddle_point", "plateau", "not_critical", "undecided")
         assert set(ckpt["density"]) == {"grid", "density", "nodes", "weights", "sigma"}
         assert set(ckpt["slices"]) == {"top_eigenvector", "bottom_eigenvector", "random_filter_normalized"}
         assert set(ckpt["slices"]["top_eigenvector"]) == {"name", "t", "loss", "slope", "curvature", "quadratic",
@@ -149,7 +154,7 @@ def test_json_schema_is_stable_and_strict(written):
     assert set(data["series"]) == {"checkpoint", "step", "loss", "grad_norm", "lambda_max", "lambda_min",
                                    "hessian_trace", "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness"}
     assert set(data["barriers"][0]) == {"from", "to", "t", "loss", "barrier", "distance"}
-    assert data["checkpoints"][1]["lambda_min"] == pytest.approx(-3.0, abs=1e-4)
+    assert data["checkpoints"][2]["lambda_min"] == pytest.approx(-3.0, abs=1e-4)
 
 
 def test_html_is_self_contained_and_holds_its_plots(written):
@@ -158,7 +163,7 @@ def test_html_is_self_contained_and_holds_its_plots(written):
     images = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     alts = [alt for alt, _ in images]
     # per checkpoint: density, slices, contour; then the series and the barriers
-    assert len(images) == 3 * 2 + 2
+    assert len(images) == 3 * 3 + 2
     assert "series" in alts and "barriers" in alts and "density of saddle.ckpt" in alts
     assert all(base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n" for _, data in images)
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing fetched from anywhere
@@ -317,8 +322,9 @@ def _dense_loss_and_gradient(weight, dataset):
 
 
 def test_a_still_descending_checkpoint_is_not_called_a_minimum(tmp_path):
-    # Halfway to the minimum of a convex problem, with batches of one sample: no gradient noise can be measured, so
-    # the curvature alone (positive definite) would call it a minimum. The loss along the gradient says otherwise.
+    # Halfway to the minimum of a convex problem, with batches of one sample: no gradient noise can be measured and
+    # there is no early-training scale, so the gradient evidence cannot tell a critical point. The loss along the
+    # gradient can.
     half = {"net.0.weight": fx.TARGET_MAP / 2}
     path = fx.write_lightning_checkpoint(tmp_path / "half.ckpt", hidden=0, weights=half)
     point = analyze_checkpoint(path, model=fx.LinearNet, data=fx.make_one_sample_loader,
@@ -326,9 +332,8 @@ def test_a_still_descending_checkpoint_is_not_called_a_minimum(tmp_path):
     loss, grad = _dense_loss_and_gradient(half["net.0.weight"], fx.make_dataset())
     step = float(grad.norm())  # the Hessian is the identity: the quadratic model is lowest at t = |G|
     expected, _ = _dense_loss_and_gradient(half["net.0.weight"] - grad.float(), fx.make_dataset())
-    assert point.classified is not None and point.classified.kind == "local_minimum"
-    assert point.critical_point["classified_as"]["kind"] == "local_minimum"
     assert point.point_type == "not_critical" and point.diagnosis is None
+    assert point.critical_point["state"] == "descending"
     line = point.critical_point["tests"]["gradient_line"]
     assert line["curvature"] == pytest.approx(1.0, rel=1e-5) and line["step"] == pytest.approx(step, rel=1e-5)
     assert line["measured_loss"] == pytest.approx(expected, abs=1e-6)
@@ -381,6 +386,27 @@ def test_a_real_run_is_told_as_phases_that_match_its_losses(run_report):
         tests = c.critical_point["tests"]
         falls = any((tests[k] or {}).get("descends") for k in ("gradient_line", "towards_next"))
         assert not (falls and c.point_type in ("local_minimum", "saddle_point")), c.label
+
+
+def test_the_runs_still_descending_checkpoint_loses_its_minimum_verdict(run_report):
+    from optdiag.analysis.story import DESCENT_FRACTION
+
+    _, report = run_report
+    gated = [c for c in report.checkpoints if c.classified is not None and c.diagnosis is None]
+    assert gated  # the premise: the gradient evidence alone called a still-descending checkpoint a minimum
+    for c in gated:
+        weight = torch.load(c.path, weights_only=True)["state_dict"]["net.0.weight"]
+        loss, grad = _dense_loss_and_gradient(weight, fx.make_noisy_dataset())
+        # The Hessian is the identity: the quadratic model along -G is lowest at t = |G|, at weight - G.
+        expected, _ = _dense_loss_and_gradient(weight - grad.float(), fx.make_noisy_dataset())
+        line = c.critical_point["tests"]["gradient_line"]
+        assert c.classified.kind == "local_minimum" and c.critical_point["classified_as"]["kind"] == "local_minimum"
+        assert c.point_type == "not_critical" and c.critical_point["state"] == "descending"
+        assert line["step"] == pytest.approx(float(grad.norm()), rel=1e-5)
+        assert line["measured_loss"] == pytest.approx(expected, rel=1e-5)
+        assert line["relative_drop"] == pytest.approx((loss - expected) / loss, rel=1e-4)
+        assert line["relative_drop"] > DESCENT_FRACTION
+        assert c.critical_point["reason"].startswith("not a critical point: still descending")
 
 
 def test_the_story_and_the_gate_are_in_report_json_and_html(run_report, tmp_path):

@@ -34,12 +34,21 @@ def _run(capsys, *argv):
     return code, out, err
 
 
-def test_success_writes_both_files_and_prints_a_summary(ckpt, tmp_path, capsys):
-    code, out, err = _run(capsys, ckpt, "--model", f"{FX}:LinearNet", "--out", str(tmp_path / "r"), *FAST)
+@pytest.fixture(scope="module")
+def init_ckpt(tmp_path_factory):
+    """The same net at step 0: a series that starts there has its early-training gradient scale."""
+    return fx.write_lightning_checkpoint(tmp_path_factory.mktemp("cli-init") / "init.ckpt", hidden=0, steps=0)
+
+
+def test_success_writes_both_files_and_prints_a_summary(ckpt, init_ckpt, tmp_path, capsys):
+    code, out, err = _run(capsys, ckpt, init_ckpt, "--model", f"{FX}:LinearNet", "--out", str(tmp_path / "r"),
+                          *FAST)
     assert code == 0, err
     data = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert data["checkpoints"][0]["point_type"] == "local_minimum"
-    assert data["checkpoints"][0]["lambda_max"] == pytest.approx(1.0, abs=1e-4)
+    assert [c["step"] for c in data["checkpoints"]] == [0, 1]
+    assert data["checkpoints"][1]["point_type"] == "local_minimum"
+    assert data["checkpoints"][1]["lambda_max"] == pytest.approx(1.0, abs=1e-4)
+    assert data["story"]["final"] == "minimum" and out.startswith("story: ")
     assert (tmp_path / "r" / "report.html").read_text().startswith("<!DOCTYPE html>")
     assert "model.ckpt (step 1)" in out and "local minimum" in out and "wrote" in out
     assert "stage" in err  # the progress bar

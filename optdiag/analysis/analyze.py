@@ -54,11 +54,12 @@ from optdiag.curvature.batches import sample_count
 from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis.types import to_jsonable
+from optdiag.diagnosis.classify import MIN_GRADIENT_PAIRS
 from optdiag.errors import OptDiagError, UsageError
 
 __all__ = ["AnalysisSettings", "CheckpointAnalysis", "AnalysisReport", "analyze_checkpoint", "POINT_TYPES"]
 
-POINT_TYPES = ("local_minimum", "saddle_point", "plateau", "not_critical")
+POINT_TYPES = ("local_minimum", "saddle_point", "plateau", "not_critical", "undecided")
 SCHEMA_VERSION = 1
 
 
@@ -208,7 +209,9 @@ class CheckpointAnalysis:
 
     @property
     def point_type(self) -> str:
-        return "not_critical" if self.diagnosis is None else self.diagnosis.kind
+        if self.diagnosis is not None:
+            return self.diagnosis.kind
+        return "undecided" if self.critical_point.get("state") == "undecided" else "not_critical"
 
     @property
     def label(self) -> str:
@@ -473,10 +476,13 @@ def analyze_checkpoint(
     barriers: list[landscape.InterpolationPath] = []
     barrier_notes: list[str] = []
     previous: Optional[tuple[str, torch.Tensor, Optional[torch.Tensor]]] = None
+    initial_grad_norm: Optional[float] = None  # the gradient scale of early training, from a step-0 checkpoint
     for index, item in enumerate(loaded):
         with contextlib.ExitStack() as scope:  # the analysed function's mode, for the checkpoint and its path
             analysis, op, gradient = _analyze_one(item, data, loss, optimizer, settings,
-                                                  f"[{index + 1}/{len(loaded)}]", scope)
+                                                  f"[{index + 1}/{len(loaded)}]", scope, initial_grad_norm)
+            if item.step == 0 and initial_grad_norm is None:
+                initial_grad_norm = analysis.grad_norm
             point = landscape.point_of(op)
             if previous is not None:
                 label, start, start_gradient = previous
@@ -534,10 +540,11 @@ def _chunks(batches: Iterator[Any], size: int) -> Iterator[list[Any]]:
 
 
 def _loss_pass(
-    model: nn.Module, loss_fn: Callable, batches: Iterator[Any], settings: AnalysisSettings
+    model: nn.Module, loss_fn: Callable, batches: Iterator[Any], settings: AnalysisSettings,
+    kept: Optional[list] = None, keep: int = 0,
 ) -> tuple[HessianOperator, float, torch.Tensor, int, int]:
     """The analysis operator (first chunk) and the mean loss, gradient (float64), samples and batches over all
-    chunks of ``batches``.
+    chunks of ``batches``; the first ``keep`` batches are appended to ``kept`` on the way.
 
     Each chunk's loss and gradient come from a ``HessianOperator`` over it (the same sample weighting and forward
     as the curvature); later chunks use the ``"recompute"`` engine, which keeps no graph (and, unlike ``"func"``,
@@ -546,6 +553,8 @@ def _loss_pass(
     first: Optional[HessianOperator] = None
     loss_sum, grad_sum, n_samples, n_batches = 0.0, None, 0, 0
     for chunk in _chunks(batches, settings.max_batches):
+        if kept is not None and len(kept) < keep:
+            kept.extend(chunk[: keep - len(kept)])
         sizes = [sample_count(b, n_batches + i) for i, b in enumerate(chunk)]
         method = "auto" if first is None else "recompute"
         op = HessianOperator(model, loss_fn, chunk, method=method, dtype=settings.dtype)
@@ -579,7 +588,7 @@ def _full_data_loss(model: nn.Module, loss_fn: Callable, data: Any, settings: An
 
 def _analyze_one(
     item: LoadedCheckpoint, data: Any, loss: Any, optimizer: Any, settings: AnalysisSettings, label: str,
-    scope: contextlib.ExitStack,
+    scope: contextlib.ExitStack, initial_grad_norm: Optional[float] = None,
 ) -> tuple[CheckpointAnalysis, HessianOperator, torch.Tensor]:
     """Analyse one checkpoint; the analysed function's mode is entered into ``scope`` (kept for the barrier path).
     Also returns the full-data gradient (float64, on the CPU) for the gate on the path to the next checkpoint."""
@@ -598,11 +607,14 @@ def _analyze_one(
             first = next(batches)  # iter_batches raises a UsageError when there is none
             mode = choose_mode(model, loss_fn, first, settings.mode, settings.dtype)
             scope.enter_context(function_mode(model, mode.used))
+            kept: list = []
             op, mean_loss, gradient, n_samples, n_batches = _loss_pass(
-                model, loss_fn, itertools.chain([first], batches), settings
+                model, loss_fn, itertools.chain([first], batches), settings, kept,
+                max(settings.max_batches, MIN_GRADIENT_PAIRS),
             )
             progress.done()
-            full = _FullData(mean_loss, gradient, n_samples, source, where)
+            full = _FullData(mean_loss, gradient, n_samples, source, where, kept,
+                             float(gradient.norm()) if item.step == 0 else initial_grad_norm)
             analysis = _curvature_and_verdict(item, op, model, loss_fn, optimizer, settings, progress, notes, full,
                                               mode)
     except UsageError:
@@ -630,6 +642,8 @@ class _FullData:
     n_samples: int
     source: Any
     where: str
+    first_batches: list  # the data's first batches, for the gradient-noise estimate
+    initial_grad_norm: Optional[float]  # the full-data gradient norm at step 0, when the series has it
 
 
 def _curvature_and_verdict(
@@ -666,8 +680,13 @@ def _curvature_and_verdict(
     progress.stage("sharpness")
     batches = op.objective.batches  # the analysis batches, already on the device
     sharpness = _sharpness(model, loss_fn, batches, settings, notes)
+    # The noise estimate rests on at least MIN_GRADIENT_PAIRS batches where the data have them (classify_point
+    # trusts the norm test only then), all of the first batch's size (a short last batch is left out).
+    size = sample_count(full.first_batches[0], 0)
+    noise_batches = [b for i, b in enumerate(full.first_batches) if sample_count(b, i) == size]
     # A train-mode BatchNorm cannot normalise one sample: its micro-batches need two at least.
-    noise = _noise(model, loss_fn, batches, notes, 2 if mode.used == "train" and mode.batchnorm_layers else 1)
+    noise = _noise(model, loss_fn, noise_batches, notes,
+                   2 if mode.used == "train" and mode.batchnorm_layers else 1)
     progress.done()
 
     progress.stage("verdict")
@@ -688,6 +707,9 @@ def _curvature_and_verdict(
         grad_sq_norm_unbiased=None if noise_trace is None else grad_sq,
         grad_noise_trace=noise_trace,
         batch_size=None if noise_trace is None else int(noise.b_big),
+        grad_noise_batches=None if noise_trace is None else int(noise.n_big),
+        dataset_size=full.n_samples,
+        grad_norm_initial=full.initial_grad_norm or None,
         lambda_max=float(top.eigenvalues[0]),
         lambda_max_residual=float(top.residuals[0]),
         lambda_min=float(bottom.eigenvalues[0]),
@@ -777,8 +799,9 @@ def _gradient_line(op: HessianOperator, model: nn.Module, loss_fn: Callable, set
 def _apply_gate(classified: Any, critical_point: dict[str, Any]) -> Any:
     """Record the gate's decision in ``critical_point`` and return the verdict that stands (None: not critical)."""
     tests = critical_point["tests"]
-    keep, reason = story.gate(classified, tests["gradient_zero"], tests["gradient_line"], tests["towards_next"])
-    critical_point.update(critical=keep, reason=reason)
+    state, reason = story.gate(classified, tests["gradient_zero"], tests["gradient_line"], tests["towards_next"])
+    keep = classified is not None and state == classified.kind
+    critical_point.update(critical=keep, state=state, reason=reason)
     return classified if keep else None
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Optional, Sequence
 
+from optdiag.diagnosis.classify import MIN_GRADIENT_PAIRS
 from optdiag.diagnosis.stall import DEFAULT_REL_IMPROVEMENT
 
 __all__ = [
@@ -45,9 +46,10 @@ __all__ = [
 #: that improves the loss by less than 1% is stalled), so "still descending" here and "not stalled" there agree.
 DESCENT_FRACTION = DEFAULT_REL_IMPROVEMENT
 
-#: Story states: the gated point types, with ``not_critical`` told as ``descending``.
+#: Story states: the gated point types, with ``not_critical`` told as ``descending``; ``undecided`` is a point
+#: classify_point gave no verdict for and whose loss does not measurably descend.
 STATES = {"not_critical": "descending", "local_minimum": "minimum", "saddle_point": "near a saddle",
-          "plateau": "plateau"}
+          "plateau": "plateau", "undecided": "undecided"}
 
 
 def _finite(x: Any) -> bool:
@@ -131,37 +133,63 @@ def norm_test_record(evidence: Any) -> dict[str, Any]:
     return {
         "grad_norm": evidence.grad_norm, "grad_sq_norm": g2, "trace_sigma": noise, "batch_size": b,
         "noise_per_batch": noise / b if _finite(noise) and b else None, "grad_snr": evidence.grad_snr,
+        "noise_batches": evidence.grad_noise_batches,
     }
 
 
+def _descent(line: Optional[Mapping[str, Any]], towards_next: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """Why the point still descends (None when neither test shows it)."""
+    if line is not None and line.get("descends"):
+        return (f"not a critical point: still descending: along the full-data gradient the loss falls from "
+                f"{_g(line['measured_loss'] + line['measured_drop'])} to {_g(line['measured_loss'])} "
+                f"({_g(100 * line['relative_drop'])}%) at t = {_g(line['step'])} (|G| = {_g(line['grad_norm'])}, "
+                f"curvature along it {_g(line['curvature'])}, predicted drop {_g(line['predicted_drop'])})")
+    if towards_next is not None and towards_next.get("descends"):
+        return (f"not a critical point: still descending: on the way to {towards_next['to']} the full-data loss "
+                f"falls from {_g(towards_next['loss'])} to {_g(towards_next['next_loss'])} "
+                f"({_g(100 * towards_next['relative_drop'])}%), first-order drop -G.delta = "
+                f"{_g(towards_next['first_order_drop'])}")
+    return None
+
+
 def gate(classified: Any, norm: Mapping[str, Any], line: Optional[Mapping[str, Any]],
-         towards_next: Optional[Mapping[str, Any]]) -> tuple[bool, str]:
-    """Whether ``classified`` (a :class:`~optdiag.diagnosis.Diagnosis` or None) stands, and why.
+         towards_next: Optional[Mapping[str, Any]]) -> tuple[str, str]:
+    """The state of a point given classify_point's verdict ``classified`` (a Diagnosis or None) and the descent
+    tests, and why.
 
     Returns:
-        ``(keep, reason)``: ``keep`` is False for a point that is not critical (``classified`` None) or still
-        descends (a minimum or saddle verdict is then withdrawn); plateau verdicts are kept, a plateau being slow
-        descent by definition.
+        ``(state, reason)``. ``state`` is ``classified.kind`` when the verdict stands; ``"descending"`` when the
+        loss still falls (a minimum or saddle verdict is then withdrawn; a plateau verdict is kept, slow descent
+        being what a plateau is) or, without a verdict, when the gradient is not statistically zero by a norm test
+        on at least :data:`~optdiag.diagnosis.classify.MIN_GRADIENT_PAIRS` batches; else ``"undecided"``.
+
+    Example:
+        >>> gate(None, {"grad_norm": 0.0}, None, None)[0]
+        'undecided'
     """
+    descent = _descent(line, towards_next)
     if classified is None:
-        return False, (f"not a critical point: the full-data gradient is not statistically zero (|G| = "
-                       f"{_g(norm.get('grad_norm'))}, |G|^2 / (tr(Sigma)/B) = {_g(norm.get('grad_snr'))} > 1)")
+        if descent is not None:
+            return "descending", descent
+        snr, batches = norm.get("grad_snr"), norm.get("noise_batches") or 0
+        if snr is not None and snr > 1 and batches >= MIN_GRADIENT_PAIRS:
+            return "descending", (f"not a critical point: the full-data gradient is not statistically zero (|G| = "
+                                  f"{_g(norm.get('grad_norm'))}, |G|^2 / (tr(Sigma)/B) = {_g(snr)} > 1 on "
+                                  f"{batches} batches)")
+        why = ("the gradient noise was not measured" if snr is None else
+               f"|G|^2 / (tr(Sigma)/B) = {_g(snr)} on {batches} batch{'es' if batches != 1 else ''}")
+        fall = ("" if line is None or line.get("relative_drop") is None else
+                f" ({_g(100 * line['relative_drop'])}% at t = {_g(line['step'])})")
+        return "undecided", (f"undecided: no verdict from the gradient evidence (|G| = {_g(norm.get('grad_norm'))}, "
+                             f"{why}), and the loss falls by less than {100 * DESCENT_FRACTION:g}% along the "
+                             f"gradient{fall}")
     if classified.kind not in ("local_minimum", "saddle_point"):
-        return True, f"{classified.kind.replace('_', ' ')}: kept (slow descent is what a plateau is)"
-    if line is not None and line.get("descends"):
-        return False, (f"not a critical point: still descending: along the full-data gradient the loss falls from "
-                       f"{_g(line['measured_loss'] + line['measured_drop'])} to {_g(line['measured_loss'])} "
-                       f"({_g(100 * line['relative_drop'])}%) at t = {_g(line['step'])} (|G| = "
-                       f"{_g(line['grad_norm'])}, curvature along it {_g(line['curvature'])}, predicted drop "
-                       f"{_g(line['predicted_drop'])})")
-    if towards_next is not None and towards_next.get("descends"):
-        return False, (f"not a critical point: still descending: on the way to {towards_next['to']} the full-data "
-                       f"loss falls from {_g(towards_next['loss'])} to {_g(towards_next['next_loss'])} "
-                       f"({_g(100 * towards_next['relative_drop'])}%), first-order drop -G.delta = "
-                       f"{_g(towards_next['first_order_drop'])}")
-    return True, (f"{classified.kind.replace('_', ' ')}: the loss does not fall by more than "
-                  f"{100 * DESCENT_FRACTION:g}% along the gradient" + (" or towards the next checkpoint"
-                                                                         if towards_next is not None else ""))
+        return classified.kind, f"{classified.kind.replace('_', ' ')}: kept (slow descent is what a plateau is)"
+    if descent is not None:
+        return "descending", descent
+    return classified.kind, (f"{classified.kind.replace('_', ' ')}: the loss does not fall by more than "
+                             f"{100 * DESCENT_FRACTION:g}% along the gradient"
+                             + (" or towards the next checkpoint" if towards_next is not None else ""))
 
 
 def _span(first: Mapping[str, Any], last: Mapping[str, Any]) -> str:

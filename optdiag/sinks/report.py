@@ -40,7 +40,7 @@ th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f4f4f4; } td.text, th.text { text-align: left; }
 .verdict { border-left: 5px solid #888; padding: 0.5em 1em; background: #fafafa; margin: 1em 0; }
 .local_minimum { border-color: #2a9d3a; } .saddle_point { border-color: #d98c00; }
-.plateau { border-color: #3a6fd9; } .not_critical { border-color: #888; }
+.plateau { border-color: #3a6fd9; } .not_critical { border-color: #888; } .undecided { border-color: #bbb; }
 .oscillation, .divergence { border-color: #c0392b; }
 .figures { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .figures img { max-width: calc(50% - 0.5em); height: auto; border: 1px solid #eee; }
@@ -164,7 +164,10 @@ def _verdict_block(ckpt: Mapping[str, Any]) -> str:
             parts.append("</details>")
     else:
         gate = ckpt.get("critical_point") or {}
-        parts.append(f": {_e(gate['reason'].removeprefix('not a critical point: '))}." if gate.get("reason") else
+        reason = str(gate.get("reason") or "")
+        for prefix in ("not a critical point: ", "undecided: "):  # the bold kind already says it
+            reason = reason.removeprefix(prefix)
+        parts.append(f": {_e(reason)}." if reason else
                      ": the gradient is not small enough for this to be a critical point; the loss still has a "
                      "descent direction here.")
         classified = gate.get("classified_as")
