@@ -33,6 +33,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -1139,7 +1140,7 @@ not established** and is not scored: the run did not do what it was built to do,
 | truth class | should get | may get | truth established by |
 |---|---|---|---|
 | healthy | nothing | | the full-data loss, evaluated every few steps in eval mode, falls >= 2% over each quarter of the run |
-| spike | `loss_spike` | | the full-data loss (every step) rises >= 1.5x above its low so far, and ends below that low |
+| spike | `loss_spike` | | the full-data loss (every step or two) rises >= 1.5x above its low so far, and ends below that low |
 | catapult | `loss_spike` | `local_minimum` if it ends at one | dense Hessian at init: 2 < lr lambda0 < 4; the loss jumps >= 2x its start within 100 steps, ends below its start, at a point where lr lambda_max < 2 (a flatter region) |
 | divergence | `divergence` | | the full-data loss turns non-finite, or ends above its start still rising over the last quarter; lr lambda0 > 2 where the dense Hessian at init is affordable |
 | minimum | `local_minimum` | | at the end: dense Hessian PSD (lambda_min >= -1e-4 lambda_max), full gradient <= 5% of the initial one, full-data loss flat (the mean of the last quarter within 2% of the quarter before) |
@@ -1157,13 +1158,12 @@ time: on a loaded machine a curvature snapshot may be skipped in one run and tak
 that rest on it change. `--repeat N` trains each run N times with OptDiag (the first is scored) and lists the runs
 whose verdict kinds changed.
 
-**Before the rewrite.** The corpus was first run on commit `616f91a`, before the stall detector and classifier
-were rewritten (loss spikes, no "uncertain" verdicts): 11 of 25 runs right. 5 of the 7 healthy runs got a false
-alarm (4 `saddle_point`, 1 `oscillation`) while their full-data loss fell 8-96% per quarter; all 3 recovering
-spikes and both catapults were called `saddle_point` or `divergence`; the three saddle runs got `oscillation` or
-`divergence` verdicts (confidence 0.00-0.21) and two of them a `saddle_point` of confidence 0.00-0.50; the momentum
-oscillation also got `divergence`.
-Minimum (3/3), plateau (2/2), divergence (3/3) and the SGD oscillation were right.
+**Before the rewrite.** The corpus was first run on commit `616f91a`, before the stall detector and classifier were
+rewritten (loss spikes, no "uncertain" verdicts): 11 of 25 runs right. 5 of the 7 healthy runs got a false alarm (4
+`saddle_point`, 1 `oscillation`) while their full-data loss fell 8-96% per quarter; all 3 recovering spikes and both
+catapults were called `saddle_point` or `divergence`; the three saddle runs got `oscillation` or `divergence`
+verdicts (confidence 0.00-0.21) and two of them a `saddle_point` of confidence 0.00-0.50; the momentum oscillation
+also got `divergence`. Minimum (3/3), plateau (2/2), divergence (3/3) and the SGD oscillation were right.
 
 Per-kind precision = (right + accepted) / runs that got the kind; recall = right / runs that should get it.
 Counts are of runs: a kind given three times in one run counts once. The corpus is small and each run has one
@@ -1181,22 +1181,28 @@ def write_docs(outcomes: Sequence[Outcome], seconds: float, path: str, threads: 
     if dirty:  # the numbers are then of the working tree, not of the commit alone
         files = [f"`{line[3:]}`" for line in dirty.splitlines()]
         where += " plus uncommitted changes to " + (", ".join(files) if len(files) <= 4 else f"{len(files)} files")
+    def prose(text: str) -> str:
+        return textwrap.fill(text, width=116, break_on_hyphens=False, break_long_words=False)
+
     lines = [DOC_INTRO.format(n=len(outcomes)).rstrip(), "", "## Results", "",
-             f"Measured {today} at {where} ({len(outcomes)} runs, {seconds:.0f} s on {threads} torch "
-             f"thread(s)). {summary_line(outcomes)}.", "",
+             prose(f"Measured {today} at {where} ({len(outcomes)} runs, {seconds:.0f} s on {threads} torch "
+                   f"thread(s)). {summary_line(outcomes)}."), "",
              "### Per kind", "",
-             "Counted in runs (a kind given twice in one run counts once); only runs whose truth was established. "
-             "*right*: expected and given; *accepted*: allowed by the truth check and given; *wrong*: given on a run "
-             "that expected other kinds; *false alarms*: given on a run that expected none; *missed*: expected, not "
-             "given. Precision = (right + accepted) / given; recall = right / expected.", "",
+             prose("Counted in runs (a kind given twice in one run counts once); only runs whose truth was "
+                   "established. *right*: expected and given; *accepted*: allowed by the truth check and given; "
+                   "*wrong*: given on a run that expected other kinds; *false alarms*: given on a run that expected "
+                   "none; *missed*: expected, not given. Precision = (right + accepted) / given; recall = right / "
+                   "expected."), "",
              *_table(kind_rows(outcomes), True), "", "### Per run", "", *_table(run_rows(outcomes), True), "",
              "### Truth checks and advice reruns", "", *_table(detail_rows(outcomes), True), "",
              "## The runs", ""]
     for s in (o.spec for o in outcomes):
         should, _ = EXPECTED[s.truth]
-        lines.append(f"- **{s.name}** ({s.truth}; should get: {', '.join(sorted(should)) or 'nothing'}; "
-                     f"{s.steps} steps, {s.optimizer}, batch {'full' if s.batch is None else s.batch}, "
-                     f"{_schedule_text(s)}): {s.description}")
+        item = (f"- **{s.name}** ({s.truth}; should get: {', '.join(sorted(should)) or 'nothing'}; "
+                f"{s.steps} steps, {s.optimizer}, batch {'full' if s.batch is None else s.batch}, "
+                f"{_schedule_text(s)}): {s.description}")
+        lines.append(textwrap.fill(item, width=116, subsequent_indent="  ", break_on_hyphens=False,
+                                   break_long_words=False))
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
