@@ -172,9 +172,9 @@ def _verdict_block(ckpt: Mapping[str, Any]) -> str:
                      "descent direction here.")
         classified = gate.get("classified_as")
         if classified:
-            parts.append(f'<p class="muted">Without this evidence the curvature alone would have said '
+            parts.append(f'<p class="muted">The gradient statistics and the curvature alone said '
                          f'{_e(str(classified.get("kind")).replace("_", " "))} (confidence '
-                         f'{_e(_fmt(classified.get("confidence"), 2))}).</p>')
+                         f'{_e(_fmt(classified.get("confidence"), 2))}); the loss itself says otherwise.</p>')
     parts.append(_gate_table(ckpt.get("critical_point") or {}))
     parts.append("</div>")
     return "".join(parts)
