@@ -15,7 +15,8 @@ suggested, to see whether the advice helps (reported beside the verdicts, not pa
 
     python benchmarks/verdict_corpus.py                      # the whole corpus (a few minutes on 2 cores)
     python benchmarks/verdict_corpus.py --only osc_sgd_b16,plateau_regression
-    python benchmarks/verdict_corpus.py --write-docs         # also writes docs/verdict-corpus.md
+    python benchmarks/verdict_corpus.py --repeat 2 --json out.json   # train each run twice with OptDiag; JSON
+    python benchmarks/verdict_corpus.py --write-docs --repeat 2      # also writes docs/verdict-corpus.md
 
 See docs/verdict-corpus.md for every run and how its truth is established.
 """
@@ -27,6 +28,7 @@ import contextlib
 import copy
 import datetime
 import io
+import json
 import math
 import os
 import random
@@ -1113,7 +1115,8 @@ holds every verdict against a truth the script establishes **without optdiag**. 
 ```bash
 python benchmarks/verdict_corpus.py                              # all runs, ~1-2 min on 2 cores
 python benchmarks/verdict_corpus.py --only osc_sgd_b16,plateau_mlp_sgd_b64
-python benchmarks/verdict_corpus.py --write-docs                 # regenerate this page
+python benchmarks/verdict_corpus.py --repeat 2 --json out.json   # each run trained twice with OptDiag; JSON too
+python benchmarks/verdict_corpus.py --write-docs --repeat 2      # regenerate this page
 ```
 
 ## What is trained
@@ -1171,6 +1174,16 @@ seed: read a single wrong verdict as a case to look at, not as a rate.
 """
 
 
+def to_json(outcomes: Sequence[Outcome]) -> list[dict[str, Any]]:
+    """One plain dict per run, to compare two commits' corpora line by line."""
+    return [{
+        "name": o.spec.name, "truth": o.spec.truth, "truth_established": o.truth.ok, "truth_detail": o.truth.detail,
+        "verdicts": [{"step": d.step, "kind": d.kind, "confidence": d.confidence} for d in o.record.diagnoses],
+        "repeats": [[{"step": d.step, "kind": d.kind} for d in r] for r in o.repeats],
+        "result": _result_text(o), "advice": o.advice, "warnings": o.record.warnings, "seconds": o.seconds,
+    } for o in outcomes]
+
+
 def write_docs(outcomes: Sequence[Outcome], seconds: float, path: str, threads: int = 1) -> None:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
                           ).stdout.strip() or "unknown"
@@ -1211,6 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated run names")
     parser.add_argument("--write-docs", action="store_true", help="write docs/verdict-corpus.md")
+    parser.add_argument("--json", metavar="PATH", help="also write the per-run results as JSON")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=1,
                         help="train each run this many times with OptDiag and report verdicts that change (the first "
@@ -1232,6 +1246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(report(outcomes))
     print(f"\n{seconds:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(to_json(outcomes), f, indent=1)
     if args.write_docs:
         write_docs(outcomes, seconds, os.path.join(REPO, "docs", "verdict-corpus.md"), args.threads)
     return 0
