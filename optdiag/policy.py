@@ -102,7 +102,7 @@ def check_number(
     value = _plain(value)
     kind = "an integer" if integer else "a finite number"
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise UsageError(f"{name} must be {what or kind}{' or None' if allow_none else ''}, got {value!r}")
+        raise UsageError(f"{name} must be {what or kind + (' or None' if allow_none else '')}, got {value!r}")
     if integer and not isinstance(value, numbers.Integral):  # 2.0 is not a count: a float where an int belongs
         raise UsageError(f"{name} must be {what or kind}, got {value!r}")
     number = int(value) if integer else float(value)

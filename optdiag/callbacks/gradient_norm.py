@@ -13,6 +13,7 @@ import torch
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.errors import UsageError
+from optdiag.policy import check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 
 # Quantities that are undefined at some steps (first step, no clipping); NaN there, and then not logged.
@@ -151,17 +152,12 @@ class GradientNormMonitor(OptDiagCallback):
         history_size: int = 100_000,
     ) -> None:
         super().__init__()
-        if layer_depth is not None and (not isinstance(layer_depth, int) or layer_depth < 1):
-            raise UsageError(f"layer_depth must be None or an int >= 1, got {layer_depth!r}")
-        if log_every_n_steps is not None and (not isinstance(log_every_n_steps, int) or log_every_n_steps < 1):
-            raise UsageError(f"log_every_n_steps must be None or an int >= 1, got {log_every_n_steps!r}")
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise UsageError(f"every_n_steps must be None or an int >= 1, got {every_n_steps!r}")
+        for name, value in (("layer_depth", layer_depth), ("log_every_n_steps", log_every_n_steps),
+                            ("every_n_steps", every_n_steps)):
+            check_number(name, value, low=1, integer=True, allow_none=True, what="None or an int >= 1")
         for name, value, low in (("noise_window", noise_window, 0), ("histogram_every_n_steps", histogram_every_n_steps, 0),
                                  ("history_size", history_size, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
+            check_number(name, value, low=low, integer=True, what=f"an int >= {low}")
         self.layer_depth = layer_depth
         self.per_layer = bool(per_layer)
         self.log_every_n_steps = log_every_n_steps

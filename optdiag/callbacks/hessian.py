@@ -23,6 +23,7 @@ from optdiag.curvature.state import preserved_state
 from optdiag.curvature.trace import hessian_trace
 from optdiag.diagnosis.stability import OptimizerSpec, stability_threshold
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, OptDiagError, UsageError
+from optdiag.policy import check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -182,25 +183,21 @@ class HessianMonitor(OptDiagCallback):
         clock: Callable[[], float] | None = None,
     ) -> None:
         super().__init__()
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise UsageError(f"every_n_steps must be None (adaptive) or an int >= 1, got {every_n_steps!r}")
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
-            raise UsageError(f"budget must be a fraction of training time in (0, 1], got {budget!r}")
+        check_number("every_n_steps", every_n_steps, low=1, integer=True, allow_none=True,
+                     what="None (adaptive) or an int >= 1")
+        check_number("budget", budget, low=0.0, high=1.0, low_open=True, what="a fraction of training time in (0, 1]")
         if probe not in ("fixed", "current"):
             raise UsageError(f"probe must be 'fixed' or 'current', got {probe!r}")
         if mode not in ("train", "eval"):
             raise UsageError(f"mode must be 'train' or 'eval', got {mode!r}")
         if loss_fn is not None and not callable(loss_fn):
             raise UsageError(f"loss_fn must be callable as loss_fn(pl_module, batch), got {type(loss_fn).__name__}")
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1:
-            raise UsageError(f"tol must be in (0, 1), got {tol!r}")
+        check_number("tol", tol, low=0.0, high=1.0, low_open=True, high_open=True)
         for name, value, low in (("probe_batches", probe_batches, 1), ("max_hvp", max_hvp, 2),
                                  ("trace_hvp", trace_hvp, 0), ("density_every", density_every, 0),
                                  ("density_steps", density_steps, 2), ("seed", seed, 0),
                                  ("history_size", history_size, 1), ("burst_hvp", burst_hvp, 4 * _MIN_SOLVE_HVP)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UsageError(f"{name} must be an int >= {low}, got {value!r}")
+            check_number(name, value, low=low, integer=True, what=f"an int >= {low}")
         if trace_hvp and trace_hvp < 3:
             raise UsageError(f"trace_hvp must be 0 (off) or at least 3 (Hutch++), got {trace_hvp}")
         self.every_n_steps, self.budget, self.probe, self.probe_batches = every_n_steps, float(budget), probe, probe_batches
