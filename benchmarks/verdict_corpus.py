@@ -14,7 +14,7 @@ false alarm (on a healthy run). Oscillation and plateau runs are also rerun with
 suggested, to see whether the advice helps (reported beside the verdicts, not part of the truth).
 
     python benchmarks/verdict_corpus.py                      # the whole corpus (a few minutes on 2 cores)
-    python benchmarks/verdict_corpus.py --only osc_sgd_b16,plateau_regression
+    python benchmarks/verdict_corpus.py --only osc_sgd_b16,plateau_regression_gd
     python benchmarks/verdict_corpus.py --repeat 2 --json out.json   # train each run twice with OptDiag; JSON
     python benchmarks/verdict_corpus.py --write-docs --repeat 2      # also writes docs/verdict-corpus.md
 
@@ -24,6 +24,7 @@ See docs/verdict-corpus.md for every run and how its truth is established.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import datetime
@@ -595,6 +596,13 @@ class Record:
     diagnoses: list = field(default_factory=list)
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    snapshots: int = 0  # curvature snapshots the Hessian monitor took (scheduled and at stalls)
+
+
+#: ``OptDiag`` settings that replace the defaults in every run: empty unless ``--set`` asks (a diagnostic of the
+#: corpus itself, e.g. ``--set every_n_steps=25`` to see which misses come from the curvature budget; the report
+#: then says so).
+OVERRIDES: dict[str, Any] = {}
 
 
 def train(spec: RunSpec, *, lr: float | None = None, with_optdiag: bool = True, root: str | None = None) -> Record:
@@ -606,7 +614,10 @@ def train(spec: RunSpec, *, lr: float | None = None, with_optdiag: bool = True, 
     built = build(spec, lr)
     callbacks = []
     if with_optdiag:
-        callbacks.append(optdiag.OptDiag() if spec.loss_floor is None else optdiag.OptDiag(loss_floor=spec.loss_floor))
+        settings = dict(OVERRIDES)
+        if spec.loss_floor is not None:
+            settings["loss_floor"] = spec.loss_floor
+        callbacks.append(optdiag.OptDiag(**settings))
     with tempfile.TemporaryDirectory(dir=root) as tmp:
         trainer = pl.Trainer(max_steps=spec.steps, accelerator="cpu", devices=1, logger=False,
                              callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False,
@@ -620,8 +631,9 @@ def train(spec: RunSpec, *, lr: float | None = None, with_optdiag: bool = True, 
     m = built.module
     said = [str(w.message) for w in caught if str(w.message).startswith("optdiag:")]
     evals = full_losses(m.net, m.loss_fn, built.data, m.states)
+    snapshots = len(callbacks[0].hessian_monitor.history) if with_optdiag else 0
     return Record(spec, built.lr, built.lambda0, m.losses, evals, m.params, m.net, built.data,
-                  list(callbacks[0].diagnoses) if with_optdiag else [], seconds, said)
+                  list(callbacks[0].diagnoses) if with_optdiag else [], seconds, said, snapshots)
 
 
 # --- truth checks (independent of optdiag) -------------------------------------------------------------------------
@@ -1071,13 +1083,13 @@ def unstable_runs(outcomes: Sequence[Outcome]) -> list[str]:
 
 
 def detail_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
-    rows = [["run", "truth check", "advice rerun", "optdiag warnings", "seconds"]]
+    rows = [["run", "truth check", "advice rerun", "curvature snapshots", "optdiag warnings", "seconds"]]
     repeated = any(o.repeats for o in outcomes)
     if repeated:
         rows[0].insert(3, "verdicts of the repeats")
     for o in outcomes:
         rows.append([o.spec.name, ("" if o.truth.ok else "NOT ESTABLISHED: ") + o.truth.detail, o.advice or "—",
-                     _warnings_text(o.record.warnings), f"{o.seconds:.1f}"])
+                     str(o.record.snapshots), _warnings_text(o.record.warnings), f"{o.seconds:.1f}"])
         if repeated:
             rows[-1].insert(3, _repeats_text(o))
     return rows
@@ -1086,7 +1098,8 @@ def detail_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
 def summary_line(outcomes: Sequence[Outcome]) -> str:
     scored = [o for o in outcomes if o.score is not None]
     right = sum(o.score.ok for o in scored)
-    line = (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
+    line = ("" if not OVERRIDES else "NOT THE DEFAULTS: OptDiag(" + ", ".join(
+        f"{k}={v!r}" for k, v in OVERRIDES.items()) + "); ") + (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
             f"truth not established for {len(outcomes) - len(scored)}")
     if any(o.repeats for o in outcomes):
         unstable = unstable_runs(outcomes)
@@ -1226,11 +1239,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true", help="write docs/verdict-corpus.md")
     parser.add_argument("--json", metavar="PATH", help="also write the per-run results as JSON")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="diagnostic only: an OptDiag setting for every run instead of its default (a Python "
+                             "literal, e.g. every_n_steps=25); the report says so")
     parser.add_argument("--repeat", type=int, default=1,
                         help="train each run this many times with OptDiag and report verdicts that change (the first "
                              "is scored)")
     args = parser.parse_args(argv)
     specs = select(args.only)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        OVERRIDES[key.strip()] = ast.literal_eval(value.strip())
+    if OVERRIDES and args.write_docs:
+        raise SystemExit("--write-docs records the defaults; drop --set")
     from optdiag.demo.runner import quiet_lightning
 
     outcomes = []
