@@ -272,3 +272,44 @@ def test_unsupported_strategy_is_refused_at_setup():
     trainer = type("T", (), {"strategy": type("FSDPStrategy", (), {})()})()
     with pytest.raises(UsageError, match="FSDPStrategy"):
         HessianMonitor().setup(trainer, None, "fit")
+
+
+N_SADDLE = 40
+SADDLE_EIGENVALUES = torch.cat([torch.tensor([-1.0]), torch.linspace(0.5, 10.0, N_SADDLE - 1)])
+
+
+class Saddle(pl.LightningModule):
+    """``1/2 sum_i lambda_i p_i^2``: its Hessian is diag(-1, 0.5 ... 10) everywhere."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(N_SADDLE))
+
+    def training_step(self, batch, batch_idx):
+        return 0.5 * (SADDLE_EIGENVALUES * self.p**2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-6)
+
+
+@pytest.mark.parametrize("reason, start", [("scheduled", "warm"), ("stall", "mixed")])
+def test_a_stall_snapshot_finds_negative_curvature_a_stale_warm_start_misses(tmp_path, reason, start):
+    from optdiag.curvature.lanczos import EigenResult
+
+    monitor = HessianMonitor(every_n_steps=1000, probe_batches=1, max_hvp=10)
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [monitor], max_steps=1)
+    module = Saddle()
+    trainer.fit(module, DataLoader(torch.utils.data.TensorDataset(torch.zeros(8, 1)), batch_size=8))
+    # the last lambda_min eigenvector, from before the stall: nothing along the new negative direction e_0
+    stale = torch.randn(N_SADDLE, generator=torch.Generator().manual_seed(5))
+    stale[0] = 0.0
+    stale = stale / stale.norm()
+    monitor.last_eigenvectors["SA"] = EigenResult(torch.tensor([1.0]), stale[None], torch.tensor([0.0]), True, 1,
+                                                  "SA", 1.0)
+    snapshot = monitor.measure(trainer, module, reason=reason)
+    assert snapshot["lambda_min_start"] == start and snapshot["n_hvp_parts"]["lambda_min"] == 10
+    if start == "warm":  # its random share is 1% of the start: 10 products do not reach e_0, lambda_min looks > 0
+        assert snapshot["lambda_min"] > 0
+    else:  # half the start is random: the saddle's -1 is found within the same 10 products
+        assert snapshot["lambda_min"] == pytest.approx(-1.0, abs=1e-3)

@@ -536,9 +536,10 @@ class HessianMonitor(OptDiagCallback):
         ``trace`` and products are left, a density for scheduled snapshots when due. Each solve gets at most
         ``max_hvp`` products. lambda_min starts from its last eigenvector for scheduled snapshots; for any other
         ``reason`` (a stall) from that eigenvector plus an equal share of a random vector: a start from before the
-        stall may lie in an invariant subspace of the new Hessian (the direction of a saddle just escaped), where
-        Lanczos would never see the new negative curvature, and the random half reaches every direction as a cold
-        start does (within a factor 1/sqrt(2)) while the warm half converges at once when nothing moved.
+        stall may hold almost nothing along the new negative direction (a new saddle), and within a small product
+        cap Lanczos then reports a wrong, even positive, lambda_min (the warm start's own random share is only
+        ``10 tol``); the random half reaches every direction as a cold start does (within a factor 1/sqrt(2)), while
+        the warm half converges at once when the stall sits where the last estimate was taken.
 
         Args:
             trainer, pl_module: the Lightning objects.
