@@ -802,7 +802,8 @@ def linear_net_best_loss(data: Data) -> float:
 
 def check_saddle(rec: Record, rerun: Callable) -> Truth:
     """Some step (every 10th) sits near a critical point (|g| <= 5% of its largest) with lambda_min < -1e-3
-    |lambda_max| (far beyond rounding), and the loss later falls >= 10% below its level there (the escape).
+    |lambda_max| (far beyond rounding), on a plateau (the full-data loss changes < 1% over 50 steps around it, a
+    stall by anyone's measure), and the loss later falls >= 10% below its level there (the escape).
 
     At the end the run may be at the global minimum in value (within 5% of least squares), where a deep linear
     net still has tiny negative curvature along the noise modes it has not learnt (modes of singular value ~0.04
@@ -816,9 +817,15 @@ def check_saddle(rec: Record, rerun: Callable) -> Truth:
         stats.append((step, float(eig[0]), float(eig[-1]), float(grad.norm()), loss))
         gmax = max(gmax, float(grad.norm()))
     values = _eval_values(rec)
+    at = dict(rec.evals)
+
+    def on_plateau(step: int) -> bool:
+        return any(abs(at[a + 50] - at[a]) < 0.01 * abs(at[a]) for a in range(step - 50, step + 1)
+                   if a in at and a + 50 in at)
+
     for step, lmin, lmax, gnorm, loss in stats:
         later = min(v for s, v in rec.evals if s >= step)
-        if lmin < -1e-3 * abs(lmax) and gnorm <= 0.05 * gmax and later <= 0.9 * loss:
+        if lmin < -1e-3 * abs(lmax) and gnorm <= 0.05 * gmax and later <= 0.9 * loss and on_plateau(step):
             found = (step, lmin, lmax, gnorm, loss)
             break
     best = linear_net_best_loss(rec.data)
@@ -1160,7 +1167,7 @@ not established** and is not scored: the run did not do what it was built to do,
 | catapult | `loss_spike` | `local_minimum` if it ends at one | dense Hessian at init: 2 < lr lambda0 < 4; the loss jumps >= 2x its start within 100 steps, ends below its start, at a point where lr lambda_max < 2 (a flatter region) |
 | divergence | `divergence` | | the full-data loss turns non-finite, or ends above its start still rising over the last quarter; lr lambda0 > 2 where the dense Hessian at init is affordable |
 | minimum | `local_minimum` | | at the end: dense Hessian PSD (lambda_min >= -1e-4 lambda_max), full gradient <= 5% of the initial one, full-data loss flat (the mean of the last quarter within 2% of the quarter before) |
-| saddle | `saddle_point` | `local_minimum` if it ends within 5% of the least-squares loss | dense Hessian every 10 steps: a near-critical point (full gradient <= 5% of its largest) with lambda_min < -1e-3 lambda_max, after which the loss falls >= 10% (the escape) |
+| saddle | `saddle_point` | `local_minimum` if it ends within 5% of the least-squares loss | dense Hessian every 10 steps: a near-critical point (full gradient <= 5% of its largest) with lambda_min < -1e-3 lambda_max, on a plateau (the loss changes < 1% over 50 steps around it), after which the loss falls >= 10% (the escape) |
 | oscillation | `oscillation` | | linear regression, where the Hessian is constant and the minimum is least squares: lr lambda_max > 1 + momentum (each step overshoots the steep direction, so the noise-driven error along it has lag-1 autocorrelation 1 - lr lambda / (1 + momentum) < 0), the measured autocorrelation over the last 100 steps is < -0.3 (a bounce), the loss floor is >= 5% above the least-squares loss, and a rerun at half the lr gets closer to it |
 | plateau | `plateau` | | the loss falls < 10% over the run, a rerun at 1000x the lr falls > 5x more, and lr lambda0 < 1e-2 where a dense Hessian is affordable |
 
