@@ -60,7 +60,7 @@ def test_knobs_reach_the_children():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"budget": 2.0}, "budget must be a fraction"),
-    ({"window": 1}, "window must be an int"),
+    ({"window": 1}, "window must be"),
     ({"max_snapshots": -2}, "max_snapshots"),
 ])
 def test_bad_knobs_fail_at_construction(kwargs, message):
@@ -108,7 +108,7 @@ def test_logs_scalars_and_diagnoses_in_a_real_run(tmp_path):
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
     cb = OptDiag(every_n_steps=5, verbose=False)
     (run,) = scenario("divergence").build()
-    _trainer(tmp_path, [cb], 12, logger=logger, log_every_n_steps=1).fit(run.module, run.loader)
+    _trainer(tmp_path, [cb], 45, logger=logger, log_every_n_steps=1).fit(run.module, run.loader)
     assert [d.kind for d in cb.diagnoses] == ["divergence"]
     header = open(os.path.join(logger.log_dir, "metrics.csv"), encoding="utf-8").readline().split(",")
     for name in ("grad_norm", "lambda_max", "lambda_min", "hessian_trace", "stability_threshold",
@@ -133,15 +133,15 @@ def test_resume_from_a_checkpoint_keeps_diagnoses_and_detector(tmp_path):
     (run,) = scenario("minimum").build()
     first = OptDiag(verbose=False)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    _trainer(tmp_path, [first, checkpoint], 100, enable_checkpointing=True).fit(run.module, run.loader)
+    _trainer(tmp_path, [first, checkpoint], 450, enable_checkpointing=True).fit(run.module, run.loader)
     assert [d.kind for d in first.diagnoses] == ["local_minimum"]
 
     (again,) = scenario("minimum").build()
     second = OptDiag(verbose=False)
-    _trainer(tmp_path, [second], 110).fit(again.module, again.loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    _trainer(tmp_path, [second], 460).fit(again.module, again.loader, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert second.diagnoses[0] == first.diagnoses[0]  # restored from the checkpoint, not re-diagnosed
     detector = second.stall_diagnoser.detector.state_dict()
-    assert detector["last_step"] == 110 and detector["first"] == first.stall_diagnoser.detector.state_dict()["first"]
+    assert detector["last_step"] == 460 and detector["first"] == first.stall_diagnoser.detector.state_dict()["first"]
 
 
 def test_bundle_does_not_change_training(tmp_path):
