@@ -975,6 +975,33 @@ class Outcome:
     repeats: list[list[Any]] = field(default_factory=list)  # the verdicts of each further training with OptDiag
 
 
+def judge(truth_class: str, truth: Truth, verdicts: Sequence[tuple[int, str]],
+          evals: Sequence[tuple[int, float]]) -> Score | None:
+    """Score ``(step, kind)`` verdicts against a run's truth class, its truth check and its full-data losses.
+
+    None when the truth was not established. A ``loss_spike`` verdict on a run not built to spike is allowed when
+    the full-data loss did spike and recover (:func:`spikes_in`) and each such verdict follows a peak
+    (:func:`spike_verdicts_supported`); the peaks are added to ``truth.detail``.
+
+    Example:
+        >>> evals = [(0, 2.0), (10, 1.0), (20, 3.0), (30, 0.9)]  # a spike peaking at step 20
+        >>> s = judge("healthy", Truth(True, "falls"), [(40, "loss_spike")], evals)
+        >>> s.ok, sorted(s.accepted)
+        (True, ['loss_spike'])
+    """
+    should, may = EXPECTED[truth_class]
+    may |= truth.may
+    values = [v for _, v in evals]
+    spikes = spikes_in(values) if _finite(values) else []
+    if spikes and "loss_spike" not in should:
+        # a loss_spike verdict states a fact: acceptable on any run, if each one follows a real full-data spike
+        peaks = [evals[p][0] for *_, p in spikes]
+        if spike_verdicts_supported([step for step, kind in verdicts if kind == "loss_spike"], peaks):
+            may |= {"loss_spike"}
+        truth.detail += " (recovering spikes peaking at step " + ", ".join(str(p) for p in peaks) + ")"
+    return score_run((kind for _, kind in verdicts), should, may) if truth.ok else None
+
+
 def run_one(spec: RunSpec, root: str | None = None, repeat: int = 1) -> Outcome:
     """Train ``spec`` with OptDiag (``repeat`` times: the same trajectory, but the Hessian monitor's budget is
     wall time, so its snapshots, and the verdicts resting on them, may differ), establish the truth, score."""
@@ -989,17 +1016,7 @@ def run_one(spec: RunSpec, root: str | None = None, repeat: int = 1) -> Outcome:
         truth = TRUTH_CHECKS[spec.truth](rec, rerun)
     except Exception as exc:  # a truth check that cannot run establishes nothing
         truth = Truth(False, f"truth check failed: {type(exc).__name__}: {exc}")
-    should, may = EXPECTED[spec.truth]
-    may |= truth.may
-    values = _eval_values(rec)
-    spikes = spikes_in(values) if _finite(values) else []
-    if spikes and "loss_spike" not in should:
-        # a loss_spike verdict states a fact: acceptable on any run, if each one follows a real full-data spike
-        peaks = [rec.evals[p][0] for *_, p in spikes]
-        if spike_verdicts_supported([d.step for d in rec.diagnoses if d.kind == "loss_spike"], peaks):
-            may |= {"loss_spike"}
-        truth.detail += " (recovering spikes peaking at step " + ", ".join(str(p) for p in peaks) + ")"
-    score = score_run((d.kind for d in rec.diagnoses), should, may) if truth.ok else None
+    score = judge(spec.truth, truth, [(d.step, d.kind) for d in rec.diagnoses], rec.evals)
     advice = check_advice(rec, rerun) if spec.truth in ADVICE_CHECKED else ""
     return Outcome(spec, rec, truth, score, advice, time.perf_counter() - started, repeats)
 

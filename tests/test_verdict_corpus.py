@@ -103,3 +103,24 @@ def test_schedules_and_selection(vc):
     assert [s.name for s in vc.select("osc_sgd_b16,plateau_mlp_sgd_b64")] == ["osc_sgd_b16", "plateau_mlp_sgd_b64"]
     with pytest.raises(SystemExit):
         vc.select("no_such_run")
+
+
+def test_judge_applies_truth_class_truth_check_and_spike_support(vc):
+    falls = [(0, 2.0), (50, 1.5), (100, 1.0), (150, 0.8)]
+    spiky = [(0, 2.0), (50, 1.0), (100, 3.0), (150, 0.8)]  # a full-data spike peaking at step 100
+    # a healthy run: silence is right, a saddle is a false alarm
+    assert vc.judge("healthy", vc.Truth(True, ""), [], falls).ok
+    assert vc.judge("healthy", vc.Truth(True, ""), [(120, "saddle_point")], falls).false_alarms == {"saddle_point"}
+    # loss_spike: accepted after a real spike, a false alarm without one or long after it
+    assert vc.judge("healthy", vc.Truth(True, ""), [(130, "loss_spike")], spiky).accepted == {"loss_spike"}
+    assert vc.judge("healthy", vc.Truth(True, ""), [(130, "loss_spike")], falls).false_alarms == {"loss_spike"}
+    assert vc.judge("healthy", vc.Truth(True, ""), [(260, "loss_spike")], spiky).false_alarms == {"loss_spike"}
+    # a spike run calling its spike divergence: the spike is missed and divergence is wrong
+    s = vc.judge("spike", vc.Truth(True, ""), [(110, "divergence")], spiky)
+    assert s.missed == {"loss_spike"} and s.wrong == {"divergence"}
+    # the truth check's own allowance (a saddle run that ended at its minimum)
+    ended_at_minimum = vc.Truth(True, "", frozenset({"local_minimum"}))
+    s = vc.judge("saddle", ended_at_minimum, [(20, "saddle_point"), (140, "local_minimum")], falls)
+    assert s.ok and s.accepted == {"local_minimum"}
+    # truth not established: not scored at all
+    assert vc.judge("oscillation", vc.Truth(False, "no bounce"), [(20, "plateau")], falls) is None
