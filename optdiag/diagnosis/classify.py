@@ -204,7 +204,8 @@ def _negative_curvature(ev: Evidence) -> float | None:
         return 0.0
     magnitude = -ev.lambda_min
     lam_max = ev.lambda_max if _finite(ev.lambda_max) else None
-    relative = math.inf if lam_max is None or lam_max <= 0 else magnitude / (NEGATIVE_CURVATURE_TAU * lam_max)
+    scale = 0.0 if lam_max is None else NEGATIVE_CURVATURE_TAU * lam_max  # may underflow to 0
+    relative = math.inf if scale <= 0 else magnitude / scale
     p = log_ratio_probability(relative, 1.0)
     if ev.lambda_min_residual is not None:
         p = min(p, log_ratio_probability(magnitude / ev.lambda_min_residual if ev.lambda_min_residual else math.inf,
@@ -237,7 +238,7 @@ def _predicted_progress(ev: Evidence, loss: float | None) -> float | None:
     elif ev.grad_sq_norm_unbiased is not None:
         g2 = ev.grad_sq_norm_unbiased
     else:
-        g2 = None if ev.grad_norm is None else ev.grad_norm**2
+        g2 = None if ev.grad_norm is None else ev.grad_norm * ev.grad_norm  # ** raises on overflow
     if not _finite(g2):
         return None
     g2 = max(g2, 0.0)  # the estimates of |G|^2 can dip below 0 when G is ~0
@@ -417,9 +418,10 @@ def _prediction(kind: str, ev: Evidence, record: dict, loss: float | None, th: T
     if kind == "saddle_point":
         out["drop"] = record.get("escape_drop")
         # the escape grows e-fold every 1 / (lr |lambda_min|) steps; from a tiny offset it needs about ten e-folds
-        if _finite(ev.lambda_min) and ev.lambda_min < 0 and ev.optimizer is not None and ev.optimizer.effective_lr:
-            efold = 1.0 / (ev.optimizer.effective_lr * -ev.lambda_min)
-            out["check_at_step"] = max(out["check_at_step"], ev.step + math.ceil(SADDLE_EFOLDS * efold))
+        rate = ev.optimizer.effective_lr * -ev.lambda_min if _finite(ev.lambda_min) and ev.lambda_min < 0 and \
+            ev.optimizer is not None and ev.optimizer.effective_lr else 0.0
+        if rate > 0 and math.isfinite(SADDLE_EFOLDS / rate):
+            out["check_at_step"] = max(out["check_at_step"], ev.step + math.ceil(SADDLE_EFOLDS / rate))
     if kind == "loss_spike":
         out["peak"] = record.get("spike", {}).get("peak")
     if kind == "divergence":
