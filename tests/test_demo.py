@@ -300,6 +300,10 @@ def test_cli_saddle_scenario_end_to_end(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary[0]["found"] == ["saddle_point", "saddle_point", "local_minimum"] and summary[0]["as_expected"]
     events = run_dir / "saddle" / "main" / "optdiag" / "events.jsonl"
-    assert [json.loads(line)["kind"] for line in events.read_text().splitlines()] == summary[0]["found"]
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [r["kind"] for r in records if r.get("record") != "outcome"] == summary[0]["found"]
+    # the two saddles' predictions (the loss drops once the escape grows) were checked and held
+    assert [r["outcome"] for r in records if r.get("record") == "outcome" and r["kind"] == "saddle_point"] == [
+        "confirmed", "confirmed"]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run_dir / "saddle" / "main"))
     assert (run_dir / "saddle.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
