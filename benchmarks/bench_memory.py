@@ -11,7 +11,8 @@ torch's allocations), then runs the method and reads the peak again. The differe
 needs beyond a training step, reported as a multiple of the parameters' bytes (44.7 MB here). Configurations:
 
 * optdiag ``top_eigenvalues(k=5, which="LA", tol=1e-3)`` at its default basis, and with ``max_basis=60`` (the
-  size the basis had by default before it was bounded);
+  size the basis had by default before it was bounded) or another ``max_basis`` (``optdiag:max_basis=12``);
+* ``hvp``: the ``HessianOperator`` alone and three products (what any solver on it pays before its own vectors);
 * PyHessian's ``eigenvalues(top_n=5)`` and ``top_n=1`` (power iteration with deflation, at most 10 products per
   eigenvalue: enough to measure its memory, not to converge), when importable (``pip install --no-deps
   pyhessian``). hessian-eigenthings is not on PyPI.
@@ -108,7 +109,12 @@ def run_config(config: str, batch: int) -> dict:
     model.zero_grad(set_to_none=True)
     baseline = peak_bytes()
     start = time.perf_counter()
-    if config.startswith("optdiag"):
+    if config == "hvp":  # the operator alone: its graph, gradient and the transients of three products
+        op = optdiag_operator(model, (x, y))
+        v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(2))
+        values = [float(v @ op.matvec(v)) for _ in range(3)][:1]
+        n_hvp, extra = op.n_hvp, {}
+    elif config.startswith("optdiag"):
         from optdiag.curvature.lanczos import top_eigenvalues
 
         max_basis = int(config.split("=")[1]) if "=" in config else None
@@ -221,7 +227,7 @@ def main() -> None:
             continue
         k = len(row["eigenvalues"])
         error = "n/a"
-        if reference is not None:
+        if reference is not None and row["config"] != "hvp":
             error = f"{np.max(np.abs(np.array(row['eigenvalues']) - reference[:k]) / np.abs(reference[:k])):.1e}"
         print(f"| {row['config']} (top-{k}) | {row['extra_bytes'] / 1e9:.2f} GB | {row['extra_bytes'] / param_bytes:.1f} "
               f"| {row.get('basis_rows', '-')} | {row['n_hvp']} | {row['seconds']:.0f} | {error} |")
