@@ -41,7 +41,7 @@ GRAD_LARGE = _pairs(100.0)  # 3200
 def _critical(lambda_min, grad=GRAD_ZERO, **kw):
     """gradient ~0, lambda_max=100 at lr 0.001 (stability ratio 0.05, step curvature 0.1: neither flat nor
     oscillating); only lambda_min varies."""
-    base = dict(step=10, loss=1.0, lambda_max=100.0, lambda_min=lambda_min, optimizer=SGD, **grad)
+    base = {**dict(step=10, loss=1.0, lambda_max=100.0, lambda_min=lambda_min, optimizer=SGD), **grad}
     return Evidence(**{**base, **kw})
 
 
@@ -150,7 +150,8 @@ def test_pairs_decide_over_the_probe_norm_test():
 def test_deterministic_pairs_fall_back_to_the_early_gradient_ratio():
     """Noise below 1e-3 of |g|^2 (full batch): the current |g| against its early scale, 0.05 / 1 = half of 0.1."""
     deterministic = _pairs(dot=1.0, noise=1e-4)
-    ev = _critical(5.0, grad=deterministic, grad_norm=0.05, grad_norm_initial=1.0)
+    # loss 1e-4: |g|^2 / (2 lambda_max loss) = 0.125, far above 1%, so the gradient's reach does not call it zero
+    ev = _critical(5.0, grad=deterministic, grad_norm=0.05, grad_norm_initial=1.0, loss=1e-4)
     assert ev.grad_norm_ratio == 0.05
     assert _judge(ev)[1]["tests"]["grad_zero"] == pytest.approx(0.9, abs=1e-12)
     # no early scale and nothing else measured: not measured
@@ -174,21 +175,24 @@ def test_probe_norm_test_needs_eight_batches():
 
 def test_early_gradient_ratio_only_for_a_noise_free_gradient():
     """Full batch: tr Sigma = 0 makes the norm test say "not exactly zero" (snr inf); the ratio decides."""
+    # loss 1e-4: the gradient's reach |g|^2 / (2 lambda_max loss) >= 0.125 stays far above 1% (not zero by it)
     full = dict(grad_sq_norm_unbiased=1e-2, grad_noise_trace=0.0, batch_size=32, grad_norm=C.GRAD_TINY_RATIO,
-                grad_norm_initial=1.0)
+                grad_norm_initial=1.0, loss=1e-4)
     at = _undecided(_critical(-30.0, grad=full))
     assert at["grad_snr"] == math.inf and at["tests"]["grad_zero"] == pytest.approx(0.5, abs=1e-12)
     below = diagnose_stall(_critical(-30.0, grad={**full, "grad_norm": C.GRAD_TINY_RATIO / 2}))
     assert below.kind == "saddle_point" and below.confidence == pytest.approx(0.9, abs=1e-12)
     # a batch as large as the data set is noise-free without a measured noise trace
-    whole = dict(batch_size=512, dataset_size=512, grad_norm=C.GRAD_TINY_RATIO / 2, grad_norm_initial=1.0)
+    whole = dict(batch_size=512, dataset_size=512, grad_norm=C.GRAD_TINY_RATIO / 2, grad_norm_initial=1.0, loss=1e-4)
     assert _judge(_critical(-30.0, grad=whole))[1]["tests"]["grad_zero"] == pytest.approx(0.9, abs=1e-12)
     # a minibatch (or unknown noise): a small |g| may be small noise, not a zero gradient; not measured
     for grad in ({**whole, "dataset_size": 60000}, {**whole, "batch_size": None, "dataset_size": None},
                  {**whole, **_probe(0.25, batches=2)}):
         assert _undecided(_critical(-30.0, grad=grad))["tests"]["grad_zero"] is None
-    no_scale = {**full, "grad_norm_initial": None}  # a full batch and no early scale
-    assert _undecided(_critical(-30.0, grad=no_scale))["tests"]["grad_zero"] is None
+    # a full batch and no early scale: only the gradient's reach decides, |g|^2 / (2 lambda_max loss) =
+    # 0.01 / (2 * 100 * 1e-4) = 0.5, fifty times the 1% limit: not zero
+    no_scale = {**full, "grad_norm_initial": None}
+    assert _undecided(_critical(-30.0, grad=no_scale))["tests"]["grad_zero"] == pytest.approx(1 - _p(50), abs=1e-12)
 
 
 # ---- oscillation -------------------------------------------------------------------------------------------------
@@ -748,3 +752,22 @@ def test_bad_input():
         Thresholds(window=2)
     with pytest.raises(UsageError):
         Thresholds(rel_improvement=-0.01)
+
+
+def test_a_noise_free_gradient_that_cannot_remove_1_percent_of_the_loss_is_zero():
+    """A saddle at initialisation: the early-gradient scale is as tiny as the gradient (ratio 1), yet along -g the
+    quadratic model removes at most |g|^2 / (2 lambda_max loss) of the loss; below the stall limit that is ~0."""
+    base = dict(grad_noise_trace=0.0, batch_size=64, grad_norm_initial=7e-5, loss=5.0)
+    boundary = math.sqrt(0.01 * 2 * 100.0 * 5.0)  # |g| at which the reach is exactly 1% (lambda_max 100)
+    at = _judge(_critical(-30.0, grad={**base, "grad_norm": boundary}))[1]
+    assert at["tests"]["grad_zero"] == pytest.approx(0.5, abs=1e-9)
+    tiny = diagnose_stall(_critical(-30.0, grad={**base, "grad_norm": 7e-5}))
+    assert tiny.kind == "saddle_point" and tiny.evidence["tests"]["grad_zero"] > 0.999
+    # half the boundary norm is a quarter of the reach: 1 - p(4)
+    half = _judge(_critical(-30.0, grad={**base, "grad_norm": boundary / 2}))[1]
+    assert half["tests"]["grad_zero"] == pytest.approx(1 - _p(0.25), abs=1e-9)
+    assert C.gradient_reach(_critical(-30.0, grad={**base, "grad_norm": boundary}), 5.0) == pytest.approx(0.01)
+    # a configured detector's stall limit moves the boundary: 2% halves the reach needed
+    looser = C.Thresholds(rel_improvement=0.02)
+    assert _judge(_critical(-30.0, grad={**base, "grad_norm": boundary}), thresholds=looser)[1]["tests"][
+        "grad_zero"] == pytest.approx(1 - _p(0.5), abs=1e-9)

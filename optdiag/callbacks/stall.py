@@ -374,6 +374,9 @@ class StallDiagnoser(OptDiagCallback):
             if event.reason == "stall" and tries + 1 < _RETRIES:
                 self._pending = (event, tries + 1, event.step + max(1, self.thresholds.window // 2))
             return
+        # what the verdict's curvature cost, or where it came from when the budget allowed no snapshot now
+        diagnosis.evidence.update({k: v for k, v in snapshot.items() if k.endswith("_step") or k in (
+            "n_hvp", "n_hvp_parts", "lambda_min_start")})
         if diagnosis.kind == "saddle_point" and self.escape_check:
             try:
                 diagnosis.evidence.update(self._escape(trainer, pl_module, diagnosis))
@@ -407,10 +410,11 @@ class StallDiagnoser(OptDiagCallback):
                            "further verdicts rest on the loss and gradient only")
             return {}
         if not monitor.can_afford_snapshot(trainer):  # every rank asks: rank 0's answer is broadcast
+            recent = self._recent_curvature(event)
             self.warn_once("over-budget", "a stall snapshot was skipped: the Hessian monitor's time budget is spent "
-                           f"(balance {monitor.budget_balance():.3g} s); this verdict rests on the loss and gradient "
-                           "only (counted in warning_counts['over-budget'])")
-            return {}
+                           f"(balance {monitor.budget_balance():.3g} s); this verdict rests on the last curvature "
+                           "estimate within the stalled horizon, if any (counted in warning_counts['over-budget'])")
+            return recent
         self.n_snapshots += 1
         # Charged to the monitor's budget, no trace, lambda_min not started from a warm start alone (see
         # HessianMonitor.measure); credit for one setup is left for the escape check
@@ -418,6 +422,22 @@ class StallDiagnoser(OptDiagCallback):
         snapshot = monitor.measure(trainer, pl_module, reason=event.reason,
                                    trace=False, reserve_seconds=reserve)
         return {} if "skipped" in snapshot else snapshot
+
+    def _recent_curvature(self, event: StallEvent) -> dict[str, Any]:
+        """The latest curvature estimates taken within the stalled horizon (the loss was flat there, so the point
+        barely moved): lambda_max and lambda_min each from the newest snapshot that measured it, with its step."""
+        if self.hessian_monitor is None or event.reason != "stall":
+            return {}
+        since = event.step - max(event.horizon, len(event.window_steps))
+        recent = [h for h in self.hessian_monitor.history if h.get("step", -1) >= since and "skipped" not in h]
+        out: dict[str, Any] = {}
+        for h in reversed(recent):
+            for name in ("lambda_max", "lambda_min", "preconditioned_lambda_max"):
+                if name not in out and h.get(name) is not None:
+                    out[name] = h[name]
+                    out[f"{name}_residual"] = h.get(f"{name}_residual")
+                    out[f"{name}_step"] = h.get("step")
+        return {k: v for k, v in out.items() if v is not None}
 
     def _window_gradients(self, event: StallEvent) -> dict[str, float | None]:
         """Gradient statistics of the stalled horizon (a gradient's step is one before its update's).

@@ -168,17 +168,17 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _grad_zero(ev: Evidence) -> float | None:
+def _grad_zero(ev: Evidence, th: Thresholds = None, loss: float | None = None) -> float | None:
     """P(the true gradient is ~0), judged against the gradient's own noise with enough samples.
 
     1. Consecutive-gradient pairs over the stalled horizon (at least :data:`MIN_GRADIENT_PAIRS`): the mean inner
        product ``g_t . g_(t-1)`` estimates ``|G|^2``, the mean ``|g_t| |g_(t-1)|`` less it the noise ``tr(Sigma)/B``; the
        norm test compares the upper confidence bound of ``|G|^2`` with that noise. A deterministic gradient (noise
-       below a thousandth of ``|g|^2``: full batch) is judged by its current size against its early-training
-       scale instead.
+       below a thousandth of ``|g|^2``: full batch) is judged by its size against its early-training scale and
+       by the progress it predicts (:func:`_deterministic_grad_zero`).
     2. Otherwise the probe set's norm test when its noise estimate rests on at least :data:`MIN_GRADIENT_PAIRS`
        batches (two probe batches prove nothing).
-    3. Otherwise, for a noise-free gradient only, ``|g|`` against its early-training scale; else not measured.
+    3. Otherwise, for a noise-free gradient only, the same deterministic test; else not measured.
     """
     pairs = ev.grad_pair_count or 0
     if pairs >= MIN_GRADIENT_PAIRS and _finite(ev.grad_pair_dot) and _finite(ev.grad_pair_sq) and ev.grad_pair_sq > 0:
@@ -186,14 +186,41 @@ def _grad_zero(ev: Evidence) -> float | None:
         if noise > DETERMINISTIC_NOISE_SHARE * ev.grad_pair_sq:
             upper = ev.grad_pair_dot + 2.0 * (ev.grad_pair_dot_stderr or 0.0)
             return 1.0 - log_ratio_probability(max(upper, 0.0) / noise, GRAD_SNR_BOUNDARY)
-        if ev.grad_norm_ratio is not None:  # deterministic: the current |g| against its early-training scale
-            return 1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO)
+        return _deterministic_grad_zero(ev, th, loss)
     if ev.grad_snr is not None and ev.grad_noise_trace and (ev.grad_noise_batches or 0) >= MIN_GRADIENT_PAIRS:
         return 1.0 - log_ratio_probability(ev.grad_snr, GRAD_SNR_BOUNDARY)
     noise_free = ev.grad_noise_trace == 0 or (ev.batch_size is not None and ev.batch_size == ev.dataset_size)
-    if noise_free and ev.grad_norm_ratio is not None:
-        return 1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO)
-    return None
+    return _deterministic_grad_zero(ev, th, loss) if noise_free else None
+
+
+def _deterministic_grad_zero(ev: Evidence, th: Thresholds | None, loss: float | None) -> float | None:
+    """A noise-free gradient is ~0 when it is a decade below its early-training scale, or when it cannot remove a
+    meaningful share of the loss: under the quadratic model the decrease along ``-g`` is at most
+    ``|g|^4 / (2 g'Hg) >= |g|^2 / (2 lambda_max)``, so ``gradient_reach = |g|^2 / (2 lambda_max |loss|)`` below the
+    stall limit (1%) means the gradient is negligible against the curvature, whatever the lr. The second matters
+    when training starts on the plateau itself (a saddle at initialisation: the early scale is then as tiny as the
+    gradient); the larger of the two decides."""
+    tests = []
+    if ev.grad_norm_ratio is not None:
+        tests.append(1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO))
+    reach = gradient_reach(ev, loss)
+    if reach is not None:
+        tests.append(1.0 - log_ratio_probability(reach, (th or DEFAULT_THRESHOLDS).rel_improvement))
+    return max(tests) if tests else None
+
+
+def gradient_reach(ev: Evidence, loss: float | None) -> float | None:
+    """``|g|^2 / (2 lambda_max |loss|)``: the share of the loss the gradient direction could remove at best under
+    the quadratic model with the top curvature (None without a positive lambda_max, a gradient or a loss).
+
+    Example:
+        >>> gradient_reach(Evidence(step=0, grad_norm=0.2, lambda_max=2.0), 1.0)
+        0.01
+    """
+    g = ev.grad_norm
+    if not (_finite(g) and _finite(ev.lambda_max) and ev.lambda_max > 0 and _finite(loss) and loss != 0):
+        return None
+    return round(g * g / (2.0 * ev.lambda_max * abs(loss)), 15)
 
 
 def _negative_curvature(ev: Evidence) -> float | None:
@@ -270,7 +297,7 @@ def _tests(ev: Evidence, event: StallEvent | None, loss: float | None, th: Thres
     return {
         "divergence_event": divergence,
         "spike_event": _event_probability(event, "spike"),
-        "grad_zero": _grad_zero(ev),
+        "grad_zero": _grad_zero(ev, th, loss),
         "negative_curvature": _negative_curvature(ev),
         "flat": None if step_curvature is None else 1.0 - log_ratio_probability(step_curvature,
                                                                                 th.flat_step_curvature),
@@ -491,7 +518,8 @@ def classify_point(evidence: Evidence, thresholds: Thresholds | None = None) -> 
     """
     if not isinstance(evidence, Evidence):
         raise UsageError(f"expected an Evidence, got {type(evidence).__name__}")
-    grad_zero = _grad_zero(evidence)
+    th = thresholds or DEFAULT_THRESHOLDS
+    grad_zero = _grad_zero(evidence, th, _current_loss(evidence, None))
     if grad_zero is not None and grad_zero < 0.5:
         return None
     return _build(evidence, None, ("saddle_point", "local_minimum", "plateau"), thresholds or DEFAULT_THRESHOLDS,
