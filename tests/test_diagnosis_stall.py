@@ -384,3 +384,16 @@ def test_detector_decisions_equal_those_with_scipy(monkeypatch):
     monkeypatch.setattr(stall_module, "theil_sen", _scipy_theil_sen)
     with_scipy = [[e.to_dict() for e in _events(c)] for c in curves]
     assert ours == with_scipy and sum(len(e) for e in ours) >= 4  # the same events, and there are some
+
+
+def test_looks_flat_flags_a_flat_fit_the_noise_cannot_prove_and_mark_stalled_shares_a_stall():
+    det = StallDetector(check_every=5)
+    # creeping up 10% per window under 25% noise: not falling (fitted -10% +- 4% per window on 100 losses), yet the
+    # interval is too wide (+-8%) to prove it
+    not_falling = _per_window(-0.1, 120) * _noise(120, 0.25, 0)
+    assert _events(not_falling, det) == [] and det.looks_flat
+    falling = StallDetector(check_every=5)
+    _events(_per_window(0.5, 120), falling)
+    assert not falling.looks_flat
+    det.mark_stalled()
+    assert det.stalled and _events(_noise(200, 0.25, 1), det, start=120) == []  # one verdict per situation

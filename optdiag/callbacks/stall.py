@@ -10,6 +10,7 @@ curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus th
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Mapping
 
 import torch
@@ -22,7 +23,7 @@ from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis import Diagnosis, Evidence, OptimizerSpec, StallDetector, StallEvent, diagnose_stall
 from optdiag.diagnosis.classify import Thresholds, check_prediction
-from optdiag.policy import LOGGER
+from optdiag.policy import LOGGER, check_number
 from optdiag.errors import OptDiagError, UsageError
 from optdiag.sinks import events as events_sink
 
@@ -173,12 +174,22 @@ class StallDiagnoser(OptDiagCallback):
         verbose: bool = True,
         gradient_monitor: GradientNormMonitor | None = None,
         hessian_monitor: HessianMonitor | None = None,
+        probe_every: int = 5,
         **detector_kwargs: Any,
     ) -> None:
         super().__init__()
         detector_kwargs.setdefault("check_every", 5)
         self.detector = StallDetector(window=window, min_window=min_window, rel_improvement=rel_improvement,
                                       **detector_kwargs)
+        self.probe_every = check_number("probe_every", probe_every, low=0, integer=True)
+        # The probe-set loss: the same few fixed batches every probe_every steps, so it carries no batch-to-batch
+        # noise and proves a stall within a window or two where minibatch losses need many (docs/diagnosis-rules.md)
+        self.probe_detector = None if not self.probe_every else StallDetector(
+            window=max(3, window // self.probe_every), min_window=max(3, min_window // self.probe_every),
+            # the same relative improvement per step: its window spans (losses - 1) * probe_every steps
+            rel_improvement=rel_improvement * (max(3, window // self.probe_every) - 1) * self.probe_every
+            / (window - 1),
+            **{k: v for k, v in detector_kwargs.items() if k in ("confidence", "resolution", "max_horizon")})
         if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 0:
             raise UsageError(f"max_snapshots must be an int >= 0, got {max_snapshots!r}")
         if loss_floor is not None and (isinstance(loss_floor, bool) or not isinstance(loss_floor, (int, float))
@@ -203,6 +214,8 @@ class StallDiagnoser(OptDiagCallback):
         self.undecided: list[dict[str, Any]] = []  # evidence of checks that did not decide (a debug trail)
         self._open: list[int] = []  # indices of verdicts whose prediction has not been checked yet
         self.n_spikes = 0
+        self.n_probe_losses = 0  # probe-set losses read to prove or refute a stall, and their seconds
+        self.probe_seconds = 0.0
         self._loss_initial: float | None = None
         self._loss_min = math.inf
         self._grad_norms_initial: list[float] = []
@@ -220,6 +233,7 @@ class StallDiagnoser(OptDiagCallback):
         self._diagnoses_at_fit_start = len(self.diagnoses)
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
         self._pending: tuple[StallEvent, int, int] | None = None  # an undecided stall: (event, tries, next step)
+        self._probing_until: int | None = None  # the probe loss is read up to this step
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
         self._recent_losses: list[tuple[int, float]] = []
 
@@ -271,6 +285,8 @@ class StallDiagnoser(OptDiagCallback):
         last = self.detector.state_dict()["last_step"]
         if last is not None and int(trainer.global_step) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
+            if self.probe_detector is not None:
+                self.probe_detector.reset()
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -304,6 +320,14 @@ class StallDiagnoser(OptDiagCallback):
         self._pending_losses = []
         self._track(loss)
         event = self.detector.update(step, loss)
+        probe_event = self._probe(trainer, pl_module, step)
+        if event is None and probe_event is not None and probe_event.reason == "stall" and not self.detector.stalled \
+                and not self.detector.diverged:
+            # the probe loss proved the stall first: the minibatch detector takes it as its own (one verdict)
+            self.detector.mark_stalled()
+            event = probe_event
+        elif event is not None and event.reason == "stall" and self.probe_detector is not None:
+            self.probe_detector.mark_stalled()
         if event is not None:
             self._pending = None
             self._handle(trainer, pl_module, event)
@@ -316,6 +340,42 @@ class StallDiagnoser(OptDiagCallback):
         self._drive("on_train_end", trainer, pl_module)
         if self.verbose and trainer.is_global_zero:
             print(self.summary(), flush=True)
+
+    def _probe(self, trainer: Any, pl_module: Any, step: int) -> StallEvent | None:
+        """While the minibatch losses look flat without proving it, every ``probe_every`` steps the loss on the
+        Hessian monitor's fixed probe batches (forward passes only, the model never written; their time is kept in
+        ``probe_seconds``, apart from the curvature budget, which is for Hessian products) goes into the probe
+        detector: no batch-to-batch noise, so it proves or refutes the stall within a window or two. Its stall
+        event is returned, with its horizon in steps."""
+        monitor = self.hessian_monitor
+        if self.probe_detector is None or step % self.probe_every or monitor is None or not monitor.enabled:
+            return None
+        if self.detector.looks_flat and not (self.detector.stalled or self.detector.diverged):
+            self._probing_until = step + 2 * self.thresholds.window  # long enough for the probe loss to decide
+        if self._probing_until is None or step > self._probing_until:
+            # measure more only while (and shortly after) the minibatch losses look flat but cannot prove it
+            if self._probing_until is not None:
+                self.probe_detector.reset()
+                self._probing_until = None
+            return None
+        batches = monitor.probe_set()
+        if len(batches) < monitor.probe_batches:
+            return None  # not collected yet: a probe loss over a changing set would not compare over time
+        started = time.perf_counter()
+        with preserved_state(pl_module), torch.no_grad():
+            pl_module.train(monitor.mode == "train")
+            objective = BatchObjective(pl_module, monitor.loss_fn, batches, batch_list=True)
+            value = self._reduced_mean(trainer, [objective.value(objective.point(), finite=False)])
+        self.probe_seconds += time.perf_counter() - started
+        self.n_probe_losses += 1
+        if not math.isfinite(value):
+            return None  # a diverging run: the minibatch detector reports it
+        event = self.probe_detector.update(step, value)
+        if event is None or event.reason != "stall":
+            return None
+        event.horizon *= self.probe_every  # in steps, like the minibatch detector's
+        event.trigger = "flat_probe"
+        return event
 
     # --- per-step bookkeeping -------------------------------------------------------------------------------------
     @staticmethod
@@ -637,6 +697,7 @@ class StallDiagnoser(OptDiagCallback):
         state = {
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "detector": self.detector.state_dict(),
+            "probe_detector": None if self.probe_detector is None else self.probe_detector.state_dict(),
             "n_snapshots": self.n_snapshots,
             "n_spikes": self.n_spikes,
             "open_predictions": list(self._open),
@@ -653,6 +714,8 @@ class StallDiagnoser(OptDiagCallback):
         self.diagnoses = [Diagnosis.from_dict(d) for d in state_dict.get("diagnoses", [])]
         if "detector" in state_dict:
             self.detector.load_state_dict(state_dict["detector"])
+        if state_dict.get("probe_detector") and self.probe_detector is not None:
+            self.probe_detector.load_state_dict(state_dict["probe_detector"])
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
         self.n_spikes = int(state_dict.get("n_spikes", 0))
         self._open = [int(i) for i in state_dict.get("open_predictions", []) if 0 <= int(i) < len(self.diagnoses)]

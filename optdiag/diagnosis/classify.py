@@ -275,13 +275,27 @@ def _predicted_progress(ev: Evidence, loss: float | None) -> float | None:
 
 
 def _oscillation_signal(ev: Evidence) -> float | None:
-    """P(the step bounces): at/past the stability boundary, or consecutive gradients anti-aligned; the larger."""
+    """P(the step bounces): at/past the stability boundary, or consecutive gradients anti-aligned (over the horizon's
+    pairs when there are enough, else the window's mean cosine); the larger."""
     tests = []
     if ev.stability_ratio is not None:
         tests.append(log_ratio_probability(ev.stability_ratio, OSCILLATION_RATIO))
-    if _finite(ev.grad_cosine):
-        tests.append(round(_logistic((ANTI_ALIGNED_COSINE - ev.grad_cosine) / COSINE_WIDTH), 12))
+    cosine = _pair_cosine_upper(ev)
+    if cosine is None and _finite(ev.grad_cosine):
+        cosine = ev.grad_cosine
+    if cosine is not None:
+        tests.append(round(_logistic((ANTI_ALIGNED_COSINE - cosine) / COSINE_WIDTH), 12))
     return max(tests) if tests else None
+
+
+def _pair_cosine_upper(ev: Evidence) -> float | None:
+    """The upper confidence bound of the horizon's mean consecutive-gradient cosine, ``(dot + 2 se) / |g_t||g_(t-1)|``
+    over at least :data:`MIN_GRADIENT_PAIRS` pairs: anti-alignment must be significant, not the luck of a few
+    sampled pairs (at a minimum SGD's gradients anti-align a little, ``-lr lambda / 2`` per direction)."""
+    if (ev.grad_pair_count or 0) < MIN_GRADIENT_PAIRS or not (_finite(ev.grad_pair_dot) and _finite(ev.grad_pair_sq)
+                                                             and ev.grad_pair_sq > 0):
+        return None
+    return (ev.grad_pair_dot + 2.0 * (ev.grad_pair_dot_stderr or 0.0)) / ev.grad_pair_sq
 
 
 def _event_probability(event: StallEvent | None, reason: str) -> float | None:

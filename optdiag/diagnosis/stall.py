@@ -357,6 +357,9 @@ class StallDetector:
         self._reference: tuple[float, float, int] | None = None  # (median, robust sd, count) before the last 3
         self._noise_sd = math.nan  # per-loss noise over the whole history, refreshed at each check
         self.n_ignored = 0  # updates ignored: a step that did not increase, a loss that is not a number
+        # True after a check whose last window or longest horizon fits a flat trend it could not prove (noise): the
+        # caller may measure more (StallDiagnoser then reads the fixed probe batches' loss)
+        self.looks_flat = False
 
     @property
     def stalled(self) -> bool:
@@ -502,6 +505,8 @@ class StallDetector:
         if self._since_rearm < self.cooldown:
             return None
         horizons = [h for h in self.horizons if h <= n] or [n]
+        longest = window_fit if horizons[-1] == window_fit["horizon"] else self._trend(horizons[-1], level)
+        self.looks_flat = bool(min(window_fit["rel_improvement"], longest["rel_improvement"]) < self.rel_improvement)
         z = float(special.ndtri(0.5 + self.confidence / 2.0))
         for horizon in horizons:
             # The per-loss noise alone makes this horizon's interval at least this wide (relative, per window):
@@ -509,7 +514,8 @@ class StallDetector:
             floor = z * self._noise_sd * (self.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1))) / level
             if floor > self.resolution * self.rel_improvement:
                 continue
-            fit = window_fit if horizon == window_fit["horizon"] else self._trend(horizon, level)
+            fit = window_fit if horizon == window_fit["horizon"] else (
+                longest if horizon == longest["horizon"] else self._trend(horizon, level))
             resolved = fit["improvement_hi"] - fit["improvement_lo"] <= 2.0 * self.resolution * self.rel_improvement
             if resolved and fit["improvement_hi"] < self.rel_improvement:  # NaN (no interval) never passes
                 self._state = _STALLED
@@ -565,6 +571,13 @@ class StallDetector:
                           rel_slope=fit["rel_slope"], window=window, window_steps=steps, trigger=trigger,
                           rel_improvement=fit["rel_improvement"], margin=margin,
                           improvement_hi=fit["improvement_hi"], horizon=int(fit["horizon"]), noise=noise)
+
+    def mark_stalled(self) -> None:
+        """Enter the stalled state as if this detector had fired (another detector proved the same stall), so the
+        situation gets one verdict; recovery re-arms it as usual."""
+        if self._state == _ARMED:
+            self._state = _STALLED
+            self._stall_floor = min(list(self._losses)[-self.window:], default=math.inf)
 
     def settings(self) -> dict[str, Any]:
         """The constructor settings the classifier derives its thresholds from (see ``classify.Thresholds``)."""
