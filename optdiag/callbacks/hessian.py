@@ -285,7 +285,7 @@ class HessianMonitor(OptDiagCallback):
     @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._scheduling and self.enabled and self.every_n_steps is None and not self._fit_estimates:
-            self.warn_once("no-estimate", self.summary())  # one line, with the numbers: the cost vs the budget
+            self.warn_once("no-estimate", self.summary().removeprefix("optdiag: "))  # one line, with the numbers: the cost vs the budget
 
     # --- schedule and budget ---------------------------------------------------------------------------------------
     def _probe_ready(self) -> bool:
