@@ -426,8 +426,8 @@ def test_the_story_and_the_gate_are_in_report_json_and_html(run_report, tmp_path
 def test_story_splits_phases_at_a_barrier_between_minima():
     from optdiag.analysis.story import tell_story
 
-    rows = [dict(label=f"{s}.ckpt", step=s, loss=1.0, point_type="local_minimum", lambda_min=0.5, lambda_max=2.0,
-                 uncertain=False) for s in (10, 20, 30)]
+    rows = [dict(label=f"{s}.ckpt", step=s, loss=1.0, point_type="local_minimum", lambda_min=0.5, lambda_max=2.0)
+            for s in (10, 20, 30)]
     barriers = [{"from": "10.ckpt", "to": "20.ckpt", "barrier": 0.0}, {"from": "20.ckpt", "to": "30.ckpt",
                                                                         "barrier": 0.3}]
     story = tell_story(rows, barriers)

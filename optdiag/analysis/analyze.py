@@ -345,8 +345,7 @@ class AnalysisReport:
     def story(self) -> dict[str, Any]:
         """The series as phases (:func:`optdiag.analysis.story.tell_story`): ``text``, ``final``, ``phases``."""
         rows = [dict(label=c.label, step=c.step, loss=c.loss, point_type=c.point_type, lambda_min=c.lambda_min,
-                     lambda_max=c.lambda_max,
-                     uncertain=bool(c.diagnosis is not None and c.diagnosis.evidence.get("uncertain")))
+                     lambda_max=c.lambda_max)
                 for c in self.checkpoints]
         return story.tell_story(rows, [b.to_dict() for b in self.barriers])
 

@@ -203,7 +203,7 @@ def tell_story(rows: Sequence[Mapping[str, Any]], barriers: Sequence[Mapping[str
 
     Args:
         rows: one mapping per checkpoint in order, with ``label``, ``step``, ``loss``, ``point_type``,
-            ``lambda_min``, ``lambda_max`` and ``uncertain`` (the verdict was marked uncertain).
+            ``lambda_min`` and ``lambda_max``.
         barriers: mappings with ``from``, ``to`` (labels) and ``barrier``, for the consecutive pairs measured.
 
     Returns:
@@ -212,9 +212,8 @@ def tell_story(rows: Sequence[Mapping[str, Any]], barriers: Sequence[Mapping[str
         the first checkpoint of the next phase (its own last one for the final phase).
 
     Example:
-        >>> rows = [dict(label=f"{s}.ckpt", step=s, loss=l, point_type=p, lambda_min=1.0, lambda_max=2.0,
-        ...              uncertain=False) for s, l, p in [(0, 2.3, "not_critical"), (500, 0.4, "not_critical"),
-        ...                                               (900, 0.39, "local_minimum")]]
+        >>> rows = [dict(label=f"{s}.ckpt", step=s, loss=l, point_type=p, lambda_min=1.0, lambda_max=2.0)
+        ...         for s, l, p in [(0, 2.3, "not_critical"), (500, 0.4, "not_critical"), (900, 0.39, "local_minimum")]]
         >>> tell_story(rows)["text"]
         'steps 0-900: descending (loss 2.3 -> 0.39); step 900: minimum (loss 0.39, lambda_min 1); final: minimum'
     """
@@ -254,8 +253,6 @@ def tell_story(rows: Sequence[Mapping[str, Any]], barriers: Sequence[Mapping[str
         if group[0] in splits:
             detail += f"; a barrier of {_g(splits[group[0]])} separates it from the previous one"
         text = f"{_span(first, end)}: {state}"
-        if any(rows[i].get("uncertain") for i in group):
-            text += " (uncertain verdict)"
         text += f" ({detail})"
         phases.append({
             "state": state, "point_type": kind, "checkpoints": [rows[i]["label"] for i in group],

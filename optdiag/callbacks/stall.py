@@ -26,6 +26,7 @@ from optdiag.diagnosis.classify import Thresholds, check_prediction
 from optdiag.policy import LOGGER, check_number
 from optdiag.errors import OptDiagError, UsageError
 from optdiag.sinks import events as events_sink
+from optdiag.sinks import tensorboard as tensorboard_sink
 
 __all__ = ["StallDiagnoser"]
 
@@ -572,9 +573,7 @@ class StallDiagnoser(OptDiagCallback):
         if optimizer is None and trainer.optimizers:
             optimizer = OptimizerSpec.from_torch(trainer.optimizers[0])
         fields["optimizer"] = optimizer
-        # the unbiased |G|^2 may dip below 0 when G ~ 0, and NaN means "not measured" here
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) and k != "loss" else v) for k, v in fields.items()}
-        return Evidence(**clean)
+        return Evidence(**fields)  # it cleans measured numbers itself (clamped, unavailable: docs/errors.md)
 
     def _escape(self, trainer: Any, pl_module: Any, diagnosis: Diagnosis) -> dict[str, float]:
         """The real loss along the escape direction at the step ``t`` the diagnosis quotes, vs ``1/2 lambda_min t^2``.
@@ -621,8 +620,7 @@ class StallDiagnoser(OptDiagCallback):
             self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
         tb = self.tensorboard_logger(trainer)
         if tb is not None:
-            tb.experiment.add_text(TEXT_TAG, diagnosis.to_markdown(), global_step=diagnosis.step)
-            tb.experiment.flush()
+            tensorboard_sink.log_text(tb, TEXT_TAG, diagnosis.to_markdown(), diagnosis.step)
 
     # --- retrospective check ----------------------------------------------------------------------------------------
     def _check_predictions(self, trainer: Any, step: int, loss: float) -> None:
@@ -662,10 +660,9 @@ class StallDiagnoser(OptDiagCallback):
             self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
         tb = self.tensorboard_logger(trainer)
         if tb is not None:
-            tb.experiment.add_text(TEXT_TAG, f"**{diagnosis.kind}** at step {diagnosis.step}, checked at step "
-                                   f"{outcome['checked_at_step']}: **{outcome['outcome']}** "
-                                   f"({outcome.get('detail', '')})", global_step=outcome["checked_at_step"])
-            tb.experiment.flush()
+            tensorboard_sink.log_text(tb, TEXT_TAG, f"**{diagnosis.kind}** at step {diagnosis.step}, checked at step "
+                                      f"{outcome['checked_at_step']}: **{outcome['outcome']}** "
+                                      f"({outcome.get('detail', '')})", outcome["checked_at_step"])
 
     def summary(self) -> str:
         """A few lines on this fit: how many steps, the loss, and one line per verdict with its top suggestion.

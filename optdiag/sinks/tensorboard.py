@@ -17,11 +17,12 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
     "optdiag: Curvature": {
         "lambda_max vs stability threshold": [
             r"optdiag/lambda_max$",
+            r"optdiag/(stall|spike|divergence)/lambda_max$",  # snapshots a verdict asked for log under its reason
             r"optdiag/stability_threshold$",
             r"optdiag/batch_sharpness$",
             r"optdiag/preconditioned_lambda_max$",
         ],
-        "lambda_min": [r"optdiag/lambda_min$"],
+        "lambda_min": [r"optdiag/lambda_min$", r"optdiag/(stall|spike|divergence)/lambda_min$"],
         "Hessian trace": [r"optdiag/hessian_trace$"],
         "Hessian-vector products per estimate": [r"optdiag/hvp_count$"],
     },
