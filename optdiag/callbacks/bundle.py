@@ -59,10 +59,10 @@ class OptDiag(OptDiagCallback):
     evidence and suggestions whenever the loss stalls or diverges) that uses those two monitors. Every Lightning
     hook is forwarded to the children in that order; their checkpoint state is saved under this callback's key.
 
-    Cost at the defaults: curvature snapshots (scheduled and at stalls) share one time account of ``budget`` of the
-    training time; the first snapshot of a fit waits until training has paid for its estimated cost, except that
-    the first verdict always gets its snapshot (an overdraft of one snapshot, repaid before the next scheduled one;
-    see :class:`~optdiag.callbacks.HessianMonitor`). The per-step work is outside that budget: the gradient
+    Cost at the defaults: every curvature product (scheduled snapshots, the snapshots verdicts ask for, the escape
+    check) is charged to one token bucket that earns ``budget`` of the training time and holds a bounded burst
+    (see :class:`~optdiag.callbacks.HessianMonitor`); a verdict whose snapshot the bucket cannot pay uses the newest
+    curvature measured within its stalled horizon, or waits. The per-step work is outside that budget: the gradient
     statistics on a fifth of the steps (pairs every 10 steps) and the stall test's fit at every step, together
     about 0.1-0.15 ms per step on average, a few percent of a 2-4 ms Lightning step of a small CPU model and
     negligible for real ones (``benchmarks/bench_overhead.py``).
@@ -89,6 +89,10 @@ class OptDiag(OptDiagCallback):
             ``training_step``.
         verbose: print a summary of the verdicts when ``fit`` ends (rank 0).
         seed: seed of the curvature probes.
+        burst_hvp: Hessian-vector products the budget may spend at once beyond its steady share (the bucket's
+            depth, see :class:`~optdiag.callbacks.HessianMonitor`).
+        probe_every: while the minibatch losses look flat but are too noisy to prove it, read the loss on the
+            fixed probe batches every this many steps (forward passes only) to decide sooner; ``0`` switches it off.
 
     Attributes:
         gradient_monitor, hessian_monitor, stall_diagnoser: the children.
@@ -122,17 +126,19 @@ class OptDiag(OptDiagCallback):
         loss_fn: LossFn | None = None,
         verbose: bool = True,
         seed: int = 0,
+        burst_hvp: int = 40,
+        probe_every: int = 5,
     ) -> None:
         super().__init__()
         self.gradient_monitor = GradientNormMonitor(per_layer=per_layer, every_n_steps=grad_every_n_steps)
         self.hessian_monitor = HessianMonitor(
             every_n_steps, budget, probe_batches=probe_batches, loss_fn=loss_fn, max_hvp=max_hvp,
-            trace_hvp=trace_hvp, density_every=density_every, seed=seed,
+            trace_hvp=trace_hvp, density_every=density_every, seed=seed, burst_hvp=burst_hvp,
         )
         self.stall_diagnoser = StallDiagnoser(
             window, min_window, rel_improvement, max_snapshots=max_snapshots, escape_check=escape_check,
             loss_floor=loss_floor, verbose=verbose, gradient_monitor=self.gradient_monitor,
-            hessian_monitor=self.hessian_monitor,
+            hessian_monitor=self.hessian_monitor, probe_every=probe_every,
         )
         self.children: tuple[OptDiagCallback, ...] = (self.gradient_monitor, self.hessian_monitor,
                                                       self.stall_diagnoser)
