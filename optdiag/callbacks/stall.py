@@ -186,7 +186,8 @@ class StallDiagnoser(OptDiagCallback):
         # The probe-set loss: the same few fixed batches every probe_every steps, so it carries no batch-to-batch
         # noise and proves a stall within a window or two where minibatch losses need many (docs/diagnosis-rules.md)
         self.probe_detector = None if not self.probe_every else StallDetector(
-            window=max(3, window // self.probe_every), min_window=max(3, min_window // self.probe_every),
+            # a whole window of steps at least: a handful of smooth probe losses would "prove" any short lull flat
+            window=max(3, window // self.probe_every), min_window=max(3, window // self.probe_every),
             # the same relative improvement per step: its window spans (losses - 1) * probe_every steps
             rel_improvement=rel_improvement * (max(3, window // self.probe_every) - 1) * self.probe_every
             / (window - 1),

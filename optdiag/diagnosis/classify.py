@@ -275,14 +275,15 @@ def _predicted_progress(ev: Evidence, loss: float | None) -> float | None:
 
 
 def _oscillation_signal(ev: Evidence) -> float | None:
-    """P(the step bounces): at/past the stability boundary, or consecutive gradients anti-aligned (over the horizon's
-    pairs when there are enough, else the window's mean cosine); the larger."""
+    """P(the step bounces): at/past the stability boundary, or consecutive gradients anti-aligned over at least
+    :data:`MIN_GRADIENT_PAIRS` pairs of the horizon (fewer prove nothing; evidence without pair statistics uses its
+    ``grad_cosine``); the larger."""
     tests = []
     if ev.stability_ratio is not None:
         tests.append(log_ratio_probability(ev.stability_ratio, OSCILLATION_RATIO))
     cosine = _pair_cosine_upper(ev)
-    if cosine is None and _finite(ev.grad_cosine):
-        cosine = ev.grad_cosine
+    if cosine is None and ev.grad_pair_count is None and _finite(ev.grad_cosine):
+        cosine = ev.grad_cosine  # no pair statistics at all (evidence built by hand): the mean cosine as given
     if cosine is not None:
         tests.append(round(_logistic((ANTI_ALIGNED_COSINE - cosine) / COSINE_WIDTH), 12))
     return max(tests) if tests else None

@@ -9,8 +9,8 @@ full-data loss that still falls 10% per window. So a stall is declared only when
   means much less). The slope becomes the *relative improvement per window* ``I = -slope * span / level`` with
   ``span`` one window of steps and ``level`` the current loss (``|median|`` of the last window), so the test is
   scale-free.
-* **stall**: some horizon of ``window``, 2, 4, 8 or 16 windows (as many as the history holds; from ``min_window``
-  losses on before the first window is full) has the *upper* confidence bound of ``I`` below ``rel_improvement``
+* **stall**: some horizon of ``window``, 2, 4, 8 or 16 windows, or the whole history when it is shorter than the
+  longest (from ``min_window`` losses on) has the *upper* confidence bound of ``I`` below ``rel_improvement``
   [1% per window]: the data exclude a meaningful decrease (an equivalence test, not "no significant decrease"),
   and its interval is narrow enough to tell [half-width at most ``resolution`` x ``rel_improvement``, 3%]. The
   interval's width comes from the block means and is never narrower than the per-loss noise (estimated from
@@ -504,7 +504,9 @@ class StallDetector:
             return None
         if self._since_rearm < self.cooldown:
             return None
-        horizons = [h for h in self.horizons if h <= n] or [n]
+        horizons = [h for h in self.horizons if h <= n]
+        if n < self.horizons[-1] and n not in horizons:
+            horizons.append(n)  # all the history there is: a flat stretch between two multiples is not wasted
         longest = window_fit if horizons[-1] == window_fit["horizon"] else self._trend(horizons[-1], level)
         self.looks_flat = bool(min(window_fit["rel_improvement"], longest["rel_improvement"]) < self.rel_improvement)
         z = float(special.ndtri(0.5 + self.confidence / 2.0))
