@@ -1,7 +1,7 @@
 """Extreme eigenvalues of a curvature operator: thick-restart (block) Lanczos and a power-iteration baseline.
 
-Everything here talks to the operator only through products ``A v``. The Krylov basis is bounded (thick restart,
-by default ``2 k + 6`` vectors), allocated in slabs as it grows and kept on the operator's device or the CPU; only
+Everything here talks to the operator only through products ``A v``. The Krylov basis is bounded (thick restart;
+on large models by default ``max(2 k + 2, 12)`` vectors), allocated in slabs as it grows and kept on the operator's device or the CPU; only
 the small projected matrix (at most ``max_basis`` square) is eigendecomposed on the CPU in float64. See
 docs/api/eigenvalues.md ("Memory") for the reasoning.
 """
@@ -32,8 +32,9 @@ _SLABS = 4
 # A thick restart and the final Ritz vectors rotate the basis in place, a chunk of about this many elements at a time.
 _COMBINE_CHUNK_ELEMENTS = 1 << 22
 # Default basis (see _default_max_basis and docs/api/eigenvalues.md, "Memory"): as many vectors as fit in
-# _DEFAULT_BASIS_BYTES, at least 2 k + _BASIS_EXTRA and at most the unrestarted-enough 3 k + 20 (or 60).
-_BASIS_EXTRA = 6
+# _DEFAULT_BASIS_BYTES, at least max(2 k + _BASIS_EXTRA, _MIN_BASIS) and at most 3 k + 20 (or 60).
+_BASIS_EXTRA = 2
+_MIN_BASIS = 12
 _DEFAULT_BASIS_BYTES = 256 * 2**20
 
 # A random share of 10x the tolerance in a warm start keeps a wrong start's residual well above the convergence
@@ -428,18 +429,18 @@ def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator, tol
 def _default_max_basis(k: int, block: int, num_params: int, itemsize: int) -> int:
     """The default basis size of :func:`top_eigenvalues`.
 
-    As many vectors as fit in 256 MiB, but at least ``max(2 k + 6, k + 4 block)`` (thick restarts keep about half
-    of them) and at most ``max(3 k + 20, 60, k + 4 block)`` (past which restarts rarely happen), and never more
-    than ``num_params``. Small models thus keep the large basis that converges in the fewest products; large ones
-    get a bounded basis (ResNet-18, 11.2M float32 parameters, ``k = 5``: 16 vectors, 0.7 GB).
+    As many vectors as fit in 256 MiB, but at least ``max(2 k + 2, 12, k + 4 block)`` (thick restarts keep about
+    half of them) and at most ``max(3 k + 20, 60, k + 4 block)`` (past which restarts rarely happen), and never
+    more than ``num_params``. Small models thus keep the large basis that converges in the fewest products; large
+    ones get a bounded basis (ResNet-18, 11.2M float32 parameters, ``k = 5``: 12 vectors, 0.54 GB).
 
     Example:
-        >>> _default_max_basis(5, 1, 11_200_000, 4), _default_max_basis(1, 1, 11_200_000, 4)
-        (16, 8)
+        >>> _default_max_basis(5, 1, 11_200_000, 4), _default_max_basis(10, 1, 11_200_000, 4)
+        (12, 22)
         >>> _default_max_basis(5, 1, 100_000, 4), _default_max_basis(1, 1, 2_000_000, 4), _default_max_basis(1, 1, 30, 4)
         (60, 33, 30)
     """
-    floor = max(2 * k + _BASIS_EXTRA, k + 4 * block)
+    floor = max(2 * k + _BASIS_EXTRA, _MIN_BASIS, k + 4 * block)
     ceiling = max(3 * k + 20, 60, k + 4 * block)
     fitting = _DEFAULT_BASIS_BYTES // max(1, num_params * itemsize)
     return min(num_params, max(floor, min(ceiling, fitting)))
@@ -503,7 +504,7 @@ def top_eigenvalues(
             repeated eigenvalue per invariant subspace; use ``block`` >= the multiplicity you need resolved.
             Per product, ``block=1`` converges fastest on simple eigenvalues.
         max_basis: the most basis vectors held (memory ``max_basis * num_params`` elements); by default as many
-            as fit in 256 MiB, at least ``max(2 k + 6, k + 4 block)`` and at most ``max(3 k + 20, 60, k + 4 block)``
+            as fit in 256 MiB, at least ``max(2 k + 2, 12, k + 4 block)``, at most ``max(3 k + 20, 60, k + 4 block)``
             (and ``num_params``). Fewer vectors restart more often: less memory, more products on hard spectra.
         basis_device: where the basis lives (default: the operator's device). ``"cpu"`` keeps it in host memory
             when the operator is on an accelerator (each product's vector is copied there and back).
