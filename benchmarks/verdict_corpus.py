@@ -735,7 +735,11 @@ def check_spike(rec: Record, rerun: Callable) -> Truth:
     i, low, peak = spike
     step = rec.evals[i][0]
     ok = values[-1] < low
-    return Truth(ok, f"full-data loss {low:.3g} -> {peak:.3g} at step {step}, ends {values[-1]:.3g}")
+    # what the training loss, all optdiag sees, shows of it: its peak near the spike over its median before
+    before = sorted(rec.losses[max(step - 21, 0):max(step - 1, 1)])
+    seen = max(rec.losses[max(step - 3, 0):step + 5]) / before[len(before) // 2]
+    return Truth(ok, f"full-data loss {low:.3g} -> {peak:.3g} at step {step}, ends {values[-1]:.3g}; the training "
+                     f"loss peaks at {seen:.2g}x its median of the 20 steps before")
 
 
 def _at_minimum(rec: Record, params: torch.Tensor | None = None) -> tuple[bool, str]:
