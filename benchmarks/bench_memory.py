@@ -28,6 +28,7 @@ Usage: ``nice python benchmarks/bench_memory.py [--batch 16] [--skip-reference]`
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import resource
 import subprocess
@@ -126,7 +127,7 @@ def run_config(config: str, batch: int) -> dict:
 
         top_n = int(config.split("top")[1])
         counter = {"n": 0}
-        import pyhessian.hessian as module
+        module = importlib.import_module("pyhessian.hessian")  # the module (the package re-exports the class)
 
         product = module.hessian_vector_product  # what its single-batch power iteration calls once per product
 
