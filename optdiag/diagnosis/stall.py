@@ -18,14 +18,17 @@ full-data loss that still falls 10% per window. So a stall is declared only when
   Noisy losses need a longer horizon before they can be called flat: the bound tightens as ``horizon^-3/2``; a
   longer horizon that still holds an earlier descent only widens the bound, so it can delay a stall, never invent
   one.
-* **loss spike**: the median of the last three losses exceeds the reference (the median of up to
-  ``spike_reference`` losses before it) by ``spike_sigmas`` robust standard deviations [6, as OLMo-core's guard] and
-  by half its level [``spike_ratio`` 1.5: minibatch losses are heavy-tailed, so a few hard batches in a row must
-  not count], and by 5% of the range the loss has spanned [``spike_span_fraction``: near a classifier's zero loss
-  one wrong example multiplies the loss, which is no instability]. It is *reported* when it has recovered (the three-loss median back within 3 standard deviations of
-  the reference) as a ``"spike"`` event with its size (the spread is that of three-loss medians, like the
-  statistic it is compared with); one that never recovers is dropped after
-  ``spike_patience`` steps (it is then a stall or a divergence, judged on its own).
+* **loss spike**: on log losses (minibatch noise is multiplicative; the loss itself where it can be negative), the
+  median of the last three (or five) losses exceeds the recent level (the median of the 20 losses before them) by
+  ``spike_sigmas`` standard deviations of a three- (five-) loss median, from the per-loss noise of the 40 losses
+  before them, measured on successive differences [6, as OLMo-core's guard; a rise
+  that lasts longer is judged against the narrower spread of longer medians; differences so that a falling loss
+  does not inflate the noise], by half the reference [``spike_ratio`` 1.5: minibatch losses are heavy-tailed] and by 1% of the range
+  the loss has spanned [``spike_span_fraction``, the divergence rule's yardstick: near a classifier's zero loss one
+  wrong example multiplies the loss, which is no instability]. It is *reported* when it has recovered (the
+  three-loss median back within 3 standard deviations of the reference) as a ``"spike"`` event with its size; one
+  that never recovers is dropped after ``spike_patience`` steps (it is then a stall or a divergence, judged on its
+  own).
 * **divergence**: a non-finite loss, at once; or a sustained rise: the loss is above its starting level (median of
   the first three losses) and a Theil-Sen fit (robust to spikes) of the last window rises significantly and by
   more than ``rise_tolerance`` of the level, ``rise_noise_factor`` robust standard deviations of the residuals and
@@ -77,6 +80,15 @@ DEFAULT_RISE_SPAN_FRACTION = 0.01
 HORIZONS = (1, 2, 4, 8, 16)
 #: Block means per horizon: enough degrees of freedom (8) for a t interval, blocks long enough to decorrelate.
 N_BLOCKS = 10
+#: Durations (in losses) a spike's rise is judged over, each against the spread of medians of as many losses.
+SPIKE_DURATIONS = (3, 5)
+#: Losses whose median is the level a spike rises from (the most recent before it).
+SPIKE_LEVEL_LOSSES = 20
+#: Losses the spike's noise is measured on: recent, since minibatch noise grows and shrinks with the level.
+SPIKE_NOISE_LOSSES = 40
+#: Standard deviation of the median of d independent normal values, in units of one value's (0.670 for 3, 0.536
+#: for 5: the variances 0.449 and 0.287 of the order statistics).
+MEDIAN_SD = {3: 0.6698, 5: 0.5356}
 #: Fewest losses whose spread a spike is measured against; before that a spike must double the loss.
 MIN_REFERENCE = 20
 #: Median absolute deviation -> standard deviation for normal noise (1.4826; scipy's ``scale="normal"``).
@@ -315,7 +327,8 @@ class StallDetector:
     def __init__(self, window: int = DEFAULT_WINDOW, min_window: int = 20,
                  rel_improvement: float = DEFAULT_REL_IMPROVEMENT, confidence: float = 0.95,
                  cooldown: int | None = None, resolution: float = 3.0, max_horizon: int = HORIZONS[-1], spike_sigmas: float = 6.0,
-                 spike_ratio: float = 1.5, spike_span_fraction: float = 0.05, spike_reference: int = 128,
+                 spike_ratio: float = 1.5, spike_span_fraction: float = DEFAULT_RISE_SPAN_FRACTION,
+                 spike_reference: int = 128,
                  spike_patience: int | None = None,
                  rise_tolerance: float = 0.5, rise_noise_factor: float = DEFAULT_RISE_NOISE_FACTOR,
                  rise_span_fraction: float = DEFAULT_RISE_SPAN_FRACTION, check_every: int = 1) -> None:
@@ -354,7 +367,8 @@ class StallDetector:
         self._last_step: int | None = None
         self._rising_since: int | None = None  # first check step of the current run of divergent rises
         self._spike: dict[str, float] | None = None  # the spike in progress
-        self._reference: tuple[float, float, int] | None = None  # (median, robust sd, count) before the last 3
+        self._reference: tuple[float, tuple[float, ...], int] | None = None  # (level, spreads, count), scaled
+        self._spike_log = True  # spikes are judged on log losses (all positive so far)
         self._noise_sd = math.nan  # per-loss noise over the whole history, refreshed at each check
         self.n_ignored = 0  # updates ignored: a step that did not increase, a loss that is not a number
         # True after a check whose last window or longest horizon fits a flat trend it could not prove (noise): the
@@ -415,7 +429,14 @@ class StallDetector:
 
     # --- spikes -----------------------------------------------------------------------------------------------
     def _track_spike(self, step: int, recent: float) -> StallEvent | None:
-        """Start, follow and close a spike on the three-loss median ``recent``; an event when it has recovered."""
+        """Start, follow and close a spike; an event when it has recovered.
+
+        A spike starts when the median of the last ``d`` losses, for ``d`` in :data:`SPIKE_DURATIONS`, stands
+        ``spike_sigmas`` robust sds of such ``d``-medians above the reference (and passes the ratio and range
+        tests): a longer excursion is judged against the narrower spread of longer medians, so a rise that lasts
+        five steps need not be as tall as one that lasts three (a scan over durations). Its peak and recovery are
+        followed on the three-loss median ``recent``.
+        """
         if self._spike is None:
             if self._state == _DIVERGED:
                 return None
@@ -423,24 +444,34 @@ class StallDetector:
                 self._reference = self._spike_reference()
             if self._reference is None:
                 return None
-            reference, sd, count = self._reference
-            excess = recent - reference
+            level, spreads, count = self._reference
+            reference = self._unscale(level)
             # A spread from a handful of early losses means little: until MIN_REFERENCE losses, only a doubling of
             # the loss counts (a catapult's first steps), which noise of 25% or so never produces.
             ratio = self.spike_ratio if count >= MIN_REFERENCE else max(self.spike_ratio, 2.0)
-            if excess > self.spike_sigmas * sd and excess > (ratio - 1.0) * abs(reference) and \
-                    excess > self.spike_span_fraction * _loss_scale(self._first, self._running_min):
-                self._spike = {"start_step": float(step), "peak_step": float(step), "peak": recent,
-                               "reference": reference, "reference_sd": sd}
+            floor = max((ratio - 1.0) * abs(reference),
+                        self.spike_span_fraction * _loss_scale(self._first, self._running_min))
+            last = list(itertools.islice(self._losses, max(0, len(self._losses) - SPIKE_DURATIONS[-1]),
+                                         len(self._losses)))
+            for duration, sd in zip(SPIKE_DURATIONS, spreads):
+                if len(last) < duration:
+                    break
+                median = recent if duration == 3 else float(np.median(last[-duration:]))
+                if median - reference > floor and self._scale(median) - level > self.spike_sigmas * sd:
+                    self._spike = {"start_step": float(step), "peak_step": float(step), "peak": recent,
+                                   "reference": reference, "level": level, "reference_sd": sd,
+                                   "duration": float(duration)}
+                    break
             return None
         spike = self._spike
         if recent > spike["peak"]:
             spike.update(peak=recent, peak_step=float(step))
-        if recent <= spike["reference"] + 3.0 * spike["reference_sd"] or recent <= spike["reference"]:
+        sd, level = spike["reference_sd"], spike["level"]
+        if recent <= spike["reference"] or self._scale(recent) <= level + 3.0 * sd:
             self._spike = None
-            sd, reference = spike["reference_sd"], spike["reference"]
-            spike.update(end_step=float(step),
-                         sigmas=(spike["peak"] - reference) / sd if sd > 0 else math.inf,
+            reference = spike["reference"]
+            peak = self._scale(spike["peak"])
+            spike.update(end_step=float(step), sigmas=(peak - level) / sd if sd > 0 else math.inf,
                          ratio=spike["peak"] / reference if reference > 0 else math.inf)
             margin = math.log(spike["sigmas"] / self.spike_sigmas) if self.spike_sigmas > 0 else math.inf
             event = self._event(step, "spike", "spike", margin, None)
@@ -450,21 +481,36 @@ class StallDetector:
             self._spike = None  # it did not come back: no longer a spike; a stall or divergence is judged on its own
         return None
 
-    def _spike_reference(self) -> tuple[float, float, int] | None:
-        """Median and robust sd of the losses before the last three (up to ``spike_reference`` of them).
+    def _scale(self, loss: float) -> float:
+        """The scale spikes are judged on: log for a positive loss (minibatch noise is multiplicative, and
+        heavy-tailed on a linear scale), the loss itself otherwise."""
+        return math.log(loss) if self._spike_log and loss > 0 else (-math.inf if self._spike_log else loss)
 
-        Refreshed on check steps only (it is most of a step's cost otherwise): the reference lags by at most
-        ``check_every - 1`` losses, which a reference of over a hundred losses does not notice.
+    def _unscale(self, value: float) -> float:
+        return math.exp(value) if self._spike_log else value
+
+    def _spike_reference(self) -> tuple[float, tuple[float, ...], int] | None:
+        """The level a spike is measured from and the spread of each duration's medians.
+
+        The level is the median of the :data:`SPIKE_LEVEL_LOSSES` losses before the last five (recent: on a falling
+        loss the median of a long history lies above the current level); the spread is the per-loss noise of the
+        :data:`SPIKE_NOISE_LOSSES` losses before them from successive differences (blind to the trend; recent,
+        because minibatch noise scales with the loss) times the standard deviation of a median of ``d`` normal
+        values (:data:`MEDIAN_SD`). Refreshed on check steps only (most of a step's cost
+        otherwise): the reference lags by at most ``check_every - 1`` losses.
         """
         n = len(self._losses)
-        if n < 6:
+        longest = SPIKE_DURATIONS[-1]
+        if n < longest + 3:
             return None
-        history = np.fromiter(itertools.islice(self._losses, max(0, n - 3 - self.spike_reference), n - 3), float)
-        # The spike test reads medians of three losses, whose spread is narrower than that of single losses (about
-        # 0.67x for normal noise): measure the reference spread on the same three-loss medians.
-        medians = np.median(np.lib.stride_tricks.sliding_window_view(history, 3), axis=1) if len(history) >= 5 \
-            else history
-        return float(np.median(history)), robust_sd(medians), len(history)
+        history = np.fromiter(itertools.islice(self._losses, max(0, n - longest - self.spike_reference),
+                                               n - longest), float)
+        self._spike_log = bool(history.min() > 0)
+        scaled = np.log(history) if self._spike_log else history
+        recent = scaled[-SPIKE_NOISE_LOSSES:]  # the noise where the loss is now (it changes with the level)
+        noise = difference_noise(recent) if len(recent) >= 3 else robust_sd(recent)
+        level = float(np.median(scaled[-SPIKE_LEVEL_LOSSES:]))
+        return level, tuple(MEDIAN_SD[d] * noise for d in SPIKE_DURATIONS), len(history)
 
     # --- fits -------------------------------------------------------------------------------------------------
     def _level(self) -> float:
@@ -592,7 +638,7 @@ class StallDetector:
             "steps": list(self._steps), "losses": list(self._losses), "first": self._first, "n_seen": self._n_seen,
             "running_min": self._running_min, "state": self._state, "since_rearm": self._since_rearm,
             "last_step": self._last_step, "stall_floor": self._stall_floor, "rising_since": self._rising_since,
-            "spike": self._spike,
+            "spike": self._spike, "spike_log": self._spike_log,
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -618,3 +664,4 @@ class StallDetector:
         self._rising_since = None if rising is None else int(rising)
         spike = state.get("spike")
         self._spike = None if spike is None else {k: float(v) for k, v in spike.items()}
+        self._spike_log = bool(state.get("spike_log", True))
