@@ -28,7 +28,7 @@ class GradientRecorder(pl.Callback):
         self.batches.append([t.clone() for t in batch])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.clone() for n, p in pl_module.named_parameters()})
+        self.grads.append({n: None if p.grad is None else p.grad.clone() for n, p in pl_module.named_parameters()})
         self.params_before.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -276,3 +276,43 @@ def test_resumed_run_continues_its_history(tmp_path):
 def test_state_key_tells_configurations_apart():
     assert GradientNormMonitor().state_key != GradientNormMonitor(layer_depth=1).state_key
     assert GradientNormMonitor().state_key.startswith("GradientNormMonitor")
+
+
+class WithUnusedParameter(RegressionModule):
+    """A parameter the loss never touches (its gradient stays None) between the used ones, with weight decay so that
+    it still moves: gradient statistics cover the gradients that exist, update statistics every parameter."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="sgd", lr=0.05, momentum=0.9)
+        self.unused = nn.Parameter(torch.ones(3, 2))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+
+
+def test_foreach_statistics_equal_a_flat_reference_with_a_gradient_less_parameter(tmp_path):
+    monitor = GradientNormMonitor(every_n_steps=3)
+    steps = 9
+    _, rec = _fit(tmp_path, monitor, module=WithUnusedParameter(), steps=steps)
+    assert [h["step"] for h in monitor.history] == [0, 1, 2, 3, 5, 6, 8]
+
+    def flat(d: dict, skip_none: bool) -> torch.Tensor:
+        return torch.cat([v.reshape(-1).double() for v in d.values() if not (skip_none and v is None)])
+
+    measured = {h["step"] for h in monitor.history}
+    for h in monitor.history:
+        k = h["step"]
+        assert rec.grads[k]["unused"] is None
+        g = flat(rec.grads[k], skip_none=True)
+        assert h["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-6)
+        update = flat(rec.params_after[k], False) - flat(rec.params_before[k], False)
+        assert float(update[-6:].abs().min()) > 0  # weight decay moved the unused parameter
+        assert h["update_norm"] == pytest.approx(float(update.norm()), rel=1e-5)
+        assert h["update_ratio"] == pytest.approx(float(update.norm() / flat(rec.params_before[k], False).norm()),
+                                                  rel=1e-5)
+        if k - 1 in measured:
+            assert h["grad_cosine"] == pytest.approx(_cos(g, flat(rec.grads[k - 1], True)), abs=1e-6)
+            previous = flat(rec.params_after[k - 1], False) - flat(rec.params_before[k - 1], False)
+            assert h["update_cosine"] == pytest.approx(_cos(update, previous), abs=1e-5)
+        else:
+            assert math.isnan(h["grad_cosine"]) and math.isnan(h["update_cosine"])
