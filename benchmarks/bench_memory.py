@@ -136,7 +136,8 @@ def run_config(config: str, batch: int) -> dict:
             return product(*args, **kwargs)
 
         module.hessian_vector_product = counted
-        values, _ = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).eigenvalues(top_n=top_n, maxIter=PYHESSIAN_MAX_ITER)
+        solver = hessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False)
+        values, _ = solver.eigenvalues(top_n=top_n, maxIter=PYHESSIAN_MAX_ITER)
         n_hvp, extra = counter["n"], {}
     else:
         raise SystemExit(f"unknown configuration {config}")
@@ -230,7 +231,8 @@ def main() -> None:
         error = "n/a"
         if reference is not None and row["config"] != "hvp":
             error = f"{np.max(np.abs(np.array(row['eigenvalues']) - reference[:k]) / np.abs(reference[:k])):.1e}"
-        print(f"| {row['config']} (top-{k}) | {row['extra_bytes'] / 1e9:.2f} GB | {row['extra_bytes'] / param_bytes:.1f} "
+        extra = row["extra_bytes"]
+        print(f"| {row['config']} (top-{k}) | {extra / 1e9:.2f} GB | {extra / param_bytes:.1f} "
               f"| {row.get('basis_rows', '-')} | {row['n_hvp']} | {row['seconds']:.0f} | {error} |")
     print()
     print("| basis vectors | one HVP (s) | CGS2 orthogonalisation of one product (s) | share of a Lanczos step |")

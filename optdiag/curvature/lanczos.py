@@ -1,8 +1,8 @@
 """Extreme eigenvalues of a curvature operator: thick-restart (block) Lanczos and a power-iteration baseline.
 
 Everything here talks to the operator only through products ``A v``. The Krylov basis is bounded (thick restart;
-on large models by default ``max(2 k + 2, 12)`` vectors), allocated in slabs as it grows and kept on the operator's device or the CPU; only
-the small projected matrix (at most ``max_basis`` square) is eigendecomposed on the CPU in float64. See
+on large models by default ``max(2 k + 2, 12)`` vectors), allocated in slabs as it grows and kept on the
+operator's device or the CPU; only the small projected matrix (at most ``max_basis`` square) is eigendecomposed on the CPU in float64. See
 docs/api/eigenvalues.md ("Memory") for the reasoning.
 """
 
@@ -437,8 +437,10 @@ def _default_max_basis(k: int, block: int, num_params: int, itemsize: int) -> in
     Example:
         >>> _default_max_basis(5, 1, 11_200_000, 4), _default_max_basis(10, 1, 11_200_000, 4)
         (12, 22)
-        >>> _default_max_basis(5, 1, 100_000, 4), _default_max_basis(1, 1, 2_000_000, 4), _default_max_basis(1, 1, 30, 4)
-        (60, 33, 30)
+        >>> _default_max_basis(5, 1, 100_000, 4), _default_max_basis(1, 1, 2_000_000, 4)
+        (60, 33)
+        >>> _default_max_basis(1, 1, 30, 4)  # never more vectors than dimensions
+        30
     """
     floor = max(2 * k + _BASIS_EXTRA, _MIN_BASIS, k + 4 * block)
     ceiling = max(3 * k + 20, 60, k + 4 * block)
@@ -457,7 +459,9 @@ def _check_basis_device(basis_device: Any, op: CurvatureOperator) -> torch.devic
     try:
         return torch.device(basis_device)
     except (TypeError, RuntimeError) as error:
-        raise UsageError(f"basis_device must be None, a torch.device or a device string, got {basis_device!r}") from error
+        raise UsageError(
+            f"basis_device must be None, a torch.device or a device string, got {basis_device!r}"
+        ) from error
 
 
 def top_eigenvalues(
