@@ -22,7 +22,8 @@ is about its residual squared over the gap) in the parent process, and the share
 orthogonalising is timed there: one HVP against one CGS2 orthogonalisation of its product against 16 and 60 basis
 vectors.
 
-Usage: ``nice python benchmarks/bench_memory.py [--batch 16] [--skip-reference]``; prints markdown tables.
+Usage: ``nice python benchmarks/bench_memory.py [--batch 16] [--skip-reference] [--configs hvp,optdiag,...]``;
+prints markdown tables (the rows of docs/performance.md, section 5).
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one configuration in this process
     parser.add_argument("--skip-reference", action="store_true")
-    parser.add_argument("--configs", default="optdiag,optdiag:max_basis=60,pyhessian:top1,pyhessian:top5",
+    parser.add_argument("--configs", default="hvp,optdiag,optdiag:max_basis=16,optdiag:max_basis=60,pyhessian:top1,"
+                                             "pyhessian:top5",
                         help="comma-separated configurations (pyhessian ones are skipped when it is not importable)")
     args = parser.parse_args()
     if args.config:
