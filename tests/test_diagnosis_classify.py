@@ -771,3 +771,34 @@ def test_a_noise_free_gradient_that_cannot_remove_1_percent_of_the_loss_is_zero(
     looser = C.Thresholds(rel_improvement=0.02)
     assert _judge(_critical(-30.0, grad={**base, "grad_norm": boundary}), thresholds=looser)[1]["tests"][
         "grad_zero"] == pytest.approx(1 - _p(0.5), abs=1e-9)
+
+
+# ---- a spike of the model, not of the batches; spikes that recur while the step bounces --------------------------
+@pytest.mark.parametrize("ratio, verdict", [(1.0, None), (1.5, None), (3.0, _p(2.0)), (None, 0.9)])
+def test_a_spike_must_show_on_the_fixed_probe_batches(ratio, verdict):
+    """The probe batches' loss at the spike's worst over after it: ~1 for a few hard minibatches (nothing about the
+    model changed), past the detector's spike ratio (1.5) for a model that got worse; unmeasured, the losses decide."""
+    d, record = _judge(_spiked(spike_probe_ratio=ratio), _spike_event())
+    if verdict is None:
+        assert d is None and record["tests"]["model_spike"] == pytest.approx(_p(ratio / 1.5), abs=1e-12)
+    else:
+        assert d.kind == "loss_spike" and d.confidence == pytest.approx(min(0.9, verdict), abs=1e-12)
+
+
+def test_the_probe_boundary_follows_the_configured_spike_ratio():
+    det = StallDetector(spike_ratio=3.0)
+    th = C.Thresholds.from_detector(det)
+    assert th.spike_ratio == 3.0
+    assert diagnose_stall(_spiked(spike_probe_ratio=2.0), _spike_event()).kind == "loss_spike"
+    assert diagnose_stall(_spiked(spike_probe_ratio=2.0), _spike_event(), th) is None
+
+
+def test_repeated_spikes_while_the_step_bounces_are_an_oscillation():
+    # a stability ratio of 2 (p(4) against the 0.5 boundary, above the spike's own 0.9) makes the recurring spikes
+    # the bounce itself; the first spike stays a spike, and recurring spikes of a calm step stay spikes
+    bouncing = dict(spike_probe_ratio=3.0)
+    assert diagnose_stall(_spiked(after=2.0, spike_count=1, **bouncing), _spike_event()).kind == "loss_spike"
+    d = diagnose_stall(_spiked(after=2.0, spike_count=2, **bouncing), _spike_event())
+    assert d.kind == "oscillation" and d.confidence == pytest.approx(_p(4.0), abs=1e-12)
+    calm = diagnose_stall(_spiked(after=0.1, spike_count=2, **bouncing), _spike_event())
+    assert calm.kind == "loss_spike"

@@ -385,3 +385,45 @@ def test_the_probe_loss_proves_a_noisy_minimum_sooner_and_changes_nothing(tmp_pa
 def test_probe_every_is_checked_at_construction():
     with pytest.raises(UsageError, match="probe_every"):
         StallDiagnoser(probe_every=-1)
+
+
+class _Spiking(ScenarioModule):
+    """The minimum scenario's regression with a spike at steps 150-153: of the model (the lr x8, so the error
+    along the steepest direction grows 1.4x per step) or of the reported loss only (x10, its gradient unchanged, as
+    a few hard batches would look to the loss alone)."""
+
+    def __init__(self, run, model_spike):
+        super().__init__(run.module.net, run.module.loss_fn, lr=run.module.lr)
+        self.model_spike = model_spike
+
+    def optdiag_loss(self, batch):  # the loss the model has on a batch (what curvature and probe losses read)
+        return super().training_step(batch, 0)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if not self.model_spike and 150 <= self.trainer.global_step < 154:
+            return loss + (9.0 * loss).detach()  # the value x10, the gradient as it was
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        factor = (lambda step: 8.0 if 150 <= step < 154 else 1.0) if self.model_spike else (lambda step: 1.0)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}}
+
+
+@pytest.mark.parametrize("model_spike", [True, False])
+def test_a_spike_is_reported_only_when_the_model_got_worse(tmp_path, model_spike):
+    (run,) = scenario("minimum").build()
+    module = _Spiking(run, model_spike)
+    diagnoser = StallDiagnoser(verbose=False)
+    trainer_for(tmp_path, [HessianMonitor(every_n_steps=10_000), diagnoser], 260).fit(module, run.loader)
+    spikes = [d for d in diagnoser.diagnoses if d.kind == "loss_spike"]
+    undecided = [u for u in diagnoser.undecided if u["reason"] == "spike"]
+    if model_spike:
+        (spike,) = spikes  # the probe batches' loss rose with the minibatch losses
+        assert 150 <= spike.evidence["spike"]["start_step"] <= 156 and spike.evidence["spike_probe_ratio"] > 1.5
+    else:
+        assert spikes == [] and len(undecided) == 1  # the same losses, a model that never changed: no verdict
+        probe = undecided[0]["spike"]
+        assert probe["probe_loss_during"] == pytest.approx(probe["probe_loss_after"], rel=0.2)

@@ -236,6 +236,7 @@ class StallDiagnoser(OptDiagCallback):
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
         self._pending: tuple[StallEvent, int, int] | None = None  # an undecided stall: (event, tries, next step)
         self._probing_until: int | None = None  # the probe loss is read up to this step
+        self._spike_probe: float | None = None  # the probe loss when the spike in progress started
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
         self._recent_losses: list[tuple[int, float]] = []
 
@@ -322,6 +323,7 @@ class StallDiagnoser(OptDiagCallback):
         self._pending_losses = []
         self._track(loss)
         event = self.detector.update(step, loss)
+        self._follow_spike(trainer, pl_module, event)
         probe_event = self._probe(trainer, pl_module, step)
         if event is None and probe_event is not None and probe_event.reason == "stall" and not self.detector.stalled \
                 and not self.detector.diverged:
@@ -360,9 +362,26 @@ class StallDiagnoser(OptDiagCallback):
                 self.probe_detector.reset()
                 self._probing_until = None
             return None
+        value = self._probe_loss(trainer, pl_module)
+        if value is None or not math.isfinite(value):
+            return None  # not collected yet, or a diverging run (the minibatch detector reports it)
+        event = self.probe_detector.update(step, value)
+        if event is None or event.reason != "stall":
+            return None
+        event.horizon *= self.probe_every  # in steps, like the minibatch detector's
+        event.trigger = "flat_probe"
+        return event
+
+    def _probe_loss(self, trainer: Any, pl_module: Any) -> float | None:
+        """The loss on the Hessian monitor's fixed probe batches at the current point (forward passes only, the
+        model never written; counted in ``n_probe_losses`` and ``probe_seconds``); None until the set is complete
+        (a loss over a changing set would not compare over time)."""
+        monitor = self.hessian_monitor
+        if monitor is None or not monitor.enabled:
+            return None
         batches = monitor.probe_set()
         if len(batches) < monitor.probe_batches:
-            return None  # not collected yet: a probe loss over a changing set would not compare over time
+            return None
         started = time.perf_counter()
         with preserved_state(pl_module), torch.no_grad():
             pl_module.train(monitor.mode == "train")
@@ -370,14 +389,27 @@ class StallDiagnoser(OptDiagCallback):
             value = self._reduced_mean(trainer, [objective.value(objective.point(), finite=False)])
         self.probe_seconds += time.perf_counter() - started
         self.n_probe_losses += 1
-        if not math.isfinite(value):
-            return None  # a diverging run: the minibatch detector reports it
-        event = self.probe_detector.update(step, value)
-        if event is None or event.reason != "stall":
-            return None
-        event.horizon *= self.probe_every  # in steps, like the minibatch detector's
-        event.trigger = "flat_probe"
-        return event
+        return value
+
+    def _follow_spike(self, trainer: Any, pl_module: Any, event: StallEvent | None) -> None:
+        """Tell a spike of the model from one of the batches: the probe batches' loss at the spike's worst (its start
+        and each new peak) and when it has recovered. The same batches at both points, so only the parameters differ: a model that got
+        worse shows it on them too, a few hard minibatches do not (``spike_probe_ratio``, docs/diagnosis-rules.md)."""
+        if self.detector.in_spike:
+            # at the spike's start and at each new peak of the losses: the model at its worst
+            if self._spike_probe is None or self.detector.spike_peaked:
+                value = self._probe_loss(trainer, pl_module)
+                value = math.nan if value is None else value  # not measurable: judged on the losses alone
+                self._spike_probe = value if self._spike_probe is None or not value <= self._spike_probe \
+                    else self._spike_probe
+        elif event is not None and event.reason == "spike":
+            during, after = self._spike_probe, self._probe_loss(trainer, pl_module)
+            self._spike_probe = None
+            if during is not None and after is not None and math.isfinite(during) and math.isfinite(after) \
+                    and after > 0:
+                event.spike.update(probe_loss_during=during, probe_loss_after=after)
+        elif not self.detector.in_spike:
+            self._spike_probe = None  # a spike dropped unrecovered, or none
 
     # --- per-step bookkeeping -------------------------------------------------------------------------------------
     @staticmethod
@@ -429,8 +461,10 @@ class StallDiagnoser(OptDiagCallback):
         if diagnosis is None:
             # No verdict without evidence: keep the record for debugging only, and look again later (more gradient
             # pairs, perhaps a scheduled curvature estimate) while the loss stays stalled.
+            record = undecided[0] if undecided else {}
             self.undecided.append({"step": event.step, "reason": event.reason, "tries": tries + 1,
-                                   "scores": undecided[0]["scores"] if undecided else {}})
+                                   "scores": record.get("scores", {}), "tests": record.get("tests", {}),
+                                   "spike": record.get("spike")})
             LOGGER.debug("optdiag: %s at step %d did not decide a verdict (try %d): %s", event.reason, event.step,
                          tries + 1, self.undecided[-1]["scores"])
             if event.reason == "stall" and tries + 1 < _RETRIES:
@@ -558,6 +592,8 @@ class StallDiagnoser(OptDiagCallback):
             "nonfinite": event.trigger == "nonfinite",
             "dataset_size": self._dataset_size,
             "spike_count": self.n_spikes if event.reason == "spike" else None,
+            "spike_probe_ratio": (event.spike["probe_loss_during"] / event.spike["probe_loss_after"]
+                                  if "probe_loss_during" in event.spike else None),
             "stability_ratio_before": self._ratio_before(event),
         }
         fields.update(self._window_gradients(event))

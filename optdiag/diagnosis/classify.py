@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from optdiag.diagnosis.advice import suggest
+from optdiag.diagnosis.advice import REPEATED_SPIKES, suggest
 from optdiag.diagnosis.evidence import Evidence
 from optdiag.diagnosis.stall import DEFAULT_REL_IMPROVEMENT, DEFAULT_WINDOW, StallEvent
 from optdiag.diagnosis.types import Diagnosis
@@ -74,7 +74,7 @@ PRIORITY = ("divergence", "loss_spike", "oscillation", "saddle_point", "local_mi
 #: cannot carry a verdict on their own, 0 for the signals a kind is claimed from, 1 for a test that may only veto.
 RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
     "divergence": (("divergence_event", True, 0.0),),
-    "loss_spike": (("spike_event", True, 0.0),),
+    "loss_spike": (("spike_event", True, 0.0), ("model_spike", True, 1.0)),
     "oscillation": (("oscillation_signal", True, 0.0),),
     "saddle_point": (("flat", False, 0.0), ("grad_zero", True, 0.5), ("negative_curvature", True, 0.5)),
     "local_minimum": (("flat", False, 0.0), ("grad_zero", True, 0.5), ("negative_curvature", False, 0.5),
@@ -85,7 +85,7 @@ RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
 EVENT_KINDS = {
     "stall": ("divergence", "oscillation", "saddle_point", "local_minimum", "plateau"),
     "divergence": ("divergence",),
-    "spike": ("loss_spike",),
+    "spike": ("loss_spike",),  # and oscillation once spikes repeat (see diagnose_stall)
     None: ("divergence", "oscillation", "saddle_point", "local_minimum", "plateau"),
 }
 #: What each verdict predicts, checked ``Thresholds.check_after`` windows later by :func:`check_prediction`.
@@ -107,6 +107,8 @@ class Thresholds:
         window: the detector's window (losses per window).
         rel_improvement: the detector's stall limit (relative improvement per window).
         check_after: windows after a verdict at which its prediction is checked.
+        spike_ratio: the detector's least spike, as a multiple of the level; a spike of the model must also raise
+            the fixed probe batches' loss by this much over its value after the recovery.
 
     Example:
         >>> t = Thresholds(window=100, rel_improvement=0.02)
@@ -117,16 +119,19 @@ class Thresholds:
     window: int = DEFAULT_WINDOW
     rel_improvement: float = DEFAULT_REL_IMPROVEMENT
     check_after: int = 4
+    spike_ratio: float = 1.5
 
     def __post_init__(self) -> None:
         check_number("Thresholds.window", self.window, low=3, integer=True)
         check_number("Thresholds.rel_improvement", self.rel_improvement, low=0.0)
         check_number("Thresholds.check_after", self.check_after, low=1, integer=True)
+        check_number("Thresholds.spike_ratio", self.spike_ratio, low=1.0)
 
     @classmethod
     def from_detector(cls, detector: Any, **kwargs: Any) -> Thresholds:
         """The thresholds of a configured :class:`~optdiag.diagnosis.stall.StallDetector`."""
-        return cls(window=detector.window, rel_improvement=detector.rel_improvement, **kwargs)
+        return cls(window=detector.window, rel_improvement=detector.rel_improvement,
+                   spike_ratio=detector.spike_ratio, **kwargs)
 
     @property
     def flat_step_curvature(self) -> float:
@@ -312,6 +317,8 @@ def _tests(ev: Evidence, event: StallEvent | None, loss: float | None, th: Thres
     return {
         "divergence_event": divergence,
         "spike_event": _event_probability(event, "spike"),
+        "model_spike": None if ev.spike_probe_ratio is None else log_ratio_probability(ev.spike_probe_ratio,
+                                                                                      th.spike_ratio),
         "grad_zero": _grad_zero(ev, th, loss),
         "negative_curvature": _negative_curvature(ev),
         "flat": None if step_curvature is None else 1.0 - log_ratio_probability(step_curvature,
@@ -517,6 +524,9 @@ def diagnose_stall(evidence: Evidence, event: StallEvent | None = None, threshol
         True
     """
     kinds = EVENT_KINDS.get(getattr(event, "reason", None), EVENT_KINDS[None])  # _build refuses a non-event
+    if getattr(event, "reason", None) == "spike" and isinstance(evidence, Evidence) and \
+            (evidence.spike_count or 0) >= REPEATED_SPIKES:
+        kinds = kinds + ("oscillation",)  # spikes that recur while the step bounces are the bounce itself
     return _build(evidence, event, kinds, thresholds or DEFAULT_THRESHOLDS, undecided)
 
 

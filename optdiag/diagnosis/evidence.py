@@ -31,7 +31,7 @@ _GRADIENT_SIZE = ("grad_norm", "grad_sq_norm_unbiased")
 # Quantities that cannot be negative (norms, variances, residuals, standard errors): rounding below 0 is clamped.
 _NON_NEGATIVE = ("grad_norm", "grad_norm_initial", "grad_sq_norm_unbiased", "grad_noise_trace", "lambda_max_residual",
                  "lambda_min_residual", "hessian_trace_stderr", "grad_pair_sq", "grad_pair_dot_stderr",
-                 "stability_ratio_before")
+                 "stability_ratio_before", "spike_probe_ratio")
 # Counts: a value that is not a positive integer is a measurement gone wrong ("not available").
 _COUNTS = ("batch_size", "num_params", "grad_pair_count", "grad_noise_batches", "dataset_size", "spike_count")
 _COSINES = ("grad_cosine", "update_cosine")
@@ -65,6 +65,8 @@ class Evidence:
             (a batch of that size is a full batch: no gradient noise).
         stability_ratio_before: the stability ratio measured before a loss spike (a catapult crosses 1 downwards).
         spike_count: loss spikes seen so far in the run, this one included.
+        spike_probe_ratio: the loss on the fixed probe batches when a spike started over the same loss once it had
+            recovered: well above 1 for a spike of the model, about 1 for a few hard minibatches.
         nonfinite: the run diverged: set automatically when a loss (``loss``, ``loss_window``, ``loss_min``,
             ``loss_initial``) is NaN or infinite or a gradient size (``grad_norm``, ``grad_sq_norm_unbiased``) is
             ``+inf``.
@@ -118,6 +120,7 @@ class Evidence:
     dataset_size: int | None = None
     stability_ratio_before: float | None = None
     spike_count: int | None = None
+    spike_probe_ratio: float | None = None
     clamped: dict[str, float] = field(default_factory=dict)
     unavailable: list[str] = field(default_factory=list)
 

@@ -369,6 +369,7 @@ class StallDetector:
         self._spike: dict[str, float] | None = None  # the spike in progress
         self._reference: tuple[float, tuple[float, ...], int] | None = None  # (level, spreads, count), scaled
         self._spike_log = True  # spikes are judged on log losses (all positive so far)
+        self.spike_peaked = False
         self._noise_sd = math.nan  # per-loss noise over the whole history, refreshed at each check
         self.n_ignored = 0  # updates ignored: a step that did not increase, a loss that is not a number
         # True after a check whose last window or longest horizon fits a flat trend it could not prove (noise): the
@@ -437,6 +438,7 @@ class StallDetector:
         five steps need not be as tall as one that lasts three (a scan over durations). Its peak and recovery are
         followed on the three-loss median ``recent``.
         """
+        self.spike_peaked = False  # True on the step a spike starts or reaches a new peak
         if self._spike is None:
             if self._state == _DIVERGED:
                 return None
@@ -458,13 +460,15 @@ class StallDetector:
                     break
                 median = recent if duration == 3 else float(np.median(last[-duration:]))
                 if median - reference > floor and self._scale(median) - level > self.spike_sigmas * sd:
+                    self.spike_peaked = True
                     self._spike = {"start_step": float(step), "peak_step": float(step), "peak": recent,
                                    "reference": reference, "level": level, "reference_sd": sd,
                                    "duration": float(duration)}
                     break
             return None
         spike = self._spike
-        if recent > spike["peak"]:
+        self.spike_peaked = recent > spike["peak"]
+        if self.spike_peaked:
             spike.update(peak=recent, peak_step=float(step))
         sd, level = spike["reference_sd"], spike["level"]
         if recent <= spike["reference"] or self._scale(recent) <= level + 3.0 * sd:
