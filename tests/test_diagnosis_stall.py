@@ -411,3 +411,13 @@ def test_looks_flat_flags_a_flat_fit_the_noise_cannot_prove_and_mark_stalled_sha
     assert not falling.looks_flat
     det.mark_stalled()
     assert det.stalled and _events(_noise(200, 0.25, 1), det, start=120) == []  # one verdict per situation
+
+
+def test_a_catapult_in_the_first_steps_after_a_swinging_start_is_a_spike():
+    # A catapult run's first losses (wide 2-layer net, full batch, lr = 3 / lambda_0): they swing by half before the
+    # jump, so their spread means nothing; the doubling decides.
+    start = [0.972, 0.404, 0.801, 2.891, 10.477, 24.545, 15.276, 0.826, 0.511, 0.363, 0.27, 0.206]
+    curve = np.concatenate([start, 0.2 * np.exp(-np.arange(200) / 60)])
+    events = _events(curve)
+    assert [e.reason for e in events] == ["spike"]
+    assert events[0].spike["start_step"] == 5 and events[0].spike["sigmas"] == math.inf

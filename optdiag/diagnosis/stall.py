@@ -448,9 +448,12 @@ class StallDetector:
                 return None
             level, spreads, count = self._reference
             reference = self._unscale(level)
-            # A spread from a handful of early losses means little: until MIN_REFERENCE losses, only a doubling of
-            # the loss counts (a catapult's first steps), which noise of 25% or so never produces.
+            # A spread from a handful of early losses means nothing (they may swing by half as training starts): until
+            # MIN_REFERENCE losses, a doubling of the loss counts instead (a catapult's first steps), which noise of
+            # 25% or so never produces, and the probe batches then tell the model's spike from the batches'.
             ratio = self.spike_ratio if count >= MIN_REFERENCE else max(self.spike_ratio, 2.0)
+            if count < MIN_REFERENCE:
+                spreads = tuple(0.0 for _ in spreads)
             floor = max((ratio - 1.0) * abs(reference),
                         self.spike_span_fraction * _loss_scale(self._first, self._running_min))
             last = list(itertools.islice(self._losses, max(0, len(self._losses) - SPIKE_DURATIONS[-1]),
@@ -504,7 +507,8 @@ class StallDetector:
         otherwise): the reference lags by at most ``check_every - 1`` losses.
         """
         n = len(self._losses)
-        longest = SPIKE_DURATIONS[-1]
+        # the first steps (a catapult comes at once): three losses before the last three will do, three-loss medians
+        longest = SPIKE_DURATIONS[-1] if n >= SPIKE_DURATIONS[-1] + 3 else SPIKE_DURATIONS[0]
         if n < longest + 3:
             return None
         history = np.fromiter(itertools.islice(self._losses, max(0, n - longest - self.spike_reference),
@@ -514,7 +518,7 @@ class StallDetector:
         recent = scaled[-SPIKE_NOISE_LOSSES:]  # the noise where the loss is now (it changes with the level)
         noise = difference_noise(recent) if len(recent) >= 3 else robust_sd(recent)
         level = float(np.median(scaled[-SPIKE_LEVEL_LOSSES:]))
-        return level, tuple(MEDIAN_SD[d] * noise for d in SPIKE_DURATIONS), len(history)
+        return level, tuple(MEDIAN_SD[d] * noise for d in SPIKE_DURATIONS if d <= longest), len(history)
 
     # --- fits -------------------------------------------------------------------------------------------------
     def _level(self) -> float:
