@@ -1230,10 +1230,10 @@ def write_docs(outcomes: Sequence[Outcome], seconds: float, path: str, threads: 
                           ).stdout.strip() or "unknown"
     today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "optdiag"], cwd=REPO, capture_output=True,
-                           text=True).stdout.strip()
+                           text=True).stdout.rstrip()  # not strip(): each line starts with its two status columns
     where = f"commit `{head}`"
     if dirty:  # the numbers are then of the working tree, not of the commit alone
-        files = [f"`{line[3:]}`" for line in dirty.splitlines()]
+        files = [f"`{line[3:]}`" for line in dirty.splitlines() if line.strip()]
         where += " plus uncommitted changes to " + (", ".join(files) if len(files) <= 4 else f"{len(files)} files")
     def prose(text: str) -> str:
         return textwrap.fill(text, width=116, break_on_hyphens=False, break_long_words=False)
