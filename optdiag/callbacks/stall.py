@@ -179,7 +179,7 @@ class StallDiagnoser(OptDiagCallback):
         **detector_kwargs: Any,
     ) -> None:
         super().__init__()
-        detector_kwargs.setdefault("check_every", 5)
+        detector_kwargs.setdefault("check_every", 10)  # the fit is most of the per-step cost (docs/performance.md)
         self.detector = StallDetector(window=window, min_window=min_window, rel_improvement=rel_improvement,
                                       **detector_kwargs)
         self.probe_every = check_number("probe_every", probe_every, low=0, integer=True)

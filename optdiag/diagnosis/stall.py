@@ -100,6 +100,16 @@ def _loss_scale(first_loss: float, running_min: float) -> float:
     return abs(first_loss - running_min) + abs(running_min)
 
 
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-d float array without its generic machinery (a partition; called several times a step)."""
+    n = len(values)
+    k = n // 2
+    if n % 2:
+        return float(np.partition(values, k)[k])
+    part = np.partition(values, (k - 1, k))
+    return 0.5 * float(part[k - 1] + part[k])
+
+
 def robust_sd(values: np.ndarray) -> float:
     """The standard deviation of normal noise with the same median absolute deviation (robust to spikes).
 
@@ -108,7 +118,7 @@ def robust_sd(values: np.ndarray) -> float:
         1.482602218506
     """
     values = np.asarray(values, dtype=float)
-    return round(_MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values)))), 12)
+    return round(_MAD_TO_SIGMA * _median(np.abs(values - _median(values))), 12)
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,10 +158,13 @@ def trend_test(steps: np.ndarray, losses: np.ndarray, n_blocks: int = N_BLOCKS, 
     if blocks < 3:
         return math.nan, math.nan, math.nan, math.nan
     x = x - x[0]
-    bounds = np.linspace(0, n, blocks + 1).round().astype(int)
-    counts = np.diff(bounds).astype(float)
-    xm = np.add.reduceat(x, bounds[:-1]) / counts
-    ym = np.add.reduceat(y, bounds[:-1]) / counts
+    if n % blocks == 0:  # equal blocks: a reshape (the common case, and the cheap one)
+        xm, ym = x.reshape(blocks, -1).mean(axis=1), y.reshape(blocks, -1).mean(axis=1)
+    else:
+        bounds = np.linspace(0, n, blocks + 1).round().astype(int)
+        counts = np.diff(bounds).astype(float)
+        xm = np.add.reduceat(x, bounds[:-1]) / counts
+        ym = np.add.reduceat(y, bounds[:-1]) / counts
     xc = xm - xm.mean()
     sxx = float(xc @ xc)
     if sxx <= 0:
@@ -316,7 +329,7 @@ class StallDetector:
         rise_span_fraction: the least rise across a window, as a fraction of the range the loss has spanned
             ``|first - running_min| + |running_min|``, that counts as divergence.
         check_every: fit only on steps divisible by this; every loss still enters the history, and non-finite losses
-            and spikes are seen at once. ``StallDiagnoser`` uses 5.
+            and spikes are seen at once. ``StallDiagnoser`` uses 10.
 
     Example:
         >>> det = StallDetector()
@@ -461,7 +474,7 @@ class StallDetector:
             for duration, sd in zip(SPIKE_DURATIONS, spreads):
                 if len(last) < duration:
                     break
-                median = recent if duration == 3 else float(np.median(last[-duration:]))
+                median = recent if duration == 3 else sorted(last[-duration:])[duration // 2]  # python: fast for 5
                 if median - reference > floor and self._scale(median) - level > self.spike_sigmas * sd:
                     self.spike_peaked = True
                     self._spike = {"start_step": float(step), "peak_step": float(step), "peak": recent,
@@ -517,7 +530,7 @@ class StallDetector:
         scaled = np.log(history) if self._spike_log else history
         recent = scaled[-SPIKE_NOISE_LOSSES:]  # the noise where the loss is now (it changes with the level)
         noise = difference_noise(recent) if len(recent) >= 3 else robust_sd(recent)
-        level = float(np.median(scaled[-SPIKE_LEVEL_LOSSES:]))
+        level = _median(scaled[-SPIKE_LEVEL_LOSSES:])
         return level, tuple(MEDIAN_SD[d] * noise for d in SPIKE_DURATIONS if d <= longest), len(history)
 
     # --- fits -------------------------------------------------------------------------------------------------
@@ -527,8 +540,7 @@ class StallDetector:
 
     def _trend(self, n: int, level: float) -> dict[str, Any]:
         """The trend test over the last ``n`` losses, as relative improvements per window (see the module doc)."""
-        x = np.asarray(list(self._steps)[-n:], dtype=float)
-        y = np.asarray(list(self._losses)[-n:], dtype=float)
+        x, y = self._x[-n:], self._y[-n:]  # the arrays of this check (see _check)
         slope, _, lo, hi = trend_test(x, y, confidence=self.confidence, noise_sd=self._noise_sd)
         span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (len(x) - 1)  # one window of steps
         return {"horizon": n, "slope": slope, "slope_ci": (lo, hi), "rel_slope": slope / level,
@@ -537,8 +549,10 @@ class StallDetector:
 
 
     def _check(self, step: int) -> StallEvent | None:
+        self._x = np.fromiter(self._steps, float, len(self._steps))  # once per check, for every horizon's fit
+        self._y = np.fromiter(self._losses, float, len(self._losses))
         level = self._level()
-        self._noise_sd = difference_noise(np.fromiter(self._losses, float))
+        self._noise_sd = difference_noise(self._y)
         n = len(self._losses)
         window_fit = self._trend(min(n, self.window), level)
         rise_margin = self._rise_margin(level)
