@@ -350,6 +350,11 @@ class HessianMonitor(OptDiagCallback):
             return None
         return reserve + 2 * self._setup_seconds + self.estimate_seconds(self.burst_hvp - self.burst_hvp // 2)
 
+    def stall_price(self) -> float | None:
+        """What a stall snapshot is priced at in seconds (the reserve :meth:`can_afford_snapshot` asks the bucket
+        to hold); None before the first product was timed."""
+        return self._reserve()
+
     def _reserve(self) -> float | None:
         """The credit scheduled refreshes leave for a stall: two setups (the snapshot's and the escape check's) and
         half of ``burst_hvp`` products."""

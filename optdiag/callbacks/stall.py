@@ -507,9 +507,12 @@ class StallDiagnoser(OptDiagCallback):
             return {}
         if not monitor.can_afford_snapshot(trainer):  # every rank asks: rank 0's answer is broadcast
             recent = self._recent_curvature(event)
-            self.warn_once("over-budget", "a stall snapshot was skipped: the Hessian monitor's time budget is spent "
-                           f"(balance {monitor.budget_balance():.3g} s); this verdict rests on the last curvature "
-                           "estimate within the stalled horizon, if any (counted in warning_counts['over-budget'])")
+            price = monitor.stall_price()
+            self.warn_once("over-budget", "a stall snapshot was skipped: the Hessian monitor's budget holds "
+                           f"{monitor.budget_balance():.3g} s, less than the "
+                           f"{'?' if price is None else format(price, '.3g')} s a stall snapshot is priced at; this "
+                           "verdict rests on the last curvature estimate within the stalled horizon, if any "
+                           "(counted in warning_counts['over-budget'])")
             return recent
         self.n_snapshots += 1
         # Charged to the monitor's budget, no trace, lambda_min not started from a warm start alone (see
