@@ -61,6 +61,8 @@ ANTI_ALIGNED_COSINE = -0.3
 COSINE_WIDTH = 0.1 / math.log(9.0)
 #: A verdict needs a score above this (every test of its row more likely true than false).
 DECIDES_ABOVE = 0.5
+#: A spike whose three-loss median stays up this many steps is one of the model: hard batches change every step.
+MODEL_SPIKE_STEPS = 10
 #: A saddle's prediction is checked after this many e-folds of the escape direction (from a 1e-4 offset, ~ln 1e4).
 SADDLE_EFOLDS = 10
 #: At a minimum, a loss still above 10% of its initial gap to ``loss_floor`` is "still high".
@@ -304,6 +306,25 @@ def _pair_cosine_upper(ev: Evidence) -> float | None:
     return (ev.grad_pair_dot + 2.0 * (ev.grad_pair_dot_stderr or 0.0)) / ev.grad_pair_sq
 
 
+def _model_spike(ev: Evidence, event: StallEvent | None, th: Thresholds) -> float | None:
+    """P(the spike was one of the model, not of a few hard batches): the larger of two tests, each enough.
+
+    * the fixed probe batches' loss at the spike's worst over after it (``spike_probe_ratio``) past the spike
+      ratio: the same batches, so only the parameters differ;
+    * the spike lasted: its three-loss median stayed up for at least :data:`MODEL_SPIKE_STEPS` steps. Each step
+      brings new batches, so hard batches cannot hold the loss up that long; a model that got worse does (and the
+      probe, read a step or two after a short spike's peak, may have missed it).
+    None when neither was measured.
+    """
+    tests = []
+    if ev.spike_probe_ratio is not None:
+        tests.append(log_ratio_probability(ev.spike_probe_ratio, th.spike_ratio))
+    spike = event.spike if event is not None else {}
+    if "end_step" in spike and "start_step" in spike:
+        tests.append(log_ratio_probability(spike["end_step"] - spike["start_step"], MODEL_SPIKE_STEPS))
+    return max(tests) if tests else None
+
+
 def _event_probability(event: StallEvent | None, reason: str) -> float | None:
     if event is None or event.reason != reason:
         return None
@@ -317,8 +338,7 @@ def _tests(ev: Evidence, event: StallEvent | None, loss: float | None, th: Thres
     return {
         "divergence_event": divergence,
         "spike_event": _event_probability(event, "spike"),
-        "model_spike": None if ev.spike_probe_ratio is None else log_ratio_probability(ev.spike_probe_ratio,
-                                                                                      th.spike_ratio),
+        "model_spike": _model_spike(ev, event, th),
         "grad_zero": _grad_zero(ev, th, loss),
         "negative_curvature": _negative_curvature(ev),
         "flat": None if step_curvature is None else 1.0 - log_ratio_probability(step_curvature,
