@@ -35,7 +35,7 @@ _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_m
                     "hessian_trace_stderr", "preconditioned_lambda_max", "grad_noise_trace")
 _SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
-_RETRIES = 3  # an undecided stall is looked at again this many times (every half window) before optdiag stays silent
+_RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
 
 
