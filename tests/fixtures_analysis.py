@@ -167,14 +167,8 @@ def write_lightning_checkpoint(path, hidden: int = 0, weights: dict[str, torch.T
 # A BatchNorm net whose train-mode and eval-mode losses differ
 
 
-class BatchNormNet(pl.LightningModule):
-    """``Linear -> BatchNorm1d -> Dropout -> Linear``: train mode (batch statistics) and eval mode (running
-    statistics) compute different functions; dropout makes the train-mode loss random unless it is switched off."""
-
-    def __init__(self, lr: float = 0.05) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(D_IN, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, D_OUT))
+class _HalfSquaredErrorSGD(pl.LightningModule):
+    """``self.net`` trained on the half squared error with plain SGD at ``hparams.lr`` (the fixtures' modules)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -184,6 +178,16 @@ class BatchNormNet(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class BatchNormNet(_HalfSquaredErrorSGD):
+    """``Linear -> BatchNorm1d -> Dropout -> Linear``: train mode (batch statistics) and eval mode (running
+    statistics) compute different functions; dropout makes the train-mode loss random unless it is switched off."""
+
+    def __init__(self, lr: float = 0.05) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(D_IN, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, D_OUT))
 
     def train_dataloader(self) -> DataLoader:
         return make_loader()
@@ -228,22 +232,13 @@ def make_noisy_loader() -> DataLoader:
     return DataLoader(make_noisy_dataset(), batch_size=N_NOISY, shuffle=False)
 
 
-class NoisyRegression(pl.LightningModule):
+class NoisyRegression(_HalfSquaredErrorSGD):
     """``y = W x + b`` trained by full-batch gradient descent on :func:`make_noisy_dataset`."""
 
     def __init__(self, lr: float = 0.5) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        return half_squared_error(self, batch)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def train_dataloader(self) -> DataLoader:
         return make_noisy_loader()
