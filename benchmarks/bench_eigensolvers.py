@@ -1,6 +1,6 @@
 """Eigensolver benchmark: HVPs and seconds to reach 1e-3 relative accuracy on extreme Hessian eigenvalues.
 
-Problems: (a) THEORY section 7's synthetic spectrum {100, 95, 998 values uniform in [-5, 20]}, randomly rotated
+Problems: (a) docs/theory.md section 7's synthetic spectrum {100, 95, 998 values uniform in [-5, 20]}, randomly rotated
 (n = 1000, float64 matrix); (b) a tanh MLP and (c) a small tanh CNN on sklearn's 8x8 digits, briefly trained, whose
 reference spectra come from their dense float64 Hessians. Targets: the top eigenvalue, the top 5, and lambda_min.
 
@@ -69,7 +69,7 @@ def synthetic_problem() -> Problem:
     matrix = (q * eigenvalues) @ q.T
     matrix = 0.5 * (matrix + matrix.T)
     exact = np.sort(eigenvalues.numpy())
-    return Problem("synthetic (THEORY s7, n=1000)", exact, lambda: MatrixOperator(matrix), matrix=matrix)
+    return Problem("synthetic (docs/theory.md s7, n=1000)", exact, lambda: MatrixOperator(matrix), matrix=matrix)
 
 
 def digits(n: int) -> tuple[torch.Tensor, torch.Tensor]:

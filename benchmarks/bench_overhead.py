@@ -4,7 +4,7 @@ Trains an MLP and a small CNN on scikit-learn's bundled 8x8 digits (nothing is d
 no callback, with ``GradientNormMonitor()``, with ``HessianMonitor()`` and with the ``OptDiag()`` bundle, all at
 their defaults. Each round runs every configuration once, in a rotated order (interleaved, so that drifting load
 on a shared machine hits all of them alike); the tables report medians over rounds. The process is pinned to one
-core with one torch thread. The goal (DESIGN.md, "Pay for what you measure"): a wall-time ratio <= 1.05.
+core with one torch thread. The goal (docs/index.md, design rule "Pay for what you measure"): a wall-time ratio <= 1.05.
 
 Two ratios are printed: the ratio of the median wall times, and the median of the per-round ratios (each monitored
 run over the baseline run of the same round: robust to slow drifts of the machine's load). The per-step cost less

@@ -8,7 +8,7 @@ The data are built so the Hessians are known exactly: inputs ``x`` with second m
 * One linear layer (``hidden=0``): the Hessian is ``diag(scales)`` repeated for every output, whatever the weights,
   and the minimum sits at ``W = A`` (local minimum, eigenvalues = the scales).
 * Two linear layers ``W2 W1`` at the origin with whitened inputs: gradient 0 and Hessian eigenvalues
-  ``+- sigma_i(A)`` (THEORY.md section 3), a saddle point.
+  ``+- sigma_i(A)`` (docs/theory.md section 3), a saddle point.
 """
 
 from __future__ import annotations

@@ -100,7 +100,7 @@ class TinyAttention(nn.Module):
 class TwoLayerLinear(nn.Module):
     """``y = W2 W1 x`` without biases. At ``W = 0`` with whitened inputs and targets ``A x``, the loss
     ``half_squared_error`` has zero gradient and Hessian eigenvalues ``+-sigma_i(A)``, each ``hidden`` times, plus
-    ``hidden * |d_in - d_out|`` zeros (THEORY.md section 3)."""
+    ``hidden * |d_in - d_out|`` zeros (docs/theory.md section 3)."""
 
     def __init__(self, d_in: int, hidden: int, d_out: int, zero: bool = True) -> None:
         super().__init__()
@@ -117,7 +117,7 @@ class TwoLayerLinear(nn.Module):
 class ProductModel(nn.Module):
     """Two scalars ``t1, t2``; ``forward(x) = t1 * t2 * x``. With ``x = 1`` and target 1 under the mean squared
     error the loss is ``(t1 t2 - 1)^2``; at ``(a, 1/a)`` its Hessian ``[[2/a^2, 2], [2, 2a^2]]`` has
-    ``lambda_max = 2(a^2 + a^-2)`` and ``lambda_min = 0`` (THEORY.md section 5)."""
+    ``lambda_max = 2(a^2 + a^-2)`` and ``lambda_min = 0`` (docs/theory.md section 5)."""
 
     def __init__(self, t1: float = 1.0, t2: float = 1.0) -> None:
         super().__init__()

@@ -66,7 +66,7 @@ def test_diagonal_matrix_gives_exact_nodes_and_masses_and_stops_at_the_invariant
 
 
 def test_linear_net_at_the_origin_has_nodes_at_plus_minus_the_singular_values():
-    # THEORY section 3: y = W2 W1 x at W = 0 with whitened inputs has Hessian eigenvalues +-sigma_i(A), each
+    # docs/theory.md section 3: y = W2 W1 x at W = 0 with whitened inputs has Hessian eigenvalues +-sigma_i(A), each
     # `hidden` times, and zeros; five distinct values, so every run ends after five steps with exactly them.
     model, batch, target_map = linear_net_problem(d_in=3, hidden=2, d_out=2, n=12, seed=0)
     hessian = reference_hessian(model, half_squared_error, [batch])

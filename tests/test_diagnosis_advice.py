@@ -1,4 +1,4 @@
-"""Advice numbers against THEORY.md: stability targets, Polyak/YellowFin pairs, warmup, batch sizes."""
+"""Advice numbers against docs/theory.md: stability targets, Polyak/YellowFin pairs, warmup, batch sizes."""
 
 import itertools
 import math

@@ -1,4 +1,4 @@
-"""Stability thresholds (THEORY.md section 1): the table's numbers, and each threshold checked by iterating the
+"""Stability thresholds (docs/theory.md section 1): the table's numbers, and each threshold checked by iterating the
 optimizer's own update on a 1-D quadratic just below and just above it."""
 
 import math

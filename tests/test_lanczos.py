@@ -52,21 +52,21 @@ def true_residuals(matrix: torch.Tensor, result: EigenResult) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def theory_spectrum() -> tuple[torch.Tensor, torch.Tensor]:
-    """THEORY section 7: eigenvalues {100, 95, 998 values uniform in [-5, 20]}, randomly rotated (n = 1000)."""
+    """docs/theory.md section 7: eigenvalues {100, 95, 998 values uniform in [-5, 20]}, randomly rotated (n = 1000)."""
     bulk = -5.0 + 25.0 * torch.rand(998, generator=torch.Generator().manual_seed(7), dtype=F64)
     eigenvalues = torch.cat([torch.tensor([100.0, 95.0], dtype=F64), bulk])
     return rotated(eigenvalues, seed=11), torch.sort(eigenvalues).values
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# THEORY section 7 numbers
+# docs/theory.md section 7 numbers
 
 
 def test_lanczos_finds_the_top_eigenvalue_of_the_theory_spectrum_in_a_few_products(theory_spectrum):
     matrix, exact = theory_spectrum
     ten_steps = top_eigenvalues(MatrixOperator(matrix), k=1, tol=1e-14, max_hvp=10)
     assert ten_steps.n_hvp == 10
-    assert abs(ten_steps.eigenvalues.item() - 100.0) < 1e-8  # THEORY: 9e-10 after 10 steps
+    assert abs(ten_steps.eigenvalues.item() - 100.0) < 1e-8  # docs/theory.md section 7: 9e-10 after 10 steps
 
     tight = top_eigenvalues(MatrixOperator(matrix), k=1, tol=1e-10)
     assert tight.converged
@@ -88,7 +88,7 @@ def test_lanczos_lambda_min_of_the_theory_spectrum_after_40_products(theory_spec
     for seed in range(1, 5):
         ritz = top_eigenvalues(MatrixOperator(matrix), k=1, which="SA", tol=1e-14, max_hvp=40, seed=seed)
         errors.append(ritz.eigenvalues.item() - exact[0].item())
-    # THEORY quotes 0.008 for one start vector; over start vectors the error is of that order.
+    # docs/theory.md section 7 quotes 0.008 for one start vector; over start vectors the error is of that order.
     assert float(np.median(errors)) < 2 * 0.008
     assert max(errors) < 0.05
 
@@ -104,8 +104,8 @@ def test_power_iteration_follows_its_closed_form_and_the_theory_numbers():
     bulk = -5.0 + 25.0 * torch.rand(998, generator=torch.Generator().manual_seed(3), dtype=F64)
     eigenvalues = torch.cat([torch.tensor([100.0, 95.0], dtype=F64), bulk])
     op = MatrixOperator(torch.diag(eigenvalues))  # power iteration is rotation invariant: work in the eigenbasis
-    # THEORY's 4.66 after 10 products fixes the start's weight ratio rho = c_95^2 / c_100^2 through
-    # 5 * r = 4.66 with r = rho q / (1 + rho q), q = 0.95^18 (the bulk has decayed by (20/100)^18 ~ 3e-13).
+    # The 4.66 after 10 products (docs/theory.md section 7) fixes the start's weight ratio rho = c_95^2 / c_100^2
+    # through 5 * r = 4.66 with r = rho q / (1 + rho q), q = 0.95^18 (the bulk has decayed by (20/100)^18 ~ 3e-13).
     r = 4.66 / 5.0
     rho = r / (1 - r) / 0.95**18
     components = torch.rand(1000, generator=torch.Generator().manual_seed(5), dtype=F64) + 0.5
@@ -117,7 +117,7 @@ def test_power_iteration_follows_its_closed_form_and_the_theory_numbers():
         assert result.n_hvp == products and not result.converged
         error = 100.0 - result.eigenvalues.item()
         assert error == pytest.approx(power_iteration_error(eigenvalues, components, products), rel=1e-9)
-        # 40 and 60 are predictions from the 10-product calibration: they must reproduce THEORY's numbers.
+        # 40 and 60 are predictions from the 10-product calibration: they must reproduce docs/theory.md section 7.
         assert theory / 1.5 < error < theory * 1.5
         errors.append(error)
     assert errors[0] > errors[1] > errors[2]

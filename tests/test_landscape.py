@@ -17,7 +17,7 @@ from tests.fixtures_analysis import LinearNet, half_squared_error, make_dataset
 
 
 class Product(nn.Module):
-    """``L(w1, w2) = (1 - w1 w2)^2`` (THEORY.md section 3): a saddle at the origin with eigenvalues +-2."""
+    """``L(w1, w2) = (1 - w1 w2)^2`` (docs/theory.md section 3): a saddle at the origin with eigenvalues +-2."""
 
     def __init__(self, w1: float = 0.0, w2: float = 0.0) -> None:
         super().__init__()

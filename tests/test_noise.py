@@ -1,4 +1,4 @@
-"""Gradient noise scale (McCandlish et al. 2018) and the statistically-zero gradient test (THEORY.md sections 3, 6)."""
+"""Gradient noise scale (McCandlish et al. 2018) and the statistically-zero gradient test (docs/theory.md s3, s6)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_expected_sq_norms_give_back_their_inputs(grad_sq, trace, b_small, b_big
 
 
 def test_repeated_measurements_average_numerator_and_denominator_separately():
-    small, big = [3.125, 5.125], [1.0, 1.78125]  # means 4.125 and 1.390625, as in the THEORY example
+    small, big = [3.125, 5.125], [1.0, 1.78125]  # means 4.125 and 1.390625, as in docs/theory.md section 6
     result = gradient_noise_scale(np.array(small), torch.tensor(big), 32, 256)
     assert (result.sq_norm_small, result.sq_norm_big) == (4.125, 1.390625)
     assert result.b_simple == pytest.approx(100.0, rel=1e-12)

@@ -1,4 +1,4 @@
-"""The public contract of DESIGN.md: every name resolves, and the core stays free of Lightning."""
+"""The public contract (docs/index.md, "Public names"): every name resolves, and the core stays free of Lightning."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""Sharpness measures (THEORY.md section 5) against closed forms on quadratics, and the ReLU rescaling of Dinh et al."""
+"""Sharpness measures (docs/theory.md s5) against closed forms on quadratics, and the ReLU rescaling of Dinh et al."""
 
 from __future__ import annotations
 

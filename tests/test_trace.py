@@ -33,7 +33,7 @@ def random_symmetric(n: int, seed: int) -> torch.Tensor:
 
 
 def rademacher_variance(matrix: torch.Tensor) -> float:
-    """THEORY section 7: the one-probe variance of z^T H z for Rademacher z."""
+    """docs/theory.md section 7: the one-probe variance of z^T H z for Rademacher z."""
     return float(2 * (matrix.pow(2).sum() - matrix.diagonal().pow(2).sum()))
 
 

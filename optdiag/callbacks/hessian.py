@@ -81,7 +81,7 @@ class HessianMonitor(OptDiagCallback):
       Adam/AdamW/RMSprop. ``stability_ratio`` = (preconditioned) sharpness / threshold: above 1 the step is
       unstable along the sharpest direction.
     * ``batch_sharpness``: mean over probe batches of ``g_B^T H_B g_B / |g_B|^2`` (what minibatch SGD holds at
-      ``2/lr``; THEORY.md section 1).
+      ``2/lr``; docs/theory.md section 1).
     * ``probe_loss``, ``probe_grad_norm``, and with two or more probe batches the gradient noise:
       ``probe_grad_sq_unbiased`` (``|G|^2``) and ``grad_noise_trace`` (``tr(Sigma)``).
     * every ``density_every``-th snapshot, a spectral density (stochastic Lanczos quadrature) as a TensorBoard

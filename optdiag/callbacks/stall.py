@@ -1,6 +1,6 @@
 """``StallDiagnoser``: when the loss stops going down, take a curvature snapshot and say why, and what to change.
 
-Data flow (DESIGN.md): training loss -> :class:`~optdiag.diagnosis.stall.StallDetector` -> at a stall, a bounded
+Data flow (docs/index.md): training loss -> :class:`~optdiag.diagnosis.stall.StallDetector` -> at a stall, a bounded
 curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus the gradient statistics of the window
 (:class:`GradientNormMonitor`) -> :class:`~optdiag.diagnosis.evidence.Evidence` ->
 :func:`~optdiag.diagnosis.classify.diagnose_stall` -> a :class:`~optdiag.diagnosis.types.Diagnosis` in

@@ -412,8 +412,8 @@ def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator, tol
     subspace, its Ritz residual is tiny and the convergence test would accept the wrong eigenvalue after one
     product. The random share makes the Krylov space reach the whole spectrum and keeps such a start's residual
     (about share x the spectrum's spread) above ``tol`` times the scale, so only the wanted extreme pairs can
-    pass the residual test. The share is tied to ``tol`` because it costs products (on THEORY's spectrum, k=5 at
-    tol=1e-4: 10 products with share 1e-3, 90 with share 0.3, 119 cold).
+    pass the residual test. The share is tied to ``tol`` because it costs products (on the synthetic spectrum of
+    docs/theory.md section 7, k=5 at tol=1e-4: 10 products with share 1e-3, 90 with share 0.3, 119 cold).
     """
     mix = min(_WARM_START_MIX_MAX, _WARM_START_MIX_PER_TOL * tol)
     starts = []
@@ -605,7 +605,7 @@ def power_iteration(
     v0: StartVector = None,
     seed: int = 0,
 ) -> EigenResult:
-    """The eigenvalue of largest magnitude by power iteration: the plain baseline (THEORY section 7).
+    """The eigenvalue of largest magnitude by power iteration: the plain baseline (docs/theory.md section 7).
 
     Each product ``A v`` gives the Rayleigh quotient ``theta = v . A v`` and its residual ``|A v - theta v|`` for
     free; it stops when the residual is at most ``tol * |theta|``. Convergence goes like

@@ -2,9 +2,9 @@
 
 A minibatch gradient of batch size ``B`` has ``E|g_B|^2 = |G|^2 + tr(Sigma) / B`` (``G`` the true gradient,
 ``Sigma`` the per-sample gradient covariance). Measuring ``|g_B|^2`` at two batch sizes gives both terms
-(THEORY.md section 6), and with them the *simple noise scale* ``B_simple = tr(Sigma) / |G|^2``: the batch size at
+(docs/theory.md section 6), and with them the *simple noise scale* ``B_simple = tr(Sigma) / |G|^2``: the batch size at
 which noise and signal in a step are equal, a proxy for the critical batch size. The same two numbers say whether the
-gradient at a stalled point is distinguishable from noise at all (THEORY.md section 3).
+gradient at a stalled point is distinguishable from noise at all (docs/theory.md section 3).
 """
 
 from __future__ import annotations

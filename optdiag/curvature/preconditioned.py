@@ -1,7 +1,7 @@
 """The Hessian seen through a diagonal preconditioner: ``P^-1/2 H P^-1/2`` (Adam's and RMSprop's curvature).
 
 An adaptive optimizer steps ``x <- x - lr P^-1 m``, so the curvature that decides whether it is stable is that of
-``P^-1 H``, not ``H`` (THEORY.md section 1: Adam is stable while ``lambda_max(P^-1 H) < (2 + 2 beta1) /
+``P^-1 H``, not ``H`` (docs/theory.md section 1: Adam is stable while ``lambda_max(P^-1 H) < (2 + 2 beta1) /
 ((1 - beta1) lr)``, 38/lr for beta1 = 0.9). ``P^-1 H`` is not symmetric, but it is similar to the symmetric
 ``P^-1/2 H P^-1/2`` (same eigenvalues), which Lanczos can work on.
 """

@@ -1,7 +1,7 @@
 """How sharp is the point a model sits at: Keskar's epsilon-sharpness, SAM's and the adaptive (ASAM) sharpness.
 
 Every measure here evaluates the same sample-weighted mean loss over batches as
-:class:`~optdiag.curvature.operator.HessianOperator` (THEORY.md section 5), a
+:class:`~optdiag.curvature.operator.HessianOperator` (docs/theory.md section 5), a
 :class:`~optdiag.curvature.objective.BatchObjective`, at perturbed parameters passed through
 ``torch.func.functional_call``: the model's parameters are never written, and its buffers, modes, ``.grad`` and
 RNGs are as before afterwards. Random ops (dropout) draw the same values at every evaluation, so the perturbed and

@@ -5,7 +5,7 @@ independently of optdiag (from the data's own spectrum, a dense Hessian or the c
 
 - ``saddle``: a 2-layer linear net ``y = W2 W1 x + k b`` on whitened inputs from a tiny init. The offset ``b`` is
   learnt in a few steps; then ``W = 0`` is a saddle whose Hessian eigenvalues are ``+-sigma_i`` of the target map
-  (THEORY.md section 3): the loss plateaus there, drops when the ``sigma_1`` mode is learnt, plateaus again at the
+  (docs/theory.md section 3): the loss plateaus there, drops when the ``sigma_1`` mode is learnt, plateaus again at the
   next saddle (``lambda_min = -sigma_2``), then reaches a minimum.
 - ``oscillation``: linear regression with one feature scaled x10, SGD (batch 64) at ``lr * lambda_max = 1.8``: the
   step bounces across the steep valley at a loss floor while the gradient stays large and consecutive gradients

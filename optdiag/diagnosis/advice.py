@@ -4,7 +4,8 @@ Every proposed number is derived from the evidence and the optimizer's stability
 (:mod:`optdiag.diagnosis.stability`); the margins are justified in ``docs/diagnosis-rules.md``:
 
 * target stability ratio ``TARGET_RATIO = 0.5``: sharpness at half the threshold, i.e. ``lr * lambda_max = 1`` for
-  SGD, where sign flips stop; small noisy batches are unsafe well before the deterministic threshold (THEORY 1);
+  SGD, where sign flips stop; small noisy batches are unsafe well before the deterministic threshold
+  (docs/theory.md section 1);
 * ``ReduceLROnPlateau(factor=0.5)``: halve the step once bouncing at a loss floor (Chee & Toulis 2018);
 * a decade (``x10``) at most per lr increase, and x0.1 when nothing tells a safe lr (SASA, Lang et al. 2019);
 * warmup ``LinearLR(start_factor=s, total_iters=ceil(100 (1 - s) / s))``: the lr grows by 1% of its start per step;

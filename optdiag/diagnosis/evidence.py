@@ -49,7 +49,7 @@ class Evidence:
         rel_slope: the stall event's relative slope (per step, divided by the loss level).
         grad_norm: mean minibatch gradient norm ``|g_B|`` over the window.
         grad_norm_initial: the same in early training (the scale "tiny" is measured against).
-        grad_sq_norm_unbiased: unbiased estimate of the full-gradient ``|G|^2`` (THEORY.md section 6).
+        grad_sq_norm_unbiased: unbiased estimate of the full-gradient ``|G|^2`` (docs/theory.md section 6).
         grad_noise_trace: ``tr(Sigma)``, the per-example gradient covariance trace. batch_size: ``B``.
         grad_cosine: mean cosine between consecutive minibatch gradients. update_cosine: same for updates.
         lambda_max, lambda_min: extreme Hessian eigenvalues, with their Lanczos residuals ``*_residual``.
@@ -174,7 +174,7 @@ class Evidence:
 
     @property
     def stability_threshold(self) -> float | None:
-        """Largest stable curvature for the optimizer (THEORY.md section 1); None when unknown."""
+        """Largest stable curvature for the optimizer (docs/theory.md section 1); None when unknown."""
         return None if self.optimizer is None else stability_threshold(self.optimizer)
 
     @property
@@ -195,7 +195,7 @@ class Evidence:
 
     @property
     def lr_lambda_max(self) -> float | None:
-        """``lr * sharpness`` (the per-step curvature factor of THEORY.md section 4)."""
+        """``lr * sharpness`` (the per-step curvature factor of docs/theory.md section 4)."""
         if self.lr is None or self.sharpness is None:
             return None
         return self.lr * self.sharpness
@@ -216,7 +216,7 @@ class Evidence:
 
     @property
     def b_simple(self) -> float | None:
-        """McCandlish's simple noise scale ``tr(Sigma) / |G|^2`` (THEORY.md section 6); None if not measured."""
+        """McCandlish's simple noise scale ``tr(Sigma) / |G|^2`` (docs/theory.md section 6); None if not measured."""
         g2, noise = self.grad_sq_norm_unbiased, self.grad_noise_trace
         if g2 is None or noise is None:
             return None

@@ -1,4 +1,4 @@
-"""Where a step is stable: the largest curvature each optimizer tolerates (THEORY.md section 1).
+"""Where a step is stable: the largest curvature each optimizer tolerates (docs/theory.md section 1).
 
 On a quadratic with curvature ``lambda`` along an eigendirection, each optimizer's error obeys a linear recurrence;
 the step is stable iff every root of its characteristic polynomial lies inside the unit circle. With PyTorch's
@@ -205,7 +205,7 @@ class OptimizerSpec:
 
 
 def stability_threshold(spec: OptimizerSpec) -> float | None:
-    """The largest curvature ``lambda`` for which ``spec``'s step is stable on a quadratic (THEORY.md section 1).
+    """The largest curvature ``lambda`` for which ``spec``'s step is stable on a quadratic (docs/theory.md section 1).
 
     For preconditioned optimizers (``spec.preconditioned``) it bounds ``lambda_max(P^-1 H)``. Returns ``None`` for an
     unknown optimizer or a zero effective learning rate (no step, no threshold).
@@ -257,7 +257,7 @@ def max_stable_lr(spec: OptimizerSpec, sharpness: float) -> float | None:
 def heavy_ball_rings(lr: float, momentum: float, lam: float) -> bool:
     """True when heavy ball's roots are complex on curvature ``lam``: it rings with modulus ``sqrt(momentum)``.
 
-    That happens for ``(1 - sqrt(beta))^2 < lr * lam < (1 + sqrt(beta))^2`` (THEORY.md section 1).
+    That happens for ``(1 - sqrt(beta))^2 < lr * lam < (1 + sqrt(beta))^2`` (docs/theory.md section 1).
 
     Example:
         >>> heavy_ball_rings(0.01, 0.9, 100.0), heavy_ball_rings(0.01, 0.9, 0.1)

@@ -1,4 +1,4 @@
-"""(lr, momentum) pairs from a measured curvature range (THEORY.md section 2).
+"""(lr, momentum) pairs from a measured curvature range (docs/theory.md section 2).
 
 Example:
     >>> lr, momentum, rate = polyak_heavy_ball(1.0, 100.0)
