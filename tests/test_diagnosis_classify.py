@@ -823,3 +823,13 @@ def test_a_spike_that_lasts_is_one_of_the_model(duration, decided):
     assert (d is not None and d.kind == "loss_spike") == decided
     # either test is enough: a short spike the probe saw, a long one it missed
     assert diagnose_stall(_spiked(spike_probe_ratio=1.0), _spike_event(duration=40)).kind == "loss_spike"
+
+
+def test_extreme_evidence_cannot_underflow_a_ratio_into_an_exception():
+    # 2 lambda_max |loss| underflows to 0 (found by the property test), a ratio of tiny over huge underflows to 0
+    assert C.gradient_reach(Evidence(step=0, grad_norm=1.0, lambda_max=5e-324), 5e-324) == math.inf
+    assert C.log_ratio_probability(1e-300, 1e300) == 0.0 and C.log_ratio_probability(1e300, 1e-300) == 1.0
+    ev = Evidence(step=0, grad_norm=1.0, lambda_max=5e-324, lambda_min=-1.0, loss=5e-324, grad_noise_trace=0.0,
+                  optimizer=OptimizerSpec("sgd", lr=0.1))
+    record = _judge(ev)[1]
+    assert record["tests"]["grad_zero"] == 0.0  # an infinite reach: not a zero gradient

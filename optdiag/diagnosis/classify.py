@@ -168,7 +168,10 @@ def log_ratio_probability(stat: float, boundary: float) -> float:
         return 0.0
     if math.isinf(stat) or boundary <= 0:
         return 1.0
-    return round(_logistic(math.log(stat / boundary) / LOG_WIDTH), 12)
+    ratio = stat / boundary  # extreme evidence can underflow or overflow it
+    if ratio == 0.0 or math.isinf(ratio):
+        return 0.0 if ratio == 0.0 else 1.0
+    return round(_logistic(math.log(ratio) / LOG_WIDTH), 12)
 
 
 def _finite(x: float | None) -> bool:
@@ -227,7 +230,8 @@ def gradient_reach(ev: Evidence, loss: float | None) -> float | None:
     g = ev.grad_norm
     if not (_finite(g) and _finite(ev.lambda_max) and ev.lambda_max > 0 and _finite(loss) and loss != 0):
         return None
-    return round(g * g / (2.0 * ev.lambda_max * abs(loss)), 15)
+    scale = 2.0 * ev.lambda_max * abs(loss)  # may underflow to 0 for extreme evidence
+    return math.inf if scale == 0 else round(g * g / scale, 15)
 
 
 def _negative_curvature(ev: Evidence) -> float | None:
