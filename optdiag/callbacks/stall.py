@@ -35,6 +35,8 @@ _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_m
                     "hessian_trace_stderr", "preconditioned_lambda_max", "grad_noise_trace")
 _SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
+#: The probe losses may take at most this share of the fit's wall time (forward passes over the probe batches).
+PROBE_BUDGET = 0.05
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
 
@@ -236,6 +238,7 @@ class StallDiagnoser(OptDiagCallback):
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
         self._pending: tuple[StallEvent, int, int] | None = None  # an undecided stall: (event, tries, next step)
         self._probing_until: int | None = None  # the probe loss is read up to this step
+        self._fit_started = time.perf_counter()  # the probe losses' budget is a share of the fit's wall time
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
         self._recent_losses: list[tuple[int, float]] = []
@@ -285,6 +288,7 @@ class StallDiagnoser(OptDiagCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._drive("on_train_start", trainer, pl_module)
         self._reset_transient()
+        self._fit_started = time.perf_counter()
         last = self.detector.state_dict()["last_step"]
         if last is not None and int(trainer.global_step) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
@@ -348,7 +352,8 @@ class StallDiagnoser(OptDiagCallback):
     def _probe(self, trainer: Any, pl_module: Any, step: int) -> StallEvent | None:
         """While the minibatch losses look flat without proving it, every ``probe_every`` steps the loss on the
         Hessian monitor's fixed probe batches (forward passes only, the model never written; their time is kept in
-        ``probe_seconds``, apart from the curvature budget, which is for Hessian products) goes into the probe
+        ``probe_seconds`` and held within :data:`PROBE_BUDGET` of the fit's wall time, apart from the curvature
+        budget, which is for Hessian products) goes into the probe
         detector: no batch-to-batch noise, so it proves or refutes the stall within a window or two. Its stall
         event is returned, with its horizon in steps."""
         monitor = self.hessian_monitor
@@ -362,6 +367,13 @@ class StallDiagnoser(OptDiagCallback):
                 self.probe_detector.reset()
                 self._probing_until = None
             return None
+        # The probe losses' own small budget (PROBE_BUDGET of the fit's wall time so far): a clock decision, so
+        # under DDP rank 0's, broadcast, since every rank must meet in the probe loss's all-reduce.
+        affordable = self.probe_seconds <= PROBE_BUDGET * (time.perf_counter() - self._fit_started)
+        if self.world_size(trainer) > 1:
+            affordable = bool(trainer.strategy.broadcast(affordable, src=0))
+        if not affordable:
+            return None
         value = self._probe_loss(trainer, pl_module)
         if value is None or not math.isfinite(value):
             return None  # not collected yet, or a diverging run (the minibatch detector reports it)
@@ -373,9 +385,9 @@ class StallDiagnoser(OptDiagCallback):
         return event
 
     def _probe_loss(self, trainer: Any, pl_module: Any) -> float | None:
-        """The loss on the Hessian monitor's fixed probe batches at the current point (forward passes only, the
-        model never written; counted in ``n_probe_losses`` and ``probe_seconds``); None until the set is complete
-        (a loss over a changing set would not compare over time)."""
+        """The loss on the Hessian monitor's fixed probe batches at the current point, in eval mode (forward passes
+        only, the model's state restored; counted in ``n_probe_losses`` and ``probe_seconds``); None until the set is
+        complete (a loss over a changing set would not compare over time)."""
         monitor = self.hessian_monitor
         if monitor is None or not monitor.enabled:
             return None
@@ -383,10 +395,13 @@ class StallDiagnoser(OptDiagCallback):
         if len(batches) < monitor.probe_batches:
             return None
         started = time.perf_counter()
+        # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
+        # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
         with preserved_state(pl_module), torch.no_grad():
-            pl_module.train(monitor.mode == "train")
-            objective = BatchObjective(pl_module, monitor.loss_fn, batches, batch_list=True)
-            value = self._reduced_mean(trainer, [objective.value(objective.point(), finite=False)])
+            pl_module.eval()
+            sizes = [batch_size_of(b) or 1 for b in batches]
+            local = sum(n * float(monitor.loss_fn(pl_module, b)) for n, b in zip(sizes, batches)) / sum(sizes)
+        value = self._reduced_mean(trainer, [local])
         self.probe_seconds += time.perf_counter() - started
         self.n_probe_losses += 1
         return value

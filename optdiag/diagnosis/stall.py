@@ -385,7 +385,7 @@ class StallDetector:
         self.spike_peaked = False
         self._noise_sd = math.nan  # per-loss noise over the whole history, refreshed at each check
         self.n_ignored = 0  # updates ignored: a step that did not increase, a loss that is not a number
-        # True after a check whose last window or longest horizon fits a flat trend it could not prove (noise): the
+        # True after a check whose longest whole-windows horizon fits a flat trend it could not prove (noise): the
         # caller may measure more (StallDiagnoser then reads the fixed probe batches' loss)
         self.looks_flat = False
 
@@ -575,8 +575,11 @@ class StallDetector:
         horizons = [h for h in self.horizons if h <= n]
         if n < self.horizons[-1] and n not in horizons:
             horizons.append(n)  # all the history there is: a flat stretch between two multiples is not wasted
-        longest = window_fit if horizons[-1] == window_fit["horizon"] else self._trend(horizons[-1], level)
-        self.looks_flat = bool(min(window_fit["rel_improvement"], longest["rel_improvement"]) < self.rel_improvement)
+        # "Looks flat": the longest whole-windows horizon fits a flat trend (a single window's fit dips below the
+        # limit by noise alone on healthy runs; the whole history may still hold the first descent)
+        multiples = [h for h in horizons if h in self.horizons] or horizons
+        longest = window_fit if multiples[-1] == window_fit["horizon"] else self._trend(multiples[-1], level)
+        self.looks_flat = bool(longest["rel_improvement"] < self.rel_improvement)
         z = float(special.ndtri(0.5 + self.confidence / 2.0))
         for horizon in horizons:
             # The per-loss noise alone makes this horizon's interval at least this wide (relative, per window):
