@@ -110,29 +110,34 @@ class StallDiagnoser(OptDiagCallback):
     """Detect when the training loss stops going down and diagnose why, with evidence and suggestions.
 
     At every optimizer step the training loss (averaged over gradient accumulation and over ranks, so that every
-    rank takes the same decision) goes into a :class:`~optdiag.diagnosis.StallDetector`. When it reports a stall or
-    divergence, the diagnoser gathers the evidence:
+    rank takes the same decision) goes into a :class:`~optdiag.diagnosis.StallDetector`, which declares a stall only
+    when the losses prove it against their own noise, a spike once it has recovered, and divergence for a
+    non-finite loss or a sustained rise (``docs/diagnosis-rules.md``). While the losses look flat but are too noisy
+    to prove it, the loss on the fixed probe batches is read every ``probe_every`` steps (eval-mode forward passes)
+    into a second detector that decides sooner. At an event the diagnoser gathers the evidence:
 
-    * a curvature snapshot now, whatever the monitor's schedule: ``lambda_max``, ``lambda_min`` with residuals,
-      the trace, the probe gradient and its noise (``HessianMonitor.measure(..., reason="stall")``; none for a
-      non-finite loss). Bounded in count (``max_snapshots`` per run), in size (the monitor's ``max_hvp`` per
-      eigen-solve) and in time: with the monitor's adaptive budget (its default) a stall snapshot runs only while
-      that budget is not in debt (:meth:`HessianMonitor.can_afford_snapshot`), so it may run early, overdrawing by
-      at most its own cost, and the scheduled snapshots then wait until the debt is repaid;
-    * from the gradient monitor, the mean ``|g|``, gradient and update cosines over the stalled window and the
-      early-training ``|g|`` (means over the steps it measured: by default the first ten, then a pair of
-      consecutive steps every ten);
+    * a curvature snapshot now, charged to the Hessian monitor's budget (cheapest evidence first: a warm
+      ``lambda_max``, ``lambda_min``, batch sharpness; :meth:`HessianMonitor.measure`); when the budget cannot pay
+      for it, the newest curvature measured within the stalled horizon. None for a non-finite loss; at most
+      ``max_snapshots`` per run;
+    * from the gradient monitor, the mean ``|g|``, cosines and the consecutive-gradient pairs of the stalled horizon
+      (the "gradient is about zero" test) and the early-training ``|g|``;
+    * for a spike, the probe batches' loss at its worst and after it (a spike of the model, not of a few batches);
     * lr, momentum and the optimizer kind with its stability threshold.
 
-    :func:`~optdiag.diagnosis.diagnose_stall` turns them into a :class:`~optdiag.diagnosis.Diagnosis`. A saddle
-    verdict also carries the escape direction's expected drop ``1/2 lambda_min t^2`` at the step ``t`` the
-    diagnosis quotes (``escape_distance``), and the drop actually measured along the eigenvector on the probe
-    batches (``escape_t``, ``escape_expected_drop``, ``escape_measured_drop``); the model is never written.
+    :func:`~optdiag.diagnosis.diagnose_stall` turns them into a :class:`~optdiag.diagnosis.Diagnosis`, or into
+    nothing when they do not decide: the stall is then looked at again every half window for four windows, and
+    otherwise no verdict is given (a debug record in :attr:`undecided`). A saddle verdict also carries the escape
+    direction's expected drop ``1/2 lambda_min t^2`` at the step ``t`` the diagnosis quotes (``escape_distance``), and
+    the drop actually measured along the eigenvector on the probe batches (``escape_t``, ``escape_expected_drop``,
+    ``escape_measured_drop``); the model is never written. Every verdict states what it predicts; the prediction is
+    checked a few windows later (``evidence["outcome"]``).
 
     Each diagnosis is appended to :attr:`diagnoses`, to ``<log_dir>/optdiag/events.jsonl`` (global rank 0; the
-    first logger's ``log_dir``, else ``trainer.default_root_dir``; the file is appended to, never overwritten) and,
-    with a ``TensorBoardLogger``, to a text panel (``optdiag/diagnosis``) holding its evidence and suggestion
-    tables. A short summary is printed when ``fit`` ends (rank 0). Nothing raises into the training loop.
+    first logger's ``log_dir``, else ``trainer.default_root_dir``; the file is appended to, never overwritten; an
+    outcome is a later ``{"record": "outcome", ...}`` line) and, with a ``TensorBoardLogger``, to a text panel
+    (``optdiag/diagnosis``) holding its evidence and suggestion tables. A short summary is printed when ``fit`` ends
+    (rank 0). Nothing raises into the training loop.
 
     **Monitors.** The diagnoser uses the :class:`GradientNormMonitor` and :class:`HessianMonitor` passed to it or
     found in ``trainer.callbacks``. Missing ones are created privately and driven by the diagnoser itself: the
@@ -145,16 +150,20 @@ class StallDiagnoser(OptDiagCallback):
         rel_improvement: relative improvement across a window below which the loss counts as stalled.
         max_snapshots: curvature snapshots the diagnoser may request per run (each bounded in HVPs, and all of
             them in time by the Hessian monitor's budget, see above).
+        probe_every: read the probe batches' loss every this many steps while the losses look flat without
+            proving it (``0`` switches it off).
         escape_check: evaluate the real loss along a saddle's escape direction (two probe-set forward passes).
         loss_floor: the loss you would be happy with, if you know it (passed to the diagnosis as evidence).
         verbose: print the end-of-fit summary (global rank 0).
         gradient_monitor, hessian_monitor: monitors to use instead of looking in ``trainer.callbacks``.
         **detector_kwargs: further :class:`~optdiag.diagnosis.StallDetector` settings (``confidence``,
-            ``cooldown``, ``explosion_factor``, ``rise_tolerance``).
+            ``cooldown``, ``resolution``, ``spike_sigmas``, ``rise_tolerance``, ``check_every``: 10 here).
 
     Attributes:
         diagnoses: every diagnosis so far, oldest first.
-        detector: the :class:`~optdiag.diagnosis.StallDetector`.
+        detector: the :class:`~optdiag.diagnosis.StallDetector`; probe_detector: the one on the probe-set losses.
+        undecided: one record per check that did not decide (debugging only).
+        n_probe_losses, probe_seconds: probe-set losses read, and their wall time.
 
     Example:
         >>> import pytorch_lightning as pl
