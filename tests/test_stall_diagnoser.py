@@ -427,3 +427,16 @@ def test_a_spike_is_reported_only_when_the_model_got_worse(tmp_path, model_spike
         assert spikes == [] and len(undecided) == 1  # the same losses, a model that never changed: no verdict
         probe = undecided[0]["spike"]
         assert probe["probe_loss_during"] == pytest.approx(probe["probe_loss_after"], rel=0.2)
+
+
+def test_without_logger_or_root_dir_nothing_lands_in_the_working_directory(tmp_path, monkeypatch):
+    # A ./optdiag folder there would shadow the installed package for the next script started in that folder.
+    monkeypatch.chdir(tmp_path)
+    (run,) = scenario("divergence").build()
+    diagnoser = StallDiagnoser(verbose=False)
+    trainer = pl.Trainer(max_steps=run.max_steps, accelerator="cpu", devices=1, callbacks=[diagnoser], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.warns(UserWarning, match="not written into the working directory"):
+        trainer.fit(run.module, run.loader)
+    assert [d.kind for d in diagnoser.diagnoses] == ["divergence"]
+    assert not (tmp_path / "optdiag").exists()

@@ -10,6 +10,7 @@ curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus th
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Mapping
 
@@ -678,13 +679,28 @@ class StallDiagnoser(OptDiagCallback):
         self._open.append(len(self.diagnoses) - 1)
         if not trainer.is_global_zero:
             return
-        try:
-            events_sink.append_event(events_sink.events_path(self.log_dir(trainer)), diagnosis.to_dict())
-        except OSError as error:
-            self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
+        self._append_event(trainer, diagnosis.to_dict())
         tb = self.tensorboard_logger(trainer)
         if tb is not None:
             tensorboard_sink.log_text(tb, TEXT_TAG, diagnosis.to_markdown(), diagnosis.step)
+
+    def _append_event(self, trainer: Any, record: dict[str, Any]) -> None:
+        """One line of ``<log_dir>/optdiag/events.jsonl``; never into the working directory by default.
+
+        Without a logger the folder is ``trainer.default_root_dir``, which Lightning sets to the working directory
+        when the user names none: an ``optdiag/`` folder there would shadow the installed package for the next
+        script started in it. Then nothing is written (said once); the verdicts stay in :attr:`diagnoses`.
+        """
+        directory = self.log_dir(trainer)
+        if not getattr(trainer, "loggers", []) and os.path.abspath(directory) == os.path.abspath(os.getcwd()):
+            self.warn_once("events-cwd", "no logger and no default_root_dir: events.jsonl is not written into the "
+                           "working directory (an optdiag/ folder there would shadow the package); the verdicts are "
+                           "in diagnoses. Pass a logger or Trainer(default_root_dir=...) to keep them on disk.")
+            return
+        try:
+            events_sink.append_event(events_sink.events_path(directory), record)
+        except OSError as error:
+            self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
 
     # --- retrospective check ----------------------------------------------------------------------------------------
     def _check_predictions(self, trainer: Any, step: int, loss: float) -> None:
@@ -718,10 +734,7 @@ class StallDiagnoser(OptDiagCallback):
             return
         record = {"record": "outcome", "verdict_step": diagnosis.step, "kind": diagnosis.kind,
                   "claim": (diagnosis.evidence.get("prediction") or {}).get("claim"), **outcome}
-        try:
-            events_sink.append_event(events_sink.events_path(self.log_dir(trainer)), record)
-        except OSError as error:
-            self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
+        self._append_event(trainer, record)
         tb = self.tensorboard_logger(trainer)
         if tb is not None:
             tensorboard_sink.log_text(tb, TEXT_TAG, f"**{diagnosis.kind}** at step {diagnosis.step}, checked at step "
