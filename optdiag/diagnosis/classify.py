@@ -204,12 +204,13 @@ def _grad_zero(ev: Evidence, th: Thresholds = None, loss: float | None = None) -
 
 
 def _deterministic_grad_zero(ev: Evidence, th: Thresholds | None, loss: float | None) -> float | None:
-    """A noise-free gradient is ~0 when it is a decade below its early-training scale, or when it cannot remove a
-    meaningful share of the loss: under the quadratic model the decrease along ``-g`` is at most
-    ``|g|^4 / (2 g'Hg) >= |g|^2 / (2 lambda_max)``, so ``gradient_reach = |g|^2 / (2 lambda_max |loss|)`` below the
-    stall limit (1%) means the gradient is negligible against the curvature, whatever the lr. The second matters
-    when training starts on the plateau itself (a saddle at initialisation: the early scale is then as tiny as the
-    gradient); the larger of the two decides."""
+    """A noise-free gradient is ~0 when it is a decade below its early-training scale, or small against the scale
+    the loss and the curvature set: ``gradient_reach = |g|^2 / (2 lambda_max |loss|)`` is exactly 1 anywhere on a
+    quadratic bowl ``lambda_max x^2 / 2`` (and ``lambda / lambda_max`` on a flatter one), so below the stall limit
+    (1%) the point is far nearer a critical point than a bowl of that curvature and loss would allow, whatever the
+    lr. A heuristic scale, not a bound (a loss resting in much flatter directions also reads small; the flat test
+    tells that case, a plateau, apart). The second test matters when training starts on the plateau itself (a
+    saddle at initialisation: the early scale is then as tiny as the gradient); the larger of the two decides."""
     tests = []
     if ev.grad_norm_ratio is not None:
         tests.append(1.0 - log_ratio_probability(ev.grad_norm_ratio, GRAD_TINY_RATIO))
@@ -220,8 +221,8 @@ def _deterministic_grad_zero(ev: Evidence, th: Thresholds | None, loss: float | 
 
 
 def gradient_reach(ev: Evidence, loss: float | None) -> float | None:
-    """``|g|^2 / (2 lambda_max |loss|)``: the share of the loss the gradient direction could remove at best under
-    the quadratic model with the top curvature (None without a positive lambda_max, a gradient or a loss).
+    """``|g|^2 / (2 lambda_max |loss|)``: the gradient against the scale of a quadratic bowl with the top curvature
+    and this loss, where it equals 1 (None without a positive lambda_max, a gradient or a loss).
 
     Example:
         >>> gradient_reach(Evidence(step=0, grad_norm=0.2, lambda_max=2.0), 1.0)
