@@ -759,9 +759,10 @@ def test_bad_input():
         Thresholds(rel_improvement=-0.01)
 
 
-def test_a_noise_free_gradient_that_cannot_remove_1_percent_of_the_loss_is_zero():
-    """A saddle at initialisation: the early-gradient scale is as tiny as the gradient (ratio 1), yet along -g the
-    quadratic model removes at most |g|^2 / (2 lambda_max loss) of the loss; below the stall limit that is ~0."""
+def test_a_noise_free_gradient_small_against_the_bowl_scale_is_zero():
+    """A saddle at initialisation: the early-gradient scale is as tiny as the gradient (ratio 1), yet against a
+    quadratic bowl with the top curvature and this loss (where |g|^2 / (2 lambda_max loss) = 1) it is tiny: below the
+    stall limit that is ~0."""
     base = dict(grad_noise_trace=0.0, batch_size=64, grad_norm_initial=7e-5, loss=5.0)
     boundary = math.sqrt(0.01 * 2 * 100.0 * 5.0)  # |g| at which the reach is exactly 1% (lambda_max 100)
     at = _judge(_critical(-30.0, grad={**base, "grad_norm": boundary}))[1]
