@@ -281,3 +281,50 @@ def write_noisy_run(folder, steps=(0, 1, 2, 4, 30, 40, 50)) -> list[str]:
 def make_one_sample_loader() -> DataLoader:
     """The 12 samples one at a time: batches of one sample cannot be split, so no gradient noise is measured."""
     return DataLoader(make_dataset(), batch_size=1, shuffle=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The unified ``lightning`` package's LightningModule (a different class from pytorch_lightning's)
+
+
+def _unified_module_class():
+    import lightning.pytorch as lp
+
+    class UnifiedNet(lp.LightningModule):
+        """``y = W x`` as a ``lightning.pytorch`` module: analyze must take its loss and data like any other."""
+
+        def __init__(self, lr: float = 0.05) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = nn.Sequential(nn.Linear(D_IN, D_OUT, bias=False))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return half_squared_error(self, batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+        def train_dataloader(self) -> DataLoader:
+            return make_loader()
+
+    return UnifiedNet
+
+
+UnifiedNet = _unified_module_class()
+
+
+def write_unified_checkpoint(path, steps: int = 3) -> str:
+    """Train :class:`UnifiedNet` with a ``lightning.pytorch`` Trainer and save a Lightning checkpoint."""
+    import lightning.pytorch as lp
+
+    torch.manual_seed(0)
+    module = UnifiedNet()
+    trainer = lp.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", devices=1,
+                         default_root_dir=str(path) + ".trainer")
+    trainer.fit(module)
+    trainer.save_checkpoint(str(path))
+    return str(path)

@@ -435,3 +435,16 @@ def test_story_splits_phases_at_a_barrier_between_minima():
     assert story["phases"][0]["max_barrier"] == 0.0 and "a barrier of 0.3" in story["phases"][1]["text"]
     assert story["text"] == ("steps 10-30: minimum (loss 1 -> 1, lambda_min 0.5); step 30: minimum (loss 1, "
                              "lambda_min 0.5; a barrier of 0.3 separates it from the previous one); final: minimum")
+
+
+def test_a_lightning_pytorch_module_is_analysed_like_a_pytorch_lightning_one(tmp_path):
+    """The unified ``lightning`` package's LightningModule is another class: its training_step and
+    train_dataloader are found all the same (it was refused as having no training_step)."""
+    ckpt = fx.write_unified_checkpoint(tmp_path / "unified.ckpt")
+    point = analyze_checkpoint(ckpt, model=fx.UnifiedNet, **FAST)[0]
+    model = fx.UnifiedNet.load_from_checkpoint(ckpt, weights_only=True)
+    x = torch.cat([b[0] for b in fx.make_loader()])
+    y = torch.cat([b[1] for b in fx.make_loader()])
+    with torch.no_grad():
+        expected = float(0.5 * ((model(x) - y) ** 2).sum(dim=1).mean())
+    assert point.loss == pytest.approx(expected, rel=1e-5)

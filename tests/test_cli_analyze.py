@@ -78,7 +78,11 @@ def _bad_files(tmp_path):
     (tmp_path / "empty.ckpt").write_bytes(b"")
     files["empty"] = tmp_path / "empty.ckpt"
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint\n" * 20)
-    files["corrupt"] = tmp_path / "garbage.ckpt"
+    files["text"] = tmp_path / "garbage.ckpt"
+    (tmp_path / "config.ckpt").write_text('{"lr": 0.1}\n')
+    files["json"] = tmp_path / "config.ckpt"
+    (tmp_path / "binary.ckpt").write_bytes(bytes(range(256)) * 4)
+    files["corrupt"] = tmp_path / "binary.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "whole.ckpt")
     (tmp_path / "truncated.ckpt").write_bytes((tmp_path / "whole.ckpt").read_bytes()[:200])
     files["truncated"] = tmp_path / "truncated.ckpt"
@@ -100,6 +104,8 @@ BAD_FILES = {
     "missing": "checkpoint not found",
     "directory": "is a directory",
     "empty": "is empty",
+    "text": "is not a PyTorch checkpoint: it is a text file, where torch.save writes a zip archive",
+    "json": "is not a PyTorch checkpoint: it is a text file (it looks like JSON)",
     "corrupt": "not a readable PyTorch checkpoint",
     "truncated": "not a readable PyTorch checkpoint",
     "not a checkpoint": "is not a checkpoint",

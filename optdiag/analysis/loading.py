@@ -125,6 +125,10 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
         raise UsageError(f"{file} is a directory, not a checkpoint file")
     if file.stat().st_size == 0:
         raise UsageError(f"checkpoint {file} is empty (0 bytes)")
+    kind = _foreign_format(file)
+    if kind:
+        raise UsageError(f"{file} is not a PyTorch checkpoint: it is {kind}, where torch.save writes a zip archive "
+                         "(or, in old files, a pickle)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -143,6 +147,25 @@ def read_checkpoint(path: str | os.PathLike, trust_checkpoint: bool = False) -> 
         raise
     except Exception as err:  # torch raises RuntimeError, EOFError, IndexError, ... on truncated or foreign files
         raise UsageError(f"{file} is not a readable PyTorch checkpoint (corrupt or another format): {_short(err)}") from err
+
+
+def _foreign_format(file: Path) -> str | None:
+    """What the file is when it is plainly not torch.save's output (text), else None (torch.load then decides).
+
+    torch.save writes a zip archive (``PK`` first) or, in legacy files, a pickle (protocol byte ``0x80`` first); the
+    unpickler's own errors on anything else ("Memo value not found", "KeyError: 101") name its internals, not the file.
+    """
+    with open(file, "rb") as handle:
+        head = handle.read(4096)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return None
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if text.lstrip()[:1] in ("{", "["):
+        return "a text file (it looks like JSON)"
+    return "a text file"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -177,9 +200,9 @@ def _extract_state_dict(obj: Any, file: Path) -> tuple[dict[str, torch.Tensor], 
 
 
 def _is_lightning_module_class(obj: Any) -> bool:
-    import pytorch_lightning as pl
+    from optdiag._lightning import lightning_module_base
 
-    return inspect.isclass(obj) and issubclass(obj, pl.LightningModule)
+    return inspect.isclass(obj) and lightning_module_base(obj) is not None
 
 
 def _describe(obj: Any) -> str:
@@ -337,9 +360,10 @@ def resolve_loss(model: nn.Module, loss: Any = None) -> Callable[[nn.Module, Any
         UsageError: no loss can be found, or the loss has the wrong form.
     """
     if loss is None:
-        import pytorch_lightning as pl
+        from optdiag._lightning import lightning_module_base
 
-        if isinstance(model, pl.LightningModule) and _overrides(model, pl.LightningModule, "training_step"):
+        base = lightning_module_base(model)  # pytorch_lightning's or lightning.pytorch's
+        if base is not None and _overrides(model, base, "training_step"):
             return _training_step_loss
         raise UsageError(
             f"{type(model).__name__} has no training_step to take the loss from; "
@@ -380,19 +404,20 @@ def resolve_data(model: nn.Module, data: Any = None) -> Iterable[Any]:
     Raises:
         UsageError: the data callable raises, returns something that is not data, or there is no data at all.
     """
-    import pytorch_lightning as pl
+    from optdiag._lightning import LIGHTNING_DATAMODULES, lightning_module_base
 
+    base = lightning_module_base(model)  # pytorch_lightning's or lightning.pytorch's
     if data is None:
-        if isinstance(model, pl.LightningModule) and _overrides(model, pl.LightningModule, "train_dataloader"):
+        if base is not None and _overrides(model, base, "train_dataloader"):
             return _call(model.train_dataloader, f"{type(model).__name__}.train_dataloader")
         raise UsageError(
             f"no data: {type(model).__name__} has no train_dataloader; pass --data MODULE:CALLABLE "
             "returning a DataLoader or a LightningDataModule"
         )
     source = data
-    if callable(data) and not isinstance(data, (pl.LightningDataModule, torch.utils.data.DataLoader)):
+    if callable(data) and not isinstance(data, (*LIGHTNING_DATAMODULES, torch.utils.data.DataLoader)):
         source = _call(data, f"the data callable {_describe(data)}")
-    if isinstance(source, pl.LightningDataModule):
+    if isinstance(source, LIGHTNING_DATAMODULES):
         name = type(source).__name__
         _call(source.prepare_data, f"{name}.prepare_data")
         _call(lambda: source.setup("fit"), f"{name}.setup('fit')")

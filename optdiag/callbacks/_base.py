@@ -12,8 +12,8 @@ import contextlib
 import functools
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-import pytorch_lightning
 
+from optdiag._lightning import LIGHTNING_NAMESPACES
 from optdiag.curvature.batches import first_tensor
 from optdiag import policy
 from optdiag.errors import UsageError
@@ -21,17 +21,6 @@ from optdiag.sinks import logger as logger_sink
 from optdiag.sinks import tensorboard as tensorboard_sink
 
 
-def _lightning_namespaces() -> list[Any]:
-    """The importable ``*.pytorch``-style packages: ``pytorch_lightning`` and, if installed, ``lightning.pytorch``."""
-    found = [pytorch_lightning]
-    try:
-        import lightning.pytorch as lightning_pytorch
-    except ImportError:  # the unified ``lightning`` package is optional
-        return found
-    return found + [lightning_pytorch]
-
-
-LIGHTNING_NAMESPACES = tuple(_lightning_namespaces())
 _CALLBACK_BASES = tuple(ns.Callback for ns in LIGHTNING_NAMESPACES)
 _TENSORBOARD_LOGGERS = tuple(ns.loggers.TensorBoardLogger for ns in LIGHTNING_NAMESPACES)
 # Strategies that shard parameters: a flat Hessian-vector product over the full parameter vector does not exist there.
