@@ -12,7 +12,6 @@ import torch
 
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
 from optdiag.curvature.noise import gradient_noise_scale
-from optdiag.errors import UsageError
 from optdiag.policy import check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 

@@ -22,7 +22,7 @@ from optdiag.curvature.preconditioned import PreconditionedOperator
 from optdiag.curvature.state import preserved_state
 from optdiag.curvature.trace import hessian_trace
 from optdiag.diagnosis.stability import OptimizerSpec, stability_threshold
-from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, OptDiagError, UsageError
+from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
 from optdiag.policy import check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 

@@ -25,7 +25,6 @@ from torch import nn
 from optdiag.curvature._checks import check_count, check_positive, check_seed
 from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.curvature.state import preserved_state
-from optdiag.errors import UsageError
 from optdiag.policy import check_number
 
 __all__ = ["SharpnessResult", "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness"]

@@ -178,7 +178,7 @@ def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _grad_zero(ev: Evidence, th: Thresholds = None, loss: float | None = None) -> float | None:
+def _grad_zero(ev: Evidence, th: Thresholds | None = None, loss: float | None = None) -> float | None:
     """P(the true gradient is ~0), judged against the gradient's own noise with enough samples.
 
     1. Consecutive-gradient pairs over the stalled horizon (at least :data:`MIN_GRADIENT_PAIRS`): the mean inner
@@ -572,8 +572,7 @@ def classify_point(evidence: Evidence, thresholds: Thresholds | None = None) -> 
     grad_zero = _grad_zero(evidence, th, _current_loss(evidence, None))
     if grad_zero is not None and grad_zero < 0.5:
         return None
-    return _build(evidence, None, ("saddle_point", "local_minimum", "plateau"), thresholds or DEFAULT_THRESHOLDS,
-                  None)
+    return _build(evidence, None, ("saddle_point", "local_minimum", "plateau"), th, None)
 
 
 def check_prediction(diagnosis: Diagnosis, losses: list[float], lr: float | None,

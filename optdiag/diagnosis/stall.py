@@ -652,11 +652,6 @@ class StallDetector:
             self._state = _STALLED
             self._stall_floor = min(list(self._losses)[-self.window:], default=math.inf)
 
-    def settings(self) -> dict[str, Any]:
-        """The constructor settings the classifier derives its thresholds from (see ``classify.Thresholds``)."""
-        return {"window": self.window, "rel_improvement": self.rel_improvement, "confidence": self.confidence,
-                "spike_sigmas": self.spike_sigmas, "spike_ratio": self.spike_ratio}
-
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe state, so a resumed run continues where it stopped (Lightning callback state)."""
         return to_jsonable({
