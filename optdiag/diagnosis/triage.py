@@ -37,21 +37,22 @@ FINDING_KINDS = ("model_bias", "optimization", "overfitting", "train_test_mismat
 
 #: The one triage rule table, read like :data:`optdiag.diagnosis.classify.RULES`: kind -> ((test, must_hold,
 #: probability when not measured), ...); a kind's score is the ``min`` over its row (``1 - p`` where the test must
-#: fail) and a finding needs a score above :data:`DECIDES_ABOVE`. Each test's statistic and boundary are in the
+#: fail; so a test that may only veto has default 0 when it must fail, 1 when it must hold) and a finding needs a
+#: score above :data:`DECIDES_ABOVE`. Each test's statistic and boundary are in the
 #: functions below and in ``docs/triage.md``. ``needs_validation`` is a fact, not a test: it has no row.
 #: ``ill_conditioning`` and ``loss_choice`` add their rows here, next to their tests.
 RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
     # A true minimum at a high loss: the stall verdict is a local minimum (positive curvature, gradient ~0), the
     # loss is far above the floor, the stall is not SGD's noise floor, and validation is not far below training.
     "model_bias": (("local_minimum_verdict", True, 0.0), ("train_loss_high", True, 0.0),
-                   ("negative_curvature", False, 0.5), ("noise_limited", False, 1.0), ("generalization_gap", False, 1.0)),
+                   ("negative_curvature", False, 0.5), ("noise_limited", False, 0.0), ("generalization_gap", False, 0.0)),
     # The training loss is high and the stall verdict names an optimization failure (plateau, saddle, bounce), or a
     # minimum whose level is SGD's noise floor.
     "optimization": (("optimization_verdict", True, 0.0), ("train_loss_high", True, 0.0)),
     # The gap grows and the validation loss rises while the training loss does not rise.
-    "overfitting": (("gap_grows", True, 0.0), ("val_rises", True, 0.0), ("train_rises", False, 1.0)),
+    "overfitting": (("gap_grows", True, 0.0), ("val_rises", True, 0.0), ("train_rises", False, 0.0)),
     # Training came down, validation barely did, and it is not the overfitting pattern: run the check.
-    "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 1.0)),
+    "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 0.0)),
 }
 #: A finding needs a score above this: every test of its row more likely true than false.
 DECIDES_ABOVE = 0.5
