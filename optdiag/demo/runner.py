@@ -325,12 +325,4 @@ def format_result(result: ScenarioResult) -> str:
 
 
 def _key_evidence(diagnosis: Any) -> str:
-    ev = diagnosis.evidence
-    names = {
-        "saddle_point": ("lambda_min", "lambda_max", "escape_expected_drop", "escape_measured_drop"),
-        "oscillation": ("lr_lambda_max", "grad_cosine", "grad_norm"),
-        "local_minimum": ("lambda_min", "lambda_max", "grad_snr"),
-        "plateau": ("lr_lambda_max", "grad_norm", "rel_slope"),
-        "divergence": ("loss", "lr_lambda_max"),
-    }.get(diagnosis.kind, ("lambda_max", "lambda_min"))
-    return ", ".join(f"{n}={_fmt(ev[n])}" for n in names if ev.get(n) is not None)
+    return ", ".join(f"{name}={_fmt(value)}" for name, value in diagnosis.key_evidence().items())

@@ -27,6 +27,16 @@ from optdiag.policy import check_number
 #: an undecided check is not a diagnosis.
 KINDS = ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence", "loss_spike")
 TARGETS = ("lr", "momentum", "schedule", "batch_size")
+#: The evidence each kind of verdict mainly rests on, shown first wherever a verdict is shown in brief (the demo's
+#: table, the TensorBoard tab); docs/diagnosis-rules.md has the rules that use them.
+KEY_EVIDENCE: dict[str, tuple[str, ...]] = {
+    "saddle_point": ("lambda_min", "lambda_max", "escape_expected_drop", "escape_measured_drop"),
+    "oscillation": ("lr_lambda_max", "grad_cosine", "grad_norm"),
+    "local_minimum": ("lambda_min", "lambda_max", "grad_snr"),
+    "plateau": ("lr_lambda_max", "grad_norm", "rel_slope"),
+    "divergence": ("loss", "lr_lambda_max"),
+    "loss_spike": ("lambda_max", "lambda_min"),
+}
 _NONFINITE_NAMES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -172,6 +182,15 @@ class Diagnosis:
             raise UsageError("Diagnosis.suggestions must be a list of Suggestion")
         self.suggestions = [s if isinstance(s, Suggestion) else Suggestion.from_dict(s) for s in self.suggestions]
         _nonempty_text("Diagnosis.summary", self.summary)
+
+    def key_evidence(self) -> dict[str, Any]:
+        """The measured numbers this kind of verdict mainly rests on (:data:`KEY_EVIDENCE`), those present.
+
+        Example:
+            >>> Diagnosis(3, "plateau", 0.8, {"grad_norm": 2.0, "lr": 0.1}, [], "Flat.").key_evidence()
+            {'grad_norm': 2.0}
+        """
+        return {name: self.evidence[name] for name in KEY_EVIDENCE[self.kind] if self.evidence.get(name) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe dict (``json.dumps(d.to_dict(), allow_nan=False)`` works)."""
