@@ -70,6 +70,17 @@ def test_read_events_names_file_and_line_of_a_bad_line(tmp_path):
         read_events(path)
 
 
+def test_read_events_can_skip_a_half_written_line(tmp_path):
+    # a live run read while it appends: the last line is cut off, a line in between is not an object
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"kind": "plateau"}\n[1, 2]\n{"kind": "saddle_point", "evidence": {"loss": "inf"}}\n{"ki',
+                    encoding="utf-8")
+    assert read_events(path, skip_invalid=True) == [
+        {"kind": "plateau"}, {"kind": "saddle_point", "evidence": {"loss": float("inf")}}]
+    with pytest.raises(ValueError, match=r"events\.jsonl:2: expected a JSON object"):
+        read_events(path)
+
+
 def test_a_diagnosis_round_trips_through_the_file(tmp_path):
     from optdiag.diagnosis import Diagnosis, Suggestion
 

@@ -77,14 +77,19 @@ def append_event(path: str | os.PathLike[str], record: Mapping[str, Any]) -> Non
     append_events(path, [record])
 
 
-def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_events(path: str | os.PathLike[str], *, skip_invalid: bool = False) -> list[dict[str, Any]]:
     """Every record in an ``events.jsonl`` file, oldest first, with non-finite markers turned back into floats.
 
     Blank lines are skipped.
 
+    Args:
+        path: the file.
+        skip_invalid: leave out a line that is not a JSON object instead of raising: a reader of a run that is
+            still training (the TensorBoard tab) may find its last line half written.
+
     Raises:
         FileNotFoundError: when ``path`` does not exist.
-        ValueError: naming the file and line number of a line that is not a JSON object.
+        ValueError: naming the file and line number of a line that is not a JSON object (unless ``skip_invalid``).
     """
     records: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as handle:
@@ -94,8 +99,12 @@ def read_events(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
+                if skip_invalid:
+                    continue
                 raise ValueError(f"{os.fspath(path)}:{number}: not valid JSON ({err.msg})") from None
             if not isinstance(record, dict):
+                if skip_invalid:
+                    continue
                 raise ValueError(f"{os.fspath(path)}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append(from_jsonable(record))
     return records
