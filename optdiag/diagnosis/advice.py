@@ -9,7 +9,8 @@ Every proposed number is derived from the evidence and the optimizer's stability
 * ``ReduceLROnPlateau(factor=0.5)``: halve the step once bouncing at a loss floor (Chee & Toulis 2018);
 * a decade (``x10``) at most per lr increase, and x0.1 when nothing tells a safe lr (SASA, Lang et al. 2019);
 * warmup ``LinearLR(start_factor=s, total_iters=ceil(100 (1 - s) / s))``: the lr grows by 1% of its start per step;
-* batch size toward McCandlish's ``B_simple = tr(Sigma) / |G|^2`` when noise dominates;
+* batch size toward McCandlish's ``B_simple = tr(Sigma) / |G|^2`` when noise dominates, up to ``B_simple / 4`` as a
+  free raise, and down toward 32 when the generalization gap and the sharpness grow (:func:`batch_size_advice`);
 * Polyak's heavy-ball pair for the curvature range ``[max(lambda_min, lambda_max / 1000), lambda_max]``.
 
 Example:
@@ -39,6 +40,8 @@ WARMUP_GROWTH_PER_STEP = 0.01
 POLYAK_MAX_CONDITION = 1000.0
 MOMENTUM_CANDIDATES = (0.9, 0.95, 0.99)
 SMALL_BATCH = 32  # Masters & Luschi 2018: batches of 2-32 often train best
+FAR_ABOVE_SMALL_BATCH = 2  # "far above" the small-batch range: at least twice its top
+FREE_BATCH_SHARE = 0.25  # a batch up to B_simple / 4 needs at most 25% more examples than a tiny one
 
 _SCHED = "torch.optim.lr_scheduler"
 
@@ -122,6 +125,59 @@ def _batch_toward_b_simple(ev: Evidence, why: str) -> list[Suggestion | None]:
                        reason=f"{why}: batch {b} is below the noise scale B_simple = tr(Sigma)/|G|^2 = "
                               f"{_g(b_simple)} (McCandlish et al. 2018).",
                        code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)")]
+
+
+def _smaller_batch(b: int, why: str) -> Suggestion | None:
+    """A quarter of the batch, not below :data:`SMALL_BATCH`: toward the range that often generalizes best."""
+    proposed = max(SMALL_BATCH, b // 4)
+    return _offer(
+        "batch_size", "Use a smaller batch for a flatter minimum", current=b, proposed=proposed,
+        reason=f"{why}: large batches land in sharp minima (Keskar et al. 2017), batches up to 32 often train "
+               f"best (Masters & Luschi 2018).",
+        code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)")
+
+
+def batch_size_advice(batch_size: int | None, b_simple: float | None = None, *, gap_grows: bool = False,
+                      sharpness_rises: bool = False, dataset_size: int | None = None) -> list[Suggestion]:
+    """Batch-size advice from the generalization gap, the sharpness and the gradient noise scale (docs/triage.md).
+
+    * **Lower it** when the generalization gap grows while the sharpness ``lambda_max`` rises with it and the
+      batch is far above the range that often generalizes best (at least ``FAR_ABOVE_SMALL_BATCH`` times
+      :data:`SMALL_BATCH`): a quarter of it, not below 32.
+    * **Raising it is free** when the batch is far below the noise scale ``B_simple = tr(Sigma) / |G|^2``
+      (McCandlish et al. 2018): training then needs about ``E_min (1 + B / B_simple)`` examples, the same at any
+      batch well below ``B_simple``, in proportionally fewer steps. Proposed: the largest power of two up to
+      ``B_simple / 4`` (at most 25% more examples), when it at least doubles the batch, within the dataset. Never
+      while the gap grows (small batches generalize better).
+
+    Example:
+        >>> [s.proposed for s in batch_size_advice(8, b_simple=512.0)]
+        [128.0]
+        >>> [s.proposed for s in batch_size_advice(256, gap_grows=True, sharpness_rises=True)]
+        [64.0]
+    """
+    if batch_size is None or batch_size < 1:
+        return []
+    if gap_grows:
+        if sharpness_rises and batch_size >= FAR_ABOVE_SMALL_BATCH * SMALL_BATCH:
+            why = f"The generalization gap grows while the sharpness rises, with batch {batch_size}"
+            return [s for s in [_smaller_batch(batch_size, why)] if s is not None]
+        return []
+    if b_simple is None or not math.isfinite(b_simple) or b_simple <= 0:
+        return []
+    limit = b_simple * FREE_BATCH_SHARE
+    if dataset_size:
+        limit = min(limit, dataset_size)
+    proposed = 2 ** math.floor(math.log2(limit)) if limit >= 1 else 0
+    if proposed < 2 * batch_size:
+        return []
+    extra = (1.0 + proposed / b_simple) / (1.0 + batch_size / b_simple) - 1.0
+    return [s for s in [_offer(
+        "batch_size", "Raise the batch size: it is free", current=batch_size, proposed=proposed,
+        reason=f"Batch {batch_size} is far below the noise scale B_simple = tr(Sigma)/|G|^2 = {_g(b_simple)}: "
+               f"batch {proposed} needs about {extra:.0%} more examples and {proposed // batch_size}x fewer steps "
+               f"(McCandlish et al. 2018).",
+        code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)")] if s is not None]
 
 
 def _oscillation(ev: Evidence) -> list[Suggestion | None]:
@@ -246,12 +302,7 @@ def _minimum(ev: Evidence) -> list[Suggestion | None]:
             code=f"{_SCHED}.ReduceLROnPlateau(opt, factor={DECAY_FACTOR})"))
     ratio, b = ev.stability_ratio, ev.batch_size
     if ratio is not None and ratio >= TARGET_RATIO and b is not None and b > SMALL_BATCH:
-        proposed = max(SMALL_BATCH, b // 4)
-        out.append(_offer(
-            "batch_size", "Use a smaller batch for a flatter minimum", current=b, proposed=proposed,
-            reason=f"Sharp minimum ({_ratio_text(ev)}) with batch {b}: large batches land in sharp minima "
-                   f"(Keskar et al. 2017), batches up to 32 often train best (Masters & Luschi 2018).",
-            code=f"torch.utils.data.DataLoader(dataset, batch_size={proposed}, shuffle=True)"))
+        out.append(_smaller_batch(b, f"Sharp minimum ({_ratio_text(ev)}) with batch {b}"))
     opt = ev.optimizer
     lam_max = ev.lambda_max
     if lam_max is not None and lam_max > 0 and (opt is None or not opt.preconditioned):

@@ -21,9 +21,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
+
+from optdiag.diagnosis.advice import batch_size_advice
+from optdiag.diagnosis.classify import LOSS_HIGH_GAP, log_ratio_probability
+from optdiag.diagnosis.stall import difference_noise, trend_test
 from optdiag.diagnosis.types import Suggestion, _cell, _format_value, _nonempty_text, from_jsonable, to_jsonable
 from optdiag.errors import UsageError
 from optdiag.policy import check_number
@@ -215,3 +221,333 @@ class Finding:
             lines += [f"| {s.target} | {_cell(s.action)} | {_format_value(s.current)} | "
                       f"{_format_value(s.proposed)} | {_cell(s.reason)} |" for s in self.suggestions]
         return "\n".join(lines).rstrip() + "\n"
+
+
+# --- the tests ------------------------------------------------------------------------------------------------------
+#: The training loss is "high" while over this share of its initial distance to the floor remains (the stall
+#: verdicts' own boundary for "still high", :data:`optdiag.diagnosis.classify.LOSS_HIGH_GAP`); "low" below it.
+TRAIN_HIGH_FRACTION = LOSS_HIGH_GAP
+#: The validation loss is "stuck" while it keeps over half of its initial distance to the floor (at initialisation
+#: training and validation losses agree: the model has seen neither).
+VAL_STUCK_FRACTION = 0.5
+#: SGD's noise floor ``effective_lr tr(Sigma) / (4 B)`` explains the stalled loss when it is over this share of it.
+NOISE_FLOOR_SHARE = 0.1
+#: Validation "far above" training: ``(val - train) / train`` past this (half the training loss again).
+GAP_RELATIVE = 0.5
+#: Validation points the trend tests look at (the most recent), and the fewest they need.
+TREND_POINTS = 10
+MIN_TREND_POINTS = 5
+#: Width of the trend tests' logistic in standard errors: one standard error past the 95% boundary gives 0.9.
+T_WIDTH = 1.0 / math.log(9.0)
+#: Stall verdicts that name an optimization failure (a minimum is one only when its level is SGD's noise floor).
+OPTIMIZATION_VERDICTS = ("plateau", "saddle_point", "oscillation")
+#: The optimizers whose stationary noise floor ``effective_lr tr(Sigma) / (4 B)`` is known (plain gradient steps).
+_GRADIENT_STEP_KINDS = ("sgd", "heavy_ball", "nesterov")
+
+
+def rise_probability(steps: Sequence[float], values: Sequence[float], noise_sd: float | None = None,
+                     falling: bool = False) -> tuple[float | None, dict[str, float]]:
+    """P(``values`` rise significantly with ``steps``), from :func:`~optdiag.diagnosis.stall.trend_test`.
+
+    The statistic is ``t = slope / standard_error``, the boundary the 95% interval's quantile: 0.5 where the
+    interval's lower end touches 0, 0.9 one standard error past it. ``falling=True`` asks for a significant fall.
+
+    Returns:
+        ``(probability or None with fewer than MIN_TREND_POINTS finite points, {"slope", "slope_low",
+        "slope_high"})``.
+
+    Example:
+        >>> p, fit = rise_probability(range(10), [0.1 * i for i in range(10)])
+        >>> p, round(fit["slope"], 12)
+        (1.0, 0.1)
+    """
+    pairs = [(float(s), float(v)) for s, v in zip(steps, values) if v is not None and math.isfinite(v)]
+    if len(pairs) < MIN_TREND_POINTS:
+        return None, {}
+    x, y = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    if falling:
+        y = -y
+    slope, se, low, high = trend_test(x, y, noise_sd=noise_sd)
+    if not math.isfinite(slope):
+        return None, {}
+    fit = {"slope": -slope if falling else slope, "slope_low": -high if falling else low,
+           "slope_high": -low if falling else high}
+    if se == 0 or not math.isfinite(se):
+        return (1.0 if slope > 0 else 0.0), fit
+    quantile = (high - slope) / se  # the interval's half-width in standard errors
+    return round(_logistic((slope / se - quantile) / T_WIDTH), 12), fit
+
+
+def _logistic(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def _fraction(loss: float | None, initial: float | None, floor: float) -> float | None:
+    """``(loss - floor) / (initial - floor)``: the share of the initial distance to the floor that remains."""
+    if loss is None or initial is None or not (math.isfinite(loss) and math.isfinite(initial)) or initial <= floor:
+        return None
+    return max(loss - floor, 0.0) / (initial - floor)
+
+
+def noise_floor_share(evidence: dict[str, Any]) -> float | None:
+    """SGD's stationary excess loss over the loss, ``effective_lr tr(Sigma) / (4 B loss)`` (docs/triage.md).
+
+    At a minimum, SGD with step ``eta`` and per-sample gradient covariance ``Sigma`` settles where the excess loss
+    is about ``eta tr(Sigma) / (4 B)`` whatever the curvature: a loss made of that is a noise floor (lower the lr
+    or raise the batch), not the model's best. None for adaptive optimizers (their step is preconditioned) or when
+    a number is missing.
+
+    Example:
+        >>> noise_floor_share({"optimizer_kind": "sgd", "effective_lr": 0.1, "grad_noise_trace": 8.0,
+        ...                    "batch_size": 4, "loss": 1.0})
+        0.05
+    """
+    kind, lr = evidence.get("optimizer_kind"), evidence.get("effective_lr")
+    noise, b, loss = evidence.get("grad_noise_trace"), evidence.get("batch_size"), evidence.get("loss")
+    if kind not in _GRADIENT_STEP_KINDS or None in (lr, noise, b, loss) or not b or not loss > 0:
+        return None
+    if evidence.get("dataset_size") is not None and b >= evidence["dataset_size"]:
+        return 0.0  # a full batch has no gradient noise
+    return round(lr * noise / (4.0 * b * loss), 12)
+
+
+# --- the triage -----------------------------------------------------------------------------------------------------
+@dataclass
+class TriageInputs:
+    """The numbers the triage reads (filled by :class:`~optdiag.callbacks.TriageMonitor`, or by hand).
+
+    Attributes:
+        step: the optimizer step of this triage.
+        train: ``(step, training loss)`` at each validation end, oldest first.
+        val: ``(step, validation loss)`` at the same points; empty when no validation loss exists.
+        loss_initial: the training loss at the first step (at initialisation it is also the validation loss).
+        loss_floor: the loss a perfect model reaches (0 for cross-entropy and squared errors).
+        verdict: the latest stall verdict still standing (not refuted), as ``Diagnosis`` fields: ``kind``,
+            ``confidence``, ``evidence`` (its ``loss``, ``tests``, noise numbers); None when there is none.
+        sharpness: ``(step, lambda_max)`` snapshots, oldest first.
+        batch_size: the training batch size. b_simple: the gradient noise scale ``tr(Sigma) / |G|^2``.
+        dataset_size: samples per epoch.
+
+    Example:
+        >>> TriageInputs(step=10, train=[(10, 1.0)]).val
+        []
+    """
+
+    step: int
+    train: list[tuple[int, float]] = field(default_factory=list)
+    val: list[tuple[int, float]] = field(default_factory=list)
+    loss_initial: float | None = None
+    loss_floor: float = 0.0
+    verdict: Any = None
+    sharpness: list[tuple[int, float]] = field(default_factory=list)
+    batch_size: int | None = None
+    b_simple: float | None = None
+    dataset_size: int | None = None
+
+
+def _aligned(inputs: TriageInputs) -> tuple[list[int], list[float], list[float]]:
+    """The validation points that have both losses (finite), the most recent :data:`TREND_POINTS`."""
+    train = dict(inputs.train)
+    rows = [(s, train[s], v) for s, v in inputs.val if s in train and math.isfinite(v) and math.isfinite(train[s])]
+    rows = rows[-TREND_POINTS:]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+
+def triage_tests(inputs: TriageInputs) -> tuple[dict[str, float | None], dict[str, Any]]:
+    """Every triage test's probability (None when not measured) and the numbers behind them.
+
+    Example:
+        >>> tests, ev = triage_tests(TriageInputs(step=9, train=[(i, 1.0 - 0.05 * i) for i in range(10)],
+        ...                                       val=[(i, 1.0 + 0.1 * i) for i in range(10)], loss_initial=2.0))
+        >>> tests["gap_grows"], tests["val_rises"], tests["train_rises"]
+        (1.0, 1.0, 0.0)
+    """
+    tests: dict[str, float | None] = {}
+    ev: dict[str, Any] = {"loss_floor": inputs.loss_floor, "loss_initial": inputs.loss_initial}
+    steps, train, val = _aligned(inputs)
+    train_now = train[-1] if train else (inputs.train[-1][1] if inputs.train else None)
+    if train:
+        gap = [v - t for t, v in zip(train, val)]
+        noise = difference_noise(np.array(gap)) if len(gap) >= 3 else None
+        tests["gap_grows"], fit = rise_probability(steps, gap, noise_sd=noise)
+        ev.update({"train_loss": train[-1], "val_loss": val[-1], "gap": gap[-1], "trend_steps": [steps[0], steps[-1]],
+                   "gap_slope": fit.get("slope"), "gap_slope_ci": [fit.get("slope_low"), fit.get("slope_high")]})
+        tests["val_rises"], fit = rise_probability(steps, val, noise_sd=difference_noise(np.array(val))
+                                                   if len(val) >= 3 else None)
+        ev["val_slope"] = fit.get("slope")
+        tests["train_rises"], fit = rise_probability(steps, train, noise_sd=difference_noise(np.array(train))
+                                                     if len(train) >= 3 else None)
+        ev["train_slope"] = fit.get("slope")
+        best = min(range(len(inputs.val)), key=lambda i: inputs.val[i][1])
+        ev["best_val_step"], ev["best_val_loss"] = inputs.val[best]
+        relative_gap = (val[-1] - train[-1]) / train[-1] if train[-1] > 0 else math.inf
+        ev["relative_gap"] = relative_gap
+        tests["generalization_gap"] = log_ratio_probability(relative_gap, GAP_RELATIVE)
+        val_fraction = _fraction(val[-1], inputs.loss_initial, inputs.loss_floor)
+        ev["val_fraction"] = val_fraction
+        tests["val_stuck"] = None if val_fraction is None else log_ratio_probability(val_fraction, VAL_STUCK_FRACTION)
+        if inputs.sharpness:
+            window = [(s, v) for s, v in inputs.sharpness if s >= steps[0] and v is not None and math.isfinite(v)]
+            p, fit = rise_probability([s for s, _ in window], [v for _, v in window])
+            if p is not None:
+                ev.update({"sharpness_rises": p, "lambda_max_slope": fit["slope"], "lambda_max_first": window[0][1],
+                           "lambda_max_last": window[-1][1]})
+    verdict = inputs.verdict
+    if verdict is not None:
+        vev = verdict.evidence
+        train_now = vev.get("loss") if train_now is None else train_now
+        ev.update({"verdict_step": verdict.step, "verdict_kind": verdict.kind,
+                   "verdict_confidence": verdict.confidence})
+        tests["negative_curvature"] = (vev.get("tests") or {}).get("negative_curvature")
+        share = noise_floor_share(vev)
+        ev["noise_floor_share"] = share
+        tests["noise_limited"] = None if share is None else log_ratio_probability(share, NOISE_FLOOR_SHARE)
+        tests["local_minimum_verdict"] = verdict.confidence if verdict.kind == "local_minimum" else None
+        if verdict.kind in OPTIMIZATION_VERDICTS:
+            tests["optimization_verdict"] = verdict.confidence
+        elif verdict.kind == "local_minimum" and tests["noise_limited"] is not None:
+            tests["optimization_verdict"] = min(verdict.confidence, tests["noise_limited"])
+    initial = inputs.loss_initial
+    if initial is None and verdict is not None:
+        initial = verdict.evidence.get("loss_initial")
+        ev["loss_initial"] = initial
+    train_fraction = _fraction(train_now, initial, inputs.loss_floor)
+    ev.setdefault("train_loss", train_now)
+    ev["train_fraction"] = train_fraction
+    if train_fraction is not None:
+        tests["train_loss_high"] = log_ratio_probability(train_fraction, TRAIN_HIGH_FRACTION)
+        tests["train_loss_low"] = 1.0 - tests["train_loss_high"]
+    if inputs.batch_size is not None:
+        ev["batch_size"] = inputs.batch_size
+    if inputs.b_simple is not None:
+        ev["b_simple"] = inputs.b_simple
+    return tests, {k: v for k, v in ev.items() if v is not None}
+
+
+def _g(x: Any) -> str:
+    return f"{x:.3g}" if isinstance(x, (int, float)) and not isinstance(x, bool) else "?"
+
+
+def _pct(x: Any) -> str:
+    return f"{x:.0%}" if isinstance(x, (int, float)) else "?"
+
+
+def _model_bias(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Recommendation], list[Suggestion]]:
+    noise = "" if ev.get("noise_floor_share") is None else \
+        f", and SGD's noise floor explains only {_pct(ev['noise_floor_share'])} of it"
+    summary = (f"Model bias: the training loss stalled at {_g(ev.get('train_loss'))}, "
+               f"{_pct(ev.get('train_fraction'))} of its initial distance to {_g(inputs.loss_floor)} still to go, at a "
+               f"true minimum (stall verdict local_minimum at step {ev.get('verdict_step')}: gradient ~0, no "
+               f"significant negative curvature{noise}): this model cannot fit the training data better.")
+    numbers = {k: ev[k] for k in ("train_fraction", "loss_initial", "noise_floor_share", "relative_gap") if k in ev}
+    return summary, [
+        Recommendation("Use a larger or more flexible model", "A minimum at a high training loss is the model's "
+                       "limit, not the optimizer's: add units or layers, or better input features. Check: a "
+                       "larger model reaches a lower training loss.", numbers),
+    ], []
+
+
+def _optimization(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Recommendation], list[Suggestion]]:
+    verdict = inputs.verdict
+    noise = ev.get("noise_floor_share")
+    why = (f"a minimum whose level is SGD's noise floor ({_pct(noise)} of the loss)"
+           if verdict.kind == "local_minimum" else f"a {verdict.kind.replace('_', ' ')}")
+    summary = (f"An optimization problem: the training loss is still high ({_pct(ev.get('train_fraction'))} of its "
+               f"initial distance to {_g(inputs.loss_floor)} to go) and the stall verdict at step {verdict.step} "
+               f"is {why} (confidence {verdict.confidence:.2f}): fix the optimization before enlarging the model.")
+    suggestions = list(verdict.suggestions)
+    if not any(s.target == "batch_size" for s in suggestions):
+        suggestions += batch_size_advice(inputs.batch_size, inputs.b_simple, dataset_size=inputs.dataset_size)
+    return summary, [
+        Recommendation("Follow the stall verdict's advice", f"The stall verdict {verdict.kind} at step "
+                       f"{verdict.step} says why the loss stopped falling; its suggestions change the step, not "
+                       "the model. A larger model would not fix it.",
+                       {"verdict_step": verdict.step, "verdict_confidence": verdict.confidence}),
+    ], suggestions
+
+
+def _overfitting(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Recommendation], list[Suggestion]]:
+    sharp = ev.get("sharpness_rises", 0.0) > DECIDES_ABOVE
+    sharpness = (f"; the sharpness lambda_max rose with it, from {_g(ev['lambda_max_first'])} to "
+                 f"{_g(ev['lambda_max_last'])}" if sharp else "")
+    summary = (f"Overfitting: the validation loss rose from its best {_g(ev.get('best_val_loss'))} at step "
+               f"{ev.get('best_val_step')} to {_g(ev.get('val_loss'))} while the training loss went to "
+               f"{_g(ev.get('train_loss'))}; the gap grows by {_g(ev.get('gap_slope'))} per step{sharpness}.")
+    numbers = {k: ev[k] for k in ("best_val_step", "best_val_loss", "val_loss", "train_loss", "gap_slope") if k in ev}
+    recs = [
+        Recommendation("Stop at the best validation loss", f"The validation loss was lowest at step "
+                       f"{ev.get('best_val_step')}: keep that checkpoint "
+                       "(ModelCheckpoint(monitor=..., mode='min')) or stop there (EarlyStopping).", numbers),
+        Recommendation("Get more data or augment it", "More examples of the same kind close an overfitting gap.",
+                       {"gap": ev.get("gap")}),
+        Recommendation("Constrain the model", "Fewer parameters, weight decay or dropout limit how closely it can "
+                       "fit the training set.", {"relative_gap": ev.get("relative_gap")}),
+    ]
+    suggestions = batch_size_advice(inputs.batch_size, inputs.b_simple, gap_grows=True, sharpness_rises=sharp,
+                                    dataset_size=inputs.dataset_size)
+    return summary, recs, suggestions
+
+
+def _mismatch(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Recommendation], list[Suggestion]]:
+    summary = (f"Training reached {_g(ev.get('train_loss'))} ({_pct(ev.get('train_fraction'))} of the initial "
+               f"distance to go) but the validation loss stays at {_g(ev.get('val_loss'))} "
+               f"({_pct(ev.get('val_fraction'))} to go) without rising: overfitting or a mismatch between training "
+               "and validation data, which training signals cannot tell apart.")
+    return summary, [
+        Recommendation("Hold out a split of the training data", "Train on 90% of the training set and evaluate on the "
+                       "other 10%: a held-out loss near the training loss means the validation data differ from "
+                       "the training data (a mismatch: more data of the training kind will not help; get training "
+                       "data like the validation data); near the validation loss means overfitting (more data, "
+                       "augmentation, constraints, early stopping).",
+                       {k: ev[k] for k in ("train_loss", "val_loss", "val_fraction") if k in ev}),
+    ], []
+
+
+_BUILDERS = {"model_bias": _model_bias, "optimization": _optimization, "overfitting": _overfitting,
+             "train_test_mismatch_check": _mismatch}
+#: Kinds that exclude each other (both explain a high training loss): the higher score wins, a tie says nothing.
+_EXCLUSIVE = ("model_bias", "optimization")
+
+
+def triage(inputs: TriageInputs) -> list[Finding]:
+    """Place the run on the map: the findings whose rule score is above :data:`DECIDES_ABOVE`.
+
+    ``model_bias`` and ``optimization`` exclude each other (the higher score wins; a tie says neither).
+    Every finding's evidence holds the numbers, ``tests`` and ``scores``.
+
+    Example:
+        >>> train = [(10 * i, 1.0 / (i + 1)) for i in range(10)]
+        >>> val = [(10 * i, 1.0 + 0.1 * i) for i in range(10)]
+        >>> [f.kind for f in triage(TriageInputs(step=90, train=train, val=val, loss_initial=2.3))]
+        ['overfitting']
+    """
+    tests, ev = triage_tests(inputs)
+    scores = rule_scores(tests, tuple(_BUILDERS))
+    decided = [k for k in _BUILDERS if scores[k] > DECIDES_ABOVE]
+    exclusive = [k for k in decided if k in _EXCLUSIVE]
+    if len(exclusive) == 2:
+        a, b = (scores[k] for k in _EXCLUSIVE)
+        decided = [k for k in decided if k not in _EXCLUSIVE or (a != b and scores[k] == max(a, b))]
+    findings = []
+    for kind in decided:
+        summary, recs, suggestions = _BUILDERS[kind](ev, inputs)
+        evidence = {**ev, "tests": tests, "scores": scores}
+        findings.append(Finding(inputs.step, kind, scores[kind], evidence, recs, summary, suggestions))
+    return findings
+
+
+def needs_validation(step: int, looked_for: Sequence[str], logged: Sequence[str]) -> Finding:
+    """The one finding said when no validation loss was found: what the triage needs and what it saw.
+
+    Example:
+        >>> needs_validation(5, ["val_loss"], ["train_loss"]).kind
+        'needs_validation'
+    """
+    logged = sorted(logged)
+    return Finding(step, "needs_validation", 1.0, {"looked_for": list(looked_for), "logged": logged}, [
+        Recommendation("Log a validation loss", "Add a validation_step that calls self.log('val_loss', loss) and a "
+                       "val_dataloader, or name your metric with TriageMonitor(val_metrics=...): overfitting and "
+                       "train/test mismatch can only be told with a validation loss.",
+                       {"looked_for": list(looked_for)}),
+    ], f"No validation loss among the logged metrics ({', '.join(logged) or 'none'}); looked for "
+       f"{', '.join(looked_for)}: overfitting cannot be checked.")
