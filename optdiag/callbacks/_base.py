@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 
@@ -17,6 +18,7 @@ from optdiag._lightning import LIGHTNING_NAMESPACES
 from optdiag.curvature.batches import first_tensor
 from optdiag import policy
 from optdiag.errors import UsageError
+from optdiag.sinks import events as events_sink
 from optdiag.sinks import logger as logger_sink
 from optdiag.sinks import tensorboard as tensorboard_sink
 
@@ -151,6 +153,25 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         return str(trainer.default_root_dir)
 
     # --- output (rank zero only) ----------------------------------------------------------------------------------
+    def _append_event(self, trainer: Any, record: dict[str, Any]) -> None:
+        """One line of ``<log_dir>/optdiag/events.jsonl``; never into the working directory by default.
+
+        Without a logger the folder is ``trainer.default_root_dir``, which Lightning sets to the working directory
+        when the user names none: an ``optdiag/`` folder there would shadow the installed package for the next
+        script started in it. Then nothing is written (said once); the records stay in memory (``diagnoses``,
+        ``findings``).
+        """
+        directory = self.log_dir(trainer)
+        if not getattr(trainer, "loggers", []) and os.path.abspath(directory) == os.path.abspath(os.getcwd()):
+            self.warn_once("events-cwd", "no logger and no default_root_dir: events.jsonl is not written into the "
+                           "working directory (an optdiag/ folder there would shadow the package); the verdicts are "
+                           "in diagnoses. Pass a logger or Trainer(default_root_dir=...) to keep them on disk.")
+            return
+        try:
+            events_sink.append_event(events_sink.events_path(directory), record)
+        except OSError as error:
+            self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
+
     def log_scalars(self, trainer: Any, values: Mapping[str, Any], step: int) -> dict[str, float]:
         """Write plain numbers to every logger as ``optdiag/<name>``; registers the TensorBoard layout first."""
         if trainer.is_global_zero:

@@ -10,7 +10,6 @@ curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus th
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Any, Mapping
 
@@ -26,7 +25,6 @@ from optdiag.diagnosis import Diagnosis, Evidence, OptimizerSpec, StallDetector,
 from optdiag.diagnosis.classify import Thresholds, check_prediction
 from optdiag.policy import LOGGER, check_number
 from optdiag.errors import OptDiagError, UsageError
-from optdiag.sinks import events as events_sink
 from optdiag.sinks import tensorboard as tensorboard_sink
 
 __all__ = ["StallDiagnoser"]
@@ -683,24 +681,6 @@ class StallDiagnoser(OptDiagCallback):
         tb = self.tensorboard_logger(trainer)
         if tb is not None:
             tensorboard_sink.log_text(tb, TEXT_TAG, diagnosis.to_markdown(), diagnosis.step)
-
-    def _append_event(self, trainer: Any, record: dict[str, Any]) -> None:
-        """One line of ``<log_dir>/optdiag/events.jsonl``; never into the working directory by default.
-
-        Without a logger the folder is ``trainer.default_root_dir``, which Lightning sets to the working directory
-        when the user names none: an ``optdiag/`` folder there would shadow the installed package for the next
-        script started in it. Then nothing is written (said once); the verdicts stay in :attr:`diagnoses`.
-        """
-        directory = self.log_dir(trainer)
-        if not getattr(trainer, "loggers", []) and os.path.abspath(directory) == os.path.abspath(os.getcwd()):
-            self.warn_once("events-cwd", "no logger and no default_root_dir: events.jsonl is not written into the "
-                           "working directory (an optdiag/ folder there would shadow the package); the verdicts are "
-                           "in diagnoses. Pass a logger or Trainer(default_root_dir=...) to keep them on disk.")
-            return
-        try:
-            events_sink.append_event(events_sink.events_path(directory), record)
-        except OSError as error:
-            self.warn_once("events-file", f"could not append to events.jsonl ({error}); diagnoses stay in memory")
 
     # --- retrospective check ----------------------------------------------------------------------------------------
     def _check_predictions(self, trainer: Any, step: int, loss: float) -> None:
