@@ -26,6 +26,7 @@ _EXPORTS = {
     "epsilon_sharpness": "optdiag.curvature",
     "sam_sharpness": "optdiag.curvature",
     "adaptive_sharpness": "optdiag.curvature",
+    "critical_sharpness": "optdiag.curvature",
     "gradient_noise_scale": "optdiag.curvature",
     "estimate_gradient_noise_scale": "optdiag.curvature",
     "gradient_is_zero": "optdiag.curvature",
@@ -33,6 +34,7 @@ _EXPORTS = {
     "TraceResult": "optdiag.curvature",
     "DensityResult": "optdiag.curvature",
     "SharpnessResult": "optdiag.curvature",
+    "CriticalSharpnessResult": "optdiag.curvature",
     "NoiseScaleResult": "optdiag.curvature",
     # diagnosis (numbers in, verdicts out)
     "Diagnosis": "optdiag.diagnosis",
