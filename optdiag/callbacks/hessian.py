@@ -18,7 +18,7 @@ from optdiag.curvature.lanczos import EigenResult, top_eigenvalues
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.curvature.operator import HessianOperator
 from optdiag.curvature.params import trainable_parameters
-from optdiag.curvature.preconditioned import PreconditionedOperator
+from optdiag.curvature.preconditioned import PreconditionedOperator, preconditioner_warmup
 from optdiag.curvature.state import preserved_state
 from optdiag.curvature.trace import hessian_trace
 from optdiag.diagnosis.stability import OptimizerSpec, stability_threshold
@@ -79,7 +79,9 @@ class HessianMonitor(OptDiagCallback):
       momentum (SGD, heavy ball, Nesterov; Adam/AdamW/RMSprop on the preconditioned sharpness); absent for other
       optimizers (reported as unknown, never guessed). ``preconditioned_lambda_max`` = ``lambda_max(P^-1 H)`` for
       Adam/AdamW/RMSprop. ``stability_ratio`` = (preconditioned) sharpness / threshold: above 1 the step is
-      unstable along the sharpest direction.
+      unstable along the sharpest direction. Neither is measured while the optimizer's second-moment estimate is
+      warming up (:func:`~optdiag.curvature.preconditioned.preconditioner_warmup`: 51 steps for Adam's default
+      ``beta2``); the snapshot's ``preconditioner_warmup`` says how far it is.
     * ``batch_sharpness``: mean over probe batches of ``g_B^T H_B g_B / |g_B|^2`` (what minibatch SGD holds at
       ``2/lr``; docs/theory.md section 1).
     * ``probe_loss``, ``probe_grad_norm``, and with two or more probe batches the gradient noise:
@@ -560,7 +562,9 @@ class HessianMonitor(OptDiagCallback):
             The snapshot: ``step``, ``reason``, ``lambda_max``, ``lambda_max_residual``, ``lambda_min``,
             ``lambda_min_residual``, ``lambda_min_start`` (``"warm"``, ``"mixed"``, ``"cold"``),
             ``eigen_converged``, ``hessian_trace``, ``hessian_trace_stderr``, ``stability_threshold``,
-            ``stability_ratio``, ``preconditioned_lambda_max``, ``batch_sharpness``, ``probe_loss``,
+            ``stability_ratio``, ``preconditioned_lambda_max``, ``preconditioner_warmup`` (``{"steps",
+            "ready_at"}`` while Adam's/RMSprop's preconditioner is too young for a ratio, else None),
+            ``batch_sharpness``, ``probe_loss``,
             ``probe_grad_norm``, ``probe_grad_sq_unbiased``, ``grad_noise_trace``, ``probe_batch_size``,
             ``probe_batches`` (how many), ``lr``, ``momentum``, ``optimizer`` (an ``OptimizerSpec``), ``n_hvp``
             (products over the probe set), ``n_hvp_parts`` (``{"batch_sharpness", "lambda_max",
@@ -757,7 +761,8 @@ class HessianMonitor(OptDiagCallback):
     def _stability(self, mean, optimizer, pl_module, lambda_max: float, allowance: "_Allowance", later: int,
                    parts: dict[str, int]) -> dict[str, Any]:
         out: dict[str, Any] = {"optimizer": None, "lr": None, "momentum": None, "stability_threshold": None,
-                               "stability_ratio": None, "preconditioned_lambda_max": None}
+                               "stability_ratio": None, "preconditioned_lambda_max": None,
+                               "preconditioner_warmup": None}
         if optimizer is None:
             return out
         spec = OptimizerSpec.from_torch(optimizer)
@@ -768,8 +773,11 @@ class HessianMonitor(OptDiagCallback):
         if spec.preconditioned:
             params = [p for _, p in trainable_parameters(pl_module)]
             try:
-                pre = PreconditionedOperator.from_optimizer(mean, getattr(optimizer, "optimizer", optimizer),
-                                                            params=params)
+                warmup = preconditioner_warmup(torch_optimizer, params)
+                if not warmup.ready:  # no ratio from a preconditioner that is still noise (docs/theory.md section 1)
+                    out["preconditioner_warmup"] = {"steps": warmup.steps, "ready_at": warmup.ready_at}
+                    return out
+                pre = PreconditionedOperator.from_optimizer(mean, torch_optimizer, params=params)
             except ValueError as error:  # e.g. a parameter the optimizer has no state for
                 self.warn_once("preconditioner", f"preconditioned sharpness unavailable: {error}")
                 out["stability_threshold"] = None
@@ -819,6 +827,7 @@ class HessianMonitor(OptDiagCallback):
 
 class _Allowance:
     """The products a budgeted snapshot may still spend (``None``: no limit), handed out part by part."""
+            torch_optimizer = getattr(optimizer, "optimizer", optimizer)
 
     def __init__(self, products: int | None) -> None:
         self.left = products

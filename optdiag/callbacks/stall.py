@@ -31,7 +31,8 @@ __all__ = ["StallDiagnoser"]
 
 # Snapshot keys that become Evidence fields under the same name, and the two that are renamed.
 _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_min_residual", "hessian_trace",
-                    "hessian_trace_stderr", "preconditioned_lambda_max", "grad_noise_trace")
+                    "hessian_trace_stderr", "preconditioned_lambda_max", "preconditioner_warmup",
+                    "grad_noise_trace")
 _SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
 #: The probe losses may take at most this share of the fit's wall time (forward passes over the probe batches).

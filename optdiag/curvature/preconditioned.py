@@ -4,10 +4,16 @@ An adaptive optimizer steps ``x <- x - lr P^-1 m``, so the curvature that decide
 ``P^-1 H``, not ``H`` (docs/theory.md section 1: Adam is stable while ``lambda_max(P^-1 H) < (2 + 2 beta1) /
 ((1 - beta1) lr)``, 38/lr for beta1 = 0.9). ``P^-1 H`` is not symmetric, but it is similar to the symmetric
 ``P^-1/2 H P^-1/2`` (same eigenvalues), which Lanczos can work on.
+
+That threshold holds for a preconditioner that has settled; during the first steps ``P`` is an average of a few
+squared gradients and its smallest entries are noise. :func:`preconditioner_warmup` says when the estimate is
+usable (docs/theory.md section 1, "When Adam's preconditioner is ready").
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -161,3 +167,127 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict:
         f"a parameter of shape {tuple(param.shape)} is not among the parameters {type(optimizer).__name__} "
         "optimizes; pass the parameters the optimizer was built with"
     )
+
+
+# Squared gradients a second-moment estimate must average before its preconditioned sharpness is reported: with 50,
+# a coordinate's estimate falls below a quarter of its value (its P below half, the sharpness along it doubled) with
+# probability 1.3e-8 for Gaussian gradients (chi-squared, 50 degrees of freedom). docs/theory.md section 1.
+PRECONDITIONER_SAMPLES = 50
+# An average over fewer squared gradients never gets to 50 (beta2 < 0.96): ready at this share of its limit.
+_SHARE_OF_LIMIT = 0.9
+# RMSprop's average is not bias-corrected: it starts at 0 and reaches (1 - alpha^t) of its value after t steps.
+_RMSPROP_BIAS = 0.9
+
+
+@dataclass(frozen=True)
+class PreconditionerWarmup:
+    """How far an adaptive optimizer's second-moment estimate is from usable.
+
+    Attributes:
+        steps: optimizer steps taken (the fewest over the parameters; 0 for a parameter with no state yet).
+        ready_at: steps after which the preconditioner counts as estimated (see :func:`preconditioner_warmup`).
+
+    Example:
+        >>> w = PreconditionerWarmup(steps=12, ready_at=51)
+        >>> w.ready, w.describe()
+        (False, 'warming up (12 of the 51 steps its second-moment estimate needs)')
+    """
+
+    steps: int
+    ready_at: int
+
+    @property
+    def ready(self) -> bool:
+        """Whether the preconditioned sharpness (and the stability ratio) can be reported."""
+        return self.steps >= self.ready_at
+
+    def describe(self) -> str:
+        """The state in words, for texts that would otherwise show a number."""
+        if self.ready:
+            return f"ready ({self.steps} steps)"
+        return f"warming up ({self.steps} of the {self.ready_at} steps its second-moment estimate needs)"
+
+
+def effective_samples(beta: float, steps: int) -> float:
+    """How many squared gradients an exponential average with factor ``beta`` holds after ``steps`` steps.
+
+    The average weighs step ``i`` by ``beta^(steps - i)``; its effective sample size ``(sum w)^2 / sum w^2`` is
+    ``(1 - beta^t)(1 + beta) / ((1 - beta)(1 + beta^t))``: ``t`` early on, ``(1 + beta) / (1 - beta)`` in the limit.
+
+    Example:
+        >>> round(effective_samples(0.999, 10), 3), round(effective_samples(0.9, 10**6), 3)
+        (10.0, 19.0)
+    """
+    if steps <= 0:
+        return 0.0
+    if beta <= 0.0:
+        return 1.0
+    x = beta**steps
+    return (1.0 - x) * (1.0 + beta) / ((1.0 - beta) * (1.0 + x))
+
+
+def ready_after(beta: float, *, bias_corrected: bool = True) -> int:
+    """Steps after which a second-moment average with factor ``beta`` counts as estimated.
+
+    The rule: it holds :data:`PRECONDITIONER_SAMPLES` (50) squared gradients, or 90% of what it can hold when its
+    limit ``(1 + beta) / (1 - beta)`` is smaller; without bias correction (RMSprop) also ``1 - beta^t >= 0.9``.
+
+    Example:
+        >>> ready_after(0.999), ready_after(0.9), ready_after(0.99, bias_corrected=False)
+        (51, 28, 230)
+    """
+    if beta <= 0.0:
+        return 1
+    target = min(PRECONDITIONER_SAMPLES, _SHARE_OF_LIMIT * (1.0 + beta) / (1.0 - beta))
+    # effective_samples(beta, t) >= target  <=>  beta^t <= bound
+    bound = ((1.0 + beta) - target * (1.0 - beta)) / ((1.0 + beta) + target * (1.0 - beta))
+    steps = math.ceil(math.log(bound) / math.log(beta))
+    if not bias_corrected:
+        steps = max(steps, math.ceil(math.log(1.0 - _RMSPROP_BIAS) / math.log(beta)))
+    return max(1, steps)
+
+
+def preconditioner_warmup(optimizer: torch.optim.Optimizer,
+                          params: Sequence[torch.Tensor] | None = None) -> PreconditionerWarmup:
+    """Whether ``optimizer``'s preconditioner is estimated well enough for its preconditioned sharpness to mean
+    what the stability threshold assumes.
+
+    Adam's threshold treats ``P`` as fixed and known; after ``t`` steps ``P`` is an average of about ``t`` squared
+    gradients per coordinate, and ``lambda_max(P^-1 H)`` is ruled by the coordinates whose average came out
+    smallest, which early on are noise: the ratio then says more about a few small averages than about stability.
+    The rule is :func:`ready_after` on ``beta2`` (Adam/AdamW) or ``alpha`` (RMSprop, not bias-corrected).
+
+    Args:
+        optimizer: an ``Adam``, ``AdamW`` or ``RMSprop`` (Lightning's wrapper unwrapped by the caller).
+        params: the parameters to look at; default: all the optimizer holds.
+
+    Returns:
+        A :class:`PreconditionerWarmup` with the fewest steps any of them has taken.
+
+    Raises:
+        UsageError (a ``ValueError``): for an optimizer that has no preconditioner (named).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(model.parameters())
+        >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+        >>> preconditioner_warmup(opt)
+        PreconditionerWarmup(steps=1, ready_at=51)
+    """
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)):
+        raise UsageError(
+            f"{type(optimizer).__name__} has no diagonal preconditioner: supported are Adam, AdamW and RMSprop"
+        )
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    steps, ready_at = None, 1
+    for param in params:
+        group = _group_of(optimizer, param)
+        if isinstance(optimizer, torch.optim.RMSprop):
+            need = ready_after(float(group["alpha"]), bias_corrected=False)
+        else:
+            need = ready_after(float(group["betas"][1]))
+        taken = int(float(optimizer.state.get(param, {}).get("step", 0)))
+        steps = taken if steps is None else min(steps, taken)
+        ready_at = max(ready_at, need)
+    return PreconditionerWarmup(steps=steps or 0, ready_at=ready_at)

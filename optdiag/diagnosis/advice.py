@@ -111,6 +111,8 @@ def _lr_suggestion(action: str, ev: Evidence, proposed: float, reason: str) -> S
 
 
 def _ratio_text(ev: Evidence) -> str:
+    if ev.stability_ratio is None:  # "warming up" or why unknown, never a bare "?"
+        return f"lambda_max = {_fmt_optional(ev.sharpness)}, {ev.stability_text} at lr {_fmt_optional(ev.lr)}"
     return (f"lambda_max = {_fmt_optional(ev.sharpness)} is {_fmt_optional(ev.stability_ratio)} of the "
             f"{ev.optimizer.kind} stability threshold {_fmt_optional(ev.stability_threshold)} at lr "
             f"{_fmt_optional(ev.lr)}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optdiag.diagnosis.advice import REPEATED_SPIKES, suggest
-from optdiag.diagnosis.evidence import Evidence
+from optdiag.diagnosis.evidence import Evidence, stability_text
 from optdiag.diagnosis.stall import DEFAULT_REL_IMPROVEMENT, DEFAULT_WINDOW, StallEvent
 from optdiag.diagnosis.types import Diagnosis
 from optdiag.errors import UsageError
@@ -470,8 +470,7 @@ def _summary(kind: str, record: dict, th: Thresholds) -> str:
     if kind == "local_minimum":
         text = (f"At a local minimum: the gradient is ~0 against its noise and there is no significant negative "
                 f"curvature (lambda_max = {_fmt(record.get('lambda_max'))}, lambda_min = "
-                f"{_fmt(record.get('lambda_min'))}, {_fmt(record.get('stability_ratio'))} of the stability "
-                f"threshold)")
+                f"{_fmt(record.get('lambda_min'))}, {stability_text(record)})")
         if record.get("loss_still_high"):
             text += ("; the loss is still high, so this is the model's bias rather than the optimizer: "
                      "consider capacity or features")

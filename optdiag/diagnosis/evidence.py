@@ -35,7 +35,8 @@ _NON_NEGATIVE = ("grad_norm", "grad_norm_initial", "grad_sq_norm_unbiased", "gra
 # Counts: a value that is not a positive integer is a measurement gone wrong ("not available").
 _COUNTS = ("batch_size", "num_params", "grad_pair_count", "grad_noise_batches", "dataset_size", "spike_count")
 _COSINES = ("grad_cosine", "update_cosine")
-_NOT_MEASURED_HERE = ("step", "loss_window", "optimizer", "nonfinite", "clamped", "unavailable") + _COUNTS
+_NOT_MEASURED_HERE = ("step", "loss_window", "optimizer", "nonfinite", "clamped", "unavailable",
+                      "preconditioner_warmup") + _COUNTS
 
 
 @dataclass
@@ -55,6 +56,9 @@ class Evidence:
         lambda_max, lambda_min: extreme Hessian eigenvalues, with their Lanczos residuals ``*_residual``.
         hessian_trace, hessian_trace_stderr: Hutchinson trace estimate and its standard error.
         preconditioned_lambda_max: ``lambda_max(P^-1 H)`` for Adam/RMSprop.
+        preconditioner_warmup: ``{"steps", "ready_at"}`` while Adam's/RMSprop's second-moment estimate is too young
+            for a preconditioned sharpness (:func:`~optdiag.curvature.preconditioned.preconditioner_warmup`); the
+            stability ratio is then "warming up", not a number.
         epsilon_sharpness: Keskar's epsilon-sharpness (percent). num_params: parameter count.
         optimizer: the :class:`OptimizerSpec` of the run. loss_floor: the user's idea of a good loss, if known.
         grad_pair_count: pairs of consecutive steps whose gradients were measured over the stalled horizon;
@@ -107,6 +111,7 @@ class Evidence:
     hessian_trace: float | None = None
     hessian_trace_stderr: float | None = None
     preconditioned_lambda_max: float | None = None
+    preconditioner_warmup: dict[str, int] | None = None
     epsilon_sharpness: float | None = None
     num_params: int | None = None
     optimizer: OptimizerSpec | None = None
@@ -158,6 +163,13 @@ class Evidence:
                 value = None
             setattr(self, name, None if value is None else int(value))
         self.clamped, self.unavailable = m.clamped, m.unavailable
+        if self.preconditioner_warmup is not None:
+            warmup = self.preconditioner_warmup
+            if not isinstance(warmup, dict) or set(warmup) != {"steps", "ready_at"}:
+                raise UsageError(f"Evidence.preconditioner_warmup must be {{'steps': int, 'ready_at': int}}, "
+                                 f"got {warmup!r}")
+            self.preconditioner_warmup = {k: check_number(f"preconditioner_warmup[{k!r}]", v, low=0, integer=True,
+                                                          what="a non-negative int") for k, v in warmup.items()}
         if self.optimizer is not None and not isinstance(self.optimizer, OptimizerSpec):
             if isinstance(self.optimizer, dict):
                 self.optimizer = OptimizerSpec.from_dict(self.optimizer)
@@ -192,6 +204,11 @@ class Evidence:
         if threshold is None or sharp is None or threshold <= 0 or not math.isfinite(sharp):
             return None
         return sharp / threshold
+
+    @property
+    def stability_text(self) -> str:
+        """The stability ratio as a sentence shows it (:func:`stability_text` of :meth:`record`)."""
+        return stability_text(self.record())
 
     @property
     def lr_lambda_max(self) -> float | None:
@@ -271,3 +288,27 @@ class Evidence:
         if unknown:
             raise UsageError(f"Evidence.from_dict: unknown keys {sorted(unknown)}")
         return cls(**from_jsonable(data))
+
+
+def stability_text(record: dict[str, Any]) -> str:
+    """The stability ratio in words, from an evidence record (``Diagnosis.evidence``, :meth:`Evidence.record`):
+    the number, "warming up" while Adam's preconditioner is too young for one, or why it is unknown. Texts that
+    quote the ratio use this, so none prints a bare "?".
+
+    Example:
+        >>> stability_text({"stability_ratio": 0.5})
+        '0.5 of the stability threshold'
+        >>> stability_text({"stability_threshold": 3800.0, "preconditioner_warmup": {"steps": 12, "ready_at": 51}})
+        "stability ratio warming up (the optimizer's second-moment estimate has 12 of the 51 steps it needs)"
+    """
+    ratio = record.get("stability_ratio")
+    if isinstance(ratio, (int, float)) and not isinstance(ratio, bool):
+        return f"{ratio:.3g} of the stability threshold"
+    warmup = record.get("preconditioner_warmup")
+    if isinstance(warmup, dict):
+        return (f"stability ratio warming up (the optimizer's second-moment estimate has {warmup.get('steps')} "
+                f"of the {warmup.get('ready_at')} steps it needs)")
+    if record.get("stability_threshold") is None:
+        note = record.get("stability_note")
+        return f"stability ratio unknown ({note or 'no threshold for this optimizer'})"
+    return "stability ratio unknown (the sharpness the threshold applies to was not measured)"
