@@ -59,6 +59,12 @@ RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
     "overfitting": (("gap_grows", True, 0.0), ("val_rises", True, 0.0), ("train_rises", False, 0.0)),
     # Training came down, validation barely did, and it is not the overfitting pattern: run the check.
     "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 0.0)),
+    # Unscaled inputs: the features' standard deviations spread widely or one sits far off centre (either test;
+    # optdiag.diagnosis.conditioning, docs/conditioning.md).
+    "ill_conditioning": (("inputs_unscaled", True, 0.0),),
+    # A squared error of softmax/sigmoid outputs whose gradient the saturation attenuates, at a high, stalled loss.
+    "loss_choice": (("mse_on_probabilities", True, 0.0), ("gradient_attenuated", True, 0.0), ("loss_high", True, 0.0),
+                    ("loss_stalled", True, 0.0)),
 }
 #: A finding needs a score above this: every test of its row more likely true than false.
 DECIDES_ABOVE = 0.5
