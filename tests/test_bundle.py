@@ -16,6 +16,7 @@ from optdiag.callbacks.bundle import FORWARDED_HOOKS, OptDiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.callbacks.stall import StallDiagnoser
+from optdiag.callbacks.triage import TriageMonitor
 from optdiag.demo.runner import quiet_lightning
 from optdiag.demo.scenarios import scenario
 from optdiag.errors import UsageError
@@ -40,8 +41,13 @@ def test_one_line_bundle_with_reachable_children():
     assert isinstance(cb.gradient_monitor, GradientNormMonitor)
     assert isinstance(cb.hessian_monitor, HessianMonitor)
     assert isinstance(cb.stall_diagnoser, StallDiagnoser)
-    assert cb.children == (cb.gradient_monitor, cb.hessian_monitor, cb.stall_diagnoser)
-    assert cb.diagnoses is cb.stall_diagnoser.diagnoses
+    assert isinstance(cb.triage_monitor, TriageMonitor)
+    assert cb.children == (cb.gradient_monitor, cb.hessian_monitor, cb.stall_diagnoser, cb.triage_monitor)
+    assert cb.diagnoses is cb.stall_diagnoser.diagnoses and cb.findings is cb.triage_monitor.findings
+    assert cb.triage_monitor.stall_diagnoser is cb.stall_diagnoser
+    off = optdiag.OptDiag(triage=False)
+    assert off.triage_monitor is None and off.findings == [] and off.children == (
+        off.gradient_monitor, off.hessian_monitor, off.stall_diagnoser)
     # defaults that keep overhead small: curvature on a 5% time budget, not on a fixed cadence
     assert cb.hessian_monitor.every_n_steps is None and cb.hessian_monitor.budget == 0.05
     assert optdiag.OptDiag is OptDiag and isinstance(cb, _CALLBACK_BASES)
@@ -97,7 +103,7 @@ def test_state_dict_is_composed_and_restored():
     cb.stall_diagnoser.detector.update(0, 1.0)
     cb.gradient_monitor.latest = {"step": 0, "grad_norm": 2.0}
     state = cb.state_dict()
-    assert set(state) == {"gradient_monitor", "hessian_monitor", "stall_diagnoser"}
+    assert set(state) == {"gradient_monitor", "hessian_monitor", "stall_diagnoser", "triage_monitor"}
     fresh = OptDiag()
     fresh.load_state_dict(state)
     assert fresh.stall_diagnoser.detector.state_dict() == cb.stall_diagnoser.detector.state_dict()

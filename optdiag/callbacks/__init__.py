@@ -10,6 +10,7 @@ _EXPORTS = {
     "GradientNormMonitor": ".gradient_norm",
     "HessianMonitor": ".hessian",
     "StallDiagnoser": ".stall",
+    "TriageMonitor": ".triage",
     "OptDiag": ".bundle",
 }
 __all__ = sorted(_EXPORTS)

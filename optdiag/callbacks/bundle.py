@@ -1,4 +1,4 @@
-"""``OptDiag``: the gradient monitor, the Hessian monitor and the stall diagnoser as one callback, one line to add."""
+"""``OptDiag``: the gradient monitor, the Hessian monitor, the stall diagnoser and the triage as one callback."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from optdiag.callbacks._base import _CALLBACK_BASES, OptDiagCallback
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, LossFn
 from optdiag.callbacks.stall import StallDiagnoser
-from optdiag.diagnosis import Diagnosis
+from optdiag.callbacks.triage import VAL_METRICS, TriageMonitor
+from optdiag.diagnosis import Diagnosis, Finding
 
 __all__ = ["OptDiag", "FORWARDED_HOOKS"]
 
@@ -28,6 +29,7 @@ def _lightning_hooks() -> tuple[str, ...]:
 
 
 FORWARDED_HOOKS = _lightning_hooks()
+_CHILD_NAMES = ("gradient_monitor", "hessian_monitor", "stall_diagnoser", "triage_monitor")
 
 
 _EMPTY_HOOKS = {(name, member) for base in _CALLBACK_BASES for name, member in vars(base).items() if callable(member)}
@@ -45,7 +47,7 @@ def _forwarding(name: str) -> Callable[..., None]:
             method(*args, **kwargs)
 
     hook.__name__ = hook.__qualname__ = name
-    hook.__doc__ = f"Call ``{name}`` of each child in order (gradient monitor, Hessian monitor, stall diagnoser)."
+    hook.__doc__ = f"Call ``{name}`` of each child in order (gradient, Hessian, stall diagnoser, triage)."
     return hook
 
 
@@ -56,8 +58,10 @@ class OptDiag(OptDiagCallback):
     of a pair of consecutive steps every ``grad_every_n_steps``), a
     :class:`~optdiag.callbacks.HessianMonitor` (``lambda_max``, ``lambda_min``, trace and the stability ratio within
     a time ``budget``, or every ``every_n_steps``) and a :class:`~optdiag.callbacks.StallDiagnoser` (a verdict with
-    evidence and suggestions whenever the loss stalls or diverges) that uses those two monitors. Every Lightning
-    hook is forwarded to the children in that order; their checkpoint state is saved under this callback's key.
+    evidence and suggestions whenever the loss stalls or diverges) that uses those two monitors, and a
+    :class:`~optdiag.callbacks.TriageMonitor` (model bias or optimization, overfitting or mismatch, from the
+    training and validation losses and those verdicts; ``docs/triage.md``). Every Lightning hook is forwarded to
+    the children in that order; their checkpoint state is saved under this callback's key.
 
     Cost at the defaults: every curvature product (scheduled snapshots, the snapshots verdicts ask for, the escape
     check) is charged to one token bucket that earns ``budget`` of the training time and holds a bounded burst
@@ -87,16 +91,19 @@ class OptDiag(OptDiagCallback):
         loss_floor: the loss you would be happy with, if known.
         loss_fn: ``loss_fn(pl_module, batch) -> scalar`` for curvature; default ``optdiag_loss`` or
             ``training_step``.
-        verbose: print a summary of the verdicts when ``fit`` ends (rank 0).
+        verbose: print a summary of the verdicts and findings when ``fit`` ends (rank 0).
         seed: seed of the curvature probes.
         burst_hvp: Hessian-vector products the budget may spend at once beyond its steady share (the bucket's
             depth, see :class:`~optdiag.callbacks.HessianMonitor`).
         probe_every: while the minibatch losses look flat but are too noisy to prove it, read the loss on the
             fixed probe batches every this many steps (forward passes only) to decide sooner; ``0`` switches it off.
+        val_metrics: the validation-loss names the triage looks for in ``trainer.callback_metrics``.
+        triage: include the :class:`~optdiag.callbacks.TriageMonitor`.
 
     Attributes:
-        gradient_monitor, hessian_monitor, stall_diagnoser: the children.
-        children: the three, in the order hooks reach them.
+        gradient_monitor, hessian_monitor, stall_diagnoser, triage_monitor: the children (``triage_monitor`` is
+            None with ``triage=False``).
+        children: the children, in the order hooks reach them.
 
     Example:
         >>> import optdiag, pytorch_lightning as pl
@@ -104,6 +111,7 @@ class OptDiag(OptDiagCallback):
         >>> trainer = pl.Trainer(callbacks=[cb], max_steps=1000)  # doctest: +SKIP
         >>> trainer.fit(model, data)  # doctest: +SKIP
         >>> for d in cb.diagnoses: print(d.step, d.kind, d.suggestions[0].action)  # doctest: +SKIP
+        >>> for f in cb.findings: print(f.step, f.kind, f.summary)  # doctest: +SKIP
     """
 
     def __init__(
@@ -128,6 +136,8 @@ class OptDiag(OptDiagCallback):
         seed: int = 0,
         burst_hvp: int = 40,
         probe_every: int = 5,
+        val_metrics: Any = VAL_METRICS,
+        triage: bool = True,
     ) -> None:
         super().__init__()
         self.gradient_monitor = GradientNormMonitor(per_layer=per_layer, every_n_steps=grad_every_n_steps)
@@ -140,12 +150,15 @@ class OptDiag(OptDiagCallback):
             loss_floor=loss_floor, verbose=verbose, gradient_monitor=self.gradient_monitor,
             hessian_monitor=self.hessian_monitor, probe_every=probe_every,
         )
-        self.children: tuple[OptDiagCallback, ...] = (self.gradient_monitor, self.hessian_monitor,
-                                                      self.stall_diagnoser)
+        self.triage_monitor = TriageMonitor(
+            val_metrics=val_metrics, loss_floor=0.0 if loss_floor is None else loss_floor, verbose=verbose,
+            stall_diagnoser=self.stall_diagnoser, hessian_monitor=self.hessian_monitor) if triage else None
+        self.children: tuple[OptDiagCallback, ...] = tuple(c for c in (
+            self.gradient_monitor, self.hessian_monitor, self.stall_diagnoser, self.triage_monitor) if c is not None)
 
     @property
     def children(self) -> tuple[Any, ...]:
-        """The three children, in the order hooks reach them."""
+        """The children, in the order hooks reach them."""
         return self._children
 
     @children.setter
@@ -166,9 +179,17 @@ class OptDiag(OptDiagCallback):
         """Every diagnosis so far, oldest first."""
         return self.stall_diagnoser.diagnoses
 
+    @property
+    def findings(self) -> list[Finding]:
+        """Every triage finding so far, oldest first (empty with ``triage=False``)."""
+        return [] if self.triage_monitor is None else self.triage_monitor.findings
+
     def summary(self) -> str:
-        """The stall diagnoser's summary of the last fit."""
-        return self.stall_diagnoser.summary()
+        """The stall diagnoser's summary of the last fit, then the triage's."""
+        parts = [self.stall_diagnoser.summary()]
+        if self.triage_monitor is not None:
+            parts.append(self.triage_monitor.summary())
+        return "\n".join(parts)
 
     def _state_key_arguments(self) -> dict[str, Any]:
         return {"every_n_steps": self.hessian_monitor.every_n_steps, "window": self.stall_diagnoser.window}
@@ -183,15 +204,11 @@ class OptDiag(OptDiagCallback):
         pass  # the bundle itself has no problems to count; the base class's initial {} is dropped
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "gradient_monitor": self.gradient_monitor.state_dict(),
-            "hessian_monitor": self.hessian_monitor.state_dict(),
-            "stall_diagnoser": self.stall_diagnoser.state_dict(),
-        }
+        return {name: getattr(self, name).state_dict() for name in _CHILD_NAMES if getattr(self, name) is not None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        for name in ("gradient_monitor", "hessian_monitor", "stall_diagnoser"):
-            if name in state_dict:
+        for name in _CHILD_NAMES:
+            if name in state_dict and getattr(self, name) is not None:
                 getattr(self, name).load_state_dict(state_dict[name])
 
 
