@@ -39,6 +39,8 @@ _EXPORTS = {
     # diagnosis (numbers in, verdicts out)
     "Diagnosis": "optdiag.diagnosis",
     "Suggestion": "optdiag.diagnosis",
+    "Finding": "optdiag.diagnosis",
+    "Recommendation": "optdiag.diagnosis",
     "OptimizerSpec": "optdiag.diagnosis",
     "stability_threshold": "optdiag.diagnosis",
     # Lightning callbacks
@@ -46,6 +48,7 @@ _EXPORTS = {
     "HessianMonitor": "optdiag.callbacks",
     "StallDiagnoser": "optdiag.callbacks",
     "OptDiag": "optdiag.callbacks",
+    "TriageMonitor": "optdiag.callbacks",
     # post-hoc analysis
     "analyze_checkpoint": "optdiag.analysis",
     "AnalysisReport": "optdiag.analysis",
