@@ -130,8 +130,8 @@ TOP_KEYS = {"schema_version", "optdiag_version", "created", "settings", "checkpo
 CHECKPOINT_KEYS = {
     "path", "step", "epoch", "format", "num_params", "n_samples", "n_batches", "hessian_batches", "loss",
     "analysis_loss", "grad_norm", "lambda_max", "lambda_min", "top_eigenvalues", "bottom_eigenvalues", "residuals",
-    "converged", "hessian_trace", "hessian_trace_stderr", "stability_threshold", "stability_ratio",
-    "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness", "sharpness", "density", "gradient_noise",
+    "converged", "hessian_trace", "hessian_trace_stderr", "stability_threshold", "stability_ratio", "stability",
+    "preconditioned_lambda_max", "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness", "sharpness", "density", "gradient_noise",
     "optimizer", "diagnosis", "point_type", "slices", "surface", "notes", "n_hvp", "seconds", "mode",
     "critical_point", "lambda_min_measured_on",
 }

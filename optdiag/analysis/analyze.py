@@ -51,6 +51,7 @@ from optdiag.curvature import (
 )
 from optdiag.curvature._checks import check_count, check_positive
 from optdiag.curvature.batches import sample_count
+from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis.types import to_jsonable
@@ -242,6 +243,8 @@ class CheckpointAnalysis:
             "hessian_trace_stderr": _num(self.trace.stderr),
             "stability_threshold": _num(getattr(evidence, "stability_threshold", None)),
             "stability_ratio": _num(getattr(evidence, "stability_ratio", None)),
+            "stability": None if evidence is None else evidence.stability_text,
+            "preconditioned_lambda_max": _num(getattr(evidence, "preconditioned_lambda_max", None)),
             "epsilon_sharpness": _sharpness_value(self.sharpness.get("epsilon")),
             "sam_sharpness": _sharpness_value(self.sharpness.get("sam")),
             "adaptive_sharpness": _sharpness_value(self.sharpness.get("adaptive")),
@@ -689,7 +692,8 @@ def _curvature_and_verdict(
     progress.done()
 
     progress.stage("verdict")
-    spec = _optimizer_spec(model, item, optimizer, notes)
+    spec, torch_optimizer = _optimizer_spec(model, item, optimizer, notes)
+    preconditioned = _preconditioned(op, spec, torch_optimizer, settings, notes)
     from optdiag.diagnosis import Evidence, classify_point
 
     # The gradient evidence is the full-data gradient (exact for the loss the optimizer minimised over this data),
@@ -719,6 +723,7 @@ def _curvature_and_verdict(
         num_params=op.num_params,
         optimizer=spec,
         clamped=clamped,
+        **preconditioned,
     )
     classified = classify_point(evidence)
     line = _gradient_line(op, model, loss_fn, settings, full, top, bottom, notes)
@@ -853,34 +858,69 @@ def _noise(model: nn.Module, loss_fn: Callable, batches: list, notes: list[str],
         return None
 
 
-def _optimizer_spec(model: nn.Module, item: LoadedCheckpoint, optimizer: Any, notes: list[str]) -> Any:
-    """The optimizer's settings at the checkpoint: given, or the module's ``configure_optimizers`` with the
-    checkpoint's saved learning rate (schedulers change it) and other scalar settings."""
+def _optimizer_spec(model: nn.Module, item: LoadedCheckpoint, optimizer: Any,
+                    notes: list[str]) -> tuple[Any, Any]:
+    """The optimizer's settings at the checkpoint and, when there is one, the torch optimizer itself: given, or the
+    module's ``configure_optimizers`` with the checkpoint's saved learning rate (schedulers change it) and other
+    scalar settings, and its saved state (Adam's second moments) when the checkpoint holds it."""
     from optdiag.diagnosis import OptimizerSpec
 
     if isinstance(optimizer, OptimizerSpec):
-        return optimizer
+        return optimizer, None
     if optimizer is not None:
-        return OptimizerSpec.from_torch(optimizer)
+        return OptimizerSpec.from_torch(optimizer), optimizer
     configure = getattr(model, "configure_optimizers", None)
     if configure is None:
-        return None
+        return None, None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             configured = configure()
         torch_optimizer = _first_optimizer(configured)
         if torch_optimizer is None:
-            return None
+            return None, None
         if item.optimizer_group:
             group = torch_optimizer.param_groups[0]
             for key, value in item.optimizer_group.items():
                 if key in group:
                     group[key] = type(group[key])(value) if isinstance(group[key], (tuple, list)) else value
-        return OptimizerSpec.from_torch(torch_optimizer)
+        spec = OptimizerSpec.from_torch(torch_optimizer)
     except Exception as err:  # noqa: BLE001 - configure_optimizers may need a Trainer; the verdict goes on
         notes.append(f"optimizer unknown ({type(err).__name__} from configure_optimizers): no stability threshold")
-        return None
+        return None, None
+    if spec.preconditioned and item.optimizer_state is not None:
+        try:
+            torch_optimizer.load_state_dict(item.optimizer_state)
+        except Exception as err:  # noqa: BLE001 - a state saved by another optimizer layout: no preconditioner
+            notes.append(f"the checkpoint's optimizer state does not fit configure_optimizers() "
+                         f"({type(err).__name__}): no preconditioned sharpness")
+    return spec, torch_optimizer
+
+
+def _preconditioned(op: HessianOperator, spec: Any, torch_optimizer: Any, settings: AnalysisSettings,
+                    notes: list[str]) -> dict[str, Any]:
+    """Adam's/RMSprop's preconditioned sharpness at the checkpoint from its saved second moments (the Evidence
+    fields ``preconditioned_lambda_max`` or ``preconditioner_warmup``); nothing for other optimizers."""
+    from optdiag.curvature.preconditioned import PreconditionedOperator, preconditioner_warmup
+
+    if spec is None or not spec.preconditioned:
+        return {}
+    if torch_optimizer is None or not torch_optimizer.state:
+        notes.append(f"{spec.name or spec.kind}'s stability threshold applies to the preconditioned sharpness, and "
+                     "the checkpoint holds no optimizer state to read the preconditioner from: stability ratio "
+                     "unknown")
+        return {}
+    try:
+        params = [p for _, p in trainable_parameters(op.model)]
+        warmup = preconditioner_warmup(torch_optimizer, params)
+        if not warmup.ready:
+            return {"preconditioner_warmup": {"steps": warmup.steps, "ready_at": warmup.ready_at}}
+        result = top_eigenvalues(PreconditionedOperator.from_optimizer(op, torch_optimizer, params=params), k=1,
+                                 which="LA", tol=settings.tol, seed=settings.seed + 2)
+    except UsageError as err:
+        notes.append(f"preconditioned sharpness not measured: {err}")
+        return {}
+    return {"preconditioned_lambda_max": float(result.eigenvalues[0])}
 
 
 def _first_optimizer(configured: Any) -> Any:

@@ -55,6 +55,8 @@ class LoadedCheckpoint:
         format: ``"lightning"`` or ``"state_dict"``.
         optimizer_group: the plain settings (``lr``, ``momentum``, ``betas``, ...) of the first parameter group of
             the first saved optimizer, or None; the learning rate there is the one in use when it was saved.
+        optimizer_state: the first saved optimizer's whole ``state_dict()`` (Adam's second moments included), or
+            None; the analysis reads Adam's preconditioner from it.
     """
 
     path: Path
@@ -63,6 +65,7 @@ class LoadedCheckpoint:
     epoch: Optional[int]
     format: str
     optimizer_group: Optional[dict[str, Any]] = None
+    optimizer_state: Optional[dict[str, Any]] = None
 
 
 def import_object(spec: str, what: str = "object") -> Any:
@@ -287,7 +290,17 @@ def load_checkpoint(path: str | os.PathLike, model: Any, trust_checkpoint: bool 
         epoch=int(epoch) if isinstance(epoch, int) else None,
         format=fmt,
         optimizer_group=_first_optimizer_group(raw),
+        optimizer_state=_first_optimizer_state(raw),
     )
+
+
+def _first_optimizer_state(raw: Any) -> Optional[dict[str, Any]]:
+    """``optimizer_states[0]`` of a Lightning checkpoint (an optimizer's ``state_dict()``), if it has one."""
+    try:
+        state = raw["optimizer_states"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return state if isinstance(state, Mapping) and "state" in state and "param_groups" in state else None
 
 
 def _first_optimizer_group(raw: Any) -> Optional[dict[str, Any]]:

@@ -205,6 +205,12 @@ def _gate_table(gate: Mapping[str, Any]) -> str:
             + _table(["test", "measured", "still descending"], rows, text_columns=2) + "</details>")
 
 
+def _ratio(ckpt: Mapping[str, Any]) -> Any:
+    """The stability ratio, or in words why there is none ("warming up", no optimizer state, ...)."""
+    ratio = ckpt.get("stability_ratio")
+    return ratio if ratio is not None else ckpt.get("stability")
+
+
 def _pct(fraction: Any) -> Any:
     return None if fraction is None else 100.0 * fraction
 
@@ -267,7 +273,9 @@ def _checkpoint_section(i: int, ckpt: Mapping[str, Any], figs: Mapping[str, Any]
             ["hessian_trace", ckpt.get("hessian_trace")],
             ["hessian_trace_stderr", ckpt.get("hessian_trace_stderr")],
             ["stability_threshold", ckpt.get("stability_threshold")],
-            ["stability_ratio", ckpt.get("stability_ratio")],
+            *([["preconditioned_lambda_max", ckpt["preconditioned_lambda_max"]]]
+              if ckpt.get("preconditioned_lambda_max") is not None else []),
+            ["stability_ratio", _ratio(ckpt)],
             ["epsilon_sharpness (%)", ckpt.get("epsilon_sharpness")],
             ["sam_sharpness", ckpt.get("sam_sharpness")],
             ["adaptive_sharpness", ckpt.get("adaptive_sharpness")],
@@ -308,7 +316,7 @@ def render_html(data: Mapping[str, Any], figs: Optional[Mapping[str, Any]] = Non
             ["checkpoint", "step", "loss", "grad_norm", "lambda_max", "lambda_min", "hessian_trace",
              "stability_ratio", "sam_sharpness", "point"],
             [[Path(str(c.get("path"))).name, c.get("step"), c.get("loss"), c.get("grad_norm"), c.get("lambda_max"),
-              c.get("lambda_min"), c.get("hessian_trace"), c.get("stability_ratio"), c.get("sam_sharpness"),
+              c.get("lambda_min"), c.get("hessian_trace"), _ratio(c), c.get("sam_sharpness"),
               str(c.get("point_type", "")).replace("_", " ")] for c in checkpoints],
         ))
     else:
