@@ -12,33 +12,22 @@ Without Chromium the browser test skips, unless ``OPTDIAG_REQUIRE_BROWSER=1`` (C
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
-import urllib.request
 from html.parser import HTMLParser
 from importlib import resources
 
 import pytest
 
+from optdiag.diagnosis.types import to_jsonable
 from optdiag.sinks.events import events_path, read_events
+from optdiag.tensorboard_plugin.local import chromium, find_chromium, get, tensorboard_server
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = next((path for path in (shutil.which("chromium"), shutil.which("chromium-browser"),
-                                   shutil.which("google-chrome")) if path), None)
+CHROMIUM = find_chromium()
 REQUIRE_BROWSER = os.environ.get("OPTDIAG_REQUIRE_BROWSER") == "1"
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _train_runs(logdir) -> dict:
@@ -68,40 +57,11 @@ def _train_runs(logdir) -> dict:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Train the runs, start ``tensorboard`` on them, yield ``(base_url, logdir, runs)``; the server is killed after."""
+    """Train the runs, serve them with ``tensorboard`` on a free loopback port, yield ``(base_url, logdir, runs)``."""
     logdir = tmp_path_factory.mktemp("tb")
     runs = _train_runs(logdir)
-    port = _free_port()
-    log = open(logdir / "tensorboard.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
-         "--port", str(port), "--reload_interval", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                listing = _get(base + "/data/plugin/optdiag/runs")
-                if len(listing["runs"]) == len(runs):  # every run loaded
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail("tensorboard did not serve the runs: " + (logdir / "tensorboard.log").read_text())
-            time.sleep(0.5)
+    with tensorboard_server(logdir, runs=len(runs)) as base:  # killed when the module's tests are done
         yield base, logdir, runs
-    finally:
-        server.kill()
-        server.wait(timeout=30)
-        log.close()
-
-
-def _get(url: str):
-    with urllib.request.urlopen(url, timeout=30) as response:
-        body = response.read()
-        return json.loads(body) if response.headers.get_content_type() == "application/json" else body
 
 
 def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -116,26 +76,26 @@ def _scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
 # --- the server side ----------------------------------------------------------------------------------------------
 def test_the_tab_is_registered_and_serves_its_files(served):
     base, _, _ = served
-    listing = _get(base + "/data/plugins_listing")["optdiag"]
+    listing = get(base + "/data/plugins_listing")["optdiag"]
     assert listing["enabled"] is True
     assert listing["loading_mechanism"] == {"type": "IFRAME", "module_path": "/data/plugin/optdiag/index.js"}
     for name in ("index.js", "chart.js", "style.css"):
         shipped = resources.files("optdiag.tensorboard_plugin").joinpath("static", name).read_bytes()
-        assert _get(f"{base}/data/plugin/optdiag/{name}") == shipped
-    frame = _get(base + "/data/plugin_entry.html?name=optdiag").decode()
+        assert get(f"{base}/data/plugin/optdiag/{name}") == shipped
+    frame = get(base + "/data/plugin_entry.html?name=optdiag").decode()
     assert '<base href="plugin/optdiag/" />' in frame and 'import("./index.js")' in frame
 
 
 def test_runs_route_lists_every_run_and_which_have_optdiag_data(served):
     base, _, runs = served
-    assert _get(base + "/data/plugin/optdiag/runs") == {"runs": [
+    assert get(base + "/data/plugin/optdiag/runs") == {"runs": [
         {"run": runs["adam"], "optdiag": True}, {"run": runs["plain"], "optdiag": False},
         {"run": runs["saddle"], "optdiag": True}]}
 
 
 def test_run_route_gives_the_verdicts_with_outcomes_and_the_logged_series(served):
     base, logdir, runs = served
-    view = _get(f"{base}/data/plugin/optdiag/run?run={runs['saddle']}")
+    view = get(f"{base}/data/plugin/optdiag/run?run={runs['saddle']}")
     records = read_events(events_path(logdir / runs["saddle"]))
     diagnoses = [r for r in records if "record" not in r]
     outcomes = {(r["verdict_step"], r["kind"]): r for r in records if r.get("record") == "outcome"}
@@ -143,10 +103,10 @@ def test_run_route_gives_the_verdicts_with_outcomes_and_the_logged_series(served
     assert [(v["step"], v["kind"]) for v in view["verdicts"]] == [(d["step"], d["kind"]) for d in diagnoses]
     for verdict, diagnosis in zip(view["verdicts"], diagnoses):
         assert verdict["confidence"] == diagnosis["confidence"]
-        assert verdict["suggestions"] == json.loads(json.dumps(diagnosis["suggestions"]))
+        assert verdict["suggestions"] == to_jsonable(diagnosis["suggestions"])
         assert verdict["evidence"]["lambda_min"] == diagnosis["evidence"]["lambda_min"]
         outcome = outcomes.get((diagnosis["step"], diagnosis["kind"]))
-        assert verdict["outcome"] == (None if outcome is None else json.loads(json.dumps(outcome)))
+        assert verdict["outcome"] == (None if outcome is None else to_jsonable(outcome))
     assert view["verdicts"][0]["key_evidence"] == [
         "lambda_min", "lambda_max", "escape_expected_drop", "escape_measured_drop"]
     scalars = _scalars(logdir / runs["saddle"])
@@ -157,11 +117,13 @@ def test_run_route_gives_the_verdicts_with_outcomes_and_the_logged_series(served
     assert view["snapshots"]["stall"] == [step for step, _ in scalars["optdiag/stall/step"]]
     assert "preconditioned_lambda_max" not in view["series"]  # SGD: the raw sharpness is compared
     assert view["message"] is None and view["has_optdiag"] is True
+    findings = [{k: v for k, v in r.items() if k != "record"} for r in records if r.get("record") == "finding"]
+    assert view["findings"] == to_jsonable(findings) and view["unreadable"] == 0
 
 
 def test_run_route_for_adam_has_the_preconditioned_sharpness(served):
     base, logdir, runs = served
-    view = _get(f"{base}/data/plugin/optdiag/run?run={runs['adam']}")
+    view = get(f"{base}/data/plugin/optdiag/run?run={runs['adam']}")
     scalars = _scalars(logdir / runs["adam"])
     assert view["series"]["preconditioned_lambda_max"] == [list(p) for p in scalars["optdiag/preconditioned_lambda_max"]]
     assert view["series"]["stability_threshold"] == [list(p) for p in scalars["optdiag/stability_threshold"]]
@@ -170,7 +132,7 @@ def test_run_route_for_adam_has_the_preconditioned_sharpness(served):
 
 def test_run_route_says_when_a_run_has_no_optdiag_data(served):
     base, _, runs = served
-    view = _get(f"{base}/data/plugin/optdiag/run?run={runs['plain']}")
+    view = get(f"{base}/data/plugin/optdiag/run?run={runs['plain']}")
     assert view["has_optdiag"] is False and view["verdicts"] == [] and view["series"] == {}
     assert view["message"].startswith("No optdiag data in this run")
     assert view["loss"]["tag"] == "train_loss"
@@ -179,7 +141,7 @@ def test_run_route_says_when_a_run_has_no_optdiag_data(served):
 def test_run_route_refuses_an_unknown_run(served):
     base, _, _ = served
     with pytest.raises(urllib.error.HTTPError) as error:
-        _get(f"{base}/data/plugin/optdiag/run?run=../../etc")
+        get(f"{base}/data/plugin/optdiag/run?run=../../etc")
     assert error.value.code == 404
 
 
@@ -192,11 +154,11 @@ def test_run_route_reads_events_jsonl_afresh_while_a_run_trains(served):
     try:
         with open(target, "w", encoding="utf-8") as handle:  # a verdict, then half of the next line
             handle.write(lines[0] + lines[1][:20])
-        view = _get(f"{base}/data/plugin/optdiag/run?run={runs['plain']}")
+        view = get(f"{base}/data/plugin/optdiag/run?run={runs['plain']}")
         assert [(v["step"], v["kind"], v["outcome"]) for v in view["verdicts"]] == [(70, "saddle_point", None)]
         with open(target, "w", encoding="utf-8") as handle:
             handle.writelines(lines)
-        view = _get(f"{base}/data/plugin/optdiag/run?run={runs['plain']}")
+        view = get(f"{base}/data/plugin/optdiag/run?run={runs['plain']}")
         assert [v["outcome"]["outcome"] if v["outcome"] else None for v in view["verdicts"]] == [
             "confirmed", "confirmed", None]
     finally:
@@ -238,10 +200,7 @@ def _chromium(*args: str) -> str:
         if REQUIRE_BROWSER:
             pytest.fail("OPTDIAG_REQUIRE_BROWSER=1 but no chromium on PATH (.ci/run installs Debian's chromium)")
         pytest.skip("no chromium on PATH: the tab is not rendered (set OPTDIAG_REQUIRE_BROWSER=1 to make this fail)")
-    result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
+    return chromium(*args, executable=CHROMIUM)
 
 
 def test_the_tab_renders_verdicts_timeline_and_threshold_chart_in_chromium(served):
@@ -287,6 +246,11 @@ def test_the_tab_renders_verdicts_timeline_and_threshold_chart_in_chromium(serve
     step, value = adam_scalars["optdiag/preconditioned_lambda_max"][-1]
     assert (int(adam["data-step"]), float(adam["data-value"])) == (step, value)
     assert float(adam["data-threshold"]) == adam_scalars["optdiag/stability_threshold"][-1][1]
+
+    # the triage's findings of both runs, in the order of the sections
+    findings = [(r["kind"], r["step"]) for run in ("adam", "saddle")
+                for r in read_events(events_path(logdir / runs[run])) if r.get("record") == "finding"]
+    assert [(c["data-kind"], int(c["data-step"])) for c in dom.find("article", cls="finding")] == findings
 
     # a run without optdiag data says so
     plain = [e for e in dom.find("p", cls="no-data")]

@@ -6,14 +6,15 @@ Two sources, each the source of truth for what it holds (docs/tensorboard-tab.md
   TensorBoard event files, through TensorBoard's data provider: that is where they are logged, and the only place
   that has them step by step.
 * **Verdicts** come from ``<run>/optdiag/events.jsonl``: one :meth:`Diagnosis.to_dict` per line, exact numbers
-  (the evidence, the confidence, the suggestions with their current and proposed values), and the
-  ``{"record": "outcome", ...}`` lines with what happened after each prediction. The text panel ``optdiag/diagnosis``
-  holds the same verdicts rendered as Markdown, for reading, not for parsing.
+  (the evidence, the confidence, the suggestions with their current and proposed values), the
+  ``{"record": "outcome", ...}`` lines with what happened after each prediction, and the triage's
+  ``{"record": "finding", ...}`` lines (:class:`~optdiag.diagnosis.triage.Finding`). The text panels
+  (``optdiag/diagnosis``, ``optdiag/triage``) hold the same rendered as Markdown, for reading, not for parsing.
 
 Example:
     >>> view = run_view("demo", {"train_loss": [(0, 2.0), (10, 1.0)], "optdiag/lambda_max": [(10, 9.0)]}, [])
-    >>> view["loss"]["tag"], view["series"]["lambda_max"], view["verdicts"]
-    ('train_loss', [[10, 9.0]], [])
+    >>> view["loss"]["tag"], view["series"]["lambda_max"], view["verdicts"], view["findings"]
+    ('train_loss', [[10, 9.0]], [], [])
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
+from optdiag.diagnosis.triage import Finding
 from optdiag.diagnosis.types import Diagnosis, to_jsonable
 from optdiag.errors import OptDiagError
 
-__all__ = ["PREFIX", "SERIES", "SNAPSHOT_REASONS", "TEXT_TAG", "loss_tag", "verdicts", "run_view"]
+__all__ = ["PREFIX", "SERIES", "SNAPSHOT_REASONS", "TEXT_TAG", "loss_tag", "events_view", "run_view"]
 
 PREFIX = "optdiag/"
 #: The curvature series the tab draws, as logged by HessianMonitor (``optdiag/<name>``).
@@ -58,38 +60,45 @@ def loss_tag(tags: Iterable[str]) -> str | None:
                 None)
 
 
-def verdicts(records: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
-    """The verdicts of an ``events.jsonl``, oldest first, each with its retrospective outcome when one was logged.
+def events_view(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The verdicts and findings of an ``events.jsonl``, oldest first, each verdict with its retrospective outcome.
 
     Returns:
-        ``(verdicts, unreadable)``: each verdict is :meth:`Diagnosis.to_dict` plus ``key_evidence`` (the names
+        ``verdicts``: each :meth:`Diagnosis.to_dict` plus ``key_evidence`` (the names
         :meth:`Diagnosis.key_evidence` shows first) and ``outcome`` (the outcome line's fields, or None while the
-        prediction is open); ``unreadable`` counts the records that are neither a diagnosis nor an outcome (a line
-        from another version of optdiag, say), which are left out.
+        prediction is open); ``findings``: each :meth:`Finding.to_dict`; ``unreadable``: how many records are none
+        of these (a line from another version of optdiag, say), left out.
 
     Example:
         >>> d = Diagnosis(5, "plateau", 0.9, {"grad_norm": 2.0}, [], "Flat.").to_dict()
         >>> out = {"record": "outcome", "verdict_step": 5, "kind": "plateau", "outcome": "confirmed"}
-        >>> (v,), unreadable = verdicts([d, out, {"what": 1}])
-        >>> v["key_evidence"], v["outcome"]["outcome"], unreadable
+        >>> view = events_view([d, out, {"what": 1}])
+        >>> view["verdicts"][0]["key_evidence"], view["verdicts"][0]["outcome"]["outcome"], view["unreadable"]
         (['grad_norm'], 'confirmed', 1)
     """
-    found: list[dict[str, Any]] = []
+    verdicts: list[dict[str, Any]] = []
+    findings: list[dict[str, Any]] = []
     outcomes: dict[tuple[Any, Any], dict[str, Any]] = {}
     unreadable = 0
     for record in records:
-        if record.get("record") == "outcome":
+        kind = record.get("record")
+        if kind == "outcome":
             outcomes[(record.get("verdict_step"), record.get("kind"))] = dict(record)
             continue
+        fields = {k: v for k, v in record.items() if k != "record"}
         try:
-            diagnosis = Diagnosis.from_dict(dict(record))
+            if kind == "finding":
+                findings.append(Finding.from_dict(fields).to_dict())
+            elif kind is None:
+                diagnosis = Diagnosis.from_dict(fields)
+                verdicts.append({**diagnosis.to_dict(), "key_evidence": list(diagnosis.key_evidence())})
+            else:
+                unreadable += 1
         except (OptDiagError, KeyError, TypeError, ValueError):
             unreadable += 1
-            continue
-        found.append({**diagnosis.to_dict(), "key_evidence": list(diagnosis.key_evidence())})
-    for verdict in found:
+    for verdict in verdicts:
         verdict["outcome"] = outcomes.get((verdict["step"], verdict["kind"]))
-    return found, unreadable
+    return {"verdicts": verdicts, "findings": findings, "unreadable": unreadable}
 
 
 def _points(values: Points) -> list[list[float]]:
@@ -110,8 +119,8 @@ def run_view(run: str, scalars: Mapping[str, Points], records: Sequence[Mapping[
         ``run``, ``has_optdiag``, ``message`` (what is missing and why, or None), ``loss`` (``tag`` and
         ``points``, or None), ``series`` (the :data:`SERIES` present, as ``[[step, value], ...]``), ``snapshots``
         (``{reason: [step, ...]}``: the curvature snapshots a stall, spike or divergence asked for, with
-        ``lambda_max``/``lambda_min`` points under ``<reason>/lambda_max``... in ``series``), ``verdicts`` (see
-        :func:`verdicts`) and ``unreadable`` (records left out).
+        ``lambda_max``/``lambda_min`` points under ``<reason>/lambda_max``... in ``series``), and ``verdicts``,
+        ``findings`` and ``unreadable`` (see :func:`events_view`).
     """
     optdiag_tags = [t for t in scalars if t.startswith(PREFIX)]
     has_optdiag = bool(optdiag_tags) or records is not None or text_verdicts
@@ -125,7 +134,7 @@ def run_view(run: str, scalars: Mapping[str, Points], records: Sequence[Mapping[
         steps = scalars.get(f"{PREFIX}{reason}/step") or scalars.get(f"{PREFIX}{reason}/lambda_max") or []
         if steps:
             snapshots[reason] = [int(step) for step, _ in steps]
-    found, unreadable = verdicts(records or [])
+    events = events_view(records or [])
     message = None
     if not has_optdiag:
         message = ("No optdiag data in this run: no optdiag/ scalars and no optdiag/events.jsonl in its folder. "
@@ -133,7 +142,7 @@ def run_view(run: str, scalars: Mapping[str, Points], records: Sequence[Mapping[
     elif records is None and text_verdicts:
         message = ("This run's verdicts are in the Text tab (optdiag/diagnosis), but its optdiag/events.jsonl is not "
                    "in the run's folder: optdiag writes it into the first logger's folder.")
-    elif not found:
+    elif not events["verdicts"]:
         message = "No verdict so far: optdiag has not seen the loss stall, spike or diverge in this run."
     return to_jsonable({
         "run": run,
@@ -142,6 +151,5 @@ def run_view(run: str, scalars: Mapping[str, Points], records: Sequence[Mapping[
         "loss": {"tag": tag, "points": _points(scalars[tag])} if tag else None,
         "series": series,
         "snapshots": snapshots,
-        "verdicts": found,
-        "unreadable": unreadable,
+        **events,
     })

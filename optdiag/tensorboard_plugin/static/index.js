@@ -123,11 +123,18 @@ function runSection(view) {
   section.append(el("h2", {}, view.run, el("span", { class: "meta" }, meta)));
   if (view.message) section.append(el("p", { class: view.has_optdiag ? "message" : "message no-data" }, view.message));
   if (!view.has_optdiag) return section;
-  if (view.unreadable) section.append(el("p", { class: "message" }, `${view.unreadable} line(s) of events.jsonl could not be read.`));
+  if (view.unreadable) {
+    section.append(el("p", { class: "message" },
+      `${view.unreadable} line(s) of events.jsonl are not shown: records this version of the tab does not know.`));
+  }
   const xs = [view.loss ? view.loss.points : [], ...Object.values(view.series)].flat().map((p) => p[0]);
   const xRange = xs.length ? [Math.min(...xs), Math.max(...xs)] : null;
   section.append(timeline(view, xRange), el("div", { class: "pair" }, thresholdChart(view, xRange), lambdaMinChart(view, xRange)));
   section.append(el("div", { class: "verdicts" }, view.verdicts.map(verdictCard)));
+  if (view.findings.length) {
+    section.append(el("h3", {}, "triage findings (training against validation loss)"),
+      el("div", { class: "verdicts" }, view.findings.map(findingCard)));
+  }
   return section;
 }
 
@@ -142,6 +149,10 @@ function verdictMarkers(view, labelled) {
 
 function timeline(view, xRange) {
   const markers = verdictMarkers(view, true);
+  for (const f of view.findings) {
+    markers.push({ step: f.step, cls: "finding", label: `${f.kind} @${f.step}`, row: markers.length % 3,
+      title: `${f.kind} at step ${f.step}: ${f.summary}`, data: { kind: f.kind, step: f.step } });
+  }
   const verdictSteps = new Set(view.verdicts.map((v) => v.step));
   for (const reason of ["spike", "divergence"]) {
     for (const step of view.snapshots[reason] || []) {
@@ -266,15 +277,39 @@ function verdictCard(v) {
       : prediction.check_at_step !== undefined ? `to be checked at step ${prediction.check_at_step}` : "not checked yet";
     card.append(el("p", { class: "prediction" }, el("b", {}, "Predicted: "), `${prediction.claim || "—"}; ${when}.`));
   }
-  if (v.suggestions.length) {
+  if (v.suggestions.length) card.append(suggestionsTable(v.suggestions));
+  card.append(allEvidence(v.evidence));
+  return card;
+}
+
+function suggestionsTable(suggestions) {
+  return el("table", { class: "suggestions" },
+    el("tr", {}, ["change", "", "now", "proposed", "why"].map((h) => el("th", {}, h))),
+    suggestions.map((s) => el("tr", { "data-target": s.target },
+      el("td", { class: "target" }, s.target), el("td", {}, s.action),
+      el("td", { class: "num" }, fmt(s.current)), el("td", { class: "num" }, fmt(s.proposed)),
+      el("td", { class: "reason" }, s.reason, s.code ? el("code", {}, s.code) : null))));
+}
+
+function allEvidence(evidence) {
+  const rows = flatEvidence(evidence).filter(([name]) => !name.startsWith("prediction."));
+  return el("details", {}, el("summary", {}, `all evidence (${rows.length} numbers)`), evidenceTable(rows, "all"));
+}
+
+// A triage finding (docs/triage.md): where the run sits between training and validation loss, what to do.
+function findingCard(f) {
+  const card = el("article", { class: "finding", "data-kind": f.kind, "data-step": f.step,
+    "data-confidence": String(f.confidence) });
+  card.append(el("header", {}, el("span", { class: "kind" }, f.kind), ` at step ${f.step}`,
+    el("span", { class: "confidence" }, ` confidence ${f.confidence.toFixed(2)}`)));
+  card.append(el("p", { class: "summary" }, f.summary));
+  if (f.recommendations.length) {
     card.append(el("table", { class: "suggestions" },
-      el("tr", {}, ["change", "", "now", "proposed", "why"].map((h) => el("th", {}, h))),
-      v.suggestions.map((s) => el("tr", { "data-target": s.target },
-        el("td", { class: "target" }, s.target), el("td", {}, s.action),
-        el("td", { class: "num" }, fmt(s.current)), el("td", { class: "num" }, fmt(s.proposed)),
-        el("td", { class: "reason" }, s.reason, s.code ? el("code", {}, s.code) : null)))));
+      el("tr", {}, ["to do", "why", "numbers"].map((h) => el("th", {}, h))),
+      f.recommendations.map((r) => el("tr", {}, el("td", {}, r.action), el("td", { class: "reason" }, r.reason),
+        el("td", { class: "num" }, Object.entries(r.numbers).map(([k, x]) => `${k} = ${shown(x)}`).join(", "))))));
   }
-  const rows = flatEvidence(v.evidence).filter(([name]) => !name.startsWith("prediction."));
-  card.append(el("details", {}, el("summary", {}, `all evidence (${rows.length} numbers)`), evidenceTable(rows, "all")));
+  if (f.suggestions.length) card.append(suggestionsTable(f.suggestions));
+  card.append(allEvidence(f.evidence));
   return card;
 }

@@ -1,0 +1,36 @@
+"""Regenerate docs/images/tensorboard-tab.png: the optdiag tab in TensorBoard on a real run, in headless Chromium.
+
+Usage (from the repository root; needs Chromium on PATH, about half a minute):
+
+    python docs/make_tensorboard_screenshot.py
+
+The run is the demo's saddle scenario (``optdiag demo --scenario saddle``: two saddles, then a minimum), trained
+with ``optdiag.OptDiag`` and a TensorBoardLogger into a temporary logdir, served by ``tensorboard`` on a loopback
+port; the screenshot is TensorBoard's own page with the optdiag tab open.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from optdiag.demo.runner import run_scenario
+from optdiag.tensorboard_plugin.local import chromium, tensorboard_server
+
+IMAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "images", "tensorboard-tab.png")
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as logdir:
+        result = run_scenario("saddle", logdir)
+        print("verdicts:", ", ".join(f"{d.kind} at step {d.step}" for d in result.runs[0].diagnoses))
+        with tensorboard_server(logdir) as base:
+            chromium("--window-size=1400,1450", "--virtual-time-budget=15000", f"--screenshot={IMAGE}",
+                     base + "/#optdiag")
+    print("wrote", IMAGE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
