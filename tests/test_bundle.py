@@ -13,6 +13,7 @@ import optdiag
 from lightning_models import models_for
 from optdiag.callbacks._base import _CALLBACK_BASES
 from optdiag.callbacks.bundle import FORWARDED_HOOKS, OptDiag
+from optdiag.callbacks.conditioning import ConditioningMonitor
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.callbacks.stall import StallDiagnoser
@@ -42,12 +43,17 @@ def test_one_line_bundle_with_reachable_children():
     assert isinstance(cb.hessian_monitor, HessianMonitor)
     assert isinstance(cb.stall_diagnoser, StallDiagnoser)
     assert isinstance(cb.triage_monitor, TriageMonitor)
-    assert cb.children == (cb.gradient_monitor, cb.hessian_monitor, cb.stall_diagnoser, cb.triage_monitor)
+    assert isinstance(cb.conditioning_monitor, ConditioningMonitor)
+    assert cb.children == (cb.gradient_monitor, cb.hessian_monitor, cb.stall_diagnoser, cb.conditioning_monitor,
+                           cb.triage_monitor)
     assert cb.diagnoses is cb.stall_diagnoser.diagnoses and cb.findings is cb.triage_monitor.findings
     assert cb.triage_monitor.stall_diagnoser is cb.stall_diagnoser
-    off = optdiag.OptDiag(triage=False)
-    assert off.triage_monitor is None and off.findings == [] and off.children == (
-        off.gradient_monitor, off.hessian_monitor, off.stall_diagnoser)
+    assert cb.conditioning_monitor.triage_monitor is cb.triage_monitor  # its findings join the triage's
+    off = optdiag.OptDiag(triage=False, conditioning=False)
+    assert off.triage_monitor is None and off.conditioning_monitor is None and off.findings == [] and \
+        off.children == (off.gradient_monitor, off.hessian_monitor, off.stall_diagnoser)
+    alone = optdiag.OptDiag(triage=False)
+    assert alone.findings is alone.conditioning_monitor.findings
     # defaults that keep overhead small: curvature on a 5% time budget, not on a fixed cadence
     assert cb.hessian_monitor.every_n_steps is None and cb.hessian_monitor.budget == 0.05
     assert optdiag.OptDiag is OptDiag and isinstance(cb, _CALLBACK_BASES)
@@ -103,7 +109,8 @@ def test_state_dict_is_composed_and_restored():
     cb.stall_diagnoser.detector.update(0, 1.0)
     cb.gradient_monitor.latest = {"step": 0, "grad_norm": 2.0}
     state = cb.state_dict()
-    assert set(state) == {"gradient_monitor", "hessian_monitor", "stall_diagnoser", "triage_monitor"}
+    assert set(state) == {"gradient_monitor", "hessian_monitor", "stall_diagnoser", "conditioning_monitor",
+                          "triage_monitor"}
     fresh = OptDiag()
     fresh.load_state_dict(state)
     assert fresh.stall_diagnoser.detector.state_dict() == cb.stall_diagnoser.detector.state_dict()

@@ -11,6 +11,7 @@ _EXPORTS = {
     "HessianMonitor": ".hessian",
     "StallDiagnoser": ".stall",
     "TriageMonitor": ".triage",
+    "ConditioningMonitor": ".conditioning",
     "OptDiag": ".bundle",
 }
 __all__ = sorted(_EXPORTS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from optdiag.callbacks._base import _CALLBACK_BASES, OptDiagCallback
+from optdiag.callbacks.conditioning import ConditioningMonitor
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, LossFn
 from optdiag.callbacks.stall import StallDiagnoser
@@ -29,7 +30,7 @@ def _lightning_hooks() -> tuple[str, ...]:
 
 
 FORWARDED_HOOKS = _lightning_hooks()
-_CHILD_NAMES = ("gradient_monitor", "hessian_monitor", "stall_diagnoser", "triage_monitor")
+_CHILD_NAMES = ("gradient_monitor", "hessian_monitor", "stall_diagnoser", "conditioning_monitor", "triage_monitor")
 
 
 _EMPTY_HOOKS = {(name, member) for base in _CALLBACK_BASES for name, member in vars(base).items() if callable(member)}
@@ -99,6 +100,10 @@ class OptDiag(OptDiagCallback):
             fixed probe batches every this many steps (forward passes only) to decide sooner; ``0`` switches it off.
         val_metrics: the validation-loss names the triage looks for in ``trainer.callback_metrics``.
         triage: include the :class:`~optdiag.callbacks.TriageMonitor`.
+        loss: what the training loss is, for the loss-choice check: ``"auto"`` (read from its autograd graph),
+            ``"mse_on_probabilities"`` or ``"other"`` (no check); see :class:`~optdiag.callbacks.ConditioningMonitor`.
+        conditioning: include the :class:`~optdiag.callbacks.ConditioningMonitor` (unscaled inputs, MSE on
+            probabilities; docs/conditioning.md). Its findings join the triage's.
 
     Attributes:
         gradient_monitor, hessian_monitor, stall_diagnoser, triage_monitor: the children (``triage_monitor`` is
@@ -138,6 +143,8 @@ class OptDiag(OptDiagCallback):
         probe_every: int = 5,
         val_metrics: Any = VAL_METRICS,
         triage: bool = True,
+        loss: str = "auto",
+        conditioning: bool = True,
     ) -> None:
         super().__init__()
         self.gradient_monitor = GradientNormMonitor(per_layer=per_layer, every_n_steps=grad_every_n_steps)
@@ -153,8 +160,13 @@ class OptDiag(OptDiagCallback):
         self.triage_monitor = TriageMonitor(
             val_metrics=val_metrics, loss_floor=0.0 if loss_floor is None else loss_floor, verbose=verbose,
             stall_diagnoser=self.stall_diagnoser, hessian_monitor=self.hessian_monitor) if triage else None
+        self.conditioning_monitor = ConditioningMonitor(
+            loss=loss, verbose=verbose, stall_diagnoser=self.stall_diagnoser, hessian_monitor=self.hessian_monitor,
+            triage_monitor=self.triage_monitor) if conditioning else None
+        # the conditioning monitor before the triage: its findings at the end of training join the triage's summary
         self.children: tuple[OptDiagCallback, ...] = tuple(c for c in (
-            self.gradient_monitor, self.hessian_monitor, self.stall_diagnoser, self.triage_monitor) if c is not None)
+            self.gradient_monitor, self.hessian_monitor, self.stall_diagnoser, self.conditioning_monitor,
+            self.triage_monitor) if c is not None)
 
     @property
     def children(self) -> tuple[Any, ...]:
@@ -181,14 +193,18 @@ class OptDiag(OptDiagCallback):
 
     @property
     def findings(self) -> list[Finding]:
-        """Every triage finding so far, oldest first (empty with ``triage=False``)."""
-        return [] if self.triage_monitor is None else self.triage_monitor.findings
+        """Every triage finding so far (the conditioning monitor's included), oldest first."""
+        if self.triage_monitor is not None:
+            return self.triage_monitor.findings
+        return [] if self.conditioning_monitor is None else self.conditioning_monitor.findings
 
     def summary(self) -> str:
         """The stall diagnoser's summary of the last fit, then the triage's."""
         parts = [self.stall_diagnoser.summary()]
         if self.triage_monitor is not None:
             parts.append(self.triage_monitor.summary())
+        elif self.conditioning_monitor is not None:
+            parts.append(self.conditioning_monitor.summary())
         return "\n".join(parts)
 
     def _state_key_arguments(self) -> dict[str, Any]:
