@@ -51,6 +51,10 @@ class RunResult:
         truth: the scenario's known numbers for this run.
         log_dir: the TensorBoard run folder; ``events_file``: its ``optdiag/events.jsonl``.
         seconds: wall time of the run.
+        findings: the triage findings, oldest first.
+        val_losses: ``(step, validation loss)`` recorded by the module (runs with a validation loop).
+        full_loss: the training loss on the full training set at the end (no optdiag involved).
+        expected_findings: the triage finding kinds the scenario expects of this run (None: not checked).
     """
 
     label: str
@@ -62,6 +66,10 @@ class RunResult:
     log_dir: str
     events_file: str
     seconds: float
+    findings: list = field(default_factory=list)
+    val_losses: list = field(default_factory=list)
+    full_loss: float | None = None
+    expected_findings: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -142,23 +150,28 @@ def _train(spec: Scenario, run: ScenarioRun, out_dir: str) -> RunResult:
     settings.update(run.optdiag)
     callback = OptDiag(**settings)
     logger = pl.loggers.TensorBoardLogger(save_dir=out_dir, name=spec.name, version=_slug(run.label))
+    validation = {} if run.val_loader is None else {"val_check_interval": run.val_every, "num_sanity_val_steps": 0}
     trainer = pl.Trainer(
         max_steps=run.max_steps, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
-        deterministic=True, default_root_dir=out_dir,
+        deterministic=True, default_root_dir=out_dir, limit_val_batches=None if run.val_loader else 0, **validation,
     )
     started = time.perf_counter()
-    trainer.fit(run.module, run.loader)
+    trainer.fit(run.module, run.loader, run.val_loader)
     seconds = time.perf_counter() - started
     final = {}
     if all(math.isfinite(p.detach().sum()) for p in run.module.parameters()):
         final = exact_curvature(run.module, run.module.loss_fn, run.data)
     from optdiag.sinks.events import events_path
 
+    with torch.no_grad():
+        full_loss = float(run.module.loss_fn(run.module(run.data[0]), run.data[1]))
     return RunResult(
         label=run.label, diagnoses=list(callback.diagnoses), losses=list(run.module.losses),
         curvature=callback.hessian_monitor.history, final=final, truth=dict(run.truth), log_dir=logger.log_dir,
-        events_file=events_path(logger.log_dir), seconds=seconds,
+        events_file=events_path(logger.log_dir), seconds=seconds, findings=list(callback.findings),
+        val_losses=list(getattr(run.module, "val_losses", [])), full_loss=full_loss,
+        expected_findings=run.findings,
     )
 
 
@@ -173,7 +186,7 @@ def run_scenario(name: str, out_dir: str) -> ScenarioResult:
     with quiet_lightning():
         runs = [_train(spec, run, out_dir) for run in spec.build()]
     result = ScenarioResult(spec, runs)
-    result.checks = _verdict_checks(result) + _CHECKS.get(name, lambda r: [])(result)
+    result.checks = _verdict_checks(result) + _finding_checks(result) + _CHECKS.get(name, lambda r: [])(result)
     return result
 
 
@@ -192,6 +205,22 @@ def _verdict_checks(result: ScenarioResult) -> list[Check]:
         shown = ", ".join(found) or "no verdict"
         checks.append(Check(f"verdicts ({run.label})", found == expected,
                             f"expected {', '.join(expected) or 'no verdict'}; found {shown}"))
+    return checks
+
+
+def _triage_kinds(run: RunResult) -> tuple[str, ...]:
+    """The run's finding kinds, oldest first (``needs_validation``, a note about the setup, left out)."""
+    return tuple(f.kind for f in run.findings if f.kind != "needs_validation")
+
+
+def _finding_checks(result: ScenarioResult) -> list[Check]:
+    checks = []
+    for run in result.runs:
+        if run.expected_findings is not None:
+            found = _triage_kinds(run)
+            checks.append(Check(f"triage ({run.label})", found == run.expected_findings,
+                                f"expected {', '.join(run.expected_findings) or 'no finding'}; "
+                                f"found {', '.join(found) or 'no finding'}"))
     return checks
 
 
@@ -280,7 +309,32 @@ def _check_batch_size(result: ScenarioResult) -> list[Check]:
     ]
 
 
+def _check_model_bias(result: ScenarioResult) -> list[Check]:
+    small, large = result.runs[0], result.runs[-1]
+    ok = None not in (small.full_loss, large.full_loss) and large.full_loss < 0.5 * small.full_loss
+    return [Check("a larger model reaches a lower training loss", ok,
+                  f"full-data training loss: {small.label} {_fmt(small.full_loss)}, {large.label} "
+                  f"{_fmt(large.full_loss)}")]
+
+
+def _check_overfitting(result: ScenarioResult) -> list[Check]:
+    run = result.runs[0]
+    if not run.val_losses or not run.losses:
+        return [Check("validation rises while training falls", False, "no validation losses were recorded")]
+    best_step, best = min(run.val_losses, key=lambda p: p[1])
+    last_step, last = run.val_losses[-1]
+    train_at_best = sum(run.losses[max(0, best_step - 10):best_step + 1]) / len(run.losses[max(0, best_step - 10):
+                                                                                          best_step + 1])
+    train_end = sum(run.losses[-10:]) / len(run.losses[-10:])
+    ok = last > 1.05 * best and train_end < train_at_best
+    return [Check("validation rises while training falls", ok,
+                  f"validation {_fmt(best)} at step {best_step} -> {_fmt(last)} at step {last_step}; training "
+                  f"{_fmt(train_at_best)} -> {_fmt(train_end)}")]
+
+
 _CHECKS: dict[str, Callable[[ScenarioResult], list[Check]]] = {
+    "model_bias": _check_model_bias,
+    "overfitting": _check_overfitting,
     "saddle": _check_saddle,
     "oscillation": _check_oscillation,
     "minimum": _check_minimum,
@@ -317,6 +371,9 @@ def format_result(result: ScenarioResult) -> str:
         if len(rows) == 1:
             rows.append(["—", "no verdict", "", "", ""])
         lines += ["    " + line for line in _table(rows)]
+        for f in run.findings:
+            if f.kind != "needs_validation":
+                lines.append(f"    triage: {f.kind} at step {f.step} (confidence {f.confidence:.2f}): {f.summary}")
     if spec.expected is not None:
         lines.append(f"  expected: {', '.join(spec.expected) or 'no verdict'}")
     for check in result.checks:

@@ -21,6 +21,13 @@ independently of optdiag (from the data's own spectrum, a dense Hessian or the c
 - ``batch_size``: the same MLP and ``lr`` with batch 8 and with the full batch (128): the large batch ends in a
   sharper minimum (larger ``lambda_max`` and trace, close to ``2 / lr``); the small batch's noise keeps it flatter.
 
+The triage scenarios have a validation loop, and their truth is a comparison that needs no optdiag:
+
+- ``model_bias``: a linear classifier on points inside or outside a circle (no line separates them) stalls at a
+  true minimum near ``ln 2``; an MLP on the same data (the second run) reaches a far lower training loss.
+- ``overfitting``: a wide MLP on 50 digits (Adam): the training loss goes to ~0 while the validation loss on 500
+  other digits passes its minimum and rises.
+
 Example:
     >>> from optdiag.demo.scenarios import SCENARIOS, scenario
     >>> sorted(SCENARIOS)[:3]
@@ -58,6 +65,9 @@ __all__ = [
     "scaled_regression_data",
     "wave_data",
     "regression_lambda_max",
+    "ValidatedModule",
+    "ring_data",
+    "digits_data",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -187,6 +197,31 @@ class StepBatches(Dataset):
         return self.x[idx], self.y[idx]
 
 
+def ring_data(n: int = 512, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian points in 2-d, labelled by whether they lie outside the circle of median radius (balanced classes).
+
+    No line separates the classes: a linear classifier's best cross-entropy is about ``ln 2``.
+
+    Example:
+        >>> x, y = ring_data(8)
+        >>> tuple(x.shape), y.dtype
+        ((8, 2), torch.int64)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=gen)
+    return x, (x.square().sum(dim=1) > 2.0 * math.log(2.0)).long()  # chi2(2) median: 2 ln 2
+
+
+def digits_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8x8 digits (no download), pixels scaled to [0, 1], in a fixed shuffled order."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = torch.randperm(len(digits.target), generator=torch.Generator().manual_seed(0))
+    x = torch.tensor(digits.data / 16.0, dtype=torch.float32)[order]
+    return x, torch.tensor(digits.target)[order]
+
+
 # --- the LightningModule -----------------------------------------------------------------------------------------
 class ScenarioModule(pl.LightningModule):
     """A plain supervised LightningModule: ``net``, a loss, and SGD with a fixed ``lr`` and ``momentum``.
@@ -232,6 +267,39 @@ class ScenarioModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 
+class ValidatedModule(ScenarioModule):
+    """A :class:`ScenarioModule` with a validation loop that logs ``val_loss``, and a choice of SGD or Adam.
+
+    Attributes:
+        val_losses: ``(step, validation loss)`` at each validation, recorded by the module itself (the truth).
+
+    Example:
+        >>> module = ValidatedModule(nn.Linear(2, 2), nn.functional.cross_entropy, lr=1e-3, optimizer="adam")
+        >>> type(module.configure_optimizers()).__name__
+        'Adam'
+    """
+
+    def __init__(self, net: nn.Module, loss_fn: LossFn, lr: float, momentum: float = 0.0,
+                 optimizer: str = "sgd") -> None:
+        super().__init__(net, loss_fn, lr, momentum)
+        if optimizer not in ("sgd", "adam"):
+            raise UsageError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        self.optimizer = optimizer
+        self.val_losses: list[tuple[int, float]] = []
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        loss = self.loss_fn(self(x), y)
+        self.log("val_loss", loss, prog_bar=False)
+        if not self.trainer.sanity_checking:
+            self.val_losses.append((int(self.trainer.global_step), float(loss)))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return super().configure_optimizers()
+
+
 def _built(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
     """Build a network from a fixed seed without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
@@ -252,6 +320,9 @@ class ScenarioRun:
         data: the full ``(inputs, targets)`` set, for exact end-of-run curvature.
         truth: numbers known without optdiag (``"two_over_lr"``, ``"sigmas"``, ``"lr_lambda_max"``, ...).
         optdiag: keyword arguments for :class:`optdiag.OptDiag` that this scenario needs.
+        val_loader: the validation DataLoader (one batch), or None for a run without validation.
+        val_every: validate every this many steps (an epoch is the whole run).
+        findings: the triage finding kinds expected (``needs_validation`` aside); None when not checked.
     """
 
     label: str
@@ -261,6 +332,9 @@ class ScenarioRun:
     data: tuple[torch.Tensor, torch.Tensor]
     truth: dict[str, Any] = field(default_factory=dict)
     optdiag: dict[str, Any] = field(default_factory=dict)
+    val_loader: DataLoader | None = None
+    val_every: int | None = None
+    findings: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -405,6 +479,40 @@ def _batch_size() -> list[ScenarioRun]:
     return runs
 
 
+def _val_loader(x: torch.Tensor, y: torch.Tensor) -> DataLoader:
+    return DataLoader(StepBatches(x, y, 1), batch_size=None, shuffle=False)
+
+
+def _ring_net(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(2, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 2))
+
+
+def _model_bias() -> list[ScenarioRun]:
+    x, y = ring_data(2048, seed=0)  # enough points that the larger model does not overfit them
+    xv, yv = ring_data(512, seed=1)
+    steps, every = 600, 25
+    runs = []
+    for label, make, expected in (("linear", lambda: nn.Linear(2, 2), ("model_bias",)),
+                                  ("larger model", lambda: _ring_net(32), ())):
+        # full-batch gradient descent with momentum: the same optimizer for both, and no minibatch noise floor
+        module = ValidatedModule(_built(0, make), nn.functional.cross_entropy, lr=0.5, momentum=0.9)
+        runs.append(ScenarioRun(label, module, _loader(x, y, steps), steps, (x, y), {"lr": 0.5}, {},
+                                _val_loader(xv, yv), every, expected))
+    return runs
+
+
+def _overfitting() -> list[ScenarioRun]:
+    x, y = digits_data()
+    train, val = slice(0, 50), slice(1000, 1500)
+    steps, batch, every = 300, 10, 5
+    net = _built(0, lambda: nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                                          nn.Linear(256, 10)))
+    module = ValidatedModule(net, nn.functional.cross_entropy, lr=1e-3, optimizer="adam")
+    return [ScenarioRun("50 digits", module, _loader(x[train], y[train], steps, batch), steps, (x[train], y[train]),
+                        {"train_size": 50, "val_size": 500}, {}, _val_loader(x[val], y[val]), every,
+                        ("overfitting",))]
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -465,6 +573,26 @@ SCENARIOS: dict[str, Scenario] = {
             "The tanh MLP at lr = 0.2 with batch 8 and with the full batch of 128: the full batch ends at "
             "lambda_max ~ 2/lr, the small batch's noise keeps it in a flatter region (smaller lambda_max and trace).",
             _batch_size,
+            in_default=False,
+        ),
+        Scenario(
+            "model_bias",
+            "a linear classifier on a circle: a true minimum at a high loss",
+            None,
+            "Points inside or outside a circle; a linear classifier (full-batch GD, momentum 0.9) stalls at a minimum near "
+            "ln 2 that no step size can lower: model bias. An MLP on the same data reaches a far lower training "
+            "loss (the truth), and gets no model-bias finding.",
+            _model_bias,
+            in_default=False,
+        ),
+        Scenario(
+            "overfitting",
+            "a wide MLP on 50 digits: validation rises while training falls",
+            None,
+            "A 64-256-256-10 ReLU MLP trained with Adam on 50 digits, validated on 500 others every 5 steps: the "
+            "training loss goes to ~0 while the validation loss passes its minimum and rises (the truth, from "
+            "the recorded losses): overfitting.",
+            _overfitting,
             in_default=False,
         ),
     )

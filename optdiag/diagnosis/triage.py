@@ -55,8 +55,10 @@ RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
     # The training loss is high and the stall verdict names an optimization failure (plateau, saddle, bounce), or a
     # minimum whose level is SGD's noise floor.
     "optimization": (("optimization_verdict", True, 0.0), ("train_loss_high", True, 0.0)),
-    # The gap grows and the validation loss rises while the training loss does not rise.
-    "overfitting": (("gap_grows", True, 0.0), ("val_rises", True, 0.0), ("train_rises", False, 0.0)),
+    # Validation far above training, the gap growing and the validation loss rising while the training loss does
+    # not rise.
+    "overfitting": (("generalization_gap", True, 0.0), ("gap_grows", True, 0.0), ("val_rises", True, 0.0),
+                    ("val_above_best", True, 0.0), ("train_rises", False, 0.0)),
     # Training came down, validation barely did, and it is not the overfitting pattern: run the check.
     "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 0.0)),
     # Unscaled inputs: the features' standard deviations spread widely or one sits far off centre (either test;
@@ -78,7 +80,8 @@ def rule_scores(tests: dict[str, float | None], kinds: tuple[str, ...] | None = 
         kinds: the kinds to score (default: every kind with a row).
 
     Example:
-        >>> rule_scores({"gap_grows": 0.9, "val_rises": 0.8}, ("overfitting",))
+        >>> rule_scores({"generalization_gap": 1.0, "gap_grows": 0.9, "val_rises": 0.8, "val_above_best": 0.95},
+        ...             ("overfitting",))
         {'overfitting': 0.8}
     """
     scores = {}
@@ -240,6 +243,9 @@ VAL_STUCK_FRACTION = 0.5
 NOISE_FLOOR_SHARE = 0.1
 #: Validation "far above" training: ``(val - train) / train`` past this (half the training loss again).
 GAP_RELATIVE = 0.5
+#: The validation loss has risen materially when it is this share above its best (a significant trend alone can be
+#: a rise of a fraction of a percent on a noise-free validation loss).
+VAL_RISE_FRACTION = 0.1
 #: Validation points the trend tests look at (the most recent), and the fewest they need.
 TREND_POINTS = 10
 MIN_TREND_POINTS = 5
@@ -386,6 +392,10 @@ def triage_tests(inputs: TriageInputs) -> tuple[dict[str, float | None], dict[st
         ev["train_slope"] = fit.get("slope")
         best = min(range(len(inputs.val)), key=lambda i: inputs.val[i][1])
         ev["best_val_step"], ev["best_val_loss"] = inputs.val[best]
+        best_loss = inputs.val[best][1]
+        above = (val[-1] - best_loss) / best_loss if best_loss > 0 else (math.inf if val[-1] > best_loss else 0.0)
+        ev["val_above_best"] = above
+        tests["val_above_best"] = log_ratio_probability(above, VAL_RISE_FRACTION)
         relative_gap = (val[-1] - train[-1]) / train[-1] if train[-1] > 0 else math.inf
         ev["relative_gap"] = relative_gap
         tests["generalization_gap"] = log_ratio_probability(relative_gap, GAP_RELATIVE)
@@ -439,8 +449,9 @@ def _pct(x: Any) -> str:
 
 
 def _model_bias(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Recommendation], list[Suggestion]]:
-    noise = "" if ev.get("noise_floor_share") is None else \
-        f", and SGD's noise floor explains only {_pct(ev['noise_floor_share'])} of it"
+    share = ev.get("noise_floor_share")
+    noise = "" if share is None else ", with no gradient noise (full batch)" if share == 0 else \
+        f", and SGD's noise floor explains only {_pct(share)} of it"
     summary = (f"Model bias: the training loss stalled at {_g(ev.get('train_loss'))}, "
                f"{_pct(ev.get('train_fraction'))} of its initial distance to {_g(inputs.loss_floor)} still to go, at a "
                f"true minimum (stall verdict local_minimum at step {ev.get('verdict_step')}: gradient ~0, no "
