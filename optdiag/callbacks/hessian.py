@@ -772,6 +772,7 @@ class HessianMonitor(OptDiagCallback):
         sharpness = lambda_max
         if spec.preconditioned:
             params = [p for _, p in trainable_parameters(pl_module)]
+            torch_optimizer = getattr(optimizer, "optimizer", optimizer)
             try:
                 warmup = preconditioner_warmup(torch_optimizer, params)
                 if not warmup.ready:  # no ratio from a preconditioner that is still noise (docs/theory.md section 1)
@@ -827,7 +828,6 @@ class HessianMonitor(OptDiagCallback):
 
 class _Allowance:
     """The products a budgeted snapshot may still spend (``None``: no limit), handed out part by part."""
-            torch_optimizer = getattr(optimizer, "optimizer", optimizer)
 
     def __init__(self, products: int | None) -> None:
         self.left = products
