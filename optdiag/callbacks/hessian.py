@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
+from optdiag.callbacks._critical import CRITICAL_KEYS, UpdateCapture, critical_snapshot
+from optdiag.curvature.critical import MAX_EVALS
 from optdiag.curvature.density import spectral_density
 from optdiag.curvature.distributed import ReducedMeanOperator, reduce_sum
 from optdiag.curvature.lanczos import EigenResult, top_eigenvalues
@@ -31,6 +33,7 @@ _HEAVY = ("optimizer",)  # kept in the returned dict, left out of the history an
 _MIN_SOLVE_HVP = 4  # an eigen-solve given fewer products has seen too little of the spectrum to be worth its setup
 _FULL_EVERY = 4  # adaptive schedule: every 4th scheduled snapshot adds lambda_min and the trace to lambda_max
 _OVER_BUDGET = "over budget"
+_FORWARDS_PER_PRODUCT = 3  # a double-backward product costs about a forward, a backward and their derivative
 
 
 def lightning_loss(pl_module: Any, batch: Any) -> torch.Tensor:
@@ -222,6 +225,10 @@ class HessianMonitor(OptDiagCallback):
         self.monitor_seconds = 0.0
         self._n_snapshots = 0
         self._next_step: int | None = None
+        self._capture = UpdateCapture()  # the parameters before a step that a snapshot looks along
+        self._critical_seconds = 0.0  # the last snapshot's forward-only part (kept out of the product cost)
+        self._forward_seconds: float | None = None  # one forward over the probe set, as the critical part timed it
+        self._last_n_forward: int | None = None  # the forwards the last critical sharpness took
         self._reset_run()
 
     def _reset_run(self) -> None:
@@ -271,6 +278,17 @@ class HessianMonitor(OptDiagCallback):
             self._current_batch = batch
         elif len(self._probe_set) < self.probe_batches:
             self._probe_set.append(_clone_batch(batch))
+
+    @guarded
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        # The critical sharpness looks along the step a scheduled snapshot follows: keep the parameters before that
+        # step (one flat copy), and nothing at other steps (docs/critical-sharpness.md).
+        step = int(trainer.global_step)
+        if self.enabled and self._probe_ready() and (
+                self._due(step + 1) or (self.every_n_steps is None and self._next_step is None)):
+            self._capture.keep(pl_module, step)
+        else:
+            self._capture.release()
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -454,12 +472,14 @@ class HessianMonitor(OptDiagCallback):
 
     def _refresh_products(self, lambda_min: bool = False) -> int:
         """Products a scheduled snapshot is expected to take: each solve's last count (it warm-starts from it, and
-        gets at least ``_MIN_SOLVE_HVP``), batch sharpness, the preconditioned solve's for Adam/AdamW/RMSprop."""
+        gets at least ``_MIN_SOLVE_HVP``), batch sharpness, the preconditioned solve's for Adam/AdamW/RMSprop, and the
+        critical sharpness's forwards as products once they have been timed."""
         def last(part: str) -> int:
             return max(self._part_hvp.get(part, self.burst_hvp // 4), _MIN_SOLVE_HVP)
 
         pla = self._part_hvp.get("preconditioned_lambda_max", 0)
-        return last("lambda_max") + pla + (last("lambda_min") if lambda_min else 0) + self._n_probe_batches()
+        critical = 0 if self._forward_seconds is None else self._critical_products()
+        return last("lambda_max") + pla + (last("lambda_min") if lambda_min else 0) + self._n_probe_batches() + critical
 
     def _plan_next(self, trainer: Any, step: int) -> None:
         """Adaptive schedule: the next snapshot at the step where the bucket will hold its estimated cost above the
@@ -588,7 +608,7 @@ class HessianMonitor(OptDiagCallback):
         seconds = self.clock() - started
         n_hvp = int(result.get("n_hvp") or 0)
         if "skipped" not in result:
-            self._update_costs(seconds, self._last_setup_seconds, n_hvp)
+            self._update_costs(seconds - self._critical_seconds, self._last_setup_seconds, n_hvp)
         self._charge(seconds, reason, step, n_hvp)
         result["seconds"] = seconds
         if "skipped" not in result:
@@ -684,12 +704,15 @@ class HessianMonitor(OptDiagCallback):
         out.update(self._gradient_quantities(mean, operators))
         preconditioned = optimizer is not None and OptimizerSpec.from_torch(optimizer).preconditioned
         later = int(lambda_min) + int(preconditioned)  # solves after lambda_max, each owed _MIN_SOLVE_HVP products
+        out.update(self._critical(pl_module, mean, optimizer, step, allowance))  # before the solves take it all
         la = top_eigenvalues(mean, k=1, which="LA", tol=self.tol, max_hvp=allowance.cap(self.max_hvp, later),
                              v0=self.last_eigenvectors.get("LA"), seed=self.seed)
         self.last_eigenvectors["LA"] = la
         parts["lambda_max"] = allowance.spend(la.n_hvp)
         out.update(lambda_max=float(la.eigenvalues[0]), lambda_max_residual=float(la.residuals[0]))
         out.update(self._stability(mean, optimizer, pl_module, out["lambda_max"], allowance, int(lambda_min), parts))
+        if out["critical_sharpness"] is not None and out["stability_threshold"]:
+            out["critical_sharpness_ratio"] = out["critical_sharpness"] / out["stability_threshold"]
         out.update(lambda_min=None, lambda_min_residual=None, lambda_min_start=None)
         converged = la.converged
         if lambda_min:
@@ -793,6 +816,49 @@ class HessianMonitor(OptDiagCallback):
         if threshold is not None and threshold > 0:
             out["stability_ratio"] = sharpness / threshold
         return out
+
+    def _critical(self, pl_module: Any, mean: ReducedMeanOperator, optimizer: Any, step: int,
+                  allowance: "_Allowance") -> dict[str, Any]:
+        """The critical sharpness along the optimizer step that ended at ``step`` (forwards only), when the
+        parameters before it were kept and the allowance covers its price and lambda_max's least products: at most
+        ``MAX_EVALS`` forwards over the probe set, priced in products at the timed ratio of a forward to a product
+        (before one is timed, a product as ``_FORWARDS_PER_PRODUCT`` forwards). Its wall time is part of the
+        snapshot's charge; the forwards taken are the snapshot's ``n_forward``."""
+        self._critical_seconds = 0.0
+        out: dict[str, Any] = dict.fromkeys(CRITICAL_KEYS)
+        before = self._capture.before(step)
+        if before is None:
+            return out
+        if not allowance.covers(self._critical_products() + _MIN_SOLVE_HVP):
+            out["critical_note"] = _OVER_BUDGET
+            return out
+        started = self.clock()
+        batches = self.probe_set()
+        spec = OptimizerSpec.from_torch(optimizer) if optimizer is not None else None
+        sizes = [float(batch_size_of(b) or 1) for b in batches]
+        try:
+            out.update(critical_snapshot(pl_module, self.loss_fn, batches, sizes, before, dtype=mean.dtype,
+                                         reduce=mean.reduce_sum, lr=None if spec is None else spec.lr,
+                                         threshold=None))
+        except Exception as error:  # noqa: BLE001 - the eigenvalues of this snapshot stand without it
+            self.warn_once(f"critical:{type(error).__name__}", f"critical sharpness at step {step} unavailable "
+                           f"({type(error).__name__}: {error})")
+            out["critical_note"] = type(error).__name__
+        self._critical_seconds = self.clock() - started
+        if out["n_forward"]:
+            allowance.spend(self._critical_products(out["n_forward"]))
+            seconds, previous = self._critical_seconds / out["n_forward"], self._forward_seconds
+            self._forward_seconds = seconds if previous is None else 0.5 * (previous + seconds)
+            self._last_n_forward = out["n_forward"]
+        return out
+
+    def _critical_products(self, n_forward: int | None = None) -> int:
+        """The critical sharpness's price in products: ``n_forward`` forwards (default its last count, at first
+        ``MAX_EVALS``) at the timed ratio of a forward over the probe set to a product, or before either is timed a
+        product as ``_FORWARDS_PER_PRODUCT`` forwards."""
+        per_forward = (self._forward_seconds / self._product_seconds
+                       if self._forward_seconds is not None and self._product_seconds else 1 / _FORWARDS_PER_PRODUCT)
+        return math.ceil((n_forward or self._last_n_forward or MAX_EVALS) * per_forward)
 
     def _log_density(self, trainer: Any, density: Any, step: int) -> None:
         tb = self.tensorboard_logger(trainer)

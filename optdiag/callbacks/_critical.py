@@ -1,0 +1,112 @@
+"""Glue for the forward-only critical sharpness in :class:`~optdiag.callbacks.HessianMonitor`.
+
+The monitor keeps the parameters from before an optimizer step that ends in a scheduled snapshot
+(:class:`UpdateCapture`); the snapshot then looks along that step, ``u = theta_after - theta_before``, from
+``theta_before`` on the probe set with :func:`~optdiag.curvature.critical.line_sharpness` (a handful of forwards,
+reduced over the ranks so that every rank takes the same step sizes). docs/critical-sharpness.md has the method.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+from optdiag.curvature.critical import line_sharpness
+from optdiag.curvature.objective import BatchObjective
+from optdiag.curvature.params import flatten, trainable_parameters
+
+__all__ = ["CRITICAL_KEYS", "UpdateCapture", "critical_snapshot"]
+
+#: The snapshot keys the critical sharpness fills (None when not measured); ``critical_note`` says why not.
+CRITICAL_KEYS = ("critical_sharpness", "critical_sharpness_ratio", "critical_lr", "critical_lr_ratio",
+                 "directional_curvature", "directional_curvature_stderr", "n_forward", "critical_note")
+
+
+class UpdateCapture:
+    """The trainable parameters (one flat copy) from before one optimizer step.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> capture = UpdateCapture(); capture.keep(net, step=4)
+        >>> capture.before(5).shape, capture.before(6)
+        (torch.Size([3]), None)
+    """
+
+    def __init__(self) -> None:
+        self._step: int | None = None
+        self._before: torch.Tensor | None = None
+
+    def keep(self, module: torch.nn.Module, step: int) -> None:
+        """Copy ``module``'s trainable parameters now, before the optimizer step taken at ``step``."""
+        self._step, self._before = int(step), flatten(p.detach() for _, p in trainable_parameters(module))
+
+    def release(self) -> None:
+        """Forget the copy (its memory is the size of the parameters)."""
+        self._step = self._before = None
+
+    def before(self, step: int) -> torch.Tensor | None:
+        """The parameters before the step that ended at optimizer step ``step``; None when not kept for it."""
+        if self._step is None or self._step + 1 != int(step):
+            return None
+        return self._before
+
+
+def critical_snapshot(
+    module: torch.nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    batches: Sequence[Any],
+    sizes: Sequence[float],
+    before: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    reduce: Callable[[torch.Tensor], torch.Tensor],
+    lr: float | None,
+    threshold: float | None,
+) -> dict[str, Any]:
+    """The :data:`CRITICAL_KEYS` along the step from ``before`` to ``module``'s parameters, on ``batches``.
+
+    Args:
+        module: the model after the step, in the mode the loss is to be taken in.
+        loss_fn: ``loss_fn(module, batch) -> scalar``.
+        batches, sizes: this rank's probe batches and their sizes.
+        before: the flat trainable parameters before the step (:class:`UpdateCapture`).
+        dtype: the dtype to compute in.
+        reduce: sums a float64 tensor over the ranks (every rank calls it equally often).
+        lr: the learning rate of the step (None if unknown: no critical learning rate or sharpness).
+        threshold: the optimizer's stability threshold (None if unknown: no ratio).
+
+    Example:
+        >>> net = torch.nn.Linear(1, 1, bias=False).double(); before = torch.tensor([1.0], dtype=torch.float64)
+        >>> _ = net.weight.data.fill_(0.8)  # one SGD step at lr 0.1 on the loss w^2 (curvature 2)
+        >>> out = critical_snapshot(net, lambda m, b: (m(b) ** 2).mean(), [torch.ones(1, 1).double()], [1.0], before,
+        ...                         dtype=torch.float64, reduce=lambda t: t, lr=0.1, threshold=20.0)
+        >>> [round(out[k], 9) for k in ("directional_curvature", "critical_lr", "critical_sharpness_ratio")]
+        [2.0, 1.0, 0.1]
+    """
+    objective = BatchObjective(module, loss_fn, list(batches), batch_sizes=list(sizes), dtype=dtype, batch_list=True)
+    after = objective.point()
+    start = before.to(device=after.device, dtype=after.dtype)
+    update = after - start
+    weight = float(sum(sizes))
+
+    def phi(t: float) -> float:
+        local = objective.value(start + t * update, finite=False) * weight
+        total = reduce(torch.tensor([local, weight], dtype=torch.float64))
+        return float(total[0] / total[1])
+
+    lr = lr if lr is not None and math.isfinite(lr) and lr > 0 else None
+    result = line_sharpness(phi, update_norm=float(torch.linalg.vector_norm(update.double())), lr=lr,
+                            precision=float(torch.finfo(dtype).eps))
+    sharpness = result.critical_sharpness
+    return {
+        "critical_sharpness": sharpness,
+        "critical_sharpness_ratio": sharpness / threshold if sharpness is not None and threshold else None,
+        "critical_lr": result.critical_lr,
+        "critical_lr_ratio": result.lr_ratio,
+        "directional_curvature": result.directional_curvature,
+        "directional_curvature_stderr": result.directional_curvature_stderr,
+        "n_forward": result.n_evals,
+        "critical_note": result.reason,
+    }
