@@ -71,6 +71,10 @@ class Evidence:
         spike_count: loss spikes seen so far in the run, this one included.
         spike_probe_ratio: the loss on the fixed probe batches when a spike started over the same loss once it had
             recovered: well above 1 for a spike of the model, about 1 for a few hard minibatches.
+        directional_sharpness: the critical sharpness along the optimizer's update, ``2 / eta_c`` with ``eta_c`` the
+            largest learning rate at which the step does not raise the loss (forwards only, HessianMonitor's
+            ``critical_sharpness``; docs/critical-sharpness.md): compared with ``stability_threshold`` like
+            ``sharpness``, where no eigen-solve was affordable. 0 or negative: nothing limits the step.
         nonfinite: the run diverged: set automatically when a loss (``loss``, ``loss_window``, ``loss_min``,
             ``loss_initial``) is NaN or infinite or a gradient size (``grad_norm``, ``grad_sq_norm_unbiased``) is
             ``+inf``.
@@ -126,6 +130,7 @@ class Evidence:
     stability_ratio_before: float | None = None
     spike_count: int | None = None
     spike_probe_ratio: float | None = None
+    directional_sharpness: float | None = None
     clamped: dict[str, float] = field(default_factory=dict)
     unavailable: list[str] = field(default_factory=list)
 

@@ -21,13 +21,15 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
             r"optdiag/stability_threshold$",
             r"optdiag/batch_sharpness$",
             r"optdiag/preconditioned_lambda_max$",
+            r"optdiag/critical_sharpness$",  # forwards only, along the update (docs/critical-sharpness.md)
         ],
         "lambda_min": [r"optdiag/lambda_min$", r"optdiag/(stall|spike|divergence)/lambda_min$"],
         "Hessian trace": [r"optdiag/hessian_trace$"],
         "Hessian-vector products per estimate": [r"optdiag/hvp_count$"],
     },
     "optdiag: Stability": {
-        "stability ratio (lambda_max / threshold; > 1 is unstable)": [r"optdiag/stability_ratio$"],
+        "stability ratio (lambda_max / threshold; > 1 is unstable)": [r"optdiag/stability_ratio$",
+                                                                      r"optdiag/critical_sharpness_ratio$"],
     },
     "optdiag: Gradients": {
         "global gradient norm (before / after clipping)": [r"optdiag/grad_norm$", r"optdiag/grad_norm_clipped$"],
