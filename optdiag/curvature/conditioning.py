@@ -392,9 +392,11 @@ def saturation_statistics(graph: LossGraph, margin: float = SATURATION_MARGIN) -
     * ``saturated_share``: share of outputs within ``margin`` of 0 or 1 (sigmoid: each output; softmax: each
       sample whose largest probability is above ``1 - margin``).
     * ``wrong_saturated_share``: share of outputs saturated at the wrong end: ``|p - y| > 1/2`` there.
-    * ``gradient_ratio``: the gradient the squared error passes to the logits over the one cross-entropy would
-      pass at the same outputs, ``|2 J (p - y)| / |p - y|`` over the batch, with ``J`` the softmax's Jacobian
-      ``diag(p) - p p^T`` (sigmoid: ``p (1 - p)``). At most 1/2; near 0 when the outputs are saturated.
+    * ``gradient_ratio``: how much of cross-entropy's pull on the logits the squared error keeps: its logit
+      gradient ``2 J (p - y)`` (``J = diag(p) - p p^T`` the softmax's Jacobian; sigmoid: ``p (1 - p)``) projected on
+      cross-entropy's ``p - y``, summed over the batch, over ``sum |p - y|^2``. Per sample ``2 Var_p(p - y) /
+      |p - y|^2``: 2/K at a uniform softmax output (sigmoid: at most 1/2), near 0 once an output saturates (the true
+      class's logit then gets almost no push, where cross-entropy's is ``p_y - 1 ~ -1``).
     * ``loss_ratio``: ``mean (p - y)^2`` over that of the uniform output (``1/K``; sigmoid: 1/2): 1 means no better
       than knowing nothing.
     * ``classes``: ``K`` (softmax) or 1 (sigmoid, per output).
@@ -434,8 +436,8 @@ def saturation_statistics(graph: LossGraph, margin: float = SATURATION_MARGIN) -
             uniform = torch.full_like(p, 0.5)
         wrong = saturated & (at_top.abs() > 0.5)
         out["wrong_saturated_share"] = float(wrong.double().mean())
-        norm = float(residual.square().sum().sqrt())
-        out["gradient_ratio"] = 2.0 * float(jacobian_residual.square().sum().sqrt()) / norm if norm > 0 else None
+        norm = float(residual.square().sum())
+        out["gradient_ratio"] = 2.0 * float((residual * jacobian_residual).sum()) / norm if norm > 0 else None
         chance = float((uniform - y).square().mean())
         loss = float(residual.square().mean())
         out["loss_ratio"] = loss / chance if chance > 0 else None

@@ -49,8 +49,10 @@ OFFSET_RATIO = 10.0
 SPARSE_ZERO_SHARE = 0.9
 #: A feature whose standard deviation is below this share of the largest is constant (never a scale).
 CONSTANT_SHARE = 1e-9
-#: The squared error passes at most this share of cross-entropy's gradient to the logits: attenuated. The share is
-#: ``2 |J (p - y)| / |p - y|`` (at most 1/2; 2/K for K classes at a uniform output), ~0.02 once outputs saturate.
+#: The squared error keeps at most this share of cross-entropy's pull on the logits: attenuated. The share
+#: (``optdiag.curvature.conditioning.saturation_statistics``) is 2/K for K classes at a uniform output (0.2 for 10)
+#: and falls to ~0.02 once the outputs saturate; below 0.05 the squared error descends 20 times slower than
+#: cross-entropy from the same point.
 GRADIENT_ATTENUATION = 0.05
 #: The squared error is "high" above this share of a uniform guess's (p = 1/K, sigmoid 1/2).
 LOSS_RATIO_HIGH = 0.5
@@ -282,9 +284,11 @@ def loss_choice_finding(step: int, graph_kind: str | None, statistics: Mapping[s
     saturated = (f"{stats['saturated_share']:.0%} of the outputs are saturated"
                  + (f" ({wrong:.0%} at the wrong end)" if _finite(wrong) else "")) \
         if _finite(stats.get("saturated_share")) else "the outputs saturate"
-    summary = (f"Loss choice: {source}; {saturated}, where the squared error passes "
-               f"{_g(stats.get('gradient_ratio'))} of the gradient cross-entropy would, and the loss stalled at "
-               f"{_g(stats.get('loss_ratio'))}x that of a uniform guess: a plateau of the loss, not of the model.")
+    ratio = stats.get("gradient_ratio")
+    kept = f"{ratio:.1%}" if _finite(ratio) else "?"
+    summary = (f"Loss choice: {source}; {saturated}, and the squared error keeps {kept} of cross-entropy's pull on "
+               f"the logits; the loss stalled at {_g(stats.get('loss_ratio'))}x that of a uniform guess: a plateau "
+               "of the loss function, not of the model.")
     fix = ("nn.BCEWithLogitsLoss on the logits (drop the sigmoid)" if link == "sigmoid"
            else "nn.CrossEntropyLoss on the logits (drop the softmax; it takes class indices or probabilities)")
     numbers = {k: stats[k] for k in ("saturated_share", "wrong_saturated_share", "gradient_ratio", "loss_ratio")
