@@ -130,7 +130,11 @@ export function lineChart(spec) {
     const g = svg("g", { class: `marker ${m.cls || ""}` });
     for (const [k, v] of Object.entries(m.data || {})) g.setAttribute(`data-${k}`, v);
     g.appendChild(svg("line", { x1: px(m.step), x2: px(m.step), y1: M.top, y2: H - M.bottom }));
-    if (m.label) g.appendChild(svg("text", { x: px(m.step) + 3, y: M.top + 10 + (m.row || 0) * 11 }, m.label));
+    if (m.label) {
+      const left = px(m.step) > W - 150; // a label near the right edge goes on the marker's left, not off the chart
+      g.appendChild(svg("text", { x: px(m.step) + (left ? -3 : 3), y: M.top + 10 + (m.row || 0) * 11,
+        "text-anchor": left ? "end" : "start" }, m.label));
+    }
     if (m.title) g.appendChild(svg("title", {}, m.title));
     root.appendChild(g);
   }
