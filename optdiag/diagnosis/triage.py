@@ -59,8 +59,10 @@ RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
     # not rise.
     "overfitting": (("generalization_gap", True, 0.0), ("gap_grows", True, 0.0), ("val_rises", True, 0.0),
                     ("val_above_best", True, 0.0), ("train_rises", False, 0.0)),
-    # Training came down, validation barely did, and it is not the overfitting pattern: run the check.
-    "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 0.0)),
+    # Training came down, validation barely did and no longer falls, and it is not the overfitting pattern: run the
+    # check.
+    "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 0.0),
+                                  ("val_falls", False, 0.0)),
     # Unscaled inputs: the features' standard deviations spread widely or one sits far off centre (either test;
     # optdiag.diagnosis.conditioning, docs/conditioning.md).
     "ill_conditioning": (("inputs_unscaled", True, 0.0),),
@@ -387,6 +389,8 @@ def triage_tests(inputs: TriageInputs) -> tuple[dict[str, float | None], dict[st
         tests["val_rises"], fit = rise_probability(steps, val, noise_sd=difference_noise(np.array(val))
                                                    if len(val) >= 3 else None)
         ev["val_slope"] = fit.get("slope")
+        tests["val_falls"], _ = rise_probability(steps, val, noise_sd=difference_noise(np.array(val))
+                                                 if len(val) >= 3 else None, falling=True)
         tests["train_rises"], fit = rise_probability(steps, train, noise_sd=difference_noise(np.array(train))
                                                      if len(train) >= 3 else None)
         ev["train_slope"] = fit.get("slope")
