@@ -55,6 +55,7 @@ class RunResult:
         val_losses: ``(step, validation loss)`` recorded by the module (runs with a validation loop).
         full_loss: the training loss on the full training set at the end (no optdiag involved).
         expected_findings: the triage finding kinds the scenario expects of this run (None: not checked).
+        metrics: the scenario's own end-of-run numbers (``ScenarioRun.evaluate``: accuracy, ...), no optdiag involved.
     """
 
     label: str
@@ -70,6 +71,7 @@ class RunResult:
     val_losses: list = field(default_factory=list)
     full_loss: float | None = None
     expected_findings: tuple[str, ...] | None = None
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -171,7 +173,7 @@ def _train(spec: Scenario, run: ScenarioRun, out_dir: str) -> RunResult:
         curvature=callback.hessian_monitor.history, final=final, truth=dict(run.truth), log_dir=logger.log_dir,
         events_file=events_path(logger.log_dir), seconds=seconds, findings=list(callback.findings),
         val_losses=list(getattr(run.module, "val_losses", [])), full_loss=full_loss,
-        expected_findings=run.findings,
+        expected_findings=run.findings, metrics=run.evaluate(run.module, run.data) if run.evaluate else {},
     )
 
 
@@ -332,7 +334,34 @@ def _check_overfitting(result: ScenarioResult) -> list[Check]:
                   f"{_fmt(train_at_best)} -> {_fmt(train_end)}")]
 
 
+def _check_unscaled_inputs(result: ScenarioResult) -> list[Check]:
+    unscaled, standardized = result.runs[0], result.runs[-1]
+    ok = None not in (unscaled.full_loss, standardized.full_loss) and standardized.full_loss < 0.5 * unscaled.full_loss
+    checks = [Check("standardized inputs converge faster at the same lr", ok,
+                    f"full-data loss after {len(unscaled.losses)} steps: {unscaled.label} {_fmt(unscaled.full_loss)}, "
+                    f"{standardized.label} {_fmt(standardized.full_loss)}")]
+    found = next((f for f in unscaled.findings if f.kind == "ill_conditioning"), None)
+    if found is not None:
+        spread, truth = found.evidence.get("std_spread"), max(unscaled.truth["feature_stds"]) / min(
+            unscaled.truth["feature_stds"])
+        checks.append(Check("measured spread of the feature scales", spread is not None and
+                            abs(spread - truth) <= 0.25 * truth, f"std spread {_fmt(spread)} (truth {_fmt(truth)})"))
+    return checks
+
+
+def _check_mse_softmax(result: ScenarioResult) -> list[Check]:
+    mse, ce = result.runs[0].metrics, result.runs[-1].metrics
+    ok = bool(mse) and bool(ce) and ce["accuracy"] >= mse["accuracy"] + 0.5 and \
+        ce["probability_squared_error"] < 0.5 * mse["probability_squared_error"]
+    return [Check("cross-entropy leaves the plateau", ok,
+                  f"accuracy {_fmt(mse.get('accuracy'))} -> {_fmt(ce.get('accuracy'))}, squared error of the "
+                  f"probabilities {_fmt(mse.get('probability_squared_error'))} -> "
+                  f"{_fmt(ce.get('probability_squared_error'))}")]
+
+
 _CHECKS: dict[str, Callable[[ScenarioResult], list[Check]]] = {
+    "unscaled_inputs": _check_unscaled_inputs,
+    "mse_softmax": _check_mse_softmax,
     "model_bias": _check_model_bias,
     "overfitting": _check_overfitting,
     "saddle": _check_saddle,

@@ -28,6 +28,13 @@ The triage scenarios have a validation loop, and their truth is a comparison tha
 - ``overfitting``: a wide MLP on 50 digits (Adam): the training loss goes to ~0 while the validation loss on 500
   other digits passes its minimum and rises.
 
+The input-side scenarios compare a run with the same run after the advice (docs/conditioning.md):
+
+- ``unscaled_inputs``: a tanh MLP regression whose 8 features have standard deviations from 0.1 to 10; the same
+  run on the standardized features (the second run) ends at a third of the loss at the same ``lr``.
+- ``mse_softmax``: a softmax classifier started with saturated (large) logits and trained on the squared error of
+  its probabilities sits on a plateau; the same run with cross-entropy on the logits leaves it.
+
 Example:
     >>> from optdiag.demo.scenarios import SCENARIOS, scenario
     >>> sorted(SCENARIOS)[:3]
@@ -68,6 +75,9 @@ __all__ = [
     "ValidatedModule",
     "ring_data",
     "digits_data",
+    "unscaled_regression_data",
+    "blob_classes",
+    "mse_on_softmax",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -323,6 +333,8 @@ class ScenarioRun:
         val_loader: the validation DataLoader (one batch), or None for a run without validation.
         val_every: validate every this many steps (an epoch is the whole run).
         findings: the triage finding kinds expected (``needs_validation`` aside); None when not checked.
+        evaluate: ``evaluate(module, data) -> {name: number}`` at the end of the run, for truth checks that compare
+            runs with different losses (accuracy, ...); None when ``full_loss`` suffices.
     """
 
     label: str
@@ -335,6 +347,7 @@ class ScenarioRun:
     val_loader: DataLoader | None = None
     val_every: int | None = None
     findings: tuple[str, ...] | None = None
+    evaluate: Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor]], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -513,6 +526,96 @@ def _overfitting() -> list[ScenarioRun]:
                         ("overfitting",))]
 
 
+#: The unscaled features' standard deviations: 0.1 to 10 (a spread of 100, curvatures 10^4 apart).
+UNSCALED_SCALES = tuple(float(v) for v in torch.logspace(-1, 1, 8))
+#: The saturating classifier's initial weights are this many times PyTorch's default: most outputs start saturated.
+SATURATING_INIT = 20.0
+
+
+def unscaled_regression_data(n: int = 512, in_features: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Standard normal features and a smooth target of all of them alike, ``2 tanh(x . w / sqrt(d))`` plus noise 0.1.
+
+    Example:
+        >>> x, y = unscaled_regression_data(16)
+        >>> tuple(x.shape), tuple(y.shape)
+        ((16, 8), (16, 1))
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_features, generator=gen)
+    w = torch.randn(in_features, 1, generator=gen)
+    return x, 2.0 * torch.tanh(x @ w / math.sqrt(in_features)) + 0.1 * torch.randn(n, 1, generator=gen)
+
+
+def blob_classes(n: int = 512, in_features: int = 16, classes: int = 10, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gaussian clouds of unit variance around ``classes`` standard normal centres, balanced labels.
+
+    Example:
+        >>> x, y = blob_classes(20)
+        >>> tuple(x.shape), y[:3].tolist()
+        ((20, 16), [0, 1, 2])
+    """
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, in_features, generator=gen)
+    labels = torch.arange(n) % classes
+    return centres[labels] + torch.randn(n, in_features, generator=gen), labels
+
+
+def mse_on_softmax(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean squared error between the softmax probabilities and the one-hot labels (the loss not to use).
+
+    Example:
+        >>> round(float(mse_on_softmax(torch.zeros(1, 2), torch.tensor([0]))), 4)
+        0.25
+    """
+    probabilities = torch.softmax(logits, dim=-1)
+    return nn.functional.mse_loss(probabilities, nn.functional.one_hot(labels, logits.shape[-1]).to(logits.dtype))
+
+
+def _unscaled_inputs() -> list[ScenarioRun]:
+    x, y = unscaled_regression_data()
+    scales = torch.tensor(UNSCALED_SCALES)
+    lr, steps, batch = 0.003, 600, 64
+    runs = []
+    for label, inputs, expected in (("unscaled", x * scales, ("ill_conditioning",)), ("standardized", x, ())):
+        net = _built(0, lambda: nn.Sequential(nn.Linear(x.shape[1], 32), nn.Tanh(), nn.Linear(32, 1)))
+        module = ScenarioModule(net, nn.functional.mse_loss, lr=lr)
+        truth = {"lr": lr, "feature_stds": UNSCALED_SCALES if label == "unscaled" else None}
+        # a fixed cadence, so that the per-layer trace is measured in these short runs
+        runs.append(ScenarioRun(label, module, _loader(inputs, y, steps, batch), steps, (inputs, y), truth,
+                                {"every_n_steps": 50}, findings=expected))
+    return runs
+
+
+def _saturating_classifier(in_features: int, classes: int) -> nn.Module:
+    net = nn.Linear(in_features, classes)
+    with torch.no_grad():
+        net.weight.mul_(SATURATING_INIT)
+    return net
+
+
+def _mse_softmax() -> list[ScenarioRun]:
+    x, y = blob_classes()
+    lr, steps, batch = 0.5, 300, 64
+    runs = []
+    # the squared error stalls on a plateau (a stall verdict, hence also the triage's "optimization" finding)
+    for label, loss_fn, expected in (("mse on softmax", mse_on_softmax, ("loss_choice", "optimization")),
+                                     ("cross-entropy", nn.functional.cross_entropy, ())):
+        module = ScenarioModule(_built(0, lambda: _saturating_classifier(x.shape[1], 10)), loss_fn, lr=lr)
+        runs.append(ScenarioRun(label, module, _loader(x, y, steps, batch), steps, (x, y),
+                                {"lr": lr, "init_scale": SATURATING_INIT}, {}, findings=expected,
+                                evaluate=_classifier_metrics))
+    return runs
+
+
+def _classifier_metrics(module: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """Accuracy and the squared error of the probabilities on the full data: comparable across losses."""
+    with torch.no_grad():
+        logits = module(data[0])
+        return {"accuracy": float((logits.argmax(dim=-1) == data[1]).float().mean()),
+                "probability_squared_error": float(mse_on_softmax(logits, data[1]))}
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -593,6 +696,28 @@ SCENARIOS: dict[str, Scenario] = {
             "training loss goes to ~0 while the validation loss passes its minimum and rises (the truth, from "
             "the recorded losses): overfitting.",
             _overfitting,
+            in_default=False,
+        ),
+        Scenario(
+            "unscaled_inputs",
+            "a regression whose features' scales span 0.1 to 10",
+            None,
+            "A tanh MLP (8-32-1, SGD lr 0.003, batch 64) on 8 features with standard deviations from 0.1 to 10: the "
+            "first layer's curvatures span 10^4, the stable step is set by the largest, and the small features' "
+            "weights crawl: ill-conditioning. The same run on standardized features (the second run) ends at a "
+            "third of the loss at the same lr (the truth).",
+            _unscaled_inputs,
+            in_default=False,
+        ),
+        Scenario(
+            "mse_softmax",
+            "a saturated softmax classifier trained on the squared error of its probabilities",
+            None,
+            "A linear softmax classifier on 10 Gaussian classes, initial weights 20x the default (most outputs "
+            "saturated at a wrong class), SGD lr 0.5: the squared error of the probabilities keeps ~2% of "
+            "cross-entropy's gradient there and sits on a plateau (loss choice). The same run with cross-entropy on "
+            "the logits leaves it (the truth: its accuracy and probability error).",
+            _mse_softmax,
             in_default=False,
         ),
     )
