@@ -125,7 +125,8 @@ def test_run_route_for_adam_has_the_preconditioned_sharpness(served):
     base, logdir, runs = served
     view = get(f"{base}/data/plugin/optdiag/run?run={runs['adam']}")
     scalars = _scalars(logdir / runs["adam"])
-    assert view["series"]["preconditioned_lambda_max"] == [list(p) for p in scalars["optdiag/preconditioned_lambda_max"]]
+    precond = scalars["optdiag/preconditioned_lambda_max"]
+    assert view["series"]["preconditioned_lambda_max"] == [list(p) for p in precond]
     assert view["series"]["stability_threshold"] == [list(p) for p in scalars["optdiag/stability_threshold"]]
     assert view["verdicts"] == [] and view["message"].startswith("No verdict so far")
 
@@ -207,7 +208,8 @@ def test_the_tab_renders_verdicts_timeline_and_threshold_chart_in_chromium(serve
     base, logdir, runs = served
     query = "".join(f"&run={runs[k]}" for k in ("saddle", "adam", "plain"))
     dom = _Dom()
-    dom.feed(_chromium("--virtual-time-budget=10000", "--dump-dom", f"{base}/data/plugin_entry.html?name=optdiag{query}"))
+    frame = f"{base}/data/plugin_entry.html?name=optdiag{query}"  # what TensorBoard puts in the tab, these runs
+    dom.feed(_chromium("--virtual-time-budget=10000", "--dump-dom", frame))
     records = read_events(events_path(logdir / runs["saddle"]))
     diagnoses = [r for r in records if "record" not in r]
     saddle_scalars, adam_scalars = _scalars(logdir / runs["saddle"]), _scalars(logdir / runs["adam"])

@@ -1,5 +1,6 @@
-// The optdiag tab. TensorBoard imports this module into the tab's frame and calls render(). Per run: the loss with the verdicts and spikes marked, the sharpness against the
-// optimizer's stability threshold, lambda_min, and every verdict with its evidence, outcome and suggestions.
+// The optdiag tab. TensorBoard imports this module into the tab's frame and calls render(). Per run: the loss with
+// the verdicts and spikes marked, the sharpness against the optimizer's stability threshold, lambda_min, and every
+// verdict with its evidence, outcome and suggestions.
 // The data comes from two JSON routes of the plugin (plugin.py); docs/tensorboard-tab.md explains every part.
 import { fmt, lineChart, num } from "./chart.js";
 
@@ -75,7 +76,8 @@ class App {
     let defaults = [...this.selected.values()].filter(Boolean).length;
     for (const r of runs) {
       if (!this.selected.has(r.run)) {
-        this.selected.set(r.run, this.asked.length ? this.asked.includes(r.run) : r.optdiag && defaults < MAX_DEFAULT_RUNS);
+        const show = this.asked.length ? this.asked.includes(r.run) : r.optdiag && defaults < MAX_DEFAULT_RUNS;
+        this.selected.set(r.run, show);
         defaults += this.selected.get(r.run) ? 1 : 0;
       }
     }
@@ -129,7 +131,8 @@ function runSection(view) {
   }
   const xs = [view.loss ? view.loss.points : [], ...Object.values(view.series)].flat().map((p) => p[0]);
   const xRange = xs.length ? [Math.min(...xs), Math.max(...xs)] : null;
-  section.append(timeline(view, xRange), el("div", { class: "pair" }, thresholdChart(view, xRange), lambdaMinChart(view, xRange)));
+  section.append(timeline(view, xRange),
+    el("div", { class: "pair" }, thresholdChart(view, xRange), lambdaMinChart(view, xRange)));
   section.append(el("div", { class: "verdicts" }, view.verdicts.map(verdictCard)));
   if (view.findings.length) {
     section.append(el("h3", {}, "triage findings (training against validation loss)"),
@@ -156,7 +159,8 @@ function timeline(view, xRange) {
   const verdictSteps = new Set(view.verdicts.map((v) => v.step));
   for (const reason of ["spike", "divergence"]) {
     for (const step of view.snapshots[reason] || []) {
-      if (!verdictSteps.has(step)) markers.push({ step, cls: `event ${reason}`, label: reason, data: { event: reason, step } });
+      if (verdictSteps.has(step)) continue;
+      markers.push({ step, cls: `event ${reason}`, label: reason, data: { event: reason, step } });
     }
   }
   const points = view.loss ? view.loss.points : [];
@@ -175,7 +179,8 @@ function thresholdChart(view, xRange) {
   if (adaptive && s.lambda_max) series.push({ name: "lambda_max (raw)", points: s.lambda_max, cls: "raw" });
   for (const reason of ["stall", "spike", "divergence"]) {
     if (!adaptive && s[`${reason}/lambda_max`]) {
-      series.push({ name: `${reason} snapshot`, points: s[`${reason}/lambda_max`], cls: `snapshot ${reason}`, dots: true });
+      series.push({ name: `${reason} snapshot`, points: s[`${reason}/lambda_max`], cls: `snapshot ${reason}`,
+        dots: true });
     }
   }
   // the threshold applies where a ratio was logged: none while Adam's preconditioner warms up (raw lambda_max
@@ -203,7 +208,9 @@ function thresholdChart(view, xRange) {
     if (ratioPoint && ratioPoint[0] === top[0]) {
       const ratio = num(ratioPoint[1]);
       reading.dataset.ratio = String(ratio);
-      text += ` (ratio ${fmt(ratio)}: ${ratio > 1 ? "unstable along the sharpest direction" : ratio > 0.8 ? "near the edge of stability" : "stable"})`;
+      const state = ratio > 1 ? "unstable along the sharpest direction"
+        : ratio > 0.8 ? "near the edge of stability" : "stable";
+      text += ` (ratio ${fmt(ratio)}: ${state})`;
     } else if (last(s.stability_threshold)) {
       text += " (no stability ratio yet: the optimizer's preconditioner is warming up)";
     } else {
@@ -222,7 +229,8 @@ function lambdaMinChart(view, xRange) {
   const series = [{ name: "lambda_min", points: s.lambda_min || [], cls: "lambda-min", dots: true }];
   for (const reason of ["stall", "spike", "divergence"]) {
     if (s[`${reason}/lambda_min`]) {
-      series.push({ name: `${reason} snapshot`, points: s[`${reason}/lambda_min`], cls: `snapshot ${reason}`, dots: true });
+      series.push({ name: `${reason} snapshot`, points: s[`${reason}/lambda_min`], cls: `snapshot ${reason}`,
+        dots: true });
     }
   }
   const figure = lineChart({
@@ -239,7 +247,8 @@ function lambdaMinChart(view, xRange) {
 function flatEvidence(evidence, prefix = "") {
   const rows = [];
   for (const [name, value] of Object.entries(evidence)) {
-    if (value !== null && typeof value === "object" && !Array.isArray(value)) rows.push(...flatEvidence(value, `${prefix}${name}.`));
+    const nested = value !== null && typeof value === "object" && !Array.isArray(value);
+    if (nested) rows.push(...flatEvidence(value, `${prefix}${name}.`));
     else rows.push([prefix + name, value]);
   }
   return rows;
@@ -273,8 +282,10 @@ function verdictCard(v) {
   card.append(el("p", { class: "summary" }, v.summary));
   card.append(evidenceTable(v.key_evidence.map((k) => [k, v.evidence[k]]), "key"));
   if (prediction) {
-    const when = v.outcome ? `checked at step ${v.outcome.checked_at_step}: ${outcome}${v.outcome.detail ? ` (${v.outcome.detail})` : ""}`
-      : prediction.check_at_step !== undefined ? `to be checked at step ${prediction.check_at_step}` : "not checked yet";
+    const detail = v.outcome && v.outcome.detail ? ` (${v.outcome.detail})` : "";
+    const when = v.outcome ? `checked at step ${v.outcome.checked_at_step}: ${outcome}${detail}`
+      : prediction.check_at_step !== undefined ? `to be checked at step ${prediction.check_at_step}`
+        : "not checked yet";
     card.append(el("p", { class: "prediction" }, el("b", {}, "Predicted: "), `${prediction.claim || "—"}; ${when}.`));
   }
   if (v.suggestions.length) card.append(suggestionsTable(v.suggestions));
