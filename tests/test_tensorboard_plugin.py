@@ -22,7 +22,7 @@ import pytest
 
 from optdiag.diagnosis.types import to_jsonable
 from optdiag.sinks.events import events_path, read_events
-from optdiag.tensorboard_plugin.local import chromium, find_chromium, get, tensorboard_server
+from optdiag.tensorboard_plugin.local import Page, chromium, find_chromium, get, tensorboard_server
 
 pytestmark = pytest.mark.slow
 
@@ -196,12 +196,13 @@ class _Dom(HTMLParser):
                 and all(e.get(k.replace("_", "-")) == v for k, v in attrs.items())]
 
 
-def _chromium(*args: str) -> str:
+def _browser() -> str:
+    """The Chromium executable; without one the test skips, or fails when CI requires the browser."""
     if CHROMIUM is None:
         if REQUIRE_BROWSER:
             pytest.fail("OPTDIAG_REQUIRE_BROWSER=1 but no chromium on PATH (.ci/run installs Debian's chromium)")
         pytest.skip("no chromium on PATH: the tab is not rendered (set OPTDIAG_REQUIRE_BROWSER=1 to make this fail)")
-    return chromium(*args, executable=CHROMIUM)
+    return CHROMIUM
 
 
 def test_the_tab_renders_verdicts_timeline_and_threshold_chart_in_chromium(served):
@@ -209,7 +210,7 @@ def test_the_tab_renders_verdicts_timeline_and_threshold_chart_in_chromium(serve
     query = "".join(f"&run={runs[k]}" for k in ("saddle", "adam", "plain"))
     dom = _Dom()
     frame = f"{base}/data/plugin_entry.html?name=optdiag{query}"  # what TensorBoard puts in the tab, these runs
-    dom.feed(_chromium("--virtual-time-budget=10000", "--dump-dom", frame))
+    dom.feed(chromium("--virtual-time-budget=10000", "--dump-dom", frame, executable=_browser()))
     records = read_events(events_path(logdir / runs["saddle"]))
     diagnoses = [r for r in records if "record" not in r]
     saddle_scalars, adam_scalars = _scalars(logdir / runs["saddle"]), _scalars(logdir / runs["adam"])
@@ -257,3 +258,20 @@ def test_the_tab_renders_verdicts_timeline_and_threshold_chart_in_chromium(serve
     # a run without optdiag data says so
     plain = [e for e in dom.find("p", cls="no-data")]
     assert len(plain) == 1 and plain[0]["text"].startswith("No optdiag data in this run")
+
+
+def test_the_open_tab_follows_a_run_while_it_trains(served):
+    # the tab polls: verdicts appended to a run's events.jsonl appear in an open tab without reloading it
+    base, logdir, runs = served
+    source, target = events_path(logdir / runs["saddle"]), events_path(logdir / runs["plain"])
+    kinds = "[...document.querySelectorAll('article.verdict')].map((a) => a.dataset.kind + '@' + a.dataset.step)"
+    with Page(f"{base}/data/plugin_entry.html?name=optdiag&run={runs['plain']}", executable=_browser()) as page:
+        message = page.wait_for("document.querySelector('section.run p.message')?.textContent")
+        assert message.startswith("No optdiag data in this run") and page.evaluate(kinds) == []
+        os.makedirs(os.path.dirname(target))
+        try:
+            shutil.copy(source, target)
+            expected = [f"{r['kind']}@{r['step']}" for r in read_events(source) if "record" not in r]
+            assert page.wait_for(f"({kinds}).length === {len(expected)} && {kinds}", timeout=30) == expected
+        finally:
+            shutil.rmtree(os.path.dirname(target))

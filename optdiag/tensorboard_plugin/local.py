@@ -1,9 +1,15 @@
 """A local ``tensorboard`` on a loopback port and a headless Chromium to look at the tab (tests, docs screenshots).
 
+:func:`chromium` runs the browser once (``--dump-dom``, ``--screenshot``); :class:`Page` keeps a page open and
+evaluates JavaScript in it while it runs (Chrome's DevTools protocol over ``--remote-debugging-pipe``), to watch the
+tab follow a run that changes.
+
 Example::
 
     with tensorboard_server("lightning_logs") as base:
         html = chromium("--dump-dom", base + "/data/plugin_entry.html?name=optdiag")
+        with Page(base + "/data/plugin_entry.html?name=optdiag") as page:
+            page.wait_for("document.querySelectorAll('article.verdict').length > 0")
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Iterator
 
-__all__ = ["free_port", "get", "tensorboard_server", "find_chromium", "chromium"]
+__all__ = ["free_port", "get", "tensorboard_server", "find_chromium", "chromium", "Page"]
 
 
 def free_port() -> int:
@@ -90,3 +96,101 @@ def chromium(*args: str, executable: str | None = None, timeout: float = 120.0) 
     if result.returncode != 0:
         raise RuntimeError(f"chromium exited with {result.returncode}: {result.stderr[-2000:]}")
     return result.stdout
+
+
+_HEADLESS = ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars")
+
+
+class Page:
+    """One page open in headless Chromium, driven through the DevTools protocol on a pipe (no extra package).
+
+    Chromium reads commands on its file descriptor 3 and answers on 4, one JSON message per NUL-terminated chunk.
+
+    Args:
+        url: the page to open.
+        executable: the browser (default :func:`find_chromium`).
+
+    Raises:
+        FileNotFoundError: when there is no Chromium on PATH.
+    """
+
+    def __init__(self, url: str, *, executable: str | None = None) -> None:
+        executable = executable or find_chromium()
+        if executable is None:
+            raise FileNotFoundError("no chromium on PATH (Debian: apt-get install chromium)")
+        to_browser, self._send = os.pipe()
+        self._receive, from_browser = os.pipe()
+
+        def as_fds_3_and_4() -> None:  # in the child, before exec: its ends of the pipes become 3 and 4
+            read, write = os.dup(to_browser), os.dup(from_browser)  # copies first: a dup2 may overwrite an original
+            os.dup2(read, 3)
+            os.dup2(write, 4)
+
+        self._process = subprocess.Popen([executable, *_HEADLESS, "--remote-debugging-pipe", "about:blank"],
+                                          preexec_fn=as_fds_3_and_4, pass_fds=(3, 4),
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_browser)
+        os.close(from_browser)
+        self._buffer = b""
+        self._id = 0
+        try:
+            target = self._call("Target.createTarget", url=url)["targetId"]
+            self._session = self._call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        except BaseException:
+            self.close()
+            raise
+
+    def _call(self, method: str, session: str | None = None, **params: Any) -> dict:
+        self._id += 1
+        message = {"id": self._id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._send, json.dumps(message).encode() + b"\0")
+        while True:  # skip events until the answer to this call
+            while b"\0" not in self._buffer:
+                chunk = os.read(self._receive, 1 << 16)
+                if not chunk:
+                    raise RuntimeError("chromium closed the DevTools pipe")
+                self._buffer += chunk
+            raw, self._buffer = self._buffer.split(b"\0", 1)
+            answer = json.loads(raw)
+            if answer.get("id") == self._id:
+                if "error" in answer:
+                    raise RuntimeError(f"{method}: {answer['error']}")
+                return answer.get("result", {})
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (JSON-serialisable values)."""
+        result = self._call("Runtime.evaluate", self._session, expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression}: {result['exceptionDetails'].get('text')}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
+        """Evaluate ``expression`` every 0.2 s until it is truthy; return that value.
+
+        Raises:
+            TimeoutError: when it is still falsy after ``timeout`` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"still false after {timeout:g} s: {expression}")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        """Stop the browser."""
+        for fd in (self._send, self._receive):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._process.kill()
+        self._process.wait(timeout=30)
+
+    def __enter__(self) -> Page:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
