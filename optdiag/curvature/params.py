@@ -23,6 +23,29 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return named
 
 
+def parameter_blocks(model: nn.Module) -> dict[str, int]:
+    """The flat parameter vector cut into layers: ``{module name: number of its trainable parameters}``, in the order
+    of :func:`trainable_parameters` (a layer's weight and bias form one block; a layer whose parameters are not
+    consecutive in that order gets a ``#2``, ``#3`` ... block per run).
+
+    Example:
+        >>> parameter_blocks(nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1)))
+        {'0': 8, '2': 3}
+    """
+    blocks: dict[str, int] = {}
+    last = None
+    for name, p in trainable_parameters(model):
+        layer = name.rpartition(".")[0] or name
+        if layer != last:
+            key, n = layer, 1
+            while key in blocks:
+                n += 1
+                key = f"{layer}#{n}"
+            blocks[key], last = 0, layer
+        blocks[key] += p.numel()
+    return blocks
+
+
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """Concatenate tensors into one flat vector (a copy)."""
     return torch.cat([t.reshape(-1) for t in tensors])
