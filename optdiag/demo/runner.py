@@ -148,7 +148,8 @@ def _train(spec: Scenario, run: ScenarioRun, out_dir: str) -> RunResult:
 
     from optdiag.callbacks import OptDiag
 
-    settings = {"verbose": False, "probe_batches": 4, "density_every": 0}
+    # the stall scenarios have no validation loop by design: the triage would only say that it needs one
+    settings = {"verbose": False, "probe_batches": 4, "density_every": 0, "triage": run.val_loader is not None}
     settings.update(run.optdiag)
     callback = OptDiag(**settings)
     logger = pl.loggers.TensorBoardLogger(save_dir=out_dir, name=spec.name, version=_slug(run.label))
@@ -203,8 +204,13 @@ def _verdict_checks(result: ScenarioResult) -> list[Check]:
         return []
     checks = []
     for run in result.runs:
-        found = tuple(d.kind for d in run.diagnoses)
+        # A loss spike states a fact (the model's loss rose and came back, on fixed batches): it may come on any
+        # run whose loss bounces, so it is checked against the expectation only where a scenario expects one.
+        found = tuple(d.kind for d in run.diagnoses if d.kind != "loss_spike" or "loss_spike" in expected)
         shown = ", ".join(found) or "no verdict"
+        spikes = [d.step for d in run.diagnoses if d.kind == "loss_spike" and "loss_spike" not in expected]
+        if spikes:
+            shown += f" (and loss spikes at step {', '.join(map(str, spikes))})"
         checks.append(Check(f"verdicts ({run.label})", found == expected,
                             f"expected {', '.join(expected) or 'no verdict'}; found {shown}"))
     return checks
