@@ -6,6 +6,7 @@ _EXPORTS = {
     "CurvatureOperator": ".base",
     "MatrixOperator": ".base",
     "HessianOperator": ".operator",
+    "FiniteDifferenceOperator": ".operator",
     "supervised_loss": ".operator",
     "preserved_state": ".state",
     "rng_state": ".state",

@@ -13,10 +13,20 @@ class CurvatureOperator(ABC):
     Subclasses implement :meth:`_matvec`; the base validates input, counts products in :attr:`n_hvp` and offers
     ``op @ v`` on a vector or on a matrix of column vectors.
 
+    **Sharded vectors.** An operator over parameters sharded across ranks (FSDP) acts on this rank's part of each
+    vector only; every rank holds its part and no rank ever holds a whole vector. Dot products and norms are then
+    sums over the ranks: solvers take them through :meth:`dot` and :meth:`vector_norm` (which reduce through
+    :meth:`shard_sum`, a collective every rank joins), and :attr:`total_params` is the whole dimension. For every
+    other operator these are the plain local operations.
+
     Attributes:
-        num_params: the dimension ``n`` of the space the operator acts on.
+        num_params: the length of the (local part of the) vectors the operator acts on.
+        total_params: the dimension of the whole space (``num_params`` unless the vectors are sharded).
+        sharded: whether vectors are split across ranks (see above).
         device, dtype: where and in which precision the operator computes (inputs are moved there).
     """
+
+    sharded = False
 
     def __init__(self, num_params: int, device: torch.device, dtype: torch.dtype) -> None:
         self.num_params = int(num_params)
@@ -32,6 +42,37 @@ class CurvatureOperator(ABC):
     @property
     def shape(self) -> tuple[int, int]:
         return (self.num_params, self.num_params)
+
+    @property
+    def total_params(self) -> int:
+        """The dimension of the whole space: ``num_params`` summed over the ranks holding parts of the vectors."""
+        return self.num_params
+
+    @property
+    def shard_index(self) -> int:
+        """Which part of the vectors this rank holds (0 unless :attr:`sharded`): seeds random parts apart."""
+        return 0
+
+    def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A partial result (a local dot product, a squared norm) summed over the ranks that hold the other parts
+        of the vectors: ``tensor`` itself unless :attr:`sharded`. A collective for sharded operators."""
+        return tensor
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """The dot product of two flat vectors of the operator's space, whole or sharded.
+
+        Example:
+            >>> MatrixOperator(torch.eye(2)).dot(torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]))
+            11.0
+        """
+        return float(self.shard_sum(torch.dot(a.reshape(-1), b.reshape(-1)).reshape(1)))
+
+    def vector_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """The Euclidean norm of a flat vector (or of each row of a matrix) of the operator's space, whole or
+        sharded, as a tensor."""
+        if not self.sharded:
+            return torch.linalg.vector_norm(x, dim=-1)
+        return self.shard_sum(torch.linalg.vector_norm(x, dim=-1).double().square()).sqrt().to(x.dtype)
 
     @abstractmethod
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 import numpy as np
 import scipy.linalg
@@ -241,11 +241,11 @@ class _KrylovBasis:
         if count == 0:
             return w, coefficients, norm
         for _ in range(_MAX_ORTHOGONALISATION_PASSES // 2):
-            first = self.V.project(w)
+            first = self.op.shard_sum(self.V.project(w))  # sharded vectors: each rank holds part of every dot
             self.V.subtract(w, first)
-            second = self.V.project(w)
+            second = self.op.shard_sum(self.V.project(w))
             self.V.subtract(w, second)
-            values = torch.cat([first, second, torch.linalg.vector_norm(w).reshape(1)]).double().cpu().numpy()
+            values = torch.cat([first, second, self.op.vector_norm(w).reshape(1)]).double().cpu().numpy()
             coefficients += values[:count] + values[count : 2 * count]
             norm = float(values[-1])
             before_second = math.hypot(norm, float(np.linalg.norm(values[count : 2 * count])))
@@ -258,23 +258,24 @@ class _KrylovBasis:
     def _checked_product(self, row: int) -> tuple[torch.Tensor, float]:
         """``A v_row`` on the basis device and its norm: the one finiteness check of a product (its norm)."""
         product = self.op.matvec(self.V[row])
-        norm = float(torch.linalg.vector_norm(product))
+        norm = float(self.op.vector_norm(product))
         if not math.isfinite(norm):
             if not bool(torch.isfinite(product).all()):
                 raise NonFiniteError(
                     "the curvature operator returned NaN or Inf for a product; the loss or the model is not "
                     "finite at this point, so no eigenvalue can be estimated"
                 )
-            norm = float(torch.linalg.vector_norm(product.double()))  # finite entries whose squares overflow
+            norm = float(self.op.vector_norm(product.double()))  # finite entries whose squares overflow
         return product.to(self.device), norm
 
     def add_random_vector(self) -> bool:
         """Append a random unit vector orthogonal to the basis; False when the basis already spans the space."""
-        if self.n_basis >= min(self.n, self.capacity):
+        if self.n_basis >= min(self.op.total_params, self.capacity):
             return False
         for _ in range(3):
             w = self.random_vector()
-            w, _, norm = self._orthogonalise(w, float(torch.linalg.vector_norm(w)), float(torch.linalg.vector_norm(w)))
+            length = float(self.op.vector_norm(w))
+            w, _, norm = self._orthogonalise(w, length, length)
             if norm > 0.0:
                 self.V.append(w, norm)
                 return True
@@ -284,7 +285,7 @@ class _KrylovBasis:
         """Append start vectors as pending rows; dependent or zero ones are replaced by random vectors."""
         for vector in vectors:
             w = vector.to(self.device, self.op.dtype).clone()
-            length = float(torch.linalg.vector_norm(w))
+            length = float(self.op.vector_norm(w))
             w, _, norm = self._orthogonalise(w, length, length)
             if norm > 0.0 and self.n_basis < self.capacity:
                 self.V.append(w, norm)
@@ -305,7 +306,7 @@ class _KrylovBasis:
             w, known, norm = self._orthogonalise(product, norm, self.operator_norm)
             self.S[: known.size, column] = known
             self.S[column, : known.size] = known  # A is symmetric: mirror what the product measured
-            if self.n_basis >= min(self.n, self.capacity):
+            if self.n_basis >= min(self.op.total_params, self.capacity):
                 continue  # the basis spans the whole space; the remainder is rounding noise
             if norm > 0.0:
                 self.S[self.n_basis, column] = self.S[column, self.n_basis] = norm
@@ -340,7 +341,7 @@ class _KrylovBasis:
         tiny = torch.finfo(self.op.dtype).tiny
         for i in range(vectors.shape[1]):
             row = self.V[i]
-            out[i].copy_(row.div_(torch.linalg.vector_norm(row).clamp_min(tiny)))
+            out[i].copy_(row.div_(self.op.vector_norm(row).clamp_min(tiny)))
         return out
 
     def restart(self, keep: np.ndarray, values: np.ndarray, vectors: np.ndarray) -> None:
@@ -404,7 +405,8 @@ def _combine_rows(rows: torch.Tensor, count: int) -> list[torch.Tensor]:
     return [rows[slot::count].sum(dim=0) for slot in range(min(count, rows.shape[0]))]
 
 
-def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator, tol: float) -> list[torch.Tensor]:
+def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator, tol: float,
+                 norm_of: Callable[[torch.Tensor], torch.Tensor] = torch.linalg.vector_norm) -> list[torch.Tensor]:
     """Warm-start vectors: the combined rows, each plus a share ``min(0.3, 10 tol)`` of a fresh random direction.
 
     A warm start comes from a nearby but different operator, where it may be (nearly) an eigenvector of the
@@ -419,8 +421,8 @@ def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator, tol
     starts = []
     for vector in _combine_rows(rows, count):
         noise = torch.randn(vector.numel(), generator=generator, dtype=torch.float64).to(vector.device, vector.dtype)
-        noise = noise / torch.linalg.vector_norm(noise)
-        norm = torch.linalg.vector_norm(vector)
+        noise = noise / norm_of(noise)
+        norm = norm_of(vector)
         direction = vector / norm if float(norm) > 0.0 else torch.zeros_like(vector)
         starts.append(direction + mix * noise)
     return starts
@@ -532,7 +534,7 @@ def top_eigenvalues(
         1.0
     """
     check_operator(op)
-    n = op.num_params
+    n = op.total_params  # the whole dimension, the same on every rank when vectors are sharded
     k = check_count("k", k)
     if k > n:
         raise UsageError(f"k={k} eigenpairs asked of an operator with only num_params={n} dimensions (need k <= n)")
@@ -563,7 +565,7 @@ def top_eigenvalues(
     basis = _KrylovBasis(op, capacity, generator, refill=True, device=_check_basis_device(basis_device, op))
     basis.tridiagonal = block == 1  # blocks couple each vector to up to 2 * block neighbours
     if start_rows is not None:
-        basis.add_start_vectors(_warm_starts(start_rows, block, generator, tol))
+        basis.add_start_vectors(_warm_starts(start_rows, block, generator, tol, op.vector_norm))
     while basis.n_basis < block:
         basis.add_random_vector()
 

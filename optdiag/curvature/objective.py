@@ -12,8 +12,10 @@ alone:
   construction, as in a training loop, and every later evaluation of a batch replays its draws. The global RNGs
   never move.
 
-Forwards run with grad enabled, autocast off and attention on the math kernel (full precision and twice
-differentiable).
+Forwards run with grad enabled, autocast off and, by default, attention on the math kernel (full precision and
+twice differentiable). ``math_attention=False`` leaves attention on whatever kernel the model picks (fused kernels
+have a first derivative but no second): what the finite-difference Hessian-vector product needs
+(docs/finite-difference-and-fsdp.md).
 """
 
 from __future__ import annotations
@@ -50,20 +52,22 @@ class _LossCall(nn.Module):
 
 
 @contextlib.contextmanager
-def _exact_forward(device: torch.device) -> Iterator[None]:
-    """Full precision, twice-differentiable forward: grad on, autocast off, attention by the math kernel."""
+def _exact_forward(device: torch.device, math_attention: bool = True) -> Iterator[None]:
+    """Full precision forward: grad on, autocast off, attention by the math kernel when ``math_attention``
+    (twice differentiable), else by the model's own choice of kernel."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autocast(device_type="cpu", enabled=False))
         if device.type != "cpu":
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
-        try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-        except ImportError:  # torch < 2.3: only the math kernel is twice differentiable anyway on CPU
-            pass
-        else:
-            # Fused attention kernels have no double backward; the math kernel is plain differentiable ops.
-            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        if math_attention:
+            try:
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+            except ImportError:  # torch < 2.3: only the math kernel is twice differentiable anyway on CPU
+                pass
+            else:
+                # Fused attention kernels have no double backward; the math kernel is plain differentiable ops.
+                stack.enter_context(sdpa_kernel(SDPBackend.MATH))
         yield
 
 
@@ -96,6 +100,9 @@ class BatchObjective:
         dtype: compute in this floating dtype (the model is not cast: private converted copies of the parameters,
             buffers and floating inputs are used). ``None``: the trainable parameters' dtype.
         batch_list: ``batches`` is already a list of batches (no guessing whether a list of tensors is one batch).
+        math_attention: force ``scaled_dot_product_attention`` onto the math kernel (twice differentiable, memory
+            O(L^2) in the sequence length); ``False`` keeps the model's own kernel (a fused one has no double
+            backward, which only exact Hessian-vector products need).
 
     Attributes:
         model, loss_fn: as given.
@@ -131,6 +138,7 @@ class BatchObjective:
         batch_sizes: Optional[Sequence[float]] = None,
         dtype: Optional[torch.dtype] = None,
         batch_list: bool = False,
+        math_attention: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise UsageError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -171,6 +179,7 @@ class BatchObjective:
         self._cast = any(p.dtype != dtype for p in model.parameters() if p.is_floating_point())
         self.batches = [move_batch(b, self.device, dtype if self._cast else None) for b in raw]
         self._holder = _LossCall(model, loss_fn)
+        self.math_attention = bool(math_attention)
         self._keys = [f"model.{name}" for name in self.names]
         self._fixed = self._fixed_tensors()
         self.parameters = (
@@ -213,7 +222,7 @@ class BatchObjective:
         tensors.update(self._buffer_copies())
         if params is not None:
             tensors.update(zip(self._keys, params))
-        with _exact_forward(self.device):
+        with _exact_forward(self.device, self.math_attention):
             loss = functional_call(self._holder, tensors, (self.batches[index],), strict=False)
         return self._checked_loss(loss, index)
 

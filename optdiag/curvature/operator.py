@@ -23,6 +23,7 @@ a replayed snapshot of the RNGs (so a dropout mask is fixed for the operator's l
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -31,11 +32,13 @@ import torch
 from torch import nn
 
 from optdiag.curvature.base import CurvatureOperator
+from optdiag.curvature.batches import sample_count
 from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
 from optdiag.policy import check_number
 
-__all__ = ["HessianOperator", "supervised_loss", "LossFn", "METHODS"]
+__all__ = ["HessianOperator", "FiniteDifferenceOperator", "supervised_loss", "LossFn", "METHODS", "HVP_METHODS",
+           "choose_hvp_method", "make_hessian_operator", "parameters_sharded"]
 
 METHODS = ("auto", "graph", "recompute", "func", "linearize")
 
@@ -479,3 +482,361 @@ class HessianOperator(CurvatureOperator):
             f"HessianOperator(num_params={self.num_params}, batches={len(self.objective.batches)}, method={self.method!r}, "
             f"device={self.device}, dtype={self.dtype})"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Finite differences of the gradient
+
+#: The Hessian-vector product engines a caller can choose between (``HessianMonitor(hvp=...)``, ``analyze``).
+HVP_METHODS = ("auto", "exact", "finite_difference")
+
+
+def _local_part(p: torch.Tensor) -> torch.Tensor:
+    """The tensor holding this rank's elements of ``p``: the local shard of a ``DTensor`` (a view sharing its
+    storage, so writing it writes the parameter), else ``p`` itself."""
+    to_local = getattr(p, "to_local", None)
+    return to_local() if callable(to_local) else p
+
+
+def _shard_group(parameters: Sequence[torch.Tensor]) -> tuple[Any, int, int] | None:
+    """``(process group, its size, this rank's index in it)`` when the parameters are sharded ``DTensor``s on one
+    1-D device mesh (FSDP2's layout), None when none is a ``DTensor``.
+
+    Raises:
+        UsageError: some parameters are ``DTensor``s and others not, several meshes, a mesh of more than one
+            dimension, or a placement other than ``Shard`` (tensor parallelism: the local parts overlap or are
+            combined differently, which this operator does not model).
+    """
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return None
+    flags = [isinstance(p, DTensor) for p in parameters]
+    if not any(flags):
+        return None
+    if not all(flags):
+        raise UsageError("some trainable parameters are sharded (DTensor) and others are not; shard all of them "
+                         "(fully_shard the root module too) or none")
+    meshes = {id(p.device_mesh): p.device_mesh for p in parameters}
+    if len(meshes) != 1:
+        raise UsageError("the sharded parameters live on several device meshes; one FSDP mesh is supported")
+    mesh = next(iter(meshes.values()))
+    if mesh.ndim != 1 or any(not all(isinstance(pl, Shard) for pl in p.placements) for p in parameters):
+        raise UsageError(
+            "only fully sharded data parallelism (FSDP, a 1-D mesh with Shard placements) is supported; tensor or "
+            "hybrid parallelism is not (ModelParallelStrategy needs tensor_parallel_size=1)"
+        )
+    return mesh.get_group(), mesh.size(), mesh.get_local_rank()
+
+
+class FiniteDifferenceOperator(CurvatureOperator):
+    """The Hessian of the sample-weighted mean loss over some batches by central differences of the gradient.
+
+    ``H v ~ (g(theta + eps v) - g(theta - eps v)) / (2 eps)``: two gradients per product and no double backward,
+    so it works wherever the gradient does: fused attention kernels (their backward has no derivative), compiled
+    models, and parameters sharded across ranks by FSDP (``DTensor`` parameters), where vectors are this rank's
+    part only (see :class:`~optdiag.curvature.base.CurvatureOperator`) and each gradient is FSDP's own backward,
+    reduced across the ranks' batches. The same loss, weights and fixed dropout masks as :class:`HessianOperator`
+    (one :class:`~optdiag.curvature.objective.BatchObjective`), but attention keeps the model's own kernel.
+
+    **Step.** ``eps = step_scale * u**(1/3) * (1 + |theta|) / |v|`` with ``u`` the unit roundoff of the dtype: the
+    step that balances the truncation error ``O(eps^2)`` of central differences against the rounding error
+    ``O(u / eps)`` of the gradients' difference, on the scale of the parameters (docs/finite-difference-and-fsdp.md
+    derives it and gives the accuracy measured in float32 and float64). The first ``error_checks`` products are
+    also taken at ``2 eps`` (two gradients more each, counted as one more product in :attr:`n_hvp`); the relative
+    difference of the two is the product's error estimate (truncation and rounding together), in :attr:`errors`.
+
+    **Do no harm.** Unsharded, the model is never written (parameters go in through ``functional_call``). Sharded,
+    the parameters' local shards are moved in place for each gradient and copied back from saved copies (bitwise,
+    never by subtracting the step), and every ``.grad`` is put back as the very tensor it was. Buffers are private
+    copies and the RNGs are replayed and restored (as for :class:`HessianOperator`).
+
+    **Sharded (FSDP2).** Every rank must build the operator and ask for every product together (each gradient is
+    a collective), with the same number of batches. The product of batch ``i`` is the Hessian of the union of
+    every rank's batch ``i``; FSDP's gradient reduction averages over ranks, so each rank's loss is scaled by its
+    share of the samples first. The parameters' own dtype is used (no ``dtype`` conversion).
+
+    Args:
+        model, loss_fn, batches, batch_sizes, dtype: as for :class:`HessianOperator`.
+        step_scale: the constant in front of the step rule (default 0.1, the best measured on smooth networks in
+            float32 and float64: docs/finite-difference-and-fsdp.md).
+        error_checks: how many of the first products get an error estimate (``0``: none).
+
+    Attributes:
+        method: ``"finite_difference"``.
+        loss: the weighted mean loss at the point (over all ranks when sharded).
+        weights: the weight of each local batch.
+        theta_norm: ``|theta|`` (over all ranks when sharded).
+        errors: the relative error estimate of each checked product, ``|D(2 eps) - D(eps)| / |D(eps)|``.
+        n_gradients: gradients computed so far (the point's included).
+        objective: the :class:`~optdiag.curvature.objective.BatchObjective` (attention on the model's kernel).
+
+    Raises:
+        UsageError: as for :class:`HessianOperator`, a ``dtype`` other than the sharded parameters' own, an
+            unsupported sharding, different numbers of batches on different ranks.
+        NonFiniteError: the loss or its gradient is NaN/Inf.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        >>> data = (torch.randn(16, 3, dtype=torch.float64), torch.randn(16, 1, dtype=torch.float64))
+        >>> fd = FiniteDifferenceOperator(net, supervised_loss(nn.MSELoss()), data)
+        >>> exact = HessianOperator(net, supervised_loss(nn.MSELoss()), data)
+        >>> v = torch.randn(fd.num_params, dtype=torch.float64)
+        >>> bool(torch.allclose(fd @ v, exact @ v, rtol=1e-6, atol=1e-8)), fd.n_gradients
+        (True, 5)
+    """
+
+    method = "finite_difference"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Any,
+        *,
+        batch_sizes: Optional[Sequence[float]] = None,
+        dtype: Optional[torch.dtype] = None,
+        step_scale: float = 0.1,
+        error_checks: int = 1,
+    ) -> None:
+        check_number("step_scale", step_scale, low=0.0, low_open=True, what="a positive number")
+        check_number("error_checks", error_checks, low=0, integer=True, what="an int >= 0")
+        self.objective = BatchObjective(model, loss_fn, batches, batch_sizes=batch_sizes, dtype=dtype,
+                                        math_attention=False)
+        params = self.objective.parameters
+        shards = _shard_group(params)
+        if shards is not None and self.objective.dtype != params[0].dtype:
+            raise UsageError(f"sharded parameters are differentiated in their own dtype {params[0].dtype}, not "
+                             f"{self.objective.dtype}: pass dtype=None")
+        self._local = [_local_part(p) for p in params] if shards is not None else list(params)
+        super().__init__(sum(t.numel() for t in self._local), self.objective.device, self.objective.dtype)
+        self.model, self.loss_fn = model, loss_fn
+        self.sharded = shards is not None
+        self._group, self._world, self._rank = shards if shards is not None else (None, 1, 0)
+        self._total = int(self.shard_sum(torch.tensor([float(self.num_params)], dtype=torch.float64)).item())
+        self.weights = self.objective.weights
+        self._scales = self._loss_scales(batch_sizes)
+        self.step_scale, self.error_checks = float(step_scale), int(error_checks)
+        self.errors: list[float] = []
+        self.n_gradients = 0
+        self._closed = False
+        self._point = torch.cat([t.detach().reshape(-1) for t in self._local]).to(self.dtype)
+        self.theta_norm = float(self.vector_norm(self._point))
+        self._roundoff = float(torch.finfo(self.dtype).eps) / 2
+        self.loss, self._gradient = self._loss_and_gradient(None)
+
+    # --- sharding ------------------------------------------------------------------------------------------------
+    @property
+    def total_params(self) -> int:
+        return self._total
+
+    @property
+    def shard_index(self) -> int:
+        return self._rank
+
+    def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return tensor
+        from optdiag.curvature.distributed import reduce_sum
+
+        return reduce_sum(tensor, self._group)
+
+    def _loss_scales(self, batch_sizes: Optional[Sequence[float]]) -> list[float]:
+        """What each local batch's loss is multiplied by before its backward pass.
+
+        Unsharded: its weight ``w_i``. Sharded: FSDP averages the gradient over the ``W`` ranks, so rank ``r``'s
+        batch ``i`` (``n_ri`` samples) is scaled by ``n_ri W / N`` with ``N`` all samples of all batches on all
+        ranks: the average is then the sample-weighted mean gradient of the union.
+        """
+        if not self.sharded:
+            return list(self.weights)
+        batches = self.objective.batches
+        sizes = [float(n) for n in batch_sizes] if batch_sizes is not None else \
+            [float(sample_count(b, i)) for i, b in enumerate(batches)]
+        count, squares, total = self.shard_sum(
+            torch.tensor([float(len(sizes)), float(len(sizes)) ** 2, sum(sizes)], dtype=torch.float64)).tolist()
+        if count**2 != squares * self._world:  # (sum x)^2 == W sum x^2 only when every rank's x is the same
+            raise UsageError("every rank must hold the same number of probe batches (each gradient is a collective)")
+        return [n * self._world / total for n in sizes]
+
+    # --- gradients -----------------------------------------------------------------------------------------------
+    def _loss_and_gradient(self, delta: Optional[torch.Tensor]) -> tuple[float, torch.Tensor]:
+        """The weighted mean loss and flat (local) gradient at ``theta + delta`` (``delta`` None: at ``theta``)."""
+        self.n_gradients += 1
+        if not self.sharded:
+            point = self._point if delta is None else self._point + delta
+            loss, gradient = self.objective.value_and_grad(point)
+            return float(loss), gradient
+        return self._sharded_loss_and_gradient(delta)
+
+    def _sharded_loss_and_gradient(self, delta: Optional[torch.Tensor]) -> tuple[float, torch.Tensor]:
+        params = self.objective.parameters
+        grads = [p.grad for p in params]
+        saved = [t.detach().clone() for t in self._local] if delta is not None else []
+        local_loss = 0.0
+        try:
+            with torch.no_grad():
+                if delta is not None:
+                    offset = 0
+                    for t in self._local:
+                        t.add_(delta[offset : offset + t.numel()].view_as(t).to(t.dtype))
+                        offset += t.numel()
+                for p in params:
+                    p.grad = None
+            for i, scale in enumerate(self._scales):
+                loss = self.objective.loss(i)
+                # every rank runs every backward (collectives), finite or not; the check comes after
+                (loss * scale).backward()
+                local_loss += float(loss.detach()) * scale / self._world
+            gradient = torch.cat([
+                (_local_part(p.grad) if p.grad is not None else torch.zeros_like(t)).reshape(-1).to(self.dtype)
+                for p, t in zip(params, self._local)
+            ])
+        finally:
+            with torch.no_grad():
+                for t, copy in zip(self._local, saved):
+                    t.copy_(copy)
+            for p, g in zip(params, grads):
+                p.grad = g
+        loss = float(self.shard_sum(torch.tensor([local_loss], dtype=torch.float64)))
+        bad = self.shard_sum(torch.tensor([0.0 if math.isfinite(loss) and bool(torch.isfinite(gradient).all())
+                                           else 1.0], dtype=torch.float64))
+        if float(bad) > 0:  # every rank raises together
+            raise NonFiniteError("the loss or its gradient is NaN or infinite at a finite-difference point")
+        return loss, gradient
+
+    # --- products ------------------------------------------------------------------------------------------------
+    def step(self, v: torch.Tensor) -> float:
+        """The difference step ``eps`` for direction ``v`` (see the class docstring); 0.0 for ``v = 0``."""
+        length = float(self.vector_norm(v))
+        if length == 0.0:
+            return 0.0
+        return self.step_scale * self._roundoff ** (1.0 / 3.0) * (1.0 + self.theta_norm) / length
+
+    def _difference(self, v: torch.Tensor, eps: float) -> torch.Tensor:
+        _, plus = self._loss_and_gradient(eps * v)
+        _, minus = self._loss_and_gradient(-eps * v)
+        return (plus - minus) / (2.0 * eps)
+
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        if self._closed:
+            raise UsageError("this FiniteDifferenceOperator was closed; build a new one")
+        eps = self.step(v)
+        if eps == 0.0:
+            return torch.zeros_like(v)
+        product = self._difference(v, eps)
+        if len(self.errors) < self.error_checks:
+            wider = self._difference(v, 2.0 * eps)
+            scale = float(self.vector_norm(product))
+            difference = float(self.vector_norm(wider - product))
+            self.errors.append(difference / scale if scale > 0 else (0.0 if difference == 0 else math.inf))
+            self._n_hvp += 1  # the check costs what a product costs: the budget sees it
+        return product
+
+    @property
+    def relative_error(self) -> Optional[float]:
+        """The largest relative error estimate of the checked products (None before one was checked)."""
+        return max(self.errors) if self.errors else None
+
+    def gradient(self) -> torch.Tensor:
+        """The flat (local) gradient of the weighted mean loss at the point (a fresh tensor)."""
+        return self._gradient.clone()
+
+    def close(self) -> None:
+        """Further products raise :class:`UsageError` (nothing is held but the point and its gradient)."""
+        self._closed = True
+
+    def __enter__(self) -> "FiniteDifferenceOperator":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"FiniteDifferenceOperator(num_params={self.num_params}, batches={len(self.objective.batches)}, "
+                f"sharded={self.sharded}, device={self.device}, dtype={self.dtype})")
+
+
+
+#: The relative error of a finite-difference product to expect, by dtype (measured on smooth networks,
+#: docs/finite-difference-and-fsdp.md); said when the method is chosen.
+_EXPECTED_ERROR = {torch.float64: "1e-9", torch.float32: "1e-4"}
+
+
+def parameters_sharded(model: nn.Module) -> bool:
+    """Whether any trainable parameter of ``model`` is a sharded ``DTensor`` (FSDP2): then no exact product.
+
+    Example:
+        >>> parameters_sharded(nn.Linear(2, 1))
+        False
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+
+
+def choose_hvp_method(
+    model: nn.Module, loss_fn: LossFn, batch: Any, *, hvp: str = "auto", dtype: Optional[torch.dtype] = None
+) -> tuple[str, str]:
+    """Resolve ``hvp`` (one of :data:`HVP_METHODS`) to ``"exact"`` or ``"finite_difference"``, with the reason.
+
+    ``"auto"``: the exact double-backward product where it exists, finite differences where it does not: sharded
+    parameters (FSDP), or a model whose backward cannot be differentiated (a fused attention kernel, a custom
+    ``autograd.Function`` without double backward), found by one exact product on ``batch`` (a probe; only a
+    not-twice-differentiable failure chooses finite differences, any other error propagates). Call it once and
+    keep the answer: the probe costs a forward, a backward and a product.
+
+    Returns:
+        ``(method, reason)``; the reason names the cause and the accuracy to expect, for the log.
+
+    Raises:
+        UsageError: ``hvp`` is not one of :data:`HVP_METHODS`; ``"exact"`` for sharded parameters.
+
+    Example:
+        >>> net = nn.Linear(2, 1)
+        >>> choose_hvp_method(net, supervised_loss(nn.MSELoss()), (torch.ones(4, 2), torch.ones(4, 1)))[0]
+        'exact'
+    """
+    if hvp not in HVP_METHODS:
+        raise UsageError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+    precision = dtype or next(p.dtype for p in model.parameters() if p.requires_grad)
+    expected = _EXPECTED_ERROR.get(precision, "1e-2 or worse")
+    accuracy = (f"two gradients per product, relative error about {expected} in {str(precision).removeprefix('torch.')}"
+                " (each snapshot reports its estimate)")
+    if parameters_sharded(model):
+        if hvp == "exact":
+            raise UsageError("exact Hessian-vector products need whole parameters; sharded (FSDP) parameters need "
+                             "hvp='finite_difference' or 'auto'")
+        return "finite_difference", f"the parameters are sharded (FSDP): no double backward; {accuracy}"
+    if hvp == "finite_difference":
+        return hvp, f"asked for; {accuracy}"
+    if hvp == "exact":
+        return hvp, "asked for"
+    try:
+        with HessianOperator(model, loss_fn, [batch], method="recompute", dtype=dtype) as op:
+            op.matvec(torch.zeros(op.num_params, device=op.device, dtype=op.dtype))
+    except NotTwiceDifferentiableError as error:
+        return "finite_difference", f"the backward pass cannot be differentiated ({error}); {accuracy}"
+    return "exact", "the backward pass is twice differentiable"
+
+
+def make_hessian_operator(
+    method: str, model: nn.Module, loss_fn: LossFn, batches: Any, *, dtype: Optional[torch.dtype] = None
+) -> CurvatureOperator:
+    """The Hessian operator of a resolved method (see :func:`choose_hvp_method`): :class:`HessianOperator` for
+    ``"exact"``, :class:`FiniteDifferenceOperator` for ``"finite_difference"`` (in the parameters' own dtype
+    when they are sharded).
+
+    Example:
+        >>> op = make_hessian_operator("finite_difference", nn.Linear(2, 1), supervised_loss(nn.MSELoss()),
+        ...                            (torch.ones(4, 2), torch.ones(4, 1)))
+        >>> op.method
+        'finite_difference'
+    """
+    if method == "exact":
+        return HessianOperator(model, loss_fn, batches, dtype=dtype)
+    if method == "finite_difference":
+        return FiniteDifferenceOperator(model, loss_fn, batches, dtype=None if parameters_sharded(model) else dtype)
+    raise UsageError(f"method must be 'exact' or 'finite_difference', got {method!r}")

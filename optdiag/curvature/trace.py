@@ -79,7 +79,9 @@ def plain_values(value: Any) -> Any:
 def probe_generator(op: CurvatureOperator, seed: int) -> torch.Generator:
     """A private generator on the operator's device, so probes never touch (or depend on) the global RNG."""
     generator = torch.Generator(device=op.device)
-    generator.manual_seed(check_seed(seed))
+    # Sharded vectors: each rank draws its own part, from its own stream (one stream would repeat the same entries
+    # on every rank, correlated probes that bias the estimate).
+    generator.manual_seed(check_seed(seed) + 1_000_003 * op.shard_index)
     return generator
 
 
@@ -185,7 +187,7 @@ def hessian_trace(
             tol,
             generator,
             distribution,
-            project=lambda z: z - basis @ (basis.T @ z),
+            project=lambda z: z - basis @ op.shard_sum(basis.T @ z),
             shift=exact_part,
             blocks=blocks,
             rows=rows,
@@ -233,7 +235,7 @@ def _hutchpp_split(op: CurvatureOperator, n_hvp: int | None, n_probes: int | Non
         raise UsageError("give either n_hvp (the total budget) or n_probes, not both")
     if n_probes is not None:
         n_probes = check_count("n_probes", n_probes)
-        return min(n_probes, op.num_params), n_probes
+        return min(n_probes, op.total_params), n_probes
     budget = DEFAULT_N_HVP if n_hvp is None else n_hvp
     budget = check_count("n_hvp", budget)
     if budget < 3:
@@ -241,7 +243,7 @@ def _hutchpp_split(op: CurvatureOperator, n_hvp: int | None, n_probes: int | Non
             f"Hutch++ needs n_hvp >= 3 (a third each for the sketch, its exact trace and the remainder probes), "
             f"got {budget}; use method='hutchinson' for a smaller budget"
         )
-    sketch_size = min(budget // 3, op.num_params)
+    sketch_size = min(budget // 3, op.total_params)
     return sketch_size, budget - 2 * sketch_size
 
 
@@ -253,8 +255,25 @@ def _range_sketch(
     sketch = torch.stack([op.matvec(random_probe(op, generator, distribution)) for _ in range(size)], dim=1)
     if not torch.isfinite(sketch).all():
         raise NonFiniteError("a Hessian-vector product came out NaN or infinite while sketching for Hutch++")
+    if op.sharded:
+        return _sharded_orthonormal(op, sketch)
     # Householder QR gives orthonormal columns even when H S is rank-deficient (a low-rank H).
     basis, _ = torch.linalg.qr(sketch)
+    return basis
+
+
+def _sharded_orthonormal(op: CurvatureOperator, sketch: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``sketch`` when each rank holds some of its rows (sharded vectors): from the
+    eigen-decomposition of the small Gram matrix ``S^T S`` summed over ranks, twice (one pass loses orthogonality
+    as the condition number squared); directions below rounding are dropped, so a rank-deficient sketch is fine."""
+    basis = sketch
+    for _ in range(2):
+        gram = op.shard_sum(basis.T.double() @ basis.double())
+        values, vectors = torch.linalg.eigh(gram)
+        keep = values > values.max().clamp_min(0) * basis.shape[0] * torch.finfo(op.dtype).eps
+        if not bool(keep.any()):
+            return basis[:, :0]
+        basis = basis @ (vectors[:, keep] / values[keep].sqrt()).to(basis.dtype)
     return basis
 
 
@@ -262,7 +281,7 @@ def _quadratic_form(op: CurvatureOperator, vector: torch.Tensor, blocks: list[in
                     rows: list[np.ndarray] | None = None) -> float:
     """``v^T H v``; with ``blocks``, its split over the slices, ``v_b^T (H v)_b``, appended to ``rows``."""
     product = op.matvec(vector)
-    value = float(torch.dot(vector, product))
+    value = op.dot(vector, product)
     if not math.isfinite(value):
         raise NonFiniteError("a Hessian-vector product came out NaN or infinite: the loss is not finite here")
     if blocks is not None and rows is not None:
