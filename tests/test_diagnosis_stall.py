@@ -163,6 +163,80 @@ def test_catapult_loss_jumps_then_settles_below_its_start():
     assert events[0].spike["ratio"] > 10 and events[0].spike["start_step"] <= 8
 
 
+def _brief_candidate(spike_factor, seed=0, n=200, sigma=0.2):
+    """A detector fed ``n`` noisy flat losses, then asked whether one loss ``spike_factor`` times their level
+    starts a brief spike."""
+    det = StallDetector()
+    _events(np.exp(sigma * np.random.default_rng(seed).standard_normal(n)), det)
+    return det, det.brief_spike_start(n, spike_factor)
+
+
+def test_a_brief_spike_is_a_spike_when_the_model_loss_rose_and_came_back():
+    # One loss of 5x under 20% noise: too brief for any median of losses; the caller reads the model's loss on
+    # fixed batches at that point (2.0) and BRIEF_AFTER steps later (0.8): 2.5x, it rose and came back.
+    det, started = _brief_candidate(5.0)
+    assert started and not det.brief_spike_due(201) and det.brief_spike_due(200 + stall_module.BRIEF_AFTER)
+    assert _events([1.0] * stall_module.BRIEF_AFTER, det, start=201) == []  # the losses alone never tell it
+    event = det.brief_spike_end(203, 2.0, 0.8)
+    assert event.reason == "spike" and event.step == 203
+    spike = event.spike
+    assert spike["start_step"] == spike["peak_step"] == 200 and spike["end_step"] == 203 and spike["peak"] == 5.0
+    assert spike["probe_loss_during"] == 2.0 and spike["probe_loss_after"] == 0.8 and spike["duration"] == 1.0
+    assert spike["ratio"] == pytest.approx(5.0 / spike["reference"])
+    # the sigmas are those of one loss's noise, from successive differences (0.2 on the log scale)
+    assert spike["sigmas"] == pytest.approx(math.log(5.0 / spike["reference"]) / spike["reference_sd"])
+    assert spike["reference_sd"] == pytest.approx(0.2, rel=0.35)
+    assert spike["sigmas"] >= stall_module.BRIEF_SPIKE_SIGMAS
+    assert event.margin == pytest.approx(math.log(2.0 / (1.5 * 0.8)))  # the model's rise past the spike ratio
+    assert not det.brief_spike_due(210)  # closed
+
+
+@pytest.mark.parametrize("during, after", [(1.1, 1.0), (1.0, 1.0), (None, 1.0), (1.0, None), (math.nan, 1.0),
+                                           (2.0, 0.0), (2.0, -1.0)])
+def test_a_brief_spike_the_model_loss_does_not_show_is_no_event(during, after):
+    det, started = _brief_candidate(5.0)
+    assert started and det.brief_spike_end(203, during, after) is None and not det.brief_spike_due(203)
+
+
+@pytest.mark.parametrize("factor", [1.3, 1.45])
+def test_a_loss_under_the_spike_ratio_is_no_brief_spike(factor):
+    assert _brief_candidate(factor, sigma=0.01)[1] is False  # dozens of sigmas, but not 1.5x its level
+
+
+def test_a_loss_within_three_sigmas_of_its_noise_is_no_brief_spike():
+    # 1.8x is 2.9 sds of 20% noise on the log scale (log 1.8 = 0.59): a hard batch, not worth a read
+    assert _brief_candidate(1.8, sigma=0.2, seed=1)[1] is False
+    assert _brief_candidate(3.0, sigma=0.2, seed=1)[1] is True  # 5.5 sds
+
+
+def test_no_brief_spike_too_early_during_a_spike_or_on_bad_input():
+    det = StallDetector()
+    _events([1.0] * (stall_module.BRIEF_MIN_LOSSES - 1), det)
+    assert det.brief_spike_start(9, 100.0) is False  # too few losses for a noise estimate
+    det, started = _brief_candidate(5.0)
+    assert started and det.brief_spike_start(201, 50.0) is False  # one at a time
+    for bad in (math.nan, math.inf, -1.0, 0.0, "x", None):
+        assert _brief_candidate(bad)[1] is False
+
+
+def test_a_brief_spike_absorbs_the_median_spike_of_the_same_excursion():
+    # A three-step excursion: the three-loss median starts its own spike a step later; the brief spike confirmed on
+    # the model is the one event, so the excursion is not reported twice.
+    det, started = _brief_candidate(8.0, sigma=0.05)
+    assert started
+    _events([8.0, 8.0, 1.0], det, start=200)
+    assert det.in_spike
+    assert det.brief_spike_end(203, 8.0, 1.0).reason == "spike" and not det.in_spike
+    assert _events([1.0] * 20, det, start=203) == []
+
+
+def test_a_brief_spike_in_progress_survives_a_state_round_trip():
+    det, started = _brief_candidate(5.0)
+    restored = StallDetector()
+    restored.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert restored.brief_spike_due(203) and restored.brief_spike_end(203, 2.0, 0.8).spike["start_step"] == 200
+
+
 def test_a_spike_that_keeps_rising_is_divergence():
     curve = np.concatenate([_per_window(0.2, 200), 0.4 * 1.1 ** np.arange(100)])
     events = _events(curve)

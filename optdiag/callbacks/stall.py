@@ -35,6 +35,9 @@ _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_m
                     "grad_noise_trace")
 _SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
+#: Probe-set reads for brief spikes per training step, beyond the first two: one candidate (two reads, about two
+#: thirds of a training step with the default two probe batches) per 100 steps at most, whatever the noise.
+BRIEF_READ_SHARE = 0.02
 #: The probe losses may take at most this share of the fit's wall time (forward passes over the probe batches).
 PROBE_BUDGET = 0.05
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
@@ -249,6 +252,10 @@ class StallDiagnoser(OptDiagCallback):
         self._probing_until: int | None = None  # the probe loss is read up to this step
         self._fit_started = time.perf_counter()  # the probe losses' budget is a share of the fit's wall time
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
+        self._step_loss: torch.Tensor | None = None  # this step's loss, kept from backward to the optimizer step
+        self._brief_probe: float | None = None  # the probe loss at a brief spike's start
+        self._brief_events: list[StallEvent] = []  # brief spikes confirmed before this step's end
+        self._brief_reads = 0  # probe losses read for brief spikes this fit
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
         self._recent_losses: list[tuple[int, float]] = []
 
@@ -316,8 +323,16 @@ class StallDiagnoser(OptDiagCallback):
         self._drive("on_after_backward", trainer, pl_module)
 
     @guarded
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if self._brief_spikes(trainer) and isinstance(loss, torch.Tensor):
+            self._step_loss = loss.detach()  # read before the step (below): no sync here
+
+    @guarded
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._drive("on_before_optimizer_step", trainer, pl_module, optimizer)
+        if self._step_loss is not None:
+            loss, self._step_loss = float(self._step_loss), None
+            self._brief_spike(trainer, pl_module, int(trainer.global_step) + 1, loss)
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -345,6 +360,9 @@ class StallDiagnoser(OptDiagCallback):
             event = probe_event
         elif event is not None and event.reason == "stall" and self.probe_detector is not None:
             self.probe_detector.mark_stalled()
+        for brief in self._brief_events:
+            self._handle(trainer, pl_module, brief)
+        self._brief_events = []
         if event is not None:
             self._pending = None
             self._handle(trainer, pl_module, event)
@@ -414,6 +432,44 @@ class StallDiagnoser(OptDiagCallback):
         self.probe_seconds += time.perf_counter() - started
         self.n_probe_losses += 1
         return value
+
+    def _brief_spikes(self, trainer: Any) -> bool:
+        """Brief spikes are read on the model before its step: one process, one batch per step (the loss then is
+        the step's loss, the same on every rank), and probe losses allowed."""
+        return self.probe_detector is not None and OptDiagCallback.world_size(trainer) == 1 \
+            and int(getattr(trainer, "accumulate_grad_batches", 1) or 1) == 1
+
+    def _brief_spike(self, trainer: Any, pl_module: Any, step: int, loss: float) -> None:
+        """A spike of a step or two, which no median of losses shows: when the minibatch loss of ``step`` jumps
+        (:meth:`StallDetector.brief_spike_start`), the probe batches' loss is read at this point, before the
+        optimizer moves it, and again a few steps later; the detector then tells a spike of the model (it rose and
+        came back on the same batches) from one hard batch (docs/diagnosis-rules.md)."""
+        detector = self.detector
+        read: list[float | None] = []  # the probe loss at this point, read at most once
+
+        def probe_loss() -> float | None:
+            if not read:
+                read.append(self._probe_loss(trainer, pl_module))
+                self._brief_reads += 1
+            return read[0]
+
+        if detector.brief_spike_due(step):
+            candidate, during, after = detector.brief_spike, self._brief_probe, probe_loss()
+            event = detector.brief_spike_end(step, during, after)
+            self._brief_probe = None
+            if event is not None:
+                self._brief_events.append(event)  # handled with this step's other events (on_train_batch_end)
+            else:  # one hard batch, not the model: a debug record only, like an undecided spike
+                self.undecided.append({"step": step, "reason": "brief_spike", "tries": 1, "scores": {}, "tests": {},
+                                       "spike": dict(candidate or {}, probe_loss_during=during,
+                                                     probe_loss_after=after)})
+        # A budget in steps, not seconds, so that the same run reads the same spikes: two reads (one candidate) at
+        # any time, and BRIEF_READ_SHARE reads per step after that (a read is the probe set's forward passes).
+        allowance = 2 + BRIEF_READ_SHARE * self._steps_run
+        if self._brief_reads + 2 - len(read) <= allowance and detector.brief_spike_start(step, loss):
+            self._brief_probe = probe_loss()
+            if self._brief_probe is None:
+                detector.brief_spike_end(step, None, None)  # not measurable: dropped
 
     def _follow_spike(self, trainer: Any, pl_module: Any, event: StallEvent | None) -> None:
         """Tell a spike of the model from one of the batches: the probe batches' loss at the spike's worst (its start

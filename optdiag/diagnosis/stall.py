@@ -29,6 +29,10 @@ full-data loss that still falls 10% per window. So a stall is declared only when
   three-loss median back within 3 standard deviations of the reference) as a ``"spike"`` event with its size; one
   that never recovers is dropped after ``spike_patience`` steps (it is then a stall or a divergence, judged on its
   own).
+* **brief spike** (a step or two, which the medians filter out): one loss 3 robust sds of one loss and 1.5x above
+  the median of the last five only *nominates* it (:meth:`StallDetector.brief_spike_start`); the caller reads the
+  model's loss on fixed batches then and three steps later, and :meth:`StallDetector.brief_spike_end` calls it a
+  spike when that loss fell by the spike ratio (docs/diagnosis-rules.md).
 * **divergence**: a non-finite loss, at once; or a sustained rise: the loss is above its starting level (median of
   the first three losses) and a Theil-Sen fit (robust to spikes) of the last window rises significantly and by
   more than ``rise_tolerance`` of the level, ``rise_noise_factor`` robust standard deviations of the residuals and
@@ -80,6 +84,8 @@ DEFAULT_RISE_SPAN_FRACTION = 0.01
 HORIZONS = (1, 2, 4, 8, 16)
 #: Block means per horizon: enough degrees of freedom (8) for a t interval, blocks long enough to decorrelate.
 N_BLOCKS = 10
+#: Windows of losses whose fitted trend decides whether the losses "look flat" (worth measuring more).
+LOOKS_FLAT_WINDOWS = 2
 #: Durations (in losses) a spike's rise is judged over, each against the spread of medians of as many losses.
 SPIKE_DURATIONS = (3, 5)
 #: Losses whose median is the level a spike rises from (the most recent before it).
@@ -91,6 +97,17 @@ SPIKE_NOISE_LOSSES = 40
 MEDIAN_SD = {3: 0.6698, 5: 0.5356}
 #: Fewest losses whose spread a spike is measured against; before that a spike must double the loss.
 MIN_REFERENCE = 20
+#: A single loss this many of one loss's robust sds above the median of the last :data:`BRIEF_LEVEL_LOSSES` losses
+#: (and ``spike_ratio`` times it) makes the model's loss at that point worth reading: a spike of a step or two, which
+#: the three-loss median filters out. Normal noise passes it about once in 700 steps, so the reads cost nothing.
+BRIEF_SPIKE_SIGMAS = 3.0
+#: Losses whose median is the level a brief spike is measured from (the most recent: the loss may fall fast).
+BRIEF_LEVEL_LOSSES = 5
+#: Fewest losses before a brief spike is looked for (the noise needs a few differences).
+BRIEF_MIN_LOSSES = 10
+#: Steps after a brief spike at which the model's loss is read again: recovered by then, and too few steps for a
+#: healthy descent to fall by ``spike_ratio``.
+BRIEF_AFTER = 3
 #: Median absolute deviation -> standard deviation for normal noise (1.4826; scipy's ``scale="normal"``).
 _MAD_TO_SIGMA = float(1.0 / special.ndtri(0.75))
 
@@ -380,12 +397,13 @@ class StallDetector:
         self._last_step: int | None = None
         self._rising_since: int | None = None  # first check step of the current run of divergent rises
         self._spike: dict[str, float] | None = None  # the spike in progress
+        self._brief: dict[str, float] | None = None  # a brief spike waiting for the model's loss after it
         self._reference: tuple[float, tuple[float, ...], int] | None = None  # (level, spreads, count), scaled
         self._spike_log = True  # spikes are judged on log losses (all positive so far)
         self.spike_peaked = False
         self._noise_sd = math.nan  # per-loss noise over the whole history, refreshed at each check
         self.n_ignored = 0  # updates ignored: a step that did not increase, a loss that is not a number
-        # True after a check whose longest whole-windows horizon fits a flat trend it could not prove (noise): the
+        # True after a check whose last two windows fit a flat trend it could not prove (noise): the
         # caller may measure more (StallDiagnoser then reads the fixed probe batches' loss)
         self.looks_flat = False
 
@@ -501,6 +519,68 @@ class StallDetector:
             self._spike = None  # it did not come back: no longer a spike; a stall or divergence is judged on its own
         return None
 
+    # --- brief spikes (read on the model, not the losses) ------------------------------------------------------
+    def brief_spike_start(self, step: int, loss: float) -> bool:
+        """Whether ``loss``, the minibatch loss of ``step`` before it enters the history, starts a brief spike.
+
+        A spike of one or two steps never moves a three-loss median; only the model's loss at that point can tell
+        it from a hard batch. True (and the candidate kept) when the loss stands :data:`BRIEF_SPIKE_SIGMAS` of one
+        loss's robust sds and ``spike_ratio`` times above the median of the last :data:`BRIEF_LEVEL_LOSSES` losses
+        (and by ``spike_span_fraction`` of the range): the caller then reads the model's loss on fixed batches
+        now and :data:`BRIEF_AFTER` steps later, and :meth:`brief_spike_end` decides. Never raises.
+        """
+        try:
+            n = len(self._losses)
+            if self._brief is not None or self._spike is not None or self._state == _DIVERGED \
+                    or n < BRIEF_MIN_LOSSES or not self._spike_log or not (loss > 0 and math.isfinite(loss)):
+                return False
+            last = itertools.islice(self._losses, n - BRIEF_LEVEL_LOSSES, n)
+            reference = sorted(last)[BRIEF_LEVEL_LOSSES // 2]
+            if not loss > self.spike_ratio * reference or \
+                    loss - reference <= self.spike_span_fraction * _loss_scale(self._first, self._running_min):
+                return False  # the cheap tests first: most steps stop here
+            scaled = np.log(np.fromiter(itertools.islice(self._losses, max(0, n - SPIKE_NOISE_LOSSES), n), float))
+            sd = difference_noise(scaled)
+            sigmas = (math.log(loss) - math.log(reference)) / sd if sd > 0 else math.inf
+            if not sigmas >= BRIEF_SPIKE_SIGMAS:
+                return False
+            self._brief = {"start_step": float(step), "peak_step": float(step), "peak": loss,
+                           "reference": reference, "level": math.log(reference), "reference_sd": sd,
+                           "sigmas": sigmas, "ratio": loss / reference, "duration": 1.0}
+            return True
+        except (TypeError, ValueError, ArithmeticError):
+            return False
+
+    @property
+    def brief_spike(self) -> dict[str, float] | None:
+        """The brief spike waiting for its second read (a copy), or None."""
+        return None if self._brief is None else dict(self._brief)
+
+    def brief_spike_due(self, step: int) -> bool:
+        """True at the step a brief spike's model loss is to be read again (:data:`BRIEF_AFTER` after its start)."""
+        return self._brief is not None and step >= self._brief["start_step"] + BRIEF_AFTER
+
+    def brief_spike_end(self, step: int, during: float | None, after: float | None) -> StallEvent | None:
+        """Close the brief spike: a ``"spike"`` event when the model's loss on the same fixed batches was at least
+        ``spike_ratio`` times higher at its start (``during``) than :data:`BRIEF_AFTER` steps later (``after``):
+        it rose and came back (the event's margin is ``log(during / (spike_ratio * after))``). None otherwise (a
+        hard batch, or not measurable). Never raises."""
+        brief, self._brief = self._brief, None
+        try:
+            if brief is None or during is None or after is None or not (after > 0 and math.isfinite(during)) \
+                    or not during >= self.spike_ratio * after:
+                return None
+        except TypeError:
+            return None
+        if self._spike is not None and self._spike["start_step"] >= brief["start_step"]:
+            self._spike = None  # the losses' median caught the same excursion later: one spike, one event
+        brief.update(end_step=float(step), probe_loss_during=float(during), probe_loss_after=float(after))
+        # The losses only nominated it (a hard batch passes the sigma gate often enough); the model's rise on the
+        # same batches is the evidence, so the margin is that rise's past the spike ratio.
+        event = self._event(step, "spike", "spike", math.log(during / (self.spike_ratio * after)), None)
+        event.spike = brief
+        return event
+
     def _scale(self, loss: float) -> float:
         """The scale spikes are judged on: log for a positive loss (minibatch noise is multiplicative, and
         heavy-tailed on a linear scale), the loss itself otherwise."""
@@ -575,11 +655,11 @@ class StallDetector:
         horizons = [h for h in self.horizons if h <= n]
         if n < self.horizons[-1] and n not in horizons:
             horizons.append(n)  # all the history there is: a flat stretch between two multiples is not wasted
-        # "Looks flat": the longest whole-windows horizon fits a flat trend (a single window's fit dips below the
-        # limit by noise alone on healthy runs; the whole history may still hold the first descent)
-        multiples = [h for h in horizons if h in self.horizons] or horizons
-        longest = window_fit if multiples[-1] == window_fit["horizon"] else self._trend(multiples[-1], level)
-        self.looks_flat = bool(longest["rel_improvement"] < self.rel_improvement)
+        # "Looks flat": the last two windows fit a flat trend (a single window's fit dips below the limit by noise
+        # alone on healthy runs; a longer horizon still holds the first descent of a run that stalled after it)
+        multiples = [h for h in horizons if h in self.horizons and h <= LOOKS_FLAT_WINDOWS * self.window] or horizons
+        recent = window_fit if multiples[-1] == window_fit["horizon"] else self._trend(multiples[-1], level)
+        self.looks_flat = bool(recent["rel_improvement"] < self.rel_improvement)
         z = float(special.ndtri(0.5 + self.confidence / 2.0))
         for horizon in horizons:
             # The per-loss noise alone makes this horizon's interval at least this wide (relative, per window):
@@ -588,7 +668,7 @@ class StallDetector:
             if floor > self.resolution * self.rel_improvement:
                 continue
             fit = window_fit if horizon == window_fit["horizon"] else (
-                longest if horizon == longest["horizon"] else self._trend(horizon, level))
+                recent if horizon == recent["horizon"] else self._trend(horizon, level))
             resolved = fit["improvement_hi"] - fit["improvement_lo"] <= 2.0 * self.resolution * self.rel_improvement
             if resolved and fit["improvement_hi"] < self.rel_improvement:  # NaN (no interval) never passes
                 self._state = _STALLED
@@ -658,7 +738,7 @@ class StallDetector:
             "steps": list(self._steps), "losses": list(self._losses), "first": self._first, "n_seen": self._n_seen,
             "running_min": self._running_min, "state": self._state, "since_rearm": self._since_rearm,
             "last_step": self._last_step, "stall_floor": self._stall_floor, "rising_since": self._rising_since,
-            "spike": self._spike, "spike_log": self._spike_log,
+            "spike": self._spike, "spike_log": self._spike_log, "brief": self._brief,
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -684,4 +764,6 @@ class StallDetector:
         self._rising_since = None if rising is None else int(rising)
         spike = state.get("spike")
         self._spike = None if spike is None else {k: float(v) for k, v in spike.items()}
+        brief = state.get("brief")
+        self._brief = None if brief is None else {k: float(v) for k, v in brief.items()}
         self._spike_log = bool(state.get("spike_log", True))
