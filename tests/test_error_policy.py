@@ -213,9 +213,9 @@ def test_usage_error_after_setup_is_swallowed_but_not_in_setup(tmp_path, monkeyp
     assert monitor.warning_counts == {"hook-error:UsageError": 6}  # warned once, counted every time
 
     # the same kind of error found in setup (a configuration that cannot work) stops the run
-    fsdp_named = type("FSDPStrategy", (pl.strategies.SingleDeviceStrategy,), {})(device=torch.device("cpu"))
-    trainer = make_trainer(tmp_path / "setup", [GradientNormMonitor()], max_steps=6, strategy=fsdp_named)
-    with pytest.raises(UsageError, match="FSDPStrategy"):
+    deepspeed_named = type("DeepSpeedStrategy", (pl.strategies.SingleDeviceStrategy,), {})(device=torch.device("cpu"))
+    trainer = make_trainer(tmp_path / "setup", [GradientNormMonitor()], max_steps=6, strategy=deepspeed_named)
+    with pytest.raises(UsageError, match="DeepSpeedStrategy"):
         trainer.fit(RegressionModule(), RegressionDataModule())
 
 

@@ -271,9 +271,11 @@ def test_state_key_tells_configurations_apart():
 
 
 def test_unsupported_strategy_is_refused_at_setup():
-    trainer = type("T", (), {"strategy": type("FSDPStrategy", (), {})()})()
-    with pytest.raises(UsageError, match="FSDPStrategy"):
+    trainer = type("T", (), {"strategy": type("DeepSpeedStrategy", (), {})()})()
+    with pytest.raises(UsageError, match="DeepSpeedStrategy"):
         HessianMonitor().setup(trainer, None, "fit")
+    for sharded in ("FSDPStrategy", "ModelParallelStrategy"):  # FSDP is supported (tests/test_fsdp.py)
+        HessianMonitor().setup(type("T", (), {"strategy": type(sharded, (), {})()})(), None, "fit")
 
 
 N_SADDLE = 40

@@ -25,8 +25,10 @@ from optdiag.sinks import tensorboard as tensorboard_sink
 
 _CALLBACK_BASES = tuple(ns.Callback for ns in LIGHTNING_NAMESPACES)
 _TENSORBOARD_LOGGERS = tuple(ns.loggers.TensorBoardLogger for ns in LIGHTNING_NAMESPACES)
-# Strategies that shard parameters: a flat Hessian-vector product over the full parameter vector does not exist there.
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+# Strategies whose sharded parameters optdiag cannot reach: DeepSpeed's ZeRO partitions (flat buffers outside
+# PyTorch's DTensor) and XLA's FSDP. FSDP (FSDPStrategy, ModelParallelStrategy with FSDP2) is supported through
+# DTensor parameters: docs/finite-difference-and-fsdp.md.
+_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "XLAFSDPStrategy")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -119,7 +121,7 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     # --- environment ----------------------------------------------------------------------------------------------
     @staticmethod
     def check_strategy(trainer: Any) -> None:
-        """Refuse strategies that shard parameters (FSDP, DeepSpeed, model parallel) with a clear error.
+        """Refuse strategies whose sharded parameters optdiag cannot reach (DeepSpeed, XLA FSDP) with a clear error.
 
         Raises:
             UsageError: naming the strategy and what is supported.
@@ -127,8 +129,9 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         name = type(trainer.strategy).__name__
         if name in _UNSUPPORTED_STRATEGIES:
             raise UsageError(
-                f"optdiag callbacks do not support {name}: they need every rank to hold all parameters. "
-                "Use a single device or strategy='ddp' (or 'ddp_spawn')."
+                f"optdiag callbacks do not support {name}: its parameter partitions are not PyTorch DTensors, so "
+                "neither gradients nor curvature can be measured on them. Use a single device, DDP, or FSDP "
+                "(FSDPStrategy, or ModelParallelStrategy with fully_shard): docs/finite-difference-and-fsdp.md."
             )
 
     @staticmethod

@@ -11,7 +11,9 @@ from typing import Any
 import torch
 
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
+from optdiag.curvature.distributed import reduce_sum
 from optdiag.curvature.noise import gradient_noise_scale
+from optdiag.curvature.params import is_sharded, local_part
 from optdiag.policy import check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 
@@ -175,6 +177,7 @@ class GradientNormMonitor(OptDiagCallback):
         self._cadence = self.every_n_steps or 1  # measuring interval, resolved against the Trainer at train start
         self._log_interval = self._cadence  # logging interval, a multiple of the cadence
         self._named_cache: tuple[tuple[int, int], list] | None = None
+        self._sharded = False  # the monitored parameters are DTensors (FSDP): norms are summed over ranks
         self._layer_of: dict[str, str] = {}  # parameter name -> layer name (computed once per name)
         self._grad_previous: _Buffer | None = None  # the previous measured gradient, when the next step needs it
         self._updates: _Buffer | None = None  # rows: the parameters before this step, then minus its update; the
@@ -255,19 +258,21 @@ class GradientNormMonitor(OptDiagCallback):
         """Norms and the gradient cosine of this step; the parameters are kept to measure the update after it."""
         named = self._named_monitored(pl_module, optimizer)
         with_grad = [(name, p) for name, p in named if p.grad is not None]
-        grads = [p.grad for _, p in with_grad]
-        params = [p.detach() for _, p in named]
+        grads = [local_part(p.grad) for _, p in with_grad]  # sharded (FSDP): this rank's part, reduced below
+        params = [local_part(p.detach()) for _, p in named]
         record: dict[str, Any] = {"step": step}
         # One fused kernel for the norms of every gradient and parameter (|theta_old| for the update ratio); the
         # dot product with the previous gradient joins them in the single transfer to Python of this step.
         norms = torch._foreach_norm(grads + params) if params else []
         dot = self._gradient_dot(grads, step)
-        values = torch.stack([n.float() for n in norms] + ([dot] if dot is not None else [])).tolist() if norms else []
+        values = torch.stack([n.float() for n in norms] + ([dot] if dot is not None else [])) if norms else None
+        values = self._across_shards(values, len(norms)).tolist() if values is not None else []
         squares = [v * v for v in values[: len(grads)]]
         total_sq = math.fsum(squares)
         theta_sq = math.fsum(v * v for v in values[len(grads) : len(grads) + len(params)])
         if not math.isfinite(theta_sq) and params:  # float32 norms overflow: exact ones in float64
             theta_sq = math.fsum(float(torch.linalg.vector_norm(p.double())) ** 2 for p in params)
+            theta_sq = float(self._across_shards(torch.tensor([theta_sq])))
         record["grad_norm"] = math.sqrt(total_sq) if math.isfinite(total_sq) else total_sq
         if self.per_layer:
             layers: dict[str, float] = {}
@@ -336,7 +341,18 @@ class GradientNormMonitor(OptDiagCallback):
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad and id(p) in in_optimizer]
             self._named_cache = (key, named)
+            self._sharded = any(is_sharded(p) for _, p in named)
         return self._named_cache[1]
+
+    def _across_shards(self, values: torch.Tensor, n_norms: int = 0) -> torch.Tensor:
+        """Per-rank results made global when the parameters are sharded (FSDP; every rank calls this together):
+        the first ``n_norms`` entries are norms of this rank's parts (their squares are summed over ranks), the
+        rest dot products of parts (summed). Unsharded (one device, DDP's reduced gradients): ``values`` itself."""
+        if not self._sharded:
+            return values
+        values = values.double()
+        summed = reduce_sum(torch.cat([values[:n_norms].square(), values[n_norms:]]))
+        return torch.cat([summed[:n_norms].sqrt(), summed[n_norms:]])
 
     def _gradient_dot(self, grads: list[torch.Tensor], step: int) -> torch.Tensor | None:
         """``g . g_previous`` as a 0-d tensor when the previous step's gradient is held (None otherwise).
@@ -375,15 +391,15 @@ class GradientNormMonitor(OptDiagCallback):
         if rows is None:
             return math.nan, None, math.nan
         s = rows.slot
-        torch._foreach_sub_(rows.views[s], [p.detach() for _, p in named])  # theta_old - theta_new = -u
+        torch._foreach_sub_(rows.views[s], [local_part(p.detach()) for _, p in named])  # theta_old - theta_new = -u
         follows = self.track_directions and rows.follows(step)
         if follows:
-            products = (rows.data @ rows.data[s]).tolist()  # both products in one kernel and one transfer
+            products = self._across_shards(rows.data @ rows.data[s]).tolist()  # both in one kernel, one transfer
             update_sq, dot = products[s], products[1 - s]
         else:
-            update_sq, dot = float(torch.linalg.vector_norm(rows.data[s])) ** 2, None
+            update_sq, dot = float(self._across_shards(torch.linalg.vector_norm(rows.data[s]).reshape(1), 1)) ** 2, None
         if not math.isfinite(update_sq):  # float32 squares overflow: the exact norm in float64
-            update_sq = float(torch.linalg.vector_norm(rows.data[s].double())) ** 2
+            update_sq = float(self._across_shards(torch.linalg.vector_norm(rows.data[s].double()).reshape(1), 1)) ** 2
         return update_sq, dot, rows.previous_sq
 
     def _noise_enabled(self, trainer: Any, pl_module: Any) -> bool:
@@ -419,13 +435,13 @@ class GradientNormMonitor(OptDiagCallback):
             grad_sq_unbiased=result.grad_sq_norm, grad_noise_trace=result.trace_sigma, noise_scale=result.b_simple
         )
 
-    @staticmethod
-    def _clipped_norm(trainer: Any, pl_module: Any, named: list, grad_norm: float) -> float:
+    def _clipped_norm(self, trainer: Any, pl_module: Any, named: list, grad_norm: float) -> float:
         """Norm of the gradient the optimizer used: read back after clipping (automatic optimization only)."""
         if not trainer.gradient_clip_val or not pl_module.automatic_optimization:
             return grad_norm
-        grads = [p.grad for _, p in named if p.grad is not None]
+        grads = [local_part(p.grad) for _, p in named if p.grad is not None]
         sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float32).square()) for g in grads)
+        sq = float(self._across_shards(torch.tensor([sq])))  # a sum of squares: summed over shards as it is
         return math.sqrt(sq) if math.isfinite(sq) else sq
 
     @staticmethod
@@ -445,7 +461,8 @@ class GradientNormMonitor(OptDiagCallback):
         for name, p in named:
             if p.grad is None:
                 continue
-            layers.setdefault(layer_name(name, self.layer_depth), []).append(p.grad.reshape(-1))
+            # sharded (FSDP): rank 0's part of the gradient only (gathering it whole would defeat the sharding)
+            layers.setdefault(layer_name(name, self.layer_depth), []).append(local_part(p.grad).reshape(-1))
         skipped = tensorboard_sink.log_histograms(
             tb, {f"optdiag/{k}/grad": torch.cat(v) for k, v in layers.items()}, step)
         if skipped:  # TensorBoard cannot bin NaN or Inf: those layers get no histogram at this step

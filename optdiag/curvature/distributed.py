@@ -4,6 +4,12 @@ Under data parallelism every rank holds its own probe batches. The Hessian of th
 ``H = sum_r sum_i n_ri H_ri / sum_r sum_i n_ri``: each rank forms its local weighted sum, one ``all_reduce`` adds
 them up, and every rank gets the same product. Iterative methods (Lanczos, Hutchinson with the same seed) then
 take identical branches on every rank, so their collectives always match.
+
+Under fully sharded data parallelism (FSDP) the operators are sharded themselves
+(:class:`~optdiag.curvature.operator.FiniteDifferenceOperator` on ``DTensor`` parameters): each product is already
+the Hessian of the union of the ranks' batch ``i``, on this rank's part of the vector (FSDP's own gradient reduction
+did the sum over ranks). The mean then only weights the batches, and it is the dot products and norms of vectors that
+are summed over ranks (``shard_sum``), never the products.
 """
 
 from __future__ import annotations
@@ -51,6 +57,12 @@ class ReducedMeanOperator(CurvatureOperator):
     instead of raising, so the other ranks are not left waiting in the ``all_reduce``; then every rank raises
     :class:`~optdiag.errors.NonFiniteError` together.
 
+    **Sharded operators** (all of them :attr:`~optdiag.curvature.base.CurvatureOperator.sharded`; see the module
+    docstring): every rank holds one operator per batch index, the same number on every rank; the weight of batch
+    ``i`` is summed over ranks (the size of the union batch), products are weighted locally and not reduced,
+    :meth:`reduce_sum` is the identity (the values are already those of the union) and :meth:`shard_sum` sums
+    dot products over ranks.
+
     Args:
         operators: the local operators (same ``num_params``, device and dtype); may be empty on a rank without data.
         weights: one non-negative weight per operator, normally its number of samples.
@@ -92,14 +104,29 @@ class ReducedMeanOperator(CurvatureOperator):
         elif num_params is None or device is None or dtype is None:
             raise ValueError("with no local operators, give num_params, device and dtype")
         super().__init__(num_params, torch.device(device), dtype)
+        self.sharded = bool(operators) and all(op.sharded for op in operators)
         self.operators, self.weights, self.group = operators, weights, group
-        self.total_weight = float(self.reduce_sum(torch.tensor([sum(weights)], dtype=torch.float64)))
+        if self.sharded:
+            self.weights = reduce_sum(torch.tensor(weights, dtype=torch.float64), group).tolist()
+        self.total_weight = float(self.reduce_sum(torch.tensor([sum(self.weights)], dtype=torch.float64)))
         if not self.total_weight > 0:
             raise ValueError("the weights sum to zero over all ranks: there is no data")
 
     def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` summed over the operator's ranks (see :func:`reduce_sum`)."""
-        return reduce_sum(tensor, self.group)
+        """``tensor`` summed over the operator's ranks (see :func:`reduce_sum`): the ranks' data added up. The
+        identity for sharded operators, whose values are already those of every rank's data."""
+        return tensor if self.sharded else reduce_sum(tensor, self.group)
+
+    @property
+    def total_params(self) -> int:
+        return self.operators[0].total_params if self.sharded else self.num_params
+
+    @property
+    def shard_index(self) -> int:
+        return self.operators[0].shard_index if self.sharded else 0
+
+    def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.operators[0].shard_sum(tensor) if self.sharded else tensor
 
     def weighted_mean(self, local: Sequence[torch.Tensor]) -> torch.Tensor:
         """``sum_i w_i t_i / total_weight`` over ranks, for one tensor per local operator (e.g. gradients)."""
@@ -114,6 +141,8 @@ class ReducedMeanOperator(CurvatureOperator):
             for w, op in zip(self.weights, self.operators):
                 out.add_(op.matvec(v), alpha=w)
         except OptDiagError:
+            if self.sharded:
+                raise  # a sharded operator raises on every rank together
             out.fill_(float("nan"))  # take part in the collective anyway; every rank raises below
         out = self.reduce_sum(out) / self.total_weight
         if not torch.isfinite(out).all():

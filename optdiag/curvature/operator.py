@@ -34,6 +34,7 @@ from torch import nn
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.curvature.batches import sample_count
 from optdiag.curvature.objective import BatchObjective, LossFn
+from optdiag.curvature.params import is_sharded, local_part
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
 from optdiag.policy import check_number
 
@@ -491,13 +492,6 @@ class HessianOperator(CurvatureOperator):
 HVP_METHODS = ("auto", "exact", "finite_difference")
 
 
-def _local_part(p: torch.Tensor) -> torch.Tensor:
-    """The tensor holding this rank's elements of ``p``: the local shard of a ``DTensor`` (a view sharing its
-    storage, so writing it writes the parameter), else ``p`` itself."""
-    to_local = getattr(p, "to_local", None)
-    return to_local() if callable(to_local) else p
-
-
 def _shard_group(parameters: Sequence[torch.Tensor]) -> tuple[Any, int, int] | None:
     """``(process group, its size, this rank's index in it)`` when the parameters are sharded ``DTensor``s on one
     1-D device mesh (FSDP2's layout), None when none is a ``DTensor``.
@@ -508,10 +502,10 @@ def _shard_group(parameters: Sequence[torch.Tensor]) -> tuple[Any, int, int] | N
             combined differently, which this operator does not model).
     """
     try:
-        from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor import Shard
     except ImportError:  # torch without DTensor: nothing can be sharded
         return None
-    flags = [isinstance(p, DTensor) for p in parameters]
+    flags = [is_sharded(p) for p in parameters]
     if not any(flags):
         return None
     if not all(flags):
@@ -608,7 +602,7 @@ class FiniteDifferenceOperator(CurvatureOperator):
         if shards is not None and self.objective.dtype != params[0].dtype:
             raise UsageError(f"sharded parameters are differentiated in their own dtype {params[0].dtype}, not "
                              f"{self.objective.dtype}: pass dtype=None")
-        self._local = [_local_part(p) for p in params] if shards is not None else list(params)
+        self._local = [local_part(p) for p in params] if shards is not None else list(params)
         super().__init__(sum(t.numel() for t in self._local), self.objective.device, self.objective.dtype)
         self.model, self.loss_fn = model, loss_fn
         self.sharded = shards is not None
@@ -689,7 +683,7 @@ class FiniteDifferenceOperator(CurvatureOperator):
                 (loss * scale).backward()
                 local_loss += float(loss.detach()) * scale / self._world
             gradient = torch.cat([
-                (_local_part(p.grad) if p.grad is not None else torch.zeros_like(t)).reshape(-1).to(self.dtype)
+                (local_part(p.grad) if p.grad is not None else torch.zeros_like(t)).reshape(-1).to(self.dtype)
                 for p, t in zip(params, self._local)
             ])
         finally:
@@ -770,11 +764,7 @@ def parameters_sharded(model: nn.Module) -> bool:
         >>> parameters_sharded(nn.Linear(2, 1))
         False
     """
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+    return any(is_sharded(p) for p in model.parameters() if p.requires_grad)
 
 
 def choose_hvp_method(

@@ -66,3 +66,29 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
         out.append(vector[offset : offset + n].view_as(t))
         offset += n
     return out
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter or gradient sharded across ranks by FSDP2).
+
+    Example:
+        >>> is_sharded(torch.zeros(2))
+        False
+    """
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing is sharded
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's elements of ``tensor``: the local shard of a ``DTensor`` (a view sharing its storage, so writing
+    it writes the parameter), else ``tensor`` itself.
+
+    Example:
+        >>> t = torch.zeros(2)
+        >>> local_part(t) is t
+        True
+    """
+    return tensor.to_local() if is_sharded(tensor) else tensor
