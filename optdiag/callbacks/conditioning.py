@@ -191,13 +191,13 @@ class ConditioningMonitor(OptDiagCallback):
     def _curvature(self) -> dict[str, Any]:
         """Per-layer curvature from the Hessian monitor's newest snapshot that has it."""
         first = (self.inputs or {}).get("layer")
-        traces = tops = sizes = None
+        traces = tops = None
         for snap in reversed(getattr(self.hessian_monitor, "history", None) or []):
             traces = traces or snap.get("hessian_trace_blocks")
             tops = tops or snap.get("lambda_max_blocks")
-            sizes = sizes or snap.get("block_sizes")
             if traces and tops:
                 break
+        sizes = getattr(self.hessian_monitor, "parameter_blocks", None)
         return curvature_evidence(traces, first, sizes, tops)
 
     def _stalled(self) -> float | None:

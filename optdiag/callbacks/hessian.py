@@ -19,7 +19,7 @@ from optdiag.curvature.distributed import ReducedMeanOperator, reduce_sum
 from optdiag.curvature.lanczos import EigenResult, top_eigenvalues
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.curvature.operator import HessianOperator
-from optdiag.curvature.params import trainable_parameters
+from optdiag.curvature.params import parameter_blocks, trainable_parameters
 from optdiag.curvature.preconditioned import PreconditionedOperator, preconditioner_warmup
 from optdiag.curvature.state import preserved_state
 from optdiag.curvature.trace import hessian_trace
@@ -154,6 +154,8 @@ class HessianMonitor(OptDiagCallback):
     Attributes:
         history: one dict per snapshot (the :meth:`measure` keys, without the ``OptimizerSpec``).
         last_eigenvectors: ``{"LA": EigenResult, "SA": EigenResult}`` of the last snapshot (for escape directions).
+        parameter_blocks: ``{layer: number of parameters}``, the layers the per-layer numbers split the parameter
+            vector into (None before a snapshot).
         last_density: the last ``DensityResult`` or None.
         monitor_seconds: wall seconds of Hessian work charged over all fits (snapshots of any reason, escape checks).
         charges: one dict per charge: ``step``, ``what`` (the snapshot's reason, or e.g. ``"escape"``), ``seconds``,
@@ -220,6 +222,7 @@ class HessianMonitor(OptDiagCallback):
         self._cost_samples = 0
         self._last_setup_seconds = 0.0
         self.last_eigenvectors: dict[str, EigenResult] = {}
+        self.parameter_blocks: dict[str, int] | None = None
         self.last_density: Any = None
         self.enabled = True
         self.monitor_seconds = 0.0
@@ -581,7 +584,9 @@ class HessianMonitor(OptDiagCallback):
         Returns:
             The snapshot: ``step``, ``reason``, ``lambda_max``, ``lambda_max_residual``, ``lambda_min``,
             ``lambda_min_residual``, ``lambda_min_start`` (``"warm"``, ``"mixed"``, ``"cold"``),
-            ``eigen_converged``, ``hessian_trace``, ``hessian_trace_stderr``, ``stability_threshold``,
+            ``eigen_converged``, ``hessian_trace``, ``hessian_trace_stderr``, ``hessian_trace_blocks`` (the trace
+            of each layer's diagonal block, from the same products: ``{layer: trace}``), ``lambda_max_blocks`` (the
+            share of the top eigenvector's squared norm in each layer), ``stability_threshold``,
             ``stability_ratio``, ``preconditioned_lambda_max``, ``preconditioner_warmup`` (``{"steps",
             "ready_at"}`` while Adam's/RMSprop's preconditioner is too young for a ratio, else None),
             ``batch_sharpness``, ``probe_loss``,
@@ -710,6 +715,8 @@ class HessianMonitor(OptDiagCallback):
         self.last_eigenvectors["LA"] = la
         parts["lambda_max"] = allowance.spend(la.n_hvp)
         out.update(lambda_max=float(la.eigenvalues[0]), lambda_max_residual=float(la.residuals[0]))
+        blocks = self._layer_blocks(pl_module, mean)
+        out["lambda_max_blocks"] = _block_shares(la.eigenvectors[0], blocks)  # where the sharpest direction lies
         out.update(self._stability(mean, optimizer, pl_module, out["lambda_max"], allowance, int(lambda_min), parts))
         if out["critical_sharpness"] is not None and out["stability_threshold"]:
             out["critical_sharpness_ratio"] = out["critical_sharpness"] / out["stability_threshold"]
@@ -732,12 +739,15 @@ class HessianMonitor(OptDiagCallback):
             out.update(lambda_min=float(sa.eigenvalues[0]), lambda_min_residual=float(sa.residuals[0]),
                        lambda_min_start=start or "cold")
         out["eigen_converged"] = bool(converged)
-        out.update(hessian_trace=None, hessian_trace_stderr=None)
+        out.update(hessian_trace=None, hessian_trace_stderr=None, hessian_trace_blocks=None)
         if trace and self.trace_hvp and allowance.covers(self.trace_hvp):
             before = mean.n_hvp
-            result = hessian_trace(mean, n_hvp=self.trace_hvp, seed=self.seed)
+            result = hessian_trace(mean, n_hvp=self.trace_hvp, seed=self.seed,
+                                   blocks=None if blocks is None else list(blocks.values()))
             parts["hessian_trace"] = allowance.spend(mean.n_hvp - before)
             out.update(hessian_trace=float(result.estimate), hessian_trace_stderr=float(result.stderr))
+            if result.block_estimates is not None:  # the same products, split over the layers
+                out["hessian_trace_blocks"] = dict(zip(blocks, result.block_estimates.tolist()))
         density = None
         n_density = min(self.density_steps, mean.num_params)
         if reason == "scheduled" and trace and self._density_due(trainer) and allowance.covers(n_density):
@@ -752,6 +762,17 @@ class HessianMonitor(OptDiagCallback):
         if density is not None and trainer.is_global_zero:
             self._log_density(trainer, density, step)
         return out
+
+    def _layer_blocks(self, pl_module: Any, mean: Any) -> dict[str, int] | None:
+        """The layers as consecutive slices of the products' parameter vector (:attr:`parameter_blocks`); None
+        when the vectors are sharded or laid out otherwise."""
+        if getattr(mean, "sharded", False):
+            return None
+        blocks = parameter_blocks(pl_module)
+        if sum(blocks.values()) != mean.num_params:
+            return None
+        self.parameter_blocks = blocks
+        return blocks
 
     def _gradient_quantities(self, mean: ReducedMeanOperator, operators: list) -> dict[str, Any]:
         """Probe loss, gradient, noise and batch sharpness, reduced over batches and ranks."""
@@ -915,6 +936,15 @@ class _Allowance:
         if self.left is not None:
             self.left -= products
         return products
+
+
+def _block_shares(vector: torch.Tensor, blocks: dict[str, int] | None) -> dict[str, float] | None:
+    """The share of ``|vector|^2`` in each block (None without blocks or for a zero vector)."""
+    if blocks is None:
+        return None
+    squares = torch.stack([part.double().square().sum() for part in vector.reshape(-1).split(list(blocks.values()))])
+    total = float(squares.sum())
+    return dict(zip(blocks, (squares / total).tolist())) if total > 0 and math.isfinite(total) else None
 
 
 @contextlib.contextmanager
