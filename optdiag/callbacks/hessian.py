@@ -87,6 +87,13 @@ class HessianMonitor(OptDiagCallback):
       ``beta2``); the snapshot's ``preconditioner_warmup`` says how far it is.
     * ``batch_sharpness``: mean over probe batches of ``g_B^T H_B g_B / |g_B|^2`` (what minibatch SGD holds at
       ``2/lr``; docs/theory.md section 1).
+    * ``critical_sharpness`` (forwards only; docs/critical-sharpness.md): along the optimizer step just taken, from
+      the parameters before it, the loss on the probe set at a few multiples of the step gives the curvature
+      ``directional_curvature`` = ``u^T H u / |u|^2`` (with ``directional_curvature_stderr``), the largest stable
+      learning rate ``critical_lr`` (where the step would no longer lower the loss) and ``critical_sharpness`` =
+      ``2 / critical_lr``; ``critical_sharpness_ratio`` = ``critical_sharpness / stability_threshold`` and
+      ``critical_lr_ratio`` = ``lr / critical_lr``. At most 9 forwards (``n_forward``), priced in products.
+      Computed when the snapshot follows its step (the parameters before a step are kept only for that).
     * ``probe_loss``, ``probe_grad_norm``, and with two or more probe batches the gradient noise:
       ``probe_grad_sq_unbiased`` (``|G|^2``) and ``grad_noise_trace`` (``tr(Sigma)``).
     * every ``density_every``-th snapshot, a spectral density (stochastic Lanczos quadrature) as a TensorBoard
@@ -596,7 +603,10 @@ class HessianMonitor(OptDiagCallback):
             "preconditioned_lambda_max", "lambda_min", "hessian_trace", "density"}``: the products of each part
             taken), ``setup_seconds``, ``seconds`` and ``budget_balance`` (the bucket's credit after it). Quantities
             not measured are ``None``. When no snapshot could be taken: ``{"step", "reason", "skipped": why}``
-            (``"over budget"`` when the bucket cannot pay for the smallest useful snapshot).
+            (``"over budget"`` when the bucket cannot pay for the smallest useful snapshot). The critical
+            sharpness keys (``critical_sharpness``, ``critical_sharpness_ratio``, ``critical_lr``,
+            ``critical_lr_ratio``, ``directional_curvature``, ``directional_curvature_stderr``, ``n_forward``,
+            ``critical_note``: why not) are None unless the snapshot follows the step the parameters were kept for.
         """
         step = int(trainer.global_step)
         if budgeted is None:
