@@ -126,7 +126,7 @@ def test_series_and_barrier_between_consecutive_checkpoints(pair_report):
 
 
 TOP_KEYS = {"schema_version", "optdiag_version", "created", "settings", "checkpoints", "series", "barriers",
-            "barrier_notes", "story"}
+            "barrier_notes", "story", "findings"}
 CHECKPOINT_KEYS = {
     "path", "step", "epoch", "format", "num_params", "n_samples", "n_batches", "hessian_batches", "loss",
     "analysis_loss", "grad_norm", "lambda_max", "lambda_min", "top_eigenvalues", "bottom_eigenvalues", "residuals",

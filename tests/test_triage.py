@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import math
 import warnings
 
@@ -32,6 +33,8 @@ from optdiag.diagnosis.triage import (
 )
 from optdiag.errors import UsageError
 from optdiag.sinks.events import events_path, read_events
+from optdiag.sinks.report import render_html
+from optdiag.analysis.loading import load_checkpoint
 
 
 def _p_above(ratio: float) -> float:
@@ -265,8 +268,9 @@ def _fit(tmp_path, callbacks, module, train, val=None, **kwargs):
 def test_overfitting_is_found_on_a_real_run_and_written_everywhere(tmp_path, capsys):
     (run,) = scenario("overfitting").build()
     cb = TriageMonitor()
-    trainer = _fit(tmp_path, [cb], run.module, run.loader, run.val_loader, max_steps=run.max_steps,
-                   val_check_interval=run.val_every)
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    trainer = _fit(tmp_path, [cb, checkpoint], run.module, run.loader, run.val_loader, max_steps=run.max_steps,
+                   val_check_interval=run.val_every, enable_checkpointing=True)
     kinds = [f.kind for f in cb.findings]
     assert kinds == ["overfitting"]
     (f,) = cb.findings
@@ -277,6 +281,12 @@ def test_overfitting_is_found_on_a_real_run_and_written_everywhere(tmp_path, cap
     records = [r for r in read_events(events_path(trainer.logger.log_dir)) if r.get("record") == "finding"]
     assert [Finding.from_dict(r) for r in records] == cb.findings
     assert "overfitting" in capsys.readouterr().out  # the end-of-fit summary
+    # saved with the checkpoint, read back by the post-hoc analysis and shown in its HTML report
+    loaded = load_checkpoint(tmp_path / "ckpt" / "last.ckpt", lambda: scenario("overfitting").build()[0].module)
+    assert [Finding.from_dict(d) for d in loaded.findings] == cb.findings
+    page = render_html({"checkpoints": [], "findings": loaded.findings})
+    assert "<h2>Triage</h2>" in page and "Stop at the best validation loss" in page
+    assert html.escape(f.summary, quote=True) in page
 
 
 def test_a_healthy_run_with_a_validation_loop_gets_no_finding(tmp_path):

@@ -323,6 +323,8 @@ class AnalysisReport:
             (:class:`~optdiag.analysis.landscape.InterpolationPath`).
         settings: the :class:`AnalysisSettings` used.
         created: ISO timestamp (UTC).
+        findings: the triage findings saved in the checkpoints by a ``TriageMonitor`` (``Finding.to_dict()``
+            dicts), from the latest checkpoint that has any; empty otherwise.
 
     Example::
 
@@ -337,6 +339,7 @@ class AnalysisReport:
     settings: AnalysisSettings
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     barrier_notes: list[str] = field(default_factory=list)
+    findings: list[dict[str, Any]] = field(default_factory=list)
 
     def __getitem__(self, index: int) -> CheckpointAnalysis:
         return self.checkpoints[index]
@@ -377,6 +380,7 @@ class AnalysisReport:
             "barriers": [b.to_dict() for b in self.barriers],
             "barrier_notes": list(self.barrier_notes),
             "story": _jsonable(self.story),
+            "findings": _jsonable(self.findings),
         }
 
     def summary(self) -> str:
@@ -501,7 +505,9 @@ def analyze_checkpoint(
             op.close()
         results.append(analysis)
         item.model = None  # release the weights as we go
-    return AnalysisReport(results, barriers, settings, barrier_notes=barrier_notes)
+    # findings accumulate over a run: the latest checkpoint that saved any holds them all
+    findings = next((item.findings for item in reversed(loaded) if item.findings), [])
+    return AnalysisReport(results, barriers, settings, barrier_notes=barrier_notes, findings=list(findings))
 
 
 class _Progress:

@@ -21,7 +21,7 @@ import pickle
 import re
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
@@ -57,6 +57,8 @@ class LoadedCheckpoint:
             the first saved optimizer, or None; the learning rate there is the one in use when it was saved.
         optimizer_state: the first saved optimizer's whole ``state_dict()`` (Adam's second moments included), or
             None; the analysis reads Adam's preconditioner from it.
+        findings: the triage findings saved with the run (a ``TriageMonitor``'s, alone or inside ``OptDiag``), as
+            ``Finding.to_dict()`` dicts, oldest first; empty when there are none.
     """
 
     path: Path
@@ -66,6 +68,7 @@ class LoadedCheckpoint:
     format: str
     optimizer_group: Optional[dict[str, Any]] = None
     optimizer_state: Optional[dict[str, Any]] = None
+    findings: list[dict[str, Any]] = field(default_factory=list)
 
 
 def import_object(spec: str, what: str = "object") -> Any:
@@ -291,7 +294,24 @@ def load_checkpoint(path: str | os.PathLike, model: Any, trust_checkpoint: bool 
         format=fmt,
         optimizer_group=_first_optimizer_group(raw),
         optimizer_state=_first_optimizer_state(raw),
+        findings=_saved_findings(raw),
     )
+
+
+def _saved_findings(raw: Any) -> list[dict[str, Any]]:
+    """The triage findings in a Lightning checkpoint's callback states (``TriageMonitor`` or ``OptDiag``'s own)."""
+    callbacks = raw.get("callbacks") if isinstance(raw, Mapping) else None
+    found: list[dict[str, Any]] = []
+    for key, state in (callbacks.items() if isinstance(callbacks, Mapping) else ()):
+        if not isinstance(state, Mapping):
+            continue
+        if str(key).startswith("OptDiag"):
+            state = state.get("triage_monitor")
+        elif not str(key).startswith("TriageMonitor"):
+            continue
+        findings = state.get("findings") if isinstance(state, Mapping) else None
+        found += [f for f in findings or [] if isinstance(f, Mapping)]
+    return found
 
 
 def _first_optimizer_state(raw: Any) -> Optional[dict[str, Any]]:

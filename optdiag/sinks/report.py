@@ -247,6 +247,28 @@ def _story_section(data: Mapping[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _findings_section(data: Mapping[str, Any]) -> str:
+    """The triage findings saved with the run (``Finding.to_dict()`` dicts): headline, recommendations, batch advice."""
+    findings = [f for f in data.get("findings") or [] if isinstance(f, Mapping)]
+    if not findings:
+        return ""
+    out = ["<h2>Triage</h2>", '<p class="muted">Saved by the run\'s TriageMonitor; see docs/triage.md.</p>']
+    for f in findings:
+        out.append(f'<div class="verdict finding {_e(f.get("kind"))}"><b>{_e(f.get("kind"))}</b> at step '
+                   f'{_e(_fmt(f.get("step")))} (confidence {_fmt(f.get("confidence"), 2)}): {_e(f.get("summary"))}')
+        recommendations = [r for r in f.get("recommendations") or [] if isinstance(r, Mapping)]
+        if recommendations:
+            out.append(_table(["action", "reason"], [[r.get("action"), r.get("reason")] for r in recommendations],
+                              text_columns=2))
+        suggestions = [s for s in f.get("suggestions") or [] if isinstance(s, Mapping)]
+        if suggestions:
+            out.append(_table(["target", "action", "current", "proposed", "reason"],
+                              [[s.get("target"), s.get("action"), s.get("current"), s.get("proposed"), s.get("reason")]
+                               for s in suggestions], text_columns=2))
+        out.append("</div>")
+    return "\n".join(out)
+
+
 def _checkpoint_section(i: int, ckpt: Mapping[str, Any], figs: Mapping[str, Any]) -> str:
     name = Path(str(ckpt.get("path"))).name
     out = [f'<h2 id="ckpt-{i}">{_e(name)} <span class="muted">step {_e(_fmt(ckpt.get("step")))}</span></h2>']
@@ -322,6 +344,7 @@ def render_html(data: Mapping[str, Any], figs: Optional[Mapping[str, Any]] = Non
     else:
         out.append("<p>No checkpoints were analysed.</p>")
     out.append(_story_section(data))
+    out.append(_findings_section(data))
     if "series" in figs or "barriers" in figs:
         out.append("<h2>Across checkpoints</h2>")
         out.append('<div class="figures">' + "".join(
