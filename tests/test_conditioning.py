@@ -344,3 +344,44 @@ def test_conditioning_monitor_does_no_harm(tmp_path):
     (a, rng_a), (b, rng_b) = weights(True), weights(False)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(rng_a, rng_b)
+
+
+def test_hessian_monitor_splits_the_trace_and_the_top_direction_over_layers(tmp_path):
+    from optdiag.callbacks.hessian import HessianMonitor
+    from optdiag.demo.scenarios import ScenarioModule, _loader
+    from torch.func import functional_call
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(32, 3, generator=gen) * torch.tensor([10.0, 1.0, 0.1])
+    y = torch.randn(32, 1, generator=gen)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 2), nn.Tanh(), nn.Linear(2, 1))  # 8 + 3 parameters
+    module = ScenarioModule(net, nn.functional.mse_loss, lr=1e-3)
+    # Hutch++ with three products per parameter sketches the whole space: the split is exact
+    monitor = HessianMonitor(every_n_steps=2, probe_batches=1, trace_hvp=33, max_hvp=11, tol=1e-9, density_every=0)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, callbacks=[monitor],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, _loader(x, y, 2))
+    (snap,) = monitor.history  # at step 2, the parameters training ends with
+    assert monitor.parameter_blocks == {"net.0": 8, "net.2": 3}
+    names = [n for n, _ in module.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in module.parameters()]).double()
+
+    def loss(vector):
+        params, offset = {}, 0
+        for name, p in module.named_parameters():
+            params[name] = vector[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return nn.functional.mse_loss(functional_call(module, params, (x.double(),)), y.double())
+
+    module.double()
+    hessian = torch.autograd.functional.hessian(loss, flat)
+    diagonal = torch.diagonal(hessian)
+    assert names[0] == "net.0.weight"
+    assert snap["hessian_trace_blocks"]["net.0"] == pytest.approx(float(diagonal[:8].sum()), rel=1e-4)
+    assert snap["hessian_trace_blocks"]["net.2"] == pytest.approx(float(diagonal[8:].sum()), rel=1e-4)
+    _, vectors = torch.linalg.eigh(hessian)
+    top = vectors[:, -1]
+    assert snap["lambda_max_blocks"]["net.0"] == pytest.approx(float(top[:8].square().sum()), abs=1e-3)
+    assert sum(snap["lambda_max_blocks"].values()) == pytest.approx(1.0)
