@@ -54,7 +54,8 @@ function logTicks(lo, hi) {
 }
 
 // lineChart({title, series: [{name, points: [[step, value]], cls, dots}], markers: [{step, cls, label, title,
-// data, row}], hlines: [{value, cls, label}], logY, xRange, width, height, cls, data}) -> <figure> with an <svg>.
+// data, row}], hlines: [{value, cls, label}], logY, zero, xRange, width, height, cls, data}) -> <figure> with an
+// <svg>. zero: the linear y axis starts at 0, so that heights compare as ratios (lambda_max against its threshold).
 // width and height are the drawing's units: text keeps its size when a wider chart gets a wider viewBox.
 // Points with a non-finite value are left out (the line breaks there); logY uses only positive values.
 export function lineChart(spec) {
@@ -63,6 +64,7 @@ export function lineChart(spec) {
   const finite = (y) => Number.isFinite(y) && (!spec.logY || y > 0);
   const ys = series.flatMap((s) => s.points.map((p) => p[1])).concat((spec.hlines || []).map((h) => num(h.value)))
     .filter(finite);
+  if (spec.zero && !spec.logY && ys.length) ys.push(0);
   const xs = series.flatMap((s) => s.points.map((p) => p[0])).concat((spec.markers || []).map((m) => m.step));
   const figure = document.createElement("figure");
   figure.className = "chart " + (spec.cls || "");

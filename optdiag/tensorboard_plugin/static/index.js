@@ -191,7 +191,7 @@ function thresholdChart(view, xRange) {
   const values = series.flatMap((x) => x.points.map((p) => p[1]));
   const figure = lineChart({
     title: `${name} vs the optimizer's stability threshold`, cls: "threshold-chart", series,
-    markers: verdictMarkers(view, false), logY: positiveSpan(values) > 20, xRange,
+    markers: verdictMarkers(view, false), logY: positiveSpan(values) > 20, zero: true, xRange,
   });
   const top = last(s[name]), threshold = last(thresholds);
   const ratioPoint = last(s.stability_ratio);
