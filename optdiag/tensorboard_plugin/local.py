@@ -31,14 +31,24 @@ __all__ = ["free_port", "get", "tensorboard_server", "find_chromium", "chromium"
 
 
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
+    """A TCP port free on 127.0.0.1 now.
+
+    Example:
+        >>> 0 < free_port() < 65536
+        True
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
 def get(url: str) -> Any:
-    """The body at ``url``: parsed when it is JSON, else bytes. Raises ``urllib.error.HTTPError`` on 4xx/5xx."""
+    """The body at ``url``: parsed when it is JSON, else bytes. Raises ``urllib.error.HTTPError`` on 4xx/5xx.
+
+    Example::
+
+        get(base + "/data/plugin/optdiag/runs")  # {"runs": [{"run": "version_0", "optdiag": True}]}
+    """
     with urllib.request.urlopen(url, timeout=30) as response:
         body = response.read()
         return json.loads(body) if response.headers.get_content_type() == "application/json" else body
@@ -50,6 +60,11 @@ def tensorboard_server(logdir: str | os.PathLike[str], *, runs: int = 1, timeout
 
     Waits until the optdiag tab lists at least ``runs`` runs (TensorBoard loads a logdir in the background), and
     kills the server when the block ends, whatever happens in it.
+
+    Example::
+
+        with tensorboard_server("lightning_logs") as base:
+            print(base)  # http://127.0.0.1:41923
 
     Raises:
         RuntimeError: when the server exits or has not listed the runs within ``timeout`` seconds (with its log).
@@ -77,7 +92,12 @@ def tensorboard_server(logdir: str | os.PathLike[str], *, runs: int = 1, timeout
 
 
 def find_chromium() -> str | None:
-    """The Chromium (or Chrome) executable on PATH, or None."""
+    """The Chromium (or Chrome) executable on PATH, or None.
+
+    Example::
+
+        find_chromium()  # '/usr/bin/chromium'
+    """
     return next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
@@ -87,6 +107,10 @@ def chromium(*args: str, executable: str | None = None, timeout: float = 120.0) 
     Raises:
         FileNotFoundError: when there is no Chromium on PATH.
         RuntimeError: when Chromium exits with an error.
+
+    Example::
+
+        chromium("--window-size=1400,1000", "--screenshot=tab.png", base + "/#optdiag")
     """
     executable = executable or find_chromium()
     if executable is None:
@@ -112,6 +136,11 @@ class Page:
 
     Raises:
         FileNotFoundError: when there is no Chromium on PATH.
+
+    Example::
+
+        with Page(base + "/data/plugin_entry.html?name=optdiag") as page:
+            page.wait_for("document.querySelectorAll('article.verdict').length")  # 3
     """
 
     def __init__(self, url: str, *, executable: str | None = None) -> None:
