@@ -255,8 +255,7 @@ def _format(rows: Sequence[dict[str, Any]], table: dict[str, dict[str, int]]) ->
         lines.append(f"| {r['name']} | {r['family']} | {', '.join(r['should']) or 'none (healthy)'} | {found} | "
                      f"{truth} | {r['seconds']:.1f} |")
     lines += ["", "| kind | right | wrong | false alarms | missed |", "|---|---|---|---|---|"]
-    lines += [f"| {k} | {v['right']} | {v['wrong']} | {v['false_alarm']} | {v['missed']} |" for k, v in table.items()
-              if any(v.values())]
+    lines += [f"| {k} | {v['right']} | {v['wrong']} | {v['false_alarm']} | {v['missed']} |" for k, v in table.items()]
     return lines
 
 
