@@ -356,10 +356,13 @@ def _check_unscaled_inputs(result: ScenarioResult) -> list[Check]:
 
 
 def _check_mse_softmax(result: ScenarioResult) -> list[Check]:
+    found = _triage_kinds(result.runs[0])
+    checks = [Check(f"triage ({result.runs[0].label})", "loss_choice" in found and "ill_conditioning" not in found,
+                    f"expected loss_choice; found {', '.join(found) or 'no finding'}")]
     mse, ce = result.runs[0].metrics, result.runs[-1].metrics
     ok = bool(mse) and bool(ce) and ce["accuracy"] >= mse["accuracy"] + 0.5 and \
         ce["probability_squared_error"] < 0.5 * mse["probability_squared_error"]
-    return [Check("cross-entropy leaves the plateau", ok,
+    return checks + [Check("cross-entropy leaves the plateau", ok,
                   f"accuracy {_fmt(mse.get('accuracy'))} -> {_fmt(ce.get('accuracy'))}, squared error of the "
                   f"probabilities {_fmt(mse.get('probability_squared_error'))} -> "
                   f"{_fmt(ce.get('probability_squared_error'))}")]
