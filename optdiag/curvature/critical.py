@@ -16,8 +16,9 @@ and from a handful of loss evaluations it gives, without a single gradient or He
 
 Step sizes are chosen from the first loss differences: the second difference at ``t = +-s`` must stand well above
 the rounding of a forward (``s`` starts at the optimizer's own step and grows or shrinks by 4), then ``+-s/2`` give a
-five-point estimate of ``a`` and ``c`` (Richardson: exact on quadratics and cubics), refined to a smaller ``s``
-while the truncation error dominates; one last forward at ``t_c`` checks the critical step. docs/critical-sharpness.md
+five-point estimate of ``c`` (Richardson: exact on quadratics and cubics), refined to a smaller ``s`` while the
+truncation error dominates; ``a`` comes from the two smallest pairs (Richardson again); one last forward at ``t_c``
+checks the critical step. docs/critical-sharpness.md
 has the reasoning, the cost and the measured accuracy against ``lambda_max``.
 
 Nothing here raises on a measured number: a non-finite loss at the point, a zero update or step sizes that all
@@ -143,15 +144,24 @@ class _Line:
         return tuple(sorted(self.values.items()))
 
 
-def _five_point(line: _Line, h: float) -> tuple[float, float, float, float]:
-    """Slope, curvature (both by the five-point stencils on 0, +-h, +-2h), the curvature from the wide pair alone,
-    and the narrow pair's: the wide and narrow second differences differ by the truncation error."""
+def _five_point(line: _Line, h: float) -> tuple[float, float, float]:
+    """The curvature by the five-point stencil on 0, +-h, +-2h, and the second differences of the wide and the narrow
+    pair alone (they differ by the truncation error)."""
     f0, fh, fmh, f2h, fm2h = line(0.0), line(h), line(-h), line(2 * h), line(-2 * h)
     narrow = (fh + fmh - 2 * f0) / h**2
     wide = (f2h + fm2h - 2 * f0) / (2 * h) ** 2
-    slope = (8 * (fh - fmh) - (f2h - fm2h)) / (12 * h)
-    curvature = (4 * narrow - wide) / 3  # Richardson: the h^2 term of both differences cancels
-    return slope, curvature, wide, narrow
+    return (4 * narrow - wide) / 3, wide, narrow  # Richardson: the h^2 term of both differences cancels
+
+
+def _slope(line: _Line) -> float:
+    """The slope by Richardson extrapolation from the two smallest symmetric pairs measured: the finest scale
+    resolves it best (the first-order change stands far above rounding long before the second-order one does, so
+    where the scale grew for the curvature the optimizer's own step still gives the slope; the five-point stencil
+    at the grown scale would carry its truncation)."""
+    pairs = sorted(t for t in line.values if t > 0 and -t in line.values and line.finite(t, -t))
+    (t1, t2), ratio = pairs[:2], (pairs[1] / pairs[0]) ** 2
+    d1, d2 = ((line(t) - line(-t)) / (2 * t) for t in (t1, t2))
+    return (ratio * d1 - d2) / (ratio - 1)
 
 
 def _quadratic_residual(line: _Line, h: float) -> float:
@@ -244,14 +254,15 @@ def line_sharpness(
     if not line.finite(s / 2, -s / 2):
         return unavailable("the loss is not finite at half the usable step size", loss=loss)
     h = s / 2
-    slope, curvature, wide, narrow = _five_point(line, h)
+    curvature, wide, narrow = _five_point(line, h)
     truncation, noise = abs(narrow - wide) / 3, 2.5 * rounding / h**2
     while truncation > _TRUNCATION * abs(curvature) and truncation > noise and len(line.values) + 3 <= max_evals:
         if not line.finite(h / 2, -h / 2):
             break
         h /= 2
-        slope, curvature, wide, narrow = _five_point(line, h)
+        curvature, wide, narrow = _five_point(line, h)
         truncation, noise = abs(narrow - wide) / 3, 2.5 * rounding / h**2
+    slope = _slope(line)
     # Rounding of the Richardson combination (4 narrow - wide) / 3, each second difference off by ~2.5 roundings.
     noise = 2.5 * rounding / h**2 * math.hypot(4 / 3, 1 / 12)
 
