@@ -27,7 +27,7 @@ from optdiag.errors import UsageError
 from optdiag.policy import Measurements, check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 
-__all__ = ["TriageMonitor", "TRAIN_METRICS", "VAL_METRICS", "TEXT_TAG"]
+__all__ = ["TriageMonitor", "write_finding", "TRAIN_METRICS", "VAL_METRICS", "TEXT_TAG"]
 
 #: The training-loss names looked for, in order (``*_epoch``: Lightning's epoch mean of a metric logged with
 #: ``on_epoch=True``, steadier than the last step's value).
@@ -37,6 +37,18 @@ VAL_METRICS = ("val_loss", "validation_loss", "valid_loss", "val_loss_epoch", "v
 TEXT_TAG = "optdiag/triage"
 #: Stall verdicts the triage reads (a divergence or a spike says nothing about bias or overfitting).
 _TRIAGED_VERDICTS = OPTIMIZATION_VERDICTS + ("local_minimum",)
+
+
+def write_finding(callback: OptDiagCallback, trainer: Any, finding: Finding) -> None:
+    """Write one finding where findings go: an ``events.jsonl`` line with ``"record": "finding"`` and a TensorBoard
+    text panel under :data:`TEXT_TAG` (global rank 0 only). The one writer for every callback that finds something.
+    """
+    if not trainer.is_global_zero:
+        return
+    callback._append_event(trainer, {"record": "finding", **finding.to_dict()})
+    tb = callback.tensorboard_logger(trainer)
+    if tb is not None:
+        tensorboard_sink.log_text(tb, TEXT_TAG, finding.to_markdown(), finding.step)
 
 
 def _names(name: str, value: Any) -> tuple[str, ...]:
@@ -161,7 +173,7 @@ class TriageMonitor(OptDiagCallback):
         if val is None:
             if not self.said_needs_validation:
                 self.said_needs_validation = True
-                self._emit(trainer, needs_validation(step, self.val_metrics, list(metrics)))
+                self.emit(trainer, needs_validation(step, self.val_metrics, list(metrics)))
             return
         if train is not None and (not self.val or self.val[-1][0] != step):
             self.train.append((step, train))
@@ -172,7 +184,7 @@ class TriageMonitor(OptDiagCallback):
         if not self.val and not self.said_needs_validation:
             self.said_needs_validation = True
             metrics = list(getattr(trainer, "callback_metrics", {}) or {})
-            self._emit(trainer, needs_validation(int(trainer.global_step), self.val_metrics, metrics))
+            self.emit(trainer, needs_validation(int(trainer.global_step), self.val_metrics, metrics))
         self._triage(trainer, int(trainer.global_step))
         if self.verbose and trainer.is_global_zero:
             print(self.summary(), flush=True)
@@ -218,17 +230,16 @@ class TriageMonitor(OptDiagCallback):
     def _triage(self, trainer: Any, step: int) -> None:
         for finding in triage(self.inputs(step)):
             if finding.kind not in self._kinds_this_fit:
-                self._emit(trainer, finding)
+                self.emit(trainer, finding)
 
-    def _emit(self, trainer: Any, finding: Finding) -> None:
+    def emit(self, trainer: Any, finding: Finding) -> None:
+        """Record a finding (this monitor's or another callback's): :attr:`findings`, the end-of-fit summary,
+        ``events.jsonl`` and TensorBoard (:func:`write_finding`)."""
         self._kinds_this_fit.add(finding.kind)
         self.findings.append(finding)
-        if not trainer.is_global_zero:
-            return
-        self._append_event(trainer, {"record": "finding", **finding.to_dict()})
-        tb = self.tensorboard_logger(trainer)
-        if tb is not None:
-            tensorboard_sink.log_text(tb, TEXT_TAG, finding.to_markdown(), finding.step)
+        write_finding(self, trainer, finding)
+
+    _emit = emit  # the name other callbacks first called
 
     def summary(self) -> str:
         """One line per finding of the last fit, with its first recommendation.
