@@ -23,6 +23,7 @@ import pytest
 
 from optdiag.diagnosis.types import to_jsonable
 from optdiag.sinks.events import events_path, read_events
+from optdiag.tensorboard_plugin.data import SERIES, SNAPSHOT_REASONS
 from optdiag.tensorboard_plugin.local import Page, chromium, find_chromium, get, tensorboard_server
 
 pytestmark = pytest.mark.slow
@@ -119,9 +120,13 @@ def test_run_route_gives_the_verdicts_with_outcomes_and_the_logged_series(served
         "lambda_min", "lambda_max", "escape_expected_drop", "escape_measured_drop"]
     scalars = _scalars(logdir / runs["saddle"])
     assert view["loss"] == {"tag": "train_loss", "points": [list(p) for p in scalars["train_loss"]]}
-    for name in ("lambda_max", "lambda_min", "stability_threshold", "stability_ratio"):
+    # every curve the tab draws, exactly as logged; the snapshots a stall asked for apart from the scheduled ones
+    drawn = {name for name in SERIES if "optdiag/" + name in scalars} | {
+        f"{reason}/{name}" for reason in SNAPSHOT_REASONS for name in ("lambda_max", "lambda_min")
+        if f"optdiag/{reason}/{name}" in scalars}
+    assert {"lambda_max", "lambda_min", "stability_threshold", "stall/lambda_min"} <= drawn == set(view["series"])
+    for name in drawn:
         assert view["series"][name] == [list(p) for p in scalars["optdiag/" + name]]
-    assert view["series"]["stall/lambda_min"] == [list(p) for p in scalars["optdiag/stall/lambda_min"]]
     assert view["snapshots"]["stall"] == [step for step, _ in scalars["optdiag/stall/step"]]
     assert "preconditioned_lambda_max" not in view["series"]  # SGD: the raw sharpness is compared
     assert view["message"] is None and view["has_optdiag"] is True

@@ -30,7 +30,8 @@ __all__ = ["PREFIX", "SERIES", "SNAPSHOT_REASONS", "TEXT_TAG", "loss_tag", "even
 
 PREFIX = "optdiag/"
 #: The curvature series the tab draws, as logged by HessianMonitor (``optdiag/<name>``).
-SERIES = ("lambda_max", "lambda_min", "stability_threshold", "preconditioned_lambda_max", "stability_ratio")
+SERIES = ("lambda_max", "lambda_min", "stability_threshold", "preconditioned_lambda_max", "stability_ratio",
+          "critical_sharpness")
 #: Snapshots a verdict asked for log under ``optdiag/<reason>/...`` (callbacks/hessian.py): their steps are marked.
 SNAPSHOT_REASONS = ("stall", "spike", "divergence")
 TEXT_TAG = "optdiag/diagnosis"

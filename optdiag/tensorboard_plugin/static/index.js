@@ -177,6 +177,9 @@ function thresholdChart(view, xRange) {
   const name = adaptive ? "preconditioned_lambda_max" : "lambda_max";
   const series = [{ name, points: s[name] || [], cls: "sharpness", dots: true }];
   if (adaptive && s.lambda_max) series.push({ name: "lambda_max (raw)", points: s.lambda_max, cls: "raw" });
+  if (s.critical_sharpness) {  // forwards only, along the optimizer's own update: comparable with the threshold
+    series.push({ name: "critical sharpness", points: s.critical_sharpness, cls: "critical", dots: true });
+  }
   for (const reason of ["stall", "spike", "divergence"]) {
     if (!adaptive && s[`${reason}/lambda_max`]) {
       series.push({ name: `${reason} snapshot`, points: s[`${reason}/lambda_max`], cls: `snapshot ${reason}`,
