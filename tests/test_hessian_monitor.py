@@ -185,13 +185,35 @@ def test_probe_set_is_the_fixed_copies_or_the_current_batch(tmp_path):
 
 
 def test_model_without_double_backward_warns_once_and_keeps_gradient_monitoring(tmp_path):
-    hessian, gradient = HessianMonitor(every_n_steps=1), GradientNormMonitor()
+    hessian, gradient = HessianMonitor(every_n_steps=1, hvp="exact"), GradientNormMonitor()
     trainer = make_trainer(tmp_path, [hessian, gradient], max_steps=4)
     with pytest.warns(UserWarning, match="switched off") as caught:
         trainer.fit(RegressionModule(activation="no_double_backward"), RegressionDataModule())
     assert sum("switched off" in str(w.message) for w in caught) == 1
     assert hessian.enabled is False and hessian.history == []
     assert len(gradient.history) == 4 and trainer.global_step == 4
+
+
+def test_auto_takes_finite_differences_where_double_backward_fails_and_says_so_once(tmp_path, caplog):
+    # the same network and training twice: a tanh without double backward (auto: finite differences) and torch's
+    fd, exact = HessianMonitor(every_n_steps=2, tol=1e-6), HessianMonitor(every_n_steps=2, tol=1e-6)
+    with caplog.at_level("INFO", logger="optdiag"):
+        torch.manual_seed(0)
+        make_trainer(tmp_path / "fd", [fd], max_steps=4).fit(RegressionModule(activation="no_double_backward"),
+                                                             RegressionDataModule())
+    torch.manual_seed(0)
+    make_trainer(tmp_path / "exact", [exact], max_steps=4).fit(RegressionModule(), RegressionDataModule())
+    assert (fd.hvp_method, exact.hvp_method) == ("finite_difference", "exact") and fd.enabled
+    said = [r.getMessage() for r in caplog.records if "finite differences" in r.getMessage()]
+    assert len(said) == 1 and "cannot be differentiated" in said[0] and "relative error about 1e-4" in said[0]
+    assert [h["step"] for h in fd.history] == [h["step"] for h in exact.history] and fd.history
+    for a, b in zip(fd.history, exact.history):
+        assert a["hvp_method"] == "finite_difference" and b["hvp_method"] == "exact"
+        assert 0 < a["hvp_relative_error"] < 1e-2 and b["hvp_relative_error"] is None
+        assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-3)
+        assert a["lambda_min"] == pytest.approx(b["lambda_min"], rel=1e-2, abs=1e-3 * b["lambda_max"])
+    with pytest.raises(UsageError, match="hvp must be one of"):
+        HessianMonitor(hvp="double_backward")
 
 
 class NaNAfter(LinearRegression):

@@ -8,12 +8,13 @@ import warnings
 
 import pytest
 import pytorch_lightning as pl
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import optdiag
-from optdiag.callbacks.triage import TriageMonitor
+from optdiag.callbacks.triage import TEXT_TAG, TriageMonitor
 from optdiag.demo.runner import quiet_lightning
 from optdiag.demo.scenarios import ValidatedModule, digits_data, scenario
 from optdiag.diagnosis import Diagnosis, Suggestion
@@ -306,11 +307,16 @@ def test_no_validation_metric_is_said_once(tmp_path):
     assert f.kind == "needs_validation" and f.step == 4 and "val_acc" in f.evidence["logged"]
 
 
-def test_no_validation_loop_is_said_once_at_the_end(tmp_path):
+def test_no_validation_loop_is_said_once_at_the_end_and_shown_in_tensorboard(tmp_path):
     train, _ = _digits_loaders(200, 50)
     cb = TriageMonitor(verbose=False)
-    _fit(tmp_path, [cb], _Digits(), train, None, max_epochs=2)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    _fit(tmp_path, [cb], _Digits(), train, None, max_epochs=2, logger=logger)
     assert [(f.kind, f.step) for f in cb.findings] == [("needs_validation", 8)]
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (event,) = accumulator.Tensors(f"{TEXT_TAG}/text_summary")
+    assert event.step == 8 and event.tensor_proto.string_val[0].decode() == cb.findings[0].to_markdown()
 
 
 def test_state_round_trips_and_arguments_are_checked():

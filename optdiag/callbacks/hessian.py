@@ -18,14 +18,14 @@ from optdiag.curvature.density import spectral_density
 from optdiag.curvature.distributed import ReducedMeanOperator, reduce_sum
 from optdiag.curvature.lanczos import EigenResult, top_eigenvalues
 from optdiag.curvature.noise import gradient_noise_scale
-from optdiag.curvature.operator import HessianOperator
+from optdiag.curvature.operator import HVP_METHODS, choose_hvp_method, make_hessian_operator
 from optdiag.curvature.params import parameter_blocks, trainable_parameters
 from optdiag.curvature.preconditioned import PreconditionedOperator, preconditioner_warmup
 from optdiag.curvature.state import preserved_state
 from optdiag.curvature.trace import hessian_trace
 from optdiag.diagnosis.stability import OptimizerSpec, stability_threshold
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
-from optdiag.policy import check_number
+from optdiag.policy import LOGGER, check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -157,6 +157,11 @@ class HessianMonitor(OptDiagCallback):
         burst_hvp: the bucket's size in products (plus five setups): the most curvature work the adaptive
             schedule may do at once beyond the budget's rate; half of it is the stall reserve.
         clock: the time source, ``time.perf_counter`` by default (tests inject a fake one).
+        hvp: how Hessian-vector products are computed: ``"auto"`` (default) the exact double backward where it
+            exists, finite differences of the gradient where it does not (sharded FSDP parameters, a fused
+            attention kernel or other op without double backward; found once, by a probe product, and said once
+            in the ``optdiag`` log with the reason and the accuracy to expect); ``"exact"`` or
+            ``"finite_difference"`` to force one. docs/finite-difference-and-fsdp.md.
 
     Attributes:
         history: one dict per snapshot (the :meth:`measure` keys, without the ``OptimizerSpec``).
@@ -169,6 +174,8 @@ class HessianMonitor(OptDiagCallback):
             ``n_hvp`` and ``balance`` (the bucket's credit after it; None while its size is unknown).
         estimated_seconds: the expected cost of the next scheduled snapshot (adaptive schedule); None before one.
         clock: the time source (injectable).
+        hvp_method, hvp_reason: the method ``hvp`` resolved to (``"exact"`` or ``"finite_difference"``) and why;
+            None before the first snapshot.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -195,6 +202,7 @@ class HessianMonitor(OptDiagCallback):
         history_size: int = 10_000,
         burst_hvp: int = 40,
         clock: Callable[[], float] | None = None,
+        hvp: str = "auto",
     ) -> None:
         super().__init__()
         check_number("every_n_steps", every_n_steps, low=1, integer=True, allow_none=True,
@@ -220,6 +228,11 @@ class HessianMonitor(OptDiagCallback):
         self.density_every, self.density_steps, self.seed = density_every, density_steps, seed
         self.history_size, self.burst_hvp = history_size, burst_hvp
         self.clock: Callable[[], float] = clock or time.perf_counter
+        if hvp not in HVP_METHODS:
+            raise UsageError(f"hvp must be one of {HVP_METHODS}, got {hvp!r}")
+        self.hvp = hvp
+        self.hvp_method: str | None = None
+        self.hvp_reason: str | None = None
         self._history: deque[dict[str, Any]] = deque(maxlen=history_size)
         self.charges: deque[dict[str, Any]] = deque(maxlen=history_size)
         # the cost model (estimate_seconds): timed on every snapshot, kept across fits like the warm starts
@@ -598,7 +611,9 @@ class HessianMonitor(OptDiagCallback):
             "ready_at"}`` while Adam's/RMSprop's preconditioner is too young for a ratio, else None),
             ``batch_sharpness``, ``probe_loss``,
             ``probe_grad_norm``, ``probe_grad_sq_unbiased``, ``grad_noise_trace``, ``probe_batch_size``,
-            ``probe_batches`` (how many), ``lr``, ``momentum``, ``optimizer`` (an ``OptimizerSpec``), ``n_hvp``
+            ``hvp_method`` (``"exact"`` or ``"finite_difference"``), ``hvp_relative_error`` (finite differences:
+            the estimated relative error of a product, which bounds the eigenvalues' relative error too; None for
+            exact products), ``probe_batches`` (how many), ``lr``, ``momentum``, ``optimizer`` (an ``OptimizerSpec``), ``n_hvp``
             (products over the probe set), ``n_hvp_parts`` (``{"batch_sharpness", "lambda_max",
             "preconditioned_lambda_max", "lambda_min", "hessian_trace", "density"}``: the products of each part
             taken), ``setup_seconds``, ``seconds`` and ``budget_balance`` (the bucket's credit after it). Quantities
@@ -693,8 +708,9 @@ class HessianMonitor(OptDiagCallback):
             pl_module.train(self.mode == "train")
             operators, failure = [], None
             try:
+                method = self._resolve_hvp(trainer, pl_module, batches[0], dtype)
                 for batch in batches:
-                    operators.append(HessianOperator(pl_module, self.loss_fn, [batch], dtype=dtype))
+                    operators.append(make_hessian_operator(method, pl_module, self.loss_fn, [batch], dtype=dtype))
             except (NonFiniteError, NotTwiceDifferentiableError) as error:
                 operators, failure = [], error
             # every rank learns whether any rank failed, so all take the same branch (collectives must match)
@@ -760,7 +776,9 @@ class HessianMonitor(OptDiagCallback):
                 out["hessian_trace_blocks"] = dict(zip(blocks, result.block_estimates.tolist()))
         density = None
         n_density = min(self.density_steps, mean.num_params)
-        if reason == "scheduled" and trace and self._density_due(trainer) and allowance.covers(n_density):
+        # (no density on sharded vectors: its Lanczos quadrature takes no dot product across ranks)
+        if reason == "scheduled" and trace and self._density_due(trainer) and allowance.covers(n_density) \
+                and not mean.sharded:
             before = mean.n_hvp
             density = spectral_density(mean, n_runs=1, n_steps=n_density, seed=self.seed)
             parts["density"] = allowance.spend(mean.n_hvp - before)
@@ -784,6 +802,21 @@ class HessianMonitor(OptDiagCallback):
         self.parameter_blocks = blocks
         return blocks
 
+    def _resolve_hvp(self, trainer: Any, pl_module: Any, batch: Any, dtype: torch.dtype) -> str:
+        """The product method, resolved at the first snapshot (a probe product, see
+        :func:`~optdiag.curvature.operator.choose_hvp_method`) and kept; every rank takes finite differences if any
+        rank needs them (their collectives differ). Said once in the ``optdiag`` log when it is not the exact one."""
+        if self.hvp_method is None:
+            method, reason = choose_hvp_method(pl_module, self.loss_fn, batch, hvp=self.hvp, dtype=dtype)
+            needed = reduce_sum(torch.tensor([float(method == "finite_difference")], dtype=torch.float64))
+            if float(needed) > 0 and method != "finite_difference":
+                method, reason = "finite_difference", "another rank's model cannot be differentiated twice"
+            self.hvp_method, self.hvp_reason = method, reason
+            if method == "finite_difference" and trainer.is_global_zero:
+                LOGGER.info("optdiag: HessianMonitor takes Hessian-vector products by finite differences: "
+                            "%s (docs/finite-difference-and-fsdp.md)", reason)
+        return self.hvp_method
+
     def _gradient_quantities(self, mean: ReducedMeanOperator, operators: list) -> dict[str, Any]:
         """Probe loss, gradient, noise and batch sharpness, reduced over batches and ranks."""
         grads = [op.gradient() for op in operators]
@@ -791,15 +824,19 @@ class HessianMonitor(OptDiagCallback):
         local_loss = sum(w * op.loss for w, op in zip(mean.weights, operators))
         sums = [local_loss, 0.0, 0.0, float(len(operators)), 0.0]
         for g, op in zip(grads, operators):
-            sq = float(g.square().sum())
+            sq = mean.dot(g, g)  # sharded (FSDP) vectors: summed over ranks
             sums[1] += sq
             if sq > 0:
-                sums[2] += float(g @ op.matvec(g)) / sq  # g_B^T H_B g_B / |g_B|^2, one product per batch
+                sums[2] += mean.dot(g, op.matvec(g)) / sq  # g_B^T H_B g_B / |g_B|^2, one product per batch
                 sums[4] += 1.0
         loss, sq_small, sharpness, n_batches, n_sharp = mean.reduce_sum(torch.tensor(sums, dtype=torch.float64)).tolist()
         out: dict[str, Any] = {
             "probe_loss": loss / mean.total_weight,
-            "probe_grad_norm": float(gradient.norm()),
+            "probe_grad_norm": float(mean.vector_norm(gradient)),
+            "hvp_method": self.hvp_method,
+            # finite differences: the largest relative error estimated for a product (exact products: None)
+            "hvp_relative_error": max((op.relative_error for op in operators
+                                       if getattr(op, "relative_error", None) is not None), default=None),
             "batch_sharpness": sharpness / n_sharp if n_sharp else None,
             "probe_batch_size": int(mean.total_weight),
             "probe_grad_sq_unbiased": None,
@@ -807,7 +844,7 @@ class HessianMonitor(OptDiagCallback):
         }
         b_small = mean.total_weight / n_batches
         if n_batches >= 2:
-            noise = gradient_noise_scale(sq_small / n_batches, float(gradient.square().sum()), b_small,
+            noise = gradient_noise_scale(sq_small / n_batches, mean.dot(gradient, gradient), b_small,
                                          mean.total_weight)
             out.update(probe_grad_sq_unbiased=noise.grad_sq_norm, grad_noise_trace=noise.trace_sigma)
         return out
@@ -824,6 +861,11 @@ class HessianMonitor(OptDiagCallback):
         threshold = stability_threshold(spec)
         out.update(optimizer=spec, lr=spec.lr, momentum=momentum, stability_threshold=threshold)
         sharpness = lambda_max
+        if spec.preconditioned and mean.sharded:
+            self.warn_once("preconditioner-sharded", "the preconditioned sharpness of Adam/AdamW/RMSprop is not "
+                           "measured on sharded (FSDP) parameters; stability_ratio is unavailable")
+            out["stability_threshold"] = None
+            return out
         if spec.preconditioned:
             params = [p for _, p in trainable_parameters(pl_module)]
             torch_optimizer = getattr(optimizer, "optimizer", optimizer)
