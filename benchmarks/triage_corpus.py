@@ -10,8 +10,14 @@ run is too short for the time budget to pay for a snapshot), and scores the find
 * ``overfitting`` (the demo scenario's wide MLP on 50 digits): the validation loss the module recorded ends at least
   10% above its minimum while the training loss falls, and the full-data training loss ends far below the full
   validation loss;
-* healthy runs (MLP and CNN on digits, SGD and Adam, batch 16 to the full batch, and the larger circle model): the
-  full-data training loss ends below 10% of its initial value and the validation loss within 10% of its best.
+* ``ill_conditioning`` (the demo's regression with feature scales from 0.1 to 10): the same run on standardized
+  features, without optdiag, ends below half of its full-data training loss at the same lr;
+* ``loss_choice`` (the demo's saturated softmax classifier on the squared error of its probabilities): the same run
+  with cross-entropy on the logits, without optdiag, gains at least 0.5 in accuracy and halves the probabilities'
+  squared error; the same model then fits the data, so the plateau is an optimization problem too;
+* healthy runs (MLP and CNN on digits, SGD and Adam, batch 16 to the full batch, the larger circle model, and the
+  two input-side scenarios' fixed twins): the full-data training loss ends below 10% of its initial value and the
+  validation loss within 10% of its best.
 
 A run whose truth check fails is reported as "truth not established" and left out of the scores. Per kind:
 **right** (a finding the run should get), **missed** (one it did not get), **wrong** (a kind it should not get, on
@@ -51,7 +57,7 @@ sys.path.insert(0, REPO)
 
 import optdiag  # noqa: E402
 from optdiag.demo.runner import quiet_lightning  # noqa: E402
-from optdiag.demo.scenarios import ValidatedModule, digits_data, scenario  # noqa: E402
+from optdiag.demo.scenarios import ValidatedModule, classifier_metrics, digits_data, scenario  # noqa: E402
 from optdiag.diagnosis.triage import FINDING_KINDS  # noqa: E402
 
 DOCS = os.path.join(REPO, "docs", "triage-corpus.md")
@@ -187,13 +193,42 @@ def _validation_rises(built: Built, result: Result) -> tuple[bool, str]:
                 f"{end:.3g}; full data: training {result.train_full:.3g}, validation {result.val_full:.3g}")
 
 
+def _standardized_is_faster(built: Built, result: Result) -> tuple[bool, str]:
+    """Rerun the scenario on standardized features without optdiag: below half our full-data loss at the same lr."""
+    twin = _scenario_run("unscaled_inputs", 1)()
+    _fit(twin, callbacks=[])
+    other = _full_loss(twin.module, twin.module.loss_fn, twin.data)
+    return other < 0.5 * result.train_full, (f"full-data loss {result.train_full:.3g}; standardized inputs at the "
+                                             f"same lr {other:.3g}")
+
+
+def _cross_entropy_leaves_the_plateau(built: Built, result: Result) -> tuple[bool, str]:
+    """Rerun with cross-entropy on the logits without optdiag: +0.5 accuracy, half the probabilities' error."""
+    twin = _scenario_run("mse_softmax", 1)()
+    _fit(twin, callbacks=[])
+    ours, theirs = classifier_metrics(built.module, built.data), classifier_metrics(twin.module, twin.data)
+    ok = theirs["accuracy"] >= ours["accuracy"] + 0.5 and \
+        theirs["probability_squared_error"] < 0.5 * ours["probability_squared_error"]
+    return ok, (f"accuracy {ours['accuracy']:.3g}, cross-entropy {theirs['accuracy']:.3g}; squared error of the "
+                f"probabilities {ours['probability_squared_error']:.3g}, cross-entropy "
+                f"{theirs['probability_squared_error']:.3g}")
+
+
 #: The corpus. Add runs here (a build function, the kinds it should get, a truth check).
 RUNS: tuple[Run, ...] = (
     Run("model_bias_ring_linear", "linear classifier, GD momentum, full batch", _scenario_run("model_bias", 0),
         ("model_bias",), _larger_model_is_better),
     Run("overfitting_digits50", "MLP 64-256-256-10, Adam, batch 10, 50 digits", _scenario_run("overfitting", 0),
         ("overfitting",), _validation_rises),
+    Run("unscaled_inputs_mlp", "MLP 8-32-1, SGD, batch 64, feature stds 0.1-10", _scenario_run("unscaled_inputs", 0),
+        ("ill_conditioning",), _standardized_is_faster),
+    Run("mse_softmax_linear", "softmax classifier, saturated init, SGD, batch 64, MSE on probabilities",
+        _scenario_run("mse_softmax", 0), ("loss_choice", "optimization"), _cross_entropy_leaves_the_plateau),
     Run("ring_mlp_gd", "MLP 2-32-32-2, GD momentum, full batch", _scenario_run("model_bias", 1), (), _healthy),
+    Run("standardized_inputs_mlp", "MLP 8-32-1, SGD, batch 64, standardized features",
+        _scenario_run("unscaled_inputs", 1), (), _healthy),
+    Run("cross_entropy_linear", "softmax classifier, saturated init, SGD, batch 64, cross-entropy",
+        _scenario_run("mse_softmax", 1), (), _healthy),
     Run("mlp_digits_sgd_b32", "MLP 64-64-10, SGD momentum, batch 32",
         _digits_run(_mlp(), optimizer="sgd", lr=0.05, batch=32, epochs=8), (), _healthy),
     Run("mlp_digits_adam_b16", "MLP 64-128-10, Adam, batch 16",

@@ -78,6 +78,7 @@ __all__ = [
     "unscaled_regression_data",
     "blob_classes",
     "mse_on_softmax",
+    "classifier_metrics",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -614,11 +615,11 @@ def _mse_softmax() -> list[ScenarioRun]:
         module = ValidatedModule(_built(0, lambda: _saturating_classifier(x.shape[1], 10)), loss_fn, lr=lr)
         runs.append(ScenarioRun(label, module, _loader(x, y, steps, batch), steps, (x, y),
                                 {"lr": lr, "init_scale": SATURATING_INIT}, {}, _val_loader(xv, yv), every, expected,
-                                evaluate=_classifier_metrics))
+                                evaluate=classifier_metrics))
     return runs
 
 
-def _classifier_metrics(module: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
+def classifier_metrics(module: nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
     """Accuracy and the squared error of the probabilities on the full data: comparable across losses."""
     with torch.no_grad():
         logits = module(data[0])
