@@ -265,3 +265,19 @@ def test_estimate_rejects_bad_input(batches, small, match):
 
     with pytest.raises(UsageError, match=match):
         estimate_gradient_noise_scale(nn.Linear(2, 1), half_mse, batches, small_batch_size=small)
+
+
+def test_log_stderr_of_b_simple_matches_the_jackknife_on_paired_measurements():
+    rng = np.random.default_rng(0)
+    big = 1.0 + 0.01 * rng.standard_normal(40)  # |G|^2 + tr(Sigma)/256, small perturbations: delta method ~ exact
+    small = big + 3.0 + 0.02 * rng.standard_normal(40)
+
+    def log_b(s, b):
+        return math.log(gradient_noise_scale(s, b, 32, 256).b_simple)
+
+    leave_one_out = np.array([log_b(np.delete(small, i), np.delete(big, i)) for i in range(40)])
+    jackknife = math.sqrt(39 / 40 * ((leave_one_out - leave_one_out.mean()) ** 2).sum())
+    paired = gradient_noise_scale(small, big, 32, 256, paired=True)
+    assert paired.b_simple_log_stderr == pytest.approx(jackknife, rel=0.02)
+    assert math.isnan(gradient_noise_scale(4.0, 1.0, 32, 256, paired=True).b_simple_log_stderr)  # one pair
+    assert math.isnan(gradient_noise_scale([1.0, 1.1], [0.1, 0.1], 32, 256).b_simple_log_stderr)  # |G|^2 < 0

@@ -14,7 +14,7 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from lightning_models import RegressionDataModule, RegressionModule, make_trainer
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
-from optdiag.sinks.tensorboard import LAYOUT
+from optdiag.sinks.tensorboard import LAYOUT, MARGIN_CHARTS
 
 
 def _events(tmp_path):
@@ -51,8 +51,12 @@ def test_custom_scalars_layout_is_registered_once_and_matches_the_logged_tags(tm
     (event,) = acc.Tensors("custom_scalars__config__")  # written exactly once
     layout = layout_pb2.Layout()
     layout.ParseFromString(event.tensor_proto.string_val[0])
-    charts = {cat.title: {c.title: list(c.multiline.tag) for c in cat.chart} for cat in layout.category}
+    charts = {cat.title: {c.title: list(c.multiline.tag) for c in cat.chart if not c.HasField("margin")}
+              for cat in layout.category}
     assert charts == LAYOUT
+    margins = {cat.title: {c.title: tuple((s.value, s.lower, s.upper) for s in c.margin.series)[0]
+                           for c in cat.chart if c.HasField("margin")} for cat in layout.category}
+    assert {cat: charts for cat, charts in margins.items() if charts} == MARGIN_CHARTS
     curvature = charts["optdiag: Curvature"]["lambda_max vs stability threshold"]
     scalar_tags = acc.Tags()["scalars"]
     for wanted in ("optdiag/lambda_max", "optdiag/stability_threshold"):  # drawn together in one chart

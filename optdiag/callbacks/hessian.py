@@ -29,6 +29,8 @@ from optdiag.policy import LOGGER, check_number
 from optdiag.sinks import tensorboard as tensorboard_sink
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+#: Snapshots whose probe-set gradient norms are pooled for ``probe_noise_scale`` and its spread.
+NOISE_POOL = 10
 _HEAVY = ("optimizer",)  # kept in the returned dict, left out of the history and of checkpoints
 _MIN_SOLVE_HVP = 4  # an eigen-solve given fewer products has seen too little of the spectrum to be worth its setup
 _FULL_EVERY = 4  # adaptive schedule: every 4th scheduled snapshot adds lambda_min and the trace to lambda_max
@@ -95,7 +97,10 @@ class HessianMonitor(OptDiagCallback):
       ``critical_lr_ratio`` = ``lr / critical_lr``. At most 9 forwards (``n_forward``), priced in products.
       Computed when the snapshot follows its step (the parameters before a step are kept only for that).
     * ``probe_loss``, ``probe_grad_norm``, and with two or more probe batches the gradient noise:
-      ``probe_grad_sq_unbiased`` (``|G|^2``) and ``grad_noise_trace`` (``tr(Sigma)``).
+      ``probe_grad_sq_unbiased`` (``|G|^2``) and ``grad_noise_trace`` (``tr(Sigma)``), and the noise scale
+      ``probe_noise_scale`` (``B_simple``) pooled over the last :data:`NOISE_POOL` snapshots with its
+      one-standard-error band ``probe_noise_scale_lower``/``_upper``.
+    * ``lambda_max_lower``/``lambda_max_upper``: ``lambda_max`` -+ its residual, the Lanczos error band.
     * every ``density_every``-th snapshot, a spectral density (stochastic Lanczos quadrature) as a TensorBoard
       figure. A figure is the only place a density is shown, so it is computed only when a ``TensorBoardLogger``
       is attached (it would be the costliest part of a snapshot otherwise: 40 products and a growing basis).
@@ -268,6 +273,8 @@ class HessianMonitor(OptDiagCallback):
         self._fit_estimates = 0
         self._scheduling = False  # whether this monitor's own batch-end hook runs (a diagnoser's private one: no)
         self.estimated_seconds: float | None = None  # what the next scheduled snapshot is expected to cost
+        # the probe set's (b_small, b_big, mean |g_b|^2, |g_B|^2) of the last snapshots, pooled for the noise scale
+        self._noise_pool: deque[tuple[float, float, float, float]] = deque(maxlen=NOISE_POOL)
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -513,7 +520,9 @@ class HessianMonitor(OptDiagCallback):
         if credit is None or capacity is None:
             wait = 1
         else:
-            needed = min(capacity, self._reserve() + self.estimate_seconds(self._refresh_products(self._full_due())))
+            full = self._full_due()  # a full snapshot's trace is planned for too, or it never finds its products
+            products = self._refresh_products(full) + (self.trace_hvp if full else 0)
+            needed = min(capacity, self._reserve() + self.estimate_seconds(products))
             self.estimated_seconds = needed - self._reserve()
             per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
             shortfall = needed - credit
@@ -741,6 +750,9 @@ class HessianMonitor(OptDiagCallback):
         self.last_eigenvectors["LA"] = la
         parts["lambda_max"] = allowance.spend(la.n_hvp)
         out.update(lambda_max=float(la.eigenvalues[0]), lambda_max_residual=float(la.residuals[0]))
+        # the residual bound: an eigenvalue lies within |H u - theta u| of the Ritz value (the margin chart's band)
+        out.update(lambda_max_lower=out["lambda_max"] - out["lambda_max_residual"],
+                   lambda_max_upper=out["lambda_max"] + out["lambda_max_residual"])
         blocks = self._layer_blocks(pl_module, mean)
         out["lambda_max_blocks"] = _block_shares(la.eigenvectors[0], blocks)  # where the sharpest direction lies
         out.update(self._stability(mean, optimizer, pl_module, out["lambda_max"], allowance, int(lambda_min), parts))
@@ -843,10 +855,28 @@ class HessianMonitor(OptDiagCallback):
             "grad_noise_trace": None,
         }
         b_small = mean.total_weight / n_batches
+        out.update(probe_noise_scale=None, probe_noise_scale_lower=None, probe_noise_scale_upper=None)
         if n_batches >= 2:
-            noise = gradient_noise_scale(sq_small / n_batches, mean.dot(gradient, gradient), b_small,
-                                         mean.total_weight)
+            measured = (b_small, mean.total_weight, sq_small / n_batches, mean.dot(gradient, gradient))
+            noise = gradient_noise_scale(*measured[2:], b_small, mean.total_weight)
             out.update(probe_grad_sq_unbiased=noise.grad_sq_norm, grad_noise_trace=noise.trace_sigma)
+            out.update(self._pooled_noise_scale(measured))
+        return out
+
+    def _pooled_noise_scale(self, measured: tuple[float, float, float, float]) -> dict[str, float]:
+        """``B_simple`` over the last :data:`NOISE_POOL` snapshots' probe measurements (one pair each), with its
+        one-standard-error band ``B exp(+-se(log B))``: one snapshot's two batches are too noisy alone, and their
+        spread is what the band needs (docs/theory.md section 6)."""
+        self._noise_pool.append(measured)
+        pooled = [m for m in self._noise_pool if m[:2] == measured[:2]]
+        noise = gradient_noise_scale([m[2] for m in pooled], [m[3] for m in pooled], measured[0], measured[1],
+                                     paired=True)
+        out: dict[str, float] = {}
+        if math.isfinite(noise.b_simple) and noise.b_simple > 0:
+            out["probe_noise_scale"] = noise.b_simple
+            if math.isfinite(noise.b_simple_log_stderr):
+                out["probe_noise_scale_lower"] = noise.b_simple * math.exp(-noise.b_simple_log_stderr)
+                out["probe_noise_scale_upper"] = noise.b_simple * math.exp(noise.b_simple_log_stderr)
         return out
 
     def _stability(self, mean, optimizer, pl_module, lambda_max: float, allowance: "_Allowance", later: int,

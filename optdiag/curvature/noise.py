@@ -54,6 +54,10 @@ class NoiseScaleResult:
         clamped: ``{name: raw value}`` of what was moved into its possible range (docs/errors.md): a negative
             ``trace_sigma``, or a negative squared norm among the measurements (``sq_norm_small``/``sq_norm_big``,
             the most negative one); empty when nothing was.
+        b_simple_log_stderr: standard error of ``log(b_simple)`` by the delta method, ``se(log T - log G)``
+            with the two estimates' correlation included when the measurements are paired; ``b_simple *
+            exp(+-b_simple_log_stderr)`` is its one-standard-error band. ``nan`` where the standard errors are, or
+            where ``b_simple`` is not a finite positive number.
     """
 
     grad_sq_norm: float
@@ -68,6 +72,7 @@ class NoiseScaleResult:
     grad_sq_norm_stderr: float
     trace_sigma_stderr: float
     clamped: dict[str, float] = field(default_factory=dict)
+    b_simple_log_stderr: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict (floats and ints; JSON-ready apart from ``inf``/``nan``)."""
@@ -138,13 +143,17 @@ def gradient_noise_scale(
     mean_small, mean_big = float(small.mean()), float(big.mean())
     grad_sq_norm, raw_trace = grad_sq(mean_small, mean_big), trace(mean_small, mean_big)
     trace_sigma = m.number("trace_sigma", raw_trace, low=0.0, keep_nonfinite=True)
+    usable = 0 < raw_trace < math.inf and 0 < grad_sq_norm < math.inf  # log(b_simple) exists
     if paired:
         grad_sq_err = _stderr(grad_sq(small, big))
         trace_err = _stderr(trace(small, big))
+        # d log B = dT/T - dG/G per pair: the spread of that sum carries the correlation of T and G
+        log_err = _stderr(trace(small, big) / raw_trace - grad_sq(small, big) / grad_sq_norm) if usable else math.nan
     else:
         var_small, var_big = _stderr(small) ** 2, _stderr(big) ** 2
         grad_sq_err = math.sqrt(b_big**2 * var_big + b_small**2 * var_small) / (b_big - b_small)
         trace_err = math.sqrt(var_small + var_big) / (1.0 / b_small - 1.0 / b_big)
+        log_err = math.hypot(trace_err / raw_trace, grad_sq_err / grad_sq_norm) if usable else math.nan
     return NoiseScaleResult(
         grad_sq_norm=grad_sq_norm,
         trace_sigma=trace_sigma,
@@ -158,6 +167,7 @@ def gradient_noise_scale(
         grad_sq_norm_stderr=grad_sq_err,
         trace_sigma_stderr=trace_err,
         clamped=m.clamped,
+        b_simple_log_stderr=log_err,
     )
 
 

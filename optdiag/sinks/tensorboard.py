@@ -2,7 +2,10 @@
 
 TensorBoard's custom-scalars plugin reads only the *first* layout written to a run, so the layout is complete and
 static (chart tags are regular expressions, which also match per-layer names not known in advance) and written at
-most once per logger, whichever optdiag callback gets there first.
+most once per logger, whichever optdiag callback gets there first. Every chart in it has data on a run with
+optdiag's defaults (tests/test_tensorboard_layout.py reads a real run back to check). Two charts are margin charts,
+a value with a band: lambda_max with its Lanczos residual bound, the probe set's noise scale with one standard
+error (docs/callbacks/hessian-monitor.md, "TensorBoard").
 """
 
 from __future__ import annotations
@@ -36,15 +39,37 @@ LAYOUT: dict[str, dict[str, list[str]]] = {
         "per-layer gradient norms": [r"optdiag/.+/grad_norm$"],
         "update size |dtheta| / |theta|": [r"optdiag/update_ratio$"],
         "cosine of consecutive gradients and updates": [r"optdiag/grad_cosine$", r"optdiag/update_cosine$"],
-        "gradient noise scale": [r"optdiag/noise_scale$"],
+        # HessianMonitor's probe set at every snapshot; GradientNormMonitor's micro-batches under accumulation
+        "gradient noise scale B_simple": [r"optdiag/probe_noise_scale$", r"optdiag/noise_scale$"],
+    },
+}
+# category -> chart title -> (value, lower, upper): exact scalar tags of a margin chart (a value with a band)
+MARGIN_CHARTS: dict[str, dict[str, tuple[str, str, str]]] = {
+    "optdiag: Curvature": {
+        "lambda_max with its Lanczos error band (+- residual)": (
+            "optdiag/lambda_max", "optdiag/lambda_max_lower", "optdiag/lambda_max_upper"),
+    },
+    "optdiag: Gradients": {
+        "noise scale B_simple of the probe set (+- 1 standard error)": (
+            "optdiag/probe_noise_scale", "optdiag/probe_noise_scale_lower", "optdiag/probe_noise_scale_upper"),
     },
 }
 _REGISTERED_FLAG = "_optdiag_layout_registered"
 
 
 def tensorboard_layout() -> dict[str, dict[str, list]]:
-    """The layout in ``SummaryWriter.add_custom_scalars`` form: ``{category: {chart: ["Multiline", [tags]]}}``."""
-    return {cat: {chart: ["Multiline", list(tags)] for chart, tags in charts.items()} for cat, charts in LAYOUT.items()}
+    """The layout in ``SummaryWriter.add_custom_scalars`` form: ``{category: {chart: ["Multiline", [tags]]}}``,
+    and ``["Margin", [value, lower, upper]]`` for the margin charts (listed after a category's line charts).
+
+    Example:
+        >>> tensorboard_layout()["optdiag: Curvature"]["lambda_max with its Lanczos error band (+- residual)"]
+        ['Margin', ['optdiag/lambda_max', 'optdiag/lambda_max_lower', 'optdiag/lambda_max_upper']]
+    """
+    layout: dict[str, dict[str, list]] = {}
+    for cat, charts in LAYOUT.items():
+        layout[cat] = {chart: ["Multiline", list(tags)] for chart, tags in charts.items()}
+        layout[cat].update({chart: ["Margin", list(tags)] for chart, tags in MARGIN_CHARTS.get(cat, {}).items()})
+    return layout
 
 
 def register_layout(logger: Any) -> bool:
