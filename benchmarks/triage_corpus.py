@@ -174,10 +174,16 @@ def _healthy(built: Built, result: Result) -> tuple[bool, str]:
                 f"{vals[-1] if vals else math.nan:.3g}, best {best:.3g}")
 
 
+def _twin(name: str, index: int) -> Built:
+    """Run ``index`` of demo scenario ``name`` (the scenario's fixed twin), trained without optdiag."""
+    twin = _scenario_run(name, index)()
+    _fit(twin, callbacks=[])
+    return twin
+
+
 def _larger_model_is_better(built: Built, result: Result) -> tuple[bool, str]:
     """Rerun the larger model of the scenario without optdiag: its full-data training loss is below half of ours."""
-    larger = _scenario_run("model_bias", 1)()
-    _fit(larger, callbacks=[])
+    larger = _twin("model_bias", 1)
     other = _full_loss(larger.module, larger.module.loss_fn, larger.data)
     return other < 0.5 * result.train_full, f"training loss {result.train_full:.3g}; larger model {other:.3g}"
 
@@ -195,8 +201,7 @@ def _validation_rises(built: Built, result: Result) -> tuple[bool, str]:
 
 def _standardized_is_faster(built: Built, result: Result) -> tuple[bool, str]:
     """Rerun the scenario on standardized features without optdiag: below half our full-data loss at the same lr."""
-    twin = _scenario_run("unscaled_inputs", 1)()
-    _fit(twin, callbacks=[])
+    twin = _twin("unscaled_inputs", 1)
     other = _full_loss(twin.module, twin.module.loss_fn, twin.data)
     return other < 0.5 * result.train_full, (f"full-data loss {result.train_full:.3g}; standardized inputs at the "
                                              f"same lr {other:.3g}")
@@ -204,8 +209,7 @@ def _standardized_is_faster(built: Built, result: Result) -> tuple[bool, str]:
 
 def _cross_entropy_leaves_the_plateau(built: Built, result: Result) -> tuple[bool, str]:
     """Rerun with cross-entropy on the logits without optdiag: +0.5 accuracy, half the probabilities' error."""
-    twin = _scenario_run("mse_softmax", 1)()
-    _fit(twin, callbacks=[])
+    twin = _twin("mse_softmax", 1)
     ours, theirs = classifier_metrics(built.module, built.data), classifier_metrics(twin.module, twin.data)
     ok = theirs["accuracy"] >= ours["accuracy"] + 0.5 and \
         theirs["probability_squared_error"] < 0.5 * ours["probability_squared_error"]

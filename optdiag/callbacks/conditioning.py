@@ -16,7 +16,7 @@ import torch
 from optdiag.callbacks._base import OptDiagCallback
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.callbacks.stall import StallDiagnoser
-from optdiag.callbacks.triage import TEXT_TAG, TriageMonitor
+from optdiag.callbacks.triage import TriageMonitor, write_finding
 from optdiag.curvature.conditioning import (
     LOSS_DECLARATIONS,
     InputScaleProbe,
@@ -33,7 +33,6 @@ from optdiag.diagnosis.conditioning import (
 from optdiag.diagnosis.triage import Finding
 from optdiag.errors import UsageError
 from optdiag.policy import check_number
-from optdiag.sinks import tensorboard as tensorboard_sink
 
 __all__ = ["ConditioningMonitor"]
 
@@ -224,14 +223,9 @@ class ConditioningMonitor(OptDiagCallback):
     def _emit(self, trainer: Any, finding: Finding) -> None:
         self.findings.append(finding)
         if self.triage_monitor is not None:
-            self.triage_monitor._emit(trainer, finding)  # its findings, events.jsonl, TensorBoard and summary
-            return
-        if not trainer.is_global_zero:
-            return
-        self._append_event(trainer, {"record": "finding", **finding.to_dict()})
-        tb = self.tensorboard_logger(trainer)
-        if tb is not None:
-            tensorboard_sink.log_text(tb, TEXT_TAG, finding.to_markdown(), finding.step)
+            self.triage_monitor.emit(trainer, finding)  # its findings, events.jsonl, TensorBoard and summary
+        else:
+            write_finding(self, trainer, finding)
 
     def summary(self) -> str:
         """One line per finding of the last fit, with its first recommendation.
