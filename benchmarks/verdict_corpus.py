@@ -385,12 +385,14 @@ RUNS: tuple[RunSpec, ...] = (
             description="well-conditioned noisy linear regression (convex), full-batch GD at lr = 1 / lambda_max: "
                         "at the least-squares solution within a few dozen steps, then stays."),
     RunSpec("minimum_regression_sgd_b32", "minimum", "linear regression", "linear", "regression", "mse", "sgd", 0.0,
-            32, 300, lr_lambda0=0.3, snapshots=True,
+            32, 600, lr_lambda0=0.3, snapshots=True,
             description="the same regression with SGD batch 32 at lr*lambda_max = 0.3: converges and jitters "
-                        "at the minimum."),
+                        "at the minimum (600 steps: the jitter, 2-4% of the loss even on fixed batches, needs a "
+                        "few hundred flat steps to prove the stall)."),
     RunSpec("minimum_regression_sgdm_b64", "minimum", "linear regression", "linear", "regression", "mse",
-            "sgd_m0.9", 0.0, 64, 300, lr_lambda0=0.1, snapshots=True,
-            description="the same regression with heavy ball 0.9 at lr*lambda_max = 0.1, batch 64."),
+            "sgd_m0.9", 0.0, 64, 600, lr_lambda0=0.1, snapshots=True,
+            description="the same regression with heavy ball 0.9 at lr*lambda_max = 0.1, batch 64 (600 steps, as "
+                        "the SGD run)."),
     # saddle
     RunSpec("saddle_linear2_gd", "saddle", "linear net", "linear2", "whitened", "half_se", "sgd", 0.05, None, 400,
             snapshots=True,
@@ -406,10 +408,11 @@ RUNS: tuple[RunSpec, ...] = (
             description="the 2-layer linear net of saddle_linear2_gd with SGD batch 16."),
     # oscillation
     RunSpec("osc_sgd_b16", "oscillation", "linear regression", "linear", "ill_regression", "mse", "sgd", 0.0, 16,
-            400, lr_lambda0=1.8, snapshots=True,
+            800, lr_lambda0=1.8, snapshots=True,
             description="ill-conditioned linear regression (one feature +-10), SGD batch 16 at lr*lambda_max = "
                         "1.8: the steep direction flips sign every step and the minibatch noise keeps it "
-                        "bouncing above the least-squares loss."),
+                        "bouncing above the least-squares loss (800 steps: the model's own loss bounces by "
+                        "30%, so a flat trend takes several hundred steps to prove)."),
     RunSpec("osc_momentum_b32", "oscillation", "linear regression", "linear", "ill_regression", "mse", "sgd_m0.9",
             0.0, 32, 400, lr_lambda0=3.4, snapshots=True,
             description="the same regression, heavy ball 0.9 at lr*lambda_max = 3.4 (limit 2(1+0.9) = 3.8), "

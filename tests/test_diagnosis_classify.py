@@ -813,6 +813,12 @@ def test_repeated_spikes_while_the_step_bounces_are_an_oscillation():
     assert d.kind == "oscillation" and d.confidence == pytest.approx(_p(4.0), abs=1e-12)
     calm = diagnose_stall(_spiked(after=0.1, spike_count=2, **bouncing), _spike_event())
     assert calm.kind == "loss_spike"
+    # the bounce explains the spikes even where each spike is clearer than the bounce (a brief spike read on the
+    # model 30x): an oscillation signal that decides (p(1.2) > 0.5) is enough
+    clear = dict(spike_probe_ratio=30.0)
+    d = diagnose_stall(_spiked(after=0.6, spike_count=2, **clear), _spike_event())
+    assert d.kind == "oscillation" and d.confidence == pytest.approx(_p(1.2), abs=1e-12) and _p(1.2) > 0.5
+    assert diagnose_stall(_spiked(after=0.6, spike_count=1, **clear), _spike_event()).kind == "loss_spike"
 
 
 @pytest.mark.parametrize("duration, decided", [(5, False), (10, False), (20, True), (40, True)])

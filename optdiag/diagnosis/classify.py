@@ -548,10 +548,15 @@ def diagnose_stall(evidence: Evidence, event: StallEvent | None = None, threshol
         True
     """
     kinds = EVENT_KINDS.get(getattr(event, "reason", None), EVENT_KINDS[None])  # _build refuses a non-event
+    thresholds = thresholds or DEFAULT_THRESHOLDS
     if getattr(event, "reason", None) == "spike" and isinstance(evidence, Evidence) and \
             (evidence.spike_count or 0) >= REPEATED_SPIKES:
-        kinds = kinds + ("oscillation",)  # spikes that recur while the step bounces are the bounce itself
-    return _build(evidence, event, kinds, thresholds or DEFAULT_THRESHOLDS, undecided)
+        # Spikes that recur while the step is too large for the curvature are the bounce itself: the oscillation,
+        # where its signal decides, explains them (however clear each spike is), and its advice is theirs.
+        bounce = _build(evidence, event, ("oscillation",), thresholds, None)
+        if bounce is not None:
+            return bounce
+    return _build(evidence, event, kinds, thresholds, undecided)
 
 
 def classify_point(evidence: Evidence, thresholds: Thresholds | None = None) -> Diagnosis | None:
