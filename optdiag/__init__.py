@@ -49,6 +49,7 @@ _EXPORTS = {
     "StallDiagnoser": "optdiag.callbacks",
     "OptDiag": "optdiag.callbacks",
     "TriageMonitor": "optdiag.callbacks",
+    "ConditioningMonitor": "optdiag.callbacks",
     # post-hoc analysis
     "analyze_checkpoint": "optdiag.analysis",
     "AnalysisReport": "optdiag.analysis",
