@@ -36,7 +36,8 @@ def _finite(xs: list[float], ys: list[Any]) -> tuple[list[float], list[float]]:
 def scenario_figure(result: Any) -> Figure:
     """Two panels for a :class:`~optdiag.demo.runner.ScenarioResult`.
 
-    Top: the training loss of every run (log scale) with a vertical line at each verdict. Bottom: ``lambda_max``
+    Top: the training loss of every run (log scale) with a vertical line at each verdict, and where the run has a
+    validation loop, its validation loss and a dotted line at each triage finding. Bottom: ``lambda_max``
     (solid) and ``lambda_min`` (dotted) from the Hessian monitor's snapshots, with the optimizer's stability
     threshold (``2/lr`` for plain SGD) dashed.
     """
@@ -53,6 +54,13 @@ def scenario_figure(result: Any) -> Figure:
             loss_ax.semilogy(steps, losses, color=color, lw=0.9, label=label)
         else:
             loss_ax.plot(steps, losses, color=color, lw=0.9, label=label)
+        if getattr(run, "val_losses", None):  # runs with a validation loop: the triage reads this curve
+            vsteps, vlosses = _finite([s for s, _ in run.val_losses], [v for _, v in run.val_losses])
+            vlabel = "validation loss" if len(result.runs) == 1 else f"validation loss ({run.label})"
+            loss_ax.plot(vsteps, vlosses, "o-", ms=2, color=color, alpha=0.6, lw=0.9, label=vlabel)
+        for f in getattr(run, "findings", []):
+            if f.kind != "needs_validation":
+                loss_ax.axvline(f.step, color=color, ls=":", lw=1.4, label=f"triage: {f.kind.replace('_', ' ')}")
         for d in run.diagnoses:
             kind_color = _KIND_COLORS.get(d.kind, "black")
             loss_ax.axvline(d.step, color=kind_color, ls="--", lw=1.2,

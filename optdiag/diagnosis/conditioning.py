@@ -185,7 +185,8 @@ def ill_conditioning_finding(step: int, inputs: Mapping[str, Any], curvature: Ma
     if spread_p > DECIDES_ABOVE:
         hi, lo = inputs["std_max_feature"], inputs["std_min_feature"]
         said.append(f"feature {hi} has std {_g(inputs['std_spread'])}x feature {lo}'s "
-                    f"({_g(inputs['std_max'])} vs {_g(inputs['std_min'])})")
+                    f"({_g(inputs['std_max'])} vs {_g(inputs['std_min'])}: curvatures ~{_g(inputs['std_spread'] ** 2)} "
+                    "apart along their weights)")
     if offset_p > DECIDES_ABOVE:
         said.append(f"feature {inputs['offset_feature']} has mean {_g(inputs['offset_mean'])} with std "
                     f"{_g(inputs['offset_std'])} (|mean|/std {_g(inputs['offset_ratio'])})")
