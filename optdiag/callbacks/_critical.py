@@ -1,9 +1,12 @@
 """Glue for the forward-only critical sharpness in :class:`~optdiag.callbacks.HessianMonitor`.
 
-The monitor keeps the parameters from before an optimizer step that ends in a scheduled snapshot
-(:class:`UpdateCapture`); the snapshot then looks along that step, ``u = theta_after - theta_before``, from
-``theta_before`` on the probe set with :func:`~optdiag.curvature.critical.line_sharpness` (a handful of forwards,
-reduced over the ranks so that every rank takes the same step sizes). docs/critical-sharpness.md has the method.
+The monitor keeps the parameters from before an optimizer step that ends in a scheduled snapshot, and the batch
+the step was computed from (:class:`UpdateCapture`); the snapshot then looks along that step,
+``u = theta_after - theta_before``, from ``theta_before`` on that batch with
+:func:`~optdiag.curvature.critical.line_sharpness` (a handful of forwards, the losses reduced over the ranks, so the
+loss is the one the step descended and every rank takes the same step sizes). On another batch (the probe set) the
+slope along a minibatch step is as noisy as two minibatch gradients' alignment, and with it the critical step;
+docs/critical-sharpness.md has the method and the measurements.
 """
 
 from __future__ import annotations
@@ -25,26 +28,32 @@ CRITICAL_KEYS = ("critical_sharpness", "critical_sharpness_ratio", "critical_lr"
 
 
 class UpdateCapture:
-    """The trainable parameters (one flat copy) from before one optimizer step.
+    """The trainable parameters (one flat copy) from before one optimizer step, and the batch of that step.
+
+    Attributes:
+        batch: the batch the step was computed from (a reference, not a copy; the last micro-batch under gradient
+            accumulation), or None.
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
-        >>> capture = UpdateCapture(); capture.keep(net, step=4)
-        >>> capture.before(5).shape, capture.before(6)
-        (torch.Size([3]), None)
+        >>> capture = UpdateCapture(); capture.keep(net, step=4, batch=torch.ones(3, 2))
+        >>> capture.before(5).shape, capture.before(6), capture.batch.shape
+        (torch.Size([3]), None, torch.Size([3, 2]))
     """
 
     def __init__(self) -> None:
         self._step: int | None = None
         self._before: torch.Tensor | None = None
+        self.batch: Any = None
 
-    def keep(self, module: torch.nn.Module, step: int) -> None:
-        """Copy ``module``'s trainable parameters now, before the optimizer step taken at ``step``."""
+    def keep(self, module: torch.nn.Module, step: int, batch: Any = None) -> None:
+        """Copy ``module``'s trainable parameters now, before the optimizer step taken at ``step`` on ``batch``."""
         self._step, self._before = int(step), flatten(p.detach() for _, p in trainable_parameters(module))
+        self.batch = batch
 
     def release(self) -> None:
-        """Forget the copy (its memory is the size of the parameters)."""
-        self._step = self._before = None
+        """Forget the copy (its memory is the size of the parameters) and the batch."""
+        self._step = self._before = self.batch = None
 
     def before(self, step: int) -> torch.Tensor | None:
         """The parameters before the step that ended at optimizer step ``step``; None when not kept for it."""
@@ -70,7 +79,7 @@ def critical_snapshot(
     Args:
         module: the model after the step, in the mode the loss is to be taken in.
         loss_fn: ``loss_fn(module, batch) -> scalar``.
-        batches, sizes: this rank's probe batches and their sizes.
+        batches, sizes: this rank's batches (the step's own) and their sizes.
         before: the flat trainable parameters before the step (:class:`UpdateCapture`).
         dtype: the dtype to compute in.
         reduce: sums a float64 tensor over the ranks (every rank calls it equally often).

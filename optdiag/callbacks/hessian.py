@@ -90,7 +90,8 @@ class HessianMonitor(OptDiagCallback):
     * ``batch_sharpness``: mean over probe batches of ``g_B^T H_B g_B / |g_B|^2`` (what minibatch SGD holds at
       ``2/lr``; docs/theory.md section 1).
     * ``critical_sharpness`` (forwards only; docs/critical-sharpness.md): along the optimizer step just taken, from
-      the parameters before it, the loss on the probe set at a few multiples of the step gives the curvature
+      the parameters before it, the loss of the batch it was computed from at a few multiples of the step gives the
+      curvature
       ``directional_curvature`` = ``u^T H u / |u|^2`` (with ``directional_curvature_stderr``), the largest stable
       learning rate ``critical_lr`` (where the step would no longer lower the loss) and ``critical_sharpness`` =
       ``2 / critical_lr``; ``critical_sharpness_ratio`` = ``critical_sharpness / stability_threshold`` and
@@ -253,9 +254,10 @@ class HessianMonitor(OptDiagCallback):
         self.monitor_seconds = 0.0
         self._n_snapshots = 0
         self._next_step: int | None = None
-        self._capture = UpdateCapture()  # the parameters before a step that a snapshot looks along
+        self._capture = UpdateCapture()  # the parameters before a step that a snapshot looks along, and its batch
+        self._step_batch: Any = None  # the batch of the optimizer step to come (a reference until the step)
         self._critical_seconds = 0.0  # the last snapshot's forward-only part (kept out of the product cost)
-        self._forward_seconds: float | None = None  # one forward over the probe set, as the critical part timed it
+        self._forward_seconds: float | None = None  # one forward of the critical sharpness, as last timed
         self._last_n_forward: int | None = None  # the forwards the last critical sharpness took
         self._reset_run()
 
@@ -304,6 +306,7 @@ class HessianMonitor(OptDiagCallback):
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._step_batch = batch  # the critical sharpness is taken on the batch its step descended
         if self.probe == "current":
             self._current_batch = batch
         elif len(self._probe_set) < self.probe_batches:
@@ -311,14 +314,16 @@ class HessianMonitor(OptDiagCallback):
 
     @guarded
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        # The critical sharpness looks along the step a scheduled snapshot follows: keep the parameters before that
-        # step (one flat copy), and nothing at other steps (docs/critical-sharpness.md).
+        # The critical sharpness looks along the step a scheduled snapshot follows, on the batch it descended: keep
+        # the parameters before that step (one flat copy) and the batch, nothing at other steps
+        # (docs/critical-sharpness.md).
         step = int(trainer.global_step)
         if self.enabled and self._probe_ready() and (
                 self._due(step + 1) or (self.every_n_steps is None and self._next_step is None)):
-            self._capture.keep(pl_module, step)
+            self._capture.keep(pl_module, step, batch=self._step_batch)
         else:
             self._capture.release()
+        self._step_batch = None
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -924,7 +929,7 @@ class HessianMonitor(OptDiagCallback):
                   allowance: "_Allowance") -> dict[str, Any]:
         """The critical sharpness along the optimizer step that ended at ``step`` (forwards only), when the
         parameters before it were kept and the allowance covers its price and lambda_max's least products: at most
-        ``MAX_EVALS`` forwards over the probe set, priced in products at the timed ratio of a forward to a product
+        ``MAX_EVALS`` forwards over the step's batch, priced in products at the timed ratio of a forward to a product
         (before one is timed, a product as ``_FORWARDS_PER_PRODUCT`` forwards). Its wall time is part of the
         snapshot's charge; the forwards taken are the snapshot's ``n_forward``."""
         self._critical_seconds = 0.0
@@ -936,7 +941,7 @@ class HessianMonitor(OptDiagCallback):
             out["critical_note"] = _OVER_BUDGET
             return out
         started = self.clock()
-        batches = self.probe_set()
+        batches = self.probe_set() if self._capture.batch is None else [self._capture.batch]
         spec = OptimizerSpec.from_torch(optimizer) if optimizer is not None else None
         sizes = [float(batch_size_of(b) or 1) for b in batches]
         try:
@@ -957,7 +962,7 @@ class HessianMonitor(OptDiagCallback):
 
     def _critical_products(self, n_forward: int | None = None) -> int:
         """The critical sharpness's price in products: ``n_forward`` forwards (default its last count, at first
-        ``MAX_EVALS``) at the timed ratio of a forward over the probe set to a product, or before either is timed a
+        ``MAX_EVALS``) at the timed ratio of one of its forwards to a product, or before either is timed a
         product as ``_FORWARDS_PER_PRODUCT`` forwards."""
         per_forward = (self._forward_seconds / self._product_seconds
                        if self._forward_seconds is not None and self._product_seconds else 1 / _FORWARDS_PER_PRODUCT)
