@@ -6,8 +6,11 @@ and at the parameters before it, on a fixed probe batch of 256 digits,
 
 * ``lambda_max`` of the Hessian (Lanczos to tol 1e-3, cold) and, for Adam, the preconditioned ``lambda_max(P^-1 H)``
   (the sharpness Adam's threshold 38/lr applies to);
-* along the step ``u`` just taken, with forwards only (``optdiag.critical_sharpness``): the directional curvature
-  ``u^T H u / |u|^2`` with its error estimate, and the critical sharpness ``2 / eta_c``;
+* along the step ``u`` just taken, with forwards only (``optdiag.critical_sharpness``): on the probe batch, the
+  directional curvature ``u^T H u / |u|^2`` with its error estimate (a Rayleigh quotient of the Hessian whose
+  lambda_max is measured); on the minibatch the step was computed from (as ``HessianMonitor`` does), the critical
+  sharpness ``2 / eta_c``; and for contrast the critical sharpness on the probe batch, where the slope along a
+  minibatch step is another batch's;
 * the wall time of each, and the forwards and Hessian-vector products they took.
 
 Prints one markdown table per run, then a summary (medians over each run's measurements). docs/critical-sharpness.md
@@ -92,8 +95,9 @@ def run(name: str, steps: int, every: int) -> list[dict]:
         if not measure:
             continue
         update = [(a.detach() - b.detach()) for a, b in zip(model.parameters(), before.parameters())]
-        started = time.perf_counter()
         critical = critical_sharpness(before, LOSS, probe, update, lr=spec.lr)
+        started = time.perf_counter()
+        own = critical_sharpness(before, LOSS, (train_x[index], train_y[index]), update, lr=spec.lr)
         critical_seconds = time.perf_counter() - started
         started = time.perf_counter()
         op = HessianOperator(before, LOSS, probe)
@@ -106,15 +110,16 @@ def run(name: str, steps: int, every: int) -> list[dict]:
             sharpness = float(top_eigenvalues(pre, k=1, which="LA", tol=1e-3, max_hvp=80, seed=0).eigenvalues[0])
         op.close()
         threshold = stability_threshold(spec)
-        kappa, lam_c = critical.directional_curvature, critical.critical_sharpness
+        kappa, lam_c = critical.directional_curvature, own.critical_sharpness
         rows.append({
-            "step": step, "loss": float(loss), "lambda_max": lambda_max, "sharpness": sharpness,
+            "step": step, "loss": float(loss.detach()), "lambda_max": lambda_max, "sharpness": sharpness,
             "threshold": threshold, "kappa": kappa, "kappa_err": critical.directional_curvature_stderr,
-            "critical": lam_c, "kappa_ratio": None if kappa is None else kappa / lambda_max,
+            "critical": lam_c, "critical_probe": critical.critical_sharpness,
+            "kappa_ratio": None if kappa is None else kappa / lambda_max,
             "critical_ratio": None if lam_c is None else lam_c / sharpness,
             "critical_threshold": None if lam_c is None or not threshold else lam_c / threshold,
             "stability_ratio": sharpness / threshold if threshold else None,
-            "forwards": critical.n_evals, "hvp": n_hvp,
+            "forwards": own.n_evals, "hvp": n_hvp,
             "critical_ms": 1e3 * critical_seconds, "lambda_ms": 1e3 * lambda_seconds,
         })
     return rows
@@ -124,12 +129,13 @@ def print_run(name: str, rows: list[dict], preconditioned: bool) -> None:
     sharp = "lambda_max(P^-1 H)" if preconditioned else "lambda_max"
     print(f"\n### {name}\n")
     print(f"| step | loss | lambda_max | {sharp} / threshold | kappa_u (+- err) | kappa_u / lambda_max | lambda_c | "
-          f"lambda_c / {sharp} | lambda_c / threshold | forwards / ms | HVPs / ms |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"lambda_c / {sharp} | lambda_c / threshold | lambda_c (probe) | forwards / ms | HVPs / ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['step']} | {r['loss']:.3f} | {_fmt(r['lambda_max'])} | {_fmt(r['stability_ratio'], 3)} | "
-              f"{_fmt(r['kappa'])} (+- {_fmt(r['kappa_err'], 2)}) | {_fmt(r['kappa_ratio'], 3)} | {_fmt(r['critical'])} | "
-              f"{_fmt(r['critical_ratio'], 3)} | {_fmt(r['critical_threshold'], 3)} | "
+              f"{_fmt(r['kappa'])} (+- {_fmt(r['kappa_err'], 2)}) | {_fmt(r['kappa_ratio'], 3)} | "
+              f"{_fmt(r['critical'])} | "
+              f"{_fmt(r['critical_ratio'], 3)} | {_fmt(r['critical_threshold'], 3)} | {_fmt(r['critical_probe'])} | "
               f"{r['forwards']} / {r['critical_ms']:.0f} | {r['hvp']} / {r['lambda_ms']:.0f} |")
 
 
