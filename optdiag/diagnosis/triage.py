@@ -49,7 +49,7 @@ FINDING_KINDS = ("model_bias", "optimization", "overfitting", "train_test_mismat
 #: ``ill_conditioning`` and ``loss_choice`` add their rows here, next to their tests.
 RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
     # A true minimum at a high loss: the stall verdict is a local minimum (positive curvature, gradient ~0), the
-    # loss is far above the floor, the stall is not SGD's noise floor, and validation is not far below training.
+    # loss is far above the floor, the stall is not SGD's noise floor, and validation is not far above training.
     "model_bias": (("local_minimum_verdict", True, 0.0), ("train_loss_high", True, 0.0),
                    ("negative_curvature", False, 0.5), ("noise_limited", False, 0.0), ("generalization_gap", False, 0.0)),
     # The training loss is high and the stall verdict names an optimization failure (plateau, saddle, bounce), or a
