@@ -104,6 +104,9 @@ class OptDiag(OptDiagCallback):
             ``"mse_on_probabilities"`` or ``"other"`` (no check); see :class:`~optdiag.callbacks.ConditioningMonitor`.
         conditioning: include the :class:`~optdiag.callbacks.ConditioningMonitor` (unscaled inputs, MSE on
             probabilities; docs/conditioning.md). Its findings join the triage's.
+        hvp: how Hessian-vector products are computed: ``"auto"`` (exact double backward where it exists, finite
+            differences of the gradient for FSDP-sharded parameters or a model without double backward),
+            ``"exact"`` or ``"finite_difference"`` (docs/finite-difference-and-fsdp.md).
 
     Attributes:
         gradient_monitor, hessian_monitor, stall_diagnoser, triage_monitor: the children (``triage_monitor`` is
@@ -145,12 +148,13 @@ class OptDiag(OptDiagCallback):
         triage: bool = True,
         loss: str = "auto",
         conditioning: bool = True,
+        hvp: str = "auto",
     ) -> None:
         super().__init__()
         self.gradient_monitor = GradientNormMonitor(per_layer=per_layer, every_n_steps=grad_every_n_steps)
         self.hessian_monitor = HessianMonitor(
             every_n_steps, budget, probe_batches=probe_batches, loss_fn=loss_fn, max_hvp=max_hvp,
-            trace_hvp=trace_hvp, density_every=density_every, seed=seed, burst_hvp=burst_hvp,
+            trace_hvp=trace_hvp, density_every=density_every, seed=seed, burst_hvp=burst_hvp, hvp=hvp,
         )
         self.stall_diagnoser = StallDiagnoser(
             window, min_window, rel_improvement, max_snapshots=max_snapshots, escape_check=escape_check,

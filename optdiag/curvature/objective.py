@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call
 
 from optdiag.curvature.batches import as_batch_list, batch_weights, move_batch
-from optdiag.curvature.params import flatten, trainable_parameters, unflatten
+from optdiag.curvature.params import flatten, is_sharded, trainable_parameters, unflatten
 from optdiag.curvature.state import GENERATORS, RngState, replayed_rng, rng_state
 from optdiag.errors import NonFiniteError, UsageError
 
@@ -180,6 +180,7 @@ class BatchObjective:
         self.batches = [move_batch(b, self.device, dtype if self._cast else None) for b in raw]
         self._holder = _LossCall(model, loss_fn)
         self.math_attention = bool(math_attention)
+        self.sharded = any(is_sharded(p) for _, p in named)
         self._keys = [f"model.{name}" for name in self.names]
         self._fixed = self._fixed_tensors()
         self.parameters = (
@@ -327,11 +328,28 @@ class BatchObjective:
             )
         return loss, torch.autograd.grad(loss, inputs, create_graph=create_graph, materialize_grads=True)
 
+    def _check_whole(self) -> None:
+        """Refuse flat parameter vectors for sharded (FSDP ``DTensor``) parameters: FSDP gathers its own shards
+        for each forward, so ``functional_call`` cannot put other values in, and trying leaves FSDP's state
+        broken. Only the model's own parameters can be evaluated there (``loss(index)``)."""
+        if self.sharded:
+            raise UsageError(
+                "the loss at other parameters than the model's own is not available for sharded (FSDP) parameters; "
+                "curvature there comes from finite differences of FSDP's own gradients "
+                "(docs/finite-difference-and-fsdp.md)"
+            )
+
     def point(self) -> torch.Tensor:
-        """The current parameters as one flat vector in :attr:`dtype` (a copy)."""
+        """The current parameters as one flat vector in :attr:`dtype` (a copy).
+
+        Raises:
+            UsageError: the parameters are sharded (see :meth:`_check_whole`).
+        """
+        self._check_whole()
         return flatten(p.detach() for p in self.parameters)
 
     def _leaves(self, point: torch.Tensor, requires_grad: bool) -> list[torch.Tensor]:
+        self._check_whole()
         point = torch.as_tensor(point)
         if point.dim() != 1 or point.numel() != self.num_params:
             raise UsageError(f"expected flat parameters of length {self.num_params}, got shape {tuple(point.shape)}")

@@ -1,0 +1,104 @@
+"""Two-process FSDP2 run on CPU (gloo) through Lightning's ModelParallelStrategy with ``OptDiag`` as on one device; each
+rank saves what it saw to OUT/rank<r>.pt.
+
+Run as ``python fsdp_monitors.py OUT``; Lightning re-launches it for rank 1 with the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from lightning_models import regression_data  # noqa: E402
+
+from optdiag import OptDiag  # noqa: E402
+
+
+class ShardedLinearRegression(pl.LightningModule):
+    """MSE (the mean over samples and both outputs) of a linear model 6 -> 2: the Hessian is ``D^T D / n`` with
+    ``D = [X 1]`` on each output's block, whatever the weights. Sharded with FSDP2 in ``configure_model`` (the layer
+    and the root, as Lightning's ModelParallelStrategy asks): each rank holds one row of the weight and of the bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 2))
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.net[0], mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class FullGradientNorm(pl.Callback):
+    """The global gradient norm from the gathered full gradient (a reference only a test may afford)."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        full = [p.grad.full_tensor() for p in pl_module.parameters() if p.grad is not None]
+        self.norms[int(trainer.global_step)] = float(torch.cat([g.reshape(-1) for g in full]).norm())
+
+
+def main(out: str) -> None:
+    pl.seed_everything(0)
+    data = regression_data(n=512, in_features=6, out_features=2, seed=2)
+    loader = DataLoader(data, batch_size=16, shuffle=False)
+    # nothing FSDP-specific: a fixed cadence only so that an 8-step run is sure to take snapshots (the adaptive
+    # budget affords its first one later in a run this short)
+    bundle = OptDiag(every_n_steps=4)
+    reference = FullGradientNorm()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_steps=8, callbacks=[bundle, reference],
+        strategy=pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        default_root_dir=out, logger=pl.loggers.CSVLogger(out),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+    )
+    module = ShardedLinearRegression()
+    trainer.fit(module, loader)
+    rank = trainer.global_rank
+    hessian = bundle.hessian_monitor
+    local = [p.to_local().numel() for p in module.parameters()]
+    torch.save(
+        {
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__name__,
+            "sharded": [type(p).__name__ for p in module.parameters()],
+            "local_numel": local,
+            "history": hessian.history,
+            "hvp_method": hessian.hvp_method,
+            "hvp_reason": hessian.hvp_reason,
+            "warnings": dict(hessian.warning_counts),
+            "probe": hessian.probe_set(),
+            "grad_norms": {h["step"]: h["grad_norm"] for h in bundle.gradient_monitor.history},
+            "reference_grad_norms": reference.norms,
+            "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
+            "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(json.dumps({"rank": rank, "done": True}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
