@@ -88,6 +88,6 @@ def scenario_figure(result: Any) -> Figure:
     curv_ax.axhline(0.0, color="black", lw=0.5)
     curv_ax.set_xlabel("optimizer step")
     curv_ax.set_ylabel("Hessian eigenvalue")
-    if curv_ax.lines:
+    if curv_ax.get_legend_handles_labels()[0]:  # the zero line has no label: no snapshot, no legend
         curv_ax.legend(fontsize=7, loc="best")
     return fig

@@ -56,6 +56,8 @@ class RunResult:
         full_loss: the training loss on the full training set at the end (no optdiag involved).
         expected_findings: the triage finding kinds the scenario expects of this run (None: not checked).
         metrics: the scenario's own end-of-run numbers (``ScenarioRun.evaluate``: accuracy, ...), no optdiag involved.
+        notes: the warnings raised while the run trained (optdiag's own, and any other but the known harmless
+            Lightning ones), as text: the demo prints them as lines of its report, never as raw warnings.
     """
 
     label: str
@@ -72,6 +74,7 @@ class RunResult:
     full_loss: float | None = None
     expected_findings: tuple[str, ...] | None = None
     metrics: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -92,11 +95,16 @@ class ScenarioResult:
         return tuple(d.kind for d in self.runs[0].diagnoses)
 
 
+# Lightning's advice that does not apply to the demo's tiny in-memory runs (dropped inside the demo runner only)
+_HARMLESS_LIGHTNING = (".*does not have many workers.*", ".*is smaller than the logging interval.*", ".*LeafSpec.*")
+
+
 @contextlib.contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's banner lines and its data-loader advice while the demo trains; one CPU thread.
 
-    The scenarios' models are tiny: one thread is fastest and immune to other processes' load.
+    The scenarios' models are tiny: one thread is fastest and immune to other processes' load. The warning filters
+    and log levels are the caller's again on exit: nothing is silenced outside the demo.
     """
     import optdiag.callbacks._base  # noqa: F401 - imports both Lightning namespaces, which set their log levels
 
@@ -108,9 +116,8 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(logging.ERROR)
         torch.set_num_threads(1)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-            warnings.filterwarnings("ignore", message=".*is smaller than the logging interval.*")
-            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            for message in _HARMLESS_LIGHTNING:
+                warnings.filterwarnings("ignore", message=message)
             yield
     finally:
         torch.set_num_threads(threads)
@@ -144,6 +151,24 @@ def _slug(text: str) -> str:
 
 
 def _train(spec: Scenario, run: ScenarioRun, out_dir: str) -> RunResult:
+    """One run, with the warnings it raises kept as the result's ``notes`` (the known harmless ones filtered by
+    :func:`quiet_lightning` never arrive)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every occurrence reaches the list; the demo filters still drop theirs
+        for message in _HARMLESS_LIGHTNING:
+            warnings.filterwarnings("ignore", message=message)
+        result = _train_run(spec, run, out_dir)
+    notes = []
+    for w in caught:
+        text = str(w.message)
+        text = text if text.startswith("optdiag") else f"{w.category.__name__}: {text}"
+        if text not in notes:  # optdiag says a thing once; another library may repeat itself every step
+            notes.append(text)
+    result.notes = notes
+    return result
+
+
+def _train_run(spec: Scenario, run: ScenarioRun, out_dir: str) -> RunResult:
     import pytorch_lightning as pl
 
     from optdiag.callbacks import OptDiag
@@ -412,6 +437,7 @@ def format_result(result: ScenarioResult) -> str:
         for f in run.findings:
             if f.kind != "needs_validation":
                 lines.append(f"    triage: {f.kind} at step {f.step} (confidence {f.confidence:.2f}): {f.summary}")
+        lines += [f"    note: {note.removeprefix('optdiag: ')}" for note in run.notes]
     if spec.expected is not None:
         lines.append(f"  expected: {', '.join(spec.expected) or 'no verdict'}")
     for check in result.checks:
