@@ -7,6 +7,8 @@ run is too short for the time budget to pay for a snapshot), and scores the find
 
 * ``model_bias`` (the demo scenario's linear classifier on a circle): a larger model, trained the same way without
   optdiag, reaches a full-data training loss below half the small model's;
+* ``optimization`` (an MLP on digits, full-batch gradient descent with lr 1e-3): the same model and data trained
+  without optdiag at lr 0.5 with momentum reach a full-data training loss below half of this run's;
 * ``overfitting`` (the demo scenario's wide MLP on 50 digits): the validation loss the module recorded ends at least
   10% above its minimum while the training loss falls, and the full-data training loss ends far below the full
   validation loss;
@@ -124,7 +126,8 @@ def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _digits_run(make: Callable[[], nn.Module], *, optimizer: str, lr: float, batch: int, epochs: int,
-                n_train: int = 1000, momentum: float = 0.9, every_n_epochs: int = 1) -> Callable[[], Built]:
+                n_train: int = 1000, momentum: float = 0.9, every_n_epochs: int = 1,
+                settings: dict[str, Any] | None = None) -> Callable[[], Built]:
     def build() -> Built:
         x, y = digits_data()
         train, val = (x[:n_train], y[:n_train]), (x[1000:1500], y[1000:1500])
@@ -133,7 +136,8 @@ def _digits_run(make: Callable[[], nn.Module], *, optimizer: str, lr: float, bat
         loader = DataLoader(TensorDataset(*train), batch_size=batch, shuffle=True,
                             generator=torch.Generator().manual_seed(0))
         return Built(module, loader, DataLoader(TensorDataset(*val), batch_size=len(val[0])),
-                     {"max_epochs": epochs, "check_val_every_n_epoch": every_n_epochs}, train, val)
+                     {"max_epochs": epochs, "check_val_every_n_epoch": every_n_epochs}, train, val,
+                     dict(settings or {}))
     return build
 
 
@@ -188,6 +192,17 @@ def _larger_model_is_better(built: Built, result: Result) -> tuple[bool, str]:
     return other < 0.5 * result.train_full, f"training loss {result.train_full:.3g}; larger model {other:.3g}"
 
 
+def _a_working_lr_trains(build: Callable[[], Built]) -> Callable[[Built, Result], tuple[bool, str]]:
+    """The same model and data trained without optdiag with a working step (``build``) reaches a full-data training
+    loss below half of this run's: the model could fit, the optimization did not."""
+    def truth(built: Built, result: Result) -> tuple[bool, str]:
+        other = build()
+        _fit(other, callbacks=[])
+        loss = _full_loss(other.module, other.module.loss_fn, other.data)
+        return loss < 0.5 * result.train_full, f"training loss {result.train_full:.3g}; with a working lr {loss:.3g}"
+    return truth
+
+
 def _validation_rises(built: Built, result: Result) -> tuple[bool, str]:
     """The recorded validation loss ends 10% above its minimum while the training loss falls past that point."""
     vals, losses = built.module.val_losses, built.module.losses
@@ -228,6 +243,10 @@ RUNS: tuple[Run, ...] = (
         ("ill_conditioning",), _standardized_is_faster),
     Run("mse_softmax_linear", "softmax classifier, saturated init, SGD, batch 64, MSE on probabilities",
         _scenario_run("mse_softmax", 0), ("loss_choice", "optimization"), _cross_entropy_leaves_the_plateau),
+    Run("plateau_digits_gd_lr1e-3", "MLP 64-64-10, GD lr 1e-3, full batch (1000)",
+        _digits_run(_mlp(), optimizer="sgd", lr=1e-3, momentum=0.0, batch=1000, epochs=200, every_n_epochs=20,
+                    settings={"every_n_steps": 25}), ("optimization",),
+        _a_working_lr_trains(_digits_run(_mlp(), optimizer="sgd", lr=0.5, batch=1000, epochs=200))),
     Run("ring_mlp_gd", "MLP 2-32-32-2, GD momentum, full batch", _scenario_run("model_bias", 1), (), _healthy),
     Run("standardized_inputs_mlp", "MLP 8-32-1, SGD, batch 64, standardized features",
         _scenario_run("unscaled_inputs", 1), (), _healthy),
