@@ -33,11 +33,15 @@ __all__ = ["write_report", "render_html", "report_figures", "free_report_paths"]
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
-       color: #222; line-height: 1.45; padding: 0 1em; }
+       color: #222; line-height: 1.45; padding: 0 1em; overflow-wrap: break-word; }
 h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; }
+.table-wrap { max-width: 100%; overflow-x: auto; }
+table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.92em; max-width: 100%; }
+th, td { border: 1px solid #ddd; padding: 0.3em 0.6em; text-align: right; overflow-wrap: break-word; }
 th { background: #f4f4f4; } td.text, th.text { text-align: left; }
+table.prose { table-layout: fixed; width: 100%; }
+table.prose td, table.prose th { overflow-wrap: anywhere; vertical-align: top; }
+table.prose td.code { font-family: ui-monospace, monospace; font-size: 0.9em; text-align: left; }
 .verdict { border-left: 5px solid #888; padding: 0.5em 1em; background: #fafafa; margin: 1em 0; }
 .local_minimum { border-color: #2a9d3a; } .saddle_point { border-color: #d98c00; }
 .plateau { border-color: #3a6fd9; } .not_critical { border-color: #888; } .undecided { border-color: #bbb; }
@@ -68,15 +72,27 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _table(header: list[str], rows: list[list[Any]], text_columns: int = 1) -> str:
-    head = "".join(f'<th class="{"text" if i < text_columns else ""}">{_e(h)}</th>' for i, h in enumerate(header))
+def _table(header: list[str], rows: list[list[Any]], text_columns: int = 1,
+           widths: Optional[list[tuple[int, str]]] = None) -> str:
+    """A table inside a wrapper that scrolls sideways rather than widen the page. ``widths``: a column per
+    ``(percent, class)``; the table then takes the page's width and its cells wrap (for long text: reasons, code)."""
+    cols = ""
+    if widths:
+        cols = "<colgroup>" + "".join(f'<col style="width:{w}%">' for w, _ in widths) + "</colgroup>"
+
+    def cell_class(i: int) -> str:
+        if widths and widths[i][1]:
+            return widths[i][1]
+        return "text" if i < text_columns else ""
+
+    head = "".join(f'<th class="{cell_class(i)}">{_e(h)}</th>' for i, h in enumerate(header))
     body = []
     for row in rows:
-        cells = "".join(
-            f'<td class="{"text" if i < text_columns else ""}">{_e(_fmt(v))}</td>' for i, v in enumerate(row)
-        )
+        cells = "".join(f'<td class="{cell_class(i)}">{_e(_fmt(v))}</td>' for i, v in enumerate(row))
         body.append(f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    table_class = ' class="prose"' if widths else ""
+    return (f'<div class="table-wrap"><table{table_class}>{cols}<thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def _img(fig: Any, alt: str) -> str:
@@ -155,7 +171,7 @@ def _verdict_block(ckpt: Mapping[str, Any]) -> str:
                 ["target", "action", "current", "proposed", "reason", "code"],
                 [[s.get("target"), s.get("action"), s.get("current"), s.get("proposed"), s.get("reason"),
                   s.get("code") or ""] for s in suggestions],
-                text_columns=2,
+                widths=[(9, "text"), (17, "text"), (9, ""), (9, ""), (34, "text"), (22, "code")],
             ))
         evidence = diagnosis.get("evidence") or {}
         if evidence:
@@ -259,12 +275,13 @@ def _findings_section(data: Mapping[str, Any]) -> str:
         recommendations = [r for r in f.get("recommendations") or [] if isinstance(r, Mapping)]
         if recommendations:
             out.append(_table(["action", "reason"], [[r.get("action"), r.get("reason")] for r in recommendations],
-                              text_columns=2))
+                              widths=[(30, "text"), (70, "text")]))
         suggestions = [s for s in f.get("suggestions") or [] if isinstance(s, Mapping)]
         if suggestions:
             out.append(_table(["target", "action", "current", "proposed", "reason"],
                               [[s.get("target"), s.get("action"), s.get("current"), s.get("proposed"), s.get("reason")]
-                               for s in suggestions], text_columns=2))
+                               for s in suggestions], widths=[(10, "text"), (22, "text"), (11, ""), (11, ""),
+                                                               (46, "text")]))
         out.append("</div>")
     return "\n".join(out)
 
