@@ -207,6 +207,21 @@ def test_plain_state_dict_with_a_factory_and_a_criterion(tmp_path):
     assert point.n_batches == 2  # the datamodule's batches of 6
 
 
+def test_finite_difference_products_give_the_same_analysis_of_a_quadratic(tmp_path):
+    # the linear net with MSE is a quadratic: central differences have no truncation error, only float32 rounding
+    path = tmp_path / "zero.pt"
+    torch.save({"model_state_dict": {"net.0.weight": torch.zeros(2, 3)}}, path)
+    runs = [analyze_checkpoint(path, model=fx.make_plain_net, data=fx.make_datamodule, loss=torch.nn.MSELoss,
+                               **dict(FAST, max_batches=1), hvp=hvp)[0] for hvp in ("exact", "finite_difference")]
+    exact, fd = runs
+    # (the first batch's Hessian: not I alone); within the analysis's Lanczos tolerance, 1e-3 of the scale
+    assert fd.lambda_max == pytest.approx(exact.lambda_max, rel=1e-3)
+    assert fd.lambda_min == pytest.approx(exact.lambda_min, abs=2e-3 * exact.lambda_max)
+    assert (fd.loss, fd.grad_norm) == (pytest.approx(5.0, rel=1e-6), pytest.approx(10.0**0.5, rel=1e-6))
+    with pytest.raises(UsageError, match="hvp must be one of"):
+        analyze_checkpoint(path, model=fx.make_plain_net, data=fx.make_datamodule, loss=torch.nn.MSELoss, hvp="fd")
+
+
 def test_loss_pass_over_several_chunks_of_an_mse_model(tmp_path):
     # max_batches=1 and two batches of 6: the second batch is a later chunk of the loss pass. Its operator must not
     # need forward-mode derivatives, which F.mse_loss lacks in torch 2.13.

@@ -53,10 +53,12 @@ from optdiag.curvature._checks import check_count, check_positive
 from optdiag.curvature.batches import sample_count
 from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.objective import BatchObjective
+from optdiag.curvature.operator import HVP_METHODS, FiniteDifferenceOperator, choose_hvp_method
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis.types import to_jsonable
 from optdiag.diagnosis.classify import MIN_GRADIENT_PAIRS
 from optdiag.errors import OptDiagError, UsageError
+from optdiag.policy import LOGGER
 
 __all__ = ["AnalysisSettings", "CheckpointAnalysis", "AnalysisReport", "analyze_checkpoint", "POINT_TYPES"]
 
@@ -84,6 +86,9 @@ class AnalysisSettings:
             (running statistics) or ``"auto"`` (train when the model has BatchNorm-like layers or its train and
             eval outputs differ, else eval); see :mod:`optdiag.analysis.modes`.
         dtype: compute dtype of the curvature (None: the model's).
+        hvp: Hessian-vector products by ``"exact"`` double backward, ``"finite_difference"`` of the gradient, or
+            ``"auto"`` (exact where the model's backward can be differentiated, else finite differences;
+            docs/finite-difference-and-fsdp.md).
         seed: seeds every random choice (start vectors, probes, directions) through private generators.
         progress: show progress bars on stderr.
     """
@@ -104,6 +109,7 @@ class AnalysisSettings:
     device: str = "auto"
     dtype: Optional[torch.dtype] = None
     mode: str = "auto"
+    hvp: str = "auto"
     seed: int = 0
     progress: bool = False
 
@@ -128,6 +134,8 @@ class AnalysisSettings:
         check_count("seed", self.seed, minimum=0)
         if self.mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}")
+        if self.hvp not in HVP_METHODS:
+            raise UsageError(f"hvp must be one of {HVP_METHODS}, got {self.hvp!r}")
 
     @property
     def torch_device(self) -> torch.device:
@@ -556,16 +564,26 @@ def _loss_pass(
 
     Each chunk's loss and gradient come from a ``HessianOperator`` over it (the same sample weighting and forward
     as the curvature); later chunks use the ``"recompute"`` engine, which keeps no graph (and, unlike ``"func"``,
-    needs no forward-mode derivatives), and are freed at once.
+    needs no forward-mode derivatives), and are freed at once. Where ``settings.hvp`` resolves to finite
+    differences (a model without double backward), every chunk gets a
+    :class:`~optdiag.curvature.operator.FiniteDifferenceOperator` instead (one gradient at construction).
     """
     first: Optional[HessianOperator] = None
     loss_sum, grad_sum, n_samples, n_batches = 0.0, None, 0, 0
+    hvp: Optional[str] = None
     for chunk in _chunks(batches, settings.max_batches):
         if kept is not None and len(kept) < keep:
             kept.extend(chunk[: keep - len(kept)])
         sizes = [sample_count(b, n_batches + i) for i, b in enumerate(chunk)]
-        method = "auto" if first is None else "recompute"
-        op = HessianOperator(model, loss_fn, chunk, method=method, dtype=settings.dtype)
+        if hvp is None:
+            hvp, reason = choose_hvp_method(model, loss_fn, chunk[0], hvp=settings.hvp, dtype=settings.dtype)
+            if hvp == "finite_difference":
+                LOGGER.info("optdiag analyze: Hessian-vector products by finite differences: %s", reason)
+        if hvp == "finite_difference":
+            op = FiniteDifferenceOperator(model, loss_fn, chunk, dtype=settings.dtype)
+        else:
+            op = HessianOperator(model, loss_fn, chunk, method="auto" if first is None else "recompute",
+                                 dtype=settings.dtype)
         count = sum(sizes)
         loss_sum += op.loss * count
         gradient = op.gradient().double() * count

@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "optimizer saw), eval = running statistics; auto = train when the model has "
                              "BatchNorm-like layers or its train/eval outputs differ, else eval "
                              "(default: %(default)s)")
+    parser.add_argument("--hvp", choices=("auto", "exact", "finite_difference"), default="auto",
+                        help="Hessian-vector products: exact double backward, finite differences of the gradient, "
+                             "or auto = exact where the backward can be differentiated (default: %(default)s)")
     parser.add_argument("--seed", type=_non_negative, default=0, metavar="S",
                         help="seed of every random choice (default: %(default)s)")
     parser.add_argument("--trust-checkpoint", action="store_true",
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=_DTYPES[args.dtype],
         mode=args.mode,
+        hvp=args.hvp,
         seed=args.seed,
         progress=not args.quiet,
     )
