@@ -126,6 +126,8 @@ def test_overfitting_from_a_growing_gap_with_its_evidence_and_advice():
                                                                 "val_above_best"))
     assert "rose from its best 0.8 at step 30 to 1.15" in f.summary and "lambda_max rose" in f.summary
     assert f.recommendations[0].numbers["best_val_step"] == 30
+    # overfitting and a train/validation mismatch look alike here: the finding names the check that tells them apart
+    assert f.recommendations[-1].action == "Hold out a split of the training data"
     (s,) = f.suggestions  # gap and sharpness grow with batch 256: a quarter of it
     assert (s.target, s.current, s.proposed) == ("batch_size", 256, 64)
 
@@ -186,8 +188,8 @@ def test_a_plateau_at_a_high_loss_is_an_optimization_problem_and_keeps_its_advic
 
 def test_mismatch_is_a_check_to_run_when_validation_stays_high_without_rising():
     steps = [10 * i for i in range(10)]
-    inputs = TriageInputs(step=90, train=[(s, 0.05) for s in steps], val=list(zip(steps, [1.9, 1.91, 1.89, 1.9, 1.92, 1.88, 1.9, 1.91, 1.89, 1.9])),
-                          loss_initial=2.3)
+    flat = [1.9, 1.91, 1.89, 1.9, 1.92, 1.88, 1.9, 1.91, 1.89, 1.9]  # 83% of the way from 2.3 to 0 left, no trend
+    inputs = TriageInputs(step=90, train=[(s, 0.05) for s in steps], val=list(zip(steps, flat)), loss_initial=2.3)
     (f,) = triage(inputs)
     assert f.kind == "train_test_mismatch_check"
     assert f.recommendations[0].action == "Hold out a split of the training data"
@@ -195,6 +197,8 @@ def test_mismatch_is_a_check_to_run_when_validation_stays_high_without_rising():
     assert f.confidence == pytest.approx(min(f.evidence["tests"]["train_loss_low"], _p_above(1.9 / 2.3 / 0.5),
                                              1 - f.evidence["tests"]["val_rises"],
                                              1 - f.evidence["tests"]["val_falls"]), abs=1e-12)
+    inputs.train, inputs.val = inputs.train[:4], inputs.val[:4]
+    assert triage(inputs) == []  # "neither rising nor falling" needs the trends, which need 5 points
 
 
 def test_needs_validation_names_what_it_looked_for():

@@ -60,9 +60,9 @@ RULES: dict[str, tuple[tuple[str, bool, float], ...]] = {
     "overfitting": (("generalization_gap", True, 0.0), ("gap_grows", True, 0.0), ("val_rises", True, 0.0),
                     ("val_above_best", True, 0.0), ("train_rises", False, 0.0)),
     # Training came down, validation barely did and no longer falls, and it is not the overfitting pattern: run the
-    # check.
-    "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 0.0),
-                                  ("val_falls", False, 0.0)),
+    # check. "Neither rising nor falling" needs the trends: without them it is undecided.
+    "train_test_mismatch_check": (("train_loss_low", True, 0.0), ("val_stuck", True, 0.0), ("val_rises", False, 0.5),
+                                  ("val_falls", False, 0.5)),
     # Unscaled inputs: the features' standard deviations spread widely or one sits far off centre (either test;
     # optdiag.diagnosis.conditioning, docs/conditioning.md).
     "ill_conditioning": (("inputs_unscaled", True, 0.0),),
@@ -503,6 +503,7 @@ def _overfitting(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Re
                        {"gap": ev.get("gap")}),
         Recommendation("Constrain the model", "Fewer parameters, weight decay or dropout limit how closely it can "
                        "fit the training set.", {"relative_gap": ev.get("relative_gap")}),
+        _holdout_check(ev),
     ]
     suggestions = batch_size_advice(inputs.batch_size, inputs.b_simple, gap_grows=True, sharpness_rises=sharp,
                                     dataset_size=inputs.dataset_size)
@@ -514,14 +515,17 @@ def _mismatch(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Recom
                f"distance to go) but the validation loss stays at {_g(ev.get('val_loss'))} "
                f"({_pct(ev.get('val_fraction'))} to go) without rising: overfitting or a mismatch between training "
                "and validation data, which training signals cannot tell apart.")
-    return summary, [
-        Recommendation("Hold out a split of the training data", "Train on 90% of the training set and evaluate on the "
-                       "other 10%: a held-out loss near the training loss means the validation data differ from "
-                       "the training data (a mismatch: more data of the training kind will not help; get training "
-                       "data like the validation data); near the validation loss means overfitting (more data, "
-                       "augmentation, constraints, early stopping).",
-                       {k: ev[k] for k in ("train_loss", "val_loss", "val_fraction") if k in ev}),
-    ], []
+    return summary, [_holdout_check(ev)], []
+
+
+def _holdout_check(ev: dict[str, Any]) -> Recommendation:
+    """The check that tells a train/validation mismatch from overfitting, which training signals cannot."""
+    return Recommendation(
+        "Hold out a split of the training data", "Train on 90% of the training set and evaluate on the other 10%: a "
+        "held-out loss near the training loss means the validation data differ from the training data (a mismatch: "
+        "more data of the training kind will not help; get training data like the validation data); near the "
+        "validation loss means overfitting (more data, augmentation, constraints, early stopping).",
+        {k: ev[k] for k in ("train_loss", "val_loss", "val_fraction") if k in ev})
 
 
 _BUILDERS = {"model_bias": _model_bias, "optimization": _optimization, "overfitting": _overfitting,
