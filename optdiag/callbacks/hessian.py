@@ -35,6 +35,7 @@ _HEAVY = ("optimizer",)  # kept in the returned dict, left out of the history an
 _MIN_SOLVE_HVP = 4  # an eigen-solve given fewer products has seen too little of the spectrum to be worth its setup
 _FULL_EVERY = 4  # adaptive schedule: every 4th scheduled snapshot adds lambda_min and the trace to lambda_max
 _OVER_BUDGET = "over budget"
+_FD_ERROR_WARN = 1e-2  # a finite-difference product's estimated relative error worth a warning
 _FORWARDS_PER_PRODUCT = 3  # a double-backward product costs about a forward, a backward and their derivative
 
 
@@ -859,6 +860,11 @@ class HessianMonitor(OptDiagCallback):
             "probe_grad_sq_unbiased": None,
             "grad_noise_trace": None,
         }
+        if (out["hvp_relative_error"] or 0.0) > _FD_ERROR_WARN:
+            self.warn_once("fd-inaccurate", f"finite-difference Hessian-vector products are inaccurate here "
+                           f"(estimated relative error {out['hvp_relative_error']:.2g}): the loss is not smooth on "
+                           "the step's scale (ReLU or max-pool kinks, in float32); the eigenvalues carry that error "
+                           "(docs/finite-difference-and-fsdp.md)")
         b_small = mean.total_weight / n_batches
         out.update(probe_noise_scale=None, probe_noise_scale_lower=None, probe_noise_scale_upper=None)
         if n_batches >= 2:
