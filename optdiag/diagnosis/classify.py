@@ -458,8 +458,8 @@ def _summary(kind: str, record: dict, th: Thresholds) -> str:
         return text + "."
     if kind == "oscillation":
         return (f"The loss is flat while the step bounces across a valley "
-                f"(lr*lambda_max = {_fmt(record.get('lr_lambda_max'))}, stability ratio "
-                f"{_fmt(record.get('stability_ratio'))}, gradient cosine {_fmt(record.get('grad_cosine'))}).")
+                f"(lr*lambda_max = {_fmt(record.get('lr_lambda_max'))}, {stability_text(record)}, gradient cosine "
+                f"{_fmt(record.get('grad_cosine'))}).")
     if kind == "saddle_point":
         text = (f"Stuck near a saddle point: the gradient is ~0 against its noise and lambda_min = "
                 f"{_fmt(record.get('lambda_min'))} is significantly negative; moving t along its eigenvector lowers "
