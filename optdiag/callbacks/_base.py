@@ -26,9 +26,10 @@ from optdiag.sinks import tensorboard as tensorboard_sink
 _CALLBACK_BASES = tuple(ns.Callback for ns in LIGHTNING_NAMESPACES)
 _TENSORBOARD_LOGGERS = tuple(ns.loggers.TensorBoardLogger for ns in LIGHTNING_NAMESPACES)
 # Strategies whose sharded parameters optdiag cannot reach: DeepSpeed's ZeRO partitions (flat buffers outside
-# PyTorch's DTensor) and XLA's FSDP. FSDP (FSDPStrategy, ModelParallelStrategy with FSDP2) is supported through
-# DTensor parameters: docs/finite-difference-and-fsdp.md.
-_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "XLAFSDPStrategy")
+# PyTorch's DTensor), XLA's FSDP, and Lightning's FSDPStrategy, which wraps the model in FSDP1 (flat parameters,
+# calls through the wrapper). FSDP2 (ModelParallelStrategy with fully_shard) is supported through its DTensor
+# parameters: docs/finite-difference-and-fsdp.md.
+_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "XLAFSDPStrategy", "FSDPStrategy")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -130,8 +131,9 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if name in _UNSUPPORTED_STRATEGIES:
             raise UsageError(
                 f"optdiag callbacks do not support {name}: its parameter partitions are not PyTorch DTensors, so "
-                "neither gradients nor curvature can be measured on them. Use a single device, DDP, or FSDP "
-                "(FSDPStrategy, or ModelParallelStrategy with fully_shard): docs/finite-difference-and-fsdp.md."
+                "neither gradients nor curvature can be measured on them. Use a single device, DDP, or FSDP2: "
+                "ModelParallelStrategy(tensor_parallel_size=1) with torch.distributed.fsdp.fully_shard in "
+                "configure_model (docs/finite-difference-and-fsdp.md)."
             )
 
     @staticmethod
