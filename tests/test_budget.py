@@ -115,7 +115,15 @@ def test_any_window_of_100_steps_stays_within_the_budget_plus_one_bucket(tmp_pat
     windows = _windows(monitor.charges, 400, 100)
     assert max(windows) <= 0.05 * 100 * STEP_SECONDS + capacity + 1e-9
     assert min(c["balance"] for c in monitor.charges) >= -1e-9
-    assert monitor.monitor_seconds <= 0.05 * 400 * STEP_SECONDS + capacity + 1e-9
+    # the full bucket at the start is lent: the earnings repay it before they refill the bucket, so up to any step
+    # the fit has spent at most max(5% of its training time, the first snapshot (taken before the bucket's size
+    # is known) and one bucket), and over the whole fit only its 5%
+    spent = np.cumsum([c["seconds"] for c in monitor.charges])
+    first = monitor.charges[0]["seconds"]
+    for charge, total in zip(monitor.charges, spent):
+        trained = (charge["step"] + 1) * STEP_SECONDS  # the step's batch has started: its 0.1 s are on the clock
+        assert total <= max(0.05 * trained, first + capacity) + 1e-9
+    assert monitor.monitor_seconds <= 0.05 * 400 * STEP_SECONDS + 1e-9
     # the storm asked for far more than that: a stall snapshot runs only when the bucket holds the stall reserve
     # (0.12 s), and the bucket earns 0.005 s a step, so most requests were refused
     assert storm.asked == 75 and 10 <= storm.taken < storm.asked // 2
@@ -186,11 +194,14 @@ def test_a_200_step_run_at_the_defaults_logs_lambda_max_several_times(tmp_path):
     with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("optdiag/lambda_max")]
     exact = np.linalg.eigvalsh(_hessian(slice(0, 2 * BATCH)))
-    assert len(rows) >= 3
-    assert int(rows[0]["step"]) == 2  # the first estimate as soon as the two probe batches are in
+    # the first estimate as soon as the two probe batches are in, a warm refresh from the bucket's starting credit
+    # (lent: refills wait until the earnings have repaid it, so a second refresh needs a longer or slower run)
+    assert len(rows) >= 2
+    assert int(rows[0]["step"]) == 2
     for row in rows:
         assert float(row["optdiag/lambda_max"]) == pytest.approx(exact[-1], rel=1e-3)
-    assert monitor.monitor_seconds <= 0.05 * monitor._train_seconds() + monitor.capacity() + 0.05  # + overrun
+    first = monitor.charges[0]["seconds"]
+    assert monitor.monitor_seconds <= max(0.05 * monitor._train_seconds(), first + monitor.capacity()) + 0.05
 
 
 def test_a_fit_without_any_estimate_says_so_once(tmp_path):

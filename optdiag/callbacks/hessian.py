@@ -271,6 +271,7 @@ class HessianMonitor(OptDiagCallback):
         self._spent = 0.0  # Hessian seconds of this fit, whatever asked for them
         self._tokens: float | None = None  # the bucket's credit in seconds; None: full, size not yet known
         self._credit_train = 0.0  # training seconds at the last refill
+        self._advance = 0.0  # the starting credit not yet repaid: earnings repay it before they refill the bucket
         self._fit_snapshots = 0
         self._fit_scheduled = 0
         self._fit_estimates = 0
@@ -419,16 +420,27 @@ class HessianMonitor(OptDiagCallback):
 
     def _credit(self) -> float | None:
         """Refill the bucket with ``budget`` times the training seconds since the last refill (capped at its
-        capacity) and return its credit; None while the capacity is unknown (the bucket then counts as full)."""
+        capacity) and return its credit; None while the capacity is unknown (the bucket then counts as full).
+
+        The bucket starts full, so that the first estimates come early; that starting credit is lent, not given:
+        the earnings repay it before they refill the bucket, so up to training time ``T`` the curvature work is at
+        most ``max(budget * T, first + capacity)`` (``first``: the first snapshot, priced before the bucket's size
+        is known), plus the last overrun of an estimate: ``budget`` of the training time once the fit is long
+        enough to repay its start (docs/performance.md), not ``budget`` plus a bucket.
+        """
         train = self._train_seconds()
         capacity = self.capacity()
         if capacity is None:
             self._credit_train = train
             return None
         if self._tokens is None:
-            self._tokens = capacity  # the bucket starts full: the first estimates come early
+            self._tokens = capacity
+            self._advance = max(capacity - self.budget * train, 0.0)  # what was earned so far repays it
         else:
-            self._tokens = min(capacity, self._tokens + self.budget * max(train - self._credit_train, 0.0))
+            earned = self.budget * max(train - self._credit_train, 0.0)
+            repaid = min(self._advance, earned)
+            self._advance -= repaid
+            self._tokens = min(capacity, self._tokens + earned - repaid)
         self._credit_train = train
         return self._tokens
 
@@ -532,6 +544,8 @@ class HessianMonitor(OptDiagCallback):
             self.estimated_seconds = needed - self._reserve()
             per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
             shortfall = needed - credit
+            if shortfall > 0:
+                shortfall += self._advance  # the starting credit is repaid before the bucket refills
             wait = 1 if shortfall <= 0 else max(1, math.ceil(shortfall / max(per_step, 1e-12)))
         wait = trainer.strategy.broadcast(wait, src=0)  # rank 0's clock decides, so all ranks meet in collectives
         self._next_step = step + int(wait)
