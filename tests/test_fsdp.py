@@ -30,6 +30,7 @@ def test_fsdp2_ranks_measure_the_hessian_of_the_union_on_their_shards(tmp_path):
         assert rank["hvp_method"] == "finite_difference" and "sharded" in rank["hvp_reason"]
         assert not [k for k in rank["warnings"] if k.startswith(("hook-error", "error:", "non-finite"))]
         assert not rank["gradient_warnings"] and not rank["diagnoser_warnings"]
+        assert rank["restored"] == {"shards": True, "grads": True, "rng": True, "products": True}
     h0, h1 = ranks[0]["history"], ranks[1]["history"]
     assert [h["step"] for h in h0] == [4, 8] == [h["step"] for h in h1]
     for a, b in zip(h0, h1):  # every reduction gives both ranks the same numbers, so Lanczos ran the same way

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lightning_models import regression_data  # noqa: E402
 
 from optdiag import OptDiag  # noqa: E402
+from optdiag.curvature import FiniteDifferenceOperator, top_eigenvalues  # noqa: E402
 
 
 class ShardedLinearRegression(pl.LightningModule):
@@ -58,6 +59,26 @@ class FullGradientNorm(pl.Callback):
         self.norms[int(trainer.global_step)] = float(torch.cat([g.reshape(-1) for g in full]).norm())
 
 
+def _restored_after_products(module, loss_fn, batches) -> dict[str, bool]:
+    """Do no harm on the shards: a finite-difference operator built on the sharded module and a few products leave
+    every local shard, every ``.grad`` (object and values) and the RNG bitwise as they were."""
+    params = list(module.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    shards = [p.to_local().clone() for p in params]
+    grads = [p.grad for p in params]
+    grad_values = [g.to_local().clone() for g in grads]
+    rng = torch.get_rng_state()
+    op = FiniteDifferenceOperator(module, loss_fn, batches)
+    top_eigenvalues(op, k=1, max_hvp=4)
+    return {
+        "shards": all(torch.equal(p.to_local(), s) for p, s in zip(params, shards)),
+        "grads": all(p.grad is g and torch.equal(g.to_local(), v) for p, g, v in zip(params, grads, grad_values)),
+        "rng": torch.equal(torch.get_rng_state(), rng),
+        "products": op.n_hvp >= 4,
+    }
+
+
 def main(out: str) -> None:
     pl.seed_everything(0)
     data = regression_data(n=512, in_features=6, out_features=2, seed=2)
@@ -76,6 +97,7 @@ def main(out: str) -> None:
     trainer.fit(module, loader)
     rank = trainer.global_rank
     hessian = bundle.hessian_monitor
+    restored = _restored_after_products(module, hessian.loss_fn, hessian.probe_set())
     local = [p.to_local().numel() for p in module.parameters()]
     torch.save(
         {
@@ -92,6 +114,7 @@ def main(out: str) -> None:
             "reference_grad_norms": reference.norms,
             "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
             "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
+            "restored": restored,
         },
         os.path.join(out, f"rank{rank}.pt"),
     )
