@@ -30,6 +30,9 @@ def _run(tmp_path, with_monitors: bool, module_kwargs: dict, manual: bool = Fals
             GradientNormMonitor(histogram_every_n_steps=1),
             HessianMonitor(every_n_steps=2, probe_batches=2, density_every=1, loss_fn=loss_fn),
             HessianMonitor(budget=1.0, probe_batches=1, loss_fn=loss_fn),  # adaptive: budgeted refreshes
+            # finite-difference products: gradients at moved parameters, never written into the model
+            HessianMonitor(every_n_steps=2, probe_batches=1, trace_hvp=0, density_every=0, loss_fn=loss_fn,
+                           hvp="finite_difference"),
         ]
         # TensorBoard: the histograms and the densities (drawn only there) run as well
         trainer_kwargs["logger"] = pl.loggers.TensorBoardLogger(str(root), name="tb")
@@ -42,6 +45,7 @@ def _run(tmp_path, with_monitors: bool, module_kwargs: dict, manual: bool = Fals
         assert callbacks[1].history, "the Hessian monitor must actually have run"
         assert callbacks[1].last_density is not None and callbacks[0].history
         assert callbacks[2].estimated_seconds is not None  # whether its snapshots came within 4 steps is timing
+        assert callbacks[3].history and callbacks[3].hvp_method == "finite_difference"
     return module.state_dict(), optimizer_state, rngs
 
 
