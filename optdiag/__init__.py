@@ -17,6 +17,7 @@ _EXPORTS = {
     "CurvatureOperator": "optdiag.curvature",
     "MatrixOperator": "optdiag.curvature",
     "HessianOperator": "optdiag.curvature",
+    "FiniteDifferenceOperator": "optdiag.curvature",
     "PreconditionedOperator": "optdiag.curvature",
     "supervised_loss": "optdiag.curvature",
     "top_eigenvalues": "optdiag.curvature",
