@@ -179,3 +179,15 @@ def test_choose_hvp_method_validates_and_honours_a_forced_choice():
     assert choose_hvp_method(build_mlp(), MSE, data, hvp="finite_difference")[0] == "finite_difference"
     with pytest.raises(UsageError, match="hvp must be one of"):
         choose_hvp_method(model, MSE, data, hvp="double_backward")
+
+
+def test_a_compiled_model_has_no_double_backward_and_gets_finite_differences():
+    torch.manual_seed(0)
+    model = TinyMLP().double()
+    compiled = torch.compile(model, backend="aot_eager")  # AOTAutograd's backward has no derivative
+    data = mlp_batch(16, seed=6)
+    method, reason = choose_hvp_method(compiled, MSE, data)
+    assert method == "finite_difference" and "double backward" in reason
+    op = make_hessian_operator(method, compiled, MSE, data)
+    v = torch.randn(op.num_params, dtype=torch.float64)
+    assert _relative(op @ v, HessianOperator(model, MSE, data) @ v) < 1e-8
