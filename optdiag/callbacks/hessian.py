@@ -957,7 +957,11 @@ class HessianMonitor(OptDiagCallback):
         before = self._capture.before(step)
         if before is None:
             return out
-        if not allowance.covers(self._critical_products() + _MIN_SOLVE_HVP):
+        # Every rank must take the same branch (the forwards' losses are summed over the ranks): one price for all,
+        # from the ranks' mean ratio of a forward to a product.
+        ratio, ranks = mean.reduce_sum(torch.tensor([self._forward_ratio(), 1.0], dtype=torch.float64)).tolist()
+        ratio /= ranks
+        if not allowance.covers(self._critical_products(ratio=ratio) + _MIN_SOLVE_HVP):
             out["critical_note"] = _OVER_BUDGET
             return out
         started = self.clock()
@@ -974,19 +978,24 @@ class HessianMonitor(OptDiagCallback):
             out["critical_note"] = type(error).__name__
         self._critical_seconds = self.clock() - started
         if out["n_forward"]:
-            allowance.spend(self._critical_products(out["n_forward"]))
+            allowance.spend(self._critical_products(out["n_forward"], ratio))
             seconds, previous = self._critical_seconds / out["n_forward"], self._forward_seconds
             self._forward_seconds = seconds if previous is None else 0.5 * (previous + seconds)
             self._last_n_forward = out["n_forward"]
         return out
 
-    def _critical_products(self, n_forward: int | None = None) -> int:
+    def _critical_products(self, n_forward: int | None = None, ratio: float | None = None) -> int:
         """The critical sharpness's price in products: ``n_forward`` forwards (default its last count, at first
-        ``MAX_EVALS``) at the timed ratio of one of its forwards to a product, or before either is timed a
-        product as ``_FORWARDS_PER_PRODUCT`` forwards."""
-        per_forward = (self._forward_seconds / self._product_seconds
-                       if self._forward_seconds is not None and self._product_seconds else 1 / _FORWARDS_PER_PRODUCT)
-        return math.ceil((n_forward or self._last_n_forward or MAX_EVALS) * per_forward)
+        ``MAX_EVALS``) at ``ratio`` products a forward (default :meth:`_forward_ratio`)."""
+        ratio = self._forward_ratio() if ratio is None else ratio
+        return math.ceil((n_forward or self._last_n_forward or MAX_EVALS) * ratio)
+
+    def _forward_ratio(self) -> float:
+        """One forward of the critical sharpness in products: their timed ratio, or before either is timed
+        ``1 / _FORWARDS_PER_PRODUCT``."""
+        if self._forward_seconds is not None and self._product_seconds:
+            return self._forward_seconds / self._product_seconds
+        return 1 / _FORWARDS_PER_PRODUCT
 
     def _log_density(self, trainer: Any, density: Any, step: int) -> None:
         tb = self.tensorboard_logger(trainer)
