@@ -26,8 +26,10 @@ def test_two_ranks_reduce_to_the_hessian_of_the_union_and_only_rank_zero_logs(tm
     h0, h1 = ranks[0]["history"], ranks[1]["history"]
     assert [h["step"] for h in h0] == [2, 4] and [h["step"] for h in h1] == [2, 4]
     for a, b in zip(h0, h1):  # identical reduced products -> identical Lanczos on both ranks
-        for key in ("lambda_max", "lambda_min", "hessian_trace", "batch_sharpness", "probe_grad_norm", "n_hvp"):
+        for key in ("lambda_max", "lambda_min", "hessian_trace", "batch_sharpness", "probe_grad_norm", "n_hvp",
+                    "critical_sharpness", "directional_curvature", "n_forward"):  # the line's losses are summed too
             assert a[key] == b[key], key
+        assert a["critical_sharpness"] is not None and 0 < a["directional_curvature"] <= a["lambda_max"] * (1 + 1e-3)
     # the ranks saw different probe batches; the estimate is the Hessian of all four together
     x0 = torch.cat([b[0] for b in ranks[0]["probe"]])
     x1 = torch.cat([b[0] for b in ranks[1]["probe"]])
