@@ -46,10 +46,9 @@ class ClockSteps(pl.Callback):
         self.clock.advance(STEP_SECONDS)
 
 
-@pytest.fixture
-def priced(monkeypatch):
-    """The fake clock, with building a probe batch's operator at 0.02 s and each product at 0.004 s."""
-    clock = FakeClock()
+def price_hessian_work(clock, patch):
+    """Through ``patch`` (a ``pytest.MonkeyPatch``): building a probe batch's operator advances ``clock`` by
+    0.02 s and each product by 0.004 s."""
     build, product = HessianOperator.__init__, HessianOperator._matvec
 
     def timed_build(self, *args, **kwargs):
@@ -60,8 +59,15 @@ def priced(monkeypatch):
         clock.advance(PRODUCT_SECONDS)
         return product(self, v)
 
-    monkeypatch.setattr(HessianOperator, "__init__", timed_build)
-    monkeypatch.setattr(HessianOperator, "_matvec", timed_product)
+    patch.setattr(HessianOperator, "__init__", timed_build)
+    patch.setattr(HessianOperator, "_matvec", timed_product)
+
+
+@pytest.fixture
+def priced(monkeypatch):
+    """The fake clock, with building a probe batch's operator at 0.02 s and each product at 0.004 s."""
+    clock = FakeClock()
+    price_hessian_work(clock, monkeypatch)
     return clock
 
 

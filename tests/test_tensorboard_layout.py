@@ -16,8 +16,7 @@ import optdiag
 from lightning_models import RegressionDataModule, RegressionModule, make_trainer
 from optdiag.callbacks.hessian import NOISE_POOL
 from optdiag.sinks.tensorboard import LAYOUT, MARGIN_CHARTS
-from optdiag.curvature.operator import HessianOperator
-from test_budget import PRODUCT_SECONDS, SETUP_SECONDS, ClockSteps, FakeClock
+from test_budget import ClockSteps, FakeClock, price_hessian_work
 
 STEPS, STEP_SECONDS = 100, 0.5
 
@@ -34,28 +33,17 @@ def default_run(tmp_path_factory):
     """100 steps with ``OptDiag()`` as it comes. The budget is a share of the training time, and how many snapshots
     it admits depends on the machine (two in 300 steps on a loaded CI core, where building a probe batch's operator
     costs more than a training step). The injected clock prices the work as for a model whose step takes half a
-    second (0.02 s per operator, 0.004 s per product), so the default schedule runs its course in a short test:
+    second (test_budget's prices for the Hessian work), so the default schedule runs its course in a short test:
     refreshes, lambda_min and the trace every fourth snapshot."""
     tmp_path = tmp_path_factory.mktemp("defaults")
     priced = FakeClock()
-    build, product = HessianOperator.__init__, HessianOperator._matvec
-
-    def timed_build(self, *args, **kwargs):
-        build(self, *args, **kwargs)
-        priced.advance(SETUP_SECONDS)
-
-    def timed_product(self, v):
-        priced.advance(PRODUCT_SECONDS)
-        return product(self, v)
-
     pl.seed_everything(0)
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     callback = optdiag.OptDiag()
     callback.hessian_monitor.clock = priced
     trainer = make_trainer(tmp_path, [SlowSteps(priced), callback], max_steps=STEPS, logger=logger)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(HessianOperator, "__init__", timed_build)
-        patch.setattr(HessianOperator, "_matvec", timed_product)
+        price_hessian_work(priced, patch)
         trainer.fit(RegressionModule(), RegressionDataModule())
     accumulator = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     accumulator.Reload()
