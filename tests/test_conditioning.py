@@ -220,6 +220,16 @@ def test_graph_finds_squared_sigmoid_outputs_written_by_hand():
     assert inspect_loss_graph((d * d).mean()).kind == "mse_on_sigmoid"
 
 
+def test_a_declared_loss_accepts_hand_written_weighted_squares():
+    net, x = _mlp(), torch.randn(6, 4)
+    weighted = ((torch.softmax(net(x), dim=-1) - torch.zeros(6, 3)) * 2.0) ** 2  # a weighted error, written by hand
+    assert inspect_loss_graph(weighted.mean()).kind is None
+    graph = inspect_loss_graph(weighted.mean(), declared="mse_on_probabilities")
+    assert graph.kind == "mse_on_softmax" and graph.squared_error == "PowBackward0"
+    torch.testing.assert_close(graph.probabilities, torch.softmax(net(x), dim=-1).detach())
+    assert graph.targets is None  # (2 (p - y))^2 does not say what p was compared with
+
+
 def test_graph_does_not_flag_cross_entropy_regression_or_log_probabilities():
     net, x = _mlp(), torch.randn(6, 4)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])

@@ -40,8 +40,8 @@ __all__ = ["FeatureStats", "InputScaleProbe", "LossGraph", "inspect_loss_graph",
 #: squared error passes at most 2% of the gradient that cross-entropy passes at the same output.
 SATURATION_MARGIN = 0.01
 #: What a user may declare about the loss (``loss=`` of the monitor): ``"auto"`` reads the graph for the known
-#: squared-error nodes; ``"mse_on_probabilities"`` takes any squared error found to be one (hand-written forms
-#: included) and reports it even when the graph shows none; ``"other"`` switches the loss-choice check off.
+#: squared-error nodes; ``"mse_on_probabilities"`` also accepts hand-written forms (any square, through scaling
+#: and sums on the way to the probabilities) and keeps reading the graph; ``"other"`` switches the check off.
 LOSS_DECLARATIONS = ("auto", "mse_on_probabilities", "other")
 
 _PROBABILITY_NODES = {"SoftmaxBackward0": "softmax", "SigmoidBackward0": "sigmoid"}
@@ -53,6 +53,10 @@ _PASS_THROUGH = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"
                  "TBackward0", "ToCopyBackward0", "CatBackward0", "StackBackward0", "SplitBackward0",
                  "UnbindBackward0", "SubBackward0", "RsubBackward0", "SubBackward1", "RsubBackward1",
                  "FlattenBackward0", "AliasBackward0"}
+# With the declaration, arithmetic on the way from the probabilities to the square is accepted too (a weighted or
+# scaled error written by hand).
+_PASS_THROUGH_DECLARED = _PASS_THROUGH | {"MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1",
+                                          "AddBackward0", "AddBackward1", "NegBackward0"}
 _MAX_NODES = 20_000  # a graph walk visits at most this many nodes (large models' graphs are larger; the loss is near the top)
 _BIG = 1 << 63
 
@@ -286,8 +290,10 @@ def _squared_error_inputs(node: Any, declared: bool) -> list[Any] | None:
     return None
 
 
-def _probability_node(start: Any) -> Any | None:
-    """The softmax or sigmoid a squared error's input comes from, through value-preserving nodes only."""
+def _probability_node(start: Any, declared: bool = False) -> Any | None:
+    """The softmax or sigmoid a squared error's input comes from, through value-preserving nodes only (and
+    elementwise arithmetic when the loss is declared a squared error of probabilities)."""
+    passing = _PASS_THROUGH_DECLARED if declared else _PASS_THROUGH
     stack, seen = [start], set()
     while stack:
         node = stack.pop()
@@ -297,7 +303,7 @@ def _probability_node(start: Any) -> Any | None:
         name = type(node).__name__
         if name in _PROBABILITY_NODES:
             return node
-        if name in _PASS_THROUGH:
+        if name in passing:
             stack.extend(_parents(node))
     return None
 
@@ -330,6 +336,9 @@ def _targets(se_node: Any, prob_node: Any, probabilities: torch.Tensor) -> torch
         other = b if a.numel() == raw.numel() and torch.equal(a.reshape(-1), raw.reshape(-1)) else a
     elif name == "PowBackward0":
         difference = _saved(se_node, "_saved_self")
+        parents = _parents(se_node)
+        if not parents or type(parents[0]).__name__ not in ("SubBackward0", "RsubBackward0"):
+            return None  # a weighted or rescaled error: what it compared the probabilities with is not recoverable
         if difference is None or raw is None or difference.numel() != raw.numel():
             return None
         other = raw.reshape(-1) - difference.reshape(-1)
@@ -374,7 +383,7 @@ def inspect_loss_graph(loss: Any, declared: str = "auto") -> LossGraph:
         seen.add(id(node))
         inputs = _squared_error_inputs(node, declared == "mse_on_probabilities")
         for start in inputs or ():
-            prob_node = _probability_node(start)
+            prob_node = _probability_node(start, declared == "mse_on_probabilities")
             if prob_node is not None:
                 raw = _saved(prob_node, "_saved_result")
                 probabilities = None if raw is None else _class_last(raw, prob_node)
