@@ -220,7 +220,7 @@ def test_rank_deficient_matrix_returns_zeros_and_converges():
 def test_scaled_identity_gives_every_copy():
     op = MatrixOperator(2.5 * torch.eye(30, dtype=F64))
     result = top_eigenvalues(op, k=4, which="SA", tol=1e-10)
-    assert result.converged and result.n_hvp == 4
+    assert result.converged and result.n_hvp == 5  # the range start's product, then one per copy
     torch.testing.assert_close(result.eigenvalues, torch.full((4,), 2.5, dtype=F64), atol=1e-12, rtol=0)
     torch.testing.assert_close(result.eigenvectors @ result.eigenvectors.T, torch.eye(4, dtype=F64), atol=1e-12, rtol=0)
 
@@ -544,3 +544,17 @@ def test_basis_on_the_cpu_gives_the_same_result_and_bad_devices_are_refused(theo
     assert on_cpu.eigenvectors.device == matrix.device
     with pytest.raises(ValueError, match="basis_device"):
         top_eigenvalues(MatrixOperator(matrix), basis_device="no-such-device")
+
+
+def test_smallest_eigenvalue_is_not_the_null_space_of_a_mostly_dead_network():
+    # 900 of 1000 directions in the null space (as dead units make them), one negative eigenvalue: a random start
+    # is 90% null space, whose Ritz value 0 has zero residual; the range start finds the negative one
+    eigenvalues = torch.cat([torch.tensor([-0.2], dtype=F64), torch.zeros(900, dtype=F64),
+                             torch.linspace(0.5, 20.0, 99, dtype=F64)])
+    op = MatrixOperator(torch.diag(eigenvalues))
+    cold = top_eigenvalues(op, k=1, which="SA", tol=1e-3, seed=0)
+    assert cold.converged and cold.eigenvalues.item() == pytest.approx(-0.2, abs=1e-3 * 20)
+    # what a start with a share of the null space reports: 0, "converged" (the reason for the range start)
+    v0 = torch.randn(1000, generator=torch.Generator().manual_seed(1), dtype=F64)
+    naive = top_eigenvalues(op, k=1, which="SA", tol=1e-3, v0=v0)
+    assert naive.converged and abs(naive.eigenvalues.item()) < 1e-3 * 20

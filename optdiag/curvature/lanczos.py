@@ -504,7 +504,8 @@ def top_eigenvalues(
             previous eigenvectors begins with their Rayleigh-Ritz pairs. Each warm-start vector gets a share
             ``min(0.3, 10 tol)`` of a seeded random direction, because a vector from an earlier operator can be an eigenvector of the
             wrong (interior) eigenvalue of this one and would otherwise "converge" at once. Default: one random
-            vector.
+            vector; for ``"SA"`` the operator's product of one (one product more: a random vector's share of the
+            null space would otherwise report the eigenvalue 0 as converged before a negative one is found).
         seed: seed of the private ``torch.Generator`` for random start and refill vectors (global RNG untouched).
         block: vectors multiplied per step (block Lanczos). A single-vector Krylov space holds one copy of a
             repeated eigenvalue per invariant subspace; use ``block`` >= the multiplicity you need resolved.
@@ -564,12 +565,17 @@ def top_eigenvalues(
     generator = torch.Generator().manual_seed(check_seed(seed))
     basis = _KrylovBasis(op, capacity, generator, refill=True, device=_check_basis_device(basis_device, op))
     basis.tridiagonal = block == 1  # blocks couple each vector to up to 2 * block neighbours
+    hvp_before = op.n_hvp
     if start_rows is not None:
         basis.add_start_vectors(_warm_starts(start_rows, block, generator, tol, op.vector_norm))
+    elif which == "SA" and k < n:
+        # A cold start's share of the null space (dead units, unused embeddings: often most of a network's
+        # parameters) is an exact eigenvector of eigenvalue 0 with zero residual, so the smallest Ritz value
+        # "converges" to 0 before the Krylov space has found a negative direction. Starting from the product of
+        # random vectors keeps the basis in the range of the operator (docs/performance.md, section 5).
+        basis.add_start_vectors([op.matvec(basis.random_vector().to(op.device)) for _ in range(block)])
     while basis.n_basis < block:
         basis.add_random_vector()
-
-    hvp_before = op.n_hvp
     values = vectors = None
     while True:
         if basis.n_processed >= k:
