@@ -400,6 +400,11 @@ def test_lanczos_tridiagonal_is_the_projection_on_an_orthonormal_krylov_basis():
     expected = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
     np.testing.assert_allclose(projected, expected, atol=1e-12)
     np.testing.assert_allclose(basis[0].numpy(), (start / start.norm()).numpy(), atol=1e-14)
+    # quadrature needs only T: without the basis (a copy of every vector) the same T comes back
+    alphas_only, betas_only, none = lanczos_tridiagonal(MatrixOperator(matrix), start, 15, return_basis=False)
+    assert none is None
+    np.testing.assert_array_equal(alphas_only, alphas)
+    np.testing.assert_array_equal(betas_only, betas)
 
 
 def test_lanczos_tridiagonal_stops_at_an_invariant_subspace():

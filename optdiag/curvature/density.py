@@ -128,7 +128,7 @@ def spectral_density(
     weights = np.zeros((n_runs, n_steps))
     for run in range(n_runs):
         probe = random_probe(op, generator, "rademacher")
-        alphas, betas, _ = lanczos_tridiagonal(op, probe, n_steps)
+        alphas, betas, _ = lanczos_tridiagonal(op, probe, n_steps, return_basis=False)
         ritz_values, ritz_vectors = eigh_tridiagonal(alphas, betas)
         found = len(ritz_values)
         nodes[run, :found], nodes[run, found:] = ritz_values, ritz_values[-1]

@@ -672,8 +672,8 @@ def power_iteration(
 
 
 def lanczos_tridiagonal(
-    op: CurvatureOperator, start: torch.Tensor, num_steps: int
-) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    op: CurvatureOperator, start: torch.Tensor, num_steps: int, *, return_basis: bool = True
+) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
     """Plain Lanczos from ``start``: the tridiagonal ``T = V A V^T`` and the basis ``V`` (for quadrature).
 
     Full reorthogonalisation as in :func:`top_eigenvalues`. Stops early, without error, when the Krylov space
@@ -683,10 +683,13 @@ def lanczos_tridiagonal(
         op: the symmetric operator.
         start: a nonzero start vector of length ``num_params`` (normalised here).
         num_steps: the most products (Lanczos steps) to take.
+        return_basis: whether to return the basis; quadrature needs only ``T``, and the returned basis is a copy
+            (``m`` more vectors held at once, besides the ones reorthogonalised against).
 
     Returns:
         ``(alphas, betas, basis)``: the diagonal (length ``m <= num_steps``) and off-diagonal (length ``m - 1``)
-        of ``T`` as float64 numpy arrays, and the ``(m, num_params)`` orthonormal basis on the operator's device.
+        of ``T`` as float64 numpy arrays, and the ``(m, num_params)`` orthonormal basis on the operator's device
+        (None with ``return_basis=False``).
 
     Example:
         >>> from optdiag.curvature import MatrixOperator
@@ -710,4 +713,4 @@ def lanczos_tridiagonal(
     alphas = np.diag(basis.S[:m, :m]).copy()
     betas = np.diag(basis.S[:m, :m], -1).copy()
     basis.V.count = m  # drop the pending row
-    return alphas, betas, basis.V.matrix()
+    return alphas, betas, basis.V.matrix() if return_basis else None
