@@ -25,10 +25,12 @@ from optdiag.curvature.conditioning import (
 from optdiag.demo.runner import quiet_lightning
 from optdiag.demo.scenarios import scenario
 from optdiag.diagnosis.conditioning import (
+    BIAS_CONDITION,
     GRADIENT_ATTENUATION,
     LOSS_RATIO_HIGH,
     OFFSET_RATIO,
     SCALE_SPREAD,
+    bias_condition,
     conditioning_tests,
     curvature_evidence,
     ill_conditioning_finding,
@@ -96,6 +98,26 @@ def test_no_ill_conditioning_for_min_max_scaled_pixels():
     assert ev["std_spread"] == pytest.approx(0.4 / 0.3, rel=1e-12) and ev["offset_ratio"] == pytest.approx(3.0)
     assert ill_conditioning_finding(10, ev) is None
     assert ill_conditioning_finding(10, input_scale_evidence([0.0, 0.0], [1.0, 8.0])) is None  # spread 8
+
+
+@pytest.mark.parametrize(("mean", "std"), [(0.0, 1.0), (120.0, 60.0), (40.0, 12.0), (0.019, 0.056), (-3.0, 0.01)])
+def test_bias_condition_is_that_of_the_weight_and_bias_block(mean, std):
+    block = np.array([[mean * mean + std * std, mean], [mean, 1.0]])
+    low, high = np.linalg.eigvalsh(block)
+    assert bias_condition(mean, std) == pytest.approx(high / low, rel=1e-6)
+
+
+def test_a_large_common_scale_is_off_scale_for_the_bias():
+    # raw 0-255 pixels: every feature alike (spread ~1, |mean|/std 2), all far from the bias's constant input 1
+    ev = input_scale_evidence([120.0, 110.0, 130.0], [60.0, 55.0, 62.0])
+    tests = conditioning_tests(ev)
+    assert tests["feature_scale_spread"] < 0.01 and tests["feature_offset"] < 0.01
+    assert ev["bias_condition_feature"] == 2 and ev["bias_condition"] == pytest.approx(bias_condition(130.0, 62.0))
+    finding = ill_conditioning_finding(5, ev)
+    assert finding.confidence == pytest.approx(_p(bias_condition(130.0, 62.0), BIAS_CONDITION), rel=1e-9)
+    assert "feature 2 (mean 130, std 62) and the bias span a valley" in finding.summary
+    # a nearly sparse pixel of digits scaled to [0, 1] (zero in 88%: kept) stays well below the boundary
+    assert bias_condition(0.017, 0.051) < 0.5 * BIAS_CONDITION
 
 
 def test_curvature_shares_only_when_every_block_is_non_negative():

@@ -33,7 +33,7 @@ from typing import Any, Mapping, Sequence
 from optdiag.diagnosis.classify import log_ratio_probability
 from optdiag.diagnosis.triage import DECIDES_ABOVE, Finding, Recommendation, rule_scores
 
-__all__ = ["SCALE_SPREAD", "OFFSET_RATIO", "SPARSE_ZERO_SHARE", "GRADIENT_ATTENUATION", "LOSS_RATIO_HIGH",
+__all__ = ["SCALE_SPREAD", "OFFSET_RATIO", "BIAS_CONDITION", "SPARSE_ZERO_SHARE", "GRADIENT_ATTENUATION", "LOSS_RATIO_HIGH",
            "input_scale_evidence", "curvature_evidence", "conditioning_tests", "ill_conditioning_finding",
            "loss_choice_tests", "loss_choice_finding"]
 
@@ -44,6 +44,11 @@ SCALE_SPREAD = 30.0
 #: A feature whose ``|mean| / std`` exceeds this is "off-centre": with the bias it spans a valley of condition number
 #: ~``(2 + r^2)^2``, ~10^4 at r = 10. Pixel-like features in [0, 1] stay near 3.
 OFFSET_RATIO = 10.0
+#: A feature whose weight and the first layer's bias span a valley of condition number above this is "off-scale":
+#: the block ``[[mean^2 + std^2, mean], [mean, 1]]`` (the Hessian of a weight and the bias for a unit output
+#: curvature; the bias's input is the constant 1). It catches a large common scale (raw 0-255 pixels: ~10^5, an
+#: age in years: ~2 10^4) that the scale-free spread and offset do not; features scaled to [0, 1] stay below ~400.
+BIAS_CONDITION = 1000.0
 #: Features that are exactly zero in at least this share of the samples (one-hot columns, blank pixels, bags of
 #: words) are sparse: their standard deviation measures how rarely they fire, not a scale; they are left out.
 SPARSE_ZERO_SHARE = 0.9
@@ -60,6 +65,20 @@ LOSS_RATIO_HIGH = 0.5
 
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def bias_condition(mean: float, std: float) -> float:
+    """The condition number of ``[[mean^2 + std^2, mean], [mean, 1]]``: a first-layer weight with the bias.
+
+    Example:
+        >>> bias_condition(0.0, 1.0), round(bias_condition(0.0, 10.0), 6), round(bias_condition(10.0, 1.0))
+        (1.0, 100.0, 10402)
+    """
+    trace, det = 1.0 + mean * mean + std * std, std * std
+    if not det > 0:
+        return math.inf
+    root = math.sqrt(max(trace * trace - 4.0 * det, 0.0))
+    return (trace + root) ** 2 / (4.0 * det)  # (l+ / l-) with l+ l- = det: l+^2 / det
 
 
 # --- input scales -------------------------------------------------------------------------------------------------
@@ -98,7 +117,10 @@ def input_scale_evidence(means: Sequence[float], stds: Sequence[float], zero_sha
         worst = max(kept, key=lambda i: abs(means[i]) / stds[i])
         ev.update(offset_ratio=abs(means[worst]) / stds[worst], offset_feature=worst, offset_mean=means[worst],
                   offset_std=stds[worst])
-    return {k: v for k, v in ev.items() if v is not None or k in ("std_spread", "offset_ratio")}
+        worst = max(kept, key=lambda i: bias_condition(means[i], stds[i]))
+        ev.update(bias_condition=bias_condition(means[worst], stds[worst]), bias_condition_feature=worst,
+                  bias_condition_mean=means[worst], bias_condition_std=stds[worst])
+    return {k: v for k, v in ev.items() if v is not None or k in ("std_spread", "offset_ratio", "bias_condition")}
 
 
 def curvature_evidence(block_traces: Mapping[str, float] | None, first_layer: str | None = None,
@@ -137,17 +159,19 @@ def curvature_evidence(block_traces: Mapping[str, float] | None, first_layer: st
 
 def conditioning_tests(evidence: Mapping[str, Any]) -> dict[str, float | None]:
     """The unscaled-inputs tests: ``feature_scale_spread`` (``std_spread`` vs :data:`SCALE_SPREAD`),
-    ``feature_offset`` (``offset_ratio`` vs :data:`OFFSET_RATIO`) and ``inputs_unscaled``, the larger of the two
-    (either makes the valley narrow). 0.5 on a boundary, 0.9 at twice it; None when not measured.
+    ``feature_offset`` (``offset_ratio`` vs :data:`OFFSET_RATIO`), ``feature_bias_condition`` (``bias_condition``
+    vs :data:`BIAS_CONDITION`) and ``inputs_unscaled``, the largest (each makes the valley narrow). 0.5 on a
+    boundary, 0.9 at twice it; None when not measured.
 
     Example:
         >>> conditioning_tests({"std_spread": 60.0, "offset_ratio": 1.0})["inputs_unscaled"]
         0.9
     """
-    spread, offset = evidence.get("std_spread"), evidence.get("offset_ratio")
+    spread, offset, bias = evidence.get("std_spread"), evidence.get("offset_ratio"), evidence.get("bias_condition")
     tests: dict[str, float | None] = {
         "feature_scale_spread": log_ratio_probability(spread, SCALE_SPREAD) if _finite(spread) else None,
         "feature_offset": log_ratio_probability(offset, OFFSET_RATIO) if _finite(offset) else None,
+        "feature_bias_condition": log_ratio_probability(bias, BIAS_CONDITION) if _finite(bias) else None,
     }
     measured = [p for p in tests.values() if p is not None]
     tests["inputs_unscaled"] = max(measured) if measured else None
@@ -190,6 +214,11 @@ def ill_conditioning_finding(step: int, inputs: Mapping[str, Any], curvature: Ma
     if offset_p > DECIDES_ABOVE:
         said.append(f"feature {inputs['offset_feature']} has mean {_g(inputs['offset_mean'])} with std "
                     f"{_g(inputs['offset_std'])} (|mean|/std {_g(inputs['offset_ratio'])})")
+    if (tests["feature_bias_condition"] or 0.0) > DECIDES_ABOVE and not (
+            offset_p > DECIDES_ABOVE and inputs.get("offset_feature") == inputs.get("bias_condition_feature")):
+        said.append(f"feature {inputs['bias_condition_feature']} (mean {_g(inputs['bias_condition_mean'])}, std "
+                    f"{_g(inputs['bias_condition_std'])}) and the bias span a valley of condition number "
+                    f"{_g(inputs['bias_condition'])}")
     where = ""
     share = curvature.get("first_layer_trace_share")
     if _finite(share):
@@ -203,7 +232,8 @@ def ill_conditioning_finding(step: int, inputs: Mapping[str, Any], curvature: Ma
                "caps the stable learning rate, so the directions of the small or off-centre features crawl: no "
                "learning rate fixes this, scaling the inputs does.")
     numbers = {k: inputs[k] for k in ("std_spread", "std_max_feature", "std_min_feature", "offset_ratio",
-                                      "offset_feature") if inputs.get(k) is not None}
+                                      "offset_feature", "bias_condition", "bias_condition_feature")
+               if inputs.get(k) is not None}
     if _finite(share):
         numbers["first_layer_trace_share"] = share
     recs.append(Recommendation(
@@ -215,7 +245,7 @@ def ill_conditioning_finding(step: int, inputs: Mapping[str, Any], curvature: Ma
         "Or normalize inside the model",
         f"A BatchNorm layer in front of {layer} (nn.BatchNorm1d(n_features) for vectors) standardizes with batch "
         "statistics while training; BatchNorm or LayerNorm after hidden layers does the same for what later layers "
-        "see.", {k: numbers[k] for k in ("std_spread", "offset_ratio") if k in numbers}))
+        "see.", {k: numbers[k] for k in ("std_spread", "offset_ratio", "bias_condition") if k in numbers}))
     return Finding(step, "ill_conditioning", score, evidence, recs, summary)
 
 
