@@ -29,7 +29,9 @@ def test_two_ranks_reduce_to_the_hessian_of_the_union_and_only_rank_zero_logs(tm
         for key in ("lambda_max", "lambda_min", "hessian_trace", "batch_sharpness", "probe_grad_norm", "n_hvp",
                     "critical_sharpness", "directional_curvature", "n_forward"):  # the line's losses are summed too
             assert a[key] == b[key], key
-        assert a["critical_sharpness"] is not None and 0 < a["directional_curvature"] <= a["lambda_max"] * (1 + 1e-3)
+        # the step's own batches, not the probe set: a Rayleigh quotient of another batch's Hessian, which for these
+        # Gaussian inputs stays within a factor 2 of the probe set's
+        assert a["critical_sharpness"] is not None and 0 < a["directional_curvature"] <= 2 * a["lambda_max"]
     # the ranks saw different probe batches; the estimate is the Hessian of all four together
     x0 = torch.cat([b[0] for b in ranks[0]["probe"]])
     x1 = torch.cat([b[0] for b in ranks[1]["probe"]])

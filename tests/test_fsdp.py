@@ -34,8 +34,10 @@ def test_fsdp2_ranks_measure_the_hessian_of_the_union_on_their_shards(tmp_path):
     h0, h1 = ranks[0]["history"], ranks[1]["history"]
     assert [h["step"] for h in h0] == [4, 8] == [h["step"] for h in h1]
     for a, b in zip(h0, h1):  # every reduction gives both ranks the same numbers, so Lanczos ran the same way
-        for key in ("lambda_max", "lambda_min", "hessian_trace", "batch_sharpness", "probe_grad_norm", "n_hvp"):
+        for key in ("lambda_max", "lambda_min", "hessian_trace", "batch_sharpness", "probe_grad_norm", "n_hvp",
+                    "critical_sharpness", "directional_curvature", "n_forward"):  # forwards on the shards, summed
             assert a[key] == b[key], key
+        assert a["critical_note"] is None and 0 < a["directional_curvature"] <= 2 * a["lambda_max"]
     # the Hessian of a linear least-squares model: D^T D / n on each output's block, D = [X 1] over both ranks' data
     x0 = torch.cat([b[0] for b in ranks[0]["probe"]])
     x1 = torch.cat([b[0] for b in ranks[1]["probe"]])

@@ -18,7 +18,7 @@ import torch
 
 from optdiag.curvature.critical import line_sharpness
 from optdiag.curvature.objective import BatchObjective
-from optdiag.curvature.params import flatten, trainable_parameters
+from optdiag.curvature.params import flatten, local_part, trainable_parameters
 
 __all__ = ["CRITICAL_KEYS", "UpdateCapture", "critical_snapshot"]
 
@@ -48,7 +48,9 @@ class UpdateCapture:
 
     def keep(self, module: torch.nn.Module, step: int, batch: Any = None) -> None:
         """Copy ``module``'s trainable parameters now, before the optimizer step taken at ``step`` on ``batch``."""
-        self._step, self._before = int(step), flatten(p.detach() for _, p in trainable_parameters(module))
+        # a sharded (FSDP2 DTensor) parameter is kept as this rank's shard
+        self._step = int(step)
+        self._before = flatten(local_part(p.detach()) for _, p in trainable_parameters(module))
         self.batch = batch
 
     def release(self) -> None:
@@ -80,7 +82,8 @@ def critical_snapshot(
         module: the model after the step, in the mode the loss is to be taken in.
         loss_fn: ``loss_fn(module, batch) -> scalar``.
         batches, sizes: this rank's batches (the step's own) and their sizes.
-        before: the flat trainable parameters before the step (:class:`UpdateCapture`).
+        before: the flat trainable parameters before the step (:class:`UpdateCapture`; this rank's shards of
+            sharded parameters).
         dtype: the dtype to compute in.
         reduce: sums a float64 tensor over the ranks (every rank calls it equally often).
         lr: the learning rate of the step (None if unknown: no critical learning rate or sharpness).
@@ -95,19 +98,21 @@ def critical_snapshot(
         [2.0, 1.0, 0.1]
     """
     objective = BatchObjective(module, loss_fn, list(batches), batch_sizes=list(sizes), dtype=dtype, batch_list=True)
-    after = objective.point()
+    weight = float(sum(sizes))
+    value = _sharded_value(objective) if objective.sharded else objective.value
+    after = torch.cat([local_part(p).detach().reshape(-1) for p in objective.parameters]).to(objective.dtype)
     start = before.to(device=after.device, dtype=after.dtype)
     update = after - start
-    weight = float(sum(sizes))
 
     def phi(t: float) -> float:
-        local = objective.value(start + t * update, finite=False) * weight
+        local = value(start + t * update, finite=False) * weight
         total = reduce(torch.tensor([local, weight], dtype=torch.float64))
         return float(total[0] / total[1])
 
     lr = lr if lr is not None and math.isfinite(lr) and lr > 0 else None
-    result = line_sharpness(phi, update_norm=float(torch.linalg.vector_norm(update.double())), lr=lr,
-                            precision=float(torch.finfo(dtype).eps))
+    squares = torch.tensor([float(update.double().square().sum())], dtype=torch.float64)
+    update_sq = float(reduce(squares)) if objective.sharded else float(squares)  # shards: summed over the ranks
+    result = line_sharpness(phi, update_norm=math.sqrt(update_sq), lr=lr, precision=float(torch.finfo(dtype).eps))
     sharpness = result.critical_sharpness
     return {
         "critical_sharpness": sharpness,
@@ -119,3 +124,37 @@ def critical_snapshot(
         "n_forward": result.n_evals,
         "critical_note": result.reason,
     }
+
+
+def _sharded_value(objective: BatchObjective) -> Callable[..., float]:
+    """``value(point)`` for sharded (FSDP2) parameters, ``point`` this rank's shards: FSDP gathers the shards for
+    each forward itself, so the point is written into the local shards (no gradient taken), the model's own forward
+    runs, and the shards are put back bit for bit; every rank must call it together (FSDP's all-gathers). A module
+    that keeps its gathered parameters after the forward (``reshard_after_forward=False``, the root's default)
+    would keep them until a backward that never comes, and the next forward would not see the new shards: each
+    forward is followed by a reshard, the state a training step leaves FSDP in."""
+    from torch.distributed.fsdp import FSDPModule
+
+    local = [local_part(p) for p in objective.parameters]
+    sharded_modules = [m for m in objective.model.modules() if isinstance(m, FSDPModule)]
+
+    def value(point: torch.Tensor, *, finite: bool = False) -> float:
+        saved = [t.detach().clone() for t in local]
+        try:
+            with torch.no_grad():
+                offset = 0
+                for t in local:
+                    t.copy_(point[offset:offset + t.numel()].view_as(t).to(t.dtype))
+                    offset += t.numel()
+            total = 0.0
+            for i, w in enumerate(objective.weights):
+                total += w * float(objective.loss(i).detach())
+                for m in sharded_modules:
+                    m.reshard()
+            return total
+        finally:
+            with torch.no_grad():
+                for t, copy in zip(local, saved):
+                    t.copy_(copy)
+
+    return value

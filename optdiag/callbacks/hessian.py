@@ -959,7 +959,7 @@ class HessianMonitor(OptDiagCallback):
             return out
         # Every rank must take the same branch (the forwards' losses are summed over the ranks): one price for all,
         # from the ranks' mean ratio of a forward to a product.
-        ratio, ranks = mean.reduce_sum(torch.tensor([self._forward_ratio(), 1.0], dtype=torch.float64)).tolist()
+        ratio, ranks = reduce_sum(torch.tensor([self._forward_ratio(), 1.0], dtype=torch.float64)).tolist()
         ratio /= ranks
         if not allowance.covers(self._critical_products(ratio=ratio) + _MIN_SOLVE_HVP):
             out["critical_note"] = _OVER_BUDGET
@@ -970,7 +970,7 @@ class HessianMonitor(OptDiagCallback):
         sizes = [float(batch_size_of(b) or 1) for b in batches]
         try:
             out.update(critical_snapshot(pl_module, self.loss_fn, batches, sizes, before, dtype=mean.dtype,
-                                         reduce=mean.reduce_sum, lr=None if spec is None else spec.lr,
+                                         reduce=reduce_sum, lr=None if spec is None else spec.lr,
                                          threshold=None))
         except Exception as error:  # noqa: BLE001 - the eigenvalues of this snapshot stand without it
             self.warn_once(f"critical:{type(error).__name__}", f"critical sharpness at step {step} unavailable "
