@@ -97,7 +97,8 @@ def critical_snapshot(
         >>> [round(out[k], 9) for k in ("directional_curvature", "critical_lr", "critical_sharpness_ratio")]
         [2.0, 1.0, 0.1]
     """
-    objective = BatchObjective(module, loss_fn, list(batches), batch_sizes=list(sizes), dtype=dtype, batch_list=True)
+    objective = BatchObjective(module, loss_fn, list(batches), batch_sizes=list(sizes), dtype=dtype, batch_list=True,
+                               math_attention=False)  # forwards only: the model's own (fused) attention kernel
     weight = float(sum(sizes))
     value = _sharded_value(objective) if objective.sharded else objective.value
     after = torch.cat([local_part(p).detach().reshape(-1) for p in objective.parameters]).to(objective.dtype)

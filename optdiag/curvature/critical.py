@@ -356,7 +356,8 @@ def critical_sharpness(
         >>> round(r.directional_curvature, 6), round(r.critical_lr, 6)
         (4.0, 0.5)
     """
-    f = BatchObjective(model, loss_fn, batches, dtype=dtype, batch_list=batch_list)
+    # forwards only: attention may stay on the model's own (fused) kernel, which has no double backward
+    f = BatchObjective(model, loss_fn, batches, dtype=dtype, batch_list=batch_list, math_attention=False)
     if isinstance(update, torch.Tensor) and update.dim() == 1:
         u = update.detach()
     elif isinstance(update, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in update):
