@@ -30,7 +30,16 @@ import numpy as np
 from optdiag.diagnosis.advice import batch_size_advice
 from optdiag.diagnosis.classify import LOSS_HIGH_GAP, log_ratio_probability
 from optdiag.diagnosis.stall import difference_noise, trend_test
-from optdiag.diagnosis.types import Suggestion, _cell, _format_value, _nonempty_text, from_jsonable, to_jsonable
+from optdiag.diagnosis.types import (
+    Suggestion,
+    _cell,
+    _format_value,
+    _nonempty_text,
+    check_record,
+    from_jsonable,
+    markdown_head,
+    to_jsonable,
+)
 from optdiag.errors import UsageError
 from optdiag.policy import check_number
 
@@ -195,11 +204,7 @@ class Finding:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Finding:
         """Rebuild from :meth:`to_dict` output (extra keys such as ``record`` are ignored)."""
-        if not isinstance(data, dict):
-            raise UsageError(f"Finding.from_dict needs a dict, got {type(data).__name__}")
-        missing = [k for k in ("step", "kind", "confidence", "summary") if k not in data]
-        if missing:
-            raise UsageError(f"Finding.from_dict: missing keys {missing}")
+        check_record("Finding", data)
         return cls(
             step=data["step"],
             kind=data["kind"],
@@ -217,11 +222,7 @@ class Finding:
             >>> print(Finding(7, "overfitting", 0.75, {"gap": 0.3}, [], "Gap grows.").to_markdown().splitlines()[0])
             **overfitting** at step 7 (confidence 0.75): Gap grows.
         """
-        lines = [f"**{self.kind}** at step {self.step} (confidence {self.confidence:.2f}): {_cell(self.summary)}", ""]
-        if self.evidence:
-            lines += ["| evidence | value |", "|---|---|"]
-            lines += [f"| {_cell(k)} | {_cell(_format_value(v))} |" for k, v in self.evidence.items()]
-            lines.append("")
+        lines = markdown_head(self)
         if self.recommendations:
             lines += ["| action | reason | numbers |", "|---|---|---|"]
             lines += [f"| {_cell(r.action)} | {_cell(r.reason)} | {_cell(_format_value(r.numbers))} |"

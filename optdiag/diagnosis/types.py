@@ -206,11 +206,7 @@ class Diagnosis:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Diagnosis:
         """Rebuild from :meth:`to_dict` output (e.g. a line of ``events.jsonl``)."""
-        if not isinstance(data, dict):
-            raise UsageError(f"Diagnosis.from_dict needs a dict, got {type(data).__name__}")
-        missing = [k for k in ("step", "kind", "confidence", "summary") if k not in data]
-        if missing:
-            raise UsageError(f"Diagnosis.from_dict: missing keys {missing}")
+        check_record("Diagnosis", data)
         return cls(
             step=data["step"],
             kind=data["kind"],
@@ -227,11 +223,7 @@ class Diagnosis:
             >>> print(Diagnosis(7, "plateau", 0.75, {"lr": 0.1}, [], "Flat.").to_markdown().splitlines()[0])
             **plateau** at step 7 (confidence 0.75): Flat.
         """
-        lines = [f"**{self.kind}** at step {self.step} (confidence {self.confidence:.2f}): {_cell(self.summary)}", ""]
-        if self.evidence:
-            lines += ["| evidence | value |", "|---|---|"]
-            lines += [f"| {_cell(k)} | {_cell(_format_value(v))} |" for k, v in self.evidence.items()]
-            lines.append("")
+        lines = markdown_head(self)
         if self.suggestions:
             lines += ["| target | action | current | proposed | reason | code |", "|---|---|---|---|---|---|"]
             for s in self.suggestions:
@@ -241,6 +233,31 @@ class Diagnosis:
                     f"{_format_value(s.proposed)} | {_cell(s.reason)} | {_cell(code)} |"
                 )
         return "\n".join(lines).rstrip() + "\n"
+
+
+def check_record(name: str, data: Any) -> None:
+    """Refuse what cannot be a serialised verdict or finding: not a dict, or without step, kind, confidence, summary.
+
+    Raises:
+        UsageError: naming ``name`` (``"Diagnosis"``, ``"Finding"``) and what is wrong.
+    """
+    if not isinstance(data, dict):
+        raise UsageError(f"{name}.from_dict needs a dict, got {type(data).__name__}")
+    missing = [k for k in ("step", "kind", "confidence", "summary") if k not in data]
+    if missing:
+        raise UsageError(f"{name}.from_dict: missing keys {missing}")
+
+
+def markdown_head(record: Any) -> list[str]:
+    """The Markdown headline and evidence table of a verdict or finding (``kind``, ``step``, ``confidence``,
+    ``summary``, ``evidence``), as lines: what :meth:`Diagnosis.to_markdown` and the triage's findings share."""
+    lines = [f"**{record.kind}** at step {record.step} (confidence {record.confidence:.2f}): {_cell(record.summary)}",
+             ""]
+    if record.evidence:
+        lines += ["| evidence | value |", "|---|---|"]
+        lines += [f"| {_cell(k)} | {_cell(_format_value(v))} |" for k, v in record.evidence.items()]
+        lines.append("")
+    return lines
 
 
 def _format_value(value: Any, max_items: int = 6) -> str:
