@@ -239,8 +239,6 @@ class TriageMonitor(OptDiagCallback):
         self.findings.append(finding)
         write_finding(self, trainer, finding)
 
-    _emit = emit  # the name other callbacks first called
-
     def summary(self) -> str:
         """One line per finding of the last fit, with its first recommendation.
 
