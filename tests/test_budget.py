@@ -191,7 +191,7 @@ def test_the_next_refresh_waits_for_its_estimated_cost_above_the_stall_reserve(p
     assert monitor.capacity() == pytest.approx(0.04 + 3 * 0.01 + 20 * 0.001)
 
 
-def test_a_200_step_run_at_the_defaults_logs_lambda_max_several_times(tmp_path):
+def test_a_200_step_run_at_the_defaults_logs_lambda_max_from_step_2_within_its_bound(tmp_path):
     monitor = HessianMonitor()  # adaptive, 5% budget, real clock
     pl.seed_everything(0)
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
@@ -200,9 +200,11 @@ def test_a_200_step_run_at_the_defaults_logs_lambda_max_several_times(tmp_path):
     with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("optdiag/lambda_max")]
     exact = np.linalg.eigvalsh(_hessian(slice(0, 2 * BATCH)))
-    # the first estimate as soon as the two probe batches are in, a warm refresh from the bucket's starting credit
-    # (lent: refills wait until the earnings have repaid it, so a second refresh needs a longer or slower run)
-    assert len(rows) >= 2
+    # the first estimate as soon as the two probe batches are in; what follows is what the budget pays for: a warm
+    # refresh from the starting credit when the first snapshot left enough above the stall reserve (on a quiet
+    # machine; not when load inflates the timed prices), then refills only once the earnings have repaid the
+    # credit, which a 1-2 s run does not reach
+    assert len(rows) >= 1
     assert int(rows[0]["step"]) == 2
     for row in rows:
         assert float(row["optdiag/lambda_max"]) == pytest.approx(exact[-1], rel=1e-3)
