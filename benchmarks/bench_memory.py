@@ -12,6 +12,9 @@ needs beyond a training step, reported as a multiple of the parameters' bytes (4
 
 * optdiag ``top_eigenvalues(k=5, which="LA", tol=1e-3)`` at its default basis, and with ``max_basis=60`` (the
   size the basis had by default before it was bounded) or another ``max_basis`` (``optdiag:max_basis=12``);
+* ``optdiag-sa`` (``optdiag-sa:max_basis=20``): lambda_min (``which="SA"``, k=1, tol 1e-3, at most 300 products),
+  its products and memory at the default basis or another size (its accuracy is not compared: the reference is
+  the top 5);
 * ``hvp``: the ``HessianOperator`` alone and three products (what any solver on it pays before its own vectors);
 * PyHessian's ``eigenvalues(top_n=5)`` and ``top_n=1`` (power iteration with deflation, at most 10 products per
   eigenvalue: enough to measure its memory, not to converge), when importable (``pip install --no-deps
@@ -116,6 +119,14 @@ def run_config(config: str, batch: int) -> dict:
         v = torch.randn(op.num_params, generator=torch.Generator().manual_seed(2))
         values = [float(v @ op.matvec(v)) for _ in range(3)][:1]
         n_hvp, extra = op.n_hvp, {}
+    elif config.startswith("optdiag-sa"):  # lambda_min: the smallest eigenvalue, from the range start
+        from optdiag.curvature.lanczos import top_eigenvalues
+
+        max_basis = int(config.split("=")[1]) if "=" in config else None
+        op = optdiag_operator(model, (x, y))
+        result = top_eigenvalues(op, k=1, which="SA", tol=1e-3, max_basis=max_basis, max_hvp=300)
+        values, n_hvp = result.eigenvalues.tolist(), result.n_hvp
+        extra = {"basis_rows": result.basis_rows, "converged": result.converged, "which": "SA"}
     elif config.startswith("optdiag"):
         from optdiag.curvature.lanczos import top_eigenvalues
 
@@ -231,10 +242,11 @@ def main() -> None:
             continue
         k = len(row["eigenvalues"])
         error = "n/a"
-        if reference is not None and row["config"] != "hvp":
+        if reference is not None and row["config"] != "hvp" and row.get("which") != "SA":
             error = f"{np.max(np.abs(np.array(row['eigenvalues']) - reference[:k]) / np.abs(reference[:k])):.1e}"
         extra = row["extra_bytes"]
-        print(f"| {row['config']} (top-{k}) | {extra / 1e9:.2f} GB | {extra / param_bytes:.1f} "
+        label = "lambda_min" if row.get("which") == "SA" else f"top-{k}"
+        print(f"| {row['config']} ({label}) | {extra / 1e9:.2f} GB | {extra / param_bytes:.1f} "
               f"| {row.get('basis_rows', '-')} | {row['n_hvp']} | {row['seconds']:.0f} | {error} |")
     print()
     print("| basis vectors | one HVP (s) | CGS2 orthogonalisation of one product (s) | share of a Lanczos step |")
