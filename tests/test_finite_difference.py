@@ -191,3 +191,16 @@ def test_a_compiled_model_has_no_double_backward_and_gets_finite_differences():
     op = make_hessian_operator(method, compiled, MSE, data)
     v = torch.randn(op.num_params, dtype=torch.float64)
     assert _relative(op @ v, HessianOperator(model, MSE, data) @ v) < 1e-8
+
+
+def test_auto_takes_finite_differences_when_the_exact_product_runs_out_of_memory(monkeypatch):
+    # on an accelerator the exact product's math-kernel attention (O(L^2)) may not fit where the fused kernel did
+    import optdiag.curvature.operator as operator_module
+
+    class OutOfMemory(HessianOperator):
+        def _matvec(self, v):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 40.00 GiB")
+
+    monkeypatch.setattr(operator_module, "HessianOperator", OutOfMemory)
+    method, reason = choose_hvp_method(TinyMLP().double(), MSE, mlp_batch(4, seed=0))
+    assert method == "finite_difference" and "does not fit in memory (CUDA out of memory" in reason

@@ -774,8 +774,9 @@ def choose_hvp_method(
 
     ``"auto"``: the exact double-backward product where it exists, finite differences where it does not: sharded
     parameters (FSDP), or a model whose backward cannot be differentiated (a fused attention kernel, a custom
-    ``autograd.Function`` without double backward), found by one exact product on ``batch`` (a probe; only a
-    not-twice-differentiable failure chooses finite differences, any other error propagates). Call it once and
+    ``autograd.Function`` without double backward, a compiled model), found by one exact product on ``batch`` (a
+    probe; a not-twice-differentiable failure, or running out of memory (the exact product's math-kernel
+    attention), chooses finite differences; any other error propagates). Call it once and
     keep the answer: the probe costs a forward, a backward and a product.
 
     Returns:
@@ -809,6 +810,13 @@ def choose_hvp_method(
             op.matvec(torch.zeros(op.num_params, device=op.device, dtype=op.dtype))
     except NotTwiceDifferentiableError as error:
         return "finite_difference", f"the backward pass cannot be differentiated ({error}); {accuracy}"
+    except torch.OutOfMemoryError as error:
+        # the exact product forces attention onto the math kernel (O(L^2) memory): where that does not fit, the
+        # fused kernel the model trains with still does, and finite differences keep it
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        return "finite_difference", f"the exact product does not fit in memory ({first_line}); {accuracy}"
     return "exact", "the backward pass is twice differentiable"
 
 
