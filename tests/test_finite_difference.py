@@ -204,3 +204,18 @@ def test_auto_takes_finite_differences_when_the_exact_product_runs_out_of_memory
     monkeypatch.setattr(operator_module, "HessianOperator", OutOfMemory)
     method, reason = choose_hvp_method(TinyMLP().double(), MSE, mlp_batch(4, seed=0))
     assert method == "finite_difference" and "does not fit in memory (CUDA out of memory" in reason
+
+
+def test_solvers_without_reductions_over_ranks_refuse_sharded_operators():
+    from optdiag.curvature import MatrixOperator, power_iteration, spectral_density
+    from optdiag.curvature.lanczos import lanczos_tridiagonal
+
+    class Sharded(MatrixOperator):  # stands for FSDP's shards (tests/test_fsdp.py runs the real ones)
+        sharded = True
+
+    op = Sharded(torch.eye(3))
+    for solve in (lambda: power_iteration(op), lambda: spectral_density(op),
+                  lambda: lanczos_tridiagonal(op, torch.ones(3), 2)):
+        with pytest.raises(UsageError, match="sharded vectors"):
+            solve()
+    assert float(top_eigenvalues(op, k=1).eigenvalues[0]) == pytest.approx(1.0)  # sums over one "rank": itself

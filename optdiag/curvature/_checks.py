@@ -19,11 +19,17 @@ from optdiag.policy import check_number
 __all__ = ["check_operator", "check_count", "check_seed", "check_positive"]
 
 
-def check_operator(op: Any) -> CurvatureOperator:
-    """``op`` itself, or a :class:`UsageError` unless it is a :class:`CurvatureOperator`."""
+def check_operator(op: Any, sharded: bool = True) -> CurvatureOperator:
+    """``op`` itself, or a :class:`UsageError` unless it is a :class:`CurvatureOperator` (and, with
+    ``sharded=False``, for an operator on sharded vectors: a solver whose dot products are not summed over ranks)."""
     if not isinstance(op, CurvatureOperator):
         raise UsageError(
             f"expected a CurvatureOperator (e.g. HessianOperator or MatrixOperator), got {type(op).__name__}"
+        )
+    if not sharded and op.sharded:
+        raise UsageError(
+            f"this solver does not sum dot products over ranks, so it cannot run on the sharded vectors of "
+            f"{type(op).__name__}; top_eigenvalues and hessian_trace can (docs/finite-difference-and-fsdp.md)"
         )
     return op
 

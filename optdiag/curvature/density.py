@@ -113,7 +113,7 @@ def spectral_density(
         >>> den.nodes[0].round(6).tolist(), den.weights[0].round(6).tolist()
         ([0.0, 10.0, 10.0, 10.0, 10.0], [0.8, 0.2, 0.0, 0.0, 0.0])
     """
-    check_operator(op)
+    check_operator(op, sharded=False)
     n_runs = check_count("n_runs", n_runs)
     n_steps = min(check_count("n_steps", n_steps), op.num_params)
     if grid is not None and n_grid is not None:

@@ -636,7 +636,7 @@ def power_iteration(
         >>> round(power_iteration(op, tol=1e-10).eigenvalues.item(), 6)
         -4.0
     """
-    check_operator(op)
+    check_operator(op, sharded=False)
     tol = _check_tol(tol)
     max_hvp = check_count("max_hvp", max_hvp)
     generator = torch.Generator().manual_seed(check_seed(seed))
@@ -698,7 +698,7 @@ def lanczos_tridiagonal(
         >>> len(alphas), sorted(round(float(x), 6) for x in scipy.linalg.eigh_tridiagonal(alphas, betas)[0])
         (3, [1.0, 2.0, 3.0])
     """
-    check_operator(op)
+    check_operator(op, sharded=False)
     num_steps = check_count("num_steps", num_steps)
     if not isinstance(start, torch.Tensor) or start.dim() != 1 or start.numel() != op.num_params:
         raise UsageError(f"start must be a flat tensor of length num_params={op.num_params}")
