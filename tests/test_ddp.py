@@ -11,13 +11,16 @@ import numpy as np
 import pytest
 import torch
 
+from optdiag.tensorboard_plugin.local import free_port
+
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "ddp_monitors.py"
 
 
 @pytest.mark.ddp
 @pytest.mark.slow
 def test_two_ranks_reduce_to_the_hessian_of_the_union_and_only_rank_zero_logs(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "MASTER_PORT": "29531"}
+    # a free port: a fixed one collides with any other run of this suite on the machine
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "MASTER_PORT": str(free_port())}
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=240)  # a deadlock ends here instead of hanging the suite
     assert done.returncode == 0, done.stderr[-3000:]

@@ -4,7 +4,6 @@ the union of both ranks' probe batches by finite differences on the local shards
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from optdiag.tensorboard_plugin.local import free_port
+
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "fsdp_monitors.py"
 
 
@@ -20,10 +21,7 @@ SCRIPT = Path(__file__).parent / "ddp_scripts" / "fsdp_monitors.py"
 @pytest.mark.slow
 def test_fsdp2_ranks_measure_the_hessian_of_the_union_on_their_shards(tmp_path):
     # a free port: a fixed one collides with any other run of this suite on the machine
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "MASTER_PORT": str(port)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "MASTER_PORT": str(free_port())}
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
                           timeout=240)  # a deadlock ends here instead of hanging the suite
     assert done.returncode == 0, done.stderr[-3000:]
