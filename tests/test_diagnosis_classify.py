@@ -840,3 +840,22 @@ def test_extreme_evidence_cannot_underflow_a_ratio_into_an_exception():
                   optimizer=OptimizerSpec("sgd", lr=0.1))
     record = _judge(ev)[1]
     assert record["tests"]["grad_zero"] == 0.0  # an infinite reach: not a zero gradient
+
+
+@pytest.mark.parametrize("spec, sharpness, expected", [
+    (OptimizerSpec("sgd", lr=0.1), 15.0, _p(0.75 / 0.5)),  # lr * c = 1.5: the step overshoots along the gradient
+    (OptimizerSpec("sgd", lr=0.1), 2.5, _p(0.125 / 0.5)),  # well inside: no bounce
+    (OptimizerSpec("sgd", lr=0.1, momentum=0.9), 15.0, None),  # the update is not the gradient: not used
+    (OptimizerSpec("adam", lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8), 15.0, None),
+    (OptimizerSpec("sgd", lr=0.1), -3.0, None),  # nothing limits the step along it
+    (None, 15.0, None),
+])
+def test_the_critical_sharpness_stands_in_for_lambda_max_in_the_oscillation_signal(spec, sharpness, expected):
+    # SGD's critical sharpness is g^T H g / |g|^2 <= lambda_max: the stability ratio along the step (threshold 2/lr)
+    ev = Evidence(step=100, loss=1.0, optimizer=spec, directional_sharpness=sharpness)
+    signal = C._oscillation_signal(ev)
+    assert signal == (None if expected is None else pytest.approx(expected, abs=1e-12))
+    # a measured lambda_max is the better evidence and replaces it
+    measured = Evidence(step=100, loss=1.0, optimizer=spec, directional_sharpness=sharpness, lambda_max=1.0)
+    if spec is not None and not spec.preconditioned:
+        assert C._oscillation_signal(measured) == pytest.approx(_p(measured.stability_ratio / 0.5), abs=1e-12)

@@ -105,6 +105,8 @@ def test_oscillation_verdict_evidence_and_advice(demo_dir):
     (oscillation,) = [d for d in run.diagnoses if d.kind == "oscillation"]
     ev = oscillation.evidence
     assert ev["lr_lambda_max"] > 1.4 or ev["grad_cosine"] < -0.3
+    # the critical sharpness along a scheduled snapshot's step, SGD's g^T H g / |g|^2: at most lambda_max
+    assert 0 < ev["directional_sharpness"] <= 1.01 * ev["lambda_max"]
     assert ev["grad_cosine"] < -0.3  # consecutive gradients point against each other
     lr_advice = [s for s in oscillation.suggestions if s.target == "lr"]
     assert lr_advice and lr_advice[0].proposed < lr_advice[0].current

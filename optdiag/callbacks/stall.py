@@ -33,7 +33,7 @@ __all__ = ["StallDiagnoser"]
 _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_min_residual", "hessian_trace",
                     "hessian_trace_stderr", "preconditioned_lambda_max", "preconditioner_warmup",
                     "grad_noise_trace")
-_SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased"}
+_SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased", "critical_sharpness": "directional_sharpness"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
 #: Probe-set reads for brief spikes per training step, beyond the first two: one candidate (two reads, about two
 #: thirds of a training step with the default two probe batches) per 100 steps at most, whatever the noise.
@@ -604,14 +604,15 @@ class StallDiagnoser(OptDiagCallback):
 
     def _recent_curvature(self, event: StallEvent) -> dict[str, Any]:
         """The latest curvature estimates taken within the stalled horizon (the loss was flat there, so the point
-        barely moved): lambda_max and lambda_min each from the newest snapshot that measured it, with its step."""
+        barely moved): lambda_max, lambda_min and the critical sharpness along the update each from the newest
+        snapshot that measured it, with its step."""
         if self.hessian_monitor is None or event.reason != "stall":
             return {}
         since = event.step - max(event.horizon, len(event.window_steps))
         recent = [h for h in self.hessian_monitor.history if h.get("step", -1) >= since and "skipped" not in h]
         out: dict[str, Any] = {}
         for h in reversed(recent):
-            for name in ("lambda_max", "lambda_min", "preconditioned_lambda_max"):
+            for name in ("lambda_max", "lambda_min", "preconditioned_lambda_max", "critical_sharpness"):
                 if name not in out and h.get(name) is not None:
                     out[name] = h[name]
                     out[f"{name}_residual"] = h.get(f"{name}_residual")
@@ -684,6 +685,8 @@ class StallDiagnoser(OptDiagCallback):
             fields[name] = snapshot.get(name)
         for name, field_name in _SNAPSHOT_RENAMED.items():
             fields[field_name] = snapshot.get(name)
+        if fields["directional_sharpness"] is None:  # measured along a scheduled snapshot's step only
+            fields["directional_sharpness"] = self._recent_curvature(event).get("critical_sharpness")
         if fields["grad_sq_norm_unbiased"] is None and self.gradient_monitor is not None:
             # gradient accumulation gives the monitor its own noise estimate
             fields["grad_sq_norm_unbiased"] = self.gradient_monitor.latest.get("grad_sq_unbiased")

@@ -293,12 +293,27 @@ def _oscillation_signal(ev: Evidence) -> float | None:
     tests = []
     if ev.stability_ratio is not None:
         tests.append(log_ratio_probability(ev.stability_ratio, OSCILLATION_RATIO))
+    else:
+        directional = _directional_stability_ratio(ev)
+        if directional is not None:
+            tests.append(log_ratio_probability(directional, OSCILLATION_RATIO))
     cosine = _pair_cosine_upper(ev)
     if cosine is None and ev.grad_pair_count is None and _finite(ev.grad_cosine):
         cosine = ev.grad_cosine  # no pair statistics at all (evidence built by hand): the mean cosine as given
     if cosine is not None:
         tests.append(round(_logistic((ANTI_ALIGNED_COSINE - cosine) / COSINE_WIDTH), 12))
     return max(tests) if tests else None
+
+
+def _directional_stability_ratio(ev: Evidence) -> float | None:
+    """The stability ratio along the update, where no eigen-solve measured lambda_max: for plain SGD the critical
+    sharpness is the curvature along the gradient, ``g^T H g / |g|^2 <= lambda_max``, so past the boundary it puts
+    lambda_max past it too (a lower bound: below, it proves nothing). With momentum or a preconditioner the update
+    is not the gradient and the critical sharpness mixes in their alignment: not used (docs/critical-sharpness.md)."""
+    spec, sharp, threshold = ev.optimizer, ev.directional_sharpness, ev.stability_threshold
+    if spec is None or spec.preconditioned or spec.momentum or not _finite(sharp) or not threshold or sharp <= 0:
+        return None
+    return sharp / threshold
 
 
 def _pair_cosine_upper(ev: Evidence) -> float | None:
