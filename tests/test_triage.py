@@ -186,6 +186,21 @@ def test_a_plateau_at_a_high_loss_is_an_optimization_problem_and_keeps_its_advic
     assert f.suggestions == [advice]
 
 
+def test_a_plateau_the_loss_choice_explains_puts_the_loss_first():
+    # MSE on saturated softmax outputs: the plateau verdict's "raise the lr" treats the symptom, the loss is the cause
+    advice = Suggestion("lr", "Raise the learning rate", current=1e-2, proposed=1e-1, reason="Tiny steps.")
+    verdict = Diagnosis(300, "plateau", 0.9, {"loss": 2.0, "loss_initial": 2.3}, [advice], "Crawling.")
+    cause = "62% of the outputs are saturated; use cross-entropy on the logits."
+    (f,) = triage(TriageInputs(step=300, verdict=verdict, input_findings={"loss_choice": cause,
+                                                                          "model_bias": "not a setup finding"}))
+    assert f.kind == "optimization" and f.suggestions == [advice]  # the step's advice stays, second
+    assert [r.action for r in f.recommendations] == ["Change the loss before tuning the step",
+                                                     "Follow the stall verdict's advice"]
+    assert cause in f.recommendations[0].reason and f.summary.endswith("loss choice (see its finding).")
+    (plain,) = triage(TriageInputs(step=300, verdict=verdict))
+    assert [r.action for r in plain.recommendations] == ["Follow the stall verdict's advice"]
+
+
 def test_mismatch_is_a_check_to_run_when_validation_stays_high_without_rising():
     steps = [10 * i for i in range(10)]
     flat = [1.9, 1.91, 1.89, 1.9, 1.92, 1.88, 1.9, 1.91, 1.89, 1.9]  # 83% of the way from 2.3 to 0 left, no trend

@@ -225,7 +225,9 @@ class TriageMonitor(OptDiagCallback):
         sharpness, b_simple = self._curvature()
         return TriageInputs(step=step, train=list(self.train), val=list(self.val), loss_initial=self.loss_initial,
                             loss_floor=self.loss_floor, verdict=self._verdict(), sharpness=sharpness,
-                            batch_size=self._batch_size, b_simple=b_simple, dataset_size=self._dataset_size)
+                            batch_size=self._batch_size, b_simple=b_simple, dataset_size=self._dataset_size,
+                            input_findings={f.kind: f.summary for f in self.findings
+                                            if f.kind in ("ill_conditioning", "loss_choice")})
 
     def _triage(self, trainer: Any, step: int) -> None:
         for finding in triage(self.inputs(step)):

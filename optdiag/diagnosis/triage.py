@@ -342,6 +342,8 @@ class TriageInputs:
         sharpness: ``(step, lambda_max)`` snapshots, oldest first.
         batch_size: the training batch size. b_simple: the gradient noise scale ``tr(Sigma) / |G|^2``.
         dataset_size: samples per epoch.
+        input_findings: ``{kind: summary}`` of the findings about the setup already made this fit
+            (``ill_conditioning``, ``loss_choice``): an optimization problem they explain is theirs to fix first.
 
     Example:
         >>> TriageInputs(step=10, train=[(10, 1.0)]).val
@@ -358,6 +360,7 @@ class TriageInputs:
     batch_size: int | None = None
     b_simple: float | None = None
     dataset_size: int | None = None
+    input_findings: dict[str, str] = field(default_factory=dict)
 
 
 def _aligned(inputs: TriageInputs) -> tuple[list[int], list[float], list[float]]:
@@ -469,6 +472,11 @@ def _model_bias(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Rec
     ], []
 
 
+#: Findings about the setup that cause an optimization stall, and what to do first.
+_SETUP_FIRST = {"loss_choice": "Change the loss before tuning the step",
+                "ill_conditioning": "Normalize the inputs before tuning the step"}
+
+
 def _optimization(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[Recommendation], list[Suggestion]]:
     verdict = inputs.verdict
     noise = ev.get("noise_floor_share")
@@ -480,7 +488,15 @@ def _optimization(ev: dict[str, Any], inputs: TriageInputs) -> tuple[str, list[R
     suggestions = list(verdict.suggestions)
     if not any(s.target == "batch_size" for s in suggestions):
         suggestions += batch_size_advice(inputs.batch_size, inputs.b_simple, dataset_size=inputs.dataset_size)
-    return summary, [
+    # A loss on saturated probabilities, or unscaled inputs, make the surface flat or elongated: the step's advice
+    # treats the symptom; the setup's finding is the cause and comes first.
+    first = [Recommendation(_SETUP_FIRST[kind], f"The {kind.replace('_', ' ')} finding explains this stall: "
+                            f"{text} Fix that first; the step's advice below treats the symptom.", {})
+             for kind, text in inputs.input_findings.items() if kind in _SETUP_FIRST]
+    if first:
+        summary += " The setup comes first: " + ", ".join(kind.replace("_", " ") for kind in inputs.input_findings
+                                                          if kind in _SETUP_FIRST) + " (see its finding)."
+    return summary, first + [
         Recommendation("Follow the stall verdict's advice", f"The stall verdict {verdict.kind} at step "
                        f"{verdict.step} says why the loss stopped falling; its suggestions change the step, not "
                        "the model. A larger model would not fix it.",
