@@ -859,3 +859,14 @@ def test_the_critical_sharpness_stands_in_for_lambda_max_in_the_oscillation_sign
     measured = Evidence(step=100, loss=1.0, optimizer=spec, directional_sharpness=sharpness, lambda_max=1.0)
     if spec is not None and not spec.preconditioned:
         assert C._oscillation_signal(measured) == pytest.approx(_p(measured.stability_ratio / 0.5), abs=1e-12)
+
+
+def test_at_a_spike_the_ratio_measured_just_before_it_stands_in_for_the_oscillation_signal():
+    # repeated spikes with no snapshot of their own: the stability ratio of the two windows before the spike
+    spiked = Evidence(step=300, loss=1.0, optimizer=OptimizerSpec("sgd", lr=0.1), stability_ratio_before=0.9,
+                      spike_count=2, spike_probe_ratio=5.0)
+    assert C._oscillation_signal(spiked) == pytest.approx(_p(0.9 / 0.5), abs=1e-12)
+    assert diagnose_stall(spiked, _spike_event()).kind == "oscillation"
+    now = Evidence(step=300, loss=1.0, optimizer=OptimizerSpec("sgd", lr=0.1), stability_ratio_before=0.9,
+                   lambda_max=2.0)  # measured now: 2 / 20 = 0.1, the one that counts
+    assert C._oscillation_signal(now) == pytest.approx(_p(0.1 / 0.5), abs=1e-12)

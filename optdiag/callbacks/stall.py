@@ -651,11 +651,12 @@ class StallDiagnoser(OptDiagCallback):
         return out
 
     def _ratio_before(self, event: StallEvent) -> float | None:
-        """For a spike: the stability ratio of the last curvature estimate before it began (None if none)."""
+        """For a spike: the stability ratio of the last curvature estimate in the two windows before it began (None
+        if none: an older one may describe another stretch of the run)."""
         if event.reason != "spike" or not event.spike or self.hessian_monitor is None:
             return None
         start = event.spike["start_step"]
-        before = [h for h in self.hessian_monitor.history if h.get("step", math.inf) < start
+        before = [h for h in self.hessian_monitor.history if start - 2 * self.window <= h.get("step", math.inf) < start
                   and h.get("stability_ratio") is not None]
         return before[-1]["stability_ratio"] if before else None
 

@@ -287,12 +287,15 @@ def _predicted_progress(ev: Evidence, loss: float | None) -> float | None:
 
 
 def _oscillation_signal(ev: Evidence) -> float | None:
-    """P(the step bounces): at/past the stability boundary, or consecutive gradients anti-aligned over at least
+    """P(the step bounces): at/past the stability boundary (the ratio now, else the one measured in the two windows
+    before a spike, else SGD's critical sharpness), or consecutive gradients anti-aligned over at least
     :data:`MIN_GRADIENT_PAIRS` pairs of the horizon (fewer prove nothing; evidence without pair statistics uses its
     ``grad_cosine``); the larger."""
     tests = []
-    if ev.stability_ratio is not None:
-        tests.append(log_ratio_probability(ev.stability_ratio, OSCILLATION_RATIO))
+    # at a spike the ratio measured just before it stands in (the regime the spike came from)
+    ratio = ev.stability_ratio if ev.stability_ratio is not None else ev.stability_ratio_before
+    if ratio is not None:
+        tests.append(log_ratio_probability(ratio, OSCILLATION_RATIO))
     else:
         directional = _directional_stability_ratio(ev)
         if directional is not None:
