@@ -172,30 +172,50 @@ def _brief_candidate(spike_factor, seed=0, n=200, sigma=0.2):
 
 
 def test_a_brief_spike_is_a_spike_when_the_model_loss_rose_and_came_back():
-    # One loss of 5x under 20% noise: too brief for any median of losses; the caller reads the model's loss on
-    # fixed batches at that point (2.0) and BRIEF_AFTER steps later (0.8): 2.5x, it rose and came back.
+    # One loss of 5x under 20% noise: too brief for any median of losses; the caller reads the model's loss on a
+    # fixed batch at that point (2.0) and BRIEF_AFTER steps later (0.8): 2.5x, it rose and came back.
     det, started = _brief_candidate(5.0)
-    assert started and not det.brief_spike_due(201) and det.brief_spike_due(200 + stall_module.BRIEF_AFTER)
+    assert started and det.brief_spike_due(200) and det.brief_spike_read(200, 2.0) is None
+    assert not det.brief_spike_due(201) and det.brief_spike_due(200 + stall_module.BRIEF_AFTER)
     assert _events([1.0] * stall_module.BRIEF_AFTER, det, start=201) == []  # the losses alone never tell it
-    event = det.brief_spike_end(203, 2.0, 0.8)
+    event = det.brief_spike_read(203, 0.8)
     assert event.reason == "spike" and event.step == 203
     spike = event.spike
     assert spike["start_step"] == spike["peak_step"] == 200 and spike["end_step"] == 203 and spike["peak"] == 5.0
     assert spike["probe_loss_during"] == 2.0 and spike["probe_loss_after"] == 0.8 and spike["duration"] == 1.0
+    assert spike["probe_peak_step"] == 200 and spike["probe_loss_first"] == 2.0
     assert spike["ratio"] == pytest.approx(5.0 / spike["reference"])
     # the sigmas are those of one loss's noise, from successive differences (0.2 on the log scale)
     assert spike["sigmas"] == pytest.approx(math.log(5.0 / spike["reference"]) / spike["reference_sd"])
-    assert spike["reference_sd"] == pytest.approx(0.2, rel=0.35)
-    assert spike["sigmas"] >= stall_module.BRIEF_SPIKE_SIGMAS
+    assert spike["reference_sd"] == pytest.approx(0.2, rel=0.35) and spike["sigmas"] >= stall_module.BRIEF_SPIKE_SIGMAS
     assert event.margin == pytest.approx(math.log(2.0 / (1.5 * 0.8)))  # the model's rise past the spike ratio
-    assert not det.brief_spike_due(210)  # closed
+    assert det.brief_spike is None and not det.brief_spike_due(210)  # closed
 
 
-@pytest.mark.parametrize("during, after", [(1.1, 1.0), (1.0, 1.0), (None, 1.0), (1.0, None), (math.nan, 1.0),
-                                           (2.0, 0.0), (2.0, -1.0)])
-def test_a_brief_spike_the_model_loss_does_not_show_is_no_event(during, after):
+def test_a_brief_spike_is_followed_while_the_model_loss_still_rises():
+    # The nominating batch was hard, but the model's loss on the fixed batch rises after it (0.1 -> 0.25 -> 0.3):
+    # followed to its top, then 0.3 -> 0.1 three steps later is a spike that peaked at step 206.
     det, started = _brief_candidate(5.0)
-    assert started and det.brief_spike_end(203, during, after) is None and not det.brief_spike_due(203)
+    assert det.brief_spike_read(200, 0.1) is None and det.brief_spike_read(203, 0.25) is None  # 2.5x: still rising
+    assert det.brief_spike_read(206, 0.3) is None and det.brief_spike_due(209)
+    event = det.brief_spike_read(209, 0.1)
+    assert event.spike["probe_peak_step"] == 206 and event.spike["probe_loss_during"] == 0.3
+    assert event.spike["probe_loss_first"] == 0.1 and event.spike["end_step"] == 209
+
+
+def test_a_brief_spike_that_keeps_rising_is_dropped_after_its_follows():
+    det, _ = _brief_candidate(5.0)
+    values = [0.1 * 2 ** i for i in range(stall_module.BRIEF_FOLLOWS + 1)]  # doubling at every read
+    events = [det.brief_spike_read(200 + 3 * i, v) for i, v in enumerate(values)]
+    assert events == [None] * len(values) and det.brief_spike is None  # a rise that lasts: the medians' to judge
+
+
+@pytest.mark.parametrize("reads", [(1.1, 1.0), (1.0, 1.0), (1.0, None), (1.0, math.nan), (1.0, 0.0), (1.0, -1.0),
+                                   (None,), (math.inf,), ("x",)])
+def test_a_brief_spike_the_model_loss_does_not_show_is_no_event(reads):
+    det, started = _brief_candidate(5.0)
+    assert started and [det.brief_spike_read(200 + 3 * i, v) for i, v in enumerate(reads)] == [None] * len(reads)
+    assert det.brief_spike is None and not det.brief_spike_due(210)
 
 
 @pytest.mark.parametrize("factor", [1.3, 1.45])
@@ -223,18 +243,20 @@ def test_a_brief_spike_absorbs_the_median_spike_of_the_same_excursion():
     # A three-step excursion: the three-loss median starts its own spike a step later; the brief spike confirmed on
     # the model is the one event, so the excursion is not reported twice.
     det, started = _brief_candidate(8.0, sigma=0.05)
-    assert started
+    assert started and det.brief_spike_read(200, 8.0) is None
     _events([8.0, 8.0, 1.0], det, start=200)
     assert det.in_spike
-    assert det.brief_spike_end(203, 8.0, 1.0).reason == "spike" and not det.in_spike
+    assert det.brief_spike_read(203, 1.0).reason == "spike" and not det.in_spike
     assert _events([1.0] * 20, det, start=203) == []
 
 
 def test_a_brief_spike_in_progress_survives_a_state_round_trip():
     det, started = _brief_candidate(5.0)
+    det.brief_spike_read(200, 2.0)
     restored = StallDetector()
     restored.load_state_dict(json.loads(json.dumps(det.state_dict())))
-    assert restored.brief_spike_due(203) and restored.brief_spike_end(203, 2.0, 0.8).spike["start_step"] == 200
+    assert restored.brief_spike == det.brief_spike
+    assert restored.brief_spike_due(203) and restored.brief_spike_read(203, 0.8).spike["start_step"] == 200
 
 
 def test_a_spike_that_keeps_rising_is_divergence():

@@ -35,9 +35,10 @@ _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_m
                     "grad_noise_trace")
 _SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased", "critical_sharpness": "directional_sharpness"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
-#: Probe-set reads for brief spikes per training step, beyond the first two: one candidate (two reads, about two
-#: thirds of a training step with the default two probe batches) per 100 steps at most, whatever the noise.
-BRIEF_READ_SHARE = 0.02
+#: Reads of one probe batch for brief spikes per training step, beyond the first four: one candidate (two forward
+#: passes, about two thirds of a training step) per 40 steps at most, whatever the noise (healthy minibatch runs
+#: nominate about one per 100 steps, mostly hard batches; docs/diagnosis-rules.md).
+BRIEF_READ_SHARE = 0.05
 #: The probe losses may take at most this share of the fit's wall time (forward passes over the probe batches).
 PROBE_BUDGET = 0.05
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
@@ -253,7 +254,6 @@ class StallDiagnoser(OptDiagCallback):
         self._fit_started = time.perf_counter()  # the probe losses' budget is a share of the fit's wall time
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
         self._step_loss: torch.Tensor | None = None  # this step's loss, kept from backward to the optimizer step
-        self._brief_probe: float | None = None  # the probe loss at a brief spike's start
         self._brief_events: list[StallEvent] = []  # brief spikes confirmed before this step's end
         self._brief_reads = 0  # probe losses read for brief spikes this fit
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
@@ -411,16 +411,18 @@ class StallDiagnoser(OptDiagCallback):
         event.trigger = "flat_probe"
         return event
 
-    def _probe_loss(self, trainer: Any, pl_module: Any) -> float | None:
-        """The loss on the Hessian monitor's fixed probe batches at the current point, in eval mode (forward passes
-        only, the model's state restored; counted in ``n_probe_losses`` and ``probe_seconds``); None until the set is
-        complete (a loss over a changing set would not compare over time)."""
+    def _probe_loss(self, trainer: Any, pl_module: Any, first: int | None = None) -> float | None:
+        """The loss on the Hessian monitor's fixed probe batches (the ``first`` few of them, all by default) at the
+        current point, in eval mode (forward passes only, the model's state restored; counted in
+        ``n_probe_losses`` and ``probe_seconds``); None until the set is complete (a loss over a changing set would
+        not compare over time)."""
         monitor = self.hessian_monitor
         if monitor is None or not monitor.enabled:
             return None
         batches = monitor.probe_set()
         if len(batches) < monitor.probe_batches:
             return None
+        batches = batches[:first]
         started = time.perf_counter()
         # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
         # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
@@ -441,35 +443,33 @@ class StallDiagnoser(OptDiagCallback):
 
     def _brief_spike(self, trainer: Any, pl_module: Any, step: int, loss: float) -> None:
         """A spike of a step or two, which no median of losses shows: when the minibatch loss of ``step`` jumps
-        (:meth:`StallDetector.brief_spike_start`), the probe batches' loss is read at this point, before the
-        optimizer moves it, and again a few steps later; the detector then tells a spike of the model (it rose and
-        came back on the same batches) from one hard batch (docs/diagnosis-rules.md)."""
+        (:meth:`StallDetector.brief_spike_start`), the loss of the first probe batch is read at this point, before
+        the optimizer moves it, and every few steps after until the detector decides whether the model's loss on
+        that batch rose and came back (a spike) or not (one hard batch; docs/diagnosis-rules.md)."""
         detector = self.detector
-        read: list[float | None] = []  # the probe loss at this point, read at most once
+        value: list[float | None] = []  # the model's loss at this point, read at most once
 
-        def probe_loss() -> float | None:
-            if not read:
-                read.append(self._probe_loss(trainer, pl_module))
+        def read() -> None:
+            if not value:
+                value.append(self._probe_loss(trainer, pl_module, first=1))
                 self._brief_reads += 1
-            return read[0]
-
-        if detector.brief_spike_due(step):
-            candidate, during, after = detector.brief_spike, self._brief_probe, probe_loss()
-            event = detector.brief_spike_end(step, during, after)
-            self._brief_probe = None
+            candidate = detector.brief_spike or {}
+            event = detector.brief_spike_read(step, value[0])
             if event is not None:
                 self._brief_events.append(event)  # handled with this step's other events (on_train_batch_end)
-            else:  # one hard batch, not the model: a debug record only, like an undecided spike
+            elif detector.brief_spike is None and candidate.get("reads"):
+                # dismissed: one hard batch, not the model; a debug record only, like an undecided spike
+                reads = candidate["reads"] + [(float(step), value[0])]
                 self.undecided.append({"step": step, "reason": "brief_spike", "tries": 1, "scores": {}, "tests": {},
-                                       "spike": dict(candidate or {}, probe_loss_during=during,
-                                                     probe_loss_after=after)})
-        # A budget in steps, not seconds, so that the same run reads the same spikes: two reads (one candidate) at
-        # any time, and BRIEF_READ_SHARE reads per step after that (a read is the probe set's forward passes).
-        allowance = 2 + BRIEF_READ_SHARE * self._steps_run
-        if self._brief_reads + 2 - len(read) <= allowance and detector.brief_spike_start(step, loss):
-            self._brief_probe = probe_loss()
-            if self._brief_probe is None:
-                detector.brief_spike_end(step, None, None)  # not measurable: dropped
+                                       "spike": dict(candidate, reads=reads)})
+
+        if detector.brief_spike_due(step):
+            read()
+        # A budget in steps, not seconds, so that the same run reads the same spikes: four reads (two candidates:
+        # a spike often comes in a cluster of jumps) at any time, and BRIEF_READ_SHARE reads per step after that.
+        allowance = 4 + BRIEF_READ_SHARE * self._steps_run
+        if self._brief_reads + 2 - len(value) <= allowance and detector.brief_spike_start(step, loss):
+            read()
 
     def _follow_spike(self, trainer: Any, pl_module: Any, event: StallEvent | None) -> None:
         """Tell a spike of the model from one of the batches: the probe batches' loss at the spike's worst (its start

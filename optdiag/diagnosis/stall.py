@@ -31,8 +31,8 @@ full-data loss that still falls 10% per window. So a stall is declared only when
   own).
 * **brief spike** (a step or two, which the medians filter out): one loss 3 robust sds of one loss and 1.5x above
   the median of the last five only *nominates* it (:meth:`StallDetector.brief_spike_start`); the caller reads the
-  model's loss on fixed batches then and three steps later, and :meth:`StallDetector.brief_spike_end` calls it a
-  spike when that loss fell by the spike ratio (docs/diagnosis-rules.md).
+  model's loss on a fixed batch then and every three steps (:meth:`StallDetector.brief_spike_read`), and it is a
+  spike when that loss, followed to its top, fell by the spike ratio (docs/diagnosis-rules.md).
 * **divergence**: a non-finite loss, at once; or a sustained rise: the loss is above its starting level (median of
   the first three losses) and a Theil-Sen fit (robust to spikes) of the last window rises significantly and by
   more than ``rise_tolerance`` of the level, ``rise_noise_factor`` robust standard deviations of the residuals and
@@ -108,6 +108,9 @@ BRIEF_MIN_LOSSES = 10
 #: Steps after a brief spike at which the model's loss is read again: recovered by then, and too few steps for a
 #: healthy descent to fall by ``spike_ratio``.
 BRIEF_AFTER = 3
+#: Further reads of a brief spike while the model's loss still rises on the fixed batch (up to 3 x BRIEF_AFTER
+#: steps after the nomination: a spike that lasts longer moves the three-loss median).
+BRIEF_FOLLOWS = 3
 #: Median absolute deviation -> standard deviation for normal noise (1.4826; scipy's ``scale="normal"``).
 _MAD_TO_SIGMA = float(1.0 / special.ndtri(0.75))
 
@@ -397,7 +400,8 @@ class StallDetector:
         self._last_step: int | None = None
         self._rising_since: int | None = None  # first check step of the current run of divergent rises
         self._spike: dict[str, float] | None = None  # the spike in progress
-        self._brief: dict[str, float] | None = None  # a brief spike waiting for the model's loss after it
+        self._brief: dict[str, Any] | None = None  # a brief spike waiting for the model's loss after it
+        self._quiet_until = -math.inf  # no median spike starts up to this step: the tail of a brief one
         self._reference: tuple[float, tuple[float, ...], int] | None = None  # (level, spreads, count), scaled
         self._spike_log = True  # spikes are judged on log losses (all positive so far)
         self.spike_peaked = False
@@ -471,7 +475,7 @@ class StallDetector:
         """
         self.spike_peaked = False  # True on the step a spike starts or reaches a new peak
         if self._spike is None:
-            if self._state == _DIVERGED:
+            if self._state == _DIVERGED or step <= self._quiet_until:
                 return None
             if self._reference is None or step % self.check_every == 0:
                 self._reference = self._spike_reference()
@@ -526,8 +530,8 @@ class StallDetector:
         A spike of one or two steps never moves a three-loss median; only the model's loss at that point can tell
         it from a hard batch. True (and the candidate kept) when the loss stands :data:`BRIEF_SPIKE_SIGMAS` of one
         loss's robust sds and ``spike_ratio`` times above the median of the last :data:`BRIEF_LEVEL_LOSSES` losses
-        (and by ``spike_span_fraction`` of the range): the caller then reads the model's loss on fixed batches
-        now and :data:`BRIEF_AFTER` steps later, and :meth:`brief_spike_end` decides. Never raises.
+        (and by ``spike_span_fraction`` of the range): the caller then reads the model's loss on a fixed batch
+        now and whenever :meth:`brief_spike_due`, and :meth:`brief_spike_read` decides. Never raises.
         """
         try:
             n = len(self._losses)
@@ -546,7 +550,7 @@ class StallDetector:
                 return False
             self._brief = {"start_step": float(step), "peak_step": float(step), "peak": loss,
                            "reference": reference, "level": math.log(reference), "reference_sd": sd,
-                           "sigmas": sigmas, "ratio": loss / reference, "duration": 1.0}
+                           "sigmas": sigmas, "ratio": loss / reference, "duration": 1.0, "due": float(step)}
             return True
         except (TypeError, ValueError, ArithmeticError):
             return False
@@ -554,31 +558,55 @@ class StallDetector:
     @property
     def brief_spike(self) -> dict[str, float] | None:
         """The brief spike waiting for its second read (a copy), or None."""
-        return None if self._brief is None else dict(self._brief)
+        return None if self._brief is None else dict(self._brief, reads=list(self._brief.get("reads", [])))
 
     def brief_spike_due(self, step: int) -> bool:
-        """True at the step a brief spike's model loss is to be read again (:data:`BRIEF_AFTER` after its start)."""
-        return self._brief is not None and step >= self._brief["start_step"] + BRIEF_AFTER
+        """True at a step the nominated brief spike's model loss is to be read (at once, then every
+        :data:`BRIEF_AFTER` steps)."""
+        return self._brief is not None and step >= self._brief["due"]
 
-    def brief_spike_end(self, step: int, during: float | None, after: float | None) -> StallEvent | None:
-        """Close the brief spike: a ``"spike"`` event when the model's loss on the same fixed batches was at least
-        ``spike_ratio`` times higher at its start (``during``) than :data:`BRIEF_AFTER` steps later (``after``):
-        it rose and came back (the event's margin is ``log(during / (spike_ratio * after))``). None otherwise (a
-        hard batch, or not measurable). Never raises."""
-        brief, self._brief = self._brief, None
+    def brief_spike_read(self, step: int, value: float | None) -> StallEvent | None:
+        """Take a read of the model's loss on the same fixed batch for the nominated brief spike.
+
+        The first read is at the nomination, the next :data:`BRIEF_AFTER` steps later. While the latest read is the
+        highest and ``spike_ratio`` times the first (the model's loss rose after the nomination), it is followed
+        :data:`BRIEF_AFTER` steps more, up to :data:`BRIEF_FOLLOWS` times. Then it is a ``"spike"`` event when the
+        highest read is ``spike_ratio`` times the last (it came back; the margin is
+        ``log(peak / (spike_ratio * last))``), and dropped otherwise (a hard batch) or when a read is not a
+        positive number. Never raises.
+        """
+        brief = self._brief
+        if brief is None:
+            return None
         try:
-            if brief is None or during is None or after is None or not (after > 0 and math.isfinite(during)) \
-                    or not during >= self.spike_ratio * after:
-                return None
-        except TypeError:
+            value = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (value > 0 and math.isfinite(value)):
+            self._brief = None  # not measurable: dropped
+            return None
+        reads = brief.setdefault("reads", [])
+        reads.append((float(step), value))
+        brief["due"] = float(step) + BRIEF_AFTER
+        if len(reads) == 1:
+            return None
+        peak_step, peak = max(reads, key=lambda r: r[1])
+        if peak_step == step and value >= self.spike_ratio * reads[0][1] and len(reads) <= BRIEF_FOLLOWS:
+            return None  # still rising on the same batch: follow it to its top
+        self._brief = None
+        if not peak >= self.spike_ratio * value:
             return None
         if self._spike is not None and self._spike["start_step"] >= brief["start_step"]:
             self._spike = None  # the losses' median caught the same excursion later: one spike, one event
-        brief.update(end_step=float(step), probe_loss_during=float(during), probe_loss_after=float(after))
+        # and its tail (the minibatch losses come down a few steps after the model's) starts none
+        self._quiet_until = step + 2 * BRIEF_AFTER
+        spike = {k: v for k, v in brief.items() if k not in ("reads", "due")}
+        spike.update(end_step=float(step), probe_peak_step=peak_step, probe_loss_during=peak,
+                     probe_loss_after=value, probe_loss_first=reads[0][1])
         # The losses only nominated it (a hard batch passes the sigma gate often enough); the model's rise on the
-        # same batches is the evidence, so the margin is that rise's past the spike ratio.
-        event = self._event(step, "spike", "spike", math.log(during / (self.spike_ratio * after)), None)
-        event.spike = brief
+        # same batch is the evidence, so the margin is that rise's past the spike ratio.
+        event = self._event(step, "spike", "spike", math.log(peak / (self.spike_ratio * value)), None)
+        event.spike = spike
         return event
 
     def _scale(self, loss: float) -> float:
@@ -739,6 +767,7 @@ class StallDetector:
             "running_min": self._running_min, "state": self._state, "since_rearm": self._since_rearm,
             "last_step": self._last_step, "stall_floor": self._stall_floor, "rising_since": self._rising_since,
             "spike": self._spike, "spike_log": self._spike_log, "brief": self._brief,
+            "quiet_until": self._quiet_until,
         })
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -764,6 +793,8 @@ class StallDetector:
         self._rising_since = None if rising is None else int(rising)
         spike = state.get("spike")
         self._spike = None if spike is None else {k: float(v) for k, v in spike.items()}
+        self._quiet_until = float(state.get("quiet_until", -math.inf))
         brief = state.get("brief")
-        self._brief = None if brief is None else {k: float(v) for k, v in brief.items()}
+        self._brief = None if brief is None else {
+            k: [(float(a), float(b)) for a, b in v] if k == "reads" else float(v) for k, v in brief.items()}
         self._spike_log = bool(state.get("spike_log", True))
