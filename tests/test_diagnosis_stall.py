@@ -210,6 +210,21 @@ def test_a_brief_spike_that_keeps_rising_is_dropped_after_its_follows():
     assert events == [None] * len(values) and det.brief_spike is None  # a rise that lasts: the medians' to judge
 
 
+def test_a_brief_spike_must_come_back_on_every_fixed_batch():
+    # one batch's own swing (2x on the first, none on the second) is no spike of the model; both 2x is
+    det, _ = _brief_candidate(5.0)
+    assert det.brief_spike_read(200, [0.4, 0.3]) is None and det.brief_spike_read(203, [0.2, 0.3]) is None
+    assert det.brief_spike is None
+    det, _ = _brief_candidate(5.0)
+    det.brief_spike_read(200, [0.4, 0.3])
+    event = det.brief_spike_read(203, [0.2, 0.12])
+    assert event.spike["probe_fall_min"] == pytest.approx(2.0) and event.spike["probe_loss_during"] == 0.35
+    assert event.margin == pytest.approx(math.log(2.0 / 1.5))
+    det, _ = _brief_candidate(5.0)
+    det.brief_spike_read(200, [0.4, 0.3])
+    assert det.brief_spike_read(203, [0.2]) is None and det.brief_spike is None  # a different set: not comparable
+
+
 @pytest.mark.parametrize("reads", [(1.1, 1.0), (1.0, 1.0), (1.0, None), (1.0, math.nan), (1.0, 0.0), (1.0, -1.0),
                                    (None,), (math.inf,), ("x",)])
 def test_a_brief_spike_the_model_loss_does_not_show_is_no_event(reads):

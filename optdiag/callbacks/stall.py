@@ -35,9 +35,9 @@ _SNAPSHOT_FIELDS = ("lambda_max", "lambda_max_residual", "lambda_min", "lambda_m
                     "grad_noise_trace")
 _SNAPSHOT_RENAMED = {"probe_grad_sq_unbiased": "grad_sq_norm_unbiased", "critical_sharpness": "directional_sharpness"}
 _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over this many steps
-#: Reads of one probe batch for brief spikes per training step, beyond the first four: one candidate (two forward
-#: passes, about two thirds of a training step) per 40 steps at most, whatever the noise (healthy minibatch runs
-#: nominate about one per 100 steps, mostly hard batches; docs/diagnosis-rules.md).
+#: Reads of the probe set (two batches by default) for brief spikes per training step, beyond the first four: one
+#: candidate (two reads: four forward passes, about 1.3 training steps) per 40 steps at most, whatever the noise
+#: (healthy minibatch runs nominate about one per 100 steps, mostly hard batches; docs/diagnosis-rules.md).
 BRIEF_READ_SHARE = 0.05
 #: The probe losses may take at most this share of the fit's wall time (forward passes over the probe batches).
 PROBE_BUDGET = 0.05
@@ -411,26 +411,26 @@ class StallDiagnoser(OptDiagCallback):
         event.trigger = "flat_probe"
         return event
 
-    def _probe_loss(self, trainer: Any, pl_module: Any, first: int | None = None) -> float | None:
-        """The loss on the Hessian monitor's fixed probe batches (the ``first`` few of them, all by default) at the
-        current point, in eval mode (forward passes only, the model's state restored; counted in
-        ``n_probe_losses`` and ``probe_seconds``); None until the set is complete (a loss over a changing set would
-        not compare over time)."""
+    def _probe_loss(self, trainer: Any, pl_module: Any, per_batch: bool = False) -> Any:
+        """The loss on the Hessian monitor's fixed probe batches at the current point (their mean, or with
+        ``per_batch`` the list of each batch's, one process only), in eval mode (forward passes only, the model's
+        state restored; counted in ``n_probe_losses`` and ``probe_seconds``); None until the set is complete (a loss
+        over a changing set would not compare over time)."""
         monitor = self.hessian_monitor
         if monitor is None or not monitor.enabled:
             return None
         batches = monitor.probe_set()
         if len(batches) < monitor.probe_batches:
             return None
-        batches = batches[:first]
         started = time.perf_counter()
         # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
         # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
         with preserved_state(pl_module), torch.no_grad():
             pl_module.eval()
             sizes = [batch_size_of(b) or 1 for b in batches]
-            local = sum(n * float(monitor.loss_fn(pl_module, b)) for n, b in zip(sizes, batches)) / sum(sizes)
-        value = self._reduced_mean(trainer, [local])
+            losses = [float(monitor.loss_fn(pl_module, b)) for b in batches]
+        value = losses if per_batch else self._reduced_mean(
+            trainer, [sum(n * x for n, x in zip(sizes, losses)) / sum(sizes)])
         self.probe_seconds += time.perf_counter() - started
         self.n_probe_losses += 1
         return value
@@ -443,15 +443,15 @@ class StallDiagnoser(OptDiagCallback):
 
     def _brief_spike(self, trainer: Any, pl_module: Any, step: int, loss: float) -> None:
         """A spike of a step or two, which no median of losses shows: when the minibatch loss of ``step`` jumps
-        (:meth:`StallDetector.brief_spike_start`), the loss of the first probe batch is read at this point, before
-        the optimizer moves it, and every few steps after until the detector decides whether the model's loss on
-        that batch rose and came back (a spike) or not (one hard batch; docs/diagnosis-rules.md)."""
+        (:meth:`StallDetector.brief_spike_start`), the loss of each probe batch is read at this point, before the
+        optimizer moves it, and every few steps after until the detector decides whether the model's loss on those
+        batches rose and came back (a spike) or not (one hard batch; docs/diagnosis-rules.md)."""
         detector = self.detector
         value: list[float | None] = []  # the model's loss at this point, read at most once
 
         def read() -> None:
             if not value:
-                value.append(self._probe_loss(trainer, pl_module, first=1))
+                value.append(self._probe_loss(trainer, pl_module, per_batch=True))
                 self._brief_reads += 1
             candidate = detector.brief_spike or {}
             event = detector.brief_spike_read(step, value[0])

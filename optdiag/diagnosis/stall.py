@@ -31,8 +31,8 @@ full-data loss that still falls 10% per window. So a stall is declared only when
   own).
 * **brief spike** (a step or two, which the medians filter out): one loss 3 robust sds of one loss and 1.5x above
   the median of the last five only *nominates* it (:meth:`StallDetector.brief_spike_start`); the caller reads the
-  model's loss on a fixed batch then and every three steps (:meth:`StallDetector.brief_spike_read`), and it is a
-  spike when that loss, followed to its top, fell by the spike ratio (docs/diagnosis-rules.md).
+  model's loss on fixed batches then and every three steps (:meth:`StallDetector.brief_spike_read`), and it is a
+  spike when that loss, followed to its top, fell by the spike ratio on every batch (docs/diagnosis-rules.md).
 * **divergence**: a non-finite loss, at once; or a sustained rise: the loss is above its starting level (median of
   the first three losses) and a Theil-Sen fit (robust to spikes) of the last window rises significantly and by
   more than ``rise_tolerance`` of the level, ``rise_noise_factor`` robust standard deviations of the residuals and
@@ -530,7 +530,7 @@ class StallDetector:
         A spike of one or two steps never moves a three-loss median; only the model's loss at that point can tell
         it from a hard batch. True (and the candidate kept) when the loss stands :data:`BRIEF_SPIKE_SIGMAS` of one
         loss's robust sds and ``spike_ratio`` times above the median of the last :data:`BRIEF_LEVEL_LOSSES` losses
-        (and by ``spike_span_fraction`` of the range): the caller then reads the model's loss on a fixed batch
+        (and by ``spike_span_fraction`` of the range): the caller then reads the model's loss on fixed batches
         now and whenever :meth:`brief_spike_due`, and :meth:`brief_spike_read` decides. Never raises.
         """
         try:
@@ -565,47 +565,50 @@ class StallDetector:
         :data:`BRIEF_AFTER` steps)."""
         return self._brief is not None and step >= self._brief["due"]
 
-    def brief_spike_read(self, step: int, value: float | None) -> StallEvent | None:
-        """Take a read of the model's loss on the same fixed batch for the nominated brief spike.
+    def brief_spike_read(self, step: int, losses: Any) -> StallEvent | None:
+        """Take a read of the model's loss on the same fixed batches for the nominated brief spike.
 
-        The first read is at the nomination, the next :data:`BRIEF_AFTER` steps later. While the latest read is the
-        highest and ``spike_ratio`` times the first (the model's loss rose after the nomination), it is followed
-        :data:`BRIEF_AFTER` steps more, up to :data:`BRIEF_FOLLOWS` times. Then it is a ``"spike"`` event when the
-        highest read is ``spike_ratio`` times the last (it came back; the margin is
-        ``log(peak / (spike_ratio * last))``), and dropped otherwise (a hard batch) or when a read is not a
-        positive number. Never raises.
+        ``losses`` holds one loss per fixed batch (a number is one batch). The first read is at the nomination, the
+        next :data:`BRIEF_AFTER` steps later. While the latest read's mean is the highest and ``spike_ratio`` times
+        the first's (the model's loss rose after the nomination), it is followed :data:`BRIEF_AFTER` steps more, up to
+        :data:`BRIEF_FOLLOWS` times. Then it is a ``"spike"`` event when **every** batch's loss at the highest read is
+        ``spike_ratio`` times its last (it came back, on each batch: one batch's own swing is no spike of the model;
+        the margin is ``log(min ratio / spike_ratio)``), and dropped otherwise (a hard batch) or when a read is not
+        positive numbers. Never raises.
         """
         brief = self._brief
         if brief is None:
             return None
         try:
-            value = float(value)  # type: ignore[arg-type]
+            read = tuple(float(x) for x in (losses if isinstance(losses, (list, tuple)) else (losses,)))
         except (TypeError, ValueError):
-            value = math.nan
-        if not (value > 0 and math.isfinite(value)):
+            read = ()
+        reads = brief.setdefault("reads", [])
+        if not read or not all(x > 0 and math.isfinite(x) for x in read) or (reads and len(read) != len(reads[0][1])):
             self._brief = None  # not measurable: dropped
             return None
-        reads = brief.setdefault("reads", [])
-        reads.append((float(step), value))
+        reads.append((float(step), read))
         brief["due"] = float(step) + BRIEF_AFTER
         if len(reads) == 1:
             return None
-        peak_step, peak = max(reads, key=lambda r: r[1])
-        if peak_step == step and value >= self.spike_ratio * reads[0][1] and len(reads) <= BRIEF_FOLLOWS:
-            return None  # still rising on the same batch: follow it to its top
+        means = [sum(r) / len(r) for _, r in reads]
+        top = max(range(len(reads)), key=means.__getitem__)
+        if top == len(reads) - 1 and means[-1] >= self.spike_ratio * means[0] and len(reads) <= BRIEF_FOLLOWS:
+            return None  # still rising on the same batches: follow it to its top
         self._brief = None
-        if not peak >= self.spike_ratio * value:
+        fall = min(p / q for p, q in zip(reads[top][1], read))
+        if not fall >= self.spike_ratio:
             return None
         if self._spike is not None and self._spike["start_step"] >= brief["start_step"]:
             self._spike = None  # the losses' median caught the same excursion later: one spike, one event
         # and its tail (the minibatch losses come down a few steps after the model's) starts none
         self._quiet_until = step + 2 * BRIEF_AFTER
         spike = {k: v for k, v in brief.items() if k not in ("reads", "due")}
-        spike.update(end_step=float(step), probe_peak_step=peak_step, probe_loss_during=peak,
-                     probe_loss_after=value, probe_loss_first=reads[0][1])
-        # The losses only nominated it (a hard batch passes the sigma gate often enough); the model's rise on the
-        # same batch is the evidence, so the margin is that rise's past the spike ratio.
-        event = self._event(step, "spike", "spike", math.log(peak / (self.spike_ratio * value)), None)
+        spike.update(end_step=float(step), probe_peak_step=reads[top][0], probe_loss_during=means[top],
+                     probe_loss_after=means[-1], probe_loss_first=means[0], probe_fall_min=fall)
+        # The losses only nominated it (a hard batch passes the sigma gate often enough); the model's fall on the
+        # same batches is the evidence, so the margin is that fall's past the spike ratio, on the batch it is least.
+        event = self._event(step, "spike", "spike", math.log(fall / self.spike_ratio), None)
         event.spike = spike
         return event
 
@@ -796,5 +799,6 @@ class StallDetector:
         self._quiet_until = float(state.get("quiet_until", -math.inf))
         brief = state.get("brief")
         self._brief = None if brief is None else {
-            k: [(float(a), float(b)) for a, b in v] if k == "reads" else float(v) for k, v in brief.items()}
+            k: [(float(a), tuple(float(x) for x in b)) for a, b in v] if k == "reads" else float(v)
+            for k, v in brief.items()}
         self._spike_log = bool(state.get("spike_log", True))
