@@ -627,7 +627,8 @@ class StallDiagnoser(OptDiagCallback):
         whole horizon the stall test used give ``grad_pair_dot``, the mean ``g_t . g_(t-1)`` (with its standard
         error), and ``grad_pair_sq``, the mean ``|g|^2`` of the same steps: the classifier's "is the gradient about
         zero?" compares them with enough samples (docs/diagnosis-rules.md). For a spike, the window is the one
-        before the spike (its typical gradient norm sets the clipping advice).
+        before the spike (its typical gradient norm sets the clipping advice), and the pairs those of the two
+        windows before it (whether the step bounced there).
         """
         if self.gradient_monitor is None or not event.window_steps:
             return {}
@@ -646,6 +647,8 @@ class StallDiagnoser(OptDiagCallback):
             "update_cosine": _finite_mean([r.get("update_cosine") for r in records]),
         }
         horizon_first = last - max(event.horizon, len(event.window_steps)) + 1
+        if event.reason == "spike":  # the regime it came from: two windows, as the stability ratio before it
+            horizon_first = last - 2 * self.window + 1
         out.update(gradient_pairs([r for r in self.gradient_monitor.history if horizon_first <= r.get("step", -1)
                                    <= last]))
         return out
