@@ -1228,15 +1228,15 @@ loss on fixed batches (25-60% on minibatches) a flat trend takes a few hundred s
 they were missed (no verdict), not wrong. The oscillation runs' full-data loss is evaluated every step (it was every
 five): their bounces last three to six steps, and a loss-spike verdict must be checkable against the fact it states.
 
-**What is still missed, and why.** No healthy run gets a verdict. The misses are runs where the evidence a verdict
-needs was not measured: the oscillation runs' bounces are reported as the loss spikes they are (the model's loss
-rose and came back), but calling them an oscillation needs the stability ratio at or just before the spike, or 8
-gradient pairs in its window, and the 5% time budget of these sub-second runs pays for two or three curvature
-snapshots in 400-800 steps; the saddle at batch 16 needs a snapshot inside a plateau of about 100 steps; the CNN's
-one-step Adam burst raised one of the two probe batches' loss 2.2x and the other 1.06x, which the brief-spike rule
-(a fall on every batch) does not accept, since one batch's own swing gave a healthy run a false spike when one batch
-decided. The verdicts that rest on a curvature snapshot or a probe loss paid from the wall-time budget can change
-from one try to the next (`--repeat`).
+**What is still missed, and why.** No healthy run gets a verdict, and no verdict is wrong. The two misses are runs
+where the evidence a verdict needs was not there: the saddle at batch 16 needs a curvature snapshot inside a plateau
+of about 100 steps, which the 5% time budget of this sub-second run does not always pay for (it is right on some
+tries, see `--repeat`); the CNN's one-step Adam burst raised one of the two probe batches' loss 2.2x and the other
+1.06x, which the brief-spike rule (a fall on every probe batch) does not accept, since one batch's own swing gave a
+healthy run a false spike when one batch decided. The oscillation runs' bounces are reported as the loss spikes
+they are (the model's loss rose and came back, checked on the full data every step) beside the oscillation verdict
+that explains them. The verdicts that rest on a curvature snapshot or a probe loss paid from the wall-time budget
+can change from one try to the next (`--repeat`).
 
 Per-kind precision = (right + accepted) / runs that got the kind; recall = right / runs that should get it.
 Counts are of runs: a kind given three times in one run counts once. The corpus is small and each run has one
