@@ -290,6 +290,17 @@ def test_cli_bad_scenario_exits_2_with_one_line(tmp_path):
     assert not (tmp_path / "o").exists()  # nothing was created for a bad request
 
 
+@pytest.mark.parametrize("argv, message", [
+    (("demo", "nope"), "unknown scenario 'nope'"),  # the positional name is the --scenario name
+    (("demo", "saddle", "--scenario", "minimum"), "two scenarios asked for: 'saddle' and --scenario 'minimum'"),
+])
+def test_cli_positional_scenario_name(tmp_path, argv, message):
+    done = _optdiag(*argv, "--out", str(tmp_path / "o"), cwd=str(tmp_path))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_cli_saddle_scenario_end_to_end(tmp_path):
     out = tmp_path / "demo"

@@ -30,6 +30,10 @@ DEFAULT_OUT = "optdiag_demo"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``demo`` options to ``parser``."""
     parser.add_argument(
+        "name", nargs="?", default=None, metavar="NAME",
+        help="a scenario to run, the same as --scenario NAME (optdiag demo overfitting)",
+    )
+    parser.add_argument(
         "--scenario", default=None, metavar="NAME|all",
         help="a scenario name, several separated by commas, or 'all' (default: a quick representative subset)",
     )
@@ -122,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "list", False):
         print(_list_scenarios())
         return 0
-    names = resolve_scenarios(args.scenario)
+    name, option = getattr(args, "name", None), getattr(args, "scenario", None)
+    if name is not None and option is not None and name != option:
+        raise UsageError(f"two scenarios asked for: {name!r} and --scenario {option!r}; give one")
+    names = resolve_scenarios(option if option is not None else name)
     run_dir = new_run_dir(args.out)
     from optdiag.demo.runner import format_result, run_scenario
     from optdiag.demo.scenarios import scenario
