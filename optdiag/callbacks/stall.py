@@ -256,6 +256,7 @@ class StallDiagnoser(OptDiagCallback):
         self._step_loss: torch.Tensor | None = None  # this step's loss, kept from backward to the optimizer step
         self._brief_events: list[StallEvent] = []  # brief spikes confirmed before this step's end
         self._brief_reads = 0  # probe losses read for brief spikes this fit
+        self._brief_enabled = False  # decided in on_train_start (_brief_spikes)
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
         self._recent_losses: list[tuple[int, float]] = []
 
@@ -304,7 +305,7 @@ class StallDiagnoser(OptDiagCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._drive("on_train_start", trainer, pl_module)
         self._reset_transient()
-        self._fit_started = time.perf_counter()
+        self._brief_enabled = self._brief_spikes(trainer)  # once per fit, not on every backward
         last = self.detector.state_dict()["last_step"]
         if last is not None and int(trainer.global_step) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
@@ -324,7 +325,7 @@ class StallDiagnoser(OptDiagCallback):
 
     @guarded
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if self._brief_spikes(trainer) and isinstance(loss, torch.Tensor):
+        if self._brief_enabled and isinstance(loss, torch.Tensor):
             self._step_loss = loss.detach()  # read before the step (below): no sync here
 
     @guarded
