@@ -108,7 +108,7 @@ BRIEF_MIN_LOSSES = 10
 #: Steps after a brief spike at which the model's loss is read again: recovered by then, and too few steps for a
 #: healthy descent to fall by ``spike_ratio``.
 BRIEF_AFTER = 3
-#: Further reads of a brief spike while the model's loss still rises on the fixed batch (up to 3 x BRIEF_AFTER
+#: Further reads of a brief spike while the model's loss still rises on the fixed batches (up to 3 x BRIEF_AFTER
 #: steps after the nomination: a spike that lasts longer moves the three-loss median).
 BRIEF_FOLLOWS = 3
 #: Median absolute deviation -> standard deviation for normal noise (1.4826; scipy's ``scale="normal"``).
@@ -556,8 +556,8 @@ class StallDetector:
             return False
 
     @property
-    def brief_spike(self) -> dict[str, float] | None:
-        """The brief spike waiting for its second read (a copy), or None."""
+    def brief_spike(self) -> dict[str, Any] | None:
+        """The nominated brief spike waiting for its next read (a copy, with its reads so far), or None."""
         return None if self._brief is None else dict(self._brief, reads=list(self._brief.get("reads", [])))
 
     def brief_spike_due(self, step: int) -> bool:
