@@ -18,6 +18,7 @@ from torch import nn
 import optdiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
+from optdiag.callbacks import stall as stall_module
 from optdiag.callbacks.stall import TEXT_TAG, StallDiagnoser
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
@@ -367,10 +368,12 @@ def test_window_gradients_are_means_over_the_sampled_steps_of_the_window(tmp_pat
     assert diagnosis.evidence["grad_norm_initial"] == pytest.approx(sum(initial) / len(initial))
 
 
-def test_the_probe_loss_proves_a_noisy_minimum_sooner_and_changes_nothing(tmp_path):
+def test_the_probe_loss_proves_a_noisy_minimum_sooner_and_changes_nothing(tmp_path, monkeypatch):
     """Minibatch losses with ~27% noise need a 400-step horizon to prove the minimum flat; the fixed probe batches'
     loss, read only while the minibatch losses look flat, proves it on a 200-step one. Same verdict, training
-    untouched, the probe forwards counted with their time."""
+    untouched, the probe forwards counted with their time. (Their wall-time budget is lifted: what the probe loss
+    proves must not depend on how loaded the machine is; the budget has its own test below.)"""
+    monkeypatch.setattr(stall_module, "PROBE_BUDGET", 1.0)
     found = {}
     for probe_every in (5, 0):
         hessian = HessianMonitor(every_n_steps=10_000)
@@ -386,6 +389,20 @@ def test_the_probe_loss_proves_a_noisy_minimum_sooner_and_changes_nothing(tmp_pa
     assert probed.step < plain.step and probed.evidence["stall_horizon"] < plain.evidence["stall_horizon"]
     assert probes[0] > 0 and probes[1] > 0 and no_probes == (0, 0.0)
     assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
+
+
+def test_probe_losses_keep_within_their_wall_time_budget(tmp_path, monkeypatch):
+    """With no wall time to spend, the first probe loss is read (nothing spent yet) and no other: the budget is
+    checked before every read, and a run without probe losses still gets its verdict from the minibatch losses."""
+    monkeypatch.setattr(stall_module, "PROBE_BUDGET", 0.0)
+    diagnoser = StallDiagnoser(verbose=False, probe_every=5)
+    trend_reads = []  # the probe detector's updates (brief-spike reads have their own budget, in steps)
+    update = diagnoser.probe_detector.update
+    diagnoser.probe_detector.update = lambda step, value: (trend_reads.append(step), update(step, value))[1]
+    fit_scenario(tmp_path, "minimum", [HessianMonitor(every_n_steps=10_000), diagnoser])
+    assert len(trend_reads) == 1 and diagnoser.probe_seconds > 0
+    (verdict,) = diagnoser.diagnoses
+    assert verdict.kind == "local_minimum" and verdict.evidence["stall_trigger"] == "flat"
 
 
 def test_probe_every_is_checked_at_construction():
