@@ -1,5 +1,5 @@
-"""Two-process FSDP2 run on CPU (gloo) through Lightning's ModelParallelStrategy with ``OptDiag`` as on one device; each
-rank saves what it saw to OUT/rank<r>.pt.
+"""Two-process FSDP2 run on CPU (gloo) through Lightning's ModelParallelStrategy with ``OptDiag()`` at its defaults, as
+on one device; each rank saves what it saw to OUT/rank<r>.pt.
 
 Run as ``python fsdp_monitors.py OUT``; Lightning re-launches it for rank 1 with the same arguments.
 """
@@ -83,9 +83,7 @@ def main(out: str) -> None:
     pl.seed_everything(0)
     data = regression_data(n=512, in_features=6, out_features=2, seed=2)
     loader = DataLoader(data, batch_size=16, shuffle=False)
-    # nothing FSDP-specific: a fixed cadence only so that an 8-step run is sure to take snapshots (the adaptive
-    # budget affords its first one later in a run this short)
-    bundle = OptDiag(every_n_steps=4)
+    bundle = OptDiag()  # the defaults, as on one device: the adaptive schedule at a 5% budget
     reference = FullGradientNorm()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=8, callbacks=[bundle, reference],
@@ -97,6 +95,10 @@ def main(out: str) -> None:
     trainer.fit(module, loader)
     rank = trainer.global_rank
     hessian = bundle.hessian_monitor
+    # a short run at the defaults measures lambda_max only (lambda_min and the trace join every 4th scheduled
+    # snapshot); the public measure() takes a full one now, on every rank together, at the max_hvp caps
+    scheduled = hessian.history
+    full = hessian.measure(trainer, module, reason="final", trace=True, budgeted=False)
     restored = _restored_after_products(module, hessian.loss_fn, hessian.probe_set())
     local = [p.to_local().numel() for p in module.parameters()]
     torch.save(
@@ -105,7 +107,8 @@ def main(out: str) -> None:
             "strategy": type(trainer.strategy).__name__,
             "sharded": [type(p).__name__ for p in module.parameters()],
             "local_numel": local,
-            "history": hessian.history,
+            "history": scheduled,
+            "full": {k: v for k, v in full.items() if k != "optimizer"},
             "hvp_method": hessian.hvp_method,
             "hvp_reason": hessian.hvp_reason,
             "warnings": dict(hessian.warning_counts),
