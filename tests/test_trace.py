@@ -166,6 +166,35 @@ def test_hutchpp_caps_the_sketch_at_the_dimension_and_spends_the_rest_on_probes(
     assert res.estimate == pytest.approx(float(op.matrix.trace()), abs=1e-10)
 
 
+def test_hutchpp_max_sketch_bounds_the_sketch_and_gives_its_products_to_the_probes():
+    op = MatrixOperator(random_symmetric(40, seed=0))
+    res = hessian_trace(op, 60, max_sketch=5)  # sketch 5 (not 20), its 5 exact products, 50 remainder probes
+    assert res.n_hvp == op.n_hvp == 60 and res.samples.size == 50
+    assert abs(res.estimate - float(op.matrix.trace())) <= 4 * res.stderr
+    # Still exact where the bounded sketch holds the whole range.
+    eigenvalues = torch.cat([torch.tensor([9.0, 4.0, -3.0]), torch.zeros(97)])
+    low_rank = hessian_trace(MatrixOperator(with_spectrum(eigenvalues)), 60, max_sketch=4)
+    assert low_rank.samples.size == 52 and low_rank.estimate == pytest.approx(10.0, abs=1e-10)
+    assert low_rank.stderr == pytest.approx(0.0, abs=1e-10)
+
+
+def test_hutchpp_default_sketch_holds_what_fits_in_256_mib():
+    class Diagonal(MatrixOperator):
+        def __init__(self, diagonal: torch.Tensor) -> None:
+            super(MatrixOperator, self).__init__(diagonal.numel(), diagonal.device, diagonal.dtype)
+            self.diagonal = diagonal
+
+        def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+            return self.diagonal * v
+
+    # 2^21 float32 entries (8 MiB a vector): a sketch of 32 vectors, not 40, and the 16 products left to probes.
+    diagonal = torch.zeros(1 << 21)
+    diagonal[:3] = torch.tensor([5.0, 2.0, 1.0])
+    res = hessian_trace(Diagonal(diagonal), 120)
+    assert res.n_hvp == 120 and res.samples.size == 56
+    assert res.estimate == pytest.approx(8.0, rel=1e-5)  # rank 3 < 32: exact up to float32 rounding
+
+
 def test_hutchpp_n_probes_sets_sketch_and_probe_counts():
     res = hessian_trace(MatrixOperator(random_symmetric(40, seed=0)), n_probes=7)
     assert res.n_hvp == 21 and res.samples.size == 7
@@ -267,6 +296,7 @@ def test_blocks_must_cover_the_parameters():
         ({"tol": 0.0}, "tol must be a positive number"),
         ({"tol": float("nan")}, "tol must be a positive number"),
         ({"seed": "zero"}, "seed must be an integer"),
+        ({"max_sketch": 0}, "max_sketch must be >= 1"),
     ],
 )
 def test_bad_arguments_raise_value_errors_naming_the_cause(kwargs, message):

@@ -6,6 +6,21 @@ from abc import ABC, abstractmethod
 
 import torch
 
+VECTOR_MEMORY_BYTES = 256 * 2**20
+"""The default memory for the vectors an estimator keeps besides its operator: the Lanczos basis, Hutch++'s sketch,
+the density's reorthogonalisation window, a sharpness search's history. On a large model each of them would
+otherwise hold tens of copies of the parameters (docs/performance.md, section 8)."""
+
+
+def vectors_that_fit(num_params: int, itemsize: int, memory: int = VECTOR_MEMORY_BYTES) -> int:
+    """How many vectors of ``num_params`` elements of ``itemsize`` bytes fit in ``memory`` bytes (possibly 0).
+
+    Example:
+        >>> vectors_that_fit(11_200_000, 4), vectors_that_fit(1000, 8)
+        (5, 33554)
+    """
+    return memory // max(1, num_params * itemsize)
+
 
 class CurvatureOperator(ABC):
     """A symmetric linear operator on flat parameter-space vectors.

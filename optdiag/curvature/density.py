@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.linalg import eigh_tridiagonal
 
-from optdiag.curvature.base import CurvatureOperator
+from optdiag.curvature.base import CurvatureOperator, vectors_that_fit
 from optdiag.curvature.lanczos import lanczos_tridiagonal
 from optdiag.curvature._checks import check_count, check_operator
 from optdiag.curvature.trace import (
@@ -75,12 +75,13 @@ def spectral_density(
     n_grid: int | None = None,
     sigma: float | None = None,
     seed: int = 0,
+    max_basis: int | None = None,
 ) -> DensityResult:
     """Estimate the eigenvalue density of ``op`` by stochastic Lanczos quadrature.
 
     Each run starts Lanczos (:func:`optdiag.curvature.lanczos.lanczos_tridiagonal`) from a normalised Rademacher
     vector, takes ``n_steps`` steps with full reorthogonalisation (without it, floating point produces ghost copies
-    of converged eigenvalues), and eigendecomposes the tridiagonal matrix: nodes are its eigenvalues, weights the
+    of converged eigenvalues) while the basis fits ``max_basis``, and eigendecomposes the tridiagonal matrix: nodes are its eigenvalues, weights the
     squared first components of its eigenvectors. The density is the average over runs of the node masses, each
     smoothed by a Gaussian of width ``sigma``. Weights are exact spectral masses when the start vector's Krylov
     space is invariant (e.g. a matrix with few distinct eigenvalues); the run then stops early. Moments are exact
@@ -90,12 +91,18 @@ def spectral_density(
         op: the operator (``HessianOperator``, ``MatrixOperator``, ...).
         n_runs: independent start vectors to average (the variance of the masses falls like ``1/(n_runs * n)``).
         n_steps: Lanczos steps per run (capped at ``op.num_params``); the cost is about ``n_runs * n_steps``
-            products, and memory ``n_steps`` vectors for the reorthogonalisation.
+            products, and memory ``n_steps + 1`` vectors for the full reorthogonalisation.
         grid: where to evaluate the density (1-D, ascending). Default: ``n_grid`` evenly spaced points spanning the
             nodes with a margin of 6 ``sigma`` on each side.
         n_grid: number of points of the default grid (default 1000); not together with ``grid``.
         sigma: Gaussian width. Default: 1% of the spread of the nodes (of their magnitude if they coincide).
         seed: seeds a private ``torch.Generator`` on the operator's device; the global RNG is untouched.
+        max_basis: the most basis vectors held (at least 2). Default: as many as fit in 256 MiB
+            (:data:`~optdiag.curvature.base.VECTOR_MEMORY_BYTES`), at least 3: all ``n_steps + 1`` below about a
+            million float32 parameters. With fewer, each step is reorthogonalised against the last ``max_basis``
+            vectors only (``window`` of :func:`~optdiag.curvature.lanczos.lanczos_tridiagonal`): spurious copies
+            of converged Ritz values share their weight, and the density moves by little (measured in
+            docs/performance.md, section 8).
 
     Returns:
         A :class:`DensityResult`.
@@ -121,6 +128,8 @@ def spectral_density(
     sigma = check_number("sigma", sigma, low=0.0, low_open=True, allow_none=True, what="a positive number")
     grid = _check_grid(grid) if grid is not None else None
     n_grid = check_count("n_grid", DEFAULT_N_GRID if n_grid is None else n_grid, minimum=2)
+    window = (max(3, vectors_that_fit(op.num_params, op.dtype.itemsize)) if max_basis is None
+              else check_count("max_basis", max_basis, minimum=2))
 
     generator = probe_generator(op, seed)
     start = op.n_hvp
@@ -128,7 +137,7 @@ def spectral_density(
     weights = np.zeros((n_runs, n_steps))
     for run in range(n_runs):
         probe = random_probe(op, generator, "rademacher")
-        alphas, betas, _ = lanczos_tridiagonal(op, probe, n_steps, return_basis=False)
+        alphas, betas, _ = lanczos_tridiagonal(op, probe, n_steps, return_basis=False, window=window)
         ritz_values, ritz_vectors = eigh_tridiagonal(alphas, betas)
         found = len(ritz_values)
         nodes[run, :found], nodes[run, found:] = ritz_values, ritz_values[-1]

@@ -17,7 +17,7 @@ import scipy.linalg
 import torch
 
 from optdiag.curvature._checks import check_count, check_operator, check_seed
-from optdiag.curvature.base import CurvatureOperator
+from optdiag.curvature.base import CurvatureOperator, vectors_that_fit
 from optdiag.errors import NonFiniteError, UsageError
 
 __all__ = ["EigenResult", "top_eigenvalues", "power_iteration", "lanczos_tridiagonal"]
@@ -32,10 +32,9 @@ _SLABS = 4
 # A thick restart and the final Ritz vectors rotate the basis in place, a chunk of about this many elements at a time.
 _COMBINE_CHUNK_ELEMENTS = 1 << 22
 # Default basis (see _default_max_basis and docs/api/eigenvalues.md, "Memory"): as many vectors as fit in
-# _DEFAULT_BASIS_BYTES, at least max(2 k + _BASIS_EXTRA, _MIN_BASIS) and at most 3 k + 20 (or 60).
+# VECTOR_MEMORY_BYTES, at least max(2 k + _BASIS_EXTRA, _MIN_BASIS) and at most 3 k + 20 (or 60).
 _BASIS_EXTRA = 2
 _MIN_BASIS = 12
-_DEFAULT_BASIS_BYTES = 256 * 2**20
 
 # A random share of 10x the tolerance in a warm start keeps a wrong start's residual well above the convergence
 # test (see _warm_starts) while costing little; capped where a start would stop being warm at all.
@@ -174,6 +173,38 @@ class _Rows:
     def matrix(self) -> torch.Tensor:
         """The rows in use as one ``(count, n)`` tensor (a copy)."""
         return torch.cat([slab[:used] for slab, _, used in self._spans(self.count)])
+
+
+class _Window:
+    """The last ``size`` basis vectors only, as rows of one ``(size, n)`` tensor: row ``i`` lives in slot
+    ``i % size``, so appending beyond ``size`` rows overwrites the oldest (local reorthogonalisation, for the
+    density; the same interface as :class:`_Rows` for :meth:`_KrylovBasis._orthogonalise`)."""
+
+    def __init__(self, n: int, size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.rows = torch.empty(size, n, device=device, dtype=dtype)
+        self.size, self.appended = size, 0
+        self.peak_rows = size
+
+    @property
+    def count(self) -> int:
+        """Rows in use (the last ``size`` appended at most)."""
+        return min(self.appended, self.size)
+
+    def slot(self, index: int) -> int:
+        return index % self.size
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.rows[index % self.size]
+
+    def append(self, w: torch.Tensor, norm: float) -> None:
+        torch.div(w, norm, out=self[self.appended])
+        self.appended += 1
+
+    def project(self, w: torch.Tensor) -> torch.Tensor:
+        return self.rows[: self.count] @ w
+
+    def subtract(self, w: torch.Tensor, h: torch.Tensor) -> None:
+        w.addmv_(self.rows[: self.count].T, h, alpha=-1.0)
 
 
 class _KrylovBasis:
@@ -446,7 +477,7 @@ def _default_max_basis(k: int, block: int, num_params: int, itemsize: int) -> in
     """
     floor = max(2 * k + _BASIS_EXTRA, _MIN_BASIS, k + 4 * block)
     ceiling = max(3 * k + 20, 60, k + 4 * block)
-    fitting = _DEFAULT_BASIS_BYTES // max(1, num_params * itemsize)
+    fitting = vectors_that_fit(num_params, itemsize)
     return min(num_params, max(floor, min(ceiling, fitting)))
 
 
@@ -672,7 +703,12 @@ def power_iteration(
 
 
 def lanczos_tridiagonal(
-    op: CurvatureOperator, start: torch.Tensor, num_steps: int, *, return_basis: bool = True
+    op: CurvatureOperator,
+    start: torch.Tensor,
+    num_steps: int,
+    *,
+    return_basis: bool = True,
+    window: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
     """Plain Lanczos from ``start``: the tridiagonal ``T = V A V^T`` and the basis ``V`` (for quadrature).
 
@@ -685,6 +721,13 @@ def lanczos_tridiagonal(
         num_steps: the most products (Lanczos steps) to take.
         return_basis: whether to return the basis; quadrature needs only ``T``, and the returned basis is a copy
             (``m`` more vectors held at once, besides the ones reorthogonalised against).
+        window: hold only the last ``window`` (at least 2) basis vectors and reorthogonalise each product
+            against them alone (local reorthogonalisation: memory ``window`` vectors instead of
+            ``num_steps + 1``). The basis then loses orthogonality as Ritz values converge, and ``T`` gains
+            spurious copies of them, but its quadrature stays that of a nearby matrix (Greenbaum 1989), which is
+            what the density needs; see docs/performance.md, section 8, for its measured cost in accuracy. Not
+            together with ``return_basis``. ``None`` (default) or ``window > num_steps``: full
+            reorthogonalisation.
 
     Returns:
         ``(alphas, betas, basis)``: the diagonal (length ``m <= num_steps``) and off-diagonal (length ``m - 1``)
@@ -705,6 +748,13 @@ def lanczos_tridiagonal(
     if not torch.isfinite(start).all() or float(torch.linalg.vector_norm(start)) == 0.0:
         raise UsageError("start must be a finite, nonzero vector")
     capacity = min(op.num_params, num_steps + 1)
+    if window is not None:
+        window = check_count("window", window, minimum=2)
+        if window < capacity:
+            if return_basis:
+                raise UsageError("a window of the last vectors cannot return the whole basis: give "
+                                 "return_basis=False")
+            return (*_windowed_tridiagonal(op, start, num_steps, window), None)
     basis = _KrylovBasis(op, capacity, torch.Generator().manual_seed(0), refill=False)
     basis.add_start_vectors([start])
     while basis.n_pending and basis.n_processed < num_steps:
@@ -714,3 +764,24 @@ def lanczos_tridiagonal(
     betas = np.diag(basis.S[:m, :m], -1).copy()
     basis.V.count = m  # drop the pending row
     return alphas, betas, basis.V.matrix() if return_basis else None
+
+
+def _windowed_tridiagonal(
+    op: CurvatureOperator, start: torch.Tensor, num_steps: int, window: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lanczos reorthogonalised against the last ``window`` vectors only (see :func:`lanczos_tridiagonal`)."""
+    basis = _KrylovBasis(op, window, torch.Generator().manual_seed(0), refill=False)
+    basis.V = _Window(op.num_params, window, basis.device, op.dtype)  # type: ignore[assignment]
+    basis.add_start_vectors([start])
+    alphas: list[float] = []
+    betas: list[float] = []
+    for step in range(num_steps):
+        product, norm = basis._checked_product(step)
+        basis.operator_norm = max(basis.operator_norm, norm)
+        w, known, norm = basis._orthogonalise(product, norm, basis.operator_norm)
+        alphas.append(float(known[basis.V.slot(step)]))
+        if norm == 0.0 or step + 1 == num_steps:
+            break  # an invariant subspace: T's Ritz values are exact eigenvalues
+        betas.append(norm)
+        basis.V.append(w, norm)
+    return np.asarray(alphas), np.asarray(betas)

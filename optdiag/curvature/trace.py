@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from optdiag.curvature._checks import check_count, check_operator, check_seed
-from optdiag.curvature.base import CurvatureOperator
+from optdiag.curvature.base import CurvatureOperator, vectors_that_fit
+from optdiag.curvature.lanczos import _KrylovBasis, _Rows  # the Lanczos basis's storage and its CGS2
 from optdiag.errors import NonFiniteError, UsageError
 from optdiag.policy import check_number
 
@@ -109,6 +110,7 @@ def hessian_trace(
     seed: int = 0,
     distribution: str = "rademacher",
     blocks: Sequence[int] | None = None,
+    max_sketch: int | None = None,
 ) -> TraceResult:
     """Estimate ``tr(H)`` from matrix-vector products.
 
@@ -123,7 +125,9 @@ def hessian_trace(
     the trace of the deflated remainder. The estimator is unbiased for any ``Q``, so, conditional on the sketch,
     its only randomness is the remainder's average: ``stderr`` is the sample standard deviation of the ``l``
     remainder probes over ``sqrt(l)``. It is exact (``stderr`` 0 up to rounding) when ``H`` has rank below ``k``,
-    and much more accurate than Hutchinson at equal cost when the spectrum decays, as Hessians' do.
+    and much more accurate than Hutchinson at equal cost when the spectrum decays, as Hessians' do. The sketch is
+    the only set of vectors held at once (``k`` of them, orthonormalised one at a time as they are multiplied);
+    ``max_sketch`` bounds it, and the products it leaves go to the remainder probes, held one at a time.
 
     Args:
         op: the operator (``HessianOperator``, ``MatrixOperator``, ...).
@@ -146,6 +150,10 @@ def hessian_trace(
             part gives ``tr(D_b H Q Q^T)`` exactly and the projected probes ``tr(D_b H (I - Q Q^T))`` on average
             (``D_b`` selects the slice; ``(I - Q Q^T)`` is a projection and the trace cyclic), so the block
             estimates are unbiased too and sum to ``estimate``. Not for operators over sharded vectors.
+        max_sketch: Hutch++'s most sketch vectors. Default: as many as fit in 256 MiB
+            (:data:`~optdiag.curvature.base.VECTOR_MEMORY_BYTES`), at least 1: no bound below about a million
+            float32 parameters at the default budget; 6 on an 11M-parameter ResNet-18, whose 60 products are then
+            6 sketch vectors, their 6 exact products and 48 remainder probes (docs/performance.md, section 8).
 
     Returns:
         A :class:`TraceResult`.
@@ -177,17 +185,24 @@ def hessian_trace(
         samples = _probe_samples(op, _hutchinson_probes(n_hvp, n_probes), tol, generator, distribution,
                                  blocks=blocks, rows=rows)
     else:
-        sketch_size, remainder_probes = _hutchpp_split(op, n_hvp, n_probes)
-        basis = _range_sketch(op, sketch_size, generator, distribution)
+        sketch_cap = (max(1, vectors_that_fit(op.num_params, op.dtype.itemsize)) if max_sketch is None
+                      else check_count("max_sketch", max_sketch))
+        sketch_size, remainder_probes = _hutchpp_split(op, n_hvp, n_probes, sketch_cap)
+        basis = _range_sketch(op, sketch_size, generator, distribution, seed)
         exact_rows: list[np.ndarray] | None = None if blocks is None else []
-        exact_part = sum(_quadratic_form(op, basis[:, i], blocks, exact_rows) for i in range(basis.shape[1]))
+        exact_part = sum(_quadratic_form(op, basis[i], blocks, exact_rows) for i in range(basis.count))
+
+        def project(z: torch.Tensor) -> torch.Tensor:
+            basis.subtract(z, op.shard_sum(basis.project(z)))  # z - Q Q^T z in place: no temporary vector
+            return z
+
         samples = _probe_samples(
             op,
             remainder_probes,
             tol,
             generator,
             distribution,
-            project=lambda z: z - basis @ op.shard_sum(basis.T @ z),
+            project=project,
             shift=exact_part,
             blocks=blocks,
             rows=rows,
@@ -229,13 +244,15 @@ def _hutchinson_probes(n_hvp: int | None, n_probes: int | None) -> int:
     return check_count("n_hvp", DEFAULT_N_HVP if n_hvp is None else n_hvp)
 
 
-def _hutchpp_split(op: CurvatureOperator, n_hvp: int | None, n_probes: int | None) -> tuple[int, int]:
-    """(sketch vectors, remainder probes): thirds of the budget, the sketch capped at the dimension."""
+def _hutchpp_split(op: CurvatureOperator, n_hvp: int | None, n_probes: int | None,
+                   max_sketch: int) -> tuple[int, int]:
+    """(sketch vectors, remainder probes): thirds of the budget, the sketch capped at the dimension and at
+    ``max_sketch`` (the products it leaves become remainder probes)."""
     if n_hvp is not None and n_probes is not None:
         raise UsageError("give either n_hvp (the total budget) or n_probes, not both")
     if n_probes is not None:
         n_probes = check_count("n_probes", n_probes)
-        return min(n_probes, op.total_params), n_probes
+        return min(n_probes, op.total_params, max_sketch), n_probes
     budget = DEFAULT_N_HVP if n_hvp is None else n_hvp
     budget = check_count("n_hvp", budget)
     if budget < 3:
@@ -243,38 +260,28 @@ def _hutchpp_split(op: CurvatureOperator, n_hvp: int | None, n_probes: int | Non
             f"Hutch++ needs n_hvp >= 3 (a third each for the sketch, its exact trace and the remainder probes), "
             f"got {budget}; use method='hutchinson' for a smaller budget"
         )
-    sketch_size = min(budget // 3, op.total_params)
+    sketch_size = min(budget // 3, op.total_params, max_sketch)
     return sketch_size, budget - 2 * sketch_size
 
 
 def _range_sketch(
-    op: CurvatureOperator, size: int, generator: torch.Generator, distribution: str
-) -> torch.Tensor:
-    """An orthonormal basis ``Q`` (num_params x size) of ``range(H S)`` for ``size`` random vectors ``S``."""
-    # Columns are drawn and multiplied one at a time so S itself is never stored.
-    sketch = torch.stack([op.matvec(random_probe(op, generator, distribution)) for _ in range(size)], dim=1)
-    if not torch.isfinite(sketch).all():
-        raise NonFiniteError("a Hessian-vector product came out NaN or infinite while sketching for Hutch++")
-    if op.sharded:
-        return _sharded_orthonormal(op, sketch)
-    # Householder QR gives orthonormal columns even when H S is rank-deficient (a low-rank H).
-    basis, _ = torch.linalg.qr(sketch)
-    return basis
+    op: CurvatureOperator, size: int, generator: torch.Generator, distribution: str, seed: int
+) -> _Rows:
+    """An orthonormal basis ``Q`` (``size`` rows of length num_params) of ``range(H S)`` for ``size`` random
+    vectors ``S``.
 
-
-def _sharded_orthonormal(op: CurvatureOperator, sketch: torch.Tensor) -> torch.Tensor:
-    """Orthonormal columns spanning ``sketch`` when each rank holds some of its rows (sharded vectors): from the
-    eigen-decomposition of the small Gram matrix ``S^T S`` summed over ranks, twice (one pass loses orthogonality
-    as the condition number squared); directions below rounding are dropped, so a rank-deficient sketch is fine."""
-    basis = sketch
-    for _ in range(2):
-        gram = op.shard_sum(basis.T.double() @ basis.double())
-        values, vectors = torch.linalg.eigh(gram)
-        keep = values > values.max().clamp_min(0) * basis.shape[0] * torch.finfo(op.dtype).eps
-        if not bool(keep.any()):
-            return basis[:, :0]
-        basis = basis @ (vectors[:, keep] / values[keep].sqrt()).to(basis.dtype)
-    return basis
+    Each column of ``H S`` is orthogonalised against the rows kept so far as soon as it is computed (block CGS2,
+    the Lanczos basis's), so only the basis and one product are held. A column that lies in the span of the
+    others (``H`` of rank below ``size``) is replaced by a random direction orthogonal to them: Hutch++ is
+    unbiased for any ``Q``, and the trace on the span is still exact.
+    """
+    basis = _KrylovBasis(op, size, torch.Generator().manual_seed(check_seed(seed)), refill=False)
+    for _ in range(size):
+        product = op.matvec(random_probe(op, generator, distribution))
+        if not math.isfinite(float(op.vector_norm(product))):
+            raise NonFiniteError("a Hessian-vector product came out NaN or infinite while sketching for Hutch++")
+        basis.add_start_vectors([product])
+    return basis.V
 
 
 def _quadratic_form(op: CurvatureOperator, vector: torch.Tensor, blocks: list[int] | None = None,
