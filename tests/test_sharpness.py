@@ -44,17 +44,19 @@ def quadratic_loss(model, batch):
 # --- Keskar's epsilon-sharpness -----------------------------------------------------------------------------------
 
 
-def test_epsilon_sharpness_of_convex_quadratic_at_its_minimum_is_the_corner_value():
+@pytest.mark.parametrize("method", ["auto", "corners"])
+def test_epsilon_sharpness_of_convex_quadratic_at_its_minimum_is_the_corner_value(method):
     # At the minimum of a diagonal convex quadratic the box maximum sits at a corner: 1/2 sum h_i w_i^2 with the
-    # half-widths w_i = eps (|x_i| + 1).
+    # half-widths w_i = eps (|x_i| + 1). Both searches reach it ("auto" is L-BFGS-B on 4 parameters).
     h = np.array([50.0, 3.0, 0.2, 7.0])
     x0 = np.array([1.5, -4.0, 0.0, 0.25])
     c, eps = 0.7, 0.05
     model = Quadratic(np.diag(h), x0, point=x0, c=c)
     widths = eps * (np.abs(x0) + 1)
     expected_increase = 0.5 * np.sum(h * widths**2)
-    result = epsilon_sharpness(model, quadratic_loss, ONE_SAMPLE, eps=eps)
+    result = epsilon_sharpness(model, quadratic_loss, ONE_SAMPLE, eps=eps, method=method)
     assert result.kind == "epsilon" and result.eps == eps and result.subspace_dim is None
+    assert result.method == ("l-bfgs-b" if method == "auto" else "corners")
     assert result.loss == pytest.approx(c, rel=1e-12)
     assert result.perturbed_loss - result.loss == pytest.approx(expected_increase, rel=1e-9)
     assert result.value == pytest.approx(100 * expected_increase / (1 + c), rel=1e-9)
@@ -62,7 +64,8 @@ def test_epsilon_sharpness_of_convex_quadratic_at_its_minimum_is_the_corner_valu
     assert 1 <= result.n_iter <= 10 and result.n_evals >= 2
 
 
-def test_epsilon_sharpness_away_from_the_minimum_climbs_the_slope():
+@pytest.mark.parametrize("method", ["auto", "corners"])
+def test_epsilon_sharpness_away_from_the_minimum_climbs_the_slope(method):
     # A linear loss c + b.x: the maximum over the box is sum |b_i| w_i, at the corner sign(b).
     b = np.array([2.0, -1.0, 0.5])
     point = np.array([0.3, -2.0, 10.0])
@@ -70,8 +73,46 @@ def test_epsilon_sharpness_away_from_the_minimum_climbs_the_slope():
     eps = 1e-3
     loss = 1.0 + b @ point
     increase = np.sum(np.abs(b) * eps * (np.abs(point) + 1))
-    result = epsilon_sharpness(model, quadratic_loss, ONE_SAMPLE, eps=eps)
+    result = epsilon_sharpness(model, quadratic_loss, ONE_SAMPLE, eps=eps, method=method)
     assert result.value == pytest.approx(100 * increase / (1 + loss), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_epsilon_sharpness_corner_ascent_finds_the_box_maximum_of_a_convex_network_loss(seed):
+    # Softmax regression's cross-entropy is convex in its 8 parameters, so its maximum over the box is at one of
+    # the 256 corners, all evaluated here (float64). The memory-bounded corner ascent finds that maximum, as
+    # L-BFGS-B does.
+    gen = torch.Generator().manual_seed(seed)
+    net = nn.Linear(3, 2).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    batch = (torch.randn(20, 3, generator=gen, dtype=torch.float64), torch.randint(2, (20,), generator=gen))
+    loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    eps = 1e-2
+    x = flatten(p.detach() for p in net.parameters())
+    widths = eps * (x.abs() + 1)
+    best = -math.inf
+    for signs in itertools.product([-1.0, 1.0], repeat=x.numel()):
+        unflat = unflatten(x + widths * torch.tensor(signs, dtype=torch.float64), list(net.parameters()))
+        with torch.no_grad():
+            best = max(best, float(loss_fn(lambda inputs: inputs @ unflat[0].T + unflat[1], batch)))
+    corners = epsilon_sharpness(net, loss_fn, batch, eps=eps, method="corners", seed=seed)
+    reference = epsilon_sharpness(net, loss_fn, batch, eps=eps, method="l-bfgs-b", seed=seed)
+    assert corners.method == "corners" and corners.n_iter >= 1
+    assert corners.perturbed_loss == pytest.approx(best, rel=1e-12)
+    assert reference.perturbed_loss == pytest.approx(best, rel=1e-12)
+    assert corners.perturbation_norm == pytest.approx(float(widths.norm()), rel=1e-12)
+
+
+def test_epsilon_sharpness_auto_uses_l_bfgs_b_only_where_its_float64_vectors_fit():
+    # 30 float64 vectors fit in 256 MiB up to 1,118,481 parameters: one more output of this linear model passes it.
+    batch = (torch.ones(2, 1024), torch.zeros(2, 1))
+    loss_fn = lambda m, b: ((m(b[0]) - b[1]) ** 2).mean()  # noqa: E731
+    small = epsilon_sharpness(nn.Linear(1024, 1000), loss_fn, batch, max_iter=1)  # 1,025,000 parameters
+    large = epsilon_sharpness(nn.Linear(1024, 1100), loss_fn, batch, max_iter=1)  # 1,127,500 parameters
+    assert (small.method, large.method) == ("l-bfgs-b", "corners")
+    assert large.value > 0 and large.perturbation_norm > 0
 
 
 def test_epsilon_sharpness_in_a_subspace_reaches_a_corner_of_the_documented_box():
@@ -251,10 +292,11 @@ def test_loss_is_the_hessian_operators_weighted_mean_with_the_same_dropout_masks
     [
         lambda m, b: epsilon_sharpness(m, mse, b, eps=1e-2, max_iter=3),
         lambda m, b: epsilon_sharpness(m, mse, b, eps=1e-2, max_iter=3, subspace_dim=4),
+        lambda m, b: epsilon_sharpness(m, mse, b, eps=1e-2, max_iter=3, method="corners"),
         lambda m, b: sam_sharpness(m, mse, b),
         lambda m, b: adaptive_sharpness(m, mse, b),
     ],
-    ids=["epsilon", "epsilon-subspace", "sam", "adaptive"],
+    ids=["epsilon", "epsilon-subspace", "epsilon-corners", "sam", "adaptive"],
 )
 def test_parameters_buffers_grads_modes_and_rngs_are_untouched(measure):
     model, batches = NoisyNet().train(), noisy_batches()
@@ -296,6 +338,8 @@ def test_to_dict():
         (lambda m: epsilon_sharpness(m, quadratic_loss, ONE_SAMPLE, max_iter=0), "max_iter"),
         (lambda m: epsilon_sharpness(m, quadratic_loss, ONE_SAMPLE, subspace_dim=0), "subspace_dim"),
         (lambda m: epsilon_sharpness(m, quadratic_loss, ONE_SAMPLE, seed=1.5), "seed"),
+        (lambda m: epsilon_sharpness(m, quadratic_loss, ONE_SAMPLE, method="newton"), "method must be one of"),
+        (lambda m: epsilon_sharpness(m, quadratic_loss, ONE_SAMPLE, subspace_dim=1, method="corners"), "full space"),
         (lambda m: sam_sharpness(m, quadratic_loss, ONE_SAMPLE, rho=-1.0), "rho must be a positive"),
         (lambda m: adaptive_sharpness(m, quadratic_loss, ONE_SAMPLE, eta=-0.1), "eta must be a non-negative"),
         (lambda m: sam_sharpness(m, quadratic_loss, []), "batches is empty"),

@@ -341,7 +341,8 @@ def estimate_gradient_noise_scale(
                                                                                   small_batch_size)]
             # One evaluation object per batch: the whole batch first, then its chunks.
             objective = BatchObjective(model, loss_fn, [batch, *chunks], batch_list=True)
-            sq_norms = [float(g.double().pow(2).sum()) for _, g in objective.per_batch(objective.point())]
+            # One gradient at a time: a model's batch and chunk gradients together are several copies of it.
+            sq_norms = [float(g.double().pow_(2).sum()) for _, g in objective.each_batch(objective.point())]
             big.append(sq_norms[0])
             small_means.append(float(np.mean(sq_norms[1:])))
     return gradient_noise_scale(small_means, big, small_batch_size, big_size, paired=True)

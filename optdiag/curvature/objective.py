@@ -371,8 +371,14 @@ class BatchObjective:
             UsageError: ``point`` has the wrong length, or a bad loss (see :meth:`loss_and_grad`).
             NonFiniteError: a loss (when ``finite`` or ``with_grad``) or gradient is NaN or infinite.
         """
+        return list(self.each_batch(point, with_grad, finite=finite))
+
+    def each_batch(
+        self, point: torch.Tensor, with_grad: bool = True, *, finite: bool = True
+    ) -> Iterator[tuple[float, Optional[torch.Tensor]]]:
+        """:meth:`per_batch`'s results one batch at a time, so that a caller holds one gradient at a time (an
+        evaluation is counted once all are taken)."""
         leaves = self._leaves(point, with_grad)
-        out = []
         for index in range(len(self.batches)):
             if with_grad:
                 loss, grads = self.loss_and_grad(index, leaves)
@@ -384,9 +390,8 @@ class BatchObjective:
             value = float(loss.detach())
             if finite and not math.isfinite(value):
                 raise NonFiniteError(f"the loss of batch {index} is {value}")
-            out.append((value, gradient))
+            yield value, gradient
         self.n_evals += 1
-        return out
 
     def value(self, point: torch.Tensor, *, finite: bool = True) -> float:
         """``L(point)``, the weighted mean loss at flat parameters ``point`` (no gradient is taken).
@@ -399,12 +404,14 @@ class BatchObjective:
         return sum(w * loss for w, (loss, _) in zip(self.weights, parts))
 
     def value_and_grad(self, point: torch.Tensor) -> tuple[float, torch.Tensor]:
-        """``L(point)`` and its flat gradient."""
-        parts = self.per_batch(point)
-        return (
-            sum(w * loss for w, (loss, _) in zip(self.weights, parts)),
-            sum(w * g for w, (_, g) in zip(self.weights, parts)),
-        )
+        """``L(point)`` and its flat gradient, summed batch by batch: one batch's gradient is held at a time
+        besides the sum (not every batch's, as :meth:`per_batch` returns them)."""
+        value, gradient = 0.0, None
+        for index, (loss, part) in enumerate(self.each_batch(point)):
+            weight = float(self.weights[index])
+            value += weight * loss
+            gradient = part.mul_(weight) if gradient is None else gradient.add_(part.mul_(weight))
+        return value, gradient
 
     def __repr__(self) -> str:
         return (

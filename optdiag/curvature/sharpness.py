@@ -23,9 +23,18 @@ import torch
 from torch import nn
 
 from optdiag.curvature._checks import check_count, check_positive, check_seed
+from optdiag.curvature.base import vectors_that_fit
 from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.curvature.state import preserved_state
+from optdiag.errors import UsageError
 from optdiag.policy import check_number
+
+EPSILON_METHODS = ("auto", "l-bfgs-b", "corners")
+# scipy's L-BFGS-B holds its history of 2 x 10 correction vectors and about 10 more (the point, gradient, bounds,
+# workspace, the start and box here), all float64 whatever the model's dtype: "auto" uses it only where they fit.
+_LBFGSB_FLOAT64_VECTORS = 30
+# The corner ascent's backtracking: a step is halved at most this many times before the search stops.
+_MAX_HALVINGS = 4
 
 __all__ = ["SharpnessResult", "epsilon_sharpness", "sam_sharpness", "adaptive_sharpness"]
 
@@ -46,7 +55,8 @@ class SharpnessResult:
         rho: the radius of ``"sam"``/``"adaptive"``; ``None`` otherwise.
         eta: the offset of ``"adaptive"``'s scaling ``|w| + eta``; ``None`` otherwise.
         subspace_dim: the dimension ``p`` of ``"epsilon"``'s random subspace, ``None`` for the full space.
-        n_iter: L-BFGS-B iterations of ``"epsilon"``; ``None`` otherwise.
+        n_iter: iterations of ``"epsilon"``'s search (accepted steps of ``"corners"``); ``None`` otherwise.
+        method: ``"epsilon"``'s search, ``"l-bfgs-b"`` or ``"corners"``; ``None`` otherwise.
     """
 
     value: float
@@ -60,6 +70,7 @@ class SharpnessResult:
     eta: Optional[float] = None
     subspace_dim: Optional[int] = None
     n_iter: Optional[int] = None
+    method: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict, ready for JSON."""
@@ -75,6 +86,7 @@ def epsilon_sharpness(
     subspace_dim: Optional[int] = None,
     max_iter: int = 10,
     seed: int = 0,
+    method: str = "auto",
 ) -> SharpnessResult:
     """Keskar et al.'s epsilon-sharpness: the largest relative loss increase in a box around the parameters.
 
@@ -83,9 +95,18 @@ def epsilon_sharpness(
     a seeded Gaussian ``n x p`` matrix ``A`` and the box is on ``z``: ``|z_i| <= eps (|(A^+ x)_i| + 1)``.
 
     The maximum is searched with ``max_iter`` iterations of L-BFGS-B (as in the paper) on ``-f`` with autograd
-    gradients, float64 on the scipy side. The search starts from a seeded random point of the box, not from its
-    centre: at an exact critical point the gradient vanishes and L-BFGS-B would not move. The value is a lower
-    bound of the true maximum (the best point found), never below 0 (the centre is in the box).
+    gradients, float64 on the scipy side, or, on large models, by a memory-bounded corner ascent in the model's
+    dtype (``method``). Either search starts from a seeded random point of the box, not from its centre: at an
+    exact critical point the gradient vanishes and neither would move. The value is a lower bound of the true
+    maximum (the best point found), never below 0 (the centre is in the box).
+
+    **Corner ascent** (``"corners"``): from ``y``, the corner ``c = w * sign(grad f(x + y))`` of the box (``w`` its
+    half-widths; ``y_i`` kept where the gradient is exactly 0) maximises the linearisation of ``f`` over the box;
+    the step to it is halved until ``f`` increases (at most 4 times) and the search stops at a corner the step
+    no longer leaves, or when no halved step increases ``f``. For a convex ``f`` every full step increases it
+    (the conditional-gradient ascent of convex maximisation), so it ends at a corner, where a convex function's
+    maximum over a box lies. It holds about ten vectors of the model's dtype, where L-BFGS-B holds about 30
+    float64 ones (60 copies of float32 parameters); docs/performance.md, section 8, compares the two.
 
     Args:
         model: the network, evaluated at its current parameters in its current mode.
@@ -93,14 +114,18 @@ def epsilon_sharpness(
         batches: one batch or an iterable of batches (sample-weighted mean loss over them).
         eps: the relative box size; Keskar et al. use ``1e-3`` and ``5e-4``.
         subspace_dim: ``p`` for a random ``p``-dimensional subspace (they use 100), ``None`` for the full space.
-        max_iter: L-BFGS-B iterations.
+        max_iter: L-BFGS-B iterations, or accepted steps of the corner ascent.
         seed: seeds the start point and the subspace (a private generator; global RNGs are not touched).
+        method: ``"l-bfgs-b"`` (scipy, the paper's), ``"corners"`` (full space only) or ``"auto"`` (default):
+            L-BFGS-B in a subspace or where its float64 vectors fit in 256 MiB
+            (:data:`~optdiag.curvature.base.VECTOR_MEMORY_BYTES`, about a million parameters), else corners.
 
     Returns:
         A :class:`SharpnessResult` with ``kind="epsilon"`` and ``value`` in percent.
 
     Raises:
-        UsageError: a non-positive ``eps``/``max_iter``/``subspace_dim``, no batches, a bad ``loss_fn``.
+        UsageError: a non-positive ``eps``/``max_iter``/``subspace_dim``, no batches, a bad ``loss_fn``, an unknown
+            ``method`` or ``"corners"`` with a subspace.
         NonFiniteError: the loss or its gradient is NaN/Inf somewhere in the box.
 
     Example:
@@ -114,11 +139,32 @@ def epsilon_sharpness(
     max_iter = check_count("max_iter", max_iter)
     subspace_dim = None if subspace_dim is None else check_count("subspace_dim", subspace_dim)
     seed = check_seed(seed)
+    if method not in EPSILON_METHODS:
+        raise UsageError(f"method must be one of {', '.join(map(repr, EPSILON_METHODS))}, got {method!r}")
+    if method == "corners" and subspace_dim is not None:
+        raise UsageError("the corner ascent searches the full space: give subspace_dim=None or method='l-bfgs-b'")
 
     f = BatchObjective(model, loss_fn, batches)
+    if method == "auto":
+        fits = vectors_that_fit(f.num_params, 8) >= _LBFGSB_FLOAT64_VECTORS
+        method = "l-bfgs-b" if subspace_dim is not None or fits else "corners"
     with preserved_state(model):
         x = f.point()
-        loss, _ = f.value_and_grad(x)  # also refuses a loss that does not depend on the parameters
+        loss, gradient = f.value_and_grad(x)  # also refuses a loss that does not depend on the parameters
+        del gradient
+        if method == "corners":
+            perturbed_loss, perturbation_norm, n_iter = _corner_ascent(f, x, loss, eps, max_iter, seed)
+            return SharpnessResult(
+                value=100.0 * (perturbed_loss - loss) / (1.0 + loss),
+                kind="epsilon",
+                loss=loss,
+                perturbed_loss=perturbed_loss,
+                perturbation_norm=perturbation_norm,
+                n_evals=f.n_evals,
+                eps=eps,
+                n_iter=n_iter,
+                method=method,
+            )
         x64 = x.detach().cpu().double().numpy()
         rng = np.random.default_rng(seed)
         if subspace_dim is None:
@@ -161,7 +207,46 @@ def epsilon_sharpness(
         eps=eps,
         subspace_dim=subspace_dim,
         n_iter=int(result.nit),
+        method=method,
     )
+
+
+def _corner_ascent(
+    f: BatchObjective, x: torch.Tensor, loss: float, eps: float, max_iter: int, seed: int
+) -> tuple[float, float, int]:
+    """``epsilon_sharpness``'s corner ascent: (the best loss found, its perturbation's norm, accepted steps).
+
+    Every vector is in the model's dtype and on its device: the point, the half-widths, the perturbation, the
+    gradient, the step, the trial perturbation and the point it is evaluated at, besides what one
+    loss-and-gradient evaluation holds. The perturbation is kept apart from the point (``x + y - x`` would round
+    it off the box's corners).
+    """
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    half_width = x.abs().add_(1.0).mul_(eps)
+    y = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).mul_(2).sub_(1).mul_(half_width)
+    value, gradient = f.value_and_grad(x + y)
+    n_iter = 0
+    while n_iter < max_iter:
+        step = torch.sign(gradient).mul_(half_width)  # the corner that maximises the linearisation
+        flat = gradient == 0
+        step[flat] = y[flat]
+        del flat, gradient
+        if torch.equal(step, y):
+            break  # the corner is where the search stands: no ascent direction left in the box
+        step.sub_(y)
+        for halving in range(_MAX_HALVINGS + 1):
+            trial = torch.add(y, step, alpha=0.5**halving)
+            trial_value, gradient = f.value_and_grad(x + trial)
+            if trial_value > value:
+                break
+        else:
+            break  # no halved step increases the loss: a local maximum to this precision
+        y, value = trial, trial_value
+        n_iter += 1
+        del trial, step
+    if value <= loss:
+        return loss, 0.0, n_iter  # the centre is in the box
+    return value, float(torch.linalg.vector_norm(y)), n_iter
 
 
 def sam_sharpness(model: nn.Module, loss_fn: LossFn, batches: Any, rho: float = 0.05) -> SharpnessResult:
