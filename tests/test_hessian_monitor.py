@@ -292,13 +292,25 @@ def test_state_key_tells_configurations_apart():
     assert HessianMonitor().state_key.startswith("HessianMonitor")
 
 
+def _fake_trainer(strategy_name, **attributes):
+    return type("T", (), {"strategy": type(strategy_name, (), attributes)()})()
+
+
 def test_unsupported_strategy_is_refused_at_setup():
-    for refused in ("DeepSpeedStrategy", "FSDPStrategy"):  # ZeRO's flat buffers; FSDP1's flat parameters
-        trainer = type("T", (), {"strategy": type(refused, (), {})()})()
+    for refused in ("DeepSpeedStrategy", "XLAFSDPStrategy"):  # ZeRO's flat buffers; XLA's FSDP
         with pytest.raises(UsageError, match=f"{refused}.*ModelParallelStrategy"):
+            HessianMonitor().setup(_fake_trainer(refused), None, "fit")
+    # FSDP1 only with the original parameters and disjoint shards (tests/test_fsdp1.py runs the supported case)
+    for orig, sharding in ((False, "FULL_SHARD"), (True, "NO_SHARD"), (True, "HYBRID_SHARD")):
+        trainer = _fake_trainer("FSDPStrategy", kwargs={"use_orig_params": orig},
+                                sharding_strategy=type("S", (), {"name": sharding})())
+        with pytest.raises(UsageError, match=f"use_orig_params={orig} and {sharding}"):
             HessianMonitor().setup(trainer, None, "fit")
+    for sharding in ("FULL_SHARD", "SHARD_GRAD_OP"):
+        HessianMonitor().setup(_fake_trainer("FSDPStrategy", kwargs={"use_orig_params": True},
+                                             sharding_strategy=type("S", (), {"name": sharding})()), None, "fit")
     # FSDP2 through ModelParallelStrategy is supported (tests/test_fsdp.py)
-    HessianMonitor().setup(type("T", (), {"strategy": type("ModelParallelStrategy", (), {})()})(), None, "fit")
+    HessianMonitor().setup(_fake_trainer("ModelParallelStrategy"), None, "fit")
 
 
 N_SADDLE = 40

@@ -26,10 +26,11 @@ from optdiag.sinks import tensorboard as tensorboard_sink
 _CALLBACK_BASES = tuple(ns.Callback for ns in LIGHTNING_NAMESPACES)
 _TENSORBOARD_LOGGERS = tuple(ns.loggers.TensorBoardLogger for ns in LIGHTNING_NAMESPACES)
 # Strategies whose sharded parameters optdiag cannot reach: DeepSpeed's ZeRO partitions (flat buffers outside
-# PyTorch's DTensor), XLA's FSDP, and Lightning's FSDPStrategy, which wraps the model in FSDP1 (flat parameters,
-# calls through the wrapper). FSDP2 (ModelParallelStrategy with fully_shard) is supported through its DTensor
-# parameters: docs/finite-difference-and-fsdp.md.
-_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "XLAFSDPStrategy", "FSDPStrategy")
+# PyTorch's DTensor) and XLA's FSDP. FSDP2 (ModelParallelStrategy with fully_shard) is supported through its DTensor
+# parameters, Lightning's FSDPStrategy (FSDP1) through its original parameters' views of the local shards (with
+# use_orig_params and a sharding strategy whose shards are disjoint): docs/finite-difference-and-fsdp.md.
+_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy", "XLAFSDPStrategy")
+_FSDP1_SHARDINGS = ("FULL_SHARD", "SHARD_GRAD_OP")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -122,19 +123,31 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     # --- environment ----------------------------------------------------------------------------------------------
     @staticmethod
     def check_strategy(trainer: Any) -> None:
-        """Refuse strategies whose sharded parameters optdiag cannot reach (DeepSpeed, XLA FSDP) with a clear error.
+        """Refuse strategies whose sharded parameters optdiag cannot reach (DeepSpeed, XLA FSDP), and FSDPStrategy
+        (FSDP1) set up otherwise than optdiag measures it (``use_orig_params=False``: the parameters are flat
+        buffers; ``NO_SHARD``/``HYBRID_SHARD``: the ranks' parts overlap), with a clear error.
 
         Raises:
             UsageError: naming the strategy and what is supported.
         """
-        name = type(trainer.strategy).__name__
+        strategy = trainer.strategy
+        name = type(strategy).__name__
         if name in _UNSUPPORTED_STRATEGIES:
             raise UsageError(
                 f"optdiag callbacks do not support {name}: its parameter partitions are not PyTorch DTensors, so "
-                "neither gradients nor curvature can be measured on them. Use a single device, DDP, or FSDP2: "
-                "ModelParallelStrategy(tensor_parallel_size=1) with torch.distributed.fsdp.fully_shard in "
-                "configure_model (docs/finite-difference-and-fsdp.md)."
+                "neither gradients nor curvature can be measured on them. Use a single device, DDP, or FSDP: "
+                "FSDPStrategy, or ModelParallelStrategy(tensor_parallel_size=1) with "
+                "torch.distributed.fsdp.fully_shard in configure_model (docs/finite-difference-and-fsdp.md)."
             )
+        if "FSDPStrategy" in {cls.__name__ for cls in type(strategy).__mro__}:
+            sharding = getattr(getattr(strategy, "sharding_strategy", None), "name", None)
+            if not getattr(strategy, "kwargs", {}).get("use_orig_params") or sharding not in _FSDP1_SHARDINGS:
+                raise UsageError(
+                    f"optdiag measures {name} with use_orig_params=True (Lightning's default) and sharding_strategy "
+                    f"FULL_SHARD or SHARD_GRAD_OP, got use_orig_params={strategy.kwargs.get('use_orig_params')} and "
+                    f"{sharding}: without the original parameters there is nothing to measure per parameter, and "
+                    "other shardings repeat parameters across ranks (docs/finite-difference-and-fsdp.md)."
+                )
 
     @staticmethod
     def world_size(trainer: Any) -> int:

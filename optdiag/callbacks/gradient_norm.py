@@ -259,6 +259,10 @@ class GradientNormMonitor(OptDiagCallback):
         named = self._named_monitored(pl_module, optimizer)
         with_grad = [(name, p) for name, p in named if p.grad is not None]
         grads = [local_part(p.grad) for _, p in with_grad]  # sharded (FSDP): this rank's part, reduced below
+        if self._sharded:  # every rank reduces the same list: an FSDP1 slice empty on a rank has no .grad there
+            with_grad = named
+            grads = [local_part(p.grad) if p.grad is not None else local_part(p.detach()).new_zeros(0)
+                     for _, p in named]
         params = [local_part(p.detach()) for _, p in named]
         record: dict[str, Any] = {"step": step}
         # One fused kernel for the norms of every gradient and parameter (|theta_old| for the update ratio); the

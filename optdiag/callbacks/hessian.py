@@ -13,6 +13,7 @@ import torch
 
 from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
 from optdiag.callbacks._critical import CRITICAL_KEYS, UpdateCapture, critical_snapshot
+from optdiag.callbacks._fsdp1 import routed, through_root
 from optdiag.curvature.critical import MAX_EVALS
 from optdiag.curvature.density import spectral_density
 from optdiag.curvature.distributed import ReducedMeanOperator, reduce_sum
@@ -45,9 +46,16 @@ def lightning_loss(pl_module: Any, batch: Any) -> torch.Tensor:
     ``training_step`` is called with ``self.log``/``self.log_dict`` silenced (they may not be called outside the
     training loop) and batch index 0; its loss is the returned tensor or ``output["loss"]``.
 
+    Under Lightning's ``FSDPStrategy`` (FSDP1) it runs as the forward of the root ``FullyShardedDataParallel``, as
+    Lightning's own training step does (:func:`~optdiag.callbacks._fsdp1.through_root`).
+
     Raises:
         UsageError: if ``training_step`` returns neither a tensor nor a dict with ``"loss"``.
     """
+    return through_root(pl_module, lambda: _module_loss(pl_module, batch))
+
+
+def _module_loss(pl_module: Any, batch: Any) -> torch.Tensor:
     if hasattr(pl_module, "optdiag_loss"):
         return pl_module.optdiag_loss(batch)
     with OptDiagCallback.silenced_logging(pl_module):
@@ -230,7 +238,7 @@ class HessianMonitor(OptDiagCallback):
         if trace_hvp and trace_hvp < 3:
             raise UsageError(f"trace_hvp must be 0 (off) or at least 3 (Hutch++), got {trace_hvp}")
         self.every_n_steps, self.budget, self.probe, self.probe_batches = every_n_steps, float(budget), probe, probe_batches
-        self.loss_fn: LossFn = loss_fn or lightning_loss
+        self.loss_fn: LossFn = lightning_loss if loss_fn is None else routed(loss_fn)  # routed: FSDP1 (_fsdp1.py)
         self.mode, self.tol, self.max_hvp, self.trace_hvp = mode, float(tol), max_hvp, trace_hvp
         self.density_every, self.density_steps, self.seed = density_every, density_steps, seed
         self.history_size, self.burst_hvp = history_size, burst_hvp

@@ -34,7 +34,7 @@ from torch import nn
 from optdiag.curvature.base import CurvatureOperator
 from optdiag.curvature.batches import sample_count
 from optdiag.curvature.objective import BatchObjective, LossFn
-from optdiag.curvature.params import is_sharded, local_part
+from optdiag.curvature.params import is_fsdp1_flattened, is_sharded, local_part
 from optdiag.errors import NonFiniteError, NotTwiceDifferentiableError, UsageError
 from optdiag.policy import check_number
 
@@ -493,24 +493,32 @@ HVP_METHODS = ("auto", "exact", "finite_difference")
 
 
 def _shard_group(parameters: Sequence[torch.Tensor]) -> tuple[Any, int, int] | None:
-    """``(process group, its size, this rank's index in it)`` when the parameters are sharded ``DTensor``s on one
-    1-D device mesh (FSDP2's layout), None when none is a ``DTensor``.
+    """``(process group, its size, this rank's index in it)`` when the parameters are sharded: ``DTensor``s on one
+    1-D device mesh (FSDP2's layout), or FSDP1's flattened parameters (their slices are disjoint over the ranks of
+    the default group: ``FULL_SHARD`` or ``SHARD_GRAD_OP``, which the caller makes sure of); None when none is.
 
     Raises:
-        UsageError: some parameters are ``DTensor``s and others not, several meshes, a mesh of more than one
+        UsageError: some parameters are sharded and others not, several meshes, a mesh of more than one
             dimension, or a placement other than ``Shard`` (tensor parallelism: the local parts overlap or are
             combined differently, which this operator does not model).
     """
-    try:
-        from torch.distributed.tensor import Shard
-    except ImportError:  # torch without DTensor: nothing can be sharded
-        return None
     flags = [is_sharded(p) for p in parameters]
     if not any(flags):
         return None
     if not all(flags):
-        raise UsageError("some trainable parameters are sharded (DTensor) and others are not; shard all of them "
-                         "(fully_shard the root module too) or none")
+        raise UsageError("some trainable parameters are sharded (FSDP) and others are not; shard all of them "
+                         "(fully_shard the root module too, or wrap the whole model in FullyShardedDataParallel) "
+                         "or none")
+    fsdp1 = [is_fsdp1_flattened(p) for p in parameters]
+    if all(fsdp1):
+        import torch.distributed as dist
+
+        group = dist.group.WORLD
+        return group, dist.get_world_size(group), dist.get_rank(group)
+    if any(fsdp1):
+        raise UsageError("some parameters are sharded by FSDP1 (FullyShardedDataParallel) and others by FSDP2 "
+                         "(fully_shard); use one of them")
+    from torch.distributed.tensor import Shard
     meshes = {id(p.device_mesh): p.device_mesh for p in parameters}
     if len(meshes) != 1:
         raise UsageError("the sharded parameters live on several device meshes; one FSDP mesh is supported")
@@ -528,7 +536,8 @@ class FiniteDifferenceOperator(CurvatureOperator):
 
     ``H v ~ (g(theta + eps v) - g(theta - eps v)) / (2 eps)``: two gradients per product and no double backward,
     so it works wherever the gradient does: fused attention kernels (their backward has no derivative), compiled
-    models, and parameters sharded across ranks by FSDP (``DTensor`` parameters), where vectors are this rank's
+    models, and parameters sharded across ranks by FSDP (FSDP2's ``DTensor`` parameters, FSDP1's flattened
+    parameters with ``use_orig_params=True``), where vectors are this rank's
     part only (see :class:`~optdiag.curvature.base.CurvatureOperator`) and each gradient is FSDP's own backward,
     reduced across the ranks' batches. The same loss, weights and fixed dropout masks as :class:`HessianOperator`
     (one :class:`~optdiag.curvature.objective.BatchObjective`), but attention keeps the model's own kernel.
@@ -545,10 +554,13 @@ class FiniteDifferenceOperator(CurvatureOperator):
     never by subtracting the step), and every ``.grad`` is put back as the very tensor it was. Buffers are private
     copies and the RNGs are replayed and restored (as for :class:`HessianOperator`).
 
-    **Sharded (FSDP2).** Every rank must build the operator and ask for every product together (each gradient is
-    a collective), with the same number of batches. The product of batch ``i`` is the Hessian of the union of
-    every rank's batch ``i``; FSDP's gradient reduction averages over ranks, so each rank's loss is scaled by its
-    share of the samples first. The parameters' own dtype is used (no ``dtype`` conversion).
+    **Sharded (FSDP2, FSDP1).** Every rank must build the operator and ask for every product together (each
+    gradient is a collective), with the same number of batches. The product of batch ``i`` is the Hessian of the
+    union of every rank's batch ``i``; FSDP's gradient reduction averages over ranks, so each rank's loss is scaled
+    by its share of the samples first. The parameters' own dtype is used (no ``dtype`` conversion). Under FSDP1,
+    ``loss_fn`` must run the model through its root ``FullyShardedDataParallel`` (which gathers the root's own
+    parameters), and that root must free its gathered parameters after a forward that no backward follows
+    (the callbacks do both: docs/finite-difference-and-fsdp.md).
 
     Args:
         model, loss_fn, batches, batch_sizes, dtype: as for :class:`HessianOperator`.
@@ -758,7 +770,8 @@ _EXPECTED_ERROR = {torch.float64: "1e-9", torch.float32: "1e-4"}
 
 
 def parameters_sharded(model: nn.Module) -> bool:
-    """Whether any trainable parameter of ``model`` is a sharded ``DTensor`` (FSDP2): then no exact product.
+    """Whether any trainable parameter of ``model`` is sharded (a ``DTensor`` of FSDP2, a flattened parameter of
+    FSDP1): then no exact product.
 
     Example:
         >>> parameters_sharded(nn.Linear(2, 1))

@@ -68,27 +68,48 @@ def unflatten(vector: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.
     return out
 
 
+#: The attribute FSDP1 (``FullyShardedDataParallel``) sets on every parameter it flattens into a flat parameter.
+_FSDP1_FLATTENED = "_fsdp_flattened"
+
+
 def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (a parameter or gradient sharded across ranks by FSDP2).
+    """Whether ``tensor`` is this rank's part of a parameter sharded across ranks: a ``DTensor`` (FSDP2), or a
+    parameter FSDP1 flattened (``FullyShardedDataParallel`` with ``use_orig_params=True``, which between steps shows
+    each original parameter as a 1-D view of this rank's slice of its flat parameter, possibly empty). A gradient
+    of an FSDP1 parameter is a plain tensor (its slice): :func:`local_part` takes it as it is.
 
     Example:
         >>> is_sharded(torch.zeros(2))
         False
     """
+    return is_fsdp1_flattened(tensor) or _is_dtensor(tensor)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor: nothing is sharded
+    except ImportError:  # torch without DTensor: nothing is a DTensor
         return False
     return isinstance(tensor, DTensor)
 
 
+def is_fsdp1_flattened(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a parameter flattened by FSDP1 (see :func:`is_sharded`).
+
+    Example:
+        >>> is_fsdp1_flattened(nn.Parameter(torch.zeros(2)))
+        False
+    """
+    return bool(getattr(tensor, _FSDP1_FLATTENED, False))
+
+
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's elements of ``tensor``: the local shard of a ``DTensor`` (a view sharing its storage, so writing
-    it writes the parameter), else ``tensor`` itself.
+    it writes the parameter), else ``tensor`` itself (an FSDP1 parameter already is its slice).
 
     Example:
         >>> t = torch.zeros(2)
         >>> local_part(t) is t
         True
     """
-    return tensor.to_local() if is_sharded(tensor) else tensor
+    return tensor.to_local() if _is_dtensor(tensor) else tensor

@@ -1,0 +1,137 @@
+"""Two-process FSDP1 run on CPU (gloo) through Lightning's FSDPStrategy with ``OptDiag()`` at its defaults; each rank
+saves what it saw to OUT/rank<r>.pt. With a second argument ``plain`` the same run without OptDiag, saving only the
+final shards (OUT/plain<r>.pt): the do-no-harm reference.
+
+Run as ``python fsdp1_monitors.py OUT [plain]``; Lightning re-launches it for rank 1 with the same arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from lightning_models import regression_data  # noqa: E402
+
+from optdiag import OptDiag  # noqa: E402
+
+
+class CPUFSDPStrategy(pl.strategies.FSDPStrategy):
+    """Lightning's FSDPStrategy (pytorch-lightning 2.6) with two changes, both only so that it runs on CPU:
+
+    * its type: the Trainer refuses a CPU accelerator for the exact type FSDPStrategy (``type(strategy) is
+      FSDPStrategy`` in its accelerator connector), not for a subclass;
+    * ``_setup_model`` passes ``device_id=torch.device("cpu")`` where Lightning passes ``root_device.index``, None
+      on CPU, which torch 2.13's FSDP1 takes for "the current accelerator" and refuses without one. The wrapping is
+      otherwise Lightning's: ``FullyShardedDataParallel(module=model, ...)`` with the strategy's own sharding
+      strategy, CPU offload, mixed precision and kwargs (``use_orig_params=True`` by Lightning's default).
+
+    Everything else is the real strategy: gloo, the launcher, the optimizer set up on the original parameters,
+    ``training_step`` called through the root wrapper, the distributed sampler."""
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload,
+                                        mixed_precision=self.mixed_precision_config,
+                                        sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"),
+                                        **self.kwargs)
+
+
+class Nested(nn.Linear):
+    """The layer FSDP1 wraps as a unit of its own (the auto-wrap policy's class); the rest belongs to the root."""
+
+
+class SplitLinearRegression(pl.LightningModule):
+    """MSE (the mean over samples and both outputs) of ``left(x[:, :3]) + right(x[:, 3:])``: a linear model 6 -> 2
+    with one bias, so the Hessian is ``D^T D / n`` on each output's block with ``D = [X 1]`` (columns reordered),
+    whatever the weights. ``left`` (weight and bias) is a nested FSDP1 unit, ``right`` (no bias) belongs to the root
+    unit, whose parameters are gathered only in the root's own forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left = Nested(3, 2)
+        self.right = nn.Linear(3, 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.left(x[:, :3]) + self.right(x[:, 3:])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class FullGradientNorm(pl.Callback):
+    """The global gradient norm from the full gradient FSDP1 gathers (a reference only a test may afford)."""
+
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, with_grads=True):
+            full = [p.grad.reshape(-1) for p in pl_module.parameters() if p.grad is not None]
+            self.norms[int(trainer.global_step)] = float(torch.cat(full).norm())
+
+
+def main(out: str, plain: bool) -> None:
+    pl.seed_everything(0)
+    data = regression_data(n=512, in_features=6, out_features=2, seed=2)
+    loader = DataLoader(data, batch_size=16, shuffle=False)
+    bundle = None if plain else OptDiag()  # the defaults, as on one device
+    reference = FullGradientNorm()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=2, max_steps=8, callbacks=[reference] + ([] if plain else [bundle]),
+        strategy=CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({Nested})),
+        default_root_dir=out, logger=pl.loggers.CSVLogger(out),
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
+    )
+    module = SplitLinearRegression()
+    trainer.fit(module, loader)
+    rank = trainer.global_rank
+    shards = {name: p.detach().clone() for name, p in module.named_parameters()}
+    if plain:
+        torch.save({"shards": shards}, os.path.join(out, f"plain{rank}.pt"))
+    else:
+        hessian = bundle.hessian_monitor
+        scheduled = hessian.history
+        # lambda_min and the trace join every 4th scheduled snapshot: measure() takes a full one now, on both ranks
+        full = hessian.measure(trainer, module, reason="final", trace=True, budgeted=False)
+        torch.save(
+            {
+                "world_size": trainer.world_size,
+                "strategy": type(trainer.strategy).__mro__[1].__name__,
+                "wrapped": type(trainer.strategy.model).__name__,
+                "shards": shards,
+                "shapes": {name: tuple(p.shape) for name, p in module.named_parameters()},
+                "history": scheduled,
+                "full": {k: v for k, v in full.items() if k != "optimizer"},
+                "hvp_method": hessian.hvp_method,
+                "hvp_reason": hessian.hvp_reason,
+                "warnings": dict(hessian.warning_counts),
+                "probe": hessian.probe_set(),
+                "grad_norms": {h["step"]: h["grad_norm"] for h in bundle.gradient_monitor.history},
+                "reference_grad_norms": reference.norms,
+                "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
+                "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    print(json.dumps({"rank": rank, "done": True}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], plain=sys.argv[2:] == ["plain"])
