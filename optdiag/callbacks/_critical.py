@@ -133,7 +133,9 @@ def _sharded_value(objective: BatchObjective) -> Callable[..., float]:
     runs, and the shards are put back bit for bit; every rank must call it together (FSDP's all-gathers). A module
     that keeps its gathered parameters after the forward (``reshard_after_forward=False``, the root's default)
     would keep them until a backward that never comes, and the next forward would not see the new shards: each
-    forward is followed by a reshard, the state a training step leaves FSDP in."""
+    forward is followed by a reshard, the state a training step leaves FSDP in. FSDP1's slices (Lightning's
+    FSDPStrategy) go the same way: the loss runs through the root wrapper, which frees what it gathered itself
+    (``_fsdp1.py``); there is no FSDP2 module to reshard."""
     from torch.distributed.fsdp import FSDPModule
 
     local = [local_part(p) for p in objective.parameters]
