@@ -20,6 +20,8 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from fsdp_monitors import ShardedLinearRegression  # noqa: E402
 from lightning_models import regression_data  # noqa: E402
 
 from optdiag import OptDiag  # noqa: E402
@@ -49,11 +51,8 @@ class Nested(nn.Linear):
     """The layer FSDP1 wraps as a unit of its own (the auto-wrap policy's class); the rest belongs to the root."""
 
 
-class SplitLinearRegression(pl.LightningModule):
-    """MSE (the mean over samples and both outputs) of ``left(x[:, :3]) + right(x[:, 3:])``: a linear model 6 -> 2
-    with one bias, so the Hessian is ``D^T D / n`` on each output's block with ``D = [X 1]`` (columns reordered),
-    whatever the weights. ``left`` (weight and bias) is a nested FSDP1 unit, ``right`` (no bias) belongs to the root
-    unit, whose parameters are gathered only in the root's own forward."""
+class Split(nn.Module):
+    """``left(x[:, :3]) + right(x[:, 3:])``: a linear map 6 -> 2 with one bias (``left``'s), in two layers."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,14 +62,19 @@ class SplitLinearRegression(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.left(x[:, :3]) + self.right(x[:, 3:])
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.mse_loss(self(x), y)
-        self.log("train_loss", loss)
-        return loss
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+class SplitLinearRegression(ShardedLinearRegression):
+    """The FSDP2 test's linear least squares (its Hessian is ``D^T D / n`` on each output's block with ``D = [X 1]``,
+    columns reordered, whatever the weights) through :class:`Split`: ``left`` (weight and bias) is a nested FSDP1
+    unit, ``right`` belongs to the root unit, whose parameters are gathered only in the root's own forward.
+    FSDPStrategy wraps it; ``configure_model`` does nothing."""
+
+    def __init__(self) -> None:
+        pl.LightningModule.__init__(self)
+        self.net = Split()
+
+    def configure_model(self) -> None:
+        pass
 
 
 class FullGradientNorm(pl.Callback):
