@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from fsdp_monitors import ShardedLinearRegression  # noqa: E402
+from fsdp_monitors import FullReference, ShardedLinearRegression  # noqa: E402
 from lightning_models import regression_data  # noqa: E402
 
 from optdiag import OptDiag  # noqa: E402
@@ -77,16 +77,17 @@ class SplitLinearRegression(ShardedLinearRegression):
         pass
 
 
-class FullGradientNorm(pl.Callback):
-    """The global gradient norm from the full gradient FSDP1 gathers (a reference only a test may afford)."""
+class GatheredReference(FullReference):
+    """The FSDP2 script's references, from the full tensors FSDP1 gathers (``summon_full_params``)."""
 
-    def __init__(self) -> None:
-        self.norms: dict[int, float] = {}
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+    def full_gradient(self, trainer, pl_module) -> torch.Tensor:
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, with_grads=True):
-            full = [p.grad.reshape(-1) for p in pl_module.parameters() if p.grad is not None]
-            self.norms[int(trainer.global_step)] = float(torch.cat(full).norm())
+            return torch.cat([p.grad.reshape(-1) for p in pl_module.parameters() if p.grad is not None])
+
+    def full_matrix(self, trainer, pl_module) -> torch.Tensor:
+        net = pl_module.net
+        with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+            return torch.cat([net.left.weight, net.right.weight, net.left.bias[:, None]], dim=1).detach().clone()
 
 
 def main(out: str, plain: bool) -> None:
@@ -94,7 +95,7 @@ def main(out: str, plain: bool) -> None:
     data = regression_data(n=512, in_features=6, out_features=2, seed=2)
     loader = DataLoader(data, batch_size=16, shuffle=False)
     bundle = None if plain else OptDiag()  # the defaults, as on one device
-    reference = FullGradientNorm()
+    reference = GatheredReference()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=8, callbacks=[reference] + ([] if plain else [bundle]),
         strategy=CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({Nested})),
@@ -127,6 +128,8 @@ def main(out: str, plain: bool) -> None:
                 "probe": hessian.probe_set(),
                 "grad_norms": {h["step"]: h["grad_norm"] for h in bundle.gradient_monitor.history},
                 "reference_grad_norms": reference.norms,
+                "reference_params": reference.params,
+                "step_batches": reference.batches,
                 "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
                 "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
             },

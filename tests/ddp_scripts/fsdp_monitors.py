@@ -48,15 +48,31 @@ class ShardedLinearRegression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
 
 
-class FullGradientNorm(pl.Callback):
-    """The global gradient norm from the gathered full gradient (a reference only a test may afford)."""
+class FullReference(pl.Callback):
+    """References only a test may afford, from gathered full tensors: the gradient norm before each optimizer step,
+    and after each step the parameters as one matrix ``[W | b]`` (a row per output) and the inputs of the batch that
+    the step descended (``batches[s]``: the batch of the step that ended at global step ``s``)."""
 
     def __init__(self) -> None:
         self.norms: dict[int, float] = {}
+        self.params: dict[int, torch.Tensor] = {}
+        self.batches: dict[int, torch.Tensor] = {}
+
+    def full_gradient(self, trainer, pl_module) -> torch.Tensor:
+        return torch.cat([p.grad.full_tensor().reshape(-1) for p in pl_module.parameters() if p.grad is not None])
+
+    def full_matrix(self, trainer, pl_module) -> torch.Tensor:
+        layer = pl_module.net[0]
+        return torch.cat([layer.weight.full_tensor(), layer.bias.full_tensor()[:, None]], dim=1).detach().clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches[int(trainer.global_step) + 1] = batch[0].detach().clone()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        full = [p.grad.full_tensor() for p in pl_module.parameters() if p.grad is not None]
-        self.norms[int(trainer.global_step)] = float(torch.cat([g.reshape(-1) for g in full]).norm())
+        self.norms[int(trainer.global_step)] = float(self.full_gradient(trainer, pl_module).norm())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.params[int(trainer.global_step)] = self.full_matrix(trainer, pl_module)
 
 
 def _restored_after_products(module, loss_fn, batches) -> dict[str, bool]:
@@ -84,7 +100,7 @@ def main(out: str) -> None:
     data = regression_data(n=512, in_features=6, out_features=2, seed=2)
     loader = DataLoader(data, batch_size=16, shuffle=False)
     bundle = OptDiag()  # the defaults, as on one device: the adaptive schedule at a 5% budget
-    reference = FullGradientNorm()
+    reference = FullReference()
     trainer = pl.Trainer(
         accelerator="cpu", devices=2, max_steps=8, callbacks=[bundle, reference],
         strategy=pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
@@ -115,6 +131,8 @@ def main(out: str) -> None:
             "probe": hessian.probe_set(),
             "grad_norms": {h["step"]: h["grad_norm"] for h in bundle.gradient_monitor.history},
             "reference_grad_norms": reference.norms,
+            "reference_params": reference.params,
+            "step_batches": reference.batches,
             "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
             "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
             "restored": restored,
