@@ -115,6 +115,12 @@ BRIEF_FOLLOWS = 3
 _MAD_TO_SIGMA = float(1.0 / special.ndtri(0.75))
 
 
+def _tail(values: deque, k: int) -> list:
+    """The last ``k`` items of a deque (all if fewer), by index from its end: ``itertools.islice`` or ``list()``
+    walks the whole history, which is most of a step's cost at a history of hundreds of losses."""
+    return [values[i] for i in range(-min(k, len(values)), 0)]
+
+
 def _loss_scale(first_loss: float, running_min: float) -> float:
     """``|first_loss - running_min| + |running_min|``: the range the loss has spanned plus its best level."""
     return abs(first_loss - running_min) + abs(running_min)
@@ -451,7 +457,8 @@ class StallDetector:
             return self._diverge(step, "nonfinite", math.inf, fit=None)
         self._steps.append(int(step))
         self._losses.append(loss)
-        recent = float(statistics.median(list(self._losses)[-3:]))  # python: cheaper than numpy for 3
+        last3 = _tail(self._losses, 3)
+        recent = float(sorted(last3)[1] if len(last3) == 3 else statistics.median(last3))
         if self._n_seen < 3:
             self._first = recent
         self._n_seen += 1
@@ -491,8 +498,9 @@ class StallDetector:
                 spreads = tuple(0.0 for _ in spreads)
             floor = max((ratio - 1.0) * abs(reference),
                         self.spike_span_fraction * _loss_scale(self._first, self._running_min))
-            last = list(itertools.islice(self._losses, max(0, len(self._losses) - SPIKE_DURATIONS[-1]),
-                                         len(self._losses)))
+            last = _tail(self._losses, SPIKE_DURATIONS[-1])
+            if max(last) - reference <= floor:
+                return None  # no median of these losses can pass the first test: most steps stop here
             for duration, sd in zip(SPIKE_DURATIONS, spreads):
                 if len(last) < duration:
                     break
@@ -538,12 +546,11 @@ class StallDetector:
             if self._brief is not None or self._spike is not None or self._state == _DIVERGED \
                     or n < BRIEF_MIN_LOSSES or not self._spike_log or not (loss > 0 and math.isfinite(loss)):
                 return False
-            last = itertools.islice(self._losses, n - BRIEF_LEVEL_LOSSES, n)
-            reference = sorted(last)[BRIEF_LEVEL_LOSSES // 2]
+            reference = sorted(_tail(self._losses, BRIEF_LEVEL_LOSSES))[BRIEF_LEVEL_LOSSES // 2]
             if not loss > self.spike_ratio * reference or \
                     loss - reference <= self.spike_span_fraction * _loss_scale(self._first, self._running_min):
                 return False  # the cheap tests first: most steps stop here
-            scaled = np.log(np.fromiter(itertools.islice(self._losses, max(0, n - SPIKE_NOISE_LOSSES), n), float))
+            scaled = np.log(np.asarray(_tail(self._losses, SPIKE_NOISE_LOSSES), dtype=float))
             sd = difference_noise(scaled)
             sigmas = (math.log(loss) - math.log(reference)) / sd if sd > 0 else math.inf
             if not sigmas >= BRIEF_SPIKE_SIGMAS:
@@ -646,7 +653,7 @@ class StallDetector:
 
     # --- fits -------------------------------------------------------------------------------------------------
     def _level(self) -> float:
-        last = list(self._losses)[-self.window:]
+        last = _tail(self._losses, self.window)
         return abs(statistics.median(last)) or float(np.max(np.abs(last))) or 1.0
 
     def _trend(self, n: int, level: float) -> dict[str, Any]:
@@ -677,7 +684,7 @@ class StallDetector:
         if self._state != _ARMED:
             # Recovery: the loss surely falls again *and* has left the level it stalled at (its typical value now
             # lies below the lowest loss of the stalled window), so a noise excursion does not re-arm.
-            last = list(self._losses)[-self.window:]
+            last = _tail(self._losses, self.window)
             if window_fit["improvement_lo"] >= self.rel_improvement and statistics.median(last) < self._stall_floor:
                 self._state, self._since_rearm = _ARMED, 0
             return None
@@ -703,7 +710,7 @@ class StallDetector:
             resolved = fit["improvement_hi"] - fit["improvement_lo"] <= 2.0 * self.resolution * self.rel_improvement
             if resolved and fit["improvement_hi"] < self.rel_improvement:  # NaN (no interval) never passes
                 self._state = _STALLED
-                self._stall_floor = min(list(self._losses)[-self.window:])
+                self._stall_floor = min(_tail(self._losses, self.window))
                 margin = math.log1p(self.rel_improvement - fit["improvement_hi"])
                 return self._event(step, "stall", "flat", margin, fit)
         return None
@@ -715,10 +722,10 @@ class StallDetector:
         significant and large against three yardsticks: the loss level, the window's own noise (robust sd of the
         residuals about the line) and the range the loss has spanned.
         """
-        last = list(self._losses)[-self.window:]
+        last = _tail(self._losses, self.window)
         if len(last) < self.min_window or statistics.median(last[-3:]) <= self._first:
             return None
-        x = np.asarray(list(self._steps)[-len(last):], dtype=float)
+        x = np.asarray(_tail(self._steps, len(last)), dtype=float)
         x = x - x[0]
         y = np.asarray(last, dtype=float)
         slope, lo, _ = theil_sen(x, y, self.confidence)
@@ -744,8 +751,8 @@ class StallDetector:
     def _event(self, step: int, reason: str, trigger: str, margin: float, fit: dict[str, Any] | None) -> StallEvent:
         fit = fit or {"slope": math.nan, "slope_ci": (math.nan, math.nan), "rel_slope": math.nan,
                       "rel_improvement": math.nan, "improvement_hi": math.nan, "horizon": 0}
-        window = list(self._losses)[-self.window:]
-        steps = list(self._steps)[-self.window:]
+        window = _tail(self._losses, self.window)
+        steps = _tail(self._steps, self.window)
         noise = math.nan
         if len(window) >= 3 and math.isfinite(fit["slope"]):
             x = np.asarray(steps, dtype=float)
@@ -761,7 +768,7 @@ class StallDetector:
         situation gets one verdict; recovery re-arms it as usual."""
         if self._state == _ARMED:
             self._state = _STALLED
-            self._stall_floor = min(list(self._losses)[-self.window:], default=math.inf)
+            self._stall_floor = min(_tail(self._losses, self.window), default=math.inf)
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe state, so a resumed run continues where it stopped (Lightning callback state)."""
