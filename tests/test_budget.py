@@ -133,8 +133,10 @@ def test_any_window_of_100_steps_stays_within_the_budget_plus_one_bucket(tmp_pat
     # the storm asked for far more than that: a stall snapshot runs only when the bucket holds the stall reserve
     # (0.12 s), and the bucket earns 0.005 s a step, so most requests were refused
     assert storm.asked == 75 and 10 <= storm.taken < storm.asked // 2
-    # lambda_max was measured throughout (the storm's snapshots starve the schedule, and measure it themselves)
-    assert [h["reason"] for h in monitor.history[:2]] == ["scheduled", "scheduled"]
+    # lambda_max was measured throughout (the storm's snapshots starve the schedule, and measure it themselves);
+    # refreshes are paid from earned credit only, so the second scheduled one waits for the loan to be repaid
+    reasons = [h["reason"] for h in monitor.history]
+    assert reasons[0] == "scheduled" and "stall" in reasons
     assert max(h["step"] for h in monitor.history) > 370
     exact = np.linalg.eigvalsh(_hessian(slice(0, BATCH)))
     for h in monitor.history:
@@ -147,6 +149,7 @@ def test_stall_snapshot_takes_what_the_bucket_holds_lambda_max_first_then_a_shor
     trainer = make_trainer(tmp_path, [ClockSteps(priced), monitor], max_steps=3)
     trainer.fit(LinearRegression(), _loader())
     module = trainer.lightning_module
+    monitor.measure(trainer, module, budgeted=False)  # a second timing: the first carries one-time costs
     monitor._tokens = SETUP_SECONDS + 12 * PRODUCT_SECONDS  # credit for one setup and 12 products
     before = priced.now
     snapshot = monitor.measure(trainer, module, reason="stall")

@@ -18,7 +18,6 @@ from torch import nn
 import optdiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
-from optdiag.callbacks import stall as stall_module
 from optdiag.callbacks.stall import TEXT_TAG, StallDiagnoser
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
@@ -368,41 +367,63 @@ def test_window_gradients_are_means_over_the_sampled_steps_of_the_window(tmp_pat
     assert diagnosis.evidence["grad_norm_initial"] == pytest.approx(sum(initial) / len(initial))
 
 
-def test_the_probe_loss_proves_a_noisy_minimum_sooner_and_changes_nothing(tmp_path, monkeypatch):
+def test_the_probe_loss_proves_a_noisy_minimum_sooner_and_changes_nothing(tmp_path):
     """Minibatch losses with ~27% noise need a 400-step horizon to prove the minimum flat; the fixed probe batches'
     loss, read only while the minibatch losses look flat, proves it on a 200-step one. Same verdict, training
-    untouched, the probe forwards counted with their time. (Their wall-time budget is lifted: what the probe loss
-    proves must not depend on how loaded the machine is; the budget has its own test below.)"""
-    monkeypatch.setattr(stall_module, "PROBE_BUDGET", 1.0)
+    untouched, the probe forwards counted with their time and charged to the monitor. (The budget is lifted here:
+    what the probe loss proves must not depend on how loaded the machine is; the budget has its own test below.)"""
     found = {}
     for probe_every in (5, 0):
-        hessian = HessianMonitor(every_n_steps=10_000)
+        hessian = HessianMonitor(every_n_steps=10_000, budget=1.0)
         diagnoser = StallDiagnoser(verbose=False, probe_every=probe_every)
         _, run = fit_scenario(tmp_path / str(probe_every), "minimum", [hessian, diagnoser])
         (verdict,) = diagnoser.diagnoses
-        found[probe_every] = (verdict, (diagnoser.n_probe_losses, diagnoser.probe_seconds),
+        charged = sum(c["seconds"] for c in hessian.charges if c["what"] in ("probe_loss", "brief_spike_read"))
+        found[probe_every] = (verdict, (diagnoser.n_probe_losses, diagnoser.probe_seconds), charged,
                               [p.detach().clone() for p in run.module.parameters()])
-    probed, probes, weights = found[5]
-    plain, no_probes, plain_weights = found[0]
+    probed, probes, charged, weights = found[5]
+    plain, no_probes, _, plain_weights = found[0]
     assert probed.kind == plain.kind == "local_minimum"
     assert probed.evidence["stall_trigger"] == "flat_probe" and plain.evidence["stall_trigger"] == "flat"
     assert probed.step < plain.step and probed.evidence["stall_horizon"] < plain.evidence["stall_horizon"]
     assert probes[0] > 0 and probes[1] > 0 and no_probes == (0, 0.0)
+    assert charged == pytest.approx(probes[1], rel=0.05)  # every read charged to the one budget (clocks differ)
     assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
 
 
-def test_probe_losses_keep_within_their_wall_time_budget(tmp_path, monkeypatch):
-    """With no wall time to spend, the first probe loss is read (nothing spent yet) and no other: the budget is
-    checked before every read, and a run without probe losses still gets its verdict from the minibatch losses."""
-    monkeypatch.setattr(stall_module, "PROBE_BUDGET", 0.0)
+def _count_trend_reads(diagnoser):
+    """The steps of the probe detector's updates (brief-spike reads have their own allowance, in steps)."""
+    steps, update = [], diagnoser.probe_detector.update
+    diagnoser.probe_detector.update = lambda step, value: (steps.append(step), update(step, value))[1]
+    return steps
+
+
+def test_probe_losses_keep_within_a_fixed_cadences_share_of_training_time(tmp_path):
+    """With a fixed cadence (its snapshots are the user's choice of cost) and (almost) no budget, the first probe
+    loss is read (its price is not known yet) and no other: the budget is asked before every read, and a run without
+    probe losses still gets its verdict from the minibatch losses."""
     diagnoser = StallDiagnoser(verbose=False, probe_every=5)
-    trend_reads = []  # the probe detector's updates (brief-spike reads have their own budget, in steps)
-    update = diagnoser.probe_detector.update
-    diagnoser.probe_detector.update = lambda step, value: (trend_reads.append(step), update(step, value))[1]
-    fit_scenario(tmp_path, "minimum", [HessianMonitor(every_n_steps=10_000), diagnoser])
+    trend_reads = _count_trend_reads(diagnoser)
+    monitor = HessianMonitor(every_n_steps=10_000, budget=1e-9)
+    fit_scenario(tmp_path, "minimum", [monitor, diagnoser])
     assert len(trend_reads) == 1 and diagnoser.probe_seconds > 0
+    assert [c.get("count", 1) for c in monitor.charges if c["what"] == "probe_loss"] == [1]  # merged, one read
     (verdict,) = diagnoser.diagnoses
     assert verdict.kind == "local_minimum" and verdict.evidence["stall_trigger"] == "flat"
+
+
+def test_probe_losses_spend_the_adaptive_buckets_credit_within_its_bound(tmp_path):
+    """With the adaptive schedule and (almost) no earnings, the probe losses may spend only the bucket's starting
+    credit above the stall reserve: all the measurement of the fit (snapshots, probe losses, spike reads) stays
+    within the first snapshot plus one bucket, plus the overrun of the last piece of work."""
+    diagnoser = StallDiagnoser(verbose=False, probe_every=5)
+    trend_reads = _count_trend_reads(diagnoser)
+    monitor = HessianMonitor(budget=1e-9)
+    fit_scenario(tmp_path, "minimum", [monitor, diagnoser])
+    assert trend_reads and monitor.charges[0]["what"] == "scheduled"
+    overrun = max(c["seconds"] / c.get("count", 1) for c in monitor.charges)
+    assert monitor.monitor_seconds <= monitor.charges[0]["seconds"] + monitor.capacity() + overrun
+    assert min(c["balance"] for c in monitor.charges if c["balance"] is not None) >= -overrun
 
 
 def test_probe_every_is_checked_at_construction():

@@ -277,6 +277,7 @@ class HessianMonitor(OptDiagCallback):
         self._steps_at_start = 0
         self._last_step_seen = -1
         self._spent = 0.0  # Hessian seconds of this fit, whatever asked for them
+        self._extra_seconds = 0.0  # of which measurement outside snapshots (can_afford_extra)
         self._tokens: float | None = None  # the bucket's credit in seconds; None: full, size not yet known
         self._credit_train = 0.0  # training seconds at the last refill
         self._advance = 0.0  # the starting credit not yet repaid: earnings repay it before they refill the bucket
@@ -495,23 +496,53 @@ class HessianMonitor(OptDiagCallback):
         """
         return self.can_afford(trainer, self._reserve())
 
+    def can_afford_extra(self, trainer: Any, seconds: float | None) -> bool:
+        """Whether measurement work outside a snapshot (the diagnoser's probe-set losses, a few forward passes)
+        expected to cost ``seconds`` may run now, from the one budget every measurement is charged to
+        (:meth:`charged`). Adaptive schedule: the bucket must hold ``seconds`` above the stall reserve, which such
+        work leaves alone (a stall it helps prove still gets its snapshot). Fixed cadence (its snapshots are the
+        user's choice of cost, not this work's): the extra work charged so far plus ``seconds`` must stay within
+        ``budget`` of the training time. True while ``seconds`` is unknown (the first read prices it). Every rank
+        must call it under DDP: rank 0 decides, the answer is broadcast.
+
+        Example:
+            >>> HessianMonitor().can_afford_extra(trainer=None, seconds=None)
+            True
+        """
+        if seconds is None:
+            affordable = True
+        elif self.every_n_steps is not None:
+            affordable = self._extra_seconds + seconds <= self.budget * self._train_seconds()
+        else:
+            affordable = self.budget_balance() - (self._reserve() or 0.0) >= seconds
+        return bool(trainer.strategy.broadcast(affordable, src=0)) if trainer is not None else affordable
+
     def _n_probe_batches(self) -> int:
         return len(self.probe_set()) or self.probe_batches
 
-    def _charge(self, seconds: float, what: str, step: int, n_hvp: int = 0) -> None:
-        """Debit Hessian work from the account (the training clock excludes it) and write it in :attr:`charges`."""
+    def _charge(self, seconds: float, what: str, step: int, n_hvp: int = 0, merge: bool = False) -> None:
+        """Debit measurement work from the account (the training clock excludes it) and write it in
+        :attr:`charges`; with ``merge``, a charge of the same ``what`` as the last one is added to it (``count``),
+        so that frequent small work (probe-set losses) does not push the snapshots out of the bounded ledger."""
         self._spent += seconds
         self.monitor_seconds += seconds
         self._credit()  # refill up to now first: the work's own seconds earn nothing
         if self._tokens is not None:
             self._tokens -= seconds
+        last = self.charges[-1] if self.charges else None
+        if merge and last is not None and last["what"] == what:
+            last.update(step=step, seconds=last["seconds"] + seconds, count=last.get("count", 1) + 1,
+                        balance=self._tokens)
+            return
         self.charges.append({"step": step, "what": what, "seconds": seconds, "n_hvp": n_hvp,
                              "balance": self._tokens})
 
     @contextlib.contextmanager
-    def charged(self, step: int, what: str) -> Iterator[None]:
+    def charged(self, step: int, what: str, extra: bool = False) -> Iterator[None]:
         """Charge the wall time of the block to the budget, as ``what`` at ``step`` (work done outside
-        :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check).
+        :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check). ``extra``: work that
+        :meth:`can_afford_extra` admits (probe-set losses): also counted there, and consecutive charges of the same
+        ``what`` merged into one entry of :attr:`charges`.
 
         Example:
             >>> monitor = HessianMonitor()
@@ -524,7 +555,10 @@ class HessianMonitor(OptDiagCallback):
         try:
             yield
         finally:
-            self._charge(self.clock() - started, what, step)
+            seconds = self.clock() - started
+            if extra:
+                self._extra_seconds += seconds
+            self._charge(seconds, what, step, merge=extra)
 
     def _refresh_products(self, lambda_min: bool = False) -> int:
         """Products a scheduled snapshot is expected to take: each solve's last count (it warm-starts from it, and
@@ -551,9 +585,9 @@ class HessianMonitor(OptDiagCallback):
             needed = min(capacity, self._reserve() + self.estimate_seconds(products))
             self.estimated_seconds = needed - self._reserve()
             per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
-            shortfall = needed - credit
-            if shortfall > 0:
-                shortfall += self._advance  # the starting credit is repaid before the bucket refills
+            # Refreshes are paid from earned credit only: the starting credit not yet repaid stays for the evidence
+            # a stall needs (the diagnoser's probe losses, its snapshot), which a routine refresh must not take.
+            shortfall = needed - credit + self._advance
             wait = 1 if shortfall <= 0 else max(1, math.ceil(shortfall / max(per_step, 1e-12)))
         wait = trainer.strategy.broadcast(wait, src=0)  # rank 0's clock decides, so all ranks meet in collectives
         self._next_step = step + int(wait)

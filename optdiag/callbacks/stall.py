@@ -39,8 +39,6 @@ _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over th
 #: candidate (two reads: four forward passes, about 1.3 training steps) per 40 steps at most, whatever the noise
 #: (healthy minibatch runs nominate about one per 100 steps, mostly hard batches; docs/diagnosis-rules.md).
 BRIEF_READ_SHARE = 0.05
-#: The probe losses may take at most this share of the fit's wall time (forward passes over the probe batches).
-PROBE_BUDGET = 0.05
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
 
@@ -251,7 +249,7 @@ class StallDiagnoser(OptDiagCallback):
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
         self._pending: tuple[StallEvent, int, int] | None = None  # an undecided stall: (event, tries, next step)
         self._probing_until: int | None = None  # the probe loss is read up to this step
-        self._fit_started = time.perf_counter()  # the probe losses' budget is a share of the fit's wall time
+        self._probe_price: float | None = None  # what the last probe-set loss took (HessianMonitor.can_afford_extra)
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
         self._step_loss: torch.Tensor | None = None  # this step's loss, kept from backward to the optimizer step
         self._brief_events: list[StallEvent] = []  # brief spikes confirmed before this step's end
@@ -380,8 +378,8 @@ class StallDiagnoser(OptDiagCallback):
     def _probe(self, trainer: Any, pl_module: Any, step: int) -> StallEvent | None:
         """While the minibatch losses look flat without proving it, every ``probe_every`` steps the loss on the
         Hessian monitor's fixed probe batches (forward passes only, the model never written; their time is kept in
-        ``probe_seconds`` and held within :data:`PROBE_BUDGET` of the fit's wall time, apart from the curvature
-        budget, which is for Hessian products) goes into the probe
+        ``probe_seconds`` and charged to the monitor's budget, of which they may spend what lies above the stall
+        reserve: :meth:`HessianMonitor.can_afford_extra`) goes into the probe
         detector: no batch-to-batch noise, so it proves or refutes the stall within a window or two. Its stall
         event is returned, with its horizon in steps."""
         monitor = self.hessian_monitor
@@ -395,14 +393,11 @@ class StallDiagnoser(OptDiagCallback):
                 self.probe_detector.reset()
                 self._probing_until = None
             return None
-        # The probe losses' own small budget (PROBE_BUDGET of the fit's wall time so far): a clock decision, so
-        # under DDP rank 0's, broadcast, since every rank must meet in the probe loss's all-reduce.
-        affordable = self.probe_seconds <= PROBE_BUDGET * (time.perf_counter() - self._fit_started)
-        if self.world_size(trainer) > 1:
-            affordable = bool(trainer.strategy.broadcast(affordable, src=0))
-        if not affordable:
+        # From the one budget all measurement is charged to, above the stall reserve (HessianMonitor.
+        # can_afford_extra): a clock decision, rank 0's under DDP, since every rank must meet in the all-reduce.
+        if not monitor.can_afford_extra(trainer, self._probe_price):
             return None
-        value = self._probe_loss(trainer, pl_module)
+        value = self._probe_loss(trainer, pl_module, step, "probe_loss")
         if value is None or not math.isfinite(value):
             return None  # not collected yet, or a diverging run (the minibatch detector reports it)
         event = self.probe_detector.update(step, value)
@@ -412,11 +407,12 @@ class StallDiagnoser(OptDiagCallback):
         event.trigger = "flat_probe"
         return event
 
-    def _probe_loss(self, trainer: Any, pl_module: Any, per_batch: bool = False) -> Any:
+    def _probe_loss(self, trainer: Any, pl_module: Any, step: int, what: str, per_batch: bool = False) -> Any:
         """The loss on the Hessian monitor's fixed probe batches at the current point (their mean, or with
         ``per_batch`` the list of each batch's, one process only), in eval mode (forward passes only, the model's
-        state restored; counted in ``n_probe_losses`` and ``probe_seconds``); None until the set is complete (a loss
-        over a changing set would not compare over time)."""
+        state restored); None until the set is complete (a loss over a changing set would not compare over time).
+        Charged to the monitor's budget as ``what`` at ``step``, and counted in ``n_probe_losses`` and
+        ``probe_seconds``."""
         monitor = self.hessian_monitor
         if monitor is None or not monitor.enabled:
             return None
@@ -426,13 +422,14 @@ class StallDiagnoser(OptDiagCallback):
         started = time.perf_counter()
         # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
         # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
-        with preserved_state(pl_module), torch.no_grad():
+        with monitor.charged(step, what, extra=True), preserved_state(pl_module), torch.no_grad():
             pl_module.eval()
             sizes = [batch_size_of(b) or 1 for b in batches]
             losses = [float(monitor.loss_fn(pl_module, b)) for b in batches]
-        value = losses if per_batch else self._reduced_mean(
-            trainer, [sum(n * x for n, x in zip(sizes, losses)) / sum(sizes)])
-        self.probe_seconds += time.perf_counter() - started
+            value = losses if per_batch else self._reduced_mean(
+                trainer, [sum(n * x for n, x in zip(sizes, losses)) / sum(sizes)])
+        self._probe_price = time.perf_counter() - started
+        self.probe_seconds += self._probe_price
         self.n_probe_losses += 1
         return value
 
@@ -452,7 +449,7 @@ class StallDiagnoser(OptDiagCallback):
 
         def read() -> None:
             if not value:
-                value.append(self._probe_loss(trainer, pl_module, per_batch=True))
+                value.append(self._probe_loss(trainer, pl_module, step, "brief_spike_read", per_batch=True))
                 self._brief_reads += 1
             candidate = detector.brief_spike or {}
             event = detector.brief_spike_read(step, value[0])
@@ -479,12 +476,12 @@ class StallDiagnoser(OptDiagCallback):
         if self.detector.in_spike:
             # at the spike's start and at each new peak of the losses: the model at its worst
             if self._spike_probe is None or self.detector.spike_peaked:
-                value = self._probe_loss(trainer, pl_module)
+                value = self._probe_loss(trainer, pl_module, int(trainer.global_step), "spike_probe")
                 value = math.nan if value is None else value  # not measurable: judged on the losses alone
                 self._spike_probe = value if self._spike_probe is None or not value <= self._spike_probe \
                     else self._spike_probe
         elif event is not None and event.reason == "spike":
-            during, after = self._spike_probe, self._probe_loss(trainer, pl_module)
+            during, after = self._spike_probe, self._probe_loss(trainer, pl_module, event.step, "spike_probe")
             self._spike_probe = None
             if during is not None and after is not None and math.isfinite(during) and math.isfinite(after) \
                     and after > 0:
@@ -599,8 +596,10 @@ class StallDiagnoser(OptDiagCallback):
         # Charged to the monitor's budget, no trace, lambda_min not started from a warm start alone (see
         # HessianMonitor.measure); credit for one setup is left for the escape check
         reserve = (monitor.estimate_seconds() or 0.0) if self.escape_check else 0.0
-        snapshot = monitor.measure(trainer, pl_module, reason=event.reason,
-                                   trace=False, reserve_seconds=reserve)
+        # A spike's verdict reads lambda_max alone (the catapult's threshold crossing, a repeated bounce's stability
+        # ratio): no lambda_min solve, the larger part of a snapshot.
+        snapshot = monitor.measure(trainer, pl_module, reason=event.reason, trace=False,
+                                   lambda_min=event.reason != "spike", reserve_seconds=reserve)
         return {} if "skipped" in snapshot else snapshot
 
     def _recent_curvature(self, event: StallEvent) -> dict[str, Any]:
