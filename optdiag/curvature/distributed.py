@@ -144,7 +144,7 @@ class ReducedMeanOperator(CurvatureOperator):
             if self.sharded:
                 raise  # a sharded operator raises on every rank together
             out.fill_(float("nan"))  # take part in the collective anyway; every rank raises below
-        out = self.reduce_sum(out) / self.total_weight
+        out = self.reduce_sum(out).div_(self.total_weight)  # in place: no second vector beside the basis
         if not torch.isfinite(out).all():
             raise NonFiniteError(f"product {self.n_hvp + 1} of the reduced operator has NaN or infinite entries")
         return out
