@@ -554,3 +554,34 @@ def test_a_healthy_noisy_minibatch_run_gets_no_verdict(tmp_path):
     trainer_for(tmp_path, [FullLoss(), cb], 400).fit(module, loader)
     assert all(b < 0.9 * a for a, b in zip(full, full[1:])), full  # the truth: still falling >10% per 100 steps
     assert cb.diagnoses == [] and all(u["reason"] != "stall" for u in cb.stall_diagnoser.undecided)
+
+
+def test_an_undecided_stall_short_of_gradient_pairs_measures_every_step_and_looks_again_when_it_has_them(
+        monkeypatch):
+    """A stall whose gradient cannot be judged against its noise (fewer consecutive-gradient pairs than the test
+    needs: the monitor measures a pair every 10 steps) is not left waiting half a window: the gradient monitor
+    measures every step until the next look, which comes as soon as there are enough pairs. A stall undecided for
+    another reason waits the half window and measures nothing more."""
+    from optdiag.callbacks import stall as stall_module
+    from optdiag.diagnosis import StallEvent
+    from optdiag.diagnosis.classify import MIN_GRADIENT_PAIRS
+
+    def undecided_with(grad_zero):
+        def diagnose(evidence, event, thresholds, undecided):
+            undecided.append({"tests": {"grad_zero": grad_zero}, "scores": {}})
+            return None
+        return diagnose
+
+    event = StallEvent(step=65, reason="stall", slope=0.0, slope_ci=(-1.0, 1.0), rel_slope=0.0, window=[1.0] * 50,
+                       window_steps=list(range(16, 66)), horizon=50)
+    for grad_zero, retry in ((None, 65 + MIN_GRADIENT_PAIRS + 1), (0.9, 65 + 25)):
+        gradient = GradientNormMonitor(every_n_steps=10)
+        diagnoser = StallDiagnoser(verbose=False, gradient_monitor=gradient)
+        monkeypatch.setattr(diagnoser, "_snapshot", lambda *args: {})
+        monkeypatch.setattr(diagnoser, "_evidence", lambda *args: None)
+        monkeypatch.setattr(stall_module, "diagnose_stall", undecided_with(grad_zero))
+        diagnoser._handle(None, None, event)
+        assert diagnoser._pending[2] == retry and diagnoser.undecided[-1]["step"] == 65
+        dense = grad_zero is None
+        assert [s for s in range(66, 80) if gradient.is_measured(s)] == (
+            list(range(66, 66 + MIN_GRADIENT_PAIRS + 1)) + [79] if dense else [69, 70, 79])

@@ -175,6 +175,7 @@ class GradientNormMonitor(OptDiagCallback):
         """Per-run state that is not checkpointed (tensors tied to the current model and window)."""
         self._pending: dict[str, Any] | None = None
         self._cadence = self.every_n_steps or 1  # measuring interval, resolved against the Trainer at train start
+        self._dense_until = -1  # every step up to this one is measured (measure_every_step)
         self._log_interval = self._cadence  # logging interval, a multiple of the cadence
         self._named_cache: tuple[tuple[int, int], list] | None = None
         self._sharded = False  # the monitored parameters are DTensors (FSDP): norms are summed over ranks
@@ -204,7 +205,21 @@ class GradientNormMonitor(OptDiagCallback):
             [0, 1, 2, 3, 4, 7, 8, 11, 12]
         """
         phase = step % self._cadence
-        return step < self._cadence or phase == 0 or (self.track_directions and phase == self._cadence - 1)
+        return step < self._cadence or phase == 0 or (self.track_directions and phase == self._cadence - 1) \
+            or step <= self._dense_until
+
+    def measure_every_step(self, until: int) -> None:
+        """Measure every optimizer step up to ``until`` (inclusive), whatever the cadence: the stall diagnoser asks
+        for it when a stall cannot be judged for want of consecutive-gradient pairs (a pair every ``n`` steps gives
+        too few in a short horizon). A few norms and a dot product a step, never the model.
+
+        Example:
+            >>> monitor = GradientNormMonitor(every_n_steps=4)
+            >>> monitor.measure_every_step(until=13)
+            >>> [s for s in range(9, 17) if monitor.is_measured(s)]
+            [9, 10, 11, 12, 13, 15, 16]
+        """
+        self._dense_until = max(self._dense_until, int(until))
 
     def _state_key_arguments(self) -> dict[str, Any]:
         return {"layer_depth": self.layer_depth, "per_layer": self.per_layer}

@@ -22,7 +22,7 @@ from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis import Diagnosis, Evidence, OptimizerSpec, StallDetector, StallEvent, diagnose_stall
-from optdiag.diagnosis.classify import Thresholds, check_prediction
+from optdiag.diagnosis.classify import MIN_GRADIENT_PAIRS, Thresholds, check_prediction
 from optdiag.policy import LOGGER, check_number
 from optdiag.errors import OptDiagError, UsageError
 from optdiag.sinks import tensorboard as tensorboard_sink
@@ -546,7 +546,13 @@ class StallDiagnoser(OptDiagCallback):
             LOGGER.debug("optdiag: %s at step %d did not decide a verdict (try %d): %s", event.reason, event.step,
                          tries + 1, self.undecided[-1]["scores"])
             if event.reason == "stall" and tries + 1 < _RETRIES:
-                self._pending = (event, tries + 1, event.step + max(1, self.thresholds.window // 2))
+                retry = event.step + max(1, self.thresholds.window // 2)
+                if record.get("tests", {}).get("grad_zero") is None and self.gradient_monitor is not None:
+                    # too few consecutive-gradient pairs to judge the gradient against its noise: measure every
+                    # step, and look again as soon as there are enough pairs (the stall may not last half a window)
+                    retry = min(retry, event.step + MIN_GRADIENT_PAIRS + 1)
+                    self.gradient_monitor.measure_every_step(until=retry)
+                self._pending = (event, tries + 1, retry)
             return
         # what the verdict's curvature cost, or where it came from when the budget allowed no snapshot now
         diagnosis.evidence.update({k: v for k, v in snapshot.items() if k.endswith("_step") or k in (
