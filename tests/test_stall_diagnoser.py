@@ -585,3 +585,23 @@ def test_an_undecided_stall_short_of_gradient_pairs_measures_every_step_and_look
         dense = grad_zero is None
         assert [s for s in range(66, 80) if gradient.is_measured(s)] == (
             list(range(66, 66 + MIN_GRADIENT_PAIRS + 1)) + [79] if dense else [69, 70, 79])
+
+
+def test_a_spikes_snapshot_is_routine_unless_the_run_was_past_the_stability_threshold_before_it(monkeypatch):
+    """A recovered spike's own snapshot comes from earned credit above the stall reserve (a healthy run with a few
+    spikes must not pay one each), unless the last estimate before it was past the threshold: only the curvature
+    after it then tells a catapult from a bounce, and it may use the reserve."""
+    from optdiag.diagnosis import StallEvent
+
+    event = StallEvent(step=40, reason="spike", slope=0.0, slope_ci=(0.0, 0.0), rel_slope=0.0, window=[1.0] * 5,
+                       window_steps=list(range(36, 41)), trigger="spike")
+    event.spike = {"start_step": 30.0}
+    asked = []
+    for before in (1.5, 0.5, None):
+        monitor = HessianMonitor()
+        diagnoser = StallDiagnoser(verbose=False, hessian_monitor=monitor)
+        diagnoser.hessian_monitor = monitor
+        monkeypatch.setattr(diagnoser, "_ratio_before", lambda event, before=before: before)
+        monkeypatch.setattr(monitor, "can_afford_snapshot", lambda trainer, routine=False: asked.append(routine))
+        assert diagnoser._snapshot(None, None, event) == {} and diagnoser.n_snapshots == 0
+    assert asked == [False, True, True]

@@ -484,17 +484,26 @@ class HessianMonitor(OptDiagCallback):
         affordable = seconds is None or self.budget_balance() >= seconds
         return bool(trainer.strategy.broadcast(affordable, src=0))
 
-    def can_afford_snapshot(self, trainer: Any) -> bool:
+    def can_afford_snapshot(self, trainer: Any, routine: bool = False) -> bool:
         """Whether a stall snapshot may run now: the bucket holds the stall reserve (a setup and ``burst_hvp // 2``
         products for the snapshot, a setup for the diagnoser's escape check; :meth:`can_afford`), which the
         scheduled refreshes leave alone. So a stall gets its curvature unless another stall snapshot spent the
         reserve less than ``reserve / (budget * seconds per step)`` steps ago.
 
+        With ``routine`` (a snapshot a verdict can do without, such as a recovered spike's catapult check): like a
+        scheduled refresh, only from *earned* credit (the starting credit repaid) above the stall reserve, which it
+        leaves alone (measure it with ``reserve_seconds=stall_price()``): a healthy run with a few spikes must not
+        pay a snapshot for each.
+
         Example:
             >>> HessianMonitor(every_n_steps=100).can_afford_snapshot(trainer=None)
             True
         """
-        return self.can_afford(trainer, self._reserve())
+        if not routine or self.every_n_steps is not None:
+            return self.can_afford(trainer, self._reserve())
+        price, reserve = self.estimate_seconds(self._refresh_products()), self._reserve()
+        affordable = price is not None and self.budget_balance() - self._advance - reserve >= price
+        return bool(trainer.strategy.broadcast(affordable, src=0))
 
     def can_afford_extra(self, trainer: Any, seconds: float | None) -> bool:
         """Whether measurement work outside a snapshot (the diagnoser's probe-set losses, a few forward passes)

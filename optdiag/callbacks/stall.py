@@ -589,6 +589,19 @@ class StallDiagnoser(OptDiagCallback):
             self.warn_once("max-snapshots", f"the {self.max_snapshots} stall snapshots of this run are used up; "
                            "further verdicts rest on the loss and gradient only")
             return {}
+        if event.reason == "spike":
+            # A recovered spike's verdict stands on the losses and the probe batches; a repeated spike's stability
+            # ratio uses the last estimate before it. Its own snapshot is routine (earned credit above the stall
+            # reserve), unless the run was past the stability threshold before it: then only the curvature after
+            # it tells a catapult (the loss jumped to a flatter region) from a bounce, and it may use the reserve.
+            before = self._ratio_before(event)
+            catapult_possible = before is not None and before > 1.0
+            if not monitor.can_afford_snapshot(trainer, routine=not catapult_possible):
+                return {}
+            self.n_snapshots += 1
+            snapshot = monitor.measure(trainer, pl_module, reason="spike", trace=False, lambda_min=False,
+                                       reserve_seconds=0.0 if catapult_possible else monitor.stall_price() or 0.0)
+            return {} if "skipped" in snapshot else snapshot
         if not monitor.can_afford_snapshot(trainer):  # every rank asks: rank 0's answer is broadcast
             recent = self._recent_curvature(event)
             price = monitor.stall_price()
@@ -602,10 +615,7 @@ class StallDiagnoser(OptDiagCallback):
         # Charged to the monitor's budget, no trace, lambda_min not started from a warm start alone (see
         # HessianMonitor.measure); credit for one setup is left for the escape check
         reserve = (monitor.estimate_seconds() or 0.0) if self.escape_check else 0.0
-        # A spike's verdict reads lambda_max alone (the catapult's threshold crossing, a repeated bounce's stability
-        # ratio): no lambda_min solve, the larger part of a snapshot.
-        snapshot = monitor.measure(trainer, pl_module, reason=event.reason, trace=False,
-                                   lambda_min=event.reason != "spike", reserve_seconds=reserve)
+        snapshot = monitor.measure(trainer, pl_module, reason=event.reason, trace=False, reserve_seconds=reserve)
         return {} if "skipped" in snapshot else snapshot
 
     def _recent_curvature(self, event: StallEvent) -> dict[str, Any]:
@@ -772,6 +782,8 @@ class StallDiagnoser(OptDiagCallback):
             outcome["checked_at_step"] = step
             diagnosis.evidence["outcome"] = outcome
             self._log_outcome(trainer, diagnosis, outcome)
+        if len(still_open) == len(self._open):
+            return  # nothing checked this step: the losses kept are still needed (pruned only when one closes)
         self._open = still_open
         if self._open:  # keep only the losses the oldest open verdict still needs
             oldest = min(self.diagnoses[i].step for i in self._open)
