@@ -203,6 +203,23 @@ def test_a_brief_spike_is_followed_while_the_model_loss_still_rises():
     assert event.spike["probe_loss_first"] == 0.1 and event.spike["end_step"] == 209
 
 
+def test_a_brief_spike_is_followed_on_any_rise_of_the_mean_and_the_fall_on_every_batch_decides():
+    # A burst of several steps (Adam, lr x30 for five steps; the corpus's CNN run): one probe batch rose 2.1x, the
+    # other 1.06x on the way up, a mean of 1.38x, below the spike ratio; followed all the same, and its fall from
+    # that top on both batches makes it a spike
+    det, _ = _brief_candidate(5.0)
+    assert det.brief_spike_read(200, [0.077, 0.190]) is None and det.brief_spike_read(203, [0.165, 0.201]) is None
+    assert det.brief_spike_due(206)  # still followed
+    event = det.brief_spike_read(206, [0.05, 0.12])
+    assert event.reason == "spike" and event.spike["probe_peak_step"] == 203
+    assert event.spike["probe_fall_min"] == pytest.approx(0.201 / 0.12)
+    # the same rise with one batch coming back and the other not is still no spike of the model
+    det, _ = _brief_candidate(5.0)
+    det.brief_spike_read(200, [0.077, 0.190])
+    det.brief_spike_read(203, [0.165, 0.201])
+    assert det.brief_spike_read(206, [0.05, 0.19]) is None and det.brief_spike is None
+
+
 def test_a_brief_spike_that_keeps_rising_is_dropped_after_its_follows():
     det, _ = _brief_candidate(5.0)
     values = [0.1 * 2 ** i for i in range(stall_module.BRIEF_FOLLOWS + 1)]  # doubling at every read
