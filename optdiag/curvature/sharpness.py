@@ -216,18 +216,18 @@ def _corner_ascent(
 ) -> tuple[float, float, int]:
     """``epsilon_sharpness``'s corner ascent: (the best loss found, its perturbation's norm, accepted steps).
 
-    Every vector is in the model's dtype and on its device: the point, the half-widths, the perturbation, the
-    gradient, the step, the trial perturbation and the point it is evaluated at, besides what one
-    loss-and-gradient evaluation holds. The perturbation is kept apart from the point (``x + y - x`` would round
-    it off the box's corners).
+    Every vector is in the model's dtype and on its device: the point, the perturbation, the step and the point
+    evaluated, besides what one loss-and-gradient evaluation holds (the half-widths are recomputed where needed).
+    The perturbation is kept apart from the point (``x + y - x`` would round it off the box's corners); an
+    accepted step is applied to it as the trial point was formed (``y + a step``, bitwise the same).
     """
     generator = torch.Generator(device=x.device).manual_seed(seed)
-    half_width = x.abs().add_(1.0).mul_(eps)
-    y = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).mul_(2).sub_(1).mul_(half_width)
+    y = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).mul_(2).sub_(1)
+    y.mul_(_half_widths(x, eps))
     value, gradient = f.value_and_grad(x + y)
     n_iter = 0
     while n_iter < max_iter:
-        step = torch.sign(gradient).mul_(half_width)  # the corner that maximises the linearisation
+        step = torch.sign(gradient).mul_(_half_widths(x, eps))  # the corner that maximises the linearisation
         flat = gradient == 0
         step[flat] = y[flat]
         del flat, gradient
@@ -235,18 +235,26 @@ def _corner_ascent(
             break  # the corner is where the search stands: no ascent direction left in the box
         step.sub_(y)
         for halving in range(_MAX_HALVINGS + 1):
-            trial = torch.add(y, step, alpha=0.5**halving)
-            trial_value, gradient = f.value_and_grad(x + trial)
+            alpha = 0.5**halving
+            point = torch.add(y, step, alpha=alpha).add_(x)
+            trial_value, gradient = f.value_and_grad(point)
+            del point
             if trial_value > value:
                 break
         else:
             break  # no halved step increases the loss: a local maximum to this precision
-        y, value = trial, trial_value
+        y.add_(step, alpha=alpha)
+        value = trial_value
         n_iter += 1
-        del trial, step
+        del step
     if value <= loss:
         return loss, 0.0, n_iter  # the centre is in the box
     return value, float(torch.linalg.vector_norm(y)), n_iter
+
+
+def _half_widths(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The box's half-widths ``eps (|x_i| + 1)``."""
+    return x.abs().add_(1.0).mul_(eps)
 
 
 def sam_sharpness(model: nn.Module, loss_fn: LossFn, batches: Any, rho: float = 0.05) -> SharpnessResult:
@@ -325,22 +333,26 @@ def _first_order_sharpness(
     with preserved_state(model):
         w = f.point()
         loss, gradient = f.value_and_grad(w)
-        scale = torch.ones_like(w) if eta is None else w.abs() + eta
-        scaled_norm = float(torch.linalg.vector_norm(scale * gradient))
+        # In place where it can be: a large model's perturbation takes no more vectors than its gradient.
+        scale = None if eta is None else w.abs().add_(eta)
+        scaled_norm = float(torch.linalg.vector_norm(gradient if scale is None else scale * gradient))
         if scaled_norm == 0.0:
             what = "gradient" if eta is None else "scaled gradient (|w| + eta) * g"
             raise ValueError(
                 f"the {what} is exactly zero, so first-order sharpness has no direction to perturb in; use "
                 "epsilon_sharpness or lambda_max at a critical point"
             )
-        perturbation = rho * scale**2 * gradient / scaled_norm
-        perturbed_loss = f.value(w + perturbation)
+        perturbation = gradient if scale is None else gradient.mul_(scale.square_())
+        perturbation.mul_(rho / scaled_norm)
+        del scale
+        perturbation_norm = float(torch.linalg.vector_norm(perturbation))
+        perturbed_loss = f.value(perturbation.add_(w))
     return SharpnessResult(
         value=perturbed_loss - loss,
         kind="sam" if eta is None else "adaptive",
         loss=loss,
         perturbed_loss=perturbed_loss,
-        perturbation_norm=float(torch.linalg.vector_norm(perturbation)),
+        perturbation_norm=perturbation_norm,
         n_evals=f.n_evals,
         rho=rho,
         eta=eta,
