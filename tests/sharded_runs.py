@@ -67,6 +67,32 @@ def check_union_curvature(ranks: list[dict[str, Any]]) -> None:
     assert abs(full["hessian_trace"] - 2 * eig.sum()) <= 4 * full["hessian_trace_stderr"] + 1e-3 * eig.sum()
 
 
+def check_preconditioned_sharpness(ranks: list[dict[str, Any]]) -> None:
+    """Adam's preconditioned sharpness on the shards: both ranks agree on every snapshot; before the warm-up rule
+    holds (5 steps at the scripts' beta2 = 0.5) there is no ratio, after it ``measure()``'s ``lambda_max(P^-1 H)``
+    is the largest eigenvalue of ``P^-1/2 H P^-1/2``, with ``H`` the exact Hessian of the union of both ranks' probe
+    batches and ``P`` the diagonal gathered from both ranks' optimizer state (``preconditioner``, in the order of
+    ``layout``: each element's output and column of ``D = [X 1]``)."""
+    h0, h1 = ranks[0]["history"] + [ranks[0]["full"]], ranks[1]["history"] + [ranks[1]["full"]]
+    for a, b in zip(h0, h1):
+        for key in ("preconditioned_lambda_max", "stability_ratio", "preconditioner_warmup"):
+            assert a[key] == b[key], key
+        if a["step"] < 5:
+            assert a["preconditioner_warmup"] == {"steps": a["step"], "ready_at": 5} and a["stability_ratio"] is None
+        else:
+            assert a["preconditioner_warmup"] is None
+            assert a["stability_ratio"] == pytest.approx(a["preconditioned_lambda_max"] / a["stability_threshold"])
+    layout = ranks[0]["layout"]
+    gram = _gram(torch.cat([b[0] for rank in ranks for b in rank["probe"]]))
+    hessian = torch.tensor([[float(gram[j, m]) if k == l else 0.0 for l, m in layout] for k, j in layout],
+                           dtype=torch.float64)
+    scale = ranks[0]["preconditioner"].rsqrt()
+    assert torch.equal(ranks[0]["preconditioner"], ranks[1]["preconditioner"]) and len(scale) == 14
+    exact = float(torch.linalg.eigvalsh(scale[:, None] * hessian * scale[None, :])[-1])
+    full = ranks[0]["full"]
+    assert full["step"] == 8 and full["preconditioned_lambda_max"] == pytest.approx(exact, rel=1e-3)
+
+
 def _gram(inputs: torch.Tensor) -> torch.Tensor:
     """``D^T D / n`` with ``D = [X 1]``: the Hessian of the least-squares loss on each output's block."""
     design = torch.cat([inputs.double(), torch.ones(len(inputs), 1, dtype=torch.float64)], dim=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharded_runs import check_gradient_norms, check_union_curvature, run_ranks
+from sharded_runs import check_gradient_norms, check_preconditioned_sharpness, check_union_curvature, run_ranks
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "fsdp_monitors.py"
 
@@ -29,3 +29,4 @@ def test_fsdp2_ranks_measure_the_hessian_of_the_union_on_their_shards(tmp_path):
         assert rank["restored"] == {"shards": True, "grads": True, "rng": True, "products": True}
     check_union_curvature(ranks)
     check_gradient_norms(ranks)
+    check_preconditioned_sharpness(ranks)  # Adam's lambda_max(P^-1 H) on the shards

@@ -967,17 +967,14 @@ class HessianMonitor(OptDiagCallback):
         threshold = stability_threshold(spec)
         out.update(optimizer=spec, lr=spec.lr, momentum=momentum, stability_threshold=threshold)
         sharpness = lambda_max
-        if spec.preconditioned and mean.sharded:
-            self.warn_once("preconditioner-sharded", "the preconditioned sharpness of Adam/AdamW/RMSprop is not "
-                           "measured on sharded (FSDP) parameters; stability_ratio is unavailable")
-            out["stability_threshold"] = None
-            return out
         if spec.preconditioned:
             params = [p for _, p in trainable_parameters(pl_module)]
             torch_optimizer = getattr(optimizer, "optimizer", optimizer)
             try:
                 warmup = preconditioner_warmup(torch_optimizer, params)
-                if not warmup.ready:  # no ratio from a preconditioner that is still noise (docs/theory.md section 1)
+                # no ratio from a preconditioner that is still noise (docs/theory.md section 1); sharded: summed
+                # over ranks, so that every rank goes on to the (collective) solve or none does
+                if float(mean.shard_sum(torch.tensor([float(not warmup.ready)]))) > 0:
                     out["preconditioner_warmup"] = {"steps": warmup.steps, "ready_at": warmup.ready_at}
                     return out
                 pre = PreconditionedOperator.from_optimizer(mean, torch_optimizer, params=params)

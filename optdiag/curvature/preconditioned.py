@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from optdiag.curvature.base import CurvatureOperator
-from optdiag.curvature.params import flatten, trainable_parameters
+from optdiag.curvature.params import flatten, local_part, trainable_parameters
 from optdiag.errors import UsageError
 
 
@@ -28,6 +28,11 @@ class PreconditionedOperator(CurvatureOperator):
 
     Each product costs one product of the inner operator, and :attr:`n_hvp` reports the inner operator's count, so
     budgets keep counting Hessian-vector products however the operator is wrapped.
+
+    **Sharded vectors** (FSDP, see :class:`~optdiag.curvature.base.CurvatureOperator`): the preconditioner is this
+    rank's part of the diagonal, laid out like the inner operator's local vectors, and the inner operator's sums over
+    ranks (:meth:`shard_sum`, :attr:`total_params`, :attr:`shard_index`) are this operator's, so ``top_eigenvalues``
+    gives the same number on every rank. The entries are checked on every rank together: all raise or none.
 
     Args:
         op: the curvature operator ``H`` (a ``HessianOperator``, or any :class:`CurvatureOperator`).
@@ -58,13 +63,15 @@ class PreconditionedOperator(CurvatureOperator):
                 f"got shape {tuple(preconditioner.shape)}"
             )
         bad = ~(torch.isfinite(preconditioner) & (preconditioner > 0))
-        if bool(bad.any()):
+        n_bad = int(op.shard_sum(bad.sum().reshape(1).double()))  # sharded: every rank raises together, or none
+        if n_bad:
             raise UsageError(
-                f"preconditioner must be finite and strictly positive; {int(bad.sum())} of {op.num_params} entries "
+                f"preconditioner must be finite and strictly positive; {n_bad} of {op.total_params} entries "
                 "are not (an optimizer with eps=0 and a parameter whose gradient was always zero gives this)"
             )
         super().__init__(op.num_params, op.device, op.dtype)
         self.op = op
+        self.sharded = op.sharded
         self.preconditioner = preconditioner.detach().to(device=op.device, dtype=op.dtype)
         self._inv_sqrt = self.preconditioner.rsqrt()
 
@@ -72,6 +79,17 @@ class PreconditionedOperator(CurvatureOperator):
     def n_hvp(self) -> int:
         """Products of the inner operator computed so far (one per product of this operator)."""
         return self.op.n_hvp
+
+    @property
+    def total_params(self) -> int:
+        return self.op.total_params
+
+    @property
+    def shard_index(self) -> int:
+        return self.op.shard_index
+
+    def shard_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.op.shard_sum(tensor)
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._inv_sqrt * self.op.matvec(self._inv_sqrt * v)
@@ -96,7 +114,9 @@ class PreconditionedOperator(CurvatureOperator):
             optimizer: an optimizer that has taken at least one step on every parameter in ``params``.
             params: the parameters in the order of ``op``'s flat vectors. Defaults to
                 ``trainable_parameters(op.model)``, the order of a ``HessianOperator``; pass them for any other
-                operator.
+                operator. Sharded parameters (FSDP) give this rank's part of the diagonal, read from the state's
+                local shards (``DTensor``s under FSDP2, the slices under FSDP1), as :func:`local_part` lays out the
+                operator's vectors; a parameter with no elements on this rank needs no state here.
 
         Returns:
             A :class:`PreconditionedOperator` whose largest eigenvalue is the optimizer's preconditioned sharpness
@@ -105,6 +125,7 @@ class PreconditionedOperator(CurvatureOperator):
         Raises:
             UsageError (a ``ValueError``): for an unsupported optimizer (named), parameters the optimizer does not
                 hold or has no state for yet (no step taken), or parameters that do not add up to ``op.num_params``.
+                On sharded vectors every rank raises if one does (the others are not left in a collective).
 
         Example:
             >>> from optdiag.curvature.base import MatrixOperator
@@ -125,21 +146,32 @@ class PreconditionedOperator(CurvatureOperator):
             # A HessianOperator's flat vectors follow trainable_parameters(op.model).
             params = [p for _, p in trainable_parameters(model)]
         params = list(params)
-        total = sum(p.numel() for p in params)
-        if total != op.num_params:
-            raise UsageError(f"params hold {total} numbers but the operator acts on {op.num_params}")
-        diagonal = flatten(_preconditioner_of(optimizer, p) for p in params)
+        error = None
+        try:
+            total = sum(local_part(p).numel() for p in params)
+            if total != op.num_params:
+                raise UsageError(f"params hold {total} numbers but the operator acts on {op.num_params}")
+            diagonal = flatten(_preconditioner_of(optimizer, p) for p in params)
+        except UsageError as caught:
+            error = caught
+        if op.sharded and float(op.shard_sum(torch.tensor([float(error is not None)], dtype=torch.float64))) > 0:
+            raise error or UsageError("another rank could not read its part of the preconditioner")
+        if error is not None:
+            raise error
         return cls(op, diagonal)
 
 
 def _preconditioner_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> torch.Tensor:
-    """The diagonal of ``P`` for one parameter, read from the optimizer's state."""
+    """The diagonal of ``P`` for one parameter (this rank's part when sharded), read from the optimizer's state."""
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop)):
         raise UsageError(
             f"cannot read a preconditioner from {type(optimizer).__name__}: supported are Adam, AdamW and RMSprop"
         )
     group = _group_of(optimizer, param)
-    state = optimizer.state.get(param, {})
+    if local_part(param).numel() == 0:  # an FSDP1 slice on another rank: no gradient here, so no state either
+        return local_part(param).detach().reshape(-1)
+    state = {key: local_part(value) if isinstance(value, torch.Tensor) else value
+             for key, value in optimizer.state.get(param, {}).items()}  # FSDP2: the state's DTensors' local shards
     if not state:
         raise UsageError(
             f"{type(optimizer).__name__} has no state for a parameter of shape {tuple(param.shape)}: it has not "
@@ -259,7 +291,9 @@ def preconditioner_warmup(optimizer: torch.optim.Optimizer,
 
     Args:
         optimizer: an ``Adam``, ``AdamW`` or ``RMSprop`` (Lightning's wrapper unwrapped by the caller).
-        params: the parameters to look at; default: all the optimizer holds.
+        params: the parameters to look at; default: all the optimizer holds. A sharded parameter (FSDP) with no
+            elements on this rank is not counted (it has no gradient, so no steps, here); the caller makes the
+            ranks agree.
 
     Returns:
         A :class:`PreconditionerWarmup` with the fewest steps any of them has taken.
@@ -287,7 +321,9 @@ def preconditioner_warmup(optimizer: torch.optim.Optimizer,
             need = ready_after(float(group["alpha"]), bias_corrected=False)
         else:
             need = ready_after(float(group["betas"][1]))
+        ready_at = max(ready_at, need)
+        if local_part(param).numel() == 0:  # nothing of it on this rank (an FSDP1 slice elsewhere): no steps here
+            continue
         taken = int(float(optimizer.state.get(param, {}).get("step", 0)))
         steps = taken if steps is None else min(steps, taken)
-        ready_at = max(ready_at, need)
     return PreconditionerWarmup(steps=steps or 0, ready_at=ready_at)
