@@ -5,7 +5,8 @@ exact Hessian of the union of both ranks' probe batches.
 Each rank's saved dict holds ``history`` (the scheduled snapshots of ``OptDiag()`` at its defaults), ``full`` (one
 ``measure(trace=True)`` after the fit), ``probe`` (its probe batches), ``grad_norms`` and ``reference_grad_norms``
 (the gradient monitor's norms and those of the gathered full gradient), ``reference_params`` (the full ``[W | b]``
-after each step) and ``step_batches`` (each step's inputs on this rank).
+after each step), ``step_batches`` (each step's inputs on this rank), ``preconditioner`` (Adam's diagonal after the
+fit, gathered from both ranks) and ``layout`` (each parameter element's output and column of ``D = [X 1]``).
 """
 
 from __future__ import annotations

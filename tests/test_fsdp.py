@@ -1,6 +1,6 @@
 """Real two-process FSDP2 on CPU (gloo) through Lightning's ModelParallelStrategy: ``OptDiag()`` at its defaults
-measures the Hessian of the union of both ranks' probe batches by finite differences on the local shards, and global
-gradient norms."""
+measures the Hessian of the union of both ranks' probe batches by finite differences on the local shards, Adam's
+preconditioned sharpness on them, and global gradient norms."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Real two-process FSDP1 on CPU (gloo) through Lightning's FSDPStrategy: ``OptDiag()`` at its defaults measures the
 Hessian of the union of both ranks' probe batches by finite differences on the original parameters' views of the
-local shards (a nested unit and the root's own parameters, one slice empty on a rank), global gradient norms, and
-leaves training bitwise as it was.
+local shards (a nested unit and the root's own parameters, one slice empty on a rank), Adam's preconditioned sharpness
+on them, global gradient norms, and leaves training bitwise as it was.
 
 The strategy is Lightning's with two CPU-only changes (``tests/ddp_scripts/fsdp1_monitors.py``'s
 ``CPUFSDPStrategy``: a subclass, because the Trainer refuses a CPU accelerator for the exact type, and
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharded_runs import check_gradient_norms, check_union_curvature, run_ranks
+from sharded_runs import check_gradient_norms, check_preconditioned_sharpness, check_union_curvature, run_ranks
 
 SCRIPT = Path(__file__).parent / "ddp_scripts" / "fsdp1_monitors.py"
 
@@ -42,3 +42,4 @@ def test_fsdp1_ranks_measure_the_hessian_of_the_union_on_their_slices_and_do_no_
     assert (0,) in ranks[0]["shapes"].values()
     check_union_curvature(ranks)  # the critical sharpness too: forwards through the root, on the slices
     check_gradient_norms(ranks)  # against the full gradient FSDP1 gathers (summon_full_params)
+    check_preconditioned_sharpness(ranks)  # Adam's state on the slices; rank 0 has none for its empty slice

@@ -73,6 +73,10 @@ class SplitLinearRegression(ShardedLinearRegression):
         pl.LightningModule.__init__(self)
         self.net = Split()
 
+    LAYOUT = [(k, j) for k in range(2) for j in range(3)] + [(k, 6) for k in range(2)] + \
+        [(k, 3 + j) for k in range(2) for j in range(3)]
+    """As the FSDP2 model's, in this model's parameter order: ``left``'s weight and bias, then ``right``'s weight."""
+
     def configure_model(self) -> None:
         pass
 
@@ -88,6 +92,20 @@ class GatheredReference(FullReference):
         net = pl_module.net
         with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
             return torch.cat([net.left.weight, net.right.weight, net.left.bias[:, None]], dim=1).detach().clone()
+
+
+def full_preconditioner(trainer, pl_module) -> torch.Tensor:
+    """Adam's ``P = sqrt(exp_avg_sq / (1 - beta2^step)) + eps`` over the whole flat parameter vector, from the full
+    optimizer state FSDP1 gathers from both ranks (``optim_state_dict``): the test's reference only."""
+    optimizer = trainer.optimizers[0]
+    state = FullyShardedDataParallel.optim_state_dict(trainer.strategy.model, optimizer)["state"]
+    group = optimizer.param_groups[0]
+    parts = []
+    for name, _ in pl_module.named_parameters():
+        name = name.replace("_fsdp_wrapped_module.", "")  # the state's keys are the unwrapped names
+        corrected = state[name]["exp_avg_sq"] / (1 - group["betas"][1] ** float(state[name]["step"]))
+        parts.append((corrected.sqrt() + group["eps"]).reshape(-1))
+    return torch.cat(parts).double()
 
 
 def main(out: str, plain: bool) -> None:
@@ -113,6 +131,7 @@ def main(out: str, plain: bool) -> None:
         scheduled = hessian.history
         # lambda_min and the trace join every 4th scheduled snapshot: measure() takes a full one now, on both ranks
         full = hessian.measure(trainer, module, reason="final", trace=True, budgeted=False)
+        preconditioner = full_preconditioner(trainer, module)
         torch.save(
             {
                 "world_size": trainer.world_size,
@@ -132,6 +151,8 @@ def main(out: str, plain: bool) -> None:
                 "step_batches": reference.batches,
                 "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
                 "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
+                "preconditioner": preconditioner,
+                "layout": module.LAYOUT,
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
