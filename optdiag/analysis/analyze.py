@@ -559,7 +559,8 @@ def _loss_pass(
     model: nn.Module, loss_fn: Callable, batches: Iterator[Any], settings: AnalysisSettings,
     kept: Optional[list] = None, keep: int = 0,
 ) -> tuple[HessianOperator, float, torch.Tensor, int, int]:
-    """The analysis operator (first chunk) and the mean loss, gradient (float64), samples and batches over all
+    """The analysis operator (first chunk) and the mean loss, gradient (summed in float64, in the operator's dtype),
+    samples and batches over all
     chunks of ``batches``; the first ``keep`` batches are appended to ``kept`` on the way.
 
     Each chunk's loss and gradient come from a ``HessianOperator`` over it (the same sample weighting and forward
@@ -586,8 +587,9 @@ def _loss_pass(
                                  dtype=settings.dtype)
         count = sum(sizes)
         loss_sum += op.loss * count
-        gradient = op.gradient().double() * count
-        grad_sum = gradient if grad_sum is None else grad_sum + gradient
+        gradient = op.gradient().double().mul_(count)
+        grad_sum = gradient if grad_sum is None else grad_sum.add_(gradient)
+        del gradient
         n_samples += count
         n_batches += len(chunk)
         if first is None:
@@ -595,7 +597,9 @@ def _loss_pass(
         else:
             op.close()
     assert first is not None and grad_sum is not None  # iter_batches raised if there was no batch
-    return first, loss_sum / n_samples, grad_sum / n_samples, n_samples, n_batches
+    # Summed in float64, kept in the operator's dtype: every later stage (and the next checkpoint's gate) holds it,
+    # and in float64 it would be two more copies of a float32 model's parameters for the whole analysis.
+    return first, loss_sum / n_samples, grad_sum.div_(n_samples).to(first.dtype), n_samples, n_batches
 
 
 def _full_data_loss(model: nn.Module, loss_fn: Callable, data: Any, settings: AnalysisSettings,
@@ -617,7 +621,7 @@ def _analyze_one(
     scope: contextlib.ExitStack, initial_grad_norm: Optional[float] = None,
 ) -> tuple[CheckpointAnalysis, HessianOperator, torch.Tensor]:
     """Analyse one checkpoint; the analysed function's mode is entered into ``scope`` (kept for the barrier path).
-    Also returns the full-data gradient (float64, on the CPU) for the gate on the path to the next checkpoint."""
+    Also returns the full-data gradient (on the CPU) for the gate on the path to the next checkpoint."""
     started = time.perf_counter()
     progress = _Progress(settings.progress, f"{label} {item.path.name}")
     model = item.model.to(settings.torch_device)
@@ -640,7 +644,7 @@ def _analyze_one(
             )
             progress.done()
             full = _FullData(mean_loss, gradient, n_samples, source, where, kept,
-                             float(gradient.norm()) if item.step == 0 else initial_grad_norm)
+                             float(gradient.double().norm()) if item.step == 0 else initial_grad_norm)
             analysis = _curvature_and_verdict(item, op, model, loss_fn, optimizer, settings, progress, notes, full,
                                               mode)
     except UsageError:
@@ -653,7 +657,7 @@ def _analyze_one(
     finally:
         progress.close()
     analysis.update(
-        loss=mean_loss, grad_norm=float(gradient.norm()), n_samples=n_samples, n_batches=n_batches, notes=notes,
+        loss=mean_loss, grad_norm=float(gradient.double().norm()), n_samples=n_samples, n_batches=n_batches, notes=notes,
         seconds=time.perf_counter() - started, mode=mode.to_dict(),
     )
     return CheckpointAnalysis(**analysis), op, gradient.detach().cpu()
@@ -722,7 +726,7 @@ def _curvature_and_verdict(
 
     # The gradient evidence is the full-data gradient (exact for the loss the optimizer minimised over this data),
     # against the per-sample noise measured on the analysis batches: the norm test on the whole data.
-    grad_sq = float(full.gradient.pow(2).sum())
+    grad_sq = float(full.gradient.double().pow_(2).sum())
     # tr(Sigma) comes clamped at 0 from the estimator, which records a negative raw value: the evidence says so too
     noise_trace = None if noise is None or not math.isfinite(noise.trace_sigma) else noise.trace_sigma
     clamped = {"grad_noise_trace": noise.clamped["trace_sigma"]} if noise_trace is not None and \
@@ -805,7 +809,7 @@ def _gradient_line(op: HessianOperator, model: nn.Module, loss_fn: Callable, set
                    full: _FullData, top: EigenResult, bottom: EigenResult, notes: list[str]) -> Optional[dict]:
     """The gate's gradient line: the full-data loss at the step along ``-G`` that the quadratic model (one product
     for the curvature along ``G``) calls best; None for a zero gradient."""
-    norm = float(full.gradient.norm())
+    norm = float(full.gradient.double().norm())
     if not math.isfinite(norm) or norm == 0.0:
         return None
     direction = (full.gradient / norm).to(device=op.device, dtype=op.dtype)
