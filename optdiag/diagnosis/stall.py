@@ -579,8 +579,9 @@ class StallDetector:
         """Take a read of the model's loss on the same fixed batches for the nominated brief spike.
 
         ``losses`` holds one loss per fixed batch (a number is one batch). The first read is at the nomination, the
-        next :data:`BRIEF_AFTER` steps later. While the latest read's mean is the highest (the model's loss still
-        rose after the nomination: a burst of several steps), it is followed :data:`BRIEF_AFTER` steps more, up to
+        next :data:`BRIEF_AFTER` steps later. While the latest read's mean is the highest and it, or one batch's
+        loss, is ``spike_ratio`` times the first read's (the model's loss rose after the nomination, as in a burst of
+        several steps), it is followed :data:`BRIEF_AFTER` steps more, up to
         :data:`BRIEF_FOLLOWS` times. Then it is a ``"spike"`` event when **every** batch's loss at the highest read is
         ``spike_ratio`` times its last (it came back, on each batch: one batch's own swing is no spike of the model;
         the margin is ``log(min ratio / spike_ratio)``), and dropped otherwise (a hard batch) or when a read is not
@@ -603,7 +604,9 @@ class StallDetector:
             return None
         means = [sum(r) / len(r) for _, r in reads]
         top = max(range(len(reads)), key=means.__getitem__)
-        if top == len(reads) - 1 and means[-1] > means[0] and len(reads) <= BRIEF_FOLLOWS:
+        rose = means[-1] >= self.spike_ratio * means[0] or max(p / q for p, q in zip(read, reads[0][1])) >= \
+            self.spike_ratio  # the mean, or one batch: a burst of several steps may show on one batch first
+        if top == len(reads) - 1 and rose and len(reads) <= BRIEF_FOLLOWS:
             return None  # still rising on the same batches: follow it to its top (the fall from there decides)
         self._brief = None
         fall = min(p / q for p, q in zip(reads[top][1], read))
