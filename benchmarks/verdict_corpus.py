@@ -1236,7 +1236,8 @@ its snapshot; with refreshes paid from earned credit the starting credit waits f
 again. An undecided stall short of consecutive-gradient pairs has the gradient monitor measure every step and is
 looked at again once there are enough. The CNN's Adam burst (lr x30 for five steps) is now a `loss_spike`: its
 probe batches rose 2.1x and 1.06x on the way up (a mean of 1.38x, under the spike ratio, so it was not followed);
-any continued rise is now followed, and the fall from the top, on every batch, still decides.
+a rise is now followed when the mean or one batch reached the ratio, and the fall from the top, on every batch,
+still decides.
 
 **What is still missed, and why.** No healthy run gets a verdict, and no verdict is wrong. The one miss is the
 2-layer linear net at batch 16: its first plateau (the saddle at the origin) lasts about 55 steps, under the 25-60%
