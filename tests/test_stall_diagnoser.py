@@ -398,18 +398,19 @@ def _count_trend_reads(diagnoser):
     return steps
 
 
-def test_probe_losses_keep_within_a_fixed_cadences_share_of_training_time(tmp_path):
-    """With a fixed cadence (its snapshots are the user's choice of cost) and (almost) no budget, the first probe
-    loss is read (its price is not known yet) and no other: the budget is asked before every read, and a run without
-    probe losses still gets its verdict from the minibatch losses."""
-    diagnoser = StallDiagnoser(verbose=False, probe_every=5)
-    trend_reads = _count_trend_reads(diagnoser)
-    monitor = HessianMonitor(every_n_steps=10_000, budget=1e-9)
-    fit_scenario(tmp_path, "minimum", [monitor, diagnoser])
-    assert len(trend_reads) == 1 and diagnoser.probe_seconds > 0
-    assert [c.get("count", 1) for c in monitor.charges if c["what"] == "probe_loss"] == [1]  # merged, one read
-    (verdict,) = diagnoser.diagnoses
-    assert verdict.kind == "local_minimum" and verdict.evidence["stall_trigger"] == "flat"
+def test_with_a_fixed_cadence_probe_losses_do_not_depend_on_the_clock(tmp_path):
+    """A fixed cadence is the user's choice of cost: the probe losses are then read whenever the diagnoser asks,
+    with no budget at all, so the same run reads the same losses and gets the same verdict on a loaded machine."""
+    found = []
+    for budget in (1e-9, 1.0):
+        diagnoser = StallDiagnoser(verbose=False, probe_every=5)
+        trend_reads = _count_trend_reads(diagnoser)
+        monitor = HessianMonitor(every_n_steps=10_000, budget=budget)
+        fit_scenario(tmp_path / str(budget), "minimum", [monitor, diagnoser])
+        (verdict,) = diagnoser.diagnoses
+        found.append((trend_reads, verdict.step, verdict.evidence["stall_trigger"]))
+        assert [c["what"] for c in monitor.charges].count("probe_loss") >= 1  # charged all the same, merged
+    assert found[0] == found[1] and found[0][2] == "flat_probe" and len(found[0][0]) > 1
 
 
 def test_probe_losses_spend_the_adaptive_buckets_credit_within_its_bound(tmp_path):

@@ -277,7 +277,6 @@ class HessianMonitor(OptDiagCallback):
         self._steps_at_start = 0
         self._last_step_seen = -1
         self._spent = 0.0  # Hessian seconds of this fit, whatever asked for them
-        self._extra_seconds = 0.0  # of which measurement outside snapshots (can_afford_extra)
         self._tokens: float | None = None  # the bucket's credit in seconds; None: full, size not yet known
         self._credit_train = 0.0  # training seconds at the last refill
         self._advance = 0.0  # the starting credit not yet repaid: earnings repay it before they refill the bucket
@@ -509,21 +508,18 @@ class HessianMonitor(OptDiagCallback):
         """Whether measurement work outside a snapshot (the diagnoser's probe-set losses, a few forward passes)
         expected to cost ``seconds`` may run now, from the one budget every measurement is charged to
         (:meth:`charged`). Adaptive schedule: the bucket must hold ``seconds`` above the stall reserve, which such
-        work leaves alone (a stall it helps prove still gets its snapshot). Fixed cadence (its snapshots are the
-        user's choice of cost, not this work's): the extra work charged so far plus ``seconds`` must stay within
-        ``budget`` of the training time. True while ``seconds`` is unknown (the first read prices it). Every rank
-        must call it under DDP: rank 0 decides, the answer is broadcast.
+        work leaves alone (a stall it helps prove still gets its snapshot). Fixed cadence: always, like its
+        snapshots: the user chose the cost, and nothing optdiag decides then depends on the clock (the same run
+        gets the same verdicts on a loaded machine). True while ``seconds`` is unknown (the first read prices it).
+        Every rank must call it under DDP: rank 0 decides, the answer is broadcast.
 
         Example:
             >>> HessianMonitor().can_afford_extra(trainer=None, seconds=None)
             True
         """
-        if seconds is None:
-            affordable = True
-        elif self.every_n_steps is not None:
-            affordable = self._extra_seconds + seconds <= self.budget * self._train_seconds()
-        else:
-            affordable = self.budget_balance() - (self._reserve() or 0.0) >= seconds
+        if seconds is None or self.every_n_steps is not None:
+            return True
+        affordable = self.budget_balance() - (self._reserve() or 0.0) >= seconds
         return bool(trainer.strategy.broadcast(affordable, src=0)) if trainer is not None else affordable
 
     def _n_probe_batches(self) -> int:
@@ -549,9 +545,9 @@ class HessianMonitor(OptDiagCallback):
     @contextlib.contextmanager
     def charged(self, step: int, what: str, extra: bool = False) -> Iterator[None]:
         """Charge the wall time of the block to the budget, as ``what`` at ``step`` (work done outside
-        :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check). ``extra``: work that
-        :meth:`can_afford_extra` admits (probe-set losses): also counted there, and consecutive charges of the same
-        ``what`` merged into one entry of :attr:`charges`.
+        :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check). ``extra``: frequent small
+        work (probe-set losses): consecutive charges of the same ``what`` are merged into one entry of
+        :attr:`charges`.
 
         Example:
             >>> monitor = HessianMonitor()
@@ -564,10 +560,7 @@ class HessianMonitor(OptDiagCallback):
         try:
             yield
         finally:
-            seconds = self.clock() - started
-            if extra:
-                self._extra_seconds += seconds
-            self._charge(seconds, what, step, merge=extra)
+            self._charge(self.clock() - started, what, step, merge=extra)
 
     def _refresh_products(self, lambda_min: bool = False) -> int:
         """Products a scheduled snapshot is expected to take: each solve's last count (it warm-starts from it, and
