@@ -809,6 +809,7 @@ class HessianMonitor(OptDiagCallback):
         preconditioned = optimizer is not None and OptimizerSpec.from_torch(optimizer).preconditioned
         later = int(lambda_min) + int(preconditioned)  # solves after lambda_max, each owed _MIN_SOLVE_HVP products
         out.update(self._critical(pl_module, mean, optimizer, step, allowance))  # before the solves take it all
+        self._capture.release()  # the parameters before the step: one copy less beside the solves' basis
         la = top_eigenvalues(mean, k=1, which="LA", tol=self.tol, max_hvp=allowance.cap(self.max_hvp, later),
                              v0=self.last_eigenvectors.get("LA"), seed=self.seed)
         self.last_eigenvectors["LA"] = la

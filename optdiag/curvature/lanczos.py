@@ -34,7 +34,10 @@ _COMBINE_CHUNK_ELEMENTS = 1 << 22
 # Default basis (see _default_max_basis and docs/api/eigenvalues.md, "Memory"): as many vectors as fit in
 # VECTOR_MEMORY_BYTES, at least max(2 k + _BASIS_EXTRA, _MIN_BASIS) and at most 3 k + 20 (or 60).
 _BASIS_EXTRA = 2
-_MIN_BASIS = 12
+# 8, not 12: where memory binds (above ~8M float32 parameters) a one-eigenvalue solve then holds 4 copies of the
+# parameters less (what keeps a training snapshot of a ResNet-18 within 20x), for up to 1.5x the products of a
+# lambda_min and the same accuracy (docs/performance.md section 8); top-5 keeps 2 k + 2 = 12.
+_MIN_BASIS = 8
 
 # A random share of 10x the tolerance in a warm start keeps a wrong start's residual well above the convergence
 # test (see _warm_starts) while costing little; capped where a start would stop being warm at all.
@@ -462,7 +465,7 @@ def _warm_starts(rows: torch.Tensor, count: int, generator: torch.Generator, tol
 def _default_max_basis(k: int, block: int, num_params: int, itemsize: int) -> int:
     """The default basis size of :func:`top_eigenvalues`.
 
-    As many vectors as fit in 256 MiB, but at least ``max(2 k + 2, 12, k + 4 block)`` (thick restarts keep about
+    As many vectors as fit in 256 MiB, but at least ``max(2 k + 2, 8, k + 4 block)`` (thick restarts keep about
     half of them) and at most ``max(3 k + 20, 60, k + 4 block)`` (past which restarts rarely happen), and never
     more than ``num_params``. Small models thus keep the large basis that converges in the fewest products; large
     ones get a bounded basis (ResNet-18, 11.2M float32 parameters, ``k = 5``: 12 vectors, 0.54 GB).
@@ -470,6 +473,8 @@ def _default_max_basis(k: int, block: int, num_params: int, itemsize: int) -> in
     Example:
         >>> _default_max_basis(5, 1, 11_200_000, 4), _default_max_basis(10, 1, 11_200_000, 4)
         (12, 22)
+        >>> _default_max_basis(1, 1, 11_200_000, 4)  # one eigenvalue of a ResNet-18: the floor of 8
+        8
         >>> _default_max_basis(5, 1, 100_000, 4), _default_max_basis(1, 1, 2_000_000, 4)
         (60, 33)
         >>> _default_max_basis(1, 1, 30, 4)  # never more vectors than dimensions
