@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from fsdp_monitors import FullReference, ShardedLinearRegression  # noqa: E402
+from fsdp_monitors import FullReference, ShardedLinearRegression, run_record  # noqa: E402
 from lightning_models import regression_data  # noqa: E402
 
 from optdiag import OptDiag  # noqa: E402
@@ -139,18 +139,7 @@ def main(out: str, plain: bool) -> None:
                 "wrapped": type(trainer.strategy.model).__name__,
                 "shards": shards,
                 "shapes": {name: tuple(p.shape) for name, p in module.named_parameters()},
-                "history": scheduled,
-                "full": {k: v for k, v in full.items() if k != "optimizer"},
-                "hvp_method": hessian.hvp_method,
-                "hvp_reason": hessian.hvp_reason,
-                "warnings": dict(hessian.warning_counts),
-                "probe": hessian.probe_set(),
-                "grad_norms": {h["step"]: h["grad_norm"] for h in bundle.gradient_monitor.history},
-                "reference_grad_norms": reference.norms,
-                "reference_params": reference.params,
-                "step_batches": reference.batches,
-                "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
-                "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
+                **run_record(bundle, reference, scheduled, full),
                 "preconditioner": preconditioner,
                 "layout": module.LAYOUT,
             },

@@ -115,6 +115,25 @@ def full_preconditioner(trainer, pl_module) -> torch.Tensor:
     return torch.cat(parts).double()
 
 
+def run_record(bundle: OptDiag, reference: "FullReference", scheduled: list, full: dict) -> dict:
+    """What both FSDP scripts save of a run: the monitors' records and warnings, and the gathered reference."""
+    hessian = bundle.hessian_monitor
+    return {
+        "history": scheduled,
+        "full": {k: v for k, v in full.items() if k != "optimizer"},
+        "hvp_method": hessian.hvp_method,
+        "hvp_reason": hessian.hvp_reason,
+        "warnings": dict(hessian.warning_counts),
+        "probe": hessian.probe_set(),
+        "grad_norms": {h["step"]: h["grad_norm"] for h in bundle.gradient_monitor.history},
+        "reference_grad_norms": reference.norms,
+        "reference_params": reference.params,
+        "step_batches": reference.batches,
+        "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
+        "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
+    }
+
+
 def main(out: str) -> None:
     pl.seed_everything(0)
     data = regression_data(n=512, in_features=6, out_features=2, seed=2)
@@ -144,18 +163,7 @@ def main(out: str) -> None:
             "strategy": type(trainer.strategy).__name__,
             "sharded": [type(p).__name__ for p in module.parameters()],
             "local_numel": local,
-            "history": scheduled,
-            "full": {k: v for k, v in full.items() if k != "optimizer"},
-            "hvp_method": hessian.hvp_method,
-            "hvp_reason": hessian.hvp_reason,
-            "warnings": dict(hessian.warning_counts),
-            "probe": hessian.probe_set(),
-            "grad_norms": {h["step"]: h["grad_norm"] for h in bundle.gradient_monitor.history},
-            "reference_grad_norms": reference.norms,
-            "reference_params": reference.params,
-            "step_batches": reference.batches,
-            "diagnoser_warnings": dict(bundle.stall_diagnoser.warning_counts),
-            "gradient_warnings": dict(bundle.gradient_monitor.warning_counts),
+            **run_record(bundle, reference, scheduled, full),
             "restored": restored,
             "preconditioner": preconditioner,
             "layout": module.LAYOUT,
