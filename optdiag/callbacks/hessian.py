@@ -543,11 +543,10 @@ class HessianMonitor(OptDiagCallback):
                              "balance": self._tokens})
 
     @contextlib.contextmanager
-    def charged(self, step: int, what: str, extra: bool = False) -> Iterator[None]:
+    def charged(self, step: int, what: str, merge: bool = False) -> Iterator[None]:
         """Charge the wall time of the block to the budget, as ``what`` at ``step`` (work done outside
-        :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check). ``extra``: frequent small
-        work (probe-set losses): consecutive charges of the same ``what`` are merged into one entry of
-        :attr:`charges`.
+        :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check). ``merge``: for frequent small
+        work (probe-set losses), consecutive charges of the same ``what`` become one entry of :attr:`charges`.
 
         Example:
             >>> monitor = HessianMonitor()
@@ -560,7 +559,7 @@ class HessianMonitor(OptDiagCallback):
         try:
             yield
         finally:
-            self._charge(self.clock() - started, what, step, merge=extra)
+            self._charge(self.clock() - started, what, step, merge=merge)
 
     def _refresh_products(self, lambda_min: bool = False) -> int:
         """Products a scheduled snapshot is expected to take: each solve's last count (it warm-starts from it, and

@@ -422,7 +422,7 @@ class StallDiagnoser(OptDiagCallback):
         started = time.perf_counter()
         # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
         # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
-        with monitor.charged(step, what, extra=True), preserved_state(pl_module), torch.no_grad():
+        with monitor.charged(step, what, merge=True), preserved_state(pl_module), torch.no_grad():
             pl_module.eval()
             sizes = [batch_size_of(b) or 1 for b in batches]
             losses = [float(monitor.loss_fn(pl_module, b)) for b in batches]
