@@ -478,10 +478,15 @@ class HessianMonitor(OptDiagCallback):
             >>> HessianMonitor(every_n_steps=10).can_afford(trainer=None, seconds=5.0)
             True
         """
-        if self.every_n_steps is not None:
-            return True
-        affordable = seconds is None or self.budget_balance() >= seconds
-        return bool(trainer.strategy.broadcast(affordable, src=0))
+        return self.every_n_steps is not None or self._holds(trainer, seconds)
+
+    def _holds(self, trainer: Any, seconds: float | None, above: float = 0.0, earned: bool = False) -> bool:
+        """The one affordability rule: whether the bucket holds ``seconds`` (None: not priced yet, held) beyond
+        ``above`` seconds of credit left alone, counting only the credit it earned (the starting credit repaid) with
+        ``earned``. Rank 0's clock decides: the answer is broadcast (without a trainer, this process's)."""
+        affordable = seconds is None or \
+            self.budget_balance() - (self._advance if earned else 0.0) - above >= seconds
+        return bool(trainer.strategy.broadcast(affordable, src=0)) if trainer is not None else affordable
 
     def can_afford_snapshot(self, trainer: Any, routine: bool = False) -> bool:
         """Whether a stall snapshot may run now: the bucket holds the stall reserve (a setup and ``burst_hvp // 2``
@@ -500,9 +505,10 @@ class HessianMonitor(OptDiagCallback):
         """
         if not routine or self.every_n_steps is not None:
             return self.can_afford(trainer, self._reserve())
-        price, reserve = self.estimate_seconds(self._refresh_products()), self._reserve()
-        affordable = price is not None and self.budget_balance() - self._advance - reserve >= price
-        return bool(trainer.strategy.broadcast(affordable, src=0))
+        price = self.estimate_seconds(self._refresh_products())
+        if price is None:  # nothing timed yet, so nothing earned (every rank in the broadcast all the same)
+            return bool(trainer.strategy.broadcast(False, src=0))
+        return self._holds(trainer, price, above=self._reserve(), earned=True)
 
     def can_afford_extra(self, trainer: Any, seconds: float | None) -> bool:
         """Whether measurement work outside a snapshot (the diagnoser's probe-set losses, a few forward passes)
@@ -519,8 +525,7 @@ class HessianMonitor(OptDiagCallback):
         """
         if seconds is None or self.every_n_steps is not None:
             return True
-        affordable = self.budget_balance() - (self._reserve() or 0.0) >= seconds
-        return bool(trainer.strategy.broadcast(affordable, src=0)) if trainer is not None else affordable
+        return self._holds(trainer, seconds, above=self._reserve() or 0.0)
 
     def _n_probe_batches(self) -> int:
         return len(self.probe_set()) or self.probe_batches

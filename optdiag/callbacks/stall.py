@@ -589,20 +589,19 @@ class StallDiagnoser(OptDiagCallback):
             self.warn_once("max-snapshots", f"the {self.max_snapshots} stall snapshots of this run are used up; "
                            "further verdicts rest on the loss and gradient only")
             return {}
-        if event.reason == "spike":
+        spike = event.reason == "spike"
+        if spike:
             # A recovered spike's verdict stands on the losses and the probe batches; a repeated spike's stability
             # ratio uses the last estimate before it. Its own snapshot is routine (earned credit above the stall
-            # reserve), unless the run was past the stability threshold before it: then only the curvature after
-            # it tells a catapult (the loss jumped to a flatter region) from a bounce, and it may use the reserve.
+            # reserve, which it leaves alone), unless the run was past the stability threshold before it: then only
+            # the curvature after it tells a catapult (the loss jumped to a flatter region) from a bounce, and it may
+            # use the reserve.
             before = self._ratio_before(event)
             catapult_possible = before is not None and before > 1.0
             if not monitor.can_afford_snapshot(trainer, routine=not catapult_possible):
                 return {}
-            self.n_snapshots += 1
-            snapshot = monitor.measure(trainer, pl_module, reason="spike", trace=False, lambda_min=False,
-                                       reserve_seconds=0.0 if catapult_possible else monitor.stall_price() or 0.0)
-            return {} if "skipped" in snapshot else snapshot
-        if not monitor.can_afford_snapshot(trainer):  # every rank asks: rank 0's answer is broadcast
+            reserve = 0.0 if catapult_possible else monitor.stall_price() or 0.0
+        elif not monitor.can_afford_snapshot(trainer):  # every rank asks: rank 0's answer is broadcast
             recent = self._recent_curvature(event)
             price = monitor.stall_price()
             self.warn_once("over-budget", "a stall snapshot was skipped: the Hessian monitor's budget holds "
@@ -611,11 +610,14 @@ class StallDiagnoser(OptDiagCallback):
                            "verdict rests on the last curvature estimate within the stalled horizon, if any "
                            "(counted in warning_counts['over-budget'])")
             return recent
+        else:
+            # lambda_min not started from a warm start alone (see HessianMonitor.measure); credit for one setup is
+            # left for the escape check
+            reserve = (monitor.estimate_seconds() or 0.0) if self.escape_check else 0.0
         self.n_snapshots += 1
-        # Charged to the monitor's budget, no trace, lambda_min not started from a warm start alone (see
-        # HessianMonitor.measure); credit for one setup is left for the escape check
-        reserve = (monitor.estimate_seconds() or 0.0) if self.escape_check else 0.0
-        snapshot = monitor.measure(trainer, pl_module, reason=event.reason, trace=False, reserve_seconds=reserve)
+        # Charged to the monitor's budget, no trace; a spike's verdict reads lambda_max alone
+        snapshot = monitor.measure(trainer, pl_module, reason=event.reason, trace=False, lambda_min=not spike,
+                                   reserve_seconds=reserve)
         return {} if "skipped" in snapshot else snapshot
 
     def _recent_curvature(self, event: StallEvent) -> dict[str, Any]:
