@@ -81,7 +81,7 @@ def main(out: str) -> None:
     # a stall snapshot's go-ahead is rank 0's: rank 1, deep in debt on its own clock, must still get rank 0's yes
     adaptive._tokens = adaptive.capacity() if rank == 0 else -1e9
     affordable = adaptive.can_afford_snapshot(trainer)
-    torch.save(
+    save_and_finish(
         {
             "history": hessian.history,
             "adaptive_steps": [h["step"] for h in adaptive.history],
@@ -92,8 +92,14 @@ def main(out: str) -> None:
             "logger_calls": logger.calls,
             "world_size": trainer.world_size,
         },
-        os.path.join(out, f"rank{rank}.pt"),
+        out, rank,
     )
+
+
+def save_and_finish(record: dict, out: str, rank: int, name: str = "rank") -> None:
+    """What every multi-process script ends with: this rank's record saved for the test (``<name><rank>.pt``), the
+    process group destroyed (gloo can abort at exit otherwise), and a line saying this rank is done."""
+    torch.save(record, os.path.join(out, f"{name}{rank}.pt"))
     if dist.is_initialized():
         dist.destroy_process_group()
     print(json.dumps({"rank": rank, "done": True}))

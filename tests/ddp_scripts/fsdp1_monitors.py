@@ -7,13 +7,11 @@ Run as ``python fsdp1_monitors.py OUT [plain]``; Lightning re-launches it for ra
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -21,6 +19,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+from ddp_monitors import save_and_finish  # noqa: E402
 from fsdp_monitors import FullReference, ShardedLinearRegression, run_record  # noqa: E402
 from lightning_models import regression_data  # noqa: E402
 
@@ -125,29 +124,26 @@ def main(out: str, plain: bool) -> None:
     rank = trainer.global_rank
     shards = {name: p.detach().clone() for name, p in module.named_parameters()}
     if plain:
-        torch.save({"shards": shards}, os.path.join(out, f"plain{rank}.pt"))
-    else:
-        hessian = bundle.hessian_monitor
-        scheduled = hessian.history
-        # lambda_min and the trace join every 4th scheduled snapshot: measure() takes a full one now, on both ranks
-        full = hessian.measure(trainer, module, reason="final", trace=True, budgeted=False)
-        preconditioner = full_preconditioner(trainer, module)
-        torch.save(
-            {
-                "world_size": trainer.world_size,
-                "strategy": type(trainer.strategy).__mro__[1].__name__,
-                "wrapped": type(trainer.strategy.model).__name__,
-                "shards": shards,
-                "shapes": {name: tuple(p.shape) for name, p in module.named_parameters()},
-                **run_record(bundle, reference, scheduled, full),
-                "preconditioner": preconditioner,
-                "layout": module.LAYOUT,
-            },
-            os.path.join(out, f"rank{rank}.pt"),
-        )
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    print(json.dumps({"rank": rank, "done": True}))
+        save_and_finish({"shards": shards}, out, rank, name="plain")
+        return
+    hessian = bundle.hessian_monitor
+    scheduled = hessian.history
+    # lambda_min and the trace join every 4th scheduled snapshot: measure() takes a full one now, on both ranks
+    full = hessian.measure(trainer, module, reason="final", trace=True, budgeted=False)
+    preconditioner = full_preconditioner(trainer, module)
+    save_and_finish(
+        {
+            "world_size": trainer.world_size,
+            "strategy": type(trainer.strategy).__mro__[1].__name__,
+            "wrapped": type(trainer.strategy.model).__name__,
+            "shards": shards,
+            "shapes": {name: tuple(p.shape) for name, p in module.named_parameters()},
+            **run_record(bundle, reference, scheduled, full),
+            "preconditioner": preconditioner,
+            "layout": module.LAYOUT,
+        },
+        out, rank,
+    )
 
 
 if __name__ == "__main__":

@@ -6,19 +6,19 @@ Run as ``python fsdp_monitors.py OUT``; Lightning re-launches it for rank 1 with
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytorch_lightning as pl
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lightning_models import regression_data  # noqa: E402
+sys.path.insert(0, os.path.dirname(__file__))
+from ddp_monitors import save_and_finish  # noqa: E402
 
 from optdiag import OptDiag  # noqa: E402
 from optdiag.curvature import FiniteDifferenceOperator, top_eigenvalues  # noqa: E402
@@ -157,7 +157,7 @@ def main(out: str) -> None:
     preconditioner = full_preconditioner(trainer, module)  # the state measure() read: no step since
     restored = _restored_after_products(module, hessian.loss_fn, hessian.probe_set())
     local = [p.to_local().numel() for p in module.parameters()]
-    torch.save(
+    save_and_finish(
         {
             "world_size": trainer.world_size,
             "strategy": type(trainer.strategy).__name__,
@@ -168,11 +168,8 @@ def main(out: str) -> None:
             "preconditioner": preconditioner,
             "layout": module.LAYOUT,
         },
-        os.path.join(out, f"rank{rank}.pt"),
+        out, rank,
     )
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    print(json.dumps({"rank": rank, "done": True}))
 
 
 if __name__ == "__main__":
