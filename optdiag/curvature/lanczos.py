@@ -18,7 +18,7 @@ import torch
 
 from optdiag.curvature._checks import check_count, check_operator, check_seed
 from optdiag.curvature.base import CurvatureOperator, vectors_that_fit
-from optdiag.errors import NonFiniteError, UsageError
+from optdiag.errors import UsageError
 
 __all__ = ["EigenResult", "top_eigenvalues", "power_iteration", "lanczos_tridiagonal"]
 
@@ -255,17 +255,22 @@ class _KrylovBasis:
         # Drawn on the CPU from the call's own generator: deterministic and the global RNG is never touched.
         return torch.randn(self.n, generator=self.generator, dtype=torch.float64).to(self.device, self.op.dtype)
 
-    def _orthogonalise(self, w: torch.Tensor, norm: float, reference: float) -> tuple[torch.Tensor, np.ndarray, float]:
-        """Project the basis out of ``w`` (norm ``norm``) in place: block classical Gram-Schmidt twice ("CGS2").
+    def _orthogonalise(
+        self, w: torch.Tensor, norm: float, reference: float, known: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, np.ndarray, float]:
+        """Project the basis out of ``w`` (norm ``norm``) in place by block classical Gram-Schmidt, repeated only
+        while a pass cancels (the Daniel-Gragg-Kaufman-Stewart criterion).
 
-        Each pass is two matrix products with the basis (``h = V w``, ``w -= V^T h``); the two passes' coefficients
-        and the remainder's norm come back to the host in one transfer. Kahan-Parlett "twice is enough": when the
-        second pass still removed more than ``1 - 0.717`` of the norm it had (known without another product:
-        ``|w_before|^2 = |w_after|^2 + |h|^2``), cancellation ate the vector and two more passes follow.
+        Each pass is two matrix products with the basis (``h = V w``, ``w -= V^T h``); its coefficients and the
+        remainder's norm come back to the host in one transfer. Kahan-Parlett "twice is enough": a pass that kept
+        at least ``0.717`` (about ``1/sqrt(2)``) of the norm it was given leaves a remainder orthogonal to the basis
+        at rounding level, so no further pass runs; one that kept less lost its orthogonality to cancellation and
+        is repeated, at most ``_MAX_ORTHOGONALISATION_PASSES`` passes in all (docs/performance.md, section 5,
+        "Lanczos overhead per product", measures how often a second pass runs).
 
         Returns the remainder, the accumulated coefficients on the basis rows (float64) and the remainder's norm,
         which is 0.0 when ``w`` lies numerically in the span of the basis (its remainder is rounding noise, below
-        ``100 * eps * reference``).
+        ``100 * eps * reference``, or it still shrank in the last pass).
         """
         count = self.n_basis
         coefficients = np.zeros(count)
@@ -274,32 +279,26 @@ class _KrylovBasis:
             return w, coefficients, 0.0
         if count == 0:
             return w, coefficients, norm
-        for _ in range(_MAX_ORTHOGONALISATION_PASSES // 2):
-            first = self.op.shard_sum(self.V.project(w))  # sharded vectors: each rank holds part of every dot
-            self.V.subtract(w, first)
-            second = self.op.shard_sum(self.V.project(w))
-            self.V.subtract(w, second)
-            values = torch.cat([first, second, self.op.vector_norm(w).reshape(1)]).double().cpu().numpy()
-            coefficients += values[:count] + values[count : 2 * count]
+        if known is not None:
+            for row in np.flatnonzero(known):
+                w.add_(self.V[int(row)], alpha=-float(known[row]))
+            coefficients[: known.size] += known
+        for _ in range(_MAX_ORTHOGONALISATION_PASSES):
+            h = self.op.shard_sum(self.V.project(w))  # sharded vectors: each rank holds part of every dot
+            self.V.subtract(w, h)
+            values = torch.cat([h, self.op.vector_norm(w).reshape(1)]).double().cpu().numpy()
+            coefficients += values[:count]
             norm = float(values[-1])
-            before_second = math.hypot(norm, float(np.linalg.norm(values[count : 2 * count])))
+            before = math.hypot(norm, float(np.linalg.norm(values[:count])))  # |w| the pass was given
             if norm <= threshold:
                 return w, coefficients, 0.0
-            if norm >= _TWICE_IS_ENOUGH * before_second:
+            if norm >= _TWICE_IS_ENOUGH * before:
                 return w, coefficients, norm
         return w, coefficients, 0.0
 
     def _checked_product(self, row: int) -> tuple[torch.Tensor, float]:
-        """``A v_row`` on the basis device and its norm: the one finiteness check of a product (its norm)."""
-        product = self.op.matvec(self.V[row])
-        norm = float(self.op.vector_norm(product))
-        if not math.isfinite(norm):
-            if not bool(torch.isfinite(product).all()):
-                raise NonFiniteError(
-                    "the curvature operator returned NaN or Inf for a product; the loss or the model is not "
-                    "finite at this point, so no eigenvalue can be estimated"
-                )
-            norm = float(self.op.vector_norm(product.double()))  # finite entries whose squares overflow
+        """``A v_row`` on the basis device and its norm (the operator's one finiteness check of the product)."""
+        product, norm = self.op.matvec_and_norm(self.V[row])
         return product.to(self.device), norm
 
     def add_random_vector(self) -> bool:
@@ -337,7 +336,9 @@ class _KrylovBasis:
             product, norm = self._checked_product(column)
             self.operator_norm = max(self.operator_norm, norm)
             self.n_processed = column + 1
-            w, known, norm = self._orthogonalise(product, norm, self.operator_norm)
+            # By symmetry the product's coefficients on the processed rows were measured by their own products
+            # (S[i, column] = v_column . A v_i): subtracting them first leaves Gram-Schmidt the rest.
+            w, known, norm = self._orthogonalise(product, norm, self.operator_norm, self.S[:column, column].copy())
             self.S[: known.size, column] = known
             self.S[column, : known.size] = known  # A is symmetric: mirror what the product measured
             if self.n_basis >= min(self.op.total_params, self.capacity):
@@ -685,14 +686,11 @@ def power_iteration(
     v = v / torch.linalg.vector_norm(v)
     hvp_before = op.n_hvp
     while True:
-        av = op.matvec(v)
-        if not torch.isfinite(av).all():
-            raise NonFiniteError("the curvature operator returned NaN or Inf for a product")
+        av, norm = op.matvec_and_norm(v)
         theta = float(v @ av)
         residual = float(torch.linalg.vector_norm(av - theta * v))
         scale = max(abs(theta), np.finfo(np.float64).tiny)
         converged = residual <= tol * scale
-        norm = float(torch.linalg.vector_norm(av))
         if converged or op.n_hvp - hvp_before >= max_hvp or norm == 0.0:
             break
         v = av / norm

@@ -429,9 +429,7 @@ class HessianOperator(CurvatureOperator):
                     f"the backward pass of this model cannot be differentiated again ({error})"
                 ) from error
             raise
-        if not torch.isfinite(out).all():
-            raise NonFiniteError(f"Hessian-vector product {self.n_hvp + 1} has NaN or infinite entries")
-        return out
+        return out  # checked for NaN and Inf by the caller: matvec_and_norm, or matmat below
 
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._checked_products(v, batched=False)
@@ -451,6 +449,8 @@ class HessianOperator(CurvatureOperator):
             block = rows[start : start + self.matmat_chunk].contiguous()
             try:
                 blocks.append(self._checked_products(block, batched=True))
+                self.finite_norms(blocks[-1], f"Hessian-vector products {self.n_hvp + start + 1}-"
+                                              f"{self.n_hvp + start + block.shape[0]}")
             except (NotTwiceDifferentiableError, NonFiniteError, UsageError):
                 raise
             except Exception:  # noqa: BLE001 - no batching rule for some op: one product per column instead
