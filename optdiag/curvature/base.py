@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -12,6 +13,20 @@ VECTOR_MEMORY_BYTES = 256 * 2**20
 """The default memory for the vectors an estimator keeps besides its operator: the Lanczos basis, Hutch++'s sketch,
 the density's reorthogonalisation window, a sharpness search's history. On a large model each of them would
 otherwise hold tens of copies of the parameters (docs/performance.md, section 8)."""
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, from one reduction in the common case.
+
+    A NaN or infinite entry makes the sum NaN or infinite, so a finite sum proves every entry finite without an
+    elementwise pass or a mask of the tensor's size; only a non-finite sum (NaN/Inf, or finite entries whose sum
+    overflows) is looked at elementwise.
+
+    Example:
+        >>> all_finite(torch.tensor([3e38, 3e38])), all_finite(torch.tensor([1.0, float("nan")]))
+        (True, False)
+    """
+    return math.isfinite(float(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def vectors_that_fit(num_params: int, itemsize: int, memory: int = VECTOR_MEMORY_BYTES) -> int:
@@ -143,7 +158,7 @@ class CurvatureOperator(ABC):
         norms = self.vector_norm(x).double().reshape(-1).cpu()
         if bool(torch.isfinite(norms).all()):
             return norms
-        bad = self.shard_sum(torch.tensor([0.0 if bool(torch.isfinite(x).all()) else 1.0], dtype=torch.float64))
+        bad = self.shard_sum(torch.tensor([0.0 if all_finite(x) else 1.0], dtype=torch.float64))
         if float(bad) > 0:
             raise NonFiniteError(f"{what} has NaN or Inf entries: the loss or the model is not finite at this point")
         return self.vector_norm(x.double()).reshape(-1).cpu()

@@ -23,8 +23,8 @@ from optdiag.errors import UsageError
 __all__ = ["EigenResult", "top_eigenvalues", "power_iteration", "lanczos_tridiagonal"]
 
 _WHICH = ("LA", "SA", "LM")
-# Kahan-Parlett "twice is enough": a re-orthogonalisation pass that keeps less than 1/sqrt(2) of the vector's norm
-# means cancellation ate it, and the vector is repeated once more; if it keeps shrinking it lies in the span.
+# Kahan-Parlett "twice is enough" (the DGKS test): a Gram-Schmidt pass that keeps less than 1/sqrt(2) of the vector's
+# norm means cancellation ate it, and the pass is repeated; if it keeps shrinking the vector lies in the span.
 _TWICE_IS_ENOUGH = 0.717
 _MAX_ORTHOGONALISATION_PASSES = 4
 # The basis is stored in at most this many slabs (one matrix product per slab and pass), allocated as it grows.
@@ -162,8 +162,12 @@ class _Rows:
         chunk = max(1024, _COMBINE_CHUNK_ELEMENTS // max(self.count, 1))
         for start in range(0, self.n, chunk):
             stop = min(start + chunk, self.n)
-            x = torch.cat([slab[:used, start:stop] for slab, _, used in spans])
-            y = c @ x
+            y = None
+            for slab, first, used in spans:  # slab by slab: no copy of the chunk's rows into one matrix
+                if y is None:
+                    y = c[:, first : first + used] @ slab[:used, start:stop]
+                else:
+                    y.addmm_(c[:, first : first + used], slab[:used, start:stop])
             for slab, first, used in targets:
                 slab[:used, start:stop] = y[first : first + used]
         self.count = new_count
@@ -256,7 +260,7 @@ class _KrylovBasis:
         return torch.randn(self.n, generator=self.generator, dtype=torch.float64).to(self.device, self.op.dtype)
 
     def _orthogonalise(
-        self, w: torch.Tensor, norm: float, reference: float, known: np.ndarray | None = None
+        self, w: torch.Tensor, norm: float, reference: float, subtracted: np.ndarray | None = None
     ) -> tuple[torch.Tensor, np.ndarray, float]:
         """Project the basis out of ``w`` (norm ``norm``) in place by block classical Gram-Schmidt, repeated only
         while a pass cancels (the Daniel-Gragg-Kaufman-Stewart criterion).
@@ -268,27 +272,30 @@ class _KrylovBasis:
         is repeated, at most ``_MAX_ORTHOGONALISATION_PASSES`` passes in all (docs/performance.md, section 5,
         "Lanczos overhead per product", measures how often a second pass runs).
 
+        ``subtracted``: coefficients on the first rows already subtracted from ``w`` (by
+        :meth:`_subtract_local`; ``norm`` is then the norm before them), counted in the returned coefficients.
+
         Returns the remainder, the accumulated coefficients on the basis rows (float64) and the remainder's norm,
         which is 0.0 when ``w`` lies numerically in the span of the basis (its remainder is rounding noise, below
         ``100 * eps * reference``, or it still shrank in the last pass).
         """
         count = self.n_basis
         coefficients = np.zeros(count)
+        if subtracted is not None:
+            coefficients[: subtracted.size] += subtracted
         threshold = 100.0 * self.eps * reference
         if norm <= threshold:
             return w, coefficients, 0.0
         if count == 0:
             return w, coefficients, norm
-        if known is not None:
-            for row in np.flatnonzero(known):
-                w.add_(self.V[int(row)], alpha=-float(known[row]))
-            coefficients[: known.size] += known
         for _ in range(_MAX_ORTHOGONALISATION_PASSES):
             h = self.op.shard_sum(self.V.project(w))  # sharded vectors: each rank holds part of every dot
             self.V.subtract(w, h)
             values = torch.cat([h, self.op.vector_norm(w).reshape(1)]).double().cpu().numpy()
             coefficients += values[:count]
             norm = float(values[-1])
+            if not math.isfinite(norm):  # finite entries whose squares overflow the dtype
+                norm = float(self.op.finite_norms(w, "a Lanczos vector")[0])
             before = math.hypot(norm, float(np.linalg.norm(values[:count])))  # |w| the pass was given
             if norm <= threshold:
                 return w, coefficients, 0.0
@@ -325,6 +332,23 @@ class _KrylovBasis:
             else:
                 self.add_random_vector()
 
+    def _subtract_local(self, product: torch.Tensor, column: int) -> np.ndarray:
+        """Subtract from ``A v_column`` in place its large components, on the rows known to carry them, before
+        Gram-Schmidt sees it; returns the coefficients subtracted (on rows ``0..column``).
+
+        By symmetry the components on the processed rows were measured by their own products
+        (``v_i . A v_column = S[i, column]``, nonzero only for the previous row in plain Lanczos, or the kept Ritz
+        vectors after a restart), and the one on ``v_column`` is its Rayleigh quotient (one dot product). What is
+        left is about ``beta`` in size, so the Gram-Schmidt pass that follows only mops up rounding and rarely
+        cancels: "twice is enough" with the first pass on one or a few rows (docs/performance.md, section 5).
+        """
+        coefficients = self.S[: column + 1, column].copy()
+        for row in np.flatnonzero(coefficients[:column]):
+            product.add_(self.V[int(row)], alpha=-float(coefficients[row]))
+        coefficients[column] = self.op.dot(self.V[column], product)
+        product.add_(self.V[column], alpha=-coefficients[column])
+        return coefficients
+
     def expand(self, count: int) -> None:
         """Multiply the next ``count`` pending rows by the operator and append what is new as pending rows.
 
@@ -336,9 +360,8 @@ class _KrylovBasis:
             product, norm = self._checked_product(column)
             self.operator_norm = max(self.operator_norm, norm)
             self.n_processed = column + 1
-            # By symmetry the product's coefficients on the processed rows were measured by their own products
-            # (S[i, column] = v_column . A v_i): subtracting them first leaves Gram-Schmidt the rest.
-            w, known, norm = self._orthogonalise(product, norm, self.operator_norm, self.S[:column, column].copy())
+            subtracted = self._subtract_local(product, column)
+            w, known, norm = self._orthogonalise(product, norm, self.operator_norm, subtracted)
             self.S[: known.size, column] = known
             self.S[column, : known.size] = known  # A is symmetric: mirror what the product measured
             if self.n_basis >= min(self.op.total_params, self.capacity):
@@ -519,8 +542,9 @@ def top_eigenvalues(
     """The ``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos with full reorthogonalisation.
 
     Each step multiplies ``block`` basis vectors by the operator, orthogonalises each product against the whole
-    basis by block classical Gram-Schmidt twice ("CGS2": matrix products with the basis, no loop over its
-    vectors; repeated if the second pass still cancels) and checks the Ritz residual estimates of the ``k``
+    basis (its components that earlier products already measured and its Rayleigh quotient are subtracted first,
+    then block classical Gram-Schmidt: matrix products with the basis, no loop over its vectors, repeated only
+    while a pass cancels) and checks the Ritz residual estimates of the ``k``
     wanted pairs. It stops as soon as all of them satisfy ``|A u - theta u| <= tol * scale`` with
     ``scale = max |Ritz value|``, or when ``max_hvp`` products are spent. When the basis would exceed
     ``max_basis`` rows it restarts in place from the best Ritz vectors (thick restart), so any ``k`` and any

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from optdiag.curvature.base import all_finite
 from optdiag.curvature.batches import as_batch_list, batch_weights, move_batch
 from optdiag.curvature.params import flatten, is_sharded, trainable_parameters, unflatten
 from optdiag.curvature.state import GENERATORS, RngState, replayed_rng, rng_state
@@ -383,7 +384,7 @@ class BatchObjective:
             if with_grad:
                 loss, grads = self.loss_and_grad(index, leaves)
                 gradient = flatten(grads)
-                if not bool(torch.isfinite(gradient).all()):
+                if not all_finite(gradient):
                     raise NonFiniteError(f"the gradient of batch {index} has NaN or infinite entries")
             else:
                 loss, gradient = self.loss(index, leaves), None

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from optdiag.curvature.base import CurvatureOperator
+from optdiag.curvature.base import CurvatureOperator, all_finite
 from optdiag.curvature.batches import sample_count
 from optdiag.curvature.objective import BatchObjective, LossFn
 from optdiag.curvature.params import is_fsdp1_flattened, is_sharded, local_part
@@ -307,7 +307,7 @@ class HessianOperator(CurvatureOperator):
                 "every parameter would also end here; its Hessian is zero.)"
             )
         flat = torch.cat([g.reshape(-1) for g in grads])
-        if not torch.isfinite(flat.detach()).all():
+        if not all_finite(flat.detach()):
             raise NonFiniteError(f"the gradient of batch {i} has NaN or infinite entries")
         return flat
 
@@ -705,7 +705,7 @@ class FiniteDifferenceOperator(CurvatureOperator):
             for p, g in zip(params, grads):
                 p.grad = g
         loss = float(self.shard_sum(torch.tensor([local_loss], dtype=torch.float64)))
-        bad = self.shard_sum(torch.tensor([0.0 if math.isfinite(loss) and bool(torch.isfinite(gradient).all())
+        bad = self.shard_sum(torch.tensor([0.0 if math.isfinite(loss) and all_finite(gradient)
                                            else 1.0], dtype=torch.float64))
         if float(bad) > 0:  # every rank raises together
             raise NonFiniteError("the loss or its gradient is NaN or infinite at a finite-difference point")

@@ -21,7 +21,7 @@ import torch
 
 from optdiag.curvature._checks import check_count, check_operator, check_seed
 from optdiag.curvature.base import CurvatureOperator, vectors_that_fit
-from optdiag.curvature.lanczos import _KrylovBasis, _Rows  # the Lanczos basis's storage and its CGS2
+from optdiag.curvature.lanczos import _KrylovBasis, _Rows  # the Lanczos basis's storage and its Gram-Schmidt
 from optdiag.errors import NonFiniteError, UsageError
 from optdiag.policy import check_number
 
@@ -270,7 +270,7 @@ def _range_sketch(
     """An orthonormal basis ``Q`` (``size`` rows of length num_params) of ``range(H S)`` for ``size`` random
     vectors ``S``.
 
-    Each column of ``H S`` is orthogonalised against the rows kept so far as soon as it is computed (block CGS2,
+    Each column of ``H S`` is orthogonalised against the rows kept so far as soon as it is computed (block Gram-Schmidt,
     the Lanczos basis's), so only the basis and one product are held. A column that lies in the span of the
     others (``H`` of rank below ``size``) is replaced by a random direction orthogonal to them: Hutch++ is
     unbiased for any ``Q``, and the trace on the span is still exact.
