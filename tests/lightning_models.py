@@ -172,6 +172,21 @@ def models_for(namespace: str = "pytorch_lightning") -> SimpleNamespace:
     )
 
 
+def stop_after(step: int, namespace: str = "pytorch_lightning") -> Any:
+    """A callback that ends the fit after ``step`` optimizer steps, as early stopping ends a fit planned to be longer.
+
+    HessianMonitor lends its first estimate only to a fit whose planned length pays for it at its budget
+    (docs/callbacks/hessian-monitor.md); tests of what happens with that estimate plan a long fit and end it early.
+    """
+
+    class StopAfter(models_for(namespace).L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step >= step:
+                trainer.should_stop = True
+
+    return StopAfter()
+
+
 def make_trainer(tmp_path: Any, callbacks: list | None = None, *, namespace: str = "pytorch_lightning", **kwargs: Any):
     """A quiet CPU Trainer logging CSV to ``tmp_path`` (pass ``logger=`` to override), no checkpoints by default.
 

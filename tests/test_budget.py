@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_models import make_trainer, regression_data
+from lightning_models import make_trainer, regression_data, stop_after
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.curvature.operator import HessianOperator
 from test_hessian_monitor import BATCH, LinearRegression, _hessian, _loader
@@ -108,7 +108,8 @@ def test_any_window_of_100_steps_stays_within_the_budget_plus_one_bucket(tmp_pat
     monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)
     storm = StallStorm(monitor, priced)
     pl.seed_everything(0)
-    trainer = make_trainer(tmp_path, [ClockSteps(priced), monitor, storm], max_steps=400)
+    # planned for 1000 steps (its 5% covers a first estimate: it is lent), ended at 400 as early stopping would
+    trainer = make_trainer(tmp_path, [ClockSteps(priced), monitor, storm, stop_after(400)], max_steps=1000)
     trainer.fit(LinearRegression(), _loader())
     # the cost model is exact here: one setup, then 0.004 s a product (Lanczos bookkeeping takes no fake time)
     assert monitor.estimate_seconds(10) == pytest.approx(SETUP_SECONDS + 10 * PRODUCT_SECONDS)
@@ -146,7 +147,7 @@ def test_any_window_of_100_steps_stays_within_the_budget_plus_one_bucket(tmp_pat
 def test_stall_snapshot_takes_what_the_bucket_holds_lambda_max_first_then_a_short_lambda_min(tmp_path, priced):
     monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced, max_hvp=40)
     pl.seed_everything(0)
-    trainer = make_trainer(tmp_path, [ClockSteps(priced), monitor], max_steps=3)
+    trainer = make_trainer(tmp_path, [ClockSteps(priced), monitor, stop_after(3)], max_steps=1000)
     trainer.fit(LinearRegression(), _loader())
     module = trainer.lightning_module
     monitor.measure(trainer, module, budgeted=False)  # a second timing: the first carries one-time costs
@@ -194,8 +195,23 @@ def test_the_next_refresh_waits_for_its_estimated_cost_above_the_stall_reserve(p
     assert monitor.capacity() == pytest.approx(0.04 + 3 * 0.01 + 20 * 0.001)
 
 
-def test_a_200_step_run_at_the_defaults_logs_lambda_max_from_step_2_within_its_bound(tmp_path):
+def test_a_200_step_run_at_the_defaults_takes_no_estimate_and_says_why_with_the_numbers(tmp_path):
     monitor = HessianMonitor()  # adaptive, 5% budget, real clock
+    pl.seed_everything(0)
+    with pytest.warns(UserWarning, match="took no curvature estimate in 200 steps") as caught:
+        make_trainer(tmp_path, [monitor], max_steps=200).fit(LinearRegression(), _loader())
+    assert sum("curvature estimate" in str(w.message) for w in caught) == 1
+    # a cold lambda_max over two probe batches is priced at 2 * (1 + 1.5 * 20) = 62 training steps; this run's 5%
+    # is 10 steps' time, so the first estimate waits for its earnings (step 2 + 62 / 0.05 = 1242): never here
+    assert monitor.first_estimate_price() == 62.0
+    assert monitor.history == [] and monitor.monitor_seconds == 0.0
+    summary = monitor.summary()
+    assert "62 training steps" in summary and "200-step run's budget (0.05 of its steps: 10)" in summary
+    assert "due at step 1242" in summary and "budget=0.31" in summary
+
+
+def test_a_200_step_run_with_the_budget_its_summary_names_logs_lambda_max_from_step_2_within_its_bound(tmp_path):
+    monitor = HessianMonitor(budget=0.31)  # what the default run's summary asks for (above)
     pl.seed_everything(0)
     logger = pl.loggers.CSVLogger(str(tmp_path), name="csv")
     trainer = make_trainer(tmp_path, [monitor], max_steps=200, logger=logger, log_every_n_steps=1)
@@ -203,16 +219,26 @@ def test_a_200_step_run_at_the_defaults_logs_lambda_max_from_step_2_within_its_b
     with open(Path(logger.log_dir) / "metrics.csv", encoding="utf-8") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("optdiag/lambda_max")]
     exact = np.linalg.eigvalsh(_hessian(slice(0, 2 * BATCH)))
-    # the first estimate as soon as the two probe batches are in; what follows is what the budget pays for: a warm
-    # refresh from the starting credit when the first snapshot left enough above the stall reserve (on a quiet
-    # machine; not when load inflates the timed prices), then refills only once the earnings have repaid the
-    # credit, which a 1-2 s run does not reach
+    # the first estimate as soon as the two probe batches are in (lent: 0.31 * 200 steps cover its 62); what
+    # follows is what the budget pays for once the earnings have repaid the starting credit
     assert len(rows) >= 1
     assert int(rows[0]["step"]) == 2
     for row in rows:
         assert float(row["optdiag/lambda_max"]) == pytest.approx(exact[-1], rel=1e-3)
     first = monitor.charges[0]["seconds"]
-    assert monitor.monitor_seconds <= max(0.05 * monitor._train_seconds(), first + monitor.capacity()) + 0.05
+    assert monitor.monitor_seconds <= max(0.31 * monitor._train_seconds(), first + monitor.capacity()) + 0.05
+
+
+def test_the_first_estimate_is_lent_exactly_when_the_planned_run_pays_for_it(tmp_path, priced):
+    # one probe batch: priced at 1 + 1.5 * 20 = 31 steps, so at 5% a fit planned for 620 steps or more is lent it
+    for planned, lent in ((619, False), (620, True)):
+        monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)
+        pl.seed_everything(0)
+        trainer = make_trainer(tmp_path / str(planned), [ClockSteps(priced), monitor, stop_after(5)], max_steps=planned)
+        trainer.fit(LinearRegression(), _loader())
+        assert [h["step"] for h in monitor.history] == ([1] if lent else [])
+        if not lent:  # due once its 31 steps are earned at 5%: 620 steps after the probe set is complete
+            assert monitor._next_step == 1 + 620 and "due at step 621" in monitor.summary()
 
 
 def test_a_fit_without_any_estimate_says_so_once(tmp_path):

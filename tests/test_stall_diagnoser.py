@@ -25,6 +25,8 @@ from optdiag.diagnosis import Diagnosis
 from optdiag.errors import UsageError
 from optdiag.sinks.events import events_path, read_events
 
+from lightning_models import stop_after
+
 
 @pytest.fixture(autouse=True)
 def quiet():
@@ -39,9 +41,14 @@ def trainer_for(tmp_path, callbacks, max_steps, logger=None, **kwargs):
         log_every_n_steps=1, deterministic=True, default_root_dir=str(tmp_path), **kwargs)
 
 
-def fit_scenario(tmp_path, name, callbacks, max_steps=None, logger=None, **kwargs):
+def fit_scenario(tmp_path, name, callbacks, max_steps=None, logger=None, planned=None, **kwargs):
+    """Fit scenario ``name``; with ``planned``, a fit planned for that many steps and ended after the scenario's
+    (HessianMonitor lends a first estimate only to a fit whose planned length pays for it)."""
     (run,) = scenario(name).build()
-    trainer = trainer_for(tmp_path, callbacks, max_steps or run.max_steps, logger, **kwargs)
+    steps = max_steps or run.max_steps
+    if planned is not None:
+        callbacks, steps = callbacks + [stop_after(steps)], planned
+    trainer = trainer_for(tmp_path, callbacks, steps, logger, **kwargs)
     trainer.fit(run.module, run.loader)
     return trainer, run
 
@@ -420,11 +427,26 @@ def test_probe_losses_spend_the_adaptive_buckets_credit_within_its_bound(tmp_pat
     diagnoser = StallDiagnoser(verbose=False, probe_every=5)
     trend_reads = _count_trend_reads(diagnoser)
     monitor = HessianMonitor(budget=1e-9)
-    fit_scenario(tmp_path, "minimum", [monitor, diagnoser])
+    fit_scenario(tmp_path, "minimum", [monitor, diagnoser], planned=10**12)  # so long that even 1e-9 lends
     assert trend_reads and monitor.charges[0]["what"] == "scheduled"
     overrun = max(c["seconds"] / c.get("count", 1) for c in monitor.charges)
     assert monitor.monitor_seconds <= monitor.charges[0]["seconds"] + monitor.capacity() + overrun
     assert min(c["balance"] for c in monitor.charges if c["balance"] is not None) >= -overrun
+
+
+def test_without_a_lent_first_estimate_probe_losses_are_paid_from_the_earnings_only(tmp_path):
+    """A fit too short for its budget to pay a first estimate has no priced bucket to lend from: the probe losses
+    spend only what the fit has earned (here almost nothing: after the one read that prices them, none), while a
+    stall still gets its snapshot (the stall reserve is lent whatever the fit's length); the bucket opens with that
+    snapshot, and the reads that prove the next stall come from it."""
+    diagnoser = StallDiagnoser(verbose=False, probe_every=5)
+    trend_reads = _count_trend_reads(diagnoser)
+    monitor = HessianMonitor(budget=1e-9)
+    fit_scenario(tmp_path, "minimum", [monitor, diagnoser])
+    assert all(h["reason"] != "scheduled" for h in monitor.history)
+    (stall, *_) = [c["step"] for c in monitor.charges if c["what"] == "stall"]
+    assert [d.kind for d in diagnoser.diagnoses] == ["local_minimum"] and diagnoser.diagnoses[0].step == stall
+    assert len([s for s in trend_reads if s < stall]) == 1  # the first read, unpriced until it is taken
 
 
 def test_probe_every_is_checked_at_construction():

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 import optdiag
-from lightning_models import RegressionDataModule, RegressionModule, make_trainer
+from lightning_models import RegressionDataModule, RegressionModule, make_trainer, stop_after
 from optdiag.callbacks.hessian import NOISE_POOL
 from optdiag.sinks.tensorboard import LAYOUT, MARGIN_CHARTS
 from test_budget import ClockSteps, FakeClock, price_hessian_work
@@ -30,7 +30,8 @@ class SlowSteps(ClockSteps):
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """100 steps with ``OptDiag()`` as it comes. The budget is a share of the training time, and how many snapshots
+    """100 steps with ``OptDiag()`` as it comes, of a fit planned long enough for its 5% to pay for a first
+    estimate (a 100-step plan would take none, and say why: tests/test_budget.py), ended early. The budget is a share of the training time, and how many snapshots
     it admits depends on the machine (two in 300 steps on a loaded CI core, where building a probe batch's operator
     costs more than a training step). The injected clock prices the work as for a model whose step takes half a
     second (test_budget's prices for the Hessian work), so the default schedule runs its course in a short test:
@@ -41,7 +42,8 @@ def default_run(tmp_path_factory):
     logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     callback = optdiag.OptDiag()
     callback.hessian_monitor.clock = priced
-    trainer = make_trainer(tmp_path, [SlowSteps(priced), callback], max_steps=STEPS, logger=logger)
+    trainer = make_trainer(tmp_path, [SlowSteps(priced), callback, stop_after(STEPS)], max_steps=100 * STEPS,
+                           logger=logger)
     with pytest.MonkeyPatch.context() as patch:
         price_hessian_work(priced, patch)
         trainer.fit(RegressionModule(), RegressionDataModule())

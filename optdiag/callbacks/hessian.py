@@ -38,6 +38,10 @@ _FULL_EVERY = 4  # adaptive schedule: every 4th scheduled snapshot adds lambda_m
 _OVER_BUDGET = "over budget"
 _FD_ERROR_WARN = 1e-2  # a finite-difference product's estimated relative error worth a warning
 _FORWARDS_PER_PRODUCT = 3  # a double-backward product costs about a forward, a backward and their derivative
+# Before a product is timed, a product over one probe batch (with the solver's bookkeeping) is priced as this many
+# training steps: docs/performance.md measures 1.6-2.5 gradients per product, and a training step is more than a
+# gradient (the optimizer, the loop). Only the first estimate's lending decision uses it (docs/callbacks/hessian-monitor.md).
+_PRODUCT_STEPS = 1.5
 
 
 def lightning_loss(pl_module: Any, batch: Any) -> torch.Tensor:
@@ -280,6 +284,7 @@ class HessianMonitor(OptDiagCallback):
         self._tokens: float | None = None  # the bucket's credit in seconds; None: full, size not yet known
         self._credit_train = 0.0  # training seconds at the last refill
         self._advance = 0.0  # the starting credit not yet repaid: earnings repay it before they refill the bucket
+        self._run_steps: int | None = None  # the optimizer steps this fit will run (the Trainer's plan); None: unknown
         self._fit_snapshots = 0
         self._fit_scheduled = 0
         self._fit_estimates = 0
@@ -305,6 +310,8 @@ class HessianMonitor(OptDiagCallback):
         self._train_started = self.clock()
         self._steps_at_start = int(trainer.global_step)
         self._last_step_seen = int(trainer.global_step)
+        if self.every_n_steps is None and self._next_step is None:
+            self._place_first_estimate(trainer)
         if self.loss_fn is lightning_loss and not pl_module.automatic_optimization \
                 and not hasattr(pl_module, "optdiag_loss"):
             self._disable(
@@ -353,6 +360,33 @@ class HessianMonitor(OptDiagCallback):
             self.warn_once("no-estimate", self.summary().removeprefix("optdiag: "))  # one line, with the numbers: the cost vs the budget
 
     # --- schedule and budget ---------------------------------------------------------------------------------------
+    def first_estimate_price(self) -> float:
+        """What the adaptive schedule's first estimate is priced at before anything is timed, in training steps: a
+        setup (a forward and backward pass per probe batch, about a training step each) and a cold lambda_max at
+        its cap of ``burst_hvp // 2`` products over the probe batches, each ``_PRODUCT_STEPS`` training steps per
+        batch. In steps, not seconds, so that the decision it serves is the same on every rank and every machine.
+
+        Example:
+            >>> HessianMonitor().first_estimate_price()  # two probe batches: 2 * (1 + 1.5 * 20)
+            62.0
+        """
+        n_batches = 1 if self.probe == "current" else self.probe_batches
+        return n_batches * (1.0 + _PRODUCT_STEPS * (self.burst_hvp // 2))
+
+    def _place_first_estimate(self, trainer: Any) -> None:
+        """Lend the first estimate (taken as soon as the probe set is complete) only when this fit's own budget
+        covers its price: ``budget`` times the steps the Trainer will run. A shorter fit takes it once its earnings
+        have paid for it, which a run that ends first never reaches (the end-of-fit summary then says so, with the
+        numbers); a fit of unknown length is lent. Lending the first estimate to every fit put an 800-step run of a
+        670k-parameter MLP at 1.09x on its own (docs/performance.md section 7)."""
+        planned = _planned_steps(trainer)
+        self._run_steps = int(planned) - self._steps_at_start if math.isfinite(planned) else None
+        price = self.first_estimate_price()
+        if self._run_steps is None or price <= self.budget * self._run_steps:
+            return  # lent: _next_step None, so the first probe-ready step takes it
+        n_batches = 1 if self.probe == "current" else self.probe_batches
+        self._next_step = self._steps_at_start + n_batches + math.ceil(price / self.budget)
+
     def _probe_ready(self) -> bool:
         return self.probe != "fixed" or len(self._probe_set) >= self.probe_batches
 
@@ -484,8 +518,12 @@ class HessianMonitor(OptDiagCallback):
         """The one affordability rule: whether the bucket holds ``seconds`` (None: not priced yet, held) beyond
         ``above`` seconds of credit left alone, counting only the credit it earned (the starting credit repaid) with
         ``earned``. Rank 0's clock decides: the answer is broadcast (without a trainer, this process's)."""
-        affordable = seconds is None or \
-            self.budget_balance() - (self._advance if earned else 0.0) - above >= seconds
+        credit = self._credit()
+        if credit is None:  # nothing timed yet, so no bucket to lend from: the fit's earnings less what it spent
+            available = self.budget * self._train_seconds() - self._spent if earned else math.inf
+        else:
+            available = credit - (self._advance if earned else 0.0)
+        affordable = seconds is None or available - above >= seconds
         return bool(trainer.strategy.broadcast(affordable, src=0)) if trainer is not None else affordable
 
     def can_afford_snapshot(self, trainer: Any, routine: bool = False) -> bool:
@@ -517,7 +555,9 @@ class HessianMonitor(OptDiagCallback):
         work leaves alone (a stall it helps prove still gets its snapshot). Fixed cadence: always, like its
         snapshots: the user chose the cost, and nothing optdiag decides then depends on the clock (the same run
         gets the same verdicts on a loaded machine). True while ``seconds`` is unknown (the first read prices it).
-        Every rank must call it under DDP: rank 0 decides, the answer is broadcast.
+        Before any snapshot has been timed (a short run whose first estimate waits for its earnings) there is no
+        bucket to lend from: such work is paid from what the fit has earned so far. Every rank must call it under
+        DDP: rank 0 decides, the answer is broadcast.
 
         Example:
             >>> HessianMonitor().can_afford_extra(trainer=None, seconds=None)
@@ -525,7 +565,7 @@ class HessianMonitor(OptDiagCallback):
         """
         if seconds is None or self.every_n_steps is not None:
             return True
-        return self._holds(trainer, seconds, above=self._reserve() or 0.0)
+        return self._holds(trainer, seconds, above=self._reserve() or 0.0, earned=self.capacity() is None)
 
     def _n_probe_batches(self) -> int:
         return len(self.probe_set()) or self.probe_batches
@@ -644,6 +684,15 @@ class HessianMonitor(OptDiagCallback):
         refresh = self.estimate_seconds(self._refresh_products())
         if not self._probe_ready():
             return f"optdiag: HessianMonitor took no curvature estimate in {steps} steps (the probe set was never complete)."
+        if refresh is None and self._run_steps is not None and self._next_step is not None \
+                and self._next_step > self._last_step_seen:
+            price = self.first_estimate_price()
+            needed = _ceil_to(price / self._run_steps, 0.01)
+            remedy = f"pass budget={needed:g} or a fixed every_n_steps" if needed <= 1 else "pass a fixed every_n_steps"
+            return (f"optdiag: HessianMonitor took no curvature estimate in {steps} steps: a first lambda_max costs up "
+                    f"to about {price:.0f} training steps' time, more than this {self._run_steps}-step run's budget "
+                    f"({self.budget:g} of its steps: {self.budget * self._run_steps:.0f}), so it was due at step "
+                    f"{self._next_step}, once earned. For curvature on a run this short, {remedy}.")
         if refresh is None:
             return f"optdiag: HessianMonitor took no curvature estimate in {steps} steps (every snapshot failed: see the warnings)."
         return (f"optdiag: HessianMonitor took no curvature estimate in {steps} steps: one lambda_max estimate costs "
@@ -1098,6 +1147,20 @@ class _Allowance:
         if self.left is not None:
             self.left -= products
         return products
+
+
+def _planned_steps(trainer: Any) -> float:
+    """The optimizer steps the Trainer plans for the whole fit (``estimated_stepping_batches``); inf when unknown or
+    unbounded."""
+    try:
+        planned = float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - a loader without a length, an unusual loop: the length is unknown
+        return math.inf
+    return planned if planned > 0 else math.inf
+
+
+def _ceil_to(value: float, quantum: float) -> float:
+    return math.ceil(value / quantum - 1e-9) * quantum
 
 
 def _block_shares(vector: torch.Tensor, blocks: dict[str, int] | None) -> dict[str, float] | None:

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from lightning_models import regression_data  # noqa: E402
+from lightning_models import regression_data, stop_after  # noqa: E402
 
 from optdiag.callbacks.gradient_norm import GradientNormMonitor  # noqa: E402
 from optdiag.callbacks.hessian import HessianMonitor  # noqa: E402
@@ -71,7 +71,9 @@ def main(out: str) -> None:
     gradient = GradientNormMonitor()
     logger = RecordingLogger(out)
     trainer = pl.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_steps=4, callbacks=[hessian, adaptive, gradient],
+        # planned long and ended after 4 steps: the adaptive monitor is lent its first estimate (a 4-step plan is not)
+        accelerator="cpu", devices=2, strategy="ddp", max_steps=1000,
+        callbacks=[hessian, adaptive, gradient, stop_after(4)],
         logger=logger,
         default_root_dir=out,
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
