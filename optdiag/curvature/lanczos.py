@@ -346,7 +346,7 @@ class _KrylovBasis:
         for row in np.flatnonzero(coefficients[:column]):
             product.add_(self.V[int(row)], alpha=-float(coefficients[row]))
         coefficients[column] = self.op.dot(self.V[column], product)
-        product.add_(self.V[column], alpha=-coefficients[column])
+        product.add_(self.V[column], alpha=-float(coefficients[column]))
         return coefficients
 
     def expand(self, count: int) -> None:

@@ -449,7 +449,7 @@ class HessianOperator(CurvatureOperator):
             block = rows[start : start + self.matmat_chunk].contiguous()
             try:
                 blocks.append(self._checked_products(block, batched=True))
-                self.finite_norms(blocks[-1], f"Hessian-vector products {self.n_hvp + start + 1}-"
+                self.finite_norms(blocks[-1], f"the block of Hessian-vector products {self.n_hvp + start + 1}-"
                                               f"{self.n_hvp + start + block.shape[0]}")
             except (NotTwiceDifferentiableError, NonFiniteError, UsageError):
                 raise

@@ -270,9 +270,9 @@ def _range_sketch(
     """An orthonormal basis ``Q`` (``size`` rows of length num_params) of ``range(H S)`` for ``size`` random
     vectors ``S``.
 
-    Each column of ``H S`` is orthogonalised against the rows kept so far as soon as it is computed (block Gram-Schmidt,
-    the Lanczos basis's), so only the basis and one product are held. A column that lies in the span of the
-    others (``H`` of rank below ``size``) is replaced by a random direction orthogonal to them: Hutch++ is
+    Each column of ``H S`` is orthogonalised against the rows kept so far as soon as it is computed (block
+    Gram-Schmidt, the Lanczos basis's), so only the basis and one product are held. A column that lies in the span
+    of the others (``H`` of rank below ``size``) is replaced by a random direction orthogonal to them: Hutch++ is
     unbiased for any ``Q``, and the trace on the span is still exact.
     """
     basis = _KrylovBasis(op, size, torch.Generator().manual_seed(check_seed(seed)), refill=False)
