@@ -275,3 +275,22 @@ def test_scheduled_and_stall_lambda_min_at_one_step_are_logged_apart_and_labelle
     assert logged["optdiag/lambda_min"] == scheduled["lambda_min"] == pytest.approx(exact[0], rel=1e-4)
     assert logged["optdiag/stall/lambda_min"] == stall["lambda_min"] == pytest.approx(exact[0], rel=1e-4)
     assert logged["optdiag/stall/n_hvp"] == stall["n_hvp"]
+
+
+def test_a_first_estimate_that_was_not_lent_waits_for_earnings_the_probe_losses_left(priced):
+    class Trainer:
+        class strategy:
+            @staticmethod
+            def broadcast(obj, src=0):
+                return obj
+
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)  # priced at 31 training steps
+    monitor._train_started, monitor._steps_at_start = priced.now - 100.0, 0  # 100 s over 1000 steps, all training
+    # 0.1 s a step: the price is 3.1 s; the fit earned 5 s, of which the probe losses spent 2.5 s
+    monitor._spent = 2.5
+    priced.advance(2.5)  # the probe losses' seconds are on the clock too (the training clock excludes them)
+    assert monitor._first_estimate_earned(Trainer(), step=1000) is False
+    # 0.6 s short at 0.005 s earned a step: 120 steps more
+    assert monitor._next_step == 1000 + 120
+    monitor._spent, priced.now = 1.0, priced.now - 1.5  # had they spent 1 s, the 4 s left would pay for it
+    assert monitor._first_estimate_earned(Trainer(), step=1000) is True

@@ -387,6 +387,20 @@ class HessianMonitor(OptDiagCallback):
         n_batches = 1 if self.probe == "current" else self.probe_batches
         self._next_step = self._steps_at_start + n_batches + math.ceil(price / self.budget)
 
+    def _first_estimate_earned(self, trainer: Any, step: int) -> bool:
+        """Whether a first estimate that was not lent (nothing timed yet) may run at ``step``: the fit's earnings
+        less what it spent before (the diagnoser's probe-set losses, paid from the same earnings) must cover its
+        price, in training steps at the fit's seconds per step so far. If not, it waits for the shortfall at the
+        earning rate (rank 0's clock decides, broadcast)."""
+        train = self._train_seconds()
+        per_step = train / max(step - self._steps_at_start, 1)
+        shortfall = self.first_estimate_price() * per_step - (self.budget * train - self._spent)
+        wait = 0 if shortfall <= 0 else max(1, math.ceil(shortfall / max(self.budget * per_step, 1e-12)))
+        wait = int(trainer.strategy.broadcast(wait, src=0))
+        if wait:
+            self._next_step = step + wait
+        return wait == 0
+
     def _probe_ready(self) -> bool:
         return self.probe != "fixed" or len(self._probe_set) >= self.probe_batches
 
@@ -401,6 +415,8 @@ class HessianMonitor(OptDiagCallback):
         the trace."""
         if self.every_n_steps is not None:
             self.measure(trainer, pl_module, trace=True, budgeted=False)
+            return
+        if self.capacity() is None and self._next_step is not None and not self._first_estimate_earned(trainer, step):
             return
         full = self._full_due()
         result = self.measure(trainer, pl_module, trace=full, lambda_min=full, reserve_seconds=self._reserve() or 0.0)
