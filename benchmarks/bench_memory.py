@@ -22,8 +22,8 @@ needs beyond a training step, reported as a multiple of the parameters' bytes (4
 
 Products and accuracy are compared against a tight reference (``tol=1e-4``, 60-vector basis: an eigenvalue's error
 is about its residual squared over the gap) in the parent process, and the share of a Lanczos step spent
-orthogonalising is timed there: one HVP against one CGS2 orthogonalisation of its product against 16 and 60 basis
-vectors.
+orthogonalising is timed there: one HVP against one block Gram-Schmidt orthogonalisation of its product against 16
+and 60 basis vectors.
 
 Usage: ``nice python benchmarks/bench_memory.py [--batch 16] [--skip-reference] [--configs hvp,optdiag,...]``;
 prints markdown tables (the rows of docs/performance.md, section 5).
@@ -160,7 +160,8 @@ def run_config(config: str, batch: int) -> dict:
 
 def reorthogonalisation_share(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], rows: int,
                                repeats: int = 3) -> dict:
-    """Seconds of one HVP and of one CGS2 orthogonalisation against a basis of ``rows`` vectors, and the share of
+    """Seconds of one HVP and of one block Gram-Schmidt orthogonalisation (a second pass only when the first
+    cancels) against a basis of ``rows`` vectors, and the share of
     a Lanczos step (one product plus its orthogonalisation) spent orthogonalising. Medians over ``repeats``."""
     from optdiag.curvature import lanczos
 
@@ -249,7 +250,7 @@ def main() -> None:
         print(f"| {row['config']} ({label}) | {extra / 1e9:.2f} GB | {extra / param_bytes:.1f} "
               f"| {row.get('basis_rows', '-')} | {row['n_hvp']} | {row['seconds']:.0f} | {error} |")
     print()
-    print("| basis vectors | one HVP (s) | CGS2 orthogonalisation of one product (s) | share of a Lanczos step |")
+    print("| basis vectors | one HVP (s) | orthogonalisation of one product (s) | share of a Lanczos step |")
     print("|---|---|---|---|")
     for rows in (16, 60):
         share = reorthogonalisation_share(model, data, rows)
