@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
 from lightning_models import make_trainer, regression_data, stop_after
-from optdiag.callbacks.hessian import HessianMonitor
+from optdiag.callbacks.hessian import CURVATURE_NOTE_TAG, HessianMonitor
 from optdiag.curvature.operator import HessianOperator
 from test_hessian_monitor import BATCH, LinearRegression, _hessian, _loader
 
@@ -198,9 +199,15 @@ def test_the_next_refresh_waits_for_its_estimated_cost_above_the_stall_reserve(p
 def test_a_200_step_run_at_the_defaults_takes_no_estimate_and_says_why_with_the_numbers(tmp_path):
     monitor = HessianMonitor()  # adaptive, 5% budget, real clock
     pl.seed_everything(0)
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     with pytest.warns(UserWarning, match="took no curvature estimate in 200 steps") as caught:
-        make_trainer(tmp_path, [monitor], max_steps=200).fit(LinearRegression(), _loader())
+        make_trainer(tmp_path, [monitor], max_steps=200, logger=logger).fit(LinearRegression(), _loader())
     assert sum("curvature estimate" in str(w.message) for w in caught) == 1
+    # and where its empty curvature charts are looked at: a TensorBoard text panel, read back from the event file
+    accumulator = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    accumulator.Reload()
+    (note,) = accumulator.Tensors(f"{CURVATURE_NOTE_TAG}/text_summary")
+    assert note.step == 200 and note.tensor_proto.string_val[0].decode() == monitor.summary().removeprefix("optdiag: ")
     # a cold lambda_max over two probe batches is priced at 2 * (1 + 1.5 * 20) = 62 training steps; this run's 5%
     # is 10 steps' time, so the first estimate waits for its earnings (step 2 + 62 / 0.05 = 1242): never here
     assert monitor.first_estimate_price() == 62.0

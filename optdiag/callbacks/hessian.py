@@ -32,6 +32,7 @@ from optdiag.sinks import tensorboard as tensorboard_sink
 LossFn = Callable[[Any, Any], torch.Tensor]
 #: Snapshots whose probe-set gradient norms are pooled for ``probe_noise_scale`` and its spread.
 NOISE_POOL = 10
+CURVATURE_NOTE_TAG = "optdiag/curvature"  # TensorBoard text: why a fit took no curvature estimate
 _HEAVY = ("optimizer",)  # kept in the returned dict, left out of the history and of checkpoints
 _MIN_SOLVE_HVP = 4  # an eigen-solve given fewer products has seen too little of the spectrum to be worth its setup
 _FULL_EVERY = 4  # adaptive schedule: every 4th scheduled snapshot adds lambda_min and the trace to lambda_max
@@ -357,7 +358,11 @@ class HessianMonitor(OptDiagCallback):
     @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._scheduling and self.enabled and self.every_n_steps is None and not self._fit_estimates:
-            self.warn_once("no-estimate", self.summary().removeprefix("optdiag: "))  # one line, with the numbers: the cost vs the budget
+            why = self.summary().removeprefix("optdiag: ")  # one line, with the numbers: the cost vs the budget
+            self.warn_once("no-estimate", why)
+            tb = self.tensorboard_logger(trainer)
+            if tb is not None and trainer.is_global_zero:  # where the empty curvature charts are looked at
+                tensorboard_sink.log_text(tb, CURVATURE_NOTE_TAG, why, int(trainer.global_step))
 
     # --- schedule and budget ---------------------------------------------------------------------------------------
     def first_estimate_price(self) -> float:
