@@ -174,21 +174,25 @@ def test_stall_snapshot_takes_what_the_bucket_holds_lambda_max_first_then_a_shor
     assert monitor.measure(trainer, module, reason="stall")["skipped"] == "over budget"
 
 
-def test_the_next_refresh_waits_for_its_estimated_cost_above_the_stall_reserve(priced):
-    class Trainer:
-        class strategy:
-            @staticmethod
-            def broadcast(obj, src=0):
-                return obj
-        optimizers, loggers = [], []
+class OneProcessTrainer:
+    """What the monitor's scheduling asks of a Trainer, for one process: broadcast returns its object."""
 
+    class strategy:
+        @staticmethod
+        def broadcast(obj, src=0):
+            return obj
+
+    optimizers, loggers = [], []
+
+
+def test_the_next_refresh_waits_for_its_estimated_cost_above_the_stall_reserve(priced):
     monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)
     monitor._train_started, monitor._steps_at_start = priced.now - 10.0, 0  # 10 s over 100 steps, all training
     monitor._setup_seconds, monitor._product_seconds = 0.01, 0.001
     monitor._part_hvp = {"lambda_max": 5}
     monitor._tokens, monitor._credit_train = 0.03, 10.0
     monitor._fit_scheduled = 1  # the next one is a refresh (lambda_min and the trace come every 4th)
-    monitor._plan_next(Trainer(), step=100)
+    monitor._plan_next(OneProcessTrainer(), step=100)
     # reserve: 2 setups + 20 products = 0.04 s; the refresh: 1 setup + (5 + 1 batch) products = 0.016 s;
     # the bucket holds 0.03 s and earns 0.05 * 0.1 = 0.005 s a step -> (0.056 - 0.03) / 0.005 = 5.2 -> 6 steps
     assert monitor._next_step == 106
@@ -285,19 +289,13 @@ def test_scheduled_and_stall_lambda_min_at_one_step_are_logged_apart_and_labelle
 
 
 def test_a_first_estimate_that_was_not_lent_waits_for_earnings_the_probe_losses_left(priced):
-    class Trainer:
-        class strategy:
-            @staticmethod
-            def broadcast(obj, src=0):
-                return obj
-
     monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)  # priced at 31 training steps
     monitor._train_started, monitor._steps_at_start = priced.now - 100.0, 0  # 100 s over 1000 steps, all training
     # 0.1 s a step: the price is 3.1 s; the fit earned 5 s, of which the probe losses spent 2.5 s
     monitor._spent = 2.5
     priced.advance(2.5)  # the probe losses' seconds are on the clock too (the training clock excludes them)
-    assert monitor._first_estimate_earned(Trainer(), step=1000) is False
+    assert monitor._first_estimate_earned(OneProcessTrainer(), step=1000) is False
     # 0.6 s short at 0.005 s earned a step: 120 steps more
     assert monitor._next_step == 1000 + 120
     monitor._spent, priced.now = 1.0, priced.now - 1.5  # had they spent 1 s, the 4 s left would pay for it
-    assert monitor._first_estimate_earned(Trainer(), step=1000) is True
+    assert monitor._first_estimate_earned(OneProcessTrainer(), step=1000) is True
