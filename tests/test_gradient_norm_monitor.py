@@ -93,11 +93,57 @@ def test_sampled_cadence_measures_the_first_steps_then_consecutive_pairs_exactly
 
 @pytest.mark.parametrize("trainer_every, expected", [(1, 1), (4, 4), (50, 10)])
 def test_default_cadence_is_the_logging_interval_capped_at_ten(tmp_path, trainer_every, expected):
-    monitor = GradientNormMonitor()
+    monitor = GradientNormMonitor(clock=lambda: 0.0)  # a clock that never moves: measuring costs nothing
     _fit(tmp_path, monitor, steps=12, log_every_n_steps=trainer_every)
     measured = [s for s in range(12) if s < expected or s % expected in (0, expected - 1)]
     assert [h["step"] for h in monitor.history] == measured
     assert measured_steps_interval(trainer_every, None) == expected and measured_steps_interval(50, 7) == 7
+
+
+class _Clock:
+    """A clock that moves only when told."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _StepSeconds(pl.Callback):
+    """10 ms of training per batch on ``clock``."""
+
+    def __init__(self, clock):
+        self.clock = clock
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.clock.now += 0.01
+
+
+def test_the_default_cadence_spaces_its_pairs_by_their_cost_after_the_first_window(tmp_path, monkeypatch):
+    clock = _Clock()
+    measure = GradientNormMonitor._measure_gradient
+
+    def costly(self, *args):  # a measured step costing 3 ms against 10 ms steps (a large model, small batches)
+        clock.now += 0.003
+        return measure(self, *args)
+
+    monkeypatch.setattr(GradientNormMonitor, "_measure_gradient", costly)
+    monitor = GradientNormMonitor(clock=clock)
+    recorder = GradientRecorder()
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [_StepSeconds(clock), monitor, recorder], max_steps=45, log_every_n_steps=50)
+    trainer.fit(RegressionModule(optimizer="sgd", lr=0.05, momentum=0.9), RegressionDataModule())
+    # a pair (6 ms) may take 3% of n steps' 10 ms: n = 6 / 0.3 = 20, from step 10 on (the first 10 all measured)
+    assert monitor._cadence == 20 and monitor._log_interval == 60
+    assert [h["step"] for h in monitor.history] == list(range(10)) + [19, 20, 39, 40]
+    _assert_matches_record(monitor, recorder)
+    # a fixed cadence is the user's choice of cost: never spaced
+    fixed = GradientNormMonitor(every_n_steps=10, clock=clock)
+    pl.seed_everything(0)
+    make_trainer(tmp_path / "fixed", [_StepSeconds(clock), fixed], max_steps=25).fit(
+        RegressionModule(optimizer="sgd", lr=0.05, momentum=0.9), RegressionDataModule())
+    assert [h["step"] for h in fixed.history] == list(range(10)) + [10, 19, 20]
 
 
 def test_plain_sgd_update_is_lr_times_gradient(tmp_path):

@@ -5,8 +5,10 @@ measured step; the gradient is never concatenated into one vector."""
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -19,8 +21,13 @@ from optdiag.sinks import tensorboard as tensorboard_sink
 
 # Quantities that are undefined at some steps (first step, no clipping); NaN there, and then not logged.
 _OPTIONAL = ("grad_cosine", "update_cosine", "grad_norm_clipped")
-#: The default cadence never samples more sparsely than this (the stall diagnoser averages over 50-step windows).
+#: The default cadence starts no sparser than this (the stall diagnoser averages over 50-step windows).
 MAX_DEFAULT_EVERY_N_STEPS = 10
+#: The default cadence then spaces its pairs so that they cost at most this share of the training time (a measured
+#: step copies the gradient and the parameters: on a large model with small batches, a pair every 10 steps costs
+#: tens of percent), never sparser than ``MAX_PRICED_EVERY_N_STEPS`` (docs/callbacks/gradient-norm-monitor.md).
+PAIR_SHARE = 0.03
+MAX_PRICED_EVERY_N_STEPS = 100
 
 
 def measured_steps_interval(log_every_n_steps: int, every_n_steps: int | None) -> int:
@@ -109,8 +116,13 @@ class GradientNormMonitor(OptDiagCallback):
     of step ``k n`` are exact cosines of consecutive gradients and updates (NaN at the first step of a pair).
     Unmeasured steps cost almost nothing: no norms, no copies of the parameters. By default ``n`` is the Trainer's
     ``log_every_n_steps`` capped at 10: every logged step is measured, and the stall diagnoser gets at least a pair
-    per 10 steps for its window means. ``every_n_steps=1`` measures every step. The schedule depends on
-    ``trainer.global_step`` only, so every DDP rank measures the same steps.
+    per 10 steps for its window means. After those first ``n`` steps the default ``n`` grows, if needed, so that a
+    pair costs at most ``PAIR_SHARE`` (3%) of the training time between pairs (timed on the first ``n`` steps,
+    rank 0's clock, broadcast; at most ``MAX_PRICED_EVERY_N_STEPS``): a measured step copies the gradient and the
+    parameters, which on a large model with small batches costs a quarter of a step, so pairs every 10 steps cost
+    5% or more; a small model keeps 10. ``every_n_steps=1`` measures every step; a fixed ``every_n_steps`` is never
+    spaced. The schedule depends on ``trainer.global_step`` (and that one broadcast cadence), so every DDP rank
+    measures the same steps.
 
     All are logged as ``optdiag/<name>`` through the trainer's loggers at ``trainer.global_step`` (the step the
     gradient belongs to), on global rank 0, every ``log_every_n_steps`` steps (rounded up to a multiple of ``n``,
@@ -129,6 +141,7 @@ class GradientNormMonitor(OptDiagCallback):
         noise_window: number of accumulation windows pooled for the noise scale; ``0`` switches it off.
         histogram_every_n_steps: interval of per-layer gradient histograms in TensorBoard; ``0`` switches them off.
         history_size: how many measured steps :attr:`history` keeps (oldest dropped first).
+        clock: the time source that prices the default cadence (injectable; ``time.perf_counter``).
 
     Attributes:
         latest: the values of the last measured step (keys above, plus ``step``).
@@ -151,6 +164,7 @@ class GradientNormMonitor(OptDiagCallback):
         noise_window: int = 10,
         histogram_every_n_steps: int = 100,
         history_size: int = 100_000,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("layer_depth", layer_depth), ("log_every_n_steps", log_every_n_steps),
@@ -167,6 +181,7 @@ class GradientNormMonitor(OptDiagCallback):
         self.noise_window = noise_window
         self.histogram_every_n_steps = histogram_every_n_steps
         self.history_size = history_size
+        self.clock: Callable[[], float] = clock or time.perf_counter
         self.latest: dict[str, float] = {}
         self._history: deque[dict[str, float]] = deque(maxlen=history_size)
         self._reset_transient()
@@ -175,6 +190,15 @@ class GradientNormMonitor(OptDiagCallback):
         """Per-run state that is not checkpointed (tensors tied to the current model and window)."""
         self._pending: dict[str, Any] | None = None
         self._cadence = self.every_n_steps or 1  # measuring interval, resolved against the Trainer at train start
+        self._initial = self._cadence  # the first steps, all measured (the cadence at train start)
+        self._log_every = 1  # the logging interval asked for (the Trainer's, or log_every_n_steps)
+        self._own_seconds: list[float] = []  # this monitor's seconds on each measured step of the first window
+        self._step_seconds: list[float] = []  # training seconds of each step of the first window, less its own
+        self._step_started: tuple[int, float, float] | None = None  # (step, clock, own seconds so far) at its start
+        self._own_total = 0.0  # this monitor's seconds so far (measured steps)
+        self._priced = self.every_n_steps is not None  # whether the default cadence has been spaced by its cost
+        self._pending_step = -1  # the measured step the last own seconds belong to
+        self._completed_step = -1
         self._dense_until = -1  # every step up to this one is measured (measure_every_step)
         self._log_interval = self._cadence  # logging interval, a multiple of the cadence
         self._named_cache: tuple[tuple[int, int], list] | None = None
@@ -205,7 +229,7 @@ class GradientNormMonitor(OptDiagCallback):
             [0, 1, 2, 3, 4, 7, 8, 11, 12]
         """
         phase = step % self._cadence
-        return step < self._cadence or phase == 0 or (self.track_directions and phase == self._cadence - 1) \
+        return step < self._initial or phase == 0 or (self.track_directions and phase == self._cadence - 1) \
             or step <= self._dense_until
 
     def measure_every_step(self, until: int) -> None:
@@ -232,11 +256,45 @@ class GradientNormMonitor(OptDiagCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_transient()
         log_every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
-        self._cadence = measured_steps_interval(log_every, self.every_n_steps)
+        self._cadence = self._initial = measured_steps_interval(log_every, self.every_n_steps)
+        self._log_every = log_every
         self._log_interval = -(-log_every // self._cadence) * self._cadence  # rounded up to a measured step
+        self._priced = self.every_n_steps is not None or self._cadence == 1
+
+    def _time_step(self, trainer: Any) -> None:
+        """Keep the training seconds of each step of the first window (less this monitor's own), and once the window
+        is over, space the default cadence's pairs by their cost (:meth:`_price_cadence`)."""
+        step, now = int(trainer.global_step), self.clock()
+        started = self._step_started
+        if started is not None and step > started[0]:
+            if started[0] < self._initial:
+                self._step_seconds.append((now - started[1]) - (self._own_total - started[2]))
+            if step >= self._initial and not self._priced:
+                self._price_cadence(trainer)
+        if started is None or step > started[0]:
+            self._step_started = (step, now, self._own_total)
+
+    def _price_cadence(self, trainer: Any) -> None:
+        """The default cadence after the first window: pairs every ``n`` steps with ``n`` such that a pair (two
+        measured steps at the median cost of the first window's) takes at most ``PAIR_SHARE`` of the training time
+        of ``n`` steps (at their median), at least the initial cadence and at most ``MAX_PRICED_EVERY_N_STEPS``.
+        Rank 0's clock decides; every rank gets the same cadence (broadcast), so all measure the same steps."""
+        self._priced = True
+        cadence = self._cadence
+        if len(self._own_seconds) >= 3 and len(self._step_seconds) >= 3:
+            pair = 2.0 * statistics.median(self._own_seconds)
+            step_seconds = max(statistics.median(self._step_seconds), 1e-9)
+            needed = math.ceil(pair / (PAIR_SHARE * step_seconds) - 1e-9)  # 20.000000000000004 is 20
+            cadence = max(self._cadence, min(MAX_PRICED_EVERY_N_STEPS, needed))
+        cadence = int(trainer.strategy.broadcast(cadence, src=0))
+        if cadence != self._cadence:
+            self._cadence = cadence
+            self._log_interval = -(-self._log_every // cadence) * cadence
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if not self._priced or (self._step_started is not None and self._step_started[0] < self._initial):
+            self._time_step(trainer)
         if self._noise_enabled(trainer, pl_module) and self.is_measured(int(trainer.global_step)):
             self._micro_sizes.append(batch_size_of(batch) or 0)
 
@@ -267,7 +325,19 @@ class GradientNormMonitor(OptDiagCallback):
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._maybe_histograms(trainer, self._named_monitored(pl_module, optimizer), step)
         if self.is_measured(step):
+            started = self.clock()
             self._measure_gradient(trainer, pl_module, optimizer, step)
+            self._count_own(self.clock() - started, step)
+
+    def _count_own(self, seconds: float, step: int) -> None:
+        """This monitor's seconds on measured step ``step`` (its two hooks); the first window's price the cadence."""
+        self._own_total += seconds
+        if not self._priced and step < self._initial:
+            if self._own_seconds and self._pending_step == step:
+                self._own_seconds[-1] += seconds
+            else:
+                self._own_seconds.append(seconds)
+            self._pending_step = step
 
     def _measure_gradient(self, trainer: Any, pl_module: Any, optimizer: Any, step: int) -> None:
         """Norms and the gradient cosine of this step; the parameters are kept to measure the update after it."""
@@ -316,7 +386,16 @@ class GradientNormMonitor(OptDiagCallback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending is None:
             return
+        started = self.clock()
+        try:
+            self._complete(trainer, pl_module)
+        finally:
+            self._count_own(self.clock() - started, self._completed_step)
+
+    def _complete(self, trainer: Any, pl_module: Any) -> None:
+        """The update's norm and cosines of the measured step just taken; the record kept and logged."""
         record, self._pending = self._pending, None
+        self._completed_step = record["step"]
         named = self._named_monitored(pl_module, trainer.optimizers[0])
         update_sq, dot, previous_sq = self._update_products(named, record["step"])
         record["update_norm"] = math.sqrt(update_sq) if update_sq >= 0 else math.nan
