@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
@@ -220,3 +221,13 @@ def batch_size_of(batch: Any) -> int | None:
     """The leading dimension of the first tensor found in a (nested) batch, or None if there is none."""
     first = first_tensor(batch)
     return int(first.shape[0]) if first is not None and first.dim() > 0 else None
+
+
+def ceil_to(value: float, quantum: float = 1.0) -> float:
+    """``value`` rounded up to a multiple of ``quantum``, a rounding error above a multiple not counted as more.
+
+    Example:
+        >>> ceil_to(0.006 / (0.03 * 0.01)), ceil_to(0.3100000001, 0.01)
+        (20.0, 0.32)
+    """
+    return math.ceil(value / quantum - 1e-9) * quantum

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, guarded
 from optdiag.curvature.distributed import reduce_sum
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.curvature.params import is_sharded, local_part
@@ -192,13 +192,11 @@ class GradientNormMonitor(OptDiagCallback):
         self._cadence = self.every_n_steps or 1  # measuring interval, resolved against the Trainer at train start
         self._initial = self._cadence  # the first steps, all measured (the cadence at train start)
         self._log_every = 1  # the logging interval asked for (the Trainer's, or log_every_n_steps)
-        self._own_seconds: list[float] = []  # this monitor's seconds on each measured step of the first window
+        self._own_seconds: dict[int, float] = {}  # this monitor's seconds on each measured step of the first window
         self._step_seconds: list[float] = []  # training seconds of each step of the first window, less its own
         self._step_started: tuple[int, float, float] | None = None  # (step, clock, own seconds so far) at its start
         self._own_total = 0.0  # this monitor's seconds so far (measured steps)
         self._priced = self.every_n_steps is not None  # whether the default cadence has been spaced by its cost
-        self._pending_step = -1  # the measured step the last own seconds belong to
-        self._completed_step = -1
         self._dense_until = -1  # every step up to this one is measured (measure_every_step)
         self._log_interval = self._cadence  # logging interval, a multiple of the cadence
         self._named_cache: tuple[tuple[int, int], list] | None = None
@@ -269,7 +267,7 @@ class GradientNormMonitor(OptDiagCallback):
         if started is not None and step > started[0]:
             if started[0] < self._initial:
                 self._step_seconds.append((now - started[1]) - (self._own_total - started[2]))
-            if step >= self._initial and not self._priced:
+            if step >= self._initial:
                 self._price_cadence(trainer)
         if started is None or step > started[0]:
             self._step_started = (step, now, self._own_total)
@@ -282,9 +280,9 @@ class GradientNormMonitor(OptDiagCallback):
         self._priced = True
         cadence = self._cadence
         if len(self._own_seconds) >= 3 and len(self._step_seconds) >= 3:
-            pair = 2.0 * statistics.median(self._own_seconds)
+            pair = 2.0 * statistics.median(self._own_seconds.values())
             step_seconds = max(statistics.median(self._step_seconds), 1e-9)
-            needed = math.ceil(pair / (PAIR_SHARE * step_seconds) - 1e-9)  # 20.000000000000004 is 20
+            needed = int(ceil_to(pair / (PAIR_SHARE * step_seconds)))
             cadence = max(self._cadence, min(MAX_PRICED_EVERY_N_STEPS, needed))
         cadence = int(trainer.strategy.broadcast(cadence, src=0))
         if cadence != self._cadence:
@@ -293,7 +291,7 @@ class GradientNormMonitor(OptDiagCallback):
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if not self._priced or (self._step_started is not None and self._step_started[0] < self._initial):
+        if not self._priced:
             self._time_step(trainer)
         if self._noise_enabled(trainer, pl_module) and self.is_measured(int(trainer.global_step)):
             self._micro_sizes.append(batch_size_of(batch) or 0)
@@ -333,11 +331,7 @@ class GradientNormMonitor(OptDiagCallback):
         """This monitor's seconds on measured step ``step`` (its two hooks); the first window's price the cadence."""
         self._own_total += seconds
         if not self._priced and step < self._initial:
-            if self._own_seconds and self._pending_step == step:
-                self._own_seconds[-1] += seconds
-            else:
-                self._own_seconds.append(seconds)
-            self._pending_step = step
+            self._own_seconds[step] = self._own_seconds.get(step, 0.0) + seconds
 
     def _measure_gradient(self, trainer: Any, pl_module: Any, optimizer: Any, step: int) -> None:
         """Norms and the gradient cosine of this step; the parameters are kept to measure the update after it."""
@@ -386,16 +380,15 @@ class GradientNormMonitor(OptDiagCallback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._pending is None:
             return
-        started = self.clock()
+        started, step = self.clock(), self._pending["step"]
         try:
             self._complete(trainer, pl_module)
         finally:
-            self._count_own(self.clock() - started, self._completed_step)
+            self._count_own(self.clock() - started, step)
 
     def _complete(self, trainer: Any, pl_module: Any) -> None:
         """The update's norm and cosines of the measured step just taken; the record kept and logged."""
         record, self._pending = self._pending, None
-        self._completed_step = record["step"]
         named = self._named_monitored(pl_module, trainer.optimizers[0])
         update_sq, dot, previous_sq = self._update_products(named, record["step"])
         record["update_norm"] = math.sqrt(update_sq) if update_sq >= 0 else math.nan

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, guarded
 from optdiag.callbacks._critical import CRITICAL_KEYS, UpdateCapture, critical_snapshot
 from optdiag.callbacks._fsdp1 import routed, through_root
 from optdiag.curvature.critical import MAX_EVALS
@@ -41,7 +41,7 @@ _FD_ERROR_WARN = 1e-2  # a finite-difference product's estimated relative error 
 _FORWARDS_PER_PRODUCT = 3  # a double-backward product costs about a forward, a backward and their derivative
 # Before a product is timed, a product over one probe batch (with the solver's bookkeeping) is priced as this many
 # training steps: docs/performance.md measures 1.6-2.5 gradients per product, and a training step is more than a
-# gradient (the optimizer, the loop). Only the first estimate's lending decision uses it (docs/callbacks/hessian-monitor.md).
+# gradient (the optimizer, the loop). Only the first estimate's price uses it (docs/callbacks/hessian-monitor.md).
 _PRODUCT_STEPS = 1.5
 
 
@@ -375,8 +375,7 @@ class HessianMonitor(OptDiagCallback):
             >>> HessianMonitor().first_estimate_price()  # two probe batches: 2 * (1 + 1.5 * 20)
             62.0
         """
-        n_batches = 1 if self.probe == "current" else self.probe_batches
-        return n_batches * (1.0 + _PRODUCT_STEPS * (self.burst_hvp // 2))
+        return self._n_probe_batches() * (1.0 + _PRODUCT_STEPS * (self.burst_hvp // 2))
 
     def _place_first_estimate(self, trainer: Any) -> None:
         """Lend the first estimate (taken as soon as the probe set is complete) only when this fit's own budget
@@ -389,22 +388,31 @@ class HessianMonitor(OptDiagCallback):
         price = self.first_estimate_price()
         if self._run_steps is None or price <= self.budget * self._run_steps:
             return  # lent: _next_step None, so the first probe-ready step takes it
-        n_batches = 1 if self.probe == "current" else self.probe_batches
-        self._next_step = self._steps_at_start + n_batches + math.ceil(price / self.budget)
+        self._next_step = self._steps_at_start + self._n_probe_batches() + math.ceil(price / self.budget)
 
     def _first_estimate_earned(self, trainer: Any, step: int) -> bool:
         """Whether a first estimate that was not lent (nothing timed yet) may run at ``step``: the fit's earnings
         less what it spent before (the diagnoser's probe-set losses, paid from the same earnings) must cover its
         price, in training steps at the fit's seconds per step so far. If not, it waits for the shortfall at the
         earning rate (rank 0's clock decides, broadcast)."""
-        train = self._train_seconds()
-        per_step = train / max(step - self._steps_at_start, 1)
-        shortfall = self.first_estimate_price() * per_step - (self.budget * train - self._spent)
-        wait = 0 if shortfall <= 0 else max(1, math.ceil(shortfall / max(self.budget * per_step, 1e-12)))
-        wait = int(trainer.strategy.broadcast(wait, src=0))
+        seconds_per_step = self._train_seconds() / max(step - self._steps_at_start, 1)
+        shortfall = self.first_estimate_price() * seconds_per_step - self._earned_balance()
+        wait = int(trainer.strategy.broadcast(self._steps_to_earn(step, shortfall), src=0))
         if wait:
             self._next_step = step + wait
         return wait == 0
+
+    def _earned_balance(self) -> float:
+        """What the fit has earned (``budget`` times its training time) less everything it spent: the credit there
+        is when no bucket lends (nothing timed yet)."""
+        return self.budget * self._train_seconds() - self._spent
+
+    def _steps_to_earn(self, step: int, seconds: float) -> int:
+        """Steps until the fit earns ``seconds`` more, at its earnings per step so far; 0 when nothing is owed."""
+        if seconds <= 0:
+            return 0
+        per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
+        return max(1, int(ceil_to(seconds / max(per_step, 1e-12))))  # 120.00000000000001 steps are 120
 
     def _probe_ready(self) -> bool:
         return self.probe != "fixed" or len(self._probe_set) >= self.probe_batches
@@ -541,7 +549,7 @@ class HessianMonitor(OptDiagCallback):
         ``earned``. Rank 0's clock decides: the answer is broadcast (without a trainer, this process's)."""
         credit = self._credit()
         if credit is None:  # nothing timed yet, so no bucket to lend from: the fit's earnings less what it spent
-            available = self.budget * self._train_seconds() - self._spent if earned else math.inf
+            available = self._earned_balance() if earned else math.inf
         else:
             available = credit - (self._advance if earned else 0.0)
         affordable = seconds is None or available - above >= seconds
@@ -589,7 +597,9 @@ class HessianMonitor(OptDiagCallback):
         return self._holds(trainer, seconds, above=self._reserve() or 0.0, earned=self.capacity() is None)
 
     def _n_probe_batches(self) -> int:
-        return len(self.probe_set()) or self.probe_batches
+        """The batches a snapshot is computed on: those of the probe set, or before it is complete, those it will
+        have (one with ``probe="current"``)."""
+        return len(self.probe_set()) or (1 if self.probe == "current" else self.probe_batches)
 
     def _charge(self, seconds: float, what: str, step: int, n_hvp: int = 0, merge: bool = False) -> None:
         """Debit measurement work from the account (the training clock excludes it) and write it in
@@ -651,11 +661,9 @@ class HessianMonitor(OptDiagCallback):
             products = self._refresh_products(full) + (self.trace_hvp if full else 0)
             needed = min(capacity, self._reserve() + self.estimate_seconds(products))
             self.estimated_seconds = needed - self._reserve()
-            per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
             # Refreshes are paid from earned credit only: the starting credit not yet repaid stays for the evidence
             # a stall needs (the diagnoser's probe losses, its snapshot), which a routine refresh must not take.
-            shortfall = needed - credit + self._advance
-            wait = 1 if shortfall <= 0 else max(1, math.ceil(shortfall / max(per_step, 1e-12)))
+            wait = max(1, self._steps_to_earn(step, needed - credit + self._advance))
         wait = trainer.strategy.broadcast(wait, src=0)  # rank 0's clock decides, so all ranks meet in collectives
         self._next_step = step + int(wait)
 
@@ -708,7 +716,7 @@ class HessianMonitor(OptDiagCallback):
         if refresh is None and self._run_steps is not None and self._next_step is not None \
                 and self._next_step > self._last_step_seen:
             price = self.first_estimate_price()
-            needed = _ceil_to(price / self._run_steps, 0.01)
+            needed = ceil_to(price / self._run_steps, 0.01)
             remedy = f"pass budget={needed:g} or a fixed every_n_steps" if needed <= 1 else "pass a fixed every_n_steps"
             return (f"optdiag: HessianMonitor took no curvature estimate in {steps} steps: a first lambda_max costs up "
                     f"to about {price:.0f} training steps' time, more than this {self._run_steps}-step run's budget "
@@ -1178,10 +1186,6 @@ def _planned_steps(trainer: Any) -> float:
     except Exception:  # noqa: BLE001 - a loader without a length, an unusual loop: the length is unknown
         return math.inf
     return planned if planned > 0 else math.inf
-
-
-def _ceil_to(value: float, quantum: float) -> float:
-    return math.ceil(value / quantum - 1e-9) * quantum
 
 
 def _block_shares(vector: torch.Tensor, blocks: dict[str, int] | None) -> dict[str, float] | None:
