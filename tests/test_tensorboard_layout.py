@@ -31,9 +31,9 @@ class SlowSteps(ClockSteps):
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
     """100 steps with ``OptDiag()`` as it comes, of a fit planned long enough for its 5% to pay for a first
-    estimate (a 100-step plan would take none, and say why: tests/test_budget.py), ended early. The budget is a share of the training time, and how many snapshots
-    it admits depends on the machine (two in 300 steps on a loaded CI core, where building a probe batch's operator
-    costs more than a training step). The injected clock prices the work as for a model whose step takes half a
+    estimate (a 100-step plan would take none, and say why: tests/test_budget.py), ended early. The budget is a share
+    of the training time, and how many snapshots it admits depends on the machine (two in 300 steps on a loaded CI
+    core, where building a probe batch's operator costs more than a training step). The injected clock prices the work as for a model whose step takes half a
     second (test_budget's prices for the Hessian work), so the default schedule runs its course in a short test:
     refreshes, lambda_min and the trace every fourth snapshot."""
     tmp_path = tmp_path_factory.mktemp("defaults")

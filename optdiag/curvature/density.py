@@ -82,10 +82,11 @@ def spectral_density(
     Each run starts Lanczos (:func:`optdiag.curvature.lanczos.lanczos_tridiagonal`) from a normalised Rademacher
     vector, takes ``n_steps`` steps with full reorthogonalisation (without it, floating point produces ghost copies
     of converged eigenvalues) while the basis fits ``max_basis``, and eigendecomposes the tridiagonal matrix: nodes
-    are its eigenvalues, weights the squared first components of its eigenvectors. The density is the average over runs of the node masses, each
-    smoothed by a Gaussian of width ``sigma``. Weights are exact spectral masses when the start vector's Krylov
-    space is invariant (e.g. a matrix with few distinct eigenvalues); the run then stops early. Moments are exact
-    per run up to degree ``2 n_steps - 1``: the mean of ``sum_i tau_i theta_i`` is ``tr(H)/n``.
+    are its eigenvalues, weights the squared first components of its eigenvectors. The density is the average over
+    runs of the node masses, each smoothed by a Gaussian of width ``sigma``. Weights are exact spectral masses when
+    the start vector's Krylov space is invariant (e.g. a matrix with few distinct eigenvalues); the run then stops
+    early. Moments are exact per run up to degree ``2 n_steps - 1``: the mean of ``sum_i tau_i theta_i`` is
+    ``tr(H)/n``.
 
     Args:
         op: the operator (``HessianOperator``, ``MatrixOperator``, ...).

@@ -115,7 +115,8 @@ def main(out: str, plain: bool) -> None:
     reference = GatheredReference()
     trainer = pl.Trainer(
         # planned long and ended after 8 steps (both runs): OptDiag() lends its first estimate to a fit its 5% pays for
-        accelerator="cpu", devices=2, max_steps=10_000, callbacks=[reference, stop_after(8)] + ([] if plain else [bundle]),
+        accelerator="cpu", devices=2, max_steps=10_000,
+        callbacks=[reference, stop_after(8)] + ([] if plain else [bundle]),
         strategy=CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({Nested})),
         default_root_dir=out, logger=pl.loggers.CSVLogger(out),
         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1,
