@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import warnings
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -299,3 +301,42 @@ def test_a_first_estimate_that_was_not_lent_waits_for_earnings_the_probe_losses_
     assert monitor._next_step == 1000 + 120
     monitor._spent, priced.now = 1.0, priced.now - 1.5  # had they spent 1 s, the 4 s left would pay for it
     assert monitor._first_estimate_earned(OneProcessTrainer(), step=1000) is True
+
+
+def test_steps_to_earn_spaces_work_at_the_fits_earning_rate(priced):
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)
+    monitor._train_started, monitor._steps_at_start = priced.now - 10.0, 0  # 10 s over 100 steps: 0.005 s a step
+    trainer = OneProcessTrainer()
+    assert monitor.steps_to_earn(trainer, 100, 0.012) == 3  # 2.4 steps of earnings, rounded up
+    assert monitor.steps_to_earn(trainer, 100, 0.015) == 3  # exactly three, not four
+    assert monitor.steps_to_earn(trainer, 100, None) == 0  # not priced yet
+    fixed = HessianMonitor(every_n_steps=10, clock=priced)  # the user chose the cost: no clock decides
+    fixed._train_started = priced.now - 10.0
+    assert fixed.steps_to_earn(trainer, 100, 0.012) == 0
+
+
+def test_work_the_clock_cannot_see_is_priced_above_zero_and_never_fails(tmp_path):
+    """A clock too coarse to see the curvature work (here a fake one that moves with the training steps only) times
+    every snapshot at 0 s: the products a bucket holds are its credit over their price, so that price is floored
+    above zero, and training goes on with its estimates, without a warning (it once divided by zero)."""
+    clock = FakeClock()
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=clock)
+    pl.seed_everything(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # a hook that failed would warn
+        make_trainer(tmp_path, [ClockSteps(clock), monitor, stop_after(12)], max_steps=10**6).fit(
+            LinearRegression(), _loader())
+    assert not [w for w in caught if "optdiag" in str(w.message)] and monitor.warning_counts == {}
+    assert len(monitor.history) >= 5 and all(h.get("lambda_max") is not None for h in monitor.history)
+    assert 0 < monitor._product_seconds < 1e-6
+
+
+def test_a_noise_band_wider_than_floats_reach_is_left_unmeasured(monkeypatch):
+    """Two nearly equal probe gradients put the noise scale's log standard error past what exp() can take: the band
+    is then not measured (it once raised OverflowError and lost the whole snapshot)."""
+    import optdiag.callbacks.hessian as hessian_module
+
+    wide = type("Noise", (), {"b_simple": 2.0, "b_simple_log_stderr": 1e4})()
+    monkeypatch.setattr(hessian_module, "gradient_noise_scale", lambda *args, **kwargs: wide)
+    out = HessianMonitor()._pooled_noise_scale((16, 2, 1.0, 1.0))
+    assert out == {"probe_noise_scale": 2.0}

@@ -17,7 +17,7 @@ from torch import nn
 
 import optdiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
-from optdiag.callbacks.hessian import HessianMonitor
+from optdiag.callbacks.hessian import HessianMonitor, lightning_loss
 from optdiag.callbacks.stall import TEXT_TAG, StallDiagnoser
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
@@ -26,6 +26,7 @@ from optdiag.errors import UsageError
 from optdiag.sinks.events import events_path, read_events
 
 from lightning_models import stop_after
+from test_budget import ClockSteps, FakeClock, price_hessian_work
 
 
 @pytest.fixture(autouse=True)
@@ -447,6 +448,49 @@ def test_without_a_lent_first_estimate_probe_losses_are_paid_from_the_earnings_o
     (stall, *_) = [c["step"] for c in monitor.charges if c["what"] == "stall"]
     assert [d.kind for d in diagnoser.diagnoses] == ["local_minimum"] and diagnoser.diagnoses[0].step == stall
     assert len([s for s in trend_reads if s < stall]) == 1  # the first read, unpriced until it is taken
+
+
+def test_probe_reads_the_fit_cannot_pay_every_five_steps_come_evenly_spaced(tmp_path, monkeypatch):
+    """Probe-set losses priced at 0.02 s (on the monitor's clock) in a fit earning 0.005 s a step (0.1 s steps, a
+    5% budget): living on PROBE_READ_SHARE of the earnings, a read every 5.3 steps, they come every 10 steps
+    (stride 2, decided once per episode): evenly spaced, and a window of five spans the 40 steps ten reads span at
+    stride 1, so they still prove the noisy minimum flat."""
+    clock = FakeClock()
+    price_hessian_work(clock, monkeypatch)  # a probe batch's operator 0.02 s, a product 0.004 s
+
+    def priced_loss(module, batch):  # a probe read (no autograd) costs 0.01 s a batch
+        if not torch.is_grad_enabled():
+            clock.advance(0.01)
+        return lightning_loss(module, batch)
+
+    diagnoser = StallDiagnoser(verbose=False, probe_every=5)
+    trend_reads = _count_trend_reads(diagnoser)
+    monitor = HessianMonitor(budget=0.05, clock=clock, loss_fn=priced_loss)
+    fit_scenario(tmp_path, "minimum", [ClockSteps(clock), monitor, diagnoser], planned=10**6)
+    (verdict,) = diagnoser.diagnoses
+    assert verdict.kind == "local_minimum" and verdict.evidence["stall_trigger"] == "flat_probe"
+    # every read on the episode's 10-step grid (the budget guard may still skip one the scheduled refreshes took)
+    episode = [s for s in trend_reads if s <= verdict.step]
+    gaps = [b - a for a, b in zip(episode, episode[1:])]
+    assert len(episode) >= 5 and all(g % 10 == 0 for g in gaps) and sorted(gaps)[len(gaps) // 2] == 10
+    assert diagnoser.probe_detector.window == 5 and verdict.evidence["stall_horizon"] % 10 == 0
+    reads = [c for c in monitor.charges if c["what"] == "probe_loss"]
+    assert sum(c.get("count", 1) for c in reads) == len(trend_reads)  # each priced and charged at 0.02 s
+    assert sum(c["seconds"] for c in reads) == pytest.approx(0.02 * len(trend_reads))
+    assert diagnoser.probe_seconds == pytest.approx(0.02 * diagnoser.n_probe_losses)  # brief-spike reads too
+
+
+def test_a_resumed_run_keeps_its_probe_reads_spacing_and_their_history():
+    diagnoser = StallDiagnoser(verbose=False, probe_every=5)
+    diagnoser._probe_stride, diagnoser._probe_start = 2, 80
+    diagnoser.probe_detector.set_window(*diagnoser._probe_window(2))
+    for step in range(80, 130, 10):
+        diagnoser.probe_detector.update(step, 1.0 + 0.001 * (step % 20))
+    resumed = StallDiagnoser(verbose=False, probe_every=5)
+    resumed.load_state_dict(json.loads(json.dumps(diagnoser.state_dict())))
+    assert (resumed._probe_stride, resumed._probe_start, resumed.probe_detector.window) == (2, 80, 5)
+    assert resumed.probe_detector.state_dict() == diagnoser.probe_detector.state_dict()
+    assert resumed.probe_detector.rel_improvement == diagnoser.probe_detector.rel_improvement
 
 
 def test_probe_every_is_checked_at_construction():

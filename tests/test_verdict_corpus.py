@@ -1,4 +1,5 @@
-"""The verdict corpus harness (benchmarks/verdict_corpus.py): its scoring and its run table, not the corpus itself."""
+"""The verdict corpus harness (benchmarks/verdict_corpus.py): its scoring and its run table, not the corpus itself
+(one of its runs pins how the stall diagnoser retries)."""
 
 from __future__ import annotations
 
@@ -124,3 +125,29 @@ def test_judge_applies_truth_class_truth_check_and_spike_support(vc):
     assert s.ok and s.accepted == {"local_minimum"}
     # truth not established: not scored at all
     assert vc.judge("oscillation", vc.Truth(False, "no bounce"), [(20, "plateau")], falls) is None
+
+
+def test_a_retry_takes_the_curvature_its_first_look_measured(vc, tmp_path):
+    """saddle_linear2_gd (the 2-layer linear net at the origin, full batch): the first look at its stall measures
+    lambda_min < 0 but cannot call the gradient zero yet; the retry judges the gradients gathered since with that
+    snapshot's curvature (a stall barely moves the point) instead of paying for another snapshot, and calls the
+    saddle, naming the step its lambda_min was measured at."""
+    import pytorch_lightning as pl
+
+    import optdiag
+    from optdiag.demo.runner import quiet_lightning
+
+    spec = next(r for r in vc.RUNS if r.name == "saddle_linear2_gd")
+    built = vc.build(spec)
+    callback = optdiag.OptDiag(verbose=False)
+    with quiet_lightning():
+        pl.Trainer(max_steps=60, accelerator="cpu", devices=1, logger=False, callbacks=[callback],
+                   enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   default_root_dir=str(tmp_path), num_sanity_val_steps=0).fit(built.module, built.loader)
+    diagnoser = callback.stall_diagnoser
+    (first, *_) = [u for u in diagnoser.undecided if u["reason"] == "stall"]
+    assert first["tests"]["negative_curvature"] > 0.99 and first["tests"]["grad_zero"] < 0.5
+    (verdict,) = [d for d in callback.diagnoses if d.kind == "saddle_point"]
+    snapshots = [c["step"] for c in callback.hessian_monitor.charges if c["what"] == "stall"]
+    assert verdict.step > first["step"] and snapshots == [first["step"]]  # the retry paid for no snapshot
+    assert verdict.evidence["lambda_min_step"] == first["step"] and verdict.evidence["lambda_min"] < 0

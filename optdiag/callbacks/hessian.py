@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from collections import deque
 from typing import Any, Callable, Iterator, Mapping
@@ -43,6 +44,8 @@ _FORWARDS_PER_PRODUCT = 3  # a double-backward product costs about a forward, a 
 # training steps: docs/performance.md measures 1.6-2.5 gradients per product, and a training step is more than a
 # gradient (the optimizer, the loop). Only the first estimate's price uses it (docs/callbacks/hessian-monitor.md).
 _PRODUCT_STEPS = 1.5
+_LOG_FLOAT_MAX = math.log(sys.float_info.max)
+_MIN_PRODUCT_SECONDS = 1e-9  # the least a product is priced at (see _update_costs)
 
 
 def lightning_loss(pl_module: Any, batch: Any) -> torch.Tensor:
@@ -596,6 +599,19 @@ class HessianMonitor(OptDiagCallback):
             return True
         return self._holds(trainer, seconds, above=self._reserve() or 0.0, earned=self.capacity() is None)
 
+    def steps_to_earn(self, trainer: Any, step: int, seconds: float | None) -> int:
+        """Training steps over which the fit earns ``seconds`` of measurement at its rate so far (``budget`` times
+        its seconds per step): how far apart work that costs ``seconds`` must be spaced to live on its earnings.
+        0 with a fixed cadence (the user chose the cost) and while ``seconds`` is unknown. Rank 0's clock decides
+        under DDP (every rank must call it: the answer is broadcast).
+
+        Example:
+            >>> HessianMonitor().steps_to_earn(trainer=None, step=0, seconds=None)
+            0
+        """
+        steps = 0 if seconds is None or self.every_n_steps is not None else self._steps_to_earn(step, seconds)
+        return int(trainer.strategy.broadcast(steps, src=0)) if trainer is not None else steps
+
     def _n_probe_batches(self) -> int:
         """The batches a snapshot is computed on: those of the probe set, or before it is complete, those it will
         have (one with ``probe="current"``)."""
@@ -690,7 +706,9 @@ class HessianMonitor(OptDiagCallback):
     def _update_costs(self, seconds: float, setup: float, n_hvp: int) -> None:
         """The cost model behind :meth:`estimate_seconds`: each snapshot's setup and its seconds per product
         (Lanczos bookkeeping and the gradient quantities included), averaged with the previous estimates."""
-        per_product = max(seconds - setup, 0.0) / max(n_hvp, 1)
+        # a clock too coarse to see a product (or one that did not move) must not price products at zero: the
+        # products a bucket holds are its credit divided by this
+        per_product = max(max(seconds - setup, 0.0) / max(n_hvp, 1), _MIN_PRODUCT_SECONDS)
         self._cost_samples += 1
         if self._setup_seconds is None or self._cost_samples == 2:  # the first one carries one-time costs
             self._setup_seconds, self._product_seconds = setup, per_product
@@ -1026,7 +1044,8 @@ class HessianMonitor(OptDiagCallback):
         out: dict[str, float] = {}
         if math.isfinite(noise.b_simple) and noise.b_simple > 0:
             out["probe_noise_scale"] = noise.b_simple
-            if math.isfinite(noise.b_simple_log_stderr):
+            # a band wider than floats reach (two nearly equal batches' gradients) is no band: left unmeasured
+            if math.isfinite(noise.b_simple_log_stderr) and noise.b_simple_log_stderr < _LOG_FLOAT_MAX:
                 out["probe_noise_scale_lower"] = noise.b_simple * math.exp(-noise.b_simple_log_stderr)
                 out["probe_noise_scale_upper"] = noise.b_simple * math.exp(noise.b_simple_log_stderr)
         return out

@@ -10,7 +10,6 @@ curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus th
 from __future__ import annotations
 
 import math
-import time
 from typing import Any, Mapping
 
 import torch
@@ -39,6 +38,12 @@ _INITIAL_STEPS = 10  # the early-training gradient scale is the mean |g| over th
 #: candidate (two reads: four forward passes, about 1.3 training steps) per 40 steps at most, whatever the noise
 #: (healthy minibatch runs nominate about one per 100 steps, mostly hard batches; docs/diagnosis-rules.md).
 BRIEF_READ_SHARE = 0.05
+#: Probe-set losses read to prove a stall may live on this share of what the fit earns (the rest refills the stall
+#: reserve, and leaves the budget guard room for the clock's jitter), spaced out as far as MAX_PROBE_STRIDE times
+#: probe_every; a window of them holds at least MIN_PROBE_READS (docs/diagnosis-rules.md).
+PROBE_READ_SHARE = 0.75
+MAX_PROBE_STRIDE = 2
+MIN_PROBE_READS = 5
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
 
@@ -196,14 +201,13 @@ class StallDiagnoser(OptDiagCallback):
         self.detector = StallDetector(window=window, min_window=min_window, rel_improvement=rel_improvement,
                                       **detector_kwargs)
         self.probe_every = check_number("probe_every", probe_every, low=0, integer=True)
-        # The probe-set loss: the same few fixed batches every probe_every steps, so it carries no batch-to-batch
-        # noise and proves a stall within a window or two where minibatch losses need many (docs/diagnosis-rules.md)
+        self.window, self.min_window, self.rel_improvement = window, min_window, rel_improvement
+        # The probe-set loss: the same few fixed batches every probe_every steps (or a multiple, as the budget
+        # allows), so it carries no batch-to-batch noise and proves a stall within a window or two where minibatch
+        # losses need many (docs/diagnosis-rules.md)
+        probe_window, probe_improvement = self._probe_window(1)
         self.probe_detector = None if not self.probe_every else StallDetector(
-            # a whole window of steps at least: a handful of smooth probe losses would "prove" any short lull flat
-            window=max(3, window // self.probe_every), min_window=max(3, window // self.probe_every),
-            # the same relative improvement per step: its window spans (losses - 1) * probe_every steps
-            rel_improvement=rel_improvement * (max(3, window // self.probe_every) - 1) * self.probe_every
-            / (window - 1),
+            window=probe_window, min_window=probe_window, rel_improvement=probe_improvement,
             **{k: v for k, v in detector_kwargs.items() if k in ("confidence", "resolution", "max_horizon")})
         if isinstance(max_snapshots, bool) or not isinstance(max_snapshots, int) or max_snapshots < 0:
             raise UsageError(f"max_snapshots must be an int >= 0, got {max_snapshots!r}")
@@ -214,7 +218,6 @@ class StallDiagnoser(OptDiagCallback):
             raise UsageError(f"gradient_monitor must be a GradientNormMonitor, got {type(gradient_monitor).__name__}")
         if hessian_monitor is not None and not isinstance(hessian_monitor, HessianMonitor):
             raise UsageError(f"hessian_monitor must be a HessianMonitor, got {type(hessian_monitor).__name__}")
-        self.window, self.min_window, self.rel_improvement = window, min_window, rel_improvement
         self.max_snapshots = max_snapshots
         self.escape_check = bool(escape_check)
         self.loss_floor = None if loss_floor is None else float(loss_floor)
@@ -235,6 +238,10 @@ class StallDiagnoser(OptDiagCallback):
         self._loss_min = math.inf
         self._grad_norms_initial: list[float] = []
         self._initial_until: int | None = None  # the early-training |g| is collected from steps before this one
+        # the probe reads' episode: every stride * probe_every steps from its first read's step (kept with the
+        # probe detector, whose window they set, when a run is resumed)
+        self._probe_stride: int | None = None
+        self._probe_start: int | None = None
         self._reset_transient()
 
     def _reset_transient(self) -> None:
@@ -247,7 +254,8 @@ class StallDiagnoser(OptDiagCallback):
         self._first_loss_this_fit: float | None = None
         self._diagnoses_at_fit_start = len(self.diagnoses)
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
-        self._pending: tuple[StallEvent, int, int] | None = None  # an undecided stall: (event, tries, next step)
+        # an undecided stall: (event, tries, next step, whether its curvature was measured)
+        self._pending: tuple[StallEvent, int, int, bool] | None = None
         self._probing_until: int | None = None  # the probe loss is read up to this step
         self._probe_price: float | None = None  # what the last probe-set loss took (HessianMonitor.can_afford_extra)
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
@@ -308,7 +316,7 @@ class StallDiagnoser(OptDiagCallback):
         if last is not None and int(trainer.global_step) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
             if self.probe_detector is not None:
-                self.probe_detector.reset()
+                self._end_probing()
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -376,12 +384,14 @@ class StallDiagnoser(OptDiagCallback):
             print(self.summary(), flush=True)
 
     def _probe(self, trainer: Any, pl_module: Any, step: int) -> StallEvent | None:
-        """While the minibatch losses look flat without proving it, every ``probe_every`` steps the loss on the
-        Hessian monitor's fixed probe batches (forward passes only, the model never written; their time is kept in
-        ``probe_seconds`` and charged to the monitor's budget, of which they may spend what lies above the stall
-        reserve: :meth:`HessianMonitor.can_afford_extra`) goes into the probe
-        detector: no batch-to-batch noise, so it proves or refutes the stall within a window or two. Its stall
-        event is returned, with its horizon in steps."""
+        """While the minibatch losses look flat without proving it, the loss on the Hessian monitor's fixed probe
+        batches (forward passes only, the model never written) goes into the probe detector: no batch-to-batch
+        noise, so it proves or refutes the stall within a window or two. The reads come every ``probe_every`` steps,
+        or every ``stride * probe_every`` when that is what the fit earns (:meth:`_plan_probe_stride`, once per
+        episode of flat-looking losses: evenly spaced reads, whose windows span the same steps at any stride). Their
+        time is kept in ``probe_seconds`` and charged to the monitor's budget, and a read runs only when the budget
+        holds it above the stall reserve (:meth:`HessianMonitor.can_afford_extra`). Its stall event is returned,
+        with its horizon in steps."""
         monitor = self.hessian_monitor
         if self.probe_detector is None or step % self.probe_every or monitor is None or not monitor.enabled:
             return None
@@ -390,8 +400,9 @@ class StallDiagnoser(OptDiagCallback):
         if self._probing_until is None or step > self._probing_until:
             # measure more only while (and shortly after) the minibatch losses look flat but cannot prove it
             if self._probing_until is not None:
-                self.probe_detector.reset()
-                self._probing_until = None
+                self._end_probing()
+            return None
+        if self._probe_stride is not None and (step - self._probe_start) % (self._probe_stride * self.probe_every):
             return None
         # From the one budget all measurement is charged to, above the stall reserve (HessianMonitor.
         # can_afford_extra): a clock decision, rank 0's under DDP, since every rank must meet in the all-reduce.
@@ -400,12 +411,35 @@ class StallDiagnoser(OptDiagCallback):
         value = self._probe_loss(trainer, pl_module, step, "probe_loss")
         if value is None or not math.isfinite(value):
             return None  # not collected yet, or a diverging run (the minibatch detector reports it)
+        if self._probe_stride is None:  # the episode's first read: now priced, it sets the spacing of the rest
+            self._probe_stride, self._probe_start = self._plan_probe_stride(trainer, step), step
+            self.probe_detector.set_window(*self._probe_window(self._probe_stride))
         event = self.probe_detector.update(step, value)
         if event is None or event.reason != "stall":
             return None
-        event.horizon *= self.probe_every  # in steps, like the minibatch detector's
+        event.horizon *= self.probe_every * self._probe_stride  # in steps, like the minibatch detector's
         event.trigger = "flat_probe"
         return event
+
+    def _end_probing(self) -> None:
+        self.probe_detector.reset()
+        self._probing_until = self._probe_stride = self._probe_start = None
+
+    def _probe_window(self, stride: int) -> tuple[int, float]:
+        """The probe detector's window for reads every ``stride * probe_every`` steps: the reads that span a window
+        of steps (at least :data:`MIN_PROBE_READS`: a handful of smooth probe losses would "prove" any short lull
+        flat), at the minibatch detector's relative improvement per step."""
+        spacing = max(self.probe_every, 1) * stride
+        reads = max(MIN_PROBE_READS, self.window // spacing)
+        return reads, self.rel_improvement * (reads - 1) * spacing / (self.window - 1)
+
+    def _plan_probe_stride(self, trainer: Any, step: int) -> int:
+        """Reads every ``stride * probe_every`` steps, ``stride`` the least that lets them live on
+        :data:`PROBE_READ_SHARE` of what the fit earns (the rest refills the stall reserve), at most
+        :data:`MAX_PROBE_STRIDE` (the budget guard then skips a read it cannot pay). One clock decision per
+        episode, not one per read, so the reads stay evenly spaced (and the same on every rank)."""
+        earn = self.hessian_monitor.steps_to_earn(trainer, step, self._probe_price / PROBE_READ_SHARE)
+        return min(MAX_PROBE_STRIDE, max(1, -(-earn // self.probe_every)))
 
     def _probe_loss(self, trainer: Any, pl_module: Any, step: int, what: str, per_batch: bool = False) -> Any:
         """The loss on the Hessian monitor's fixed probe batches at the current point (their mean, or with
@@ -419,7 +453,7 @@ class StallDiagnoser(OptDiagCallback):
         batches = monitor.probe_set()
         if len(batches) < monitor.probe_batches:
             return None
-        started = time.perf_counter()
+        started = monitor.clock()  # priced on the clock it is charged on
         # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
         # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
         with monitor.charged(step, what, merge=True), preserved_state(pl_module), torch.no_grad():
@@ -428,7 +462,7 @@ class StallDiagnoser(OptDiagCallback):
             losses = [float(monitor.loss_fn(pl_module, b)) for b in batches]
             value = losses if per_batch else self._reduced_mean(
                 trainer, [sum(n * x for n, x in zip(sizes, losses)) / sum(sizes)])
-        self._probe_price = time.perf_counter() - started
+        self._probe_price = monitor.clock() - started
         self.probe_seconds += self._probe_price
         self.n_probe_losses += 1
         return value
@@ -528,11 +562,15 @@ class StallDiagnoser(OptDiagCallback):
             self._grad_norms_initial.append(float(norm))
 
     # --- a stall --------------------------------------------------------------------------------------------------
-    def _handle(self, trainer: Any, pl_module: Any, event: StallEvent, tries: int = 0) -> None:
-        """Gather the evidence for a detector event and record the verdict, or note that it did not decide."""
+    def _handle(self, trainer: Any, pl_module: Any, event: StallEvent, tries: int = 0,
+                reuse_curvature: bool = False) -> None:
+        """Gather the evidence for a detector event and record the verdict, or note that it did not decide.
+        ``reuse_curvature``: a retry whose first look measured the curvature tests (only the gradient or the loss
+        did not decide) takes that curvature again, within the stalled horizon, instead of a new snapshot."""
         if event.reason == "spike":
             self.n_spikes += 1
-        snapshot = self._snapshot(trainer, pl_module, event)
+        snapshot = (self._recent_curvature(event) if reuse_curvature else {}) or self._snapshot(trainer, pl_module,
+                                                                                             event)
         evidence = self._evidence(trainer, pl_module, event, snapshot)
         undecided: list[dict[str, Any]] = []
         diagnosis = diagnose_stall(evidence, event, self.thresholds, undecided=undecided)
@@ -552,7 +590,9 @@ class StallDiagnoser(OptDiagCallback):
                     # step, and look again as soon as there are enough pairs (the stall may not last half a window)
                     retry = min(retry, event.step + MIN_GRADIENT_PAIRS + 1)
                     self.gradient_monitor.measure_every_step(until=retry)
-                self._pending = (event, tries + 1, retry)
+                # A stall barely moves the point: when the curvature tests were measured, the next look needs the
+                # gradient and the losses gathered since, not another snapshot at full price (docs/diagnosis-rules.md)
+                self._pending = (event, tries + 1, retry, record.get("tests", {}).get("negative_curvature") is not None)
             return
         # what the verdict's curvature cost, or where it came from when the budget allowed no snapshot now
         diagnosis.evidence.update({k: v for k, v in snapshot.items() if k.endswith("_step") or k in (
@@ -566,7 +606,7 @@ class StallDiagnoser(OptDiagCallback):
 
     def _retry(self, trainer: Any, pl_module: Any, step: int) -> None:
         """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled)."""
-        event, tries, _ = self._pending
+        event, tries, _, reuse = self._pending
         self._pending = None
         if not self.detector.stalled:
             return
@@ -578,7 +618,7 @@ class StallDiagnoser(OptDiagCallback):
                              trigger=event.trigger, rel_improvement=event.rel_improvement, margin=event.margin,
                              improvement_hi=event.improvement_hi, horizon=event.horizon + (step - event.step),
                              noise=event.noise)
-        self._handle(trainer, pl_module, retried, tries)
+        self._handle(trainer, pl_module, retried, tries, reuse_curvature=reuse)
 
     def _snapshot(self, trainer: Any, pl_module: Any, event: StallEvent) -> dict[str, Any]:
         """A curvature snapshot at this step, even if one was just scheduled, within the monitor's budget."""
@@ -836,6 +876,8 @@ class StallDiagnoser(OptDiagCallback):
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "detector": self.detector.state_dict(),
             "probe_detector": None if self.probe_detector is None else self.probe_detector.state_dict(),
+            "probe_stride": self._probe_stride,
+            "probe_start": self._probe_start,
             "n_snapshots": self.n_snapshots,
             "n_spikes": self.n_spikes,
             "open_predictions": list(self._open),
@@ -853,6 +895,10 @@ class StallDiagnoser(OptDiagCallback):
         if "detector" in state_dict:
             self.detector.load_state_dict(state_dict["detector"])
         if state_dict.get("probe_detector") and self.probe_detector is not None:
+            stride, start = state_dict.get("probe_stride"), state_dict.get("probe_start")
+            if stride is not None and start is not None:  # the reads' spacing sets the window the history fits
+                self._probe_stride, self._probe_start = int(stride), int(start)
+                self.probe_detector.set_window(*self._probe_window(self._probe_stride))
             self.probe_detector.load_state_dict(state_dict["probe_detector"])
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
         self.n_spikes = int(state_dict.get("n_spikes", 0))

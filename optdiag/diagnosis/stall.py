@@ -395,6 +395,23 @@ class StallDetector:
         self.horizons = tuple(h * self.window for h in HORIZONS if h <= self.max_horizon)
         self.reset()
 
+    def set_window(self, window: int, rel_improvement: float) -> None:
+        """Judge losses that arrive at a new spacing: ``window`` losses per window (also the fewest before a stall
+        can be declared, and twice the cooldown) at ``rel_improvement`` per window. Forgets the history: losses
+        of the old spacing would not fit the new one.
+
+        Example:
+            >>> det = StallDetector(window=10, min_window=10)
+            >>> det.set_window(5, 0.005); (det.window, det.min_window, det.horizons[:2])
+            (5, 5, (5, 10))
+        """
+        self.window = _check_number("window", window, 3, integer=True)
+        self.min_window = self.window
+        self.rel_improvement = _check_number("rel_improvement", rel_improvement, 0.0)
+        self.cooldown = self.window // 2
+        self.horizons = tuple(h * self.window for h in HORIZONS if h <= self.max_horizon)
+        self.reset()
+
     def reset(self) -> None:
         """Forget the history (a new run)."""
         capacity = max(self.horizons[-1], self.spike_reference + 3)
