@@ -146,6 +146,32 @@ def test_the_default_cadence_spaces_its_pairs_by_their_cost_after_the_first_wind
     assert [h["step"] for h in fixed.history] == list(range(10)) + [10, 19, 20]
 
 
+def test_pairs_on_demand_are_routine_between_the_stretches_a_diagnoser_judges(tmp_path, monkeypatch):
+    """With pairs_on_demand (the stall diagnoser asks for it) the same 3 ms measured steps get a routine cadence
+    priced at 1% (a multiple of the 3% one: 6 ms / 0.1 ms = 60), and the 3% cadence (20) only up to the step
+    measure_pairs_until names; the logged steps are measured under both."""
+    clock = _Clock()
+    measure = GradientNormMonitor._measure_gradient
+
+    def costly(self, *args):
+        clock.now += 0.003
+        return measure(self, *args)
+
+    class JudgeFrom(pl.Callback):  # as the diagnoser does while a stretch looks flat: dense pairs up to step 85
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 70:
+                monitor.measure_pairs_until(85)
+
+    monkeypatch.setattr(GradientNormMonitor, "_measure_gradient", costly)
+    monitor = GradientNormMonitor(clock=clock)
+    monitor.pairs_on_demand()
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [_StepSeconds(clock), monitor, JudgeFrom()], max_steps=130, log_every_n_steps=50)
+    trainer.fit(RegressionModule(optimizer="sgd", lr=0.05, momentum=0.9), RegressionDataModule())
+    assert (monitor._cadence, monitor._routine, monitor._log_interval) == (20, 60, 60)
+    assert [h["step"] for h in monitor.history] == list(range(10)) + [59, 60, 79, 80, 119, 120]
+
+
 def test_plain_sgd_update_is_lr_times_gradient(tmp_path):
     monitor = GradientNormMonitor()
     _fit(tmp_path, monitor, module=RegressionModule(optimizer="sgd", lr=0.05), steps=3)

@@ -28,6 +28,9 @@ MAX_DEFAULT_EVERY_N_STEPS = 10
 #: tens of percent), never sparser than ``MAX_PRICED_EVERY_N_STEPS`` (docs/callbacks/gradient-norm-monitor.md).
 PAIR_SHARE = 0.03
 MAX_PRICED_EVERY_N_STEPS = 100
+#: With a diagnoser deciding when pairs are needed (:meth:`GradientNormMonitor.pairs_on_demand`), the pairs between
+#: the stretches it judges cost at most this share, on a multiple of the cadence above.
+ROUTINE_PAIR_SHARE = 0.01
 
 
 def measured_steps_interval(log_every_n_steps: int, every_n_steps: int | None) -> int:
@@ -183,6 +186,7 @@ class GradientNormMonitor(OptDiagCallback):
         self.history_size = history_size
         self.clock: Callable[[], float] = clock or time.perf_counter
         self.latest: dict[str, float] = {}
+        self._on_demand = False  # a diagnoser says when pairs are dense (pairs_on_demand); configuration, kept
         self._history: deque[dict[str, float]] = deque(maxlen=history_size)
         self._reset_transient()
 
@@ -191,6 +195,8 @@ class GradientNormMonitor(OptDiagCallback):
         self._pending: dict[str, Any] | None = None
         self._cadence = self.every_n_steps or 1  # measuring interval, resolved against the Trainer at train start
         self._initial = self._cadence  # the first steps, all measured (the cadence at train start)
+        self._routine = self._cadence  # pairs outside the stretches a diagnoser judges (a multiple of _cadence)
+        self._dense_pairs_until = -1  # pairs at _cadence up to this step (measure_pairs_until)
         self._log_every = 1  # the logging interval asked for (the Trainer's, or log_every_n_steps)
         self._own_seconds: dict[int, float] = {}  # this monitor's seconds on each measured step of the first window
         self._step_seconds: list[float] = []  # training seconds of each step of the first window, less its own
@@ -226,8 +232,9 @@ class GradientNormMonitor(OptDiagCallback):
             >>> [s for s in range(13) if monitor.is_measured(s)]
             [0, 1, 2, 3, 4, 7, 8, 11, 12]
         """
-        phase = step % self._cadence
-        return step < self._initial or phase == 0 or (self.track_directions and phase == self._cadence - 1) \
+        cadence = self._cadence if step <= self._dense_pairs_until else self._routine
+        phase = step % cadence
+        return step < self._initial or phase == 0 or (self.track_directions and phase == cadence - 1) \
             or step <= self._dense_until
 
     def measure_every_step(self, until: int) -> None:
@@ -243,6 +250,33 @@ class GradientNormMonitor(OptDiagCallback):
         """
         self._dense_until = max(self._dense_until, int(until))
 
+    def pairs_on_demand(self) -> None:
+        """Let a diagnoser decide where the pairs must be dense: after the first window the default cadence then
+        has a routine one too, a multiple of it priced at ``ROUTINE_PAIR_SHARE`` (1%), and the priced cadence
+        (``PAIR_SHARE``, 3%) only up to the steps :meth:`measure_pairs_until` names. The stall diagnoser asks for
+        it: its gradient tests need many pairs only where it judges a flat-looking or spiking stretch. A fixed
+        ``every_n_steps`` is never spaced.
+
+        Example:
+            >>> monitor = GradientNormMonitor()
+            >>> monitor.pairs_on_demand(); monitor._on_demand
+            True
+        """
+        self._on_demand = True
+
+    def measure_pairs_until(self, until: int) -> None:
+        """Pairs at the priced cadence up to step ``until`` (inclusive) instead of the routine one (see
+        :meth:`pairs_on_demand`; without it, they are anyway).
+
+        Example:
+            >>> monitor = GradientNormMonitor(every_n_steps=4)
+            >>> monitor._routine = 12  # as pricing would set it with pairs_on_demand
+            >>> monitor.measure_pairs_until(8)
+            >>> [s for s in range(4, 25) if monitor.is_measured(s)]
+            [4, 7, 8, 11, 12, 23, 24]
+        """
+        self._dense_pairs_until = max(self._dense_pairs_until, int(until))
+
     def _state_key_arguments(self) -> dict[str, Any]:
         return {"layer_depth": self.layer_depth, "per_layer": self.per_layer}
 
@@ -254,7 +288,7 @@ class GradientNormMonitor(OptDiagCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_transient()
         log_every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
-        self._cadence = self._initial = measured_steps_interval(log_every, self.every_n_steps)
+        self._cadence = self._initial = self._routine = measured_steps_interval(log_every, self.every_n_steps)
         self._log_every = log_every
         self._log_interval = -(-log_every // self._cadence) * self._cadence  # rounded up to a measured step
         self._priced = self.every_n_steps is not None or self._cadence == 1
@@ -278,16 +312,21 @@ class GradientNormMonitor(OptDiagCallback):
         of ``n`` steps (at their median), at least the initial cadence and at most ``MAX_PRICED_EVERY_N_STEPS``.
         Rank 0's clock decides; every rank gets the same cadence (broadcast), so all measure the same steps."""
         self._priced = True
-        cadence = self._cadence
+        cadence, routine = self._cadence, self._cadence
         if len(self._own_seconds) >= 3 and len(self._step_seconds) >= 3:
             pair = 2.0 * statistics.median(self._own_seconds.values())
             step_seconds = max(statistics.median(self._step_seconds), 1e-9)
             needed = int(ceil_to(pair / (PAIR_SHARE * step_seconds)))
             cadence = max(self._cadence, min(MAX_PRICED_EVERY_N_STEPS, needed))
-        cadence = int(trainer.strategy.broadcast(cadence, src=0))
-        if cadence != self._cadence:
-            self._cadence = cadence
-            self._log_interval = -(-self._log_every // cadence) * cadence
+            if self._on_demand:  # a multiple of the cadence, so that its pairs are pairs of the dense one too
+                spaced = min(MAX_PRICED_EVERY_N_STEPS, int(ceil_to(pair / (ROUTINE_PAIR_SHARE * step_seconds))))
+                routine = cadence * max(1, -(-spaced // cadence))
+            else:
+                routine = cadence
+        cadence, routine = (int(n) for n in trainer.strategy.broadcast((cadence, routine), src=0))
+        if (cadence, routine) != (self._cadence, self._routine):
+            self._cadence, self._routine = cadence, routine
+            self._log_interval = -(-self._log_every // routine) * routine  # logged steps are measured in both
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -305,6 +305,9 @@ class StallDiagnoser(OptDiagCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.check_strategy(trainer)
         self._resolve_monitors(trainer)
+        if self.gradient_monitor is not None:
+            # its gradient tests need many pairs only where a stretch is judged (on_train_batch_end)
+            self.gradient_monitor.pairs_on_demand()
         self._drive("setup", trainer, pl_module, stage)
 
     @guarded
@@ -358,6 +361,10 @@ class StallDiagnoser(OptDiagCallback):
         self._pending_losses = []
         self._track(loss)
         event = self.detector.update(step, loss)
+        if self.gradient_monitor is not None and (self.detector.looks_flat or self.detector.in_spike):
+            # a stretch that may become a verdict: its gradient tests get pairs at the priced cadence (3%), not the
+            # routine one (1%), for the two windows the probe loss also looks at (docs/diagnosis-rules.md)
+            self.gradient_monitor.measure_pairs_until(step + 2 * self.thresholds.window)
         self._follow_spike(trainer, pl_module, event)
         probe_event = self._probe(trainer, pl_module, step)
         if event is None and probe_event is not None and probe_event.reason == "stall" and not self.detector.stalled \
