@@ -290,7 +290,7 @@ class GradientNormMonitor(OptDiagCallback):
         log_every = self.log_every_n_steps or max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1)
         self._cadence = self._initial = self._routine = measured_steps_interval(log_every, self.every_n_steps)
         self._log_every = log_every
-        self._log_interval = -(-log_every // self._cadence) * self._cadence  # rounded up to a measured step
+        self._set_log_interval()
         self._priced = self.every_n_steps is not None or self._cadence == 1
 
     def _time_step(self, trainer: Any) -> None:
@@ -317,16 +317,19 @@ class GradientNormMonitor(OptDiagCallback):
             pair = 2.0 * statistics.median(self._own_seconds.values())
             step_seconds = max(statistics.median(self._step_seconds), 1e-9)
             needed = int(ceil_to(pair / (PAIR_SHARE * step_seconds)))
-            cadence = max(self._cadence, min(MAX_PRICED_EVERY_N_STEPS, needed))
+            cadence = routine = max(self._cadence, min(MAX_PRICED_EVERY_N_STEPS, needed))
             if self._on_demand:  # a multiple of the cadence, so that its pairs are pairs of the dense one too
                 spaced = min(MAX_PRICED_EVERY_N_STEPS, int(ceil_to(pair / (ROUTINE_PAIR_SHARE * step_seconds))))
                 routine = cadence * max(1, -(-spaced // cadence))
-            else:
-                routine = cadence
         cadence, routine = (int(n) for n in trainer.strategy.broadcast((cadence, routine), src=0))
         if (cadence, routine) != (self._cadence, self._routine):
             self._cadence, self._routine = cadence, routine
-            self._log_interval = -(-self._log_every // routine) * routine  # logged steps are measured in both
+            self._set_log_interval()
+
+    def _set_log_interval(self) -> None:
+        """Log every ``log_every_n_steps`` rounded up to a multiple of the routine cadence: a step measured whichever
+        cadence holds."""
+        self._log_interval = -(-self._log_every // self._routine) * self._routine
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

@@ -400,7 +400,7 @@ class HessianMonitor(OptDiagCallback):
         earning rate (rank 0's clock decides, broadcast)."""
         seconds_per_step = self._train_seconds() / max(step - self._steps_at_start, 1)
         shortfall = self.first_estimate_price() * seconds_per_step - self._earned_balance()
-        wait = int(trainer.strategy.broadcast(self._steps_to_earn(step, shortfall), src=0))
+        wait = self.steps_to_earn(trainer, step, shortfall)
         if wait:
             self._next_step = step + wait
         return wait == 0

@@ -576,8 +576,8 @@ class StallDiagnoser(OptDiagCallback):
         did not decide) takes that curvature again, within the stalled horizon, instead of a new snapshot."""
         if event.reason == "spike":
             self.n_spikes += 1
-        snapshot = (self._recent_curvature(event) if reuse_curvature else {}) or self._snapshot(trainer, pl_module,
-                                                                                             event)
+        snapshot = self._recent_curvature(event) if reuse_curvature else {}
+        snapshot = snapshot or self._snapshot(trainer, pl_module, event)
         evidence = self._evidence(trainer, pl_module, event, snapshot)
         undecided: list[dict[str, Any]] = []
         diagnosis = diagnose_stall(evidence, event, self.thresholds, undecided=undecided)

@@ -121,6 +121,11 @@ def _tail(values: deque, k: int) -> list:
     return [values[i] for i in range(-min(k, len(values)), 0)]
 
 
+def _horizons(window: int, max_horizon: int) -> tuple[int, ...]:
+    """The stall horizons in losses: ``window`` times each of :data:`HORIZONS` up to ``max_horizon`` windows."""
+    return tuple(h * window for h in HORIZONS if h <= max_horizon)
+
+
 def _loss_scale(first_loss: float, running_min: float) -> float:
     """``|first_loss - running_min| + |running_min|``: the range the loss has spanned plus its best level."""
     return abs(first_loss - running_min) + abs(running_min)
@@ -392,7 +397,7 @@ class StallDetector:
         self.rise_tolerance = _check_number("rise_tolerance", rise_tolerance, 0.0)
         self.rise_noise_factor = _check_number("rise_noise_factor", rise_noise_factor, 0.0)
         self.rise_span_fraction = _check_number("rise_span_fraction", rise_span_fraction, 0.0)
-        self.horizons = tuple(h * self.window for h in HORIZONS if h <= self.max_horizon)
+        self.horizons = _horizons(self.window, self.max_horizon)
         self.reset()
 
     def set_window(self, window: int, rel_improvement: float) -> None:
@@ -409,7 +414,7 @@ class StallDetector:
         self.min_window = self.window
         self.rel_improvement = _check_number("rel_improvement", rel_improvement, 0.0)
         self.cooldown = self.window // 2
-        self.horizons = tuple(h * self.window for h in HORIZONS if h <= self.max_horizon)
+        self.horizons = _horizons(self.window, self.max_horizon)
         self.reset()
 
     def reset(self) -> None:
