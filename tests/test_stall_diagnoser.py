@@ -39,7 +39,7 @@ def trainer_for(tmp_path, callbacks, max_steps, logger=None, **kwargs):
     return pl.Trainer(
         max_steps=max_steps, accelerator="cpu", devices=1, callbacks=callbacks, logger=logger if logger is not None
         else False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        log_every_n_steps=1, deterministic=True, default_root_dir=str(tmp_path), **kwargs)
+        log_every_n_steps=1, default_root_dir=str(tmp_path), **{"deterministic": True, **kwargs})
 
 
 def fit_scenario(tmp_path, name, callbacks, max_steps=None, logger=None, planned=None, **kwargs):
@@ -672,3 +672,35 @@ def test_a_spikes_snapshot_is_routine_unless_the_run_was_past_the_stability_thre
         monkeypatch.setattr(monitor, "can_afford_snapshot", lambda trainer, routine=False: asked.append(routine))
         assert diagnoser._snapshot(None, None, event) == {} and diagnoser.n_snapshots == 0
     assert asked == [False, True, True]
+
+
+def test_under_mixed_precision_the_losses_judged_are_the_unscaled_ones(tmp_path):
+    """With a GradScaler (``precision="16-mixed"``) the loss backward sees is the loss times 2**16: the brief-spike
+    test reads it before the optimizer step, and must judge the loss itself (the same value the batch's outputs
+    hold), or every step would look like a spike of 65536 times the level. The truth, read without optdiag: each
+    step's loss from ``training_step``'s outputs."""
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    x, y = load_digits(return_X_y=True)
+    data = torch.utils.data.TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
+    loader = torch.utils.data.DataLoader(data, batch_size=64, shuffle=True)
+    outputs_losses = []
+
+    class Truth(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            outputs_losses.append(float(outputs["loss"]))
+
+    diagnoser = StallDiagnoser(verbose=False)
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    # Lightning would turn "16-mixed" into bf16 on a CPU (no scaler): the fp16 plugin with its GradScaler, explicitly
+    amp = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = trainer_for(tmp_path, [diagnoser, Truth()], 40, plugins=[amp], deterministic=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_DigitsMLP(), loader)
+    assert trainer.precision_plugin.scaler.get_scale() > 1.0  # the scaler did scale the backward pass
+    assert diagnoser._brief_enabled
+    assert [float(v) for v in diagnoser.detector.state_dict()["losses"]] == outputs_losses
+    assert diagnoser._brief_reads == 0 and diagnoser.undecided == []  # no step of a smooth descent looked like a spike

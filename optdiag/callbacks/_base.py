@@ -12,8 +12,10 @@ import contextlib
 import functools
 import math
 import os
+import weakref
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+import torch
 
 from optdiag._lightning import LIGHTNING_NAMESPACES
 from optdiag.curvature.batches import first_tensor
@@ -215,6 +217,57 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
                     del pl_module.__dict__[name]
                 else:
                     pl_module.__dict__[name] = previous
+
+
+class _LossRead:
+    """The float of the last loss tensor read (one entry, held by a weak reference to the tensor): the callbacks of
+    one step that each want the batch's loss read it once (a host transfer, and a device sync on a GPU)."""
+
+    def __init__(self) -> None:
+        self.tensor: Callable[[], Any] = lambda: None
+        self.value = math.nan
+
+    def remember(self, tensor: Any, value: float) -> None:
+        self.tensor, self.value = weakref.ref(tensor), value
+
+
+_LOSS_READ = _LossRead()
+
+
+def loss_of(outputs: Any) -> float | None:
+    """The training loss in a batch's outputs (a tensor, or a dict with ``"loss"``), as a float (read once per
+    tensor, see :func:`remember_loss`); None when the outputs hold no scalar loss.
+
+    Example:
+        >>> import torch
+        >>> loss_of({"loss": torch.tensor(0.5)}), loss_of(2), loss_of(None)
+        (0.5, 2.0, None)
+    """
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        if _LOSS_READ.tensor() is loss:
+            return _LOSS_READ.value
+        value = float(loss.item())
+        _LOSS_READ.remember(loss, value)
+        return value
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    return None
+
+
+def remember_loss(outputs: Any, value: float) -> None:
+    """Tell :func:`loss_of` the value of the loss in ``outputs``, read by other means (the stall diagnoser has it
+    from before the optimizer step), so that no callback reads it again."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, torch.Tensor):
+        _LOSS_READ.remember(loss, float(value))
+
+
+def loss_scale(trainer: Any) -> float:
+    """The mixed-precision loss scale the backward pass saw (a ``GradScaler``'s, constant from the backward pass to
+    the optimizer step), 1.0 without one. A GradScaler's scale is a power of two: dividing by it is exact."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
 def batch_size_of(batch: Any) -> int | None:

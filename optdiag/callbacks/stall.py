@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded, loss_of, loss_scale, remember_loss
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.curvature.objective import BatchObjective
@@ -46,16 +46,6 @@ MAX_PROBE_STRIDE = 2
 MIN_PROBE_READS = 5
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
-
-
-def _loss_of(outputs: Any) -> float | None:
-    """The training loss in a batch's outputs (a tensor, or a dict with ``"loss"``), as a float."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-        return float(loss.detach())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
-    return None
 
 
 def _dataset_size(trainer: Any, batch_size: int | None) -> int | None:
@@ -260,9 +250,11 @@ class StallDiagnoser(OptDiagCallback):
         self._probe_price: float | None = None  # what the last probe-set loss took (HessianMonitor.can_afford_extra)
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
         self._step_loss: torch.Tensor | None = None  # this step's loss, kept from backward to the optimizer step
+        self._step_value: float | None = None  # its value, read there
         self._brief_events: list[StallEvent] = []  # brief spikes confirmed before this step's end
         self._brief_reads = 0  # probe losses read for brief spikes this fit
         self._brief_enabled = False  # decided in on_train_start (_brief_spikes)
+        self._distributed = False  # more than one process (decided in on_train_start)
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
         self._recent_losses: list[tuple[int, float]] = []
 
@@ -315,6 +307,7 @@ class StallDiagnoser(OptDiagCallback):
         self._drive("on_train_start", trainer, pl_module)
         self._reset_transient()
         self._brief_enabled = self._brief_spikes(trainer)  # once per fit, not on every backward
+        self._distributed = OptDiagCallback.world_size(trainer) > 1  # once per fit, not on every step
         last = self.detector.state_dict()["last_step"]
         if last is not None and int(trainer.global_step) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
@@ -324,7 +317,8 @@ class StallDiagnoser(OptDiagCallback):
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._drive("on_train_batch_start", trainer, pl_module, batch, batch_idx)
-        self._batch_size = batch_size_of(batch) or self._batch_size
+        if batch_idx == 0 or self._batch_size is None:  # an epoch's first batch: full (a ragged one comes last)
+            self._batch_size = batch_size_of(batch) or self._batch_size
         if self._dataset_size is None:
             self._dataset_size = _dataset_size(trainer, self._batch_size)
 
@@ -341,13 +335,20 @@ class StallDiagnoser(OptDiagCallback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._drive("on_before_optimizer_step", trainer, pl_module, optimizer)
         if self._step_loss is not None:
-            loss, self._step_loss = float(self._step_loss), None
+            # the loss backward saw, unscaled (mixed precision scales it by a power of two: exact), which is the
+            # batch's loss in the outputs too (one batch per step): read once, kept for on_train_batch_end
+            loss, self._step_loss = float(self._step_loss.item()) / loss_scale(trainer), None
+            self._step_value = loss
             self._brief_spike(trainer, pl_module, int(trainer.global_step) + 1, loss)
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._drive("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
-        loss = _loss_of(outputs)
+        loss, self._step_value = self._step_value, None
+        if loss is not None and pl_module.automatic_optimization:
+            remember_loss(outputs, loss)  # the triage's read of the same loss
+        else:
+            loss = loss_of(outputs)
         if loss is None:
             self.warn_once("no-loss", "StallDiagnoser found no loss in training_step's output (return the loss "
                            "tensor or a dict with 'loss'); stall detection is off.")
@@ -531,11 +532,12 @@ class StallDiagnoser(OptDiagCallback):
             self._spike_probe = None  # a spike dropped unrecovered, or none
 
     # --- per-step bookkeeping -------------------------------------------------------------------------------------
-    @staticmethod
-    def _reduced_mean(trainer: Any, losses: list[float]) -> float:
+    def _reduced_mean(self, trainer: Any, losses: list[float]) -> float:
         """The mean loss over the accumulation window and over ranks (identical on every rank)."""
+        if len(losses) == 1 and not self._distributed:
+            return losses[0]  # the usual step: one batch, one process
         local = sum(losses) / len(losses)
-        if OptDiagCallback.world_size(trainer) > 1:
+        if self._distributed:
             reduced = trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64,
                                                            device=trainer.strategy.root_device), reduce_op="mean")
             return float(reduced)

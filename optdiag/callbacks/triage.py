@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, loss_of
 from optdiag.callbacks.hessian import HessianMonitor
-from optdiag.callbacks.stall import StallDiagnoser, _dataset_size, _loss_of
+from optdiag.callbacks.stall import StallDiagnoser, _dataset_size
 from optdiag.diagnosis.triage import (
     OPTIMIZATION_VERDICTS,
     Finding,
@@ -154,9 +154,9 @@ class TriageMonitor(OptDiagCallback):
             self._dataset_size = _dataset_size(trainer, self._batch_size)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = Measurements().number("loss", _loss_of(outputs))
-        if loss is None:
-            return
+        loss = loss_of(outputs)
+        if loss is None or not math.isfinite(loss):
+            return  # no scalar loss, or a diverging step (the stall diagnoser reports it): not averaged
         if self.loss_initial is None:
             self.loss_initial = loss  # at initialisation the training loss is also the validation loss
         self._loss_sum += loss

@@ -469,7 +469,8 @@ class StallDetector:
         """
         try:
             loss = float(loss)
-            valid_step = not isinstance(step, bool) and isinstance(step, numbers.Integral)
+            # type() first: an ABC's isinstance costs microseconds, and this runs every step
+            valid_step = type(step) is int or (not isinstance(step, bool) and isinstance(step, numbers.Integral))
         except (TypeError, ValueError):
             valid_step = False
         if not valid_step or (self._last_step is not None and step <= self._last_step):
@@ -482,8 +483,12 @@ class StallDetector:
             return self._diverge(step, "nonfinite", math.inf, fit=None)
         self._steps.append(int(step))
         self._losses.append(loss)
-        last3 = _tail(self._losses, 3)
-        recent = float(sorted(last3)[1] if len(last3) == 3 else statistics.median(last3))
+        losses = self._losses
+        if len(losses) >= 3:
+            a, b, c = losses[-3], losses[-2], losses[-1]
+            recent = float(max(min(a, b), min(max(a, b), c)))  # the median of three, without a list and a sort
+        else:
+            recent = float(statistics.median(losses))
         if self._n_seen < 3:
             self._first = recent
         self._n_seen += 1
