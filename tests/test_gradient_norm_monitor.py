@@ -170,6 +170,12 @@ def test_pairs_on_demand_are_routine_between_the_stretches_a_diagnoser_judges(tm
     trainer.fit(RegressionModule(optimizer="sgd", lr=0.05, momentum=0.9), RegressionDataModule())
     assert (monitor._cadence, monitor._routine, monitor._log_interval) == (20, 60, 60)
     assert [h["step"] for h in monitor.history] == list(range(10)) + [59, 60, 79, 80, 119, 120]
+    # the dense pair measures the gradient only (its cosine exact); the routine ones and the first window the update too
+    light = {h["step"] for h in monitor.history if math.isnan(h["update_norm"])}
+    assert light == {79, 80}
+    dense = {h["step"]: h for h in monitor.history}
+    assert math.isfinite(dense[80]["grad_cosine"]) and math.isnan(dense[80]["update_cosine"])
+    assert math.isfinite(dense[120]["update_cosine"]) and math.isfinite(dense[120]["update_ratio"])
 
 
 def test_plain_sgd_update_is_lr_times_gradient(tmp_path):

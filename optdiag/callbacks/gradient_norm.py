@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, guarded
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, guarded, loss_scale
 from optdiag.curvature.distributed import reduce_sum
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.curvature.params import is_sharded, local_part
@@ -212,6 +212,7 @@ class GradientNormMonitor(OptDiagCallback):
         self._updates: _Buffer | None = None  # rows: the parameters before this step, then minus its update; the
         # other row: minus the previous update
         self._theta_sq = math.nan  # |theta_old|^2 of the pending step
+        self._theta_tracked = False  # whether the pending step's parameters were copied (its update is measured)
         self._micro_previous: _Buffer | None = None  # accumulated gradient after the previous micro-batch
         self._micro_started = False
         self._micro_sq_norms: list[float] = []
@@ -236,6 +237,23 @@ class GradientNormMonitor(OptDiagCallback):
         phase = step % cadence
         return step < self._initial or phase == 0 or (self.track_directions and phase == cadence - 1) \
             or step <= self._dense_until
+
+    def tracks_update(self, step: int) -> bool:
+        """Whether measured step ``step`` also measures the update (``update_norm``, ``update_ratio``,
+        ``update_cosine``: a copy of the parameters before the step): the first ``n`` steps and the pairs of the
+        routine cadence, where every logged step lies. The extra pairs a diagnoser asks for
+        (:meth:`measure_pairs_until`) and the steps of :meth:`measure_every_step` measure the gradient only (its
+        norms and the cosine with the previous one): their tests need nothing else, and they cost about half.
+
+        Example:
+            >>> monitor = GradientNormMonitor(every_n_steps=4)
+            >>> monitor._routine = 12  # as pricing would set it with pairs_on_demand
+            >>> monitor.measure_pairs_until(8)
+            >>> [(s, monitor.tracks_update(s)) for s in range(4, 13) if monitor.is_measured(s)]
+            [(4, True), (7, False), (8, False), (11, True), (12, True)]
+        """
+        phase = step % self._routine
+        return step < self._initial or phase == 0 or (self.track_directions and phase == self._routine - 1)
 
     def measure_every_step(self, until: int) -> None:
         """Measure every optimizer step up to ``until`` (inclusive), whatever the cadence: the stall diagnoser asks
@@ -354,7 +372,7 @@ class GradientNormMonitor(OptDiagCallback):
         torch._foreach_copy_(previous.views[0], grads)
         self._micro_started = True
         # Lightning divides each micro-batch loss by accumulate_grad_batches; undo it to get the batch gradient.
-        self._micro_sq_norms.append(sq / self._loss_scale(trainer) ** 2 * trainer.accumulate_grad_batches**2)
+        self._micro_sq_norms.append(sq / loss_scale(trainer) ** 2 * trainer.accumulate_grad_batches**2)
 
     @guarded
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -384,11 +402,12 @@ class GradientNormMonitor(OptDiagCallback):
             with_grad = named
             grads = [local_part(p.grad) if p.grad is not None else local_part(p.detach()).new_zeros(0)
                      for _, p in named]
-        params = [local_part(p.detach()) for _, p in named]
+        # the update only on the steps that log it (tracks_update); elsewhere the gradient alone, half the copies
+        params = [local_part(p.detach()) for _, p in named] if self.tracks_update(step) else []
         record: dict[str, Any] = {"step": step}
         # One fused kernel for the norms of every gradient and parameter (|theta_old| for the update ratio); the
         # dot product with the previous gradient joins them in the single transfer to Python of this step.
-        norms = torch._foreach_norm(grads + params) if params else []
+        norms = torch._foreach_norm(grads + params) if grads or params else []
         dot = self._gradient_dot(grads, step)
         values = torch.stack([n.float() for n in norms] + ([dot] if dot is not None else [])) if norms else None
         values = self._across_shards(values, len(norms)).tolist() if values is not None else []
@@ -432,7 +451,8 @@ class GradientNormMonitor(OptDiagCallback):
         """The update's norm and cosines of the measured step just taken; the record kept and logged."""
         record, self._pending = self._pending, None
         named = self._named_monitored(pl_module, trainer.optimizers[0])
-        update_sq, dot, previous_sq = self._update_products(named, record["step"])
+        update_sq, dot, previous_sq = self._update_products(named, record["step"]) if self._theta_tracked \
+            else (math.nan, None, math.nan)
         record["update_norm"] = math.sqrt(update_sq) if update_sq >= 0 else math.nan
         theta_norm = math.sqrt(self._theta_sq) if self._theta_sq >= 0 else math.nan
         record["update_ratio"] = record["update_norm"] / theta_norm if theta_norm > 0 else math.nan
@@ -440,8 +460,8 @@ class GradientNormMonitor(OptDiagCallback):
         if self.track_directions and math.isfinite(record["update_norm"]):
             record["update_cosine"] = _cosine(dot, update_sq, previous_sq) if dot is not None else math.nan
             rows.previous_sq, rows.step, rows.slot = update_sq, record["step"], 1 - rows.slot
-        else:
-            rows.step = None
+        elif rows is not None:
+            rows.step = None  # no update measured at this step: the next one has no consecutive previous update
         record["grad_norm_clipped"] = self._clipped_norm(trainer, pl_module, named, record["grad_norm"])
         for key in _OPTIONAL:
             record.setdefault(key, math.nan)
@@ -510,8 +530,10 @@ class GradientNormMonitor(OptDiagCallback):
             previous.step = step
 
     def _remember_parameters(self, params: list[torch.Tensor], theta_sq: float) -> None:
-        """Copy the parameters before the optimizer step into the current row of the update buffer."""
+        """Copy the parameters before the optimizer step into the current row of the update buffer (none on a
+        step that measures the gradient only)."""
         self._theta_sq = theta_sq
+        self._theta_tracked = bool(params)
         if not params:
             return
         rows = self._updates = _Buffer.fitting(self._updates, 2, params)
@@ -542,11 +564,6 @@ class GradientNormMonitor(OptDiagCallback):
             and self.world_size(trainer) == 1  # under DDP micro-batch gradients are local and partly reduced
             and bool(pl_module.automatic_optimization)
         )
-
-    @staticmethod
-    def _loss_scale(trainer: Any) -> float:
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None else 1.0
 
     def _finish_noise_window(self, trainer: Any, gradient_sq: float | None, record: dict[str, Any]) -> None:
         """Close an accumulation window: pool its micro-batch norms with earlier windows and estimate the noise."""
