@@ -173,3 +173,28 @@ def test_signature_documents_every_knob():
     documented = inspect.getdoc(OptDiag)
     for name in inspect.signature(OptDiag).parameters:
         assert f"{name}:" in documented or f"{name}," in documented, name
+
+
+def test_the_children_share_one_read_of_the_step_per_hook(tmp_path, monkeypatch):
+    """Lightning's trainer.global_step is a chain of properties, and every child wants the step in the same hooks:
+    the bundle reads it once for all of them in the two hooks where several do (the children see the same step
+    the trainer does, which the rest of this suite checks). Counted against a run without optdiag."""
+    reads = [0]
+    step_property = pl.Trainer.global_step
+
+    def counted(trainer):
+        reads[0] += 1
+        return step_property.fget(trainer)
+
+    monkeypatch.setattr(pl.Trainer, "global_step", property(counted))
+    m = models_for("pytorch_lightning")
+
+    def reads_in(callbacks, steps=40):
+        reads[0] = 0
+        _trainer(tmp_path, callbacks, steps).fit(m.RegressionModule(), m.RegressionDataModule())
+        return reads[0]
+
+    optdiag_reads = reads_in([OptDiag(verbose=False, probe_every=0)]) - reads_in([])
+    # one read before the optimizer step (three children), one at the batch's end (two), one before backward (the
+    # conditioning monitor's loss-graph cadence); and a few at the start and end of the fit
+    assert optdiag_reads <= 40 * 3 + 20

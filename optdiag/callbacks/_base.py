@@ -243,11 +243,11 @@ def loss_of(outputs: Any) -> float | None:
         >>> loss_of({"loss": torch.tensor(0.5)}), loss_of(2), loss_of(None)
         (0.5, 2.0, None)
     """
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    loss = _loss_in(outputs)
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
         if _LOSS_READ.tensor() is loss:
             return _LOSS_READ.value
-        value = float(loss.item())
+        value = float(loss.detach())  # a training_step output may carry its graph (manual optimization)
         _LOSS_READ.remember(loss, value)
         return value
     if isinstance(loss, (int, float)) and not isinstance(loss, bool):
@@ -258,9 +258,14 @@ def loss_of(outputs: Any) -> float | None:
 def remember_loss(outputs: Any, value: float) -> None:
     """Tell :func:`loss_of` the value of the loss in ``outputs``, read by other means (the stall diagnoser has it
     from before the optimizer step), so that no callback reads it again."""
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    loss = _loss_in(outputs)
     if isinstance(loss, torch.Tensor):
         _LOSS_READ.remember(loss, float(value))
+
+
+def _loss_in(outputs: Any) -> Any:
+    """``outputs["loss"]`` for a mapping (a dict checked first: the ABC test costs microseconds every step)."""
+    return outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
 
 
 def loss_scale(trainer: Any) -> float:
@@ -268,6 +273,35 @@ def loss_scale(trainer: Any) -> float:
     the optimizer step), 1.0 without one. A GradScaler's scale is a power of two: dividing by it is exact."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None else 1.0
+
+
+class _HeldStep:
+    """The optimizer step a bundle read once for the hook it is forwarding (Lightning's ``trainer.global_step`` is a
+    chain of properties, microseconds a read once a training step has flushed the caches, and every child of a
+    bundle reads it in the same hook)."""
+
+    def __init__(self) -> None:
+        self.trainer: Any = None
+        self.step = 0
+
+    def hold(self, trainer: Any) -> None:
+        """Until :meth:`release`, :func:`global_step` of ``trainer`` is the step read now (a hook's children run
+        within one hook call, where no optimizer step happens). Never raises: unreadable, nothing is held."""
+        try:
+            self.trainer, self.step = trainer, int(trainer.global_step)
+        except Exception:  # noqa: BLE001 - the children read it themselves, and report what fails (guarded)
+            self.trainer = None
+
+    def release(self) -> None:
+        self.trainer = None
+
+
+HELD_STEP = _HeldStep()
+
+
+def global_step(trainer: Any) -> int:
+    """``trainer.global_step`` as an int (the step a bundle holds for the hook it forwards, if any)."""
+    return HELD_STEP.step if HELD_STEP.trainer is trainer else int(trainer.global_step)
 
 
 def batch_size_of(batch: Any) -> int | None:

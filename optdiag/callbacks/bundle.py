@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from optdiag.callbacks._base import _CALLBACK_BASES, OptDiagCallback
+from optdiag.callbacks._base import HELD_STEP, OptDiagCallback, _CALLBACK_BASES
 from optdiag.callbacks.conditioning import ConditioningMonitor
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, LossFn
@@ -41,11 +41,26 @@ def _implements(child: Any, name: str) -> bool:
     return (name, getattr(type(child), name, None)) not in _EMPTY_HOOKS
 
 
+#: Per-step hooks in which several children read the step: it is read once for all of them (HELD_STEP).
+_STEP_SHARING_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
+
+
 def _forwarding(name: str) -> Callable[..., None]:
     def hook(self: "OptDiag", *args: Any, **kwargs: Any) -> None:
         # Lightning calls every hook of every callback; skipping the children's empty ones saves per-step time
         for method in self._receivers(name):
             method(*args, **kwargs)
+
+    def per_step_hook(self: "OptDiag", trainer: Any, *args: Any, **kwargs: Any) -> None:
+        HELD_STEP.hold(trainer)
+        try:
+            for method in self._receivers(name):
+                method(trainer, *args, **kwargs)
+        finally:
+            HELD_STEP.release()
+
+    if name in _STEP_SHARING_HOOKS:
+        hook = per_step_hook  # type: ignore[assignment]
 
     hook.__name__ = hook.__qualname__ = name
     hook.__doc__ = f"Call ``{name}`` of each child in order (gradient, Hessian, stall diagnoser, triage)."

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback
+from optdiag.callbacks._base import OptDiagCallback, global_step
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.callbacks.stall import StallDiagnoser
 from optdiag.callbacks.triage import TriageMonitor, write_finding
@@ -140,7 +140,7 @@ class ConditioningMonitor(OptDiagCallback):
             self._probe.arm()
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        step = int(trainer.global_step)
+        step = global_step(trainer)
         if self._graph_off or step < self._next_graph_step or not isinstance(loss, torch.Tensor):
             return
         graph = inspect_loss_graph(loss, self.loss)
@@ -156,15 +156,15 @@ class ConditioningMonitor(OptDiagCallback):
                 self._take_inputs()
         detector = getattr(self.stall_diagnoser, "detector", None)
         if detector is not None and detector.stalled:
-            self._check(trainer, int(trainer.global_step))
+            self._check(trainer, global_step(trainer))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if not getattr(trainer, "sanity_checking", False):
-            self._check(trainer, int(trainer.global_step))
+            self._check(trainer, global_step(trainer))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._close_probe()
-        self._check(trainer, int(trainer.global_step))
+        self._check(trainer, global_step(trainer))
         if self.verbose and self.triage_monitor is None and trainer.is_global_zero:
             print(self.summary(), flush=True)
 

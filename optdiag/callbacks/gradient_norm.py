@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, guarded, loss_scale
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, global_step, guarded, loss_scale
 from optdiag.curvature.distributed import reduce_sum
 from optdiag.curvature.noise import gradient_noise_scale
 from optdiag.curvature.params import is_sharded, local_part
@@ -250,7 +250,7 @@ class GradientNormMonitor(OptDiagCallback):
             >>> monitor._routine = 12  # as pricing would set it with pairs_on_demand
             >>> monitor.measure_pairs_until(8)
             >>> [(s, monitor.tracks_update(s)) for s in range(4, 13) if monitor.is_measured(s)]
-            [(4, True), (7, False), (8, False), (11, True), (12, True)]
+            [(4, False), (7, False), (8, False), (11, True), (12, True)]
         """
         phase = step % self._routine
         return step < self._initial or phase == 0 or (self.track_directions and phase == self._routine - 1)
@@ -314,7 +314,7 @@ class GradientNormMonitor(OptDiagCallback):
     def _time_step(self, trainer: Any) -> None:
         """Keep the training seconds of each step of the first window (less this monitor's own), and once the window
         is over, space the default cadence's pairs by their cost (:meth:`_price_cadence`)."""
-        step, now = int(trainer.global_step), self.clock()
+        step, now = global_step(trainer), self.clock()
         started = self._step_started
         if started is not None and step > started[0]:
             if started[0] < self._initial:
@@ -353,12 +353,12 @@ class GradientNormMonitor(OptDiagCallback):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self._priced:
             self._time_step(trainer)
-        if self._noise_enabled(trainer, pl_module) and self.is_measured(int(trainer.global_step)):
+        if self._noise_enabled(trainer, pl_module) and self.is_measured(global_step(trainer)):
             self._micro_sizes.append(batch_size_of(batch) or 0)
 
     @guarded
     def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
-        if not self._noise_enabled(trainer, pl_module) or not self.is_measured(int(trainer.global_step)):
+        if not self._noise_enabled(trainer, pl_module) or not self.is_measured(global_step(trainer)):
             return
         grads = [p.grad for p in self._monitored(trainer) if p.grad is not None]
         if not grads:
@@ -379,7 +379,7 @@ class GradientNormMonitor(OptDiagCallback):
         if trainer.optimizers and optimizer is not trainer.optimizers[0]:
             self.warn_once("multiple-optimizers", "GradientNormMonitor measures the first optimizer only.")
             return
-        step = int(trainer.global_step)
+        step = global_step(trainer)
         if self.histogram_every_n_steps and step % self.histogram_every_n_steps == 0:
             self._maybe_histograms(trainer, self._named_monitored(pl_module, optimizer), step)
         if self.is_measured(step):

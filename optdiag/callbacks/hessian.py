@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, guarded
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, ceil_to, global_step, guarded
 from optdiag.callbacks._critical import CRITICAL_KEYS, UpdateCapture, critical_snapshot
 from optdiag.callbacks._fsdp1 import routed, through_root
 from optdiag.curvature.critical import MAX_EVALS
@@ -312,8 +312,8 @@ class HessianMonitor(OptDiagCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_run()
         self._train_started = self.clock()
-        self._steps_at_start = int(trainer.global_step)
-        self._last_step_seen = int(trainer.global_step)
+        self._steps_at_start = global_step(trainer)
+        self._last_step_seen = global_step(trainer)
         if self.every_n_steps is None and self._next_step is None:
             self._place_first_estimate(trainer)
         if self.loss_fn is lightning_loss and not pl_module.automatic_optimization \
@@ -338,7 +338,7 @@ class HessianMonitor(OptDiagCallback):
         # The critical sharpness looks along the step a scheduled snapshot follows, on the batch it descended: keep
         # the parameters before that step (one flat copy) and the batch, nothing at other steps
         # (docs/critical-sharpness.md).
-        step = int(trainer.global_step)
+        step = global_step(trainer)
         if self.enabled and self._probe_ready() and (
                 self._due(step + 1) or (self.every_n_steps is None and self._next_step is None)):
             self._capture.keep(pl_module, step, batch=self._step_batch)
@@ -348,7 +348,7 @@ class HessianMonitor(OptDiagCallback):
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = int(trainer.global_step)
+        step = global_step(trainer)
         if step == self._last_step_seen:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step_seen = step
@@ -365,7 +365,7 @@ class HessianMonitor(OptDiagCallback):
             self.warn_once("no-estimate", why)
             tb = self.tensorboard_logger(trainer)
             if tb is not None and trainer.is_global_zero:  # where the empty curvature charts are looked at
-                tensorboard_sink.log_text(tb, CURVATURE_NOTE_TAG, why, int(trainer.global_step))
+                tensorboard_sink.log_text(tb, CURVATURE_NOTE_TAG, why, global_step(trainer))
 
     # --- schedule and budget ---------------------------------------------------------------------------------------
     def first_estimate_price(self) -> float:
@@ -796,7 +796,7 @@ class HessianMonitor(OptDiagCallback):
             ``critical_lr_ratio``, ``directional_curvature``, ``directional_curvature_stderr``, ``n_forward``,
             ``critical_note``: why not) are None unless the snapshot follows the step the parameters were kept for.
         """
-        step = int(trainer.global_step)
+        step = global_step(trainer)
         if budgeted is None:
             budgeted = self.every_n_steps is None
         products = self._plan(trainer, budgeted, lambda_min, reserve_seconds)

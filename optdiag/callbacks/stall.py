@@ -14,7 +14,8 @@ from typing import Any, Mapping
 
 import torch
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, guarded, loss_of, loss_scale, remember_loss
+from optdiag.callbacks._base import (
+    OptDiagCallback, batch_size_of, global_step, guarded, loss_of, loss_scale, remember_loss)
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.curvature.objective import BatchObjective
@@ -221,6 +222,7 @@ class StallDiagnoser(OptDiagCallback):
         self.thresholds = Thresholds.from_detector(self.detector)
         self.undecided: list[dict[str, Any]] = []  # evidence of checks that did not decide (a debug trail)
         self._open: list[int] = []  # indices of verdicts whose prediction has not been checked yet
+        self._next_check: float | None = None  # the earliest step an open prediction is due (None: to compute)
         self.n_spikes = 0
         self.n_probe_losses = 0  # probe-set losses read to prove or refute a stall, and their seconds
         self.probe_seconds = 0.0
@@ -255,6 +257,7 @@ class StallDiagnoser(OptDiagCallback):
         self._brief_reads = 0  # probe losses read for brief spikes this fit
         self._brief_enabled = False  # decided in on_train_start (_brief_spikes)
         self._distributed = False  # more than one process (decided in on_train_start)
+        self._scaled = False  # mixed precision with a GradScaler (decided in on_train_start)
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
         self._recent_losses: list[tuple[int, float]] = []
 
@@ -308,8 +311,9 @@ class StallDiagnoser(OptDiagCallback):
         self._reset_transient()
         self._brief_enabled = self._brief_spikes(trainer)  # once per fit, not on every backward
         self._distributed = OptDiagCallback.world_size(trainer) > 1  # once per fit, not on every step
+        self._scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # a GradScaler scales the loss
         last = self.detector.state_dict()["last_step"]
-        if last is not None and int(trainer.global_step) < int(last):
+        if last is not None and global_step(trainer) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
             if self.probe_detector is not None:
                 self._end_probing()
@@ -337,9 +341,11 @@ class StallDiagnoser(OptDiagCallback):
         if self._step_loss is not None:
             # the loss backward saw, unscaled (mixed precision scales it by a power of two: exact), which is the
             # batch's loss in the outputs too (one batch per step): read once, kept for on_train_batch_end
-            loss, self._step_loss = float(self._step_loss.item()) / loss_scale(trainer), None
+            loss, self._step_loss = float(self._step_loss.item()), None
+            if self._scaled:
+                loss /= loss_scale(trainer)
             self._step_value = loss
-            self._brief_spike(trainer, pl_module, int(trainer.global_step) + 1, loss)
+            self._brief_spike(trainer, pl_module, global_step(trainer) + 1, loss)
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -354,7 +360,7 @@ class StallDiagnoser(OptDiagCallback):
                            "tensor or a dict with 'loss'); stall detection is off.")
             return
         self._pending_losses.append(loss)
-        step = int(trainer.global_step)
+        step = global_step(trainer)
         if step == self._last_step_seen:
             return  # gradient accumulation: no optimizer step yet
         self._last_step_seen = step
@@ -518,7 +524,7 @@ class StallDiagnoser(OptDiagCallback):
         if self.detector.in_spike:
             # at the spike's start and at each new peak of the losses: the model at its worst
             if self._spike_probe is None or self.detector.spike_peaked:
-                value = self._probe_loss(trainer, pl_module, int(trainer.global_step), "spike_probe")
+                value = self._probe_loss(trainer, pl_module, global_step(trainer), "spike_probe")
                 value = math.nan if value is None else value  # not measurable: judged on the losses alone
                 self._spike_probe = value if self._spike_probe is None or not value <= self._spike_probe \
                     else self._spike_probe
@@ -791,7 +797,7 @@ class StallDiagnoser(OptDiagCallback):
             self.warn_once("escape-over-budget", "the saddle's escape direction was not evaluated: the Hessian "
                            f"monitor's time budget is spent (balance {monitor.budget_balance():.3g} s)")
             return out
-        with monitor.charged(int(trainer.global_step), "escape"), preserved_state(pl_module):
+        with monitor.charged(global_step(trainer), "escape"), preserved_state(pl_module):
             pl_module.train(monitor.mode == "train")
             objective = BatchObjective(pl_module, monitor.loss_fn, batches, dtype=u.dtype, batch_list=True)
             theta = objective.point()
@@ -806,6 +812,7 @@ class StallDiagnoser(OptDiagCallback):
     def _record(self, trainer: Any, diagnosis: Diagnosis) -> None:
         self.diagnoses.append(diagnosis)
         self._open.append(len(self.diagnoses) - 1)
+        self._next_check = None
         if not trainer.is_global_zero:
             return
         self._append_event(trainer, diagnosis.to_dict())
@@ -820,11 +827,15 @@ class StallDiagnoser(OptDiagCallback):
             self._recent_losses = []
             return
         self._recent_losses.append((step, loss))
+        if self._next_check is None:
+            self._next_check = min(self._due(index) for index in self._open)
+        if step < self._next_check:
+            return  # the usual step: no prediction due yet
+        self._next_check = None
         still_open = []
         for index in self._open:
             diagnosis = self.diagnoses[index]
-            due = (diagnosis.evidence.get("prediction") or {}).get("check_at_step", math.inf)
-            if step < due:
+            if step < self._due(index):
                 still_open.append(index)
                 continue
             losses = [v for s, v in self._recent_losses if s > diagnosis.step]
@@ -841,6 +852,10 @@ class StallDiagnoser(OptDiagCallback):
             self._recent_losses = [(s, v) for s, v in self._recent_losses if s > oldest]
         else:
             self._recent_losses = []
+
+    def _due(self, index: int) -> float:
+        """The step verdict ``index``'s prediction is checked at (infinity: it has none)."""
+        return (self.diagnoses[index].evidence.get("prediction") or {}).get("check_at_step", math.inf)
 
     def _log_outcome(self, trainer: Any, diagnosis: Diagnosis, outcome: dict[str, Any]) -> None:
         if not trainer.is_global_zero:
@@ -912,6 +927,7 @@ class StallDiagnoser(OptDiagCallback):
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
         self.n_spikes = int(state_dict.get("n_spikes", 0))
         self._open = [int(i) for i in state_dict.get("open_predictions", []) if 0 <= int(i) < len(self.diagnoses)]
+        self._next_check = None
         self._loss_initial = state_dict.get("loss_initial")
         loss_min = state_dict.get("loss_min")
         self._loss_min = math.inf if loss_min is None else float(loss_min)

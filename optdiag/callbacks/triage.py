@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, loss_of
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, global_step, loss_of
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.callbacks.stall import StallDiagnoser, _dataset_size
 from optdiag.diagnosis.triage import (
@@ -145,7 +145,7 @@ class TriageMonitor(OptDiagCallback):
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._reset_transient()
-        if self.train and int(trainer.global_step) < self.train[-1][0]:  # a new run from step 0, not a resume
+        if self.train and global_step(trainer) < self.train[-1][0]:  # a new run from step 0, not a resume
             self.train, self.val, self.loss_initial = [], [], None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -165,7 +165,7 @@ class TriageMonitor(OptDiagCallback):
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if getattr(trainer, "sanity_checking", False):
             return
-        step = int(trainer.global_step)
+        step = global_step(trainer)
         metrics = dict(getattr(trainer, "callback_metrics", {}) or {})
         val = self._metric(metrics, self.val_metrics)
         train = self._loss_sum / self._loss_count if self._loss_count else self._metric(metrics, self.train_metrics)
@@ -184,8 +184,8 @@ class TriageMonitor(OptDiagCallback):
         if not self.val and not self.said_needs_validation:
             self.said_needs_validation = True
             metrics = list(getattr(trainer, "callback_metrics", {}) or {})
-            self.emit(trainer, needs_validation(int(trainer.global_step), self.val_metrics, metrics))
-        self._triage(trainer, int(trainer.global_step))
+            self.emit(trainer, needs_validation(global_step(trainer), self.val_metrics, metrics))
+        self._triage(trainer, global_step(trainer))
         if self.verbose and trainer.is_global_zero:
             print(self.summary(), flush=True)
 

@@ -433,7 +433,8 @@ class StallDetector:
         self._spike: dict[str, float] | None = None  # the spike in progress
         self._brief: dict[str, Any] | None = None  # a brief spike waiting for the model's loss after it
         self._quiet_until = -math.inf  # no median spike starts up to this step: the tail of a brief one
-        self._reference: tuple[float, tuple[float, ...], int] | None = None  # (level, spreads, count), scaled
+        # (level, spreads, count) scaled, and the level unscaled: refreshed on check steps (_spike_reference)
+        self._reference: tuple[float, tuple[float, ...], int, float] | None = None
         self._spike_log = True  # spikes are judged on log losses (all positive so far)
         self.spike_peaked = False
         self._noise_sd = math.nan  # per-loss noise over the whole history, refreshed at each check
@@ -518,8 +519,7 @@ class StallDetector:
                 self._reference = self._spike_reference()
             if self._reference is None:
                 return None
-            level, spreads, count = self._reference
-            reference = self._unscale(level)
+            level, spreads, count, reference = self._reference
             # A spread from a handful of early losses means nothing (they may swing by half as training starts): until
             # MIN_REFERENCE losses, a doubling of the loss counts instead (a catapult's first steps), which noise of
             # 25% or so never produces, and the probe batches then tell the model's spike from the batches'.
@@ -660,8 +660,8 @@ class StallDetector:
     def _unscale(self, value: float) -> float:
         return math.exp(value) if self._spike_log else value
 
-    def _spike_reference(self) -> tuple[float, tuple[float, ...], int] | None:
-        """The level a spike is measured from and the spread of each duration's medians.
+    def _spike_reference(self) -> tuple[float, tuple[float, ...], int, float] | None:
+        """The level a spike is measured from and the spread of each duration's medians (and the level unscaled).
 
         The level is the median of the :data:`SPIKE_LEVEL_LOSSES` losses before the last five (recent: on a falling
         loss the median of a long history lies above the current level); the spread is the per-loss noise of the
@@ -682,7 +682,8 @@ class StallDetector:
         recent = scaled[-SPIKE_NOISE_LOSSES:]  # the noise where the loss is now (it changes with the level)
         noise = difference_noise(recent) if len(recent) >= 3 else robust_sd(recent)
         level = _median(scaled[-SPIKE_LEVEL_LOSSES:])
-        return level, tuple(MEDIAN_SD[d] * noise for d in SPIKE_DURATIONS if d <= longest), len(history)
+        spreads = tuple(MEDIAN_SD[d] * noise for d in SPIKE_DURATIONS if d <= longest)
+        return level, spreads, len(history), self._unscale(level)
 
     # --- fits -------------------------------------------------------------------------------------------------
     def _level(self) -> float:
