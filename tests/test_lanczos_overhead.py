@@ -186,3 +186,40 @@ def test_lanczos_reuses_the_operator_check_instead_of_checking_again():
     # and one for the returned eigenvector: no norm of a product is taken twice
     passes = result.n_hvp  # each product is orthogonalised by one pass on this well separated spectrum
     assert op.norms == result.n_hvp + passes + 1 + 1
+
+
+def test_a_product_reaches_the_host_twice_its_check_and_its_pass(passes, monkeypatch):
+    """On a GPU every transfer to the host waits for the device. Per product the solver makes two: the operator's
+    finiteness check (the product's norm, one transfer) and the Gram-Schmidt pass's one transfer, which also brings
+    the Rayleigh quotient back; the solver reads no scalar from a tensor on its own (``float(t)``, ``t.item()``)."""
+    transfers = {"check": 0, "cpu": 0, "scalar": 0}
+    counting = [True]
+    cpu, to_float, item = torch.Tensor.cpu, torch.Tensor.__float__, torch.Tensor.item
+    check = MatrixOperator.matvec_and_norm
+
+    def counted(name, method):
+        def wrapper(self, *args, **kwargs):
+            transfers[name] += counting[0]
+            return method(self, *args, **kwargs)
+        return wrapper
+
+    def checked(self, v):  # the operator's own check: one transfer, counted as such
+        transfers["check"] += 1
+        counting[0] = False
+        try:
+            return check(self, v)
+        finally:
+            counting[0] = True
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted("cpu", cpu))
+    monkeypatch.setattr(torch.Tensor, "__float__", counted("scalar", to_float))
+    monkeypatch.setattr(torch.Tensor, "item", counted("scalar", item))
+    monkeypatch.setattr(MatrixOperator, "matvec_and_norm", checked)
+    matrix = rotated(torch.linspace(1.0, 2.0, 60, dtype=F64), seed=4)
+    start = torch.randn(60, generator=torch.Generator().manual_seed(1), dtype=F64)
+    steps = 30
+    alphas, betas, _ = lanczos_tridiagonal(MatrixOperator(matrix), start, steps)
+    assert passes["passes"] == steps  # one pass per product on this spectrum
+    assert (transfers["check"], transfers["cpu"]) == (steps, passes["passes"]), transfers
+    assert transfers["scalar"] <= 3, transfers  # the start vector's checks, none per product
+    assert np.allclose(np.sort(scipy.linalg.eigh_tridiagonal(alphas, betas)[0])[-1], 2.0, atol=1e-10)

@@ -260,7 +260,8 @@ class _KrylovBasis:
         return torch.randn(self.n, generator=self.generator, dtype=torch.float64).to(self.device, self.op.dtype)
 
     def _orthogonalise(
-        self, w: torch.Tensor, norm: float, reference: float, subtracted: np.ndarray | None = None
+        self, w: torch.Tensor, norm: float, reference: float, subtracted: np.ndarray | None = None,
+        pending: tuple[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, np.ndarray, float]:
         """Project the basis out of ``w`` (norm ``norm``) in place by block classical Gram-Schmidt, repeated only
         while a pass cancels (the Daniel-Gragg-Kaufman-Stewart criterion).
@@ -274,6 +275,8 @@ class _KrylovBasis:
 
         ``subtracted``: coefficients on the first rows already subtracted from ``w`` (by
         :meth:`_subtract_local`; ``norm`` is then the norm before them), counted in the returned coefficients.
+        ``pending``: ``(row, c)``, one more such coefficient still on the device (a one-element tensor), which comes
+        back with the first pass's transfer instead of a transfer of its own.
 
         Returns the remainder, the accumulated coefficients on the basis rows (float64) and the remainder's norm,
         which is 0.0 when ``w`` lies numerically in the span of the basis (its remainder is rounding noise, below
@@ -284,14 +287,20 @@ class _KrylovBasis:
         if subtracted is not None:
             coefficients[: subtracted.size] += subtracted
         threshold = 100.0 * self.eps * reference
-        if norm <= threshold:
-            return w, coefficients, 0.0
-        if count == 0:
-            return w, coefficients, norm
+        if norm <= threshold or count == 0:
+            if pending is not None:
+                coefficients[pending[0]] += float(pending[1])
+            return w, coefficients, (0.0 if norm <= threshold else norm)
         for _ in range(_MAX_ORTHOGONALISATION_PASSES):
             h = self.op.shard_sum(self.V.project(w))  # sharded vectors: each rank holds part of every dot
             self.V.subtract(w, h)
-            values = torch.cat([h, self.op.vector_norm(w).reshape(1)]).double().cpu().numpy()
+            parts = [h, self.op.vector_norm(w).reshape(1)]
+            if pending is not None:
+                parts.append(pending[1].reshape(1).to(h.dtype))
+            values = torch.cat(parts).double().cpu().numpy()  # the pass's one transfer to the host
+            if pending is not None:
+                coefficients[pending[0]] += values[-1]
+                values, pending = values[:-1], None
             coefficients += values[:count]
             norm = float(values[-1])
             if not math.isfinite(norm):  # finite entries whose squares overflow the dtype
@@ -332,7 +341,7 @@ class _KrylovBasis:
             else:
                 self.add_random_vector()
 
-    def _subtract_local(self, product: torch.Tensor, column: int) -> np.ndarray:
+    def _subtract_local(self, product: torch.Tensor, column: int) -> tuple[np.ndarray, torch.Tensor]:
         """Subtract from ``A v_column`` in place its large components, on the rows known to carry them, before
         Gram-Schmidt sees it; returns the coefficients subtracted (on rows ``0..column``).
 
@@ -341,13 +350,17 @@ class _KrylovBasis:
         vectors after a restart), and the one on ``v_column`` is its Rayleigh quotient (one dot product). What is
         left is about ``beta`` in size, so the Gram-Schmidt pass that follows only mops up rounding and rarely
         cancels: "twice is enough" with the first pass on one or a few rows (docs/performance.md, section 5).
+        The Rayleigh quotient stays on the device (returned as a one-element tensor, its entry in the coefficients
+        left 0): Gram-Schmidt's transfer brings it to the host, so a product costs no synchronisation of its own.
         """
         coefficients = self.S[: column + 1, column].copy()
+        coefficients[column] = 0.0
         for row in np.flatnonzero(coefficients[:column]):
             product.add_(self.V[int(row)], alpha=-float(coefficients[row]))
-        coefficients[column] = self.op.dot(self.V[column], product)
-        product.add_(self.V[column], alpha=-float(coefficients[column]))
-        return coefficients
+        row = self.V[column]
+        rayleigh = self.op.shard_sum(torch.dot(row.reshape(-1), product.reshape(-1)).reshape(1))
+        product.addcmul_(row, rayleigh.to(product.dtype), value=-1.0)
+        return coefficients, rayleigh
 
     def expand(self, count: int) -> None:
         """Multiply the next ``count`` pending rows by the operator and append what is new as pending rows.
@@ -360,8 +373,8 @@ class _KrylovBasis:
             product, norm = self._checked_product(column)
             self.operator_norm = max(self.operator_norm, norm)
             self.n_processed = column + 1
-            subtracted = self._subtract_local(product, column)
-            w, known, norm = self._orthogonalise(product, norm, self.operator_norm, subtracted)
+            subtracted, rayleigh = self._subtract_local(product, column)
+            w, known, norm = self._orthogonalise(product, norm, self.operator_norm, subtracted, (column, rayleigh))
             self.S[: known.size, column] = known
             self.S[column, : known.size] = known  # A is symmetric: mirror what the product measured
             if self.n_basis >= min(self.op.total_params, self.capacity):
