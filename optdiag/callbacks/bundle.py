@@ -83,9 +83,9 @@ class OptDiag(OptDiagCallback):
     check) is charged to one token bucket that earns ``budget`` of the training time and holds a bounded burst
     (see :class:`~optdiag.callbacks.HessianMonitor`); a verdict whose snapshot the bucket cannot pay uses the newest
     curvature measured within its stalled horizon, or waits. The per-step work is outside that budget: the gradient
-    statistics on a fifth of the steps (pairs every 10 steps) and the stall test's fit at every step, together
-    about 0.1-0.15 ms per step on average, a few percent of a 2-4 ms Lightning step of a small CPU model and
-    negligible for real ones (``benchmarks/bench_overhead.py``).
+    pairs (priced at 1-3% of the training time), the stall tests and the bookkeeping of the hooks, together about
+    0.2-0.5 ms per step on a CPU (2-5% of a 10 ms step, more of a 2 ms one; ``benchmarks/bench_overhead.py
+    --profile``, docs/performance.md section 7).
 
     Args:
         every_n_steps: curvature snapshot cadence in optimizer steps; ``None`` schedules them within ``budget``.
