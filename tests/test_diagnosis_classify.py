@@ -870,3 +870,22 @@ def test_at_a_spike_the_ratio_measured_just_before_it_stands_in_for_the_oscillat
     now = Evidence(step=300, loss=1.0, optimizer=OptimizerSpec("sgd", lr=0.1), stability_ratio_before=0.9,
                    lambda_max=2.0)  # measured now: 2 / 20 = 0.1, the one that counts
     assert C._oscillation_signal(now) == pytest.approx(_p(0.1 / 0.5), abs=1e-12)
+
+
+def test_the_cosine_test_counts_each_pair_once():
+    """The anti-alignment test reads the mean of the pairs' cosines (upper 2-se bound), not the norm-weighted mean
+    ``dot / sq``: measured on the verdict corpus's bouncing SGD run, nine pairs whose every cosine was about -0.99
+    gave a weighted bound of -0.16 (two large-gradient pairs carried the error) and an unweighted one of -0.98."""
+    weighted = dict(grad_pair_count=9, grad_pair_dot=-31.2, grad_pair_dot_stderr=13.1, grad_pair_sq=31.55)
+    upper = -0.986 + 2 * 0.001
+    ev = Evidence(step=10, loss=1.0, grad_pair_cosine=-0.986, grad_pair_cosine_stderr=0.001, **weighted)
+    assert C._pair_cosine_upper(ev) == pytest.approx(upper, abs=1e-12)
+    assert C._oscillation_signal(ev) == pytest.approx(1 / (1 + math.exp((C.ANTI_ALIGNED_COSINE - upper) / -C.COSINE_WIDTH)),
+                                                      abs=1e-9)
+    # without the pairs' cosines (evidence built by hand): the weighted bound, -0.16, which proves nothing
+    hand = Evidence(step=10, loss=1.0, **weighted)
+    assert C._pair_cosine_upper(hand) == pytest.approx((-31.2 + 26.2) / 31.55, abs=1e-12)
+    assert C._oscillation_signal(hand) < 0.05
+    # fewer than eight pairs: no test, whatever the cosines
+    assert C._pair_cosine_upper(Evidence(step=10, loss=1.0, **{**weighted, "grad_pair_count": 7},
+                                         grad_pair_cosine=-0.99, grad_pair_cosine_stderr=0.0)) is None

@@ -704,3 +704,16 @@ def test_under_mixed_precision_the_losses_judged_are_the_unscaled_ones(tmp_path)
     assert diagnoser._brief_enabled
     assert [float(v) for v in diagnoser.detector.state_dict()["losses"]] == outputs_losses
     assert diagnoser._brief_reads == 0 and diagnoser.undecided == []  # no step of a smooth descent looked like a spike
+
+
+def test_gradient_pairs_give_the_mean_of_the_pairs_cosines_with_its_standard_error():
+    from optdiag.callbacks.stall import gradient_pairs
+
+    records = [{"step": 0, "grad_norm": 1.0}, {"step": 1, "grad_norm": 10.0, "grad_cosine": -1.0},
+               {"step": 5, "grad_norm": 2.0}, {"step": 6, "grad_norm": 1.0, "grad_cosine": -0.5},
+               {"step": 9, "grad_norm": 4.0, "grad_cosine": 0.9}]  # no step 8: not a pair
+    out = gradient_pairs(records)
+    assert out["grad_pair_count"] == 2
+    assert out["grad_pair_dot"] == pytest.approx((-10.0 - 1.0) / 2) and out["grad_pair_sq"] == pytest.approx(6.0)
+    assert out["grad_pair_cosine"] == pytest.approx(-0.75)
+    assert out["grad_pair_cosine_stderr"] == pytest.approx(math.sqrt(((0.25**2) * 2) / 1 / 2))

@@ -78,30 +78,42 @@ def gradient_pairs(records: list[dict[str, Any]]) -> dict[str, float | int | Non
     ``|G|^2 + tr(Sigma)/B`` (the product, not the squares: a gradient that merely shrinks from step to step, as a
     full-batch one does, must not look noisy).
 
+    The pairs' cosines, each pair counting once (``grad_pair_cosine``, with its standard error), test whether
+    consecutive gradients point against each other: unlike the ratio of the means above, a few pairs with large
+    gradients (a spike's steps) do not outweigh the rest, so which steps a cadence happened to sample matters less.
+
     Returns:
-        ``grad_pair_count``, ``grad_pair_dot`` (mean), ``grad_pair_dot_stderr`` and ``grad_pair_sq``; the numbers
-        are None without pairs.
+        ``grad_pair_count``, ``grad_pair_dot`` (mean), ``grad_pair_dot_stderr``, ``grad_pair_sq``,
+        ``grad_pair_cosine`` (mean) and ``grad_pair_cosine_stderr``; the numbers are None without pairs (the
+        standard errors with fewer than two).
 
     Example:
         >>> recs = [{"step": 0, "grad_norm": 2.0}, {"step": 1, "grad_norm": 1.0, "grad_cosine": 0.5}]
-        >>> gradient_pairs(recs)
-        {'grad_pair_count': 1, 'grad_pair_dot': 1.0, 'grad_pair_dot_stderr': None, 'grad_pair_sq': 2.0}
+        >>> gradient_pairs(recs)["grad_pair_dot"], gradient_pairs(recs)["grad_pair_cosine"]
+        (1.0, 0.5)
     """
     norms = {r.get("step"): r.get("grad_norm") for r in records}
-    dots, squares = [], []
+    dots, squares, cosines = [], [], []
     for r in records:
         cosine, now, before = r.get("grad_cosine"), r.get("grad_norm"), norms.get(r.get("step", -2) - 1)
         if None in (cosine, now, before) or not all(math.isfinite(v) for v in (cosine, now, before)):
             continue
         dots.append(cosine * now * before)
         squares.append(now * before)
+        cosines.append(cosine)
     n = len(dots)
     if not n:
-        return {"grad_pair_count": 0, "grad_pair_dot": None, "grad_pair_dot_stderr": None, "grad_pair_sq": None}
-    mean = sum(dots) / n
-    stderr = math.sqrt(sum((d - mean) ** 2 for d in dots) / (n - 1) / n) if n > 1 else None
-    return {"grad_pair_count": n, "grad_pair_dot": mean, "grad_pair_dot_stderr": stderr,
-            "grad_pair_sq": sum(squares) / n}
+        return {"grad_pair_count": 0, "grad_pair_dot": None, "grad_pair_dot_stderr": None, "grad_pair_sq": None,
+                "grad_pair_cosine": None, "grad_pair_cosine_stderr": None}
+    mean, mean_cosine = sum(dots) / n, sum(cosines) / n
+    return {"grad_pair_count": n, "grad_pair_dot": mean, "grad_pair_dot_stderr": _standard_error(dots, mean),
+            "grad_pair_sq": sum(squares) / n, "grad_pair_cosine": mean_cosine,
+            "grad_pair_cosine_stderr": _standard_error(cosines, mean_cosine)}
+
+
+def _standard_error(values: list[float], mean: float) -> float | None:
+    n = len(values)
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
 
 
 class StallDiagnoser(OptDiagCallback):

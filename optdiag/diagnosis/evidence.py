@@ -31,10 +31,10 @@ _GRADIENT_SIZE = ("grad_norm", "grad_sq_norm_unbiased")
 # Quantities that cannot be negative (norms, variances, residuals, standard errors): rounding below 0 is clamped.
 _NON_NEGATIVE = ("grad_norm", "grad_norm_initial", "grad_sq_norm_unbiased", "grad_noise_trace", "lambda_max_residual",
                  "lambda_min_residual", "hessian_trace_stderr", "grad_pair_sq", "grad_pair_dot_stderr",
-                 "stability_ratio_before", "spike_probe_ratio")
+                 "grad_pair_cosine_stderr", "stability_ratio_before", "spike_probe_ratio")
 # Counts: a value that is not a positive integer is a measurement gone wrong ("not available").
 _COUNTS = ("batch_size", "num_params", "grad_pair_count", "grad_noise_batches", "dataset_size", "spike_count")
-_COSINES = ("grad_cosine", "update_cosine")
+_COSINES = ("grad_cosine", "update_cosine", "grad_pair_cosine")
 _NOT_MEASURED_HERE = ("step", "loss_window", "optimizer", "nonfinite", "clamped", "unavailable",
                       "preconditioner_warmup") + _COUNTS
 
@@ -65,6 +65,8 @@ class Evidence:
             grad_pair_dot: their mean inner product ``g_t . g_(t-1)`` (an estimate of ``|G|^2`` that minibatch noise
             does not inflate), with its standard error grad_pair_dot_stderr; grad_pair_sq: the mean
             ``|g_t| |g_(t-1)|`` of the same pairs (``|G|^2 + tr(Sigma)/B``). See ``docs/diagnosis-rules.md``, "The gradient is about zero".
+            grad_pair_cosine: the mean of the same pairs' cosines, each pair counting once, with its standard error
+            grad_pair_cosine_stderr (the anti-alignment test; docs/diagnosis-rules.md).
         grad_noise_batches: the batches the probe set's noise estimate rests on. dataset_size: samples per epoch
             (a batch of that size is a full batch: no gradient noise).
         stability_ratio_before: the stability ratio measured before a loss spike (a catapult crosses 1 downwards).
@@ -125,6 +127,8 @@ class Evidence:
     grad_pair_dot: float | None = None
     grad_pair_dot_stderr: float | None = None
     grad_pair_sq: float | None = None
+    grad_pair_cosine: float | None = None
+    grad_pair_cosine_stderr: float | None = None
     grad_noise_batches: int | None = None
     dataset_size: int | None = None
     stability_ratio_before: float | None = None
