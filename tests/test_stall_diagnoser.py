@@ -717,3 +717,19 @@ def test_gradient_pairs_give_the_mean_of_the_pairs_cosines_with_its_standard_err
     assert out["grad_pair_dot"] == pytest.approx((-10.0 - 1.0) / 2) and out["grad_pair_sq"] == pytest.approx(6.0)
     assert out["grad_pair_cosine"] == pytest.approx(-0.75)
     assert out["grad_pair_cosine_stderr"] == pytest.approx(math.sqrt(((0.25**2) * 2) / 1 / 2))
+
+
+def test_a_loss_read_once_per_tensor_is_read_again_after_an_in_place_write():
+    """loss_of shares one read of a step's loss between callbacks; a training_step that returns the same buffer
+    every step (written in place) must not get last step's value."""
+    from optdiag.callbacks._base import loss_of, remember_loss
+
+    buffer = torch.tensor(2.0)
+    outputs = {"loss": buffer}
+    assert loss_of(outputs) == 2.0
+    remember_loss(outputs, 2.0)
+    buffer.fill_(3.0)  # the next step's value, in the same tensor
+    assert loss_of(outputs) == 3.0
+    fresh = torch.tensor(5.0)
+    remember_loss(fresh, 7.0)  # told by the diagnoser: taken without a read
+    assert loss_of(fresh) == 7.0 and loss_of(torch.tensor(5.0)) == 5.0

@@ -220,15 +220,20 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
 
 
 class _LossRead:
-    """The float of the last loss tensor read (one entry, held by a weak reference to the tensor): the callbacks of
-    one step that each want the batch's loss read it once (a host transfer, and a device sync on a GPU)."""
+    """The float of the last loss tensor read (one entry, held by a weak reference to the tensor and its version
+    counter, so a tensor written in place since is read again): the callbacks of one step that each want the
+    batch's loss read it once (a host transfer, and a device sync on a GPU)."""
 
     def __init__(self) -> None:
         self.tensor: Callable[[], Any] = lambda: None
+        self.version = -1
         self.value = math.nan
 
-    def remember(self, tensor: Any, value: float) -> None:
-        self.tensor, self.value = weakref.ref(tensor), value
+    def remember(self, tensor: torch.Tensor, value: float) -> None:
+        self.tensor, self.version, self.value = weakref.ref(tensor), tensor._version, value
+
+    def recall(self, tensor: torch.Tensor) -> float | None:
+        return self.value if self.tensor() is tensor and tensor._version == self.version else None
 
 
 _LOSS_READ = _LossRead()
@@ -245,8 +250,9 @@ def loss_of(outputs: Any) -> float | None:
     """
     loss = _loss_in(outputs)
     if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-        if _LOSS_READ.tensor() is loss:
-            return _LOSS_READ.value
+        value = _LOSS_READ.recall(loss)
+        if value is not None:
+            return value
         value = float(loss.detach())  # a training_step output may carry its graph (manual optimization)
         _LOSS_READ.remember(loss, value)
         return value
