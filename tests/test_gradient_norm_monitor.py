@@ -63,15 +63,23 @@ def _assert_matches_record(monitor, rec):
             layer_g = torch.cat([v.reshape(-1).double() for n, v in rec.grads[k].items() if n.startswith(layer + ".")])
             assert h[f"{layer}/grad_norm"] == pytest.approx(float(layer_g.norm()), rel=1e-6)
         update = _flat(rec.params_after[k]) - _flat(rec.params_before[k])
-        assert h["update_norm"] == pytest.approx(float(update.norm()), rel=1e-5)
-        assert h["update_ratio"] == pytest.approx(float(update.norm() / _flat(rec.params_before[k]).norm()), rel=1e-5)
+        tracked = monitor.tracks_update(k)  # else a gradient-only step: no update measured
+        if tracked:
+            assert h["update_norm"] == pytest.approx(float(update.norm()), rel=1e-5)
+            assert h["update_ratio"] == pytest.approx(float(update.norm() / _flat(rec.params_before[k]).norm()),
+                                                      rel=1e-5)
+        else:
+            assert math.isnan(h["update_norm"]) and math.isnan(h["update_ratio"]) and math.isnan(h["update_cosine"])
         assert h["grad_norm_clipped"] == h["grad_norm"]  # no clipping configured
         if k - 1 not in measured:  # the first step, or the first of a pair: no consecutive previous vector
             assert math.isnan(h["grad_cosine"]) and math.isnan(h["update_cosine"])
         else:
             assert h["grad_cosine"] == pytest.approx(_cos(g, _flat(rec.grads[k - 1])), abs=1e-6)
             previous = _flat(rec.params_after[k - 1]) - _flat(rec.params_before[k - 1])
-            assert h["update_cosine"] == pytest.approx(_cos(update, previous), abs=1e-5)
+            if tracked and monitor.tracks_update(k - 1):
+                assert h["update_cosine"] == pytest.approx(_cos(update, previous), abs=1e-5)
+            else:
+                assert math.isnan(h["update_cosine"])
     assert monitor.latest == monitor.history[-1]
 
 
@@ -172,10 +180,30 @@ def test_pairs_on_demand_are_routine_between_the_stretches_a_diagnoser_judges(tm
     assert [h["step"] for h in monitor.history] == list(range(10)) + [59, 60, 79, 80, 119, 120]
     # the dense pair measures the gradient only (its cosine exact); the routine ones and the first window the update too
     light = {h["step"] for h in monitor.history if math.isnan(h["update_norm"])}
-    assert light == {79, 80}
+    assert light == {1, 2, 3, 4, 5, 6, 7, 79, 80}  # the first window's first and last two steps track the update
     dense = {h["step"]: h for h in monitor.history}
     assert math.isfinite(dense[80]["grad_cosine"]) and math.isnan(dense[80]["update_cosine"])
     assert math.isfinite(dense[120]["update_cosine"]) and math.isfinite(dense[120]["update_ratio"])
+
+
+def test_each_kind_of_pair_is_priced_at_its_kind_of_step(tmp_path, monkeypatch):
+    """With a diagnoser the dense pairs measure the gradient only, the routine ones the update too: a full step
+    costing 3 ms and a gradient-only one 2.5 ms against 10 ms training steps give a dense cadence of
+    5 / 0.3 = 16.7 -> 17 and a routine one of 6 / 0.1 = 60, rounded up to a multiple of 17: 68."""
+    clock = _Clock()
+    measure = GradientNormMonitor._measure_gradient
+
+    def costly(self, trainer, pl_module, optimizer, step):
+        clock.now += 0.003 if self.tracks_update(step) else 0.0025
+        return measure(self, trainer, pl_module, optimizer, step)
+
+    monkeypatch.setattr(GradientNormMonitor, "_measure_gradient", costly)
+    monitor = GradientNormMonitor(clock=clock)
+    monitor.pairs_on_demand()
+    pl.seed_everything(0)
+    trainer = make_trainer(tmp_path, [_StepSeconds(clock), monitor], max_steps=20, log_every_n_steps=50)
+    trainer.fit(RegressionModule(optimizer="sgd", lr=0.05, momentum=0.9), RegressionDataModule())
+    assert (monitor._cadence, monitor._routine) == (17, 68)
 
 
 def test_plain_sgd_update_is_lr_times_gradient(tmp_path):

@@ -125,7 +125,8 @@ class GradientNormMonitor(OptDiagCallback):
     parameters, which on a large model with small batches costs a quarter of a step, so pairs every 10 steps cost
     5% or more; a small model keeps 10. ``every_n_steps=1`` measures every step; a fixed ``every_n_steps`` is never
     spaced. The schedule depends on ``trainer.global_step`` (and that one broadcast cadence), so every DDP rank
-    measures the same steps.
+    measures the same steps. Some measured steps measure the gradient only, not the update (:meth:`tracks_update`:
+    most of the first window, and the dense pairs a diagnoser asks for).
 
     All are logged as ``optdiag/<name>`` through the trainer's loggers at ``trainer.global_step`` (the step the
     gradient belongs to), on global rank 0, every ``log_every_n_steps`` steps (rounded up to a multiple of ``n``,
@@ -240,20 +241,26 @@ class GradientNormMonitor(OptDiagCallback):
 
     def tracks_update(self, step: int) -> bool:
         """Whether measured step ``step`` also measures the update (``update_norm``, ``update_ratio``,
-        ``update_cosine``: a copy of the parameters before the step): the first ``n`` steps and the pairs of the
-        routine cadence, where every logged step lies. The extra pairs a diagnoser asks for
-        (:meth:`measure_pairs_until`) and the steps of :meth:`measure_every_step` measure the gradient only (its
-        norms and the cosine with the previous one): their tests need nothing else, and they cost about half.
+        ``update_cosine``: a copy of the parameters before the step): the pairs of the routine cadence, where every
+        logged step lies, and of the first ``n`` steps the first and the last two. The other steps of the first
+        window, the extra pairs a diagnoser asks for (:meth:`measure_pairs_until`) and the steps of
+        :meth:`measure_every_step` measure the gradient only (its norms and the cosine with the previous one):
+        their tests need nothing else, and they cost about half.
 
         Example:
             >>> monitor = GradientNormMonitor(every_n_steps=4)
             >>> monitor._routine = 12  # as pricing would set it with pairs_on_demand
             >>> monitor.measure_pairs_until(8)
-            >>> [(s, monitor.tracks_update(s)) for s in range(4, 13) if monitor.is_measured(s)]
-            [(4, False), (7, False), (8, False), (11, True), (12, True)]
+            >>> [(s, monitor.tracks_update(s)) for s in range(0, 13) if monitor.is_measured(s)]
+            [(0, True), (1, False), (2, True), (3, True), (4, False), (7, False), (8, False), (11, True), (12, True)]
         """
+        if step < self._initial:
+            # the first window: its first step (logged) and its last two (which price a full step) measure the
+            # update; the rest, like the dense pairs, the gradient only (on a large model a full step copies
+            # the parameters, and ten of them were most of what a short run paid the monitor)
+            return step == 0 or step >= self._initial - 2
         phase = step % self._routine
-        return step < self._initial or phase == 0 or (self.track_directions and phase == self._routine - 1)
+        return phase == 0 or (self.track_directions and phase == self._routine - 1)
 
     def measure_every_step(self, until: int) -> None:
         """Measure every optimizer step up to ``until`` (inclusive), whatever the cadence: the stall diagnoser asks
@@ -328,16 +335,22 @@ class GradientNormMonitor(OptDiagCallback):
         """The default cadence after the first window: pairs every ``n`` steps with ``n`` such that a pair (two
         measured steps at the median cost of the first window's) takes at most ``PAIR_SHARE`` of the training time
         of ``n`` steps (at their median), at least the initial cadence and at most ``MAX_PRICED_EVERY_N_STEPS``.
+        Each kind of pair at the price of its kind of step (:meth:`tracks_update`): the routine pairs at that of
+        the first window's full steps, the dense gradient-only ones at that of its gradient-only steps.
         Rank 0's clock decides; every rank gets the same cadence (broadcast), so all measure the same steps."""
         self._priced = True
         cadence, routine = self._cadence, self._cadence
         if len(self._own_seconds) >= 3 and len(self._step_seconds) >= 3:
-            pair = 2.0 * statistics.median(self._own_seconds.values())
+            full = [s for step, s in self._own_seconds.items() if self.tracks_update(step)]
+            light = [s for step, s in self._own_seconds.items() if not self.tracks_update(step)]
+            full_pair = 2.0 * statistics.median(full or self._own_seconds.values())
+            # with a diagnoser the dense pairs measure the gradient only (tracks_update): priced as such
+            pair = 2.0 * statistics.median(light) if self._on_demand and len(light) >= 3 else full_pair
             step_seconds = max(statistics.median(self._step_seconds), 1e-9)
             needed = int(ceil_to(pair / (PAIR_SHARE * step_seconds)))
             cadence = routine = max(self._cadence, min(MAX_PRICED_EVERY_N_STEPS, needed))
             if self._on_demand:  # a multiple of the cadence, so that its pairs are pairs of the dense one too
-                spaced = min(MAX_PRICED_EVERY_N_STEPS, int(ceil_to(pair / (ROUTINE_PAIR_SHARE * step_seconds))))
+                spaced = min(MAX_PRICED_EVERY_N_STEPS, int(ceil_to(full_pair / (ROUTINE_PAIR_SHARE * step_seconds))))
                 routine = cadence * max(1, -(-spaced // cadence))
         cadence, routine = (int(n) for n in trainer.strategy.broadcast((cadence, routine), src=0))
         if (cadence, routine) != (self._cadence, self._routine):
