@@ -274,10 +274,15 @@ def _loss_in(outputs: Any) -> Any:
     return outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
 
 
+def grad_scaler(trainer: Any) -> Any | None:
+    """The mixed-precision ``GradScaler`` of the trainer's precision plugin, or None (no loss scaling)."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
 def loss_scale(trainer: Any) -> float:
     """The mixed-precision loss scale the backward pass saw (a ``GradScaler``'s, constant from the backward pass to
     the optimizer step), 1.0 without one. A GradScaler's scale is a power of two: dividing by it is exact."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    scaler = grad_scaler(trainer)
     return float(scaler.get_scale()) if scaler is not None else 1.0
 
 

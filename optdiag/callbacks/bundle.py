@@ -46,21 +46,19 @@ _STEP_SHARING_HOOKS = ("on_before_optimizer_step", "on_train_batch_end")
 
 
 def _forwarding(name: str) -> Callable[..., None]:
-    def hook(self: "OptDiag", *args: Any, **kwargs: Any) -> None:
-        # Lightning calls every hook of every callback; skipping the children's empty ones saves per-step time
-        for method in self._receivers(name):
-            method(*args, **kwargs)
-
-    def per_step_hook(self: "OptDiag", trainer: Any, *args: Any, **kwargs: Any) -> None:
-        HELD_STEP.hold(trainer)
-        try:
-            for method in self._receivers(name):
-                method(trainer, *args, **kwargs)
-        finally:
-            HELD_STEP.release()
-
     if name in _STEP_SHARING_HOOKS:
-        hook = per_step_hook  # type: ignore[assignment]
+        def hook(self: "OptDiag", trainer: Any, *args: Any, **kwargs: Any) -> None:
+            HELD_STEP.hold(trainer)
+            try:
+                for method in self._receivers(name):
+                    method(trainer, *args, **kwargs)
+            finally:
+                HELD_STEP.release()
+    else:
+        def hook(self: "OptDiag", *args: Any, **kwargs: Any) -> None:
+            # Lightning calls every hook of every callback; skipping the children's empty ones saves per-step time
+            for method in self._receivers(name):
+                method(*args, **kwargs)
 
     hook.__name__ = hook.__qualname__ = name
     hook.__doc__ = f"Call ``{name}`` of each child in order (gradient, Hessian, stall diagnoser, triage)."

@@ -8,7 +8,6 @@ text panel and its summary), otherwise through the same sinks from here.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

@@ -10,12 +10,12 @@ curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus th
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from optdiag.callbacks._base import (
-    OptDiagCallback, batch_size_of, global_step, guarded, loss_of, loss_scale, remember_loss)
+    OptDiagCallback, batch_size_of, global_step, grad_scaler, guarded, loss_of, loss_scale, remember_loss)
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.curvature.objective import BatchObjective
@@ -323,7 +323,7 @@ class StallDiagnoser(OptDiagCallback):
         self._reset_transient()
         self._brief_enabled = self._brief_spikes(trainer)  # once per fit, not on every backward
         self._distributed = OptDiagCallback.world_size(trainer) > 1  # once per fit, not on every step
-        self._scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # a GradScaler scales the loss
+        self._scaled = grad_scaler(trainer) is not None  # a GradScaler scales the loss backward sees
         last = self.detector.state_dict()["last_step"]
         if last is not None and global_step(trainer) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
