@@ -16,6 +16,14 @@ per-step work (gradient statistics, the stall test, hook calls) without the snap
     python benchmarks/bench_overhead.py --models wide-cnn --epochs 5 --rounds 3
     python benchmarks/bench_overhead.py --models mlp670k bn-cnn transformer --configs none OptDiag --profile
     python benchmarks/bench_overhead.py --models resnet18 --configs none OptDiag --steps 40 --rounds 3
+    python benchmarks/bench_overhead.py --lockstep 10 --models mlp670k --configs none Callback OptDiag --rounds 3 \
+        --epochs 100 --steps 800
+
+``--lockstep N`` races the configurations instead (benchmarks/lockstep.py): one process each, all on one core,
+taking turns every ``N`` training batches, each counting only its own turns, so the machine's drift (10-30% between
+whole runs here) falls on all of them alike; each round is one race, and the table gives each race's ratio to
+the baseline of the same race. Keep a race to a few processes: with more, each turn starts with a colder cache.
+``Callback`` (an empty ``pl.Callback``) is what Lightning's dispatch of one callback costs before it does anything.
 
 Models: ``mlp`` (26k parameters) and ``cnn`` (10k) on the digits, batch 32; ``wide-cnn``; ``mlp670k`` (784-512-512-10,
 the digits upsampled to 28x28, batch 128); ``bn-cnn`` (two conv + BatchNorm blocks, 4x the channels of ``cnn``);
@@ -147,6 +155,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn, "wide-cnn"
 BATCH_SIZES = {"mlp670k": 128, "transformer": 16, "resnet18": 16}  # the others: --batch-size
 CONFIGS: dict[str, Callable[[], list]] = {
     "none": lambda: [],
+    # an empty callback: what Lightning's dispatch of one callback's hooks costs before it does anything (the floor)
+    "Callback": lambda: [pl.Callback()],
     "GradientNormMonitor": lambda: [GradientNormMonitor()],
     "HessianMonitor": lambda: [HessianMonitor()],
     "OptDiag": lambda: [OptDiag(verbose=False)],
@@ -354,6 +364,61 @@ def profile(model: str, epochs: int, batch_size: int, root: str, steps: int) -> 
     return "\n".join(out)
 
 
+def lockstep_target(name: str, args: tuple, wrap: Callable[[list], list]) -> dict[str, Any]:
+    """One run of configuration ``name`` for :func:`lockstep.run` (a spawned process): a warm-up, then the run."""
+    model, epochs, batch_size, steps, root = args
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    with quiet_lightning():
+        run_once(model, "none", 1, batch_size, root, steps=min(steps, 5) if steps > 0 else 5)  # before the baton
+        callbacks = CONFIGS[name]()
+        for cb in callbacks:  # the budget and the pair pricing see this run's turns only, not the others'
+            for monitor in getattr(cb, "children", (cb,)):
+                if hasattr(monitor, "clock"):
+                    monitor.clock = wrap.clock
+        seconds, _, peak = run_once(model, name, epochs, batch_size, root, steps, callbacks=wrap(callbacks))
+    runs = Runs()
+    record(runs, seconds, callbacks, peak)
+    return {"seconds": seconds, "hessian_seconds": sum(runs.hessian_seconds), "verdicts": sum(runs.verdicts),
+            "snapshots": sum(runs.snapshots), "has_hessian": bool(runs.hessian_seconds)}
+
+
+def measure_lockstep(model: str, epochs: int, batch_size: int, rounds: int, root: str, names: list[str],
+                     steps: int = -1, every: int = 1) -> list[list[dict]]:
+    """``rounds`` lockstep races of every configuration (benchmarks/lockstep.py), the first mover rotated."""
+    import lockstep
+
+    races = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        race = lockstep.run(lockstep_target, [(name, (model, epochs, batch_size, steps, root)) for name in order],
+                            every=every)
+        for result in race:
+            if "error" in result:
+                raise RuntimeError(f"lockstep run {result['name']} failed: {result['error']}")
+        races.append(sorted(race, key=lambda result: names.index(result["name"])))
+    return races
+
+
+def lockstep_table(model: str, races: list[list[dict]], steps: int, params: int) -> str:
+    """Each configuration's baton time over the baseline's in the same race (rounds: one ratio each)."""
+    lines = [f"**{model}** ({params:,} parameters, {steps} optimizer steps per run; lockstep, {len(races)} races)", "",
+             "| callbacks | baton seconds (each race) | ratio to none (each race) | median ratio "
+             "| per-step cost less Hessian seconds (ms) | Hessian seconds | verdicts |",
+             "|---|---|---|---|---|---|---|"]
+    for i, name in enumerate(result["name"] for result in races[0]):
+        rows = [race[i] for race in races]
+        base = [race[0]["held"] for race in races]
+        ratios = [row["held"] / b for row, b in zip(rows, base)]
+        rest = statistics.median(1e3 * (row["held"] - row["hessian_seconds"] - b) / steps for row, b in zip(rows, base))
+        hess = "/".join(f"{row['hessian_seconds']:.2f}" for row in rows) if rows[0]["has_hessian"] else "-"
+        verdicts = "/".join(str(row["verdicts"]) for row in rows) if name == "OptDiag" else "-"
+        held = " / ".join(f"{row['held']:.2f}" for row in rows)
+        lines.append(f"| {name} | {held} | {' / '.join(f'{x:.3f}' for x in ratios)} | **{statistics.median(ratios):.3f}** "
+                     f"| {rest:+.3f} | {hess} | {verdicts} |")
+    return "\n".join(lines)
+
+
 def table(model: str, results: dict[str, Runs], steps: int, params: int) -> str:
     base = results["none"].seconds
     param_bytes = 4 * params
@@ -390,6 +455,10 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
                         help="configurations to compare ('none' is always included)")
     parser.add_argument("--profile", action="store_true", help="also time every hook of one OptDiag() run")
+    parser.add_argument("--lockstep", type=int, default=0, metavar="N",
+                        help="race the configurations on one core, taking turns every N training batches "
+                             "(benchmarks/lockstep.py): each round is one race, its ratios immune to the machine's "
+                             "drift; 0 (default): whole runs one after the other")
     parser.add_argument("--root", default=None, help="Trainer default_root_dir (default: a temporary folder)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
@@ -406,9 +475,16 @@ def main() -> None:
             loader = loader_for(model, args.batch_size)
             steps = args.epochs * len(loader) if args.steps < 0 else min(args.steps, args.epochs * len(loader))
             params = sum(p.numel() for p in MODELS[model]().parameters())
-            results = measure(model, args.epochs, args.batch_size, args.rounds, args.root or tmp, names, args.steps)
-            print(f"batch {loader.batch_size}, load average now {os.getloadavg()[0]:.1f}")
-            print(table(model, results, steps, params), "\n", flush=True)
+            if args.lockstep:
+                races = measure_lockstep(model, args.epochs, args.batch_size, args.rounds, args.root or tmp, names,
+                                         args.steps, args.lockstep)
+                print(f"batch {loader.batch_size}, load average now {os.getloadavg()[0]:.1f}")
+                print(lockstep_table(model, races, steps, params), "\n", flush=True)
+            else:
+                results = measure(model, args.epochs, args.batch_size, args.rounds, args.root or tmp, names,
+                                  args.steps)
+                print(f"batch {loader.batch_size}, load average now {os.getloadavg()[0]:.1f}")
+                print(table(model, results, steps, params), "\n", flush=True)
             if args.profile:
                 print(profile(model, args.epochs, args.batch_size, args.root or tmp, args.steps), "\n", flush=True)
 
