@@ -153,13 +153,15 @@ MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": mlp, "cnn": cnn, "wide-cnn"
                                               "bn-cnn": bn_cnn, "transformer": lambda: LanguageModel().model,
                                               "resnet18": resnet18}
 BATCH_SIZES = {"mlp670k": 128, "transformer": 16, "resnet18": 16}  # the others: --batch-size
+#: Settings of the ``OptDiag`` configuration that replace its defaults (``--set``; the tables then say so).
+OPTDIAG_SETTINGS: dict[str, Any] = {}
 CONFIGS: dict[str, Callable[[], list]] = {
     "none": lambda: [],
     # an empty callback: what Lightning's dispatch of one callback's hooks costs before it does anything (the floor)
     "Callback": lambda: [pl.Callback()],
     "GradientNormMonitor": lambda: [GradientNormMonitor()],
     "HessianMonitor": lambda: [HessianMonitor()],
-    "OptDiag": lambda: [OptDiag(verbose=False)],
+    "OptDiag": lambda: [OptDiag(verbose=False, **OPTDIAG_SETTINGS)],
 }
 
 
@@ -196,8 +198,9 @@ def image_loader(batch_size: int, n: int = 1024) -> DataLoader:
                       generator=torch.Generator().manual_seed(0))
 
 
-def loader_for(model: str, batch_size: int) -> DataLoader:
-    batch_size = BATCH_SIZES.get(model, batch_size)
+def loader_for(model: str, batch_size: int | None) -> DataLoader:
+    """The model's data; ``batch_size`` None: its own (``BATCH_SIZES``, else 32)."""
+    batch_size = batch_size or BATCH_SIZES.get(model, 32)
     if model == "mlp670k":
         return digits_loader(batch_size, size=28)
     if model == "transformer":
@@ -366,7 +369,8 @@ def profile(model: str, epochs: int, batch_size: int, root: str, steps: int) -> 
 
 def lockstep_target(name: str, args: tuple, wrap: Callable[[list], list]) -> dict[str, Any]:
     """One run of configuration ``name`` for :func:`lockstep.run` (a spawned process): a warm-up, then the run."""
-    model, epochs, batch_size, steps, root = args
+    model, epochs, batch_size, steps, root, settings = args
+    OPTDIAG_SETTINGS.update(settings)  # a spawned process: the parent's --set
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     with quiet_lightning():
@@ -380,7 +384,7 @@ def lockstep_target(name: str, args: tuple, wrap: Callable[[list], list]) -> dic
     runs = Runs()
     record(runs, seconds, callbacks, peak)
     return {"seconds": seconds, "hessian_seconds": sum(runs.hessian_seconds), "verdicts": sum(runs.verdicts),
-            "snapshots": sum(runs.snapshots), "has_hessian": bool(runs.hessian_seconds)}
+            "snapshots": sum(runs.snapshots), "has_hessian": bool(runs.hessian_seconds), "peak": peak}
 
 
 def measure_lockstep(model: str, epochs: int, batch_size: int, rounds: int, root: str, names: list[str],
@@ -391,7 +395,8 @@ def measure_lockstep(model: str, epochs: int, batch_size: int, rounds: int, root
     races = []
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
-        race = lockstep.run(lockstep_target, [(name, (model, epochs, batch_size, steps, root)) for name in order],
+        race = lockstep.run(lockstep_target, [(name, (model, epochs, batch_size, steps, root, OPTDIAG_SETTINGS))
+                                                     for name in order],
                             every=every)
         for result in race:
             if "error" in result:
@@ -404,8 +409,9 @@ def lockstep_table(model: str, races: list[list[dict]], steps: int, params: int)
     """Each configuration's baton time over the baseline's in the same race (rounds: one ratio each)."""
     lines = [f"**{model}** ({params:,} parameters, {steps} optimizer steps per run; lockstep, {len(races)} races)", "",
              "| callbacks | baton seconds (each race) | ratio to none (each race) | median ratio "
-             "| per-step cost less Hessian seconds (ms) | Hessian seconds | verdicts |",
-             "|---|---|---|---|---|---|---|"]
+             "| per-step cost less Hessian seconds (ms) | Hessian seconds | verdicts "
+             "| extra peak memory over the baseline's (x params' bytes) |",
+             "|---|---|---|---|---|---|---|---|"]
     for i, name in enumerate(result["name"] for result in races[0]):
         rows = [race[i] for race in races]
         base = [race[0]["held"] for race in races]
@@ -413,9 +419,10 @@ def lockstep_table(model: str, races: list[list[dict]], steps: int, params: int)
         rest = statistics.median(1e3 * (row["held"] - row["hessian_seconds"] - b) / steps for row, b in zip(rows, base))
         hess = "/".join(f"{row['hessian_seconds']:.2f}" for row in rows) if rows[0]["has_hessian"] else "-"
         verdicts = "/".join(str(row["verdicts"]) for row in rows) if name == "OptDiag" else "-"
+        memory = statistics.median(row["peak"] - race[0]["peak"] for row, race in zip(rows, races)) / (4 * params)
         held = " / ".join(f"{row['held']:.2f}" for row in rows)
         lines.append(f"| {name} | {held} | {' / '.join(f'{x:.3f}' for x in ratios)} | **{statistics.median(ratios):.3f}** "
-                     f"| {rest:+.3f} | {hess} | {verdicts} |")
+                     f"| {rest:+.3f} | {hess} | {verdicts} | {memory:+.1f} |")
     return "\n".join(lines)
 
 
@@ -449,7 +456,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["mlp", "cnn"])
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="batch size (default: the model's own, 128 for mlp670k, 16 for transformer and resnet18, "
+                             "else 32)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=-1, help="cap on optimizer steps per run (-1: the epochs)")
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
@@ -459,6 +468,8 @@ def main() -> None:
                         help="race the configurations on one core, taking turns every N training batches "
                              "(benchmarks/lockstep.py): each round is one race, its ratios immune to the machine's "
                              "drift; 0 (default): whole runs one after the other")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an OptDiag setting other than its default, e.g. --set budget=0.03 (repeatable)")
     parser.add_argument("--root", default=None, help="Trainer default_root_dir (default: a temporary folder)")
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
@@ -468,8 +479,15 @@ def main() -> None:
     import tempfile
 
     names = ["none"] + [c for c in args.configs if c != "none"]
+    import ast
+
+    for item in args.set:
+        key, _, value = item.partition("=")
+        OPTDIAG_SETTINGS[key.strip()] = ast.literal_eval(value.strip())
     print(f"torch {torch.__version__}, 1 thread pinned to one core, {args.rounds} interleaved rounds, medians; "
-          f"load average at start {os.getloadavg()[0]:.1f}\n")
+          f"load average at start {os.getloadavg()[0]:.1f}"
+          + ("; NOT THE DEFAULTS: OptDiag(" + ", ".join(f"{k}={v!r}" for k, v in OPTDIAG_SETTINGS.items()) + ")"
+             if OPTDIAG_SETTINGS else "") + "\n")
     with tempfile.TemporaryDirectory() as tmp, quiet_lightning():
         for model in args.models:
             loader = loader_for(model, args.batch_size)
