@@ -11,7 +11,8 @@ Three tables, each model and configuration timed with the device synchronised ar
    peak device memory above the operator's construction, in multiples of the parameters' bytes.
 3. **The overhead of ``OptDiag()``** on a Lightning training run of the ResNet-18 (SGD with momentum and a cosine
    schedule, generated images, batch 64): wall time against the same run without callbacks, alternating, and the
-   extra peak device memory.
+   extra peak device memory; then the device synchronisations of 50 steps of each (CUDA's sync debug mode), and
+   which lines of optdiag made them (a synchronisation per step idles the device while Python catches up).
 
 Nothing is downloaded: the data are generated. ``--small`` shrinks every model and run (a ResNet-18 of width 8, a two-layer
 transformer of width 64) so the script can be checked on a CPU in seconds (the test suite does); the figures then
@@ -147,16 +148,19 @@ def top_k(name: str, model: nn.Module, loss_fn: Callable, batch: tuple, device: 
             "peak_x_param_bytes": None if peak is None else peak / param_bytes}
 
 
+def _trainer(device: torch.device, steps: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(accelerator="cuda" if device.type == "cuda" else "cpu", devices=1, max_steps=steps,
+                      callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, log_every_n_steps=50)
+
+
 def training_overhead(device: torch.device, steps: int, rounds: int, batch: int, width: int) -> dict[str, Any]:
     """``OptDiag()`` against no callbacks on the ResNet-18 Lightning run, alternating (the order rotates)."""
     runs: dict[str, list[tuple[float, int | None]]] = {"none": [], "OptDiag": []}
     for r in range(rounds):
         for config in (("none", "OptDiag") if r % 2 == 0 else ("OptDiag", "none")):
             pl.seed_everything(0, verbose=False)
-            callbacks = [OptDiag(verbose=False)] if config == "OptDiag" else []
-            trainer = pl.Trainer(accelerator="cuda" if device.type == "cuda" else "cpu", devices=1, max_steps=steps,
-                                 callbacks=callbacks, logger=False, enable_progress_bar=False,
-                                 enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=50)
+            trainer = _trainer(device, steps, [OptDiag(verbose=False)] if config == "OptDiag" else [])
             module, loader = ImageClassifier(ResNet18(width=width), steps), image_loader(batch)
             seconds, peak = peak_above(device, lambda: synchronised(device, lambda: trainer.fit(module, loader)))
             runs[config].append((seconds, peak))
@@ -168,6 +172,38 @@ def training_overhead(device: torch.device, steps: int, rounds: int, batch: int,
         if peaks["none"] and peaks["OptDiag"] else None
     return {"steps": steps, "rounds": rounds, "none_s": base, "optdiag_s": with_optdiag, "ratio": with_optdiag / base,
             "extra_peak_x_param_bytes": extra}
+
+
+def synchronisations(device: torch.device, steps: int, batch: int, width: int) -> dict[str, Any]:
+    """The device synchronisations of the ResNet-18 run, with and without ``OptDiag()`` (CUDA's sync debug mode:
+    a warning at each synchronising call, attributed to the Python line that made it), and those made from optdiag's
+    own code, with the lines that made the most. Off CUDA the runs go through the same code without the mode
+    (``counted`` False: the counts are zeros that mean nothing)."""
+    import collections
+
+    import optdiag
+
+    root = os.path.dirname(os.path.abspath(optdiag.__file__))
+    counted = device.type == "cuda"
+    counts: dict[str, Any] = {"steps": steps, "counted": counted}
+    for config in ("none", "OptDiag"):
+        pl.seed_everything(0, verbose=False)
+        trainer = _trainer(device, steps, [OptDiag(verbose=False)] if config == "OptDiag" else [])
+        module, loader = ImageClassifier(ResNet18(width=width), steps), image_loader(batch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if counted:
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                trainer.fit(module, loader)
+            finally:
+                if counted:
+                    torch.cuda.set_sync_debug_mode(0)
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        ours = collections.Counter(f"{os.path.relpath(w.filename, os.path.dirname(root))}:{w.lineno}"
+                                   for w in syncs if os.path.abspath(w.filename).startswith(root))
+        counts[config] = {"all": len(syncs), "optdiag": sum(ours.values()), "optdiag_lines": ours.most_common(6)}
+    return counts
 
 
 def main() -> None:
@@ -201,10 +237,19 @@ def main() -> None:
     with quiet_lightning():
         report["training"] = training_overhead(device, 20 if args.small else 300, 2 if args.small else 4,
                                                8 if args.small else 64, 8 if args.small else 64)
+        report["synchronisations"] = synchronisations(device, 10 if args.small else 50, 8 if args.small else 64,
+                                                      8 if args.small else 64)
     t = report["training"]
     extra = "-" if t["extra_peak_x_param_bytes"] is None else f"{t['extra_peak_x_param_bytes']:+.1f}"
     print(f"\nResNet-18 training, {t['steps']} steps, {t['rounds']} alternating rounds: without {t['none_s']:.2f} s, "
           f"OptDiag() {t['optdiag_s']:.2f} s, ratio {t['ratio']:.3f}, extra peak memory {extra} x params' bytes")
+    sync = report["synchronisations"]
+    if not sync["counted"]:
+        print("device synchronisations: not counted (CUDA only)")
+    else:
+        print(f"device synchronisations in {sync['steps']} steps: without optdiag {sync['none']['all']}, with "
+              f"OptDiag() {sync['OptDiag']['all']}, of which from optdiag's code {sync['OptDiag']['optdiag']}: "
+              + ", ".join(f"{line} x{n}" for line, n in sync["OptDiag"]["optdiag_lines"]))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)

@@ -38,3 +38,8 @@ def test_the_prepared_gpu_benchmark_runs_on_a_cpu_in_its_small_mode(tmp_path):
     training = report["training"]
     assert training["none_s"] > 0 and training["optdiag_s"] > 0 and training["rounds"] == 2
     assert "| model | parameters | HVP engine |" in done.stdout and "ResNet-18 training" in done.stdout
+    # the synchronisation count exists on CUDA only: on the CPU its runs go through and the report says so
+    sync = report["synchronisations"]
+    assert sync["counted"] is False and sync["steps"] == 10
+    assert set(sync["OptDiag"]) == {"all", "optdiag", "optdiag_lines"}
+    assert "device synchronisations: not counted (CUDA only)" in done.stdout

@@ -286,6 +286,50 @@ def loss_scale(trainer: Any) -> float:
     return float(scaler.get_scale()) if scaler is not None else 1.0
 
 
+class DeferredValue:
+    """A scalar tensor's value, requested now and read later without stalling the device in between.
+
+    On a CUDA device the value is copied to pinned host memory asynchronously when it is requested, and an event marks
+    the copy in the stream; :meth:`get` then waits for that event only, i.e. for the kernels queued before the request.
+    A loss requested in ``on_before_backward`` and read at the optimizer step waits for the forward pass, while the
+    backward pass already queued keeps the device busy; a plain ``.item()`` there would wait for the backward pass
+    too and leave the device idle until the next kernels are launched (docs/performance.md, section 9). Elsewhere
+    the tensor itself is kept and read by :meth:`get`. A number is kept as it is.
+
+    Example:
+        >>> import torch
+        >>> DeferredValue(torch.tensor(0.25, requires_grad=True) * 2).get(), DeferredValue(3).get()
+        (0.5, 3.0)
+    """
+
+    __slots__ = ("_value", "_event")
+
+    def __init__(self, value: Any) -> None:
+        self._event: Any = None
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            if value.is_cuda:
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                host.copy_(value, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+                value = host
+        self._value = value
+
+    def get(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()
+        return float(self._value)
+
+
+def deferred_loss_scale(trainer: Any) -> DeferredValue:
+    """:func:`loss_scale` as a :class:`DeferredValue`: the ``GradScaler``'s scale tensor copied without a device
+    synchronisation (its ``get_scale()`` synchronises), requested where the backward pass sees that scale."""
+    scaler = grad_scaler(trainer)
+    scale = getattr(scaler, "_scale", None)  # GradScaler's scale tensor (private, hence the fallback)
+    return DeferredValue(scale if isinstance(scale, torch.Tensor) and scale.numel() == 1 else loss_scale(trainer))
+
+
 class _HeldStep:
     """The optimizer step a bundle read once for the hook it is forwarding (Lightning's ``trainer.global_step`` is a
     chain of properties, microseconds a read once a training step has flushed the caches, and every child of a

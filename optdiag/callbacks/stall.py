@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from optdiag.callbacks._base import (
-    OptDiagCallback, batch_size_of, global_step, grad_scaler, guarded, loss_of, loss_scale, remember_loss)
+    DeferredValue, OptDiagCallback, batch_size_of, deferred_loss_scale, global_step, grad_scaler, guarded, loss_of,
+    remember_loss)
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.curvature.objective import BatchObjective
@@ -263,7 +264,8 @@ class StallDiagnoser(OptDiagCallback):
         self._probing_until: int | None = None  # the probe loss is read up to this step
         self._probe_price: float | None = None  # what the last probe-set loss took (HessianMonitor.can_afford_extra)
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
-        self._step_loss: torch.Tensor | None = None  # this step's loss, kept from backward to the optimizer step
+        self._step_loss: DeferredValue | None = None  # this step's loss, requested at backward, read at the step
+        self._step_scale: DeferredValue | None = None  # the loss scale backward saw (mixed precision)
         self._step_value: float | None = None  # its value, read there
         self._brief_events: list[StallEvent] = []  # brief spikes confirmed before this step's end
         self._brief_reads = 0  # probe losses read for brief spikes this fit
@@ -345,7 +347,9 @@ class StallDiagnoser(OptDiagCallback):
     @guarded
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         if self._brief_enabled and isinstance(loss, torch.Tensor):
-            self._step_loss = loss.detach()  # read before the step (below): no sync here
+            # requested now, read before the step (below): on a GPU the read waits for the forward pass only
+            self._step_loss = DeferredValue(loss)
+            self._step_scale = deferred_loss_scale(trainer) if self._scaled else None
 
     @guarded
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
@@ -353,9 +357,9 @@ class StallDiagnoser(OptDiagCallback):
         if self._step_loss is not None:
             # the loss backward saw, unscaled (mixed precision scales it by a power of two: exact), which is the
             # batch's loss in the outputs too (one batch per step): read once, kept for on_train_batch_end
-            loss, self._step_loss = float(self._step_loss.item()), None
-            if self._scaled:
-                loss /= loss_scale(trainer)
+            loss, self._step_loss = self._step_loss.get(), None
+            if self._step_scale is not None:
+                loss /= self._step_scale.get()
             self._step_value = loss
             self._brief_spike(trainer, pl_module, global_step(trainer) + 1, loss)
 
