@@ -82,8 +82,8 @@ class OptDiag(OptDiagCallback):
     (see :class:`~optdiag.callbacks.HessianMonitor`); a verdict whose snapshot the bucket cannot pay uses the newest
     curvature measured within its stalled horizon, or waits. The per-step work is outside that budget: the gradient
     pairs (priced at 1-3% of the training time), the stall tests and the bookkeeping of the hooks, together about
-    0.2-0.5 ms per step on a CPU (2-5% of a 10 ms step, more of a 2 ms one; ``benchmarks/bench_overhead.py
-    --profile``, docs/performance.md section 7).
+    0.3-0.6 ms per step on a CPU (1-2% of a 100 ms step, 4-6% of a 10 ms one, more of a 2 ms one;
+    ``benchmarks/bench_overhead.py --lockstep``, docs/performance.md section 7).
 
     Args:
         every_n_steps: curvature snapshot cadence in optimizer steps; ``None`` schedules them within ``budget``.
