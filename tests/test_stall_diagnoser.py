@@ -733,3 +733,64 @@ def test_a_loss_read_once_per_tensor_is_read_again_after_an_in_place_write():
     fresh = torch.tensor(5.0)
     remember_loss(fresh, 7.0)  # told by the diagnoser: taken without a read
     assert loss_of(fresh) == 7.0 and loss_of(torch.tensor(5.0)) == 5.0
+
+
+def test_a_repeated_spike_short_of_gradient_pairs_waits_for_the_pairs_after_it(monkeypatch):
+    """Repeated spikes may be the bounce of an oscillation, which the consecutive-gradient pairs of the two windows
+    before the spike test; with fewer than the test needs (a cadence priced sparser than every 12 steps) the spike is
+    not called a loss_spike by default: the gradient monitor measures every step after it and the spike is judged
+    again with those pairs too. A first spike, or one whose test had its pairs, is judged at once; a new event or the
+    end of training judges a waiting spike with the pairs it has."""
+    from optdiag.callbacks import stall as stall_module
+    from optdiag.diagnosis import Diagnosis, Evidence, StallEvent
+    from optdiag.diagnosis.classify import MIN_GRADIENT_PAIRS
+
+    def spike_event(step):
+        event = StallEvent(step=step, reason="spike", slope=0.0, slope_ci=(0.0, 0.0), rel_slope=0.0,
+                           window=[1.0] * 5, window_steps=list(range(step - 4, step + 1)), trigger="spike")
+        event.spike = {"start_step": float(step - 5)}
+        return event
+
+    def run(spike_count, pairs_before):
+        gradient = GradientNormMonitor(every_n_steps=10)
+        diagnoser = StallDiagnoser(verbose=False, gradient_monitor=gradient)
+        looks, recorded = [], []
+        monkeypatch.setattr(diagnoser, "_snapshot", lambda *args: {})
+        monkeypatch.setattr(diagnoser, "_record", lambda trainer, diagnosis: recorded.append(diagnosis))
+
+        def evidence(trainer, pl_module, event, snapshot, pairs_until=None):
+            looks.append((event.step, pairs_until))
+            pairs = pairs_before if pairs_until is None else pairs_before + (pairs_until - event.step - 1)
+            return Evidence(step=event.step, loss=1.0, spike_count=spike_count, grad_pair_count=pairs)
+
+        def diagnose(ev, event, thresholds, undecided):  # oscillation measured once the pairs suffice
+            pairs = ev.grad_pair_count or 0
+            kind = "oscillation" if pairs >= MIN_GRADIENT_PAIRS and ev.spike_count >= 2 else "loss_spike"
+            signal = 1.0 if kind == "oscillation" else (None if pairs < MIN_GRADIENT_PAIRS else 0.0)
+            return Diagnosis(event.step, kind, 0.9, {"tests": {"oscillation_signal": signal}}, [], "a verdict")
+
+        monkeypatch.setattr(diagnoser, "_evidence", evidence)
+        monkeypatch.setattr(stall_module, "diagnose_stall", diagnose)
+        return diagnoser, gradient, looks, recorded
+
+    retry = 65 + MIN_GRADIENT_PAIRS + 2
+    # a repeated spike with 5 pairs before it: no verdict yet, every step measured up to the retry, then judged
+    diagnoser, gradient, looks, recorded = run(spike_count=2, pairs_before=5)
+    diagnoser._handle(None, None, spike_event(65))
+    assert recorded == [] and diagnoser._pending[2] == retry and diagnoser.n_spikes == 1
+    assert [s for s in range(66, 81) if gradient.is_measured(s)] == list(range(66, retry + 1)) + [79, 80]
+    diagnoser._retry(None, None, retry)
+    assert [d.kind for d in recorded] == ["oscillation"] and looks == [(65, None), (65, retry)]
+    assert diagnoser.n_spikes == 1 and diagnoser._pending is None  # the same spike, counted once
+
+    # a new event before the retry: the waiting spike is judged first, with the pairs it has (here too few)
+    diagnoser, _, looks, recorded = run(spike_count=2, pairs_before=0)
+    diagnoser._handle(None, None, spike_event(65))
+    diagnoser._settle_pending(None, None, 68)
+    assert [d.kind for d in recorded] == ["loss_spike"] and looks == [(65, None), (65, 68)]
+
+    # a first spike, or a repeated one whose test had its pairs: judged at once
+    for spike_count, pairs_before in ((1, 0), (2, MIN_GRADIENT_PAIRS)):
+        diagnoser, _, looks, recorded = run(spike_count, pairs_before)
+        diagnoser._handle(None, None, spike_event(65))
+        assert len(recorded) == 1 and diagnoser._pending is None and looks == [(65, None)]

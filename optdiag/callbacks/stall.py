@@ -23,6 +23,7 @@ from optdiag.curvature.objective import BatchObjective
 from optdiag.curvature.params import trainable_parameters
 from optdiag.curvature.state import preserved_state
 from optdiag.diagnosis import Diagnosis, Evidence, OptimizerSpec, StallDetector, StallEvent, diagnose_stall
+from optdiag.diagnosis.advice import REPEATED_SPIKES
 from optdiag.diagnosis.classify import MIN_GRADIENT_PAIRS, Thresholds, check_prediction
 from optdiag.policy import LOGGER, check_number
 from optdiag.errors import OptDiagError, UsageError
@@ -397,11 +398,13 @@ class StallDiagnoser(OptDiagCallback):
             event = probe_event
         elif event is not None and event.reason == "stall" and self.probe_detector is not None:
             self.probe_detector.mark_stalled()
+        if self._brief_events:
+            self._settle_pending(trainer, pl_module, step, drop_stall=False)  # verdicts in the order of their spikes
         for brief in self._brief_events:
             self._handle(trainer, pl_module, brief)
         self._brief_events = []
         if event is not None:
-            self._pending = None
+            self._settle_pending(trainer, pl_module, step)  # a spike waiting for pairs is judged now
             self._handle(trainer, pl_module, event)
         elif self._pending is not None and step >= self._pending[2]:
             self._retry(trainer, pl_module, step)
@@ -410,6 +413,7 @@ class StallDiagnoser(OptDiagCallback):
     @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._drive("on_train_end", trainer, pl_module)
+        self._settle_pending(trainer, pl_module, global_step(trainer))  # a spike waiting for pairs is judged now
         if self.verbose and trainer.is_global_zero:
             print(self.summary(), flush=True)
 
@@ -594,17 +598,28 @@ class StallDiagnoser(OptDiagCallback):
 
     # --- a stall --------------------------------------------------------------------------------------------------
     def _handle(self, trainer: Any, pl_module: Any, event: StallEvent, tries: int = 0,
-                reuse_curvature: bool = False) -> None:
+                reuse_curvature: bool = False, pairs_until: int | None = None) -> None:
         """Gather the evidence for a detector event and record the verdict, or note that it did not decide.
         ``reuse_curvature``: a retry whose first look measured the curvature tests (only the gradient or the loss
-        did not decide) takes that curvature again, within the stalled horizon, instead of a new snapshot."""
-        if event.reason == "spike":
+        did not decide) takes that curvature again, within the stalled horizon, instead of a new snapshot.
+        ``pairs_until``: a spike judged again takes the gradient pairs measured after it up to this step too."""
+        if event.reason == "spike" and tries == 0:
             self.n_spikes += 1
         snapshot = self._recent_curvature(event) if reuse_curvature else {}
         snapshot = snapshot or self._snapshot(trainer, pl_module, event)
-        evidence = self._evidence(trainer, pl_module, event, snapshot)
+        evidence = self._evidence(trainer, pl_module, event, snapshot, pairs_until)
         undecided: list[dict[str, Any]] = []
         diagnosis = diagnose_stall(evidence, event, self.thresholds, undecided=undecided)
+        if diagnosis is not None and tries == 0 and self._waits_for_pairs(event, evidence, diagnosis):
+            # Repeated spikes may be the bounce of a step too large for the curvature (an oscillation), which the
+            # consecutive gradients before the spike could not tell for want of pairs (a cadence priced sparser than
+            # every 12 steps leaves fewer than MIN_GRADIENT_PAIRS in the two windows): rather than call it a
+            # loss_spike by default, measure every step just after it and judge it again with those pairs too
+            # (docs/diagnosis-rules.md, "Repeated spikes").
+            retry = event.step + MIN_GRADIENT_PAIRS + 2  # the gradient of step s is measured before step s + 1
+            self.gradient_monitor.measure_every_step(until=retry)
+            self._pending = (event, 1, retry, True)
+            return
         if diagnosis is None:
             # No verdict without evidence: keep the record for debugging only, and look again later (more gradient
             # pairs, perhaps a scheduled curvature estimate) while the loss stays stalled.
@@ -635,10 +650,36 @@ class StallDiagnoser(OptDiagCallback):
                 self.warn_once("escape-check", f"the saddle's escape direction could not be evaluated ({error})")
         self._record(trainer, diagnosis)
 
+    def _waits_for_pairs(self, event: StallEvent, evidence: Evidence, diagnosis: Diagnosis) -> bool:
+        """Whether a spike's verdict waits for more gradient pairs: a repeated spike (which the oscillation could
+        explain, see :func:`~optdiag.diagnosis.diagnose_stall`) called a loss_spike only because the oscillation
+        test had fewer than :data:`MIN_GRADIENT_PAIRS` pairs and no stability ratio to go on."""
+        return event.reason == "spike" and diagnosis.kind == "loss_spike" and self.gradient_monitor is not None \
+            and (evidence.spike_count or 0) >= REPEATED_SPIKES \
+            and (evidence.grad_pair_count or 0) < MIN_GRADIENT_PAIRS \
+            and diagnosis.evidence.get("tests", {}).get("oscillation_signal") is None
+
+    def _settle_pending(self, trainer: Any, pl_module: Any, step: int, drop_stall: bool = True) -> None:
+        """A new event (or the end of training) comes before a pending look: a spike waiting for pairs is judged
+        now with the pairs it has (a verdict either way); an undecided stall's retry is dropped when ``drop_stall``
+        (a new detector event supersedes it; a brief spike does not)."""
+        pending = self._pending
+        if pending is None:
+            return
+        if pending[0].reason == "spike":
+            self._pending = None
+            self._handle(trainer, pl_module, pending[0], pending[1], reuse_curvature=pending[3], pairs_until=step)
+        elif drop_stall:
+            self._pending = None
+
     def _retry(self, trainer: Any, pl_module: Any, step: int) -> None:
-        """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled)."""
+        """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled), or
+        judge a spike that waited for gradient pairs (:meth:`_waits_for_pairs`)."""
         event, tries, _, reuse = self._pending
         self._pending = None
+        if event.reason == "spike":
+            self._handle(trainer, pl_module, event, tries, reuse_curvature=reuse, pairs_until=step)
+            return
         if not self.detector.stalled:
             return
         history = self.detector.state_dict()
@@ -708,7 +749,7 @@ class StallDiagnoser(OptDiagCallback):
                     out[f"{name}_step"] = h.get("step")
         return {k: v for k, v in out.items() if v is not None}
 
-    def _window_gradients(self, event: StallEvent) -> dict[str, float | None]:
+    def _window_gradients(self, event: StallEvent, pairs_until: int | None = None) -> dict[str, float | None]:
         """Gradient statistics of the stalled horizon (a gradient's step is one before its update's).
 
         ``grad_norm`` is the current level, the mean over the last fifth of the window's steps (as for the loss).
@@ -717,7 +758,8 @@ class StallDiagnoser(OptDiagCallback):
         error), and ``grad_pair_sq``, the mean ``|g|^2`` of the same steps: the classifier's "is the gradient about
         zero?" compares them with enough samples (docs/diagnosis-rules.md). For a spike, the window is the one
         before the spike (its typical gradient norm sets the clipping advice), and the pairs those of the two
-        windows before it (whether the step bounced there).
+        windows before it (whether the step bounced there), and with ``pairs_until`` (a spike judged again) also
+        the pairs measured from the spike's end up to that step.
         """
         if self.gradient_monitor is None or not event.window_steps:
             return {}
@@ -738,8 +780,9 @@ class StallDiagnoser(OptDiagCallback):
         horizon_first = last - max(event.horizon, len(event.window_steps)) + 1
         if event.reason == "spike":  # the regime it came from: two windows, as the stability ratio before it
             horizon_first = last - 2 * self.window + 1
+        after = (event.step, pairs_until) if event.reason == "spike" and pairs_until is not None else (1, 0)
         out.update(gradient_pairs([r for r in self.gradient_monitor.history if horizon_first <= r.get("step", -1)
-                                   <= last]))
+                                   <= last or after[0] <= r.get("step", -1) <= after[1]]))
         return out
 
     def _ratio_before(self, event: StallEvent) -> float | None:
@@ -752,7 +795,8 @@ class StallDiagnoser(OptDiagCallback):
                   and h.get("stability_ratio") is not None]
         return before[-1]["stability_ratio"] if before else None
 
-    def _evidence(self, trainer: Any, pl_module: Any, event: StallEvent, snapshot: dict[str, Any]) -> Evidence:
+    def _evidence(self, trainer: Any, pl_module: Any, event: StallEvent, snapshot: dict[str, Any],
+                  pairs_until: int | None = None) -> Evidence:
         window = [float(v) for v in event.window]
         recent = window[-max(1, len(window) // 5):]  # the current level: the last fifth of the window
         fields: dict[str, Any] = {
@@ -773,7 +817,7 @@ class StallDiagnoser(OptDiagCallback):
                                   if "probe_loss_during" in event.spike else None),
             "stability_ratio_before": self._ratio_before(event),
         }
-        fields.update(self._window_gradients(event))
+        fields.update(self._window_gradients(event, pairs_until))
         for name in _SNAPSHOT_FIELDS:
             fields[name] = snapshot.get(name)
         for name, field_name in _SNAPSHOT_RENAMED.items():
