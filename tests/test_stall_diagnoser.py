@@ -776,21 +776,24 @@ def test_a_repeated_spike_short_of_gradient_pairs_waits_for_the_pairs_after_it(m
     retry = 65 + MIN_GRADIENT_PAIRS + 2
     # a repeated spike with 5 pairs before it: no verdict yet, every step measured up to the retry, then judged
     diagnoser, gradient, looks, recorded = run(spike_count=2, pairs_before=5)
+    stall_retry = (spike_event(60), 1, 90, False)  # an undecided stall's retry is not the spike's business
+    diagnoser._pending = stall_retry
     diagnoser._handle(None, None, spike_event(65))
-    assert recorded == [] and diagnoser._pending[2] == retry and diagnoser.n_spikes == 1
+    assert recorded == [] and diagnoser._waiting_spike[1] == retry and diagnoser.n_spikes == 1
     assert [s for s in range(66, 81) if gradient.is_measured(s)] == list(range(66, retry + 1)) + [79, 80]
-    diagnoser._retry(None, None, retry)
+    diagnoser._judge_waiting_spike(None, None, retry)
     assert [d.kind for d in recorded] == ["oscillation"] and looks == [(65, None), (65, retry)]
-    assert diagnoser.n_spikes == 1 and diagnoser._pending is None  # the same spike, counted once
+    assert diagnoser.n_spikes == 1 and diagnoser._waiting_spike is None  # the same spike, counted once
+    assert diagnoser._pending == stall_retry
 
-    # a new event before the retry: the waiting spike is judged first, with the pairs it has (here too few)
+    # judged sooner (a new event, the end of training) with the pairs it has: here too few, a loss_spike
     diagnoser, _, looks, recorded = run(spike_count=2, pairs_before=0)
     diagnoser._handle(None, None, spike_event(65))
-    diagnoser._settle_pending(None, None, 68)
+    diagnoser._judge_waiting_spike(None, None, 68)
     assert [d.kind for d in recorded] == ["loss_spike"] and looks == [(65, None), (65, 68)]
 
     # a first spike, or a repeated one whose test had its pairs: judged at once
     for spike_count, pairs_before in ((1, 0), (2, MIN_GRADIENT_PAIRS)):
         diagnoser, _, looks, recorded = run(spike_count, pairs_before)
         diagnoser._handle(None, None, spike_event(65))
-        assert len(recorded) == 1 and diagnoser._pending is None and looks == [(65, None)]
+        assert len(recorded) == 1 and diagnoser._waiting_spike is None and looks == [(65, None)]

@@ -309,11 +309,14 @@ class DeferredValue:
         if isinstance(value, torch.Tensor):
             value = value.detach()
             if value.is_cuda:
-                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-                host.copy_(value, non_blocking=True)
-                self._event = torch.cuda.Event()
-                self._event.record()
-                value = host
+                try:
+                    host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+                    host.copy_(value, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    value, self._event = host, event
+                except RuntimeError:  # no pinned memory to be had (a locked-memory limit): read it synchronously
+                    self._event = None
         self._value = value
 
     def get(self) -> float:

@@ -262,6 +262,8 @@ class StallDiagnoser(OptDiagCallback):
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
         # an undecided stall: (event, tries, next step, whether its curvature was measured)
         self._pending: tuple[StallEvent, int, int, bool] | None = None
+        # a repeated spike waiting for gradient pairs (_waits_for_pairs): (event, the step it is judged at)
+        self._waiting_spike: tuple[StallEvent, int] | None = None
         self._probing_until: int | None = None  # the probe loss is read up to this step
         self._probe_price: float | None = None  # what the last probe-set loss took (HessianMonitor.can_afford_extra)
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
@@ -398,13 +400,14 @@ class StallDiagnoser(OptDiagCallback):
             event = probe_event
         elif event is not None and event.reason == "stall" and self.probe_detector is not None:
             self.probe_detector.mark_stalled()
-        if self._brief_events:
-            self._settle_pending(trainer, pl_module, step, drop_stall=False)  # verdicts in the order of their spikes
+        if self._waiting_spike is not None and (self._brief_events or event is not None
+                                                or step >= self._waiting_spike[1]):
+            self._judge_waiting_spike(trainer, pl_module, step)  # before a new event: verdicts in their spikes' order
         for brief in self._brief_events:
             self._handle(trainer, pl_module, brief)
         self._brief_events = []
         if event is not None:
-            self._settle_pending(trainer, pl_module, step)  # a spike waiting for pairs is judged now
+            self._pending = None
             self._handle(trainer, pl_module, event)
         elif self._pending is not None and step >= self._pending[2]:
             self._retry(trainer, pl_module, step)
@@ -413,7 +416,8 @@ class StallDiagnoser(OptDiagCallback):
     @guarded
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._drive("on_train_end", trainer, pl_module)
-        self._settle_pending(trainer, pl_module, global_step(trainer))  # a spike waiting for pairs is judged now
+        if self._waiting_spike is not None:  # the run ends before the pairs: judged with those it has
+            self._judge_waiting_spike(trainer, pl_module, global_step(trainer))
         if self.verbose and trainer.is_global_zero:
             print(self.summary(), flush=True)
 
@@ -616,9 +620,9 @@ class StallDiagnoser(OptDiagCallback):
             # every 12 steps leaves fewer than MIN_GRADIENT_PAIRS in the two windows): rather than call it a
             # loss_spike by default, measure every step just after it and judge it again with those pairs too
             # (docs/diagnosis-rules.md, "Repeated spikes").
-            retry = event.step + MIN_GRADIENT_PAIRS + 2  # the gradient of step s is measured before step s + 1
-            self.gradient_monitor.measure_every_step(until=retry)
-            self._pending = (event, 1, retry, True)
+            judged_at = event.step + MIN_GRADIENT_PAIRS + 2  # the gradient of step s is measured before step s + 1
+            self.gradient_monitor.measure_every_step(until=judged_at)
+            self._waiting_spike = (event, judged_at)
             return
         if diagnosis is None:
             # No verdict without evidence: keep the record for debugging only, and look again later (more gradient
@@ -659,27 +663,16 @@ class StallDiagnoser(OptDiagCallback):
             and (evidence.grad_pair_count or 0) < MIN_GRADIENT_PAIRS \
             and diagnosis.evidence.get("tests", {}).get("oscillation_signal") is None
 
-    def _settle_pending(self, trainer: Any, pl_module: Any, step: int, drop_stall: bool = True) -> None:
-        """A new event (or the end of training) comes before a pending look: a spike waiting for pairs is judged
-        now with the pairs it has (a verdict either way); an undecided stall's retry is dropped when ``drop_stall``
-        (a new detector event supersedes it; a brief spike does not)."""
-        pending = self._pending
-        if pending is None:
-            return
-        if pending[0].reason == "spike":
-            self._pending = None
-            self._handle(trainer, pl_module, pending[0], pending[1], reuse_curvature=pending[3], pairs_until=step)
-        elif drop_stall:
-            self._pending = None
+    def _judge_waiting_spike(self, trainer: Any, pl_module: Any, step: int) -> None:
+        """Judge the spike that waited for gradient pairs (:meth:`_waits_for_pairs`) with those measured up to
+        ``step``: at its step, or sooner when a new event or the end of training comes (a verdict either way)."""
+        event, self._waiting_spike = self._waiting_spike[0], None
+        self._handle(trainer, pl_module, event, tries=1, reuse_curvature=True, pairs_until=step)
 
     def _retry(self, trainer: Any, pl_module: Any, step: int) -> None:
-        """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled), or
-        judge a spike that waited for gradient pairs (:meth:`_waits_for_pairs`)."""
+        """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled)."""
         event, tries, _, reuse = self._pending
         self._pending = None
-        if event.reason == "spike":
-            self._handle(trainer, pl_module, event, tries, reuse_curvature=reuse, pairs_until=step)
-            return
         if not self.detector.stalled:
             return
         history = self.detector.state_dict()
