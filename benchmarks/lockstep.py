@@ -2,19 +2,19 @@
 
 Timing whole runs one after the other (``bench_overhead.py``'s rounds) compares seconds taken minutes apart, and on
 a shared machine the same run's wall time moves by 10-30% between tries: more than the few percent being measured.
-Here every configuration trains in its own process, all pinned to the same core, and a baton passes round them at
-each training batch's end: only the holder runs, so consecutive steps of the runs are a few milliseconds apart and
+Here every configuration trains in its own process, all pinned to the same core, and a baton passes round them
+every ``every`` training batches: only the holder runs, so the runs' turns are milliseconds to a second apart and
 whatever slows the core slows them all alike. Each process counts only the time it holds the baton (from its
 ``setup`` to its ``on_train_end``: data loading, forward, backward, optimizer step and every callback hook of every
-step), so the ratio of two processes' counts is the overhead, with the machine's drift cancelled step by step.
+step), so the ratio of two processes' counts is the overhead, with the machine's drift cancelled turn by turn.
 
-The first callback of each run takes the baton at ``setup``; the last passes it at each ``on_train_batch_end`` and
-at ``on_train_end``, after every other callback's hooks (:func:`bracket` asserts the order). The first turn waits
+The first callback of each run takes the baton at ``setup``; the last passes it at every ``every``-th
+``on_train_batch_end`` and at ``on_train_end``, after every other callback's hooks (:func:`bracket` asserts the order). The first turn waits
 behind a barrier until every run is built. What the ratio does not see: the turn-taking itself (between the counted
 intervals). What every run sees alike: the cache another run's step left behind.
 
     from lockstep import run
-    results = run(target, [("none", args_a), ("OptDiag", args_b)])  # target(name, args, callbacks) -> dict
+    results = run(target, [("none", args_a), ("OptDiag", args_b)], every=10)  # target(name, args, wrap) -> dict
 """
 
 from __future__ import annotations
