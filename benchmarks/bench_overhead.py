@@ -62,6 +62,7 @@ from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.demo.runner import quiet_lightning
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_memory's ResNet-18
+from optdiag_settings import not_the_defaults, setting  # noqa: E402  (--set, shared with verdict_corpus.py)
 
 
 class DigitsClassifier(pl.LightningModule):
@@ -468,7 +469,7 @@ def main() -> None:
                         help="race the configurations on one core, taking turns every N training batches "
                              "(benchmarks/lockstep.py): each round is one race, its ratios immune to the machine's "
                              "drift; 0 (default): whole runs one after the other")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
                         help="an OptDiag setting other than its default, e.g. --set budget=0.03 (repeatable)")
     parser.add_argument("--root", default=None, help="Trainer default_root_dir (default: a temporary folder)")
     args = parser.parse_args()
@@ -479,15 +480,10 @@ def main() -> None:
     import tempfile
 
     names = ["none"] + [c for c in args.configs if c != "none"]
-    import ast
-
-    for item in args.set:
-        key, _, value = item.partition("=")
-        OPTDIAG_SETTINGS[key.strip()] = ast.literal_eval(value.strip())
+    OPTDIAG_SETTINGS.update(args.set)
     print(f"torch {torch.__version__}, 1 thread pinned to one core, {args.rounds} interleaved rounds, medians; "
           f"load average at start {os.getloadavg()[0]:.1f}"
-          + ("; NOT THE DEFAULTS: OptDiag(" + ", ".join(f"{k}={v!r}" for k, v in OPTDIAG_SETTINGS.items()) + ")"
-             if OPTDIAG_SETTINGS else "") + "\n")
+          + ("; " + not_the_defaults(OPTDIAG_SETTINGS) if OPTDIAG_SETTINGS else "") + "\n")
     with tempfile.TemporaryDirectory() as tmp, quiet_lightning():
         for model in args.models:
             loader = loader_for(model, args.batch_size)

@@ -24,7 +24,6 @@ See docs/verdict-corpus.md for every run and how its truth is established.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import copy
 import datetime
@@ -45,6 +44,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from optdiag_settings import not_the_defaults, setting  # noqa: E402  (--set, shared with bench_overhead.py)
 
 KINDS = ("local_minimum", "saddle_point", "oscillation", "plateau", "divergence", "loss_spike")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -1135,8 +1137,7 @@ def detail_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
 def summary_line(outcomes: Sequence[Outcome]) -> str:
     scored = [o for o in outcomes if o.score is not None]
     right = sum(o.score.ok for o in scored)
-    line = ("" if not OVERRIDES else "NOT THE DEFAULTS: OptDiag(" + ", ".join(
-        f"{k}={v!r}" for k, v in OVERRIDES.items()) + "); ") + (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
+    line = (not_the_defaults(OVERRIDES) + "; " if OVERRIDES else "") + (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
             f"truth not established for {len(outcomes) - len(scored)}")
     if any(o.repeats for o in outcomes):
         unstable = unstable_runs(outcomes)
@@ -1315,7 +1316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write-docs", action="store_true", help="write docs/verdict-corpus.md")
     parser.add_argument("--json", metavar="PATH", help="also write the per-run results as JSON")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
                         help="diagnostic only: an OptDiag setting for every run instead of its default (a Python "
                              "literal, e.g. every_n_steps=25); the report says so")
     parser.add_argument("--repeat", type=int, default=1,
@@ -1323,9 +1324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "is scored)")
     args = parser.parse_args(argv)
     specs = select(args.only)
-    for item in args.set:
-        key, _, value = item.partition("=")
-        OVERRIDES[key.strip()] = ast.literal_eval(value.strip())
+    OVERRIDES.update(args.set)
     if OVERRIDES and args.write_docs:
         raise SystemExit("--write-docs records the defaults; drop --set")
     from optdiag.demo.runner import quiet_lightning

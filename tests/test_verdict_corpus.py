@@ -151,3 +151,25 @@ def test_a_retry_takes_the_curvature_its_first_look_measured(vc, tmp_path):
     snapshots = [c["step"] for c in callback.hessian_monitor.charges if c["what"] == "stall"]
     assert verdict.step > first["step"] and snapshots == [first["step"]]  # the retry paid for no snapshot
     assert verdict.evidence["lambda_min_step"] == first["step"] and verdict.evidence["lambda_min"] < 0
+
+
+def test_set_takes_python_literals_and_refuses_anything_else_with_the_reason(vc):
+    """``--set`` of verdict_corpus.py and bench_overhead.py (benchmarks/optdiag_settings.py): a setting replaces a
+    default only as a Python literal, and the report says which; a malformed one is an argparse error, not a
+    traceback."""
+    import argparse
+
+    from optdiag_settings import not_the_defaults, setting  # on the path since verdict_corpus.py was loaded
+
+    assert setting("budget=0.03") == ("budget", 0.03) and setting(" loss = 'auto' ") == ("loss", "auto")
+    for text, reason in (("budget", "expected KEY=VALUE"), ("=1", "expected KEY=VALUE"),
+                         ("loss=auto", "a string needs quotes: loss='...'")):
+        with pytest.raises(argparse.ArgumentTypeError, match=reason):
+            setting(text)
+    assert not_the_defaults({"budget": 0.03, "loss": "auto"}) == "NOT THE DEFAULTS: OptDiag(budget=0.03, loss='auto')"
+    assert not_the_defaults({}) == ""
+    vc.OVERRIDES.update(budget=0.03)
+    try:
+        assert vc.summary_line([]).startswith("NOT THE DEFAULTS: OptDiag(budget=0.03); 0 runs")
+    finally:
+        vc.OVERRIDES.clear()
