@@ -292,12 +292,17 @@ def record(runs: Runs, seconds: float, callbacks: list, peak: int = 0) -> None:
             runs.verdicts.append(len(cb.diagnoses))
 
 
+def rotated(names: list[str], r: int) -> list[str]:
+    """``names`` rotated by ``r``: round ``r``'s order (each configuration goes first in turn)."""
+    return names[r % len(names):] + names[: r % len(names)]
+
+
 def measure(model: str, epochs: int, batch_size: int, rounds: int, root: str, names: list[str],
             steps: int = -1) -> dict[str, Runs]:
     results = {name: Runs() for name in names}
     run_once(model, names[-1], 1, batch_size, root, steps=min(steps, 5) if steps > 0 else 5)  # warm-up
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
+        for name in rotated(names, r):
             seconds, callbacks, peak = run_once(model, name, epochs, batch_size, root, steps)
             record(results[name], seconds, callbacks, peak)
     return results
@@ -395,7 +400,7 @@ def measure_lockstep(model: str, epochs: int, batch_size: int, rounds: int, root
 
     races = []
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = rotated(names, r)
         race = lockstep.run(lockstep_target, [(name, (model, epochs, batch_size, steps, root, OPTDIAG_SETTINGS))
                                                      for name in order],
                             every=every)
