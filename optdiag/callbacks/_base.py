@@ -316,7 +316,7 @@ class DeferredValue:
                     event.record()
                     value, self._event = host, event
                 except RuntimeError:  # no pinned memory to be had (a locked-memory limit): read it synchronously
-                    self._event = None
+                    pass
         self._value = value
 
     def get(self) -> float:

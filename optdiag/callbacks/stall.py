@@ -773,9 +773,11 @@ class StallDiagnoser(OptDiagCallback):
         horizon_first = last - max(event.horizon, len(event.window_steps)) + 1
         if event.reason == "spike":  # the regime it came from: two windows, as the stability ratio before it
             horizon_first = last - 2 * self.window + 1
-        after = (event.step, pairs_until) if event.reason == "spike" and pairs_until is not None else (1, 0)
-        out.update(gradient_pairs([r for r in self.gradient_monitor.history if horizon_first <= r.get("step", -1)
-                                   <= last or after[0] <= r.get("step", -1) <= after[1]]))
+        spans = [(horizon_first, last)]
+        if event.reason == "spike" and pairs_until is not None:
+            spans.append((event.step, pairs_until))  # the pairs measured after the spike, while it waited for them
+        out.update(gradient_pairs([r for r in self.gradient_monitor.history
+                                   if any(a <= r.get("step", -1) <= b for a, b in spans)]))
         return out
 
     def _ratio_before(self, event: StallEvent) -> float | None:
