@@ -553,3 +553,44 @@ def test_a_catapult_in_the_first_steps_after_a_swinging_start_is_a_spike():
     events = _events(curve)
     assert [e.reason for e in events] == ["spike"]
     assert events[0].spike["start_step"] == 5 and events[0].spike["sigmas"] == math.inf
+
+
+def test_surely_improving_against_the_trend_interval_computed_by_hand():
+    """``surely_improving``: the lower end of the improvement's interval (a straight line through the block means,
+    each loss its own block below 2 n_blocks losses, at least the noise floor of the successive differences),
+    per window of steps, against ``rel_improvement``. Exact lines: the interval is the line itself."""
+    det = StallDetector(window=10, min_window=10, rel_improvement=0.01)
+    for step in range(0, 25, 5):  # five losses five steps apart, falling 0.004 a step from 1.0
+        det.update(step, 1.0 - 0.004 * step)
+    # level: the median 0.96; a window of ten losses five steps apart spans 45 steps: 0.18 / 0.96 = 0.1875 > 0.01
+    assert det.surely_improving(5) and not det.surely_improving(6)
+    steady = StallDetector(window=10, min_window=10, rel_improvement=0.19)
+    for step in range(0, 25, 5):
+        steady.update(step, 1.0 - 0.004 * step)
+    assert not steady.surely_improving(5)  # 0.1875 a window is below 19%
+    rising = StallDetector(window=10, min_window=10)
+    for step in range(5):
+        rising.update(step, 1.0 + 0.01 * step)
+    assert not rising.surely_improving(3)
+
+
+def test_surely_improving_needs_the_noise_to_allow_it():
+    """The same mean descent under noise that the interval cannot exclude from a stall is not sure: with losses
+    alternating +-20% about a line falling 1% a window, the interval spans zero."""
+    det = StallDetector(window=10, min_window=10, rel_improvement=0.001)
+    for step in range(10):
+        det.update(step, (1.0 - 0.001 * step) * (1.2 if step % 2 else 0.8))
+    slope, _, low, high = trend_test(np.arange(10.0), np.array([(1.0 - 0.001 * s) * (1.2 if s % 2 else 0.8)
+                                                                for s in range(10)]))
+    assert low < 0 < high and not det.surely_improving(5)
+
+
+def test_relative_noise_is_the_difference_noise_over_the_median():
+    det = StallDetector(window=6, min_window=6)
+    losses = [2.0, 2.5, 2.0, 2.5, 2.0, 2.5, 2.0, 3.0, 2.0, 3.0]
+    for step, loss in enumerate(losses):
+        det.update(step, loss)
+    tail = np.array(losses[-6:])
+    assert det.relative_noise() == pytest.approx(difference_noise(tail) / np.median(tail))
+    assert det.relative_noise(4) == pytest.approx(difference_noise(np.array(losses[-4:])) / 2.5)
+    assert math.isnan(StallDetector().relative_noise())

@@ -9,6 +9,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -21,7 +22,7 @@ from optdiag.callbacks.hessian import HessianMonitor, lightning_loss
 from optdiag.callbacks.stall import TEXT_TAG, StallDiagnoser
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
-from optdiag.diagnosis import Diagnosis
+from optdiag.diagnosis import Diagnosis, StallDetector
 from optdiag.errors import UsageError
 from optdiag.sinks.events import events_path, read_events
 
@@ -404,6 +405,93 @@ def _count_trend_reads(diagnoser):
     steps, update = [], diagnoser.probe_detector.update
     diagnoser.probe_detector.update = lambda step, value: (steps.append(step), update(step, value))[1]
     return steps
+
+
+class _PayingMonitor:
+    """The Hessian monitor as ``StallDiagnoser._probe`` sees it: enabled, and every read affordable."""
+    enabled = True
+
+    def can_afford_extra(self, trainer, seconds):
+        return True
+
+
+def _noise(sd, seed):
+    """``step -> 1 + sd * z`` with a fixed standard normal ``z`` per step (the same every call)."""
+    z = np.random.default_rng(seed).standard_normal(1000)
+    return lambda step: 1.0 + sd * z[step]
+
+
+def _drive_probe_episodes(monkeypatch, probe_loss, flat_at, steps=800, minibatch_noise=0.25):
+    """Drive ``StallDiagnoser._probe`` over ``steps`` steps with the minibatch detector looking flat where
+    ``flat_at(step)`` (its losses: ``minibatch_noise`` relative normal noise), the probe loss ``probe_loss(step)``
+    read at no cost and at stride 1 (a read every 5 steps). Returns the steps read, the stall events and the
+    minibatch losses' relative noise the reads are weighed against."""
+    diagnoser = StallDiagnoser(verbose=False, probe_every=5)
+    diagnoser.hessian_monitor = _PayingMonitor()
+    minibatch = _noise(minibatch_noise, 0)
+    for step in range(100):  # the two windows "looks flat" judges
+        diagnoser.detector.update(step - 100, minibatch(step))
+    reads = []
+    monkeypatch.setattr(diagnoser, "_plan_probe_stride", lambda trainer, step: 1)
+    monkeypatch.setattr(diagnoser, "_probe_loss", lambda trainer, module, step, what: reads.append(step) or
+                        probe_loss(step))
+    events = []
+    for step in range(steps):
+        diagnoser.detector.looks_flat = flat_at(step)
+        event = diagnoser._probe(None, None, step)
+        if event is not None:
+            events.append(event)
+    return reads, events, diagnoser.detector.relative_noise(100)
+
+
+def _episodes(reads, gap=5):
+    """The read steps cut into runs of consecutive reads ``gap`` apart: (first, last, count) each."""
+    runs = [[reads[0]]]
+    for step in reads[1:]:
+        if step - runs[-1][-1] == gap:
+            runs[-1].append(step)
+        else:
+            runs.append([step])
+    return [(r[0], r[-1], len(r)) for r in runs]
+
+
+def test_probe_reads_that_refute_a_flat_look_stop_and_back_off(monkeypatch):
+    """A healthy run's noisy minibatch losses look flat at every check; the probe loss falls 0.1% a step, surely
+    faster than the stall limit, so each episode ends at its fifth read (MIN_PROBE_READS) and the next may start
+    only 2, 4, 8, 8 windows (of 50 steps) later: 20 reads in 800 steps instead of 160."""
+    reads, events, _ = _drive_probe_episodes(monkeypatch, lambda step: 2.0 - 0.001 * step, lambda step: True)
+    assert not events
+    assert _episodes(reads) == [(0, 20, 5), (120, 140, 5), (340, 360, 5), (760, 780, 5)]
+
+
+def test_probe_reads_as_noisy_as_the_minibatch_losses_stop_and_back_off(monkeypatch):
+    """Probe losses with 30% noise five steps apart settle a trend no sooner than minibatch losses with 25% noise
+    (the interval narrows as noise x sqrt(spacing)): the episode ends once the probe detector holds a window of
+    reads (ten), whether or not the loss still looks flat, and backs off as a refuted one does. Probe losses with
+    5% noise are worth reading."""
+    swinging = _noise(0.3, 1)
+    reads, events, minibatch = _drive_probe_episodes(monkeypatch, swinging, lambda step: step < 30)
+    probe = StallDetector(window=10, min_window=10)
+    for step in reads:
+        probe.update(step, swinging(step))
+    assert probe.relative_noise() * math.sqrt(5) > 1.5 * minibatch  # far from the line, on either side
+    assert not events and _episodes(reads) == [(0, 45, 10)]
+    reads, _, _ = _drive_probe_episodes(monkeypatch, swinging, lambda step: True)
+    assert _episodes(reads) == [(0, 45, 10), (145, 190, 10), (390, 435, 10)]  # the next one would start at 835
+    reads, _, _ = _drive_probe_episodes(monkeypatch, _noise(0.05, 1), lambda step: step < 30)
+    assert _episodes(reads) == [(0, 125, 26)]  # the episode's two windows after its last flat look
+
+
+def test_probe_reads_go_on_where_they_can_prove_a_stall_or_a_flat_look_has_passed(monkeypatch):
+    """A flat probe loss (a plateau) is read until its detector proves the stall at its tenth read (the episode's
+    window: 50 steps of reads 5 apart), never cut short; and an episode whose minibatch losses no longer look flat
+    is left to run its two windows even where the probe loss falls fast (the end of a descent is where a plateau
+    begins: the batch-16 saddle of the verdict corpus)."""
+    reads, events, _ = _drive_probe_episodes(monkeypatch, _noise(1e-6, 2), lambda step: True, steps=50)
+    assert reads == list(range(0, 50, 5)) and [e.step for e in events] == [45]
+    assert events[0].reason == "stall" and events[0].trigger == "flat_probe"
+    reads, events, _ = _drive_probe_episodes(monkeypatch, lambda step: 2.0 - 0.01 * step, lambda step: step == 0)
+    assert not events and _episodes(reads) == [(0, 100, 21)]
 
 
 def test_with_a_fixed_cadence_probe_losses_do_not_depend_on_the_clock(tmp_path):

@@ -47,6 +47,12 @@ BRIEF_READ_SHARE = 0.05
 PROBE_READ_SHARE = 0.75
 MAX_PROBE_STRIDE = 2
 MIN_PROBE_READS = 5
+#: An episode whose probe losses (at least MIN_PROBE_READS) surely fall faster than the stall limit refutes the stall:
+#: it ends, and no new one starts for REFUTED_QUIET_WINDOWS windows (the span "looks flat" judges: its losses are
+#: then all new), twice as long after each further refutation in a row, at most MAX_REFUTED_QUIET_WINDOWS
+#: (docs/diagnosis-rules.md). A healthy run's noisy loss near its floor looks flat again and again.
+REFUTED_QUIET_WINDOWS = 2
+MAX_REFUTED_QUIET_WINDOWS = 8
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
 
@@ -248,6 +254,8 @@ class StallDiagnoser(OptDiagCallback):
         # probe detector, whose window they set, when a run is resumed)
         self._probe_stride: int | None = None
         self._probe_start: int | None = None
+        self._probe_quiet_until = -1  # no episode starts before this step (one ended early: _quiet_probing)
+        self._refutations = 0  # episodes refuted in a row
         self._reset_transient()
 
     def _reset_transient(self) -> None:
@@ -332,6 +340,7 @@ class StallDiagnoser(OptDiagCallback):
         last = self.detector.state_dict()["last_step"]
         if last is not None and global_step(trainer) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
+            self._probe_quiet_until, self._refutations = -1, 0
             if self.probe_detector is not None:
                 self._end_probing()
 
@@ -398,8 +407,10 @@ class StallDiagnoser(OptDiagCallback):
             # the probe loss proved the stall first: the minibatch detector takes it as its own (one verdict)
             self.detector.mark_stalled()
             event = probe_event
+            self._refutations = 0
         elif event is not None and event.reason == "stall" and self.probe_detector is not None:
             self.probe_detector.mark_stalled()
+            self._refutations = 0
         if self._waiting_spike is not None and (self._brief_events or event is not None
                                                 or step >= self._waiting_spike[1]):
             self._judge_waiting_spike(trainer, pl_module, step)  # before a new event: verdicts in their spikes' order
@@ -433,12 +444,14 @@ class StallDiagnoser(OptDiagCallback):
         monitor = self.hessian_monitor
         if self.probe_detector is None or step % self.probe_every or monitor is None or not monitor.enabled:
             return None
-        if self.detector.looks_flat and not (self.detector.stalled or self.detector.diverged):
+        if self.detector.looks_flat and not (self.detector.stalled or self.detector.diverged) \
+                and step >= self._probe_quiet_until:
             self._probing_until = step + 2 * self.thresholds.window  # long enough for the probe loss to decide
         if self._probing_until is None or step > self._probing_until:
             # measure more only while (and shortly after) the minibatch losses look flat but cannot prove it
             if self._probing_until is not None:
                 self._end_probing()
+                self._refutations = 0  # the flat look went away by itself: the next one is a new situation
             return None
         if self._probe_stride is not None and (step - self._probe_start) % (self._probe_stride * self.probe_every):
             return None
@@ -453,6 +466,13 @@ class StallDiagnoser(OptDiagCallback):
             self._probe_stride, self._probe_start = self._plan_probe_stride(trainer, step), step
             self.probe_detector.set_window(*self._probe_window(self._probe_stride))
         event = self.probe_detector.update(step, value)
+        if event is None and not self.probe_detector.stalled:
+            # reads that refute the flat look the minibatch losses still have (an episode that outlives its flat
+            # look is left to run: a descent's end is where a plateau may begin), or that cannot tell
+            improving = self.probe_detector.surely_improving(MIN_PROBE_READS)
+            if (improving and self.detector.looks_flat) or (not improving and not self._probe_informative()):
+                self._quiet_probing(step)
+                return None
         if event is None or event.reason != "stall":
             return None
         event.horizon *= self.probe_every * self._probe_stride  # in steps, like the minibatch detector's
@@ -462,6 +482,33 @@ class StallDiagnoser(OptDiagCallback):
     def _end_probing(self) -> None:
         self.probe_detector.reset()
         self._probing_until = self._probe_stride = self._probe_start = None
+
+    def _probe_informative(self) -> bool:
+        """Whether the episode's probe losses can settle the trend sooner than the minibatch losses over the same
+        steps. With ``n`` reads ``s`` steps apart against ``n s`` minibatch losses, a trend's interval narrows as
+        ``noise * sqrt(s)`` against the minibatch losses' noise (relative to their levels): reads no less noisy than
+        that (a model whose weights bounce near the floor moves its fixed batches' loss as much as the batches do)
+        only cost. Judged once the probe detector holds a window of reads and at least ``2 MIN_PROBE_READS`` (the
+        median of fewer differences is a guess, and the knee of a fast descent's end would pass for noise),
+        against the minibatch noise of the two windows "looks flat" judges."""
+        reads = self.probe_detector.n_losses
+        if reads < max(self.probe_detector.window, 2 * MIN_PROBE_READS):
+            return True
+        spacing = self.probe_every * (self._probe_stride or 1)
+        probe_noise = self.probe_detector.relative_noise(reads)
+        minibatch_noise = self.detector.relative_noise(2 * self.thresholds.window)
+        return not probe_noise * math.sqrt(spacing) >= minibatch_noise  # NaN: no evidence against the reads
+
+    def _quiet_probing(self, step: int) -> None:
+        """The probe losses surely fall faster than the stall limit (no stall), or cannot tell sooner than the
+        minibatch losses (:meth:`_probe_informative`): the episode ends, and the minibatch losses' flat look starts
+        no new one for :data:`REFUTED_QUIET_WINDOWS` windows, doubled for each such end in a row up to
+        :data:`MAX_REFUTED_QUIET_WINDOWS` (reads that keep refuting are a healthy run's cost; a stall that begins
+        meanwhile is read later, or proven by the minibatch losses themselves)."""
+        self._refutations += 1
+        windows = min(REFUTED_QUIET_WINDOWS * 2 ** (self._refutations - 1), MAX_REFUTED_QUIET_WINDOWS)
+        self._probe_quiet_until = step + windows * self.thresholds.window
+        self._end_probing()
 
     def _probe_window(self, stride: int) -> tuple[int, float]:
         """The probe detector's window for reads every ``stride * probe_every`` steps: the reads that span a window
@@ -957,6 +1004,8 @@ class StallDiagnoser(OptDiagCallback):
             "probe_detector": None if self.probe_detector is None else self.probe_detector.state_dict(),
             "probe_stride": self._probe_stride,
             "probe_start": self._probe_start,
+            "probe_quiet_until": self._probe_quiet_until,
+            "probe_refutations": self._refutations,
             "n_snapshots": self.n_snapshots,
             "n_spikes": self.n_spikes,
             "open_predictions": list(self._open),
@@ -979,6 +1028,8 @@ class StallDiagnoser(OptDiagCallback):
                 self._probe_stride, self._probe_start = int(stride), int(start)
                 self.probe_detector.set_window(*self._probe_window(self._probe_stride))
             self.probe_detector.load_state_dict(state_dict["probe_detector"])
+        self._probe_quiet_until = int(state_dict.get("probe_quiet_until", -1))
+        self._refutations = int(state_dict.get("probe_refutations", 0))
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
         self.n_spikes = int(state_dict.get("n_spikes", 0))
         self._open = [int(i) for i in state_dict.get("open_predictions", []) if 0 <= int(i) < len(self.diagnoses)]

@@ -454,6 +454,11 @@ class StallDetector:
         return self._state == _DIVERGED
 
     @property
+    def n_losses(self) -> int:
+        """Losses held since the last reset (at most the longest horizon's)."""
+        return len(self._losses)
+
+    @property
     def in_spike(self) -> bool:
         """True while a loss spike is in progress (not yet recovered)."""
         return self._spike is not None
@@ -699,6 +704,45 @@ class StallDetector:
                 "rel_improvement": -slope * span / level, "improvement_lo": -hi * span / level,
                 "improvement_hi": -lo * span / level, "level": level}
 
+
+    def relative_noise(self, n: int | None = None) -> float:
+        """The per-loss noise of the last ``n`` losses (default: a window) from successive differences (robust, and
+        blind to a slow trend), over their median's magnitude; NaN with fewer than 3 losses or a zero level.
+
+        Example:
+            >>> det = StallDetector(window=10, min_window=10)
+            >>> for step, loss in enumerate([1.0, 1.2] * 5): _ = det.update(step, loss)
+            >>> round(det.relative_noise(), 3)
+            0.123
+        """
+        values = _tail(self._losses, self.window if n is None else n)
+        if len(values) < 3:
+            return math.nan
+        level = abs(statistics.median(values))
+        return difference_noise(np.asarray(values, dtype=float)) / level if level > 0 else math.nan
+
+    def surely_improving(self, fewest: int = 3) -> bool:
+        """Whether the last window's losses (at least ``fewest`` of them) surely fall faster than
+        ``rel_improvement`` per window: the lower end of the trend's interval lies above it, so the loss is not
+        stalled there (the test that re-arms a stalled detector, on however few losses it has). Never raises.
+
+        Example:
+            >>> det = StallDetector(window=10, min_window=10)
+            >>> for step in range(5): _ = det.update(step, 1.0 - 0.05 * step)
+            >>> det.surely_improving(5), det.surely_improving(6)
+            (True, False)
+        """
+        n = min(len(self._losses), self.window)
+        if n < max(fewest, 3):
+            return False
+        x = np.asarray(_tail(self._steps, n), dtype=float)
+        y = np.asarray(_tail(self._losses, n), dtype=float)
+        if not np.isfinite(y).all():
+            return False
+        level = self._level()
+        _, _, _, hi = trend_test(x, y, confidence=self.confidence, noise_sd=difference_noise(y))
+        span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (n - 1)  # one window of steps
+        return bool(-hi * span / level >= self.rel_improvement)  # NaN (no interval) never passes
 
     def _check(self, step: int) -> StallEvent | None:
         self._x = np.fromiter(self._steps, float, len(self._steps))  # once per check, for every horizon's fit
