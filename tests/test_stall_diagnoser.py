@@ -468,7 +468,8 @@ def test_probe_reads_as_noisy_as_the_minibatch_losses_stop_and_back_off(monkeypa
     """Probe losses with 30% noise five steps apart settle a trend no sooner than minibatch losses with 25% noise
     (the interval narrows as noise x sqrt(spacing)): the episode ends once the probe detector holds a window of
     reads (ten), whether or not the loss still looks flat, and backs off as a refuted one does. Probe losses with
-    5% noise are worth reading."""
+    5% noise are worth reading; with 20% noise they beat minibatch losses with 100% noise, but cannot tell a stall
+    within the episode."""
     swinging = _noise(0.3, 1)
     reads, events, minibatch = _drive_probe_episodes(monkeypatch, swinging, lambda step: step < 30)
     probe = StallDetector(window=10, min_window=10)
@@ -480,6 +481,15 @@ def test_probe_reads_as_noisy_as_the_minibatch_losses_stop_and_back_off(monkeypa
     assert _episodes(reads) == [(0, 45, 10), (145, 190, 10), (390, 435, 10)]  # the next one would start at 835
     reads, _, _ = _drive_probe_episodes(monkeypatch, _noise(0.05, 1), lambda step: step < 30)
     assert _episodes(reads) == [(0, 125, 26)]  # the episode's two windows after its last flat look
+    # 20% beats minibatch losses with 100% noise (near a classifier's zero loss), but no fit over the reads so far
+    # and two windows more (30 reads) could tell a stall: its narrowest half-width is about 7% a window against 3%
+    swinging = _noise(0.2, 3)
+    reads, _, minibatch = _drive_probe_episodes(monkeypatch, swinging, lambda step: step < 30, minibatch_noise=1.0)
+    probe = StallDetector(window=10, min_window=10)
+    for step in reads:
+        probe.update(step, swinging(step))
+    assert probe.relative_noise() * math.sqrt(5) < 0.75 * minibatch and not probe.could_prove_flat(30)
+    assert _episodes(reads) == [(0, 45, 10)]
 
 
 def test_probe_reads_go_on_where_they_can_prove_a_stall_or_a_flat_look_has_passed(monkeypatch):

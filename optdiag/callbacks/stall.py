@@ -484,8 +484,8 @@ class StallDiagnoser(OptDiagCallback):
         self._probing_until = self._probe_stride = self._probe_start = None
 
     def _probe_informative(self) -> bool:
-        """Whether the episode's probe losses can settle the trend sooner than the minibatch losses over the same
-        steps. With ``n`` reads ``s`` steps apart against ``n s`` minibatch losses, a trend's interval narrows as
+        """Whether the episode's probe losses can settle the trend, and sooner than the minibatch losses over the
+        same steps. With ``n`` reads ``s`` steps apart against ``n s`` minibatch losses, a trend's interval narrows as
         ``noise * sqrt(s)`` against the minibatch losses' noise (relative to their levels): reads no less noisy than
         that (a model whose weights bounce near the floor moves its fixed batches' loss as much as the batches do)
         only cost. Judged once the probe detector holds a window of reads and at least ``2 MIN_PROBE_READS`` (the
@@ -497,7 +497,11 @@ class StallDiagnoser(OptDiagCallback):
         spacing = self.probe_every * (self._probe_stride or 1)
         probe_noise = self.probe_detector.relative_noise(reads)
         minibatch_noise = self.detector.relative_noise(2 * self.thresholds.window)
-        return not probe_noise * math.sqrt(spacing) >= minibatch_noise  # NaN: no evidence against the reads
+        if probe_noise * math.sqrt(spacing) >= minibatch_noise:  # NaN: no evidence against the reads
+            return False
+        # and they can prove a stall within the reads so far and two windows more (near a classifier's zero loss
+        # the fixed batches' loss swings by a third between reads: far less than the batches, far too much to tell)
+        return self.probe_detector.could_prove_flat(reads + 2 * self.probe_detector.window)
 
     def _quiet_probing(self, step: int) -> None:
         """The probe losses surely fall faster than the stall limit (no stall), or cannot tell sooner than the

@@ -711,15 +711,37 @@ class StallDetector:
 
         Example:
             >>> det = StallDetector(window=10, min_window=10)
-            >>> for step, loss in enumerate([1.0, 1.2] * 5): _ = det.update(step, loss)
-            >>> round(det.relative_noise(), 3)
-            0.123
+            >>> for step, loss in enumerate([1.0, 1.2, 0.9, 1.1, 1.0, 1.3, 0.8, 1.0, 1.1, 0.9]):
+            ...     _ = det.update(step, loss)
+            >>> round(det.relative_noise(), 3)  # median level 1.0
+            0.21
         """
         values = _tail(self._losses, self.window if n is None else n)
         if len(values) < 3:
             return math.nan
         level = abs(statistics.median(values))
         return difference_noise(np.asarray(values, dtype=float)) / level if level > 0 else math.nan
+
+    def _resolution_floor(self, horizon: int, relative_noise: float) -> float:
+        """The narrowest half-width (relative improvement per window) of a fit over ``horizon`` evenly spaced
+        losses whose per-loss noise is ``relative_noise`` of their level: what the noise alone leaves."""
+        z = float(special.ndtri(0.5 + self.confidence / 2.0))  # about 1 us: a few calls per check
+        return z * relative_noise * (self.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1)))
+
+    def could_prove_flat(self, horizon: int) -> bool:
+        """Whether a fit over ``horizon`` losses with the noise of the last window (:meth:`relative_noise`) could be
+        narrow enough to call the loss flat (half-width at most ``resolution`` x ``rel_improvement``); True while
+        the noise is unknown.
+
+        Example:
+            >>> det = StallDetector(window=10, min_window=10)
+            >>> for step, loss in enumerate([1.0, 1.2, 0.9, 1.1, 1.0, 1.3, 0.8, 1.0, 1.1, 0.9]):
+            ...     _ = det.update(step, loss)
+            >>> det.could_prove_flat(20), det.could_prove_flat(100)  # 21% noise: 14% and 1.3% against 3%
+            (False, True)
+        """
+        noise = self.relative_noise()
+        return not self._resolution_floor(max(int(horizon), 2), noise) > self.resolution * self.rel_improvement
 
     def surely_improving(self, fewest: int = 3) -> bool:
         """Whether the last window's losses (at least ``fewest`` of them) surely fall faster than
@@ -776,12 +798,10 @@ class StallDetector:
         multiples = [h for h in horizons if h in self.horizons and h <= LOOKS_FLAT_WINDOWS * self.window] or horizons
         recent = window_fit if multiples[-1] == window_fit["horizon"] else self._trend(multiples[-1], level)
         self.looks_flat = bool(recent["rel_improvement"] < self.rel_improvement)
-        z = float(special.ndtri(0.5 + self.confidence / 2.0))
         for horizon in horizons:
             # The per-loss noise alone makes this horizon's interval at least this wide (relative, per window):
             # skip a fit that could not resolve a stall anyway (most of the cost on noisy losses).
-            floor = z * self._noise_sd * (self.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1))) / level
-            if floor > self.resolution * self.rel_improvement:
+            if self._resolution_floor(horizon, self._noise_sd / level) > self.resolution * self.rel_improvement:
                 continue
             fit = window_fit if horizon == window_fit["horizon"] else (
                 recent if horizon == recent["horizon"] else self._trend(horizon, level))
