@@ -591,6 +591,55 @@ def test_a_resumed_run_keeps_its_probe_reads_spacing_and_their_history():
     assert resumed.probe_detector.rel_improvement == diagnoser.probe_detector.rel_improvement
 
 
+def _spike_event(step):
+    from optdiag.diagnosis import StallEvent
+    event = StallEvent(step=step, reason="spike", slope=0.0, slope_ci=(0.0, 0.0), rel_slope=0.0,
+                       window=[1.0, 2.0, 1.5], window_steps=[step - 2, step - 1, step], trigger="spike")
+    event.spike = {"start_step": float(step - 2), "peak": 2.0, "reference": 1.0}
+    return event
+
+
+def test_verdicts_in_flight_are_checkpointed():
+    """An undecided stall waiting for its retry and a repeated spike waiting for gradient pairs are plain data in
+    the checkpoint, and come back as they were."""
+    diagnoser = StallDiagnoser(verbose=False)
+    diagnoser._pending = (_spike_event(60), 2, 69, True, True)
+    diagnoser._waiting_spike = (_spike_event(65), 75)
+    resumed = StallDiagnoser(verbose=False)
+    resumed.load_state_dict(json.loads(json.dumps(diagnoser.state_dict())))
+    (event, *rest), (spike, judged_at) = resumed._pending, resumed._waiting_spike
+    assert event.to_dict() == diagnoser._pending[0].to_dict() and rest == [2, 69, True, True]
+    assert spike.to_dict() == diagnoser._waiting_spike[0].to_dict() and judged_at == 75
+    cleared = StallDiagnoser(verbose=False)
+    cleared.load_state_dict(json.loads(json.dumps(StallDiagnoser(verbose=False).state_dict())))
+    assert cleared._pending is None and cleared._waiting_spike is None
+
+
+def test_a_resumed_fit_judges_a_waiting_spike_with_every_step_measured(tmp_path, monkeypatch):
+    """A checkpoint taken while a repeated spike waits for its gradient pairs: the resumed fit (a new Trainer from
+    the checkpoint) has the gradient monitor measure every step up to the spike's judging step again (the monitor
+    forgets that at its own train start), and judges the spike there."""
+    (run,) = scenario("minimum").build()
+    gradient = GradientNormMonitor(every_n_steps=10)
+    diagnoser = StallDiagnoser(verbose=False, gradient_monitor=gradient)
+    trainer = trainer_for(tmp_path, [gradient, diagnoser], 20)
+    trainer.fit(run.module, run.loader)
+    diagnoser._waiting_spike = (_spike_event(18), 28)  # judged at step 28 with the pairs up to it
+    path = str(tmp_path / "waiting.ckpt")
+    trainer.save_checkpoint(path)
+
+    gradient = GradientNormMonitor(every_n_steps=10)
+    resumed = StallDiagnoser(verbose=False, gradient_monitor=gradient)
+    judged = []
+    monkeypatch.setattr(resumed, "_handle", lambda trainer, module, event, **kwargs: judged.append(
+        (trainer.global_step, event.step, kwargs.get("pairs_until"))))
+    (run,) = scenario("minimum").build()
+    trainer_for(tmp_path, [gradient, resumed], 35).fit(run.module, run.loader, ckpt_path=path)
+    assert (28, 18, 28) in judged and resumed._waiting_spike is None
+    measured = {record["step"] for record in gradient.history}
+    assert set(range(20, 29)) <= measured and not {31, 32, 33} & measured  # every step until 28, then pairs
+
+
 def test_probe_every_is_checked_at_construction():
     with pytest.raises(UsageError, match="probe_every"):
         StallDiagnoser(probe_every=-1)
@@ -874,7 +923,7 @@ def test_a_repeated_spike_short_of_gradient_pairs_waits_for_the_pairs_after_it(m
     retry = 65 + MIN_GRADIENT_PAIRS + 2
     # a repeated spike with 5 pairs before it: no verdict yet, every step measured up to the retry, then judged
     diagnoser, gradient, looks, recorded = run(spike_count=2, pairs_before=5)
-    stall_retry = (spike_event(60), 1, 90, False)  # an undecided stall's retry is not the spike's business
+    stall_retry = (spike_event(60), 1, 90, False, False)  # an undecided stall's retry is not the spike's business
     diagnoser._pending = stall_retry
     diagnoser._handle(None, None, spike_event(65))
     assert recorded == [] and diagnoser._waiting_spike[1] == retry and diagnoser.n_spikes == 1

@@ -256,6 +256,12 @@ class StallDiagnoser(OptDiagCallback):
         self._probe_start: int | None = None
         self._probe_quiet_until = -1  # no episode starts before this step (one ended early: _quiet_probing)
         self._refutations = 0  # episodes refuted in a row
+        # verdicts in flight, checkpointed: an undecided stall (event, tries, next step, whether its curvature was
+        # measured, whether it has every step measured until then) and a repeated spike waiting for gradient pairs
+        # (_waits_for_pairs: event, the step it is judged at)
+        self._pending: tuple[StallEvent, int, int, bool, bool] | None = None
+        self._waiting_spike: tuple[StallEvent, int] | None = None
+        self._rearm_pairs = False  # a resumed fit asks the gradient monitor again for the pairs they wait for
         self._reset_transient()
 
     def _reset_transient(self) -> None:
@@ -268,10 +274,6 @@ class StallDiagnoser(OptDiagCallback):
         self._first_loss_this_fit: float | None = None
         self._diagnoses_at_fit_start = len(self.diagnoses)
         self._last_gradient_step: int | None = None  # the gradient monitor's last record already looked at
-        # an undecided stall: (event, tries, next step, whether its curvature was measured)
-        self._pending: tuple[StallEvent, int, int, bool] | None = None
-        # a repeated spike waiting for gradient pairs (_waits_for_pairs): (event, the step it is judged at)
-        self._waiting_spike: tuple[StallEvent, int] | None = None
         self._probing_until: int | None = None  # the probe loss is read up to this step
         self._probe_price: float | None = None  # what the last probe-set loss took (HessianMonitor.can_afford_extra)
         self._spike_probe: float | None = None  # the probe loss when the spike in progress started
@@ -341,12 +343,22 @@ class StallDiagnoser(OptDiagCallback):
         if last is not None and global_step(trainer) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
             self._probe_quiet_until, self._refutations = -1, 0
+            self._pending = self._waiting_spike = None
             if self.probe_detector is not None:
                 self._end_probing()
+        # the gradient monitor forgets at its own train start which steps it was asked to measure: asked again at
+        # the first batch, when every callback has started
+        self._rearm_pairs = self._waiting_spike is not None or (self._pending is not None and self._pending[4])
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._drive("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+        if self._rearm_pairs:
+            self._rearm_pairs = False
+            if self.gradient_monitor is not None:
+                waits = [self._waiting_spike[1]] if self._waiting_spike is not None else []
+                waits += [self._pending[2]] if self._pending is not None and self._pending[4] else []
+                self.gradient_monitor.measure_every_step(until=max(waits))
         if batch_idx == 0 or self._batch_size is None:  # an epoch's first batch: full (a ragged one comes last)
             self._batch_size = batch_size_of(batch) or self._batch_size
         if self._dataset_size is None:
@@ -686,14 +698,16 @@ class StallDiagnoser(OptDiagCallback):
                          tries + 1, self.undecided[-1]["scores"])
             if event.reason == "stall" and tries + 1 < _RETRIES:
                 retry = event.step + max(1, self.thresholds.window // 2)
-                if record.get("tests", {}).get("grad_zero") is None and self.gradient_monitor is not None:
+                every_step = record.get("tests", {}).get("grad_zero") is None and self.gradient_monitor is not None
+                if every_step:
                     # too few consecutive-gradient pairs to judge the gradient against its noise: measure every
                     # step, and look again as soon as there are enough pairs (the stall may not last half a window)
                     retry = min(retry, event.step + MIN_GRADIENT_PAIRS + 1)
                     self.gradient_monitor.measure_every_step(until=retry)
                 # A stall barely moves the point: when the curvature tests were measured, the next look needs the
                 # gradient and the losses gathered since, not another snapshot at full price (docs/diagnosis-rules.md)
-                self._pending = (event, tries + 1, retry, record.get("tests", {}).get("negative_curvature") is not None)
+                self._pending = (event, tries + 1, retry,
+                                 record.get("tests", {}).get("negative_curvature") is not None, every_step)
             return
         # what the verdict's curvature cost, or where it came from when the budget allowed no snapshot now
         diagnosis.evidence.update({k: v for k, v in snapshot.items() if k.endswith("_step") or k in (
@@ -722,7 +736,7 @@ class StallDiagnoser(OptDiagCallback):
 
     def _retry(self, trainer: Any, pl_module: Any, step: int) -> None:
         """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled)."""
-        event, tries, _, reuse = self._pending
+        event, tries, _, reuse, _ = self._pending
         self._pending = None
         if not self.detector.stalled:
             return
@@ -1010,6 +1024,11 @@ class StallDiagnoser(OptDiagCallback):
             "probe_start": self._probe_start,
             "probe_quiet_until": self._probe_quiet_until,
             "probe_refutations": self._refutations,
+            "pending_stall": None if self._pending is None else {
+                "event": self._pending[0].to_dict(), "tries": self._pending[1], "retry": self._pending[2],
+                "reuse_curvature": self._pending[3], "every_step": self._pending[4]},
+            "waiting_spike": None if self._waiting_spike is None else {
+                "event": self._waiting_spike[0].to_dict(), "judged_at": self._waiting_spike[1]},
             "n_snapshots": self.n_snapshots,
             "n_spikes": self.n_spikes,
             "open_predictions": list(self._open),
@@ -1034,6 +1053,11 @@ class StallDiagnoser(OptDiagCallback):
             self.probe_detector.load_state_dict(state_dict["probe_detector"])
         self._probe_quiet_until = int(state_dict.get("probe_quiet_until", -1))
         self._refutations = int(state_dict.get("probe_refutations", 0))
+        pending, waiting = state_dict.get("pending_stall"), state_dict.get("waiting_spike")
+        self._pending = None if not pending else (
+            StallEvent.from_dict(pending["event"]), int(pending["tries"]), int(pending["retry"]),
+            bool(pending["reuse_curvature"]), bool(pending["every_step"]))
+        self._waiting_spike = None if not waiting else (StallEvent.from_dict(waiting["event"]), int(waiting["judged_at"]))
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
         self.n_spikes = int(state_dict.get("n_spikes", 0))
         self._open = [int(i) for i in state_dict.get("open_predictions", []) if 0 <= int(i) < len(self.diagnoses)]
