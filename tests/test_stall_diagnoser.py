@@ -581,12 +581,14 @@ def test_probe_reads_the_fit_cannot_pay_every_five_steps_come_evenly_spaced(tmp_
 def test_a_resumed_run_keeps_its_probe_reads_spacing_and_their_history():
     diagnoser = StallDiagnoser(verbose=False, probe_every=5)
     diagnoser._probe_stride, diagnoser._probe_start = 2, 80
+    diagnoser._probe_quiet_until, diagnoser._early_ends = 300, 2  # after two early ends: no episode before 300
     diagnoser.probe_detector.set_window(*diagnoser._probe_window(2))
     for step in range(80, 130, 10):
         diagnoser.probe_detector.update(step, 1.0 + 0.001 * (step % 20))
     resumed = StallDiagnoser(verbose=False, probe_every=5)
     resumed.load_state_dict(json.loads(json.dumps(diagnoser.state_dict())))
     assert (resumed._probe_stride, resumed._probe_start, resumed.probe_detector.window) == (2, 80, 5)
+    assert (resumed._probe_quiet_until, resumed._early_ends) == (300, 2)
     assert resumed.probe_detector.state_dict() == diagnoser.probe_detector.state_dict()
     assert resumed.probe_detector.rel_improvement == diagnoser.probe_detector.rel_improvement
 

@@ -47,12 +47,12 @@ BRIEF_READ_SHARE = 0.05
 PROBE_READ_SHARE = 0.75
 MAX_PROBE_STRIDE = 2
 MIN_PROBE_READS = 5
-#: An episode whose probe losses (at least MIN_PROBE_READS) surely fall faster than the stall limit refutes the stall:
-#: it ends, and no new one starts for REFUTED_QUIET_WINDOWS windows (the span "looks flat" judges: its losses are
-#: then all new), twice as long after each further refutation in a row, at most MAX_REFUTED_QUIET_WINDOWS
+#: An episode whose probe losses refute the flat look (they surely fall faster than the stall limit) or cannot tell
+#: ends early, and no new one starts for PROBE_QUIET_WINDOWS windows (the span "looks flat" judges: its losses are
+#: then all new), twice as long after each further early end in a row, at most MAX_PROBE_QUIET_WINDOWS
 #: (docs/diagnosis-rules.md). A healthy run's noisy loss near its floor looks flat again and again.
-REFUTED_QUIET_WINDOWS = 2
-MAX_REFUTED_QUIET_WINDOWS = 8
+PROBE_QUIET_WINDOWS = 2
+MAX_PROBE_QUIET_WINDOWS = 8
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
 
@@ -255,7 +255,7 @@ class StallDiagnoser(OptDiagCallback):
         self._probe_stride: int | None = None
         self._probe_start: int | None = None
         self._probe_quiet_until = -1  # no episode starts before this step (one ended early: _quiet_probing)
-        self._refutations = 0  # episodes refuted in a row
+        self._early_ends = 0  # probe episodes ended early in a row (_quiet_probing)
         # verdicts in flight, checkpointed: an undecided stall (event, tries, next step, whether its curvature was
         # measured, whether it has every step measured until then) and a repeated spike waiting for gradient pairs
         # (_waits_for_pairs: event, the step it is judged at)
@@ -342,7 +342,7 @@ class StallDiagnoser(OptDiagCallback):
         last = self.detector.state_dict()["last_step"]
         if last is not None and global_step(trainer) < int(last):
             self.detector.reset()  # a new run from step 0, not a resume: the old loss history does not apply
-            self._probe_quiet_until, self._refutations = -1, 0
+            self._probe_quiet_until, self._early_ends = -1, 0
             self._pending = self._waiting_spike = None
             if self.probe_detector is not None:
                 self._end_probing()
@@ -419,10 +419,10 @@ class StallDiagnoser(OptDiagCallback):
             # the probe loss proved the stall first: the minibatch detector takes it as its own (one verdict)
             self.detector.mark_stalled()
             event = probe_event
-            self._refutations = 0
+            self._early_ends = 0
         elif event is not None and event.reason == "stall" and self.probe_detector is not None:
             self.probe_detector.mark_stalled()
-            self._refutations = 0
+            self._early_ends = 0
         if self._waiting_spike is not None and (self._brief_events or event is not None
                                                 or step >= self._waiting_spike[1]):
             self._judge_waiting_spike(trainer, pl_module, step)  # before a new event: verdicts in their spikes' order
@@ -463,7 +463,7 @@ class StallDiagnoser(OptDiagCallback):
             # measure more only while (and shortly after) the minibatch losses look flat but cannot prove it
             if self._probing_until is not None:
                 self._end_probing()
-                self._refutations = 0  # the flat look went away by itself: the next one is a new situation
+                self._early_ends = 0  # the flat look went away by itself: the next one is a new situation
             return None
         if self._probe_stride is not None and (step - self._probe_start) % (self._probe_stride * self.probe_every):
             return None
@@ -518,11 +518,11 @@ class StallDiagnoser(OptDiagCallback):
     def _quiet_probing(self, step: int) -> None:
         """The probe losses surely fall faster than the stall limit (no stall), or cannot tell sooner than the
         minibatch losses (:meth:`_probe_informative`): the episode ends, and the minibatch losses' flat look starts
-        no new one for :data:`REFUTED_QUIET_WINDOWS` windows, doubled for each such end in a row up to
-        :data:`MAX_REFUTED_QUIET_WINDOWS` (reads that keep refuting are a healthy run's cost; a stall that begins
+        no new one for :data:`PROBE_QUIET_WINDOWS` windows, doubled for each such end in a row up to
+        :data:`MAX_PROBE_QUIET_WINDOWS` (reads that keep ending so are a healthy run's cost; a stall that begins
         meanwhile is read later, or proven by the minibatch losses themselves)."""
-        self._refutations += 1
-        windows = min(REFUTED_QUIET_WINDOWS * 2 ** (self._refutations - 1), MAX_REFUTED_QUIET_WINDOWS)
+        self._early_ends += 1
+        windows = min(PROBE_QUIET_WINDOWS * 2 ** (self._early_ends - 1), MAX_PROBE_QUIET_WINDOWS)
         self._probe_quiet_until = step + windows * self.thresholds.window
         self._end_probing()
 
@@ -1023,7 +1023,7 @@ class StallDiagnoser(OptDiagCallback):
             "probe_stride": self._probe_stride,
             "probe_start": self._probe_start,
             "probe_quiet_until": self._probe_quiet_until,
-            "probe_refutations": self._refutations,
+            "probe_early_ends": self._early_ends,
             "pending_stall": None if self._pending is None else {
                 "event": self._pending[0].to_dict(), "tries": self._pending[1], "retry": self._pending[2],
                 "reuse_curvature": self._pending[3], "every_step": self._pending[4]},
@@ -1052,7 +1052,7 @@ class StallDiagnoser(OptDiagCallback):
                 self.probe_detector.set_window(*self._probe_window(self._probe_stride))
             self.probe_detector.load_state_dict(state_dict["probe_detector"])
         self._probe_quiet_until = int(state_dict.get("probe_quiet_until", -1))
-        self._refutations = int(state_dict.get("probe_refutations", 0))
+        self._early_ends = int(state_dict.get("probe_early_ends", 0))
         pending, waiting = state_dict.get("pending_stall"), state_dict.get("waiting_spike")
         self._pending = None if not pending else (
             StallEvent.from_dict(pending["event"]), int(pending["tries"]), int(pending["retry"]),
