@@ -19,7 +19,7 @@ from torch import nn
 import optdiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, lightning_loss
-from optdiag.callbacks.stall import TEXT_TAG, StallDiagnoser
+from optdiag.callbacks.stall import PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
 from optdiag.diagnosis import Diagnosis, StallDetector
@@ -475,7 +475,7 @@ def test_probe_reads_as_noisy_as_the_minibatch_losses_stop_and_back_off(monkeypa
     probe = StallDetector(window=10, min_window=10)
     for step in reads:
         probe.update(step, swinging(step))
-    assert probe.relative_noise() * math.sqrt(5) > 1.5 * minibatch  # far from the line, on either side
+    assert probe.relative_noise() * math.sqrt(5) > 1.2 * PROBE_NOISE_MARGIN * minibatch  # clearly past the line
     assert not events and _episodes(reads) == [(0, 45, 10)]
     reads, _, _ = _drive_probe_episodes(monkeypatch, swinging, lambda step: True)
     assert _episodes(reads) == [(0, 45, 10), (145, 190, 10), (390, 435, 10)]  # the next one would start at 835
@@ -490,6 +490,15 @@ def test_probe_reads_as_noisy_as_the_minibatch_losses_stop_and_back_off(monkeypa
         probe.update(step, swinging(step))
     assert probe.relative_noise() * math.sqrt(5) < 0.75 * minibatch and not probe.could_prove_flat(30)
     assert _episodes(reads) == [(0, 45, 10)]
+    # reads a little noisier than the minibatch losses over the same span (within PROBE_NOISE_MARGIN: the noise of
+    # ten reads is uncertain by about a third) are read to the episode's end
+    swinging = _noise(0.045, 4)
+    reads, _, minibatch = _drive_probe_episodes(monkeypatch, swinging, lambda step: step < 30, minibatch_noise=0.12)
+    probe = StallDetector(window=10, min_window=10)
+    for step in reads[:10]:
+        probe.update(step, swinging(step))
+    assert minibatch < probe.relative_noise() * math.sqrt(5) < PROBE_NOISE_MARGIN * minibatch
+    assert _episodes(reads) == [(0, 125, 26)]
 
 
 def test_probe_reads_go_on_where_they_can_prove_a_stall_or_a_flat_look_has_passed(monkeypatch):

@@ -53,6 +53,10 @@ MIN_PROBE_READS = 5
 #: (docs/diagnosis-rules.md). A healthy run's noisy loss near its floor looks flat again and again.
 PROBE_QUIET_WINDOWS = 2
 MAX_PROBE_QUIET_WINDOWS = 8
+#: Probe reads count as no better than the minibatch losses when their noise, scaled to the same span, is at least
+#: this multiple of the minibatch losses': a robust noise from ten reads is uncertain by about a third, and a
+#: borderline episode is worth finishing (docs/diagnosis-rules.md).
+PROBE_NOISE_MARGIN = 1.5
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 TEXT_TAG = "optdiag/diagnosis"
 
@@ -498,9 +502,9 @@ class StallDiagnoser(OptDiagCallback):
     def _probe_informative(self) -> bool:
         """Whether the episode's probe losses can settle the trend, and sooner than the minibatch losses over the
         same steps. With ``n`` reads ``s`` steps apart against ``n s`` minibatch losses, a trend's interval narrows as
-        ``noise * sqrt(s)`` against the minibatch losses' noise (relative to their levels): reads no less noisy than
-        that (a model whose weights bounce near the floor moves its fixed batches' loss as much as the batches do)
-        only cost. Judged once the probe detector holds a window of reads and at least ``2 MIN_PROBE_READS`` (the
+        ``noise * sqrt(s)`` against the minibatch losses' noise (relative to their levels): reads clearly no less
+        noisy than that (:data:`PROBE_NOISE_MARGIN`; a model whose weights bounce near the floor moves its fixed
+        batches' loss as much as the batches do) only cost. Judged once the probe detector holds a window of reads and at least ``2 MIN_PROBE_READS`` (the
         median of fewer differences is a guess, and the knee of a fast descent's end would pass for noise),
         against the minibatch noise of the two windows "looks flat" judges."""
         reads = self.probe_detector.n_losses
@@ -509,7 +513,7 @@ class StallDiagnoser(OptDiagCallback):
         spacing = self.probe_every * (self._probe_stride or 1)
         probe_noise = self.probe_detector.relative_noise(reads)
         minibatch_noise = self.detector.relative_noise(2 * self.thresholds.window)
-        if probe_noise * math.sqrt(spacing) >= minibatch_noise:  # NaN: no evidence against the reads
+        if probe_noise * math.sqrt(spacing) >= PROBE_NOISE_MARGIN * minibatch_noise:  # NaN: no evidence against them
             return False
         # and they can prove a stall within the reads so far and two windows more (near a classifier's zero loss
         # the fixed batches' loss swings by a third between reads: far less than the batches, far too much to tell)
