@@ -22,7 +22,7 @@ from optdiag.callbacks.hessian import HessianMonitor, lightning_loss
 from optdiag.callbacks.stall import PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
-from optdiag.diagnosis import Diagnosis, StallDetector
+from optdiag.diagnosis import Diagnosis, StallDetector, StallEvent
 from optdiag.errors import UsageError
 from optdiag.sinks.events import events_path, read_events
 
@@ -458,7 +458,7 @@ def _episodes(reads, gap=5):
 def test_probe_reads_that_refute_a_flat_look_stop_and_back_off(monkeypatch):
     """A healthy run's noisy minibatch losses look flat at every check; the probe loss falls 0.1% a step, surely
     faster than the stall limit, so each episode ends at its fifth read (MIN_PROBE_READS) and the next may start
-    only 2, 4, 8, 8 windows (of 50 steps) later: 20 reads in 800 steps instead of 160."""
+    only 2, 4, then 8 windows (of 50 steps) later: 20 reads in 800 steps instead of 160."""
     reads, events, _ = _drive_probe_episodes(monkeypatch, lambda step: 2.0 - 0.001 * step, lambda step: True)
     assert not events
     assert _episodes(reads) == [(0, 20, 5), (120, 140, 5), (340, 360, 5), (760, 780, 5)]
@@ -603,7 +603,7 @@ def test_a_resumed_run_keeps_its_probe_reads_spacing_and_their_history():
 
 
 def _spike_event(step):
-    from optdiag.diagnosis import StallEvent
+    """A spike event at ``step`` as the detector reports one (plain data: it goes into a checkpoint)."""
     event = StallEvent(step=step, reason="spike", slope=0.0, slope_ci=(0.0, 0.0), rel_slope=0.0,
                        window=[1.0, 2.0, 1.5], window_steps=[step - 2, step - 1, step], trigger="spike")
     event.spike = {"start_step": float(step - 2), "peak": 2.0, "reference": 1.0}
