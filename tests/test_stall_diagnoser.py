@@ -333,9 +333,11 @@ def test_state_dict_round_trip_keeps_diagnoses_and_detector(tmp_path):
 
 
 def test_a_second_fit_starts_a_new_loss_history(tmp_path):
-    diagnoser = StallDiagnoser()
-    fit_scenario(tmp_path, "divergence", [diagnoser])
-    fit_scenario(tmp_path, "divergence", [diagnoser])  # global_step starts at 0 again
+    # a fixed cadence, so no clock decides: a stall snapshot skipped for want of budget on a loaded machine warns
+    hessian = HessianMonitor(every_n_steps=10_000)
+    diagnoser = StallDiagnoser(hessian_monitor=hessian)
+    fit_scenario(tmp_path, "divergence", [hessian, diagnoser])
+    fit_scenario(tmp_path, "divergence", [hessian, diagnoser])  # global_step starts at 0 again
     assert [d.kind for d in diagnoser.diagnoses] == ["divergence", "divergence"]
     assert diagnoser.warning_counts == {}
 
@@ -396,7 +398,7 @@ def test_the_probe_loss_proves_a_noisy_minimum_sooner_and_changes_nothing(tmp_pa
     assert probed.evidence["stall_trigger"] == "flat_probe" and plain.evidence["stall_trigger"] == "flat"
     assert probed.step < plain.step and probed.evidence["stall_horizon"] < plain.evidence["stall_horizon"]
     assert probes[0] > 0 and probes[1] > 0 and no_probes == (0, 0.0)
-    assert charged == pytest.approx(probes[1], rel=0.05)  # every read charged to the one budget (clocks differ)
+    assert charged == pytest.approx(probes[1], rel=1e-9)  # every read charged to the one budget, as timed
     assert all(torch.equal(a, b) for a, b in zip(weights, plain_weights))
 
 

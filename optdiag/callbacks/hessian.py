@@ -89,6 +89,13 @@ def _clone_batch(batch: Any) -> Any:
     return batch
 
 
+@dataclasses.dataclass
+class Charge:
+    """The seconds a :meth:`HessianMonitor.charged` block was charged (set when the block ends)."""
+
+    seconds: float = 0.0
+
+
 class HessianMonitor(OptDiagCallback):
     """Estimate the Hessian's extreme eigenvalues, trace and density on a fixed probe set while training runs.
 
@@ -635,23 +642,27 @@ class HessianMonitor(OptDiagCallback):
                              "balance": self._tokens})
 
     @contextlib.contextmanager
-    def charged(self, step: int, what: str, merge: bool = False) -> Iterator[None]:
+    def charged(self, step: int, what: str, merge: bool = False) -> Iterator[Charge]:
         """Charge the wall time of the block to the budget, as ``what`` at ``step`` (work done outside
         :meth:`measure` on the monitor's behalf, such as the diagnoser's escape check). ``merge``: for frequent small
         work (probe-set losses), consecutive charges of the same ``what`` become one entry of :attr:`charges`.
+        Yields a :class:`Charge` whose ``seconds`` are what was charged, once the block is done (a caller that
+        prices its work reads the same figure the budget was charged).
 
         Example:
             >>> monitor = HessianMonitor()
-            >>> with monitor.charged(step=0, what="escape"):
+            >>> with monitor.charged(step=0, what="escape") as charge:
             ...     pass
-            >>> monitor.charges[-1]["what"]
-            'escape'
+            >>> monitor.charges[-1]["what"], monitor.charges[-1]["seconds"] == charge.seconds
+            ('escape', True)
         """
+        charge = Charge()
         started = self.clock()
         try:
-            yield
+            yield charge
         finally:
-            self._charge(self.clock() - started, what, step, merge=merge)
+            charge.seconds = self.clock() - started
+            self._charge(charge.seconds, what, step, merge=merge)
 
     def _refresh_products(self, lambda_min: bool = False) -> int:
         """Products a scheduled snapshot is expected to take: each solve's last count (it warm-starts from it, and

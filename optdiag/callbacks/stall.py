@@ -558,16 +558,15 @@ class StallDiagnoser(OptDiagCallback):
         batches = monitor.probe_set()
         if len(batches) < monitor.probe_batches:
             return None
-        started = monitor.clock()  # priced on the clock it is charged on
         # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
         # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
-        with monitor.charged(step, what, merge=True), preserved_state(pl_module), torch.no_grad():
+        with monitor.charged(step, what, merge=True) as charge, preserved_state(pl_module), torch.no_grad():
             pl_module.eval()
             sizes = [batch_size_of(b) or 1 for b in batches]
             losses = [float(monitor.loss_fn(pl_module, b)) for b in batches]
             value = losses if per_batch else self._reduced_mean(
                 trainer, [sum(n * x for n, x in zip(sizes, losses)) / sum(sizes)])
-        self._probe_price = monitor.clock() - started
+        self._probe_price = charge.seconds  # priced as charged: on the monitor's clock, the same figure
         self.probe_seconds += self._probe_price
         self.n_probe_losses += 1
         return value
