@@ -385,6 +385,7 @@ class StallDetector:
         self.rel_improvement = _check_number("rel_improvement", rel_improvement, 0.0)
         self.confidence = check_number("StallDetector: confidence", confidence, low=0.0, high=1.0, low_open=True,
                                        high_open=True)
+        self._z = float(special.ndtri(0.5 + self.confidence / 2.0))  # the interval's normal quantile
         self.cooldown = self.window // 2 if cooldown is None else _check_number("cooldown", cooldown, 0, integer=True)
         self.resolution = _check_number("resolution", resolution, 0.0)
         self.max_horizon = _check_number("max_horizon", max_horizon, 1, integer=True)
@@ -696,14 +697,18 @@ class StallDetector:
         return abs(statistics.median(last)) or float(np.max(np.abs(last))) or 1.0
 
     def _trend(self, n: int, level: float) -> dict[str, Any]:
-        """The trend test over the last ``n`` losses, as relative improvements per window (see the module doc)."""
-        x, y = self._x[-n:], self._y[-n:]  # the arrays of this check (see _check)
-        slope, _, lo, hi = trend_test(x, y, confidence=self.confidence, noise_sd=self._noise_sd)
+        """The trend test over the last ``n`` losses of this check (see _check), as relative improvements per
+        window (see the module doc)."""
+        return self._trend_of(self._x[-n:], self._y[-n:], level, self._noise_sd)
+
+    def _trend_of(self, x: np.ndarray, y: np.ndarray, level: float, noise_sd: float) -> dict[str, Any]:
+        """The trend test of losses ``y`` at steps ``x`` with per-loss noise ``noise_sd``, as relative improvements
+        per window of ``level``."""
+        slope, _, lo, hi = trend_test(x, y, confidence=self.confidence, noise_sd=noise_sd)
         span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (len(x) - 1)  # one window of steps
-        return {"horizon": n, "slope": slope, "slope_ci": (lo, hi), "rel_slope": slope / level,
+        return {"horizon": len(x), "slope": slope, "slope_ci": (lo, hi), "rel_slope": slope / level,
                 "rel_improvement": -slope * span / level, "improvement_lo": -hi * span / level,
                 "improvement_hi": -lo * span / level, "level": level}
-
 
     def relative_noise(self, n: int | None = None) -> float:
         """The per-loss noise of the last ``n`` losses (default: a window) from successive differences (robust, and
@@ -725,8 +730,7 @@ class StallDetector:
     def _resolution_floor(self, horizon: int, relative_noise: float) -> float:
         """The narrowest half-width (relative improvement per window) of a fit over ``horizon`` evenly spaced
         losses whose per-loss noise is ``relative_noise`` of their level: what the noise alone leaves."""
-        z = float(special.ndtri(0.5 + self.confidence / 2.0))  # about 1 us: a few calls per check
-        return z * relative_noise * (self.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1)))
+        return self._z * relative_noise * (self.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1)))
 
     def could_prove_flat(self, horizon: int) -> bool:
         """Whether a fit over ``horizon`` losses with the noise of the last window (:meth:`relative_noise`) could be
@@ -761,10 +765,8 @@ class StallDetector:
         y = np.asarray(_tail(self._losses, n), dtype=float)
         if not np.isfinite(y).all():
             return False
-        level = self._level()
-        _, _, _, hi = trend_test(x, y, confidence=self.confidence, noise_sd=difference_noise(y))
-        span = (float(x[-1] - x[0]) or 1.0) * (self.window - 1) / (n - 1)  # one window of steps
-        return bool(-hi * span / level >= self.rel_improvement)  # NaN (no interval) never passes
+        fit = self._trend_of(x, y, self._level(), difference_noise(y))
+        return bool(fit["improvement_lo"] >= self.rel_improvement)  # NaN (no interval) never passes
 
     def _check(self, step: int) -> StallEvent | None:
         self._x = np.fromiter(self._steps, float, len(self._steps))  # once per check, for every horizon's fit
