@@ -19,7 +19,7 @@ from torch import nn
 import optdiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, lightning_loss
-from optdiag.callbacks.stall import PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser
+from optdiag.callbacks.stall import PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser, _PendingStall
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
 from optdiag.diagnosis import Diagnosis, StallDetector, StallEvent
@@ -616,7 +616,7 @@ def test_verdicts_in_flight_are_checkpointed():
     """An undecided stall waiting for its retry and a repeated spike waiting for gradient pairs are plain data in
     the checkpoint, and come back as they were."""
     diagnoser = StallDiagnoser(verbose=False)
-    diagnoser._pending = (_spike_event(60), 2, 69, True, True)
+    diagnoser._pending = _PendingStall(_spike_event(60), 2, 69, True, True)
     diagnoser._waiting_spike = (_spike_event(65), 75)
     resumed = StallDiagnoser(verbose=False)
     resumed.load_state_dict(json.loads(json.dumps(diagnoser.state_dict())))
@@ -936,7 +936,7 @@ def test_a_repeated_spike_short_of_gradient_pairs_waits_for_the_pairs_after_it(m
     retry = 65 + MIN_GRADIENT_PAIRS + 2
     # a repeated spike with 5 pairs before it: no verdict yet, every step measured up to the retry, then judged
     diagnoser, gradient, looks, recorded = run(spike_count=2, pairs_before=5)
-    stall_retry = (spike_event(60), 1, 90, False, False)  # an undecided stall's retry is not the spike's business
+    stall_retry = _PendingStall(spike_event(60), 1, 90, False, False)  # a stall's retry is not the spike's business
     diagnoser._pending = stall_retry
     diagnoser._handle(None, None, spike_event(65))
     assert recorded == [] and diagnoser._waiting_spike[1] == retry and diagnoser.n_spikes == 1

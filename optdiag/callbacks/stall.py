@@ -10,7 +10,7 @@ curvature snapshot on the probe batches (:meth:`HessianMonitor.measure`) plus th
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -58,6 +58,26 @@ MAX_PROBE_QUIET_WINDOWS = 8
 #: borderline episode is worth finishing (docs/diagnosis-rules.md).
 PROBE_NOISE_MARGIN = 1.5
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
+
+
+class _PendingStall(NamedTuple):
+    """An undecided stall, looked at again at step ``retry`` (its try ``tries``): with the curvature of its last
+    look when that measured the curvature tests (``reuse_curvature``), and with every step measured up to the retry
+    when its gradient could not be judged for want of pairs (``every_step``)."""
+
+    event: StallEvent
+    tries: int
+    retry: int
+    reuse_curvature: bool
+    every_step: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self._asdict(), "event": self.event.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _PendingStall:
+        return cls(StallEvent.from_dict(data["event"]), int(data["tries"]), int(data["retry"]),
+                   bool(data["reuse_curvature"]), bool(data["every_step"]))
 TEXT_TAG = "optdiag/diagnosis"
 
 
@@ -260,12 +280,12 @@ class StallDiagnoser(OptDiagCallback):
         self._probe_start: int | None = None
         self._probe_quiet_until = -1  # no episode starts before this step (one ended early: _quiet_probing)
         self._early_ends = 0  # probe episodes ended early in a row (_quiet_probing)
-        # verdicts in flight, checkpointed: an undecided stall (event, tries, next step, whether its curvature was
-        # measured, whether it has every step measured until then) and a repeated spike waiting for gradient pairs
+        # verdicts in flight, checkpointed: an undecided stall and a repeated spike waiting for gradient pairs
         # (_waits_for_pairs: event, the step it is judged at)
-        self._pending: tuple[StallEvent, int, int, bool, bool] | None = None
+        self._pending: _PendingStall | None = None
         self._waiting_spike: tuple[StallEvent, int] | None = None
-        self._rearm_pairs = False  # a resumed fit asks the gradient monitor again for the pairs they wait for
+        # a resumed fit asks the gradient monitor again for every step up to this one (what they wait for)
+        self._rearm_until: int | None = None
         self._reset_transient()
 
     def _reset_transient(self) -> None:
@@ -352,17 +372,17 @@ class StallDiagnoser(OptDiagCallback):
                 self._end_probing()
         # the gradient monitor forgets at its own train start which steps it was asked to measure: asked again at
         # the first batch, when every callback has started
-        self._rearm_pairs = self._waiting_spike is not None or (self._pending is not None and self._pending[4])
+        waits = [self._waiting_spike[1]] if self._waiting_spike is not None else []
+        waits += [self._pending.retry] if self._pending is not None and self._pending.every_step else []
+        self._rearm_until = max(waits, default=None)
 
     @guarded
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._drive("on_train_batch_start", trainer, pl_module, batch, batch_idx)
-        if self._rearm_pairs:
-            self._rearm_pairs = False
+        if self._rearm_until is not None:
             if self.gradient_monitor is not None:
-                waits = [self._waiting_spike[1]] if self._waiting_spike is not None else []
-                waits += [self._pending[2]] if self._pending is not None and self._pending[4] else []
-                self.gradient_monitor.measure_every_step(until=max(waits))
+                self.gradient_monitor.measure_every_step(until=self._rearm_until)
+            self._rearm_until = None
         if batch_idx == 0 or self._batch_size is None:  # an epoch's first batch: full (a ragged one comes last)
             self._batch_size = batch_size_of(batch) or self._batch_size
         if self._dataset_size is None:
@@ -436,7 +456,7 @@ class StallDiagnoser(OptDiagCallback):
         if event is not None:
             self._pending = None
             self._handle(trainer, pl_module, event)
-        elif self._pending is not None and step >= self._pending[2]:
+        elif self._pending is not None and step >= self._pending.retry:
             self._retry(trainer, pl_module, step)
         self._check_predictions(trainer, step, loss)
 
@@ -501,12 +521,12 @@ class StallDiagnoser(OptDiagCallback):
 
     def _probe_informative(self) -> bool:
         """Whether the episode's probe losses can settle the trend, and sooner than the minibatch losses over the
-        same steps. With ``n`` reads ``s`` steps apart against ``n s`` minibatch losses, a trend's interval narrows as
-        ``noise * sqrt(s)`` against the minibatch losses' noise (relative to their levels): reads clearly no less
-        noisy than that (:data:`PROBE_NOISE_MARGIN`; a model whose weights bounce near the floor moves its fixed
-        batches' loss as much as the batches do) only cost. Judged once the probe detector holds a window of reads and at least ``2 MIN_PROBE_READS`` (the
-        median of fewer differences is a guess, and the knee of a fast descent's end would pass for noise),
-        against the minibatch noise of the two windows "looks flat" judges."""
+        same steps. With ``n`` reads ``s`` steps apart against ``n s`` minibatch losses, a trend's interval
+        narrows as ``noise * sqrt(s)`` against the minibatch losses' noise (relative to their levels): reads
+        clearly no less noisy than that (:data:`PROBE_NOISE_MARGIN`; a model whose weights bounce near the floor
+        moves its fixed batches' loss as much as the batches do) only cost. Judged once the probe detector holds a window of reads
+        and at least ``2 MIN_PROBE_READS`` (the median of fewer differences is a guess, and the knee of a fast
+        descent's end would pass for noise), against the minibatch noise of the two windows "looks flat" judges."""
         reads = self.probe_detector.n_losses
         if reads < max(self.probe_detector.window, 2 * MIN_PROBE_READS):
             return True
@@ -709,8 +729,8 @@ class StallDiagnoser(OptDiagCallback):
                     self.gradient_monitor.measure_every_step(until=retry)
                 # A stall barely moves the point: when the curvature tests were measured, the next look needs the
                 # gradient and the losses gathered since, not another snapshot at full price (docs/diagnosis-rules.md)
-                self._pending = (event, tries + 1, retry,
-                                 record.get("tests", {}).get("negative_curvature") is not None, every_step)
+                measured = record.get("tests", {}).get("negative_curvature") is not None
+                self._pending = _PendingStall(event, tries + 1, retry, measured, every_step)
             return
         # what the verdict's curvature cost, or where it came from when the budget allowed no snapshot now
         diagnosis.evidence.update({k: v for k, v in snapshot.items() if k.endswith("_step") or k in (
@@ -739,7 +759,7 @@ class StallDiagnoser(OptDiagCallback):
 
     def _retry(self, trainer: Any, pl_module: Any, step: int) -> None:
         """Look again at an undecided stall, with the evidence gathered since (only while it is still stalled)."""
-        event, tries, _, reuse, _ = self._pending
+        event, tries, reuse = self._pending.event, self._pending.tries, self._pending.reuse_curvature
         self._pending = None
         if not self.detector.stalled:
             return
@@ -1027,9 +1047,7 @@ class StallDiagnoser(OptDiagCallback):
             "probe_start": self._probe_start,
             "probe_quiet_until": self._probe_quiet_until,
             "probe_early_ends": self._early_ends,
-            "pending_stall": None if self._pending is None else {
-                "event": self._pending[0].to_dict(), "tries": self._pending[1], "retry": self._pending[2],
-                "reuse_curvature": self._pending[3], "every_step": self._pending[4]},
+            "pending_stall": None if self._pending is None else self._pending.to_dict(),
             "waiting_spike": None if self._waiting_spike is None else {
                 "event": self._waiting_spike[0].to_dict(), "judged_at": self._waiting_spike[1]},
             "n_snapshots": self.n_snapshots,
@@ -1057,10 +1075,9 @@ class StallDiagnoser(OptDiagCallback):
         self._probe_quiet_until = int(state_dict.get("probe_quiet_until", -1))
         self._early_ends = int(state_dict.get("probe_early_ends", 0))
         pending, waiting = state_dict.get("pending_stall"), state_dict.get("waiting_spike")
-        self._pending = None if not pending else (
-            StallEvent.from_dict(pending["event"]), int(pending["tries"]), int(pending["retry"]),
-            bool(pending["reuse_curvature"]), bool(pending["every_step"]))
-        self._waiting_spike = None if not waiting else (StallEvent.from_dict(waiting["event"]), int(waiting["judged_at"]))
+        self._pending = _PendingStall.from_dict(pending) if pending else None
+        self._waiting_spike = None if not waiting else (
+            StallEvent.from_dict(waiting["event"]), int(waiting["judged_at"]))
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
         self.n_spikes = int(state_dict.get("n_spikes", 0))
         self._open = [int(i) for i in state_dict.get("open_predictions", []) if 0 <= int(i) < len(self.diagnoses)]
