@@ -9,9 +9,10 @@ whatever slows the core slows them all alike. Each process counts only the time 
 step), so the ratio of two processes' counts is the overhead, with the machine's drift cancelled turn by turn.
 
 The first callback of each run takes the baton at ``setup``; the last passes it at every ``every``-th
-``on_train_batch_end`` and at ``on_train_end``, after every other callback's hooks (:func:`bracket` asserts the order). The first turn waits
-behind a barrier until every run is built. What the ratio does not see: the turn-taking itself (between the counted
-intervals). What every run sees alike: the cache another run's step left behind.
+``on_train_batch_end`` and at ``on_train_end``, after every other callback's hooks (:func:`bracket` asserts the
+order). The first turn waits behind a barrier until every run is built. What the ratio does not see: the
+turn-taking itself (between the counted intervals). What every run sees alike: the cache another run's step left
+behind.
 
     from lockstep import run
     results = run(target, [("none", args_a), ("OptDiag", args_b)], every=10)  # target(name, args, wrap) -> dict

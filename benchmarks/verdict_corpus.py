@@ -1137,8 +1137,9 @@ def detail_rows(outcomes: Sequence[Outcome]) -> list[list[str]]:
 def summary_line(outcomes: Sequence[Outcome]) -> str:
     scored = [o for o in outcomes if o.score is not None]
     right = sum(o.score.ok for o in scored)
-    line = (not_the_defaults(OVERRIDES) + "; " if OVERRIDES else "") + (f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
-            f"truth not established for {len(outcomes) - len(scored)}")
+    line = (not_the_defaults(OVERRIDES) + "; " if OVERRIDES else "") + (
+        f"{len(outcomes)} runs: truth established for {len(scored)}, verdicts right on {right}/{len(scored)}, "
+        f"truth not established for {len(outcomes) - len(scored)}")
     if any(o.repeats for o in outcomes):
         unstable = unstable_runs(outcomes)
         line += (f"; trained {len(outcomes[0].repeats) + 1}x with OptDiag: verdict kinds changed between repeats on "
