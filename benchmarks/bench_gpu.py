@@ -157,17 +157,18 @@ def _trainer(device: torch.device, steps: int, callbacks: list) -> pl.Trainer:
 def training_overhead(device: torch.device, steps: int, rounds: int, batch: int, width: int) -> dict[str, Any]:
     """``OptDiag()`` against no callbacks on the ResNet-18 Lightning run, alternating (the order rotates)."""
     runs: dict[str, list[tuple[float, int | None]]] = {"none": [], "OptDiag": []}
+    param_bytes = 0
     for r in range(rounds):
         for config in (("none", "OptDiag") if r % 2 == 0 else ("OptDiag", "none")):
             pl.seed_everything(0, verbose=False)
             trainer = _trainer(device, steps, [OptDiag(verbose=False)] if config == "OptDiag" else [])
             module, loader = ImageClassifier(ResNet18(width=width), steps), image_loader(batch)
+            param_bytes = 4 * sum(p.numel() for p in module.parameters())
             seconds, peak = peak_above(device, lambda: synchronised(device, lambda: trainer.fit(module, loader)))
             runs[config].append((seconds, peak))
     base = statistics.median(s for s, _ in runs["none"])
     with_optdiag = statistics.median(s for s, _ in runs["OptDiag"])
     peaks = {c: [p for _, p in v if p is not None] for c, v in runs.items()}
-    param_bytes = 4 * sum(p.numel() for p in ResNet18(width=width).parameters())
     extra = (statistics.median(peaks["OptDiag"]) - statistics.median(peaks["none"])) / param_bytes \
         if peaks["none"] and peaks["OptDiag"] else None
     return {"steps": steps, "rounds": rounds, "none_s": base, "optdiag_s": with_optdiag, "ratio": with_optdiag / base,

@@ -14,11 +14,9 @@ import warnings
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from torch.utils.data import DataLoader
 
-from lightning_models import make_trainer, regression_data, stop_after
+from lightning_models import make_trainer, stop_after
 from optdiag.callbacks.hessian import CURVATURE_NOTE_TAG, HessianMonitor
 from optdiag.curvature.operator import HessianOperator
 from test_hessian_monitor import BATCH, LinearRegression, _hessian, _loader
@@ -100,7 +98,8 @@ class StallStorm(pl.Callback):
                 self.clock.advance(SETUP_SECONDS)
 
 
-def _windows(charges, steps, width):
+def charge_windows(charges, steps, width):
+    """The seconds charged in each window of ``width`` steps (a merged entry counts at its last step)."""
     spent = np.zeros(steps + 1)
     for charge in charges:
         spent[charge["step"]] += charge["seconds"]
@@ -122,7 +121,7 @@ def test_any_window_of_100_steps_stays_within_the_budget_plus_one_bucket(tmp_pat
     assert sum(c["seconds"] for c in monitor.charges) == pytest.approx(monitor.monitor_seconds)
     assert {c["what"] for c in monitor.charges} == {"scheduled", "stall", "escape"}
     # 100 steps are 10 s of training: 0.5 s of budget, plus at most one bucket's burst (estimates never overran)
-    windows = _windows(monitor.charges, 400, 100)
+    windows = charge_windows(monitor.charges, 400, 100)
     assert max(windows) <= 0.05 * 100 * STEP_SECONDS + capacity + 1e-9
     assert min(c["balance"] for c in monitor.charges) >= -1e-9
     # the full bucket at the start is lent: the earnings repay it before they refill the bucket, so up to any step
@@ -301,6 +300,33 @@ def test_a_first_estimate_that_was_not_lent_waits_for_earnings_the_probe_losses_
     assert monitor._next_step == 1000 + 120
     monitor._spent, priced.now = 1.0, priced.now - 1.5  # had they spent 1 s, the 4 s left would pay for it
     assert monitor._first_estimate_earned(OneProcessTrainer(), step=1000) is True
+
+
+def test_before_any_snapshot_reads_borrow_the_planned_fits_budget_up_to_a_first_estimates_price(priced):
+    # A short fit whose first estimate is not lent (its 5% is less than the estimate's price) has no bucket yet;
+    # a spike in its first steps is still read on the model: work outside a snapshot borrows the planned fit's
+    # budget, at most a first estimate's price, and the earnings repay it.
+    monitor = HessianMonitor(budget=0.05, probe_batches=1, clock=priced)  # a first estimate: 31 training steps
+    monitor._train_started, monitor._steps_at_start = priced.now - 1.0, 0  # 1 s over 10 steps, all training
+    trainer = OneProcessTrainer()
+    trainer.global_step = 10
+    monitor._run_steps = 300  # planned: its 5% is 15 steps' time (1.5 s), less than the estimate's 3.1 s
+    assert monitor._extra_loan(trainer) == pytest.approx(1.5)  # earned so far: 0.05 s
+    assert monitor.can_afford_extra(trainer, 1.499) and not monitor.can_afford_extra(trainer, 1.501)
+    monitor._spent = 1.4
+    priced.advance(1.4)  # reads took 1.4 s of the loan (on the clock too: the training clock excludes them)
+    assert monitor.can_afford_extra(trainer, 0.099) and not monitor.can_afford_extra(trainer, 0.101)
+    monitor._run_steps = None  # a fit of unknown length: lent at most the estimate's price, 3.1 s
+    assert monitor._extra_loan(trainer) == pytest.approx(3.1)
+    assert monitor.can_afford_extra(trainer, 1.699) and not monitor.can_afford_extra(trainer, 1.701)
+    trainer.global_step = 0  # before a step has been timed: nothing to lend by
+    assert monitor._extra_loan(trainer) == 0.0 and not monitor.can_afford_extra(trainer, 0.01)
+    monitor._spent, priced.now = 0.0, priced.now - 1.4
+    trainer.global_step = 400  # 40 s over 400 steps: earned 2 s, more than the loan of a 300-step plan
+    priced.advance(39.0)
+    monitor._run_steps = 300
+    assert monitor._extra_loan(trainer) == pytest.approx(1.5)
+    assert monitor.can_afford_extra(trainer, 1.999) and not monitor.can_afford_extra(trainer, 2.001)
 
 
 def test_steps_to_earn_spaces_work_at_the_fits_earning_rate(priced):

@@ -27,7 +27,7 @@ from optdiag.errors import UsageError
 from optdiag.sinks.events import events_path, read_events
 
 from lightning_models import stop_after
-from test_budget import ClockSteps, FakeClock, price_hessian_work
+from test_budget import ClockSteps, FakeClock, charge_windows, price_hessian_work
 
 
 @pytest.fixture(autouse=True)
@@ -727,6 +727,60 @@ def test_a_one_step_spike_is_read_on_the_model_before_its_step(tmp_path, model_s
     plain = _Spiking(run, model_spike, first=150, last=150, factor=16.0)
     trainer_for(tmp_path / "b", [], 200).fit(plain, run.loader)
     assert all(torch.equal(a, b) for a, b in zip(module.parameters(), plain.parameters()))
+
+
+class _HardBatchStorm(_Spiking):
+    """The minimum scenario's regression whose reported loss is 10x at every 10th step from step 60 (its gradient
+    unchanged, as a hard batch looks): a brief-spike nomination each time, which only reads of the probe batches can
+    dismiss."""
+
+    def __init__(self, run):
+        super().__init__(run, model_spike=False)
+
+    def training_step(self, batch, batch_idx):
+        loss = ScenarioModule.training_step(self, batch, batch_idx)
+        step = self.trainer.global_step
+        return loss + (9.0 * loss).detach() if step >= 60 and step % 10 == 0 else loss
+
+
+def test_every_read_of_the_probe_batches_waits_for_the_budget_whatever_asked_for_it(tmp_path, monkeypatch):
+    # Reads priced at 0.1 s a probe batch (a forward pass as dear as a training step of 0.1 s): a brief-spike
+    # nomination every 10 steps wants two reads (0.4 s) per 1 s of training, eight times the 5% budget. The step
+    # allowance alone (four reads, then one per 20 steps) would let up to nine reads (1.8 s) into a window of 100
+    # steps; every read now waits until the bucket holds it above the stall reserve, so every window of 100 steps
+    # stays within the budget plus one bucket, whatever the reads were for (brief spikes, the stall's probe loss,
+    # scheduled and stall snapshots).
+    clock = FakeClock()
+    price_hessian_work(clock, monkeypatch)
+
+    def priced_loss(module, batch):
+        if not torch.is_grad_enabled():  # a read of the probe batches: forward passes only
+            clock.advance(0.1)
+        return lightning_loss(module, batch)
+
+    (run,) = scenario("minimum").build()
+    monitor = HessianMonitor(budget=0.05, clock=clock, loss_fn=priced_loss)
+    diagnoser = StallDiagnoser(verbose=False)
+    nominated, start = [], diagnoser.detector.brief_spike_start
+
+    def nominate(step, loss):
+        if start(step, loss):
+            nominated.append(step)
+            return True
+        return False
+
+    monkeypatch.setattr(diagnoser.detector, "brief_spike_start", nominate)
+    steps = 400
+    trainer_for(tmp_path, [ClockSteps(clock), monitor, diagnoser, stop_after(steps)], 10**6).fit(
+        _HardBatchStorm(run), run.loader)
+    reads = sum(c.get("count", 1) for c in monitor.charges if c["what"] == "brief_spike_read")
+    # a nomination at each hard batch while the allowance lasts; the budget read a few and refused the rest
+    assert len(nominated) >= 15 and 0 < reads < len(nominated)
+    windows = charge_windows(monitor.charges, steps, 100)
+    assert max(windows) <= 0.05 * 100 * 0.1 + monitor.capacity() + 1e-9
+    assert min(c["balance"] for c in monitor.charges if c["balance"] is not None) >= -1e-9
+    assert sum(c["seconds"] for c in monitor.charges) == pytest.approx(monitor.monitor_seconds)
+    assert [d.kind for d in diagnoser.diagnoses if d.kind == "loss_spike"] == []  # hard batches: no spike
 
 
 def test_without_logger_or_root_dir_nothing_lands_in_the_working_directory(tmp_path, monkeypatch):

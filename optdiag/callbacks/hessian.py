@@ -553,13 +553,15 @@ class HessianMonitor(OptDiagCallback):
         """
         return self.every_n_steps is not None or self._holds(trainer, seconds)
 
-    def _holds(self, trainer: Any, seconds: float | None, above: float = 0.0, earned: bool = False) -> bool:
+    def _holds(self, trainer: Any, seconds: float | None, above: float = 0.0, earned: bool = False,
+               loan: float = 0.0) -> bool:
         """The one affordability rule: whether the bucket holds ``seconds`` (None: not priced yet, held) beyond
         ``above`` seconds of credit left alone, counting only the credit it earned (the starting credit repaid) with
         ``earned``. Rank 0's clock decides: the answer is broadcast (without a trainer, this process's)."""
         credit = self._credit()
-        if credit is None:  # nothing timed yet, so no bucket to lend from: the fit's earnings less what it spent
-            available = self._earned_balance() if earned else math.inf
+        if credit is None:  # nothing timed yet, so no bucket to lend from: the fit's earnings (or a loan, while
+            # more) less what it spent
+            available = max(self._earned_balance(), loan - self._spent) if earned else math.inf
         else:
             available = credit - (self._advance if earned else 0.0)
         affordable = seconds is None or available - above >= seconds
@@ -595,8 +597,10 @@ class HessianMonitor(OptDiagCallback):
         snapshots: the user chose the cost, and nothing optdiag decides then depends on the clock (the same run
         gets the same verdicts on a loaded machine). True while ``seconds`` is unknown (the first read prices it).
         Before any snapshot has been timed (a short run whose first estimate waits for its earnings) there is no
-        bucket to lend from: such work is paid from what the fit has earned so far. Every rank must call it under
-        DDP: rank 0 decides, the answer is broadcast.
+        bucket to lend from: such work is paid from what the fit has earned so far or, while that is less, from a
+        loan of the planned fit's budget of at most a first estimate's price (:meth:`_extra_loan`), so that a
+        spike in a run's first steps is still read on the model. Every rank must call it under DDP: rank 0
+        decides, the answer is broadcast.
 
         Example:
             >>> HessianMonitor().can_afford_extra(trainer=None, seconds=None)
@@ -604,7 +608,23 @@ class HessianMonitor(OptDiagCallback):
         """
         if seconds is None or self.every_n_steps is not None:
             return True
-        return self._holds(trainer, seconds, above=self._reserve() or 0.0, earned=self.capacity() is None)
+        if self.capacity() is not None:
+            return self._holds(trainer, seconds, above=self._reserve() or 0.0)
+        return self._holds(trainer, seconds, earned=True, loan=self._extra_loan(trainer))
+
+    def _extra_loan(self, trainer: Any) -> float:
+        """Seconds that work outside a snapshot may borrow before any snapshot has been timed: the planned fit's
+        budget (``budget`` times its steps), at most a first estimate's price (about one bucket), in training steps
+        at the fit's seconds per step so far; the same rule that lends the first estimate (a fit that pays for it).
+        Borrowed up front and repaid by the earnings, so a fit that runs as planned spends at most its budget, and a
+        window of steps at most its budget plus about one bucket. 0 without a trainer or before a step has run."""
+        if trainer is None:
+            return 0.0
+        done = global_step(trainer) - self._steps_at_start
+        if done < 1:
+            return 0.0
+        planned = self.budget * self._run_steps if self._run_steps is not None else math.inf
+        return min(self.first_estimate_price(), planned) * self._train_seconds() / done
 
     def steps_to_earn(self, trainer: Any, step: int, seconds: float | None) -> int:
         """Training steps over which the fit earns ``seconds`` of measurement at its rate so far (``budget`` times

@@ -491,13 +491,9 @@ class StallDiagnoser(OptDiagCallback):
             return None
         if self._probe_stride is not None and (step - self._probe_start) % (self._probe_stride * self.probe_every):
             return None
-        # From the one budget all measurement is charged to, above the stall reserve (HessianMonitor.
-        # can_afford_extra): a clock decision, rank 0's under DDP, since every rank must meet in the all-reduce.
-        if not monitor.can_afford_extra(trainer, self._probe_price):
-            return None
-        value = self._probe_loss(trainer, pl_module, step, "probe_loss")
+        value = self._probe_loss(trainer, pl_module, step, "probe_loss")  # None when the budget cannot hold it
         if value is None or not math.isfinite(value):
-            return None  # not collected yet, or a diverging run (the minibatch detector reports it)
+            return None  # not collected yet, refused by the budget, or a diverging run (the minibatch detector reports it)
         if self._probe_stride is None:  # the episode's first read: now priced, it sets the spacing of the rest
             self._probe_stride, self._probe_start = self._plan_probe_stride(trainer, step), step
             self.probe_detector.set_window(*self._probe_window(self._probe_stride))
@@ -570,13 +566,19 @@ class StallDiagnoser(OptDiagCallback):
         """The loss on the Hessian monitor's fixed probe batches at the current point (their mean, or with
         ``per_batch`` the list of each batch's, one process only), in eval mode (forward passes only, the model's
         state restored); None until the set is complete (a loss over a changing set would not compare over time).
-        Charged to the monitor's budget as ``what`` at ``step``, and counted in ``n_probe_losses`` and
+        Taken only when the monitor's budget holds it (:meth:`HessianMonitor.can_afford_extra`, priced at the last
+        read), None otherwise; charged as ``what`` at ``step``, and counted in ``n_probe_losses`` and
         ``probe_seconds``."""
         monitor = self.hessian_monitor
         if monitor is None or not monitor.enabled:
             return None
         batches = monitor.probe_set()
         if len(batches) < monitor.probe_batches:
+            return None
+        # From the one budget all measurement is charged to, above the stall reserve (HessianMonitor.
+        # can_afford_extra), whatever asked for the read: a clock decision, rank 0's under DDP (every rank calls it,
+        # since every rank must meet in the all-reduce). A refused read is None, like a read not yet possible.
+        if not monitor.can_afford_extra(trainer, self._probe_price):
             return None
         # Eval mode: a deterministic function of the weights (no dropout draw, BatchNorm on its running statistics),
         # which is all a trend or a before/after ratio needs, at the price of plain forward passes.
@@ -607,22 +609,25 @@ class StallDiagnoser(OptDiagCallback):
 
         def read() -> None:
             if not value:
+                taken = self.n_probe_losses
                 value.append(self._probe_loss(trainer, pl_module, step, "brief_spike_read", per_batch=True))
-                self._brief_reads += 1
+                self._brief_reads += self.n_probe_losses - taken  # a read the budget refused costs none
             candidate = detector.brief_spike or {}
-            event = detector.brief_spike_read(step, value[0])
+            event = detector.brief_spike_read(step, value[0])  # no read (None): the nomination is dropped
             if event is not None:
                 self._brief_events.append(event)  # handled with this step's other events (on_train_batch_end)
             elif detector.brief_spike is None and candidate.get("reads"):
-                # dismissed: one hard batch, not the model; a debug record only, like an undecided spike
+                # dismissed (one hard batch, not the model) or left unread: a debug record only, like an undecided
+                # spike
                 reads = candidate["reads"] + [(float(step), value[0])]
                 self.undecided.append({"step": step, "reason": "brief_spike", "tries": 1, "scores": {}, "tests": {},
                                        "spike": dict(candidate, reads=reads)})
 
         if detector.brief_spike_due(step):
             read()
-        # A budget in steps, not seconds, so that the same run reads the same spikes: four reads (two candidates:
-        # a spike often comes in a cluster of jumps) at any time, and BRIEF_READ_SHARE reads per step after that.
+        # An allowance in steps, so that the same run reads the same spikes: four reads (two candidates: a spike
+        # often comes in a cluster of jumps) at any time, and BRIEF_READ_SHARE reads per step after that; each read
+        # also waits for the monitor's budget (_probe_loss), so that a storm of hard batches stays within it.
         allowance = 4 + BRIEF_READ_SHARE * self._steps_run
         if self._brief_reads + 2 - len(value) <= allowance and detector.brief_spike_start(step, loss):
             read()
