@@ -594,3 +594,23 @@ def test_relative_noise_is_the_difference_noise_over_the_median():
     assert det.relative_noise() == pytest.approx(difference_noise(tail) / np.median(tail))
     assert det.relative_noise(4) == pytest.approx(difference_noise(np.array(losses[-4:])) / 2.5)
     assert math.isnan(StallDetector().relative_noise())
+
+
+def test_could_prove_flat_takes_the_noise_of_the_losses_it_is_given():
+    """``could_prove_flat(horizon, n)``: the narrowest half-width a fit over ``horizon`` losses could have, at the
+    relative noise of the last ``n`` (default a window), against ``resolution * rel_improvement``. Ten losses that
+    swing +-30% and then five nearly equal ones: the last window alone looks quiet enough, all fifteen do not."""
+    det = StallDetector(window=5, min_window=5, rel_improvement=0.02)
+    losses = [1.0 + (0.3 if i % 2 else -0.3) for i in range(10)] + [1.0, 1.001, 1.0, 1.001, 1.0]
+    for step, loss in enumerate(losses):
+        det.update(step, loss)
+
+    def floor(values, horizon):  # the resolution floor by hand: z sd (window - 1) sqrt(12 / (h (h^2 - 1)))
+        values = np.asarray(values)
+        noise = difference_noise(values) / abs(np.median(values))
+        return det._z * noise * (det.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1)))
+
+    limit = det.resolution * det.rel_improvement
+    assert floor(losses[-5:], 25) <= limit < floor(losses, 25)
+    assert det.could_prove_flat(25) and not det.could_prove_flat(25, len(losses))
+    assert det.could_prove_flat(25, 5)  # n = a window: the default

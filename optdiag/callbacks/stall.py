@@ -532,8 +532,9 @@ class StallDiagnoser(OptDiagCallback):
         if probe_noise * math.sqrt(spacing) >= PROBE_NOISE_MARGIN * minibatch_noise:  # NaN: no evidence against them
             return False
         # and they can prove a stall within the reads so far and two windows more (near a classifier's zero loss
-        # the fixed batches' loss swings by a third between reads: far less than the batches, far too much to tell)
-        return self.probe_detector.could_prove_flat(reads + 2 * self.probe_detector.window)
+        # the fixed batches' loss swings by a third between reads: far less than the batches, far too much to tell),
+        # at their noise over the same reads as above (a window's few differences would be a guess)
+        return self.probe_detector.could_prove_flat(reads + 2 * self.probe_detector.window, reads)
 
     def _quiet_probing(self, step: int) -> None:
         """The probe losses surely fall faster than the stall limit (no stall), or cannot tell sooner than the

@@ -732,10 +732,10 @@ class StallDetector:
         losses whose per-loss noise is ``relative_noise`` of their level: what the noise alone leaves."""
         return self._z * relative_noise * (self.window - 1) * math.sqrt(12.0 / (horizon * (horizon**2 - 1)))
 
-    def could_prove_flat(self, horizon: int) -> bool:
-        """Whether a fit over ``horizon`` losses with the noise of the last window (:meth:`relative_noise`) could be
-        narrow enough to call the loss flat (half-width at most ``resolution`` x ``rel_improvement``); True while
-        the noise is unknown.
+    def could_prove_flat(self, horizon: int, n: int | None = None) -> bool:
+        """Whether a fit over ``horizon`` losses with the noise of the last ``n`` losses (default: a window;
+        :meth:`relative_noise`) could be narrow enough to call the loss flat (half-width at most ``resolution`` x
+        ``rel_improvement``); True while the noise is unknown.
 
         Example:
             >>> det = StallDetector(window=10, min_window=10)
@@ -744,7 +744,7 @@ class StallDetector:
             >>> det.could_prove_flat(20), det.could_prove_flat(100)  # 21% noise: 14% and 1.3% against 3%
             (False, True)
         """
-        noise = self.relative_noise()
+        noise = self.relative_noise(n)
         return not self._resolution_floor(max(int(horizon), 2), noise) > self.resolution * self.rel_improvement
 
     def surely_improving(self, fewest: int = 3) -> bool:
