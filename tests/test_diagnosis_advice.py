@@ -176,11 +176,16 @@ def test_every_suggestion_is_physically_sensible():
         ev = Evidence(step=1, loss=float(rng.uniform(0.01, 5)), lambda_max=lam_max,
                       lambda_min=float(lam_max * rng.uniform(-1, 1)), preconditioned_lambda_max=lam_max * 30,
                       grad_sq_norm_unbiased=float(rng.uniform(0, 2)), grad_noise_trace=float(rng.uniform(0, 500)),
-                      batch_size=int(rng.integers(1, 1024)), grad_cosine=float(rng.uniform(-1, 1)), optimizer=spec)
+                      batch_size=int(rng.integers(1, 1024)), grad_cosine=float(rng.uniform(-1, 1)), optimizer=spec,
+                      grad_norm=float(rng.uniform(0.01, 10)), spike_count=int(rng.integers(1, 5)))
         for s in suggest(kind, ev):
             assert s.reason and s.action
             if s.target == "lr" and s.proposed is not None:
-                assert s.proposed > 0
+                # a learning rate, proposed against the current one (a clipping norm is not offered as one)
+                assert s.proposed > 0 and s.current == ev.lr
+            if s.target == "schedule" and None not in (s.current, s.proposed):
+                # a schedule's lr from the current one: never a warmup's length in steps beside it
+                assert s.current == ev.lr and 0 < s.proposed <= A.MAX_LR_INCREASE * s.current
             if s.target == "momentum":
                 assert 0 <= s.proposed < 1
             if s.target == "batch_size":
@@ -192,3 +197,27 @@ def test_suggest_validation():
         suggest("stuck", Evidence(step=0))
     with pytest.raises(UsageError, match="Evidence"):
         suggest("plateau", {"step": 0})
+
+
+def test_repeated_spikes_get_a_warmup_a_lower_peak_lr_and_clipping_each_in_its_own_units():
+    # one spike that recovers is reported, not acted on
+    spec = OptimizerSpec("sgd", lr=0.05)
+    assert suggest("loss_spike", Evidence(step=100, spike_count=1, grad_norm=1.0, optimizer=spec)) == []
+    # two, the curvature unmeasured: warmup over twice the latest spike's step (in tens), the lr halved, clipping at
+    # twice the gradient norm; neither the warmup's length nor the clipping norm is offered as a learning rate
+    out = suggest("loss_spike", Evidence(step=102, spike_count=2, grad_norm=1.429, optimizer=spec))
+    warm, lower, clip = out
+    assert (warm.target, warm.action, warm.current, warm.proposed) == (
+        "schedule", "Warm up the learning rate over 210 steps", None, None)
+    assert warm.code == "torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=210)"
+    assert (lower.target, lower.current, lower.proposed) == ("lr", 0.05, 0.025) and "unmeasured" in lower.reason
+    assert (clip.target, clip.action, clip.current, clip.proposed) == ("lr", "Clip the gradient norm at 2.858", None,
+                                                                      None)
+    assert clip.code == "pl.Trainer(gradient_clip_val=2.858, gradient_clip_algorithm='norm')"
+    # the sharpness measured: the peak lr at half the threshold (SGD: lr * lambda_max = 1) when that is lower ...
+    sharp = _by(suggest("loss_spike", Evidence(step=3000, spike_count=3, lambda_max=40.0, optimizer=spec)), "lr")
+    assert len(sharp) == 1 and sharp[0].proposed == pytest.approx(1 / 40.0) and "0.5 of the threshold" in sharp[0].reason
+    # ... and halved, saying so, when the lr is already within it; late spikes (after step 2000) get no warmup
+    flat = suggest("loss_spike", Evidence(step=3000, spike_count=3, lambda_max=4.0, optimizer=spec))
+    assert [s.target for s in flat] == ["lr"] and flat[0].proposed == pytest.approx(0.025)
+    assert "3 spikes although lambda_max = 4" in flat[0].reason

@@ -354,21 +354,26 @@ def _loss_spike(ev: Evidence) -> list[Suggestion | None]:
     spike_step = ev.step
     if spike_step <= WARMUP_SPIKES_BEFORE:
         iters = max(10, 10 * math.ceil(2 * spike_step / 10))
+        # current and proposed stay None: a length in steps is no learning rate (the table shows them side by side)
         out.append(_offer(
-            "schedule", "Warm up the learning rate", current=ev.lr, proposed=float(iters),
+            "schedule", f"Warm up the learning rate over {iters} steps",
             reason=f"{ev.spike_count} loss spikes, the latest ending at step {spike_step}: a linear warmup over "
                    f"{iters} steps (twice that) keeps the early steps below the curvature's limit (Gilmer et al. "
                    f"2022).",
             code=f"{_SCHED}.LinearLR(opt, start_factor=0.1, total_iters={iters})"))
     target = _target_lr(ev)
-    lower = DECAY_FACTOR * ev.lr if target is None or target >= ev.lr else target
-    why = (_ratio_text(ev) + f"; lr {_g(lower)} puts it at {TARGET_RATIO} of the threshold" if target is not None
-           and target < ev.lr else f"{ev.spike_count} spikes with the curvature unmeasured: halve the peak lr")
+    if target is not None and target < ev.lr:
+        lower, why = target, _ratio_text(ev) + f"; lr {_g(target)} puts it at {TARGET_RATIO} of the threshold"
+    elif target is not None:  # the sharpness measured now allows the lr: the spikes say it did not everywhere
+        lower, why = DECAY_FACTOR * ev.lr, f"{ev.spike_count} spikes although {_ratio_text(ev)}: halve the peak lr"
+    else:
+        lower, why = DECAY_FACTOR * ev.lr, f"{ev.spike_count} spikes with the curvature unmeasured: halve the peak lr"
     out.append(_lr_suggestion("Lower the peak learning rate", ev, lower, why + "."))
     if ev.grad_norm:
         clip = 2.0 * ev.grad_norm
+        # the step's cap lr * |g|, on the lr's knob; no proposed value: a gradient norm is no learning rate
         out.append(_offer(
-            "lr", "Clip the gradient norm", current=None, proposed=clip,
+            "lr", f"Clip the gradient norm at {_g(clip)}",
             reason=f"Clipping at twice the typical gradient norm {_g(ev.grad_norm)} before the spike caps the step "
                    f"lr * |g| only where a spike makes it large.",
             code=f"pl.Trainer(gradient_clip_val={_g(clip)}, gradient_clip_algorithm='norm')"))
