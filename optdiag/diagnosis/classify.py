@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from optdiag.diagnosis.advice import REPEATED_SPIKES, suggest
+from optdiag.diagnosis.advice import REPEATED_SPIKES, spike_advice_note, suggest
 from optdiag.diagnosis.evidence import Evidence, stability_text
 from optdiag.diagnosis.stall import DEFAULT_REL_IMPROVEMENT, DEFAULT_WINDOW, StallEvent
 from optdiag.diagnosis.types import Diagnosis
@@ -545,8 +545,9 @@ def _build(ev: Evidence, event: StallEvent | None, kinds: tuple[str, ...], th: T
         return None
     _add_kind_evidence(kind, ev, record, loss)
     record["prediction"] = _prediction(kind, ev, record, loss, th)
+    summary = _summary(kind, record, th) + (spike_advice_note(ev) if kind == "loss_spike" else "")
     return Diagnosis(step=ev.step, kind=kind, confidence=scores[kind], evidence=record,
-                     suggestions=suggest(kind, ev), summary=_summary(kind, record, th))
+                     suggestions=suggest(kind, ev), summary=summary)
 
 
 def diagnose_stall(evidence: Evidence, event: StallEvent | None = None, thresholds: Thresholds | None = None, *,
