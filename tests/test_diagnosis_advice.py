@@ -131,14 +131,24 @@ def test_plateau_lr_and_warmup():
 
 def test_minimum_polyak_pair_decay_and_smaller_batch():
     spec = OptimizerSpec("heavy_ball", lr=0.015, momentum=0.9)
-    ev = Evidence(step=0, lambda_max=100.0, lambda_min=1.0, batch_size=512, optimizer=spec)
+    ev = Evidence(step=0, lambda_max=100.0, lambda_min=1.0, batch_size=512, dataset_size=512, optimizer=spec)
     out = suggest("local_minimum", ev)
-    lrs = [s.proposed for s in _by(out, "lr")]
-    assert round(lrs[0], 5) == 0.03306
-    assert round(_by(out, "momentum")[0].proposed, 4) == 0.6694
+    (lr,), (momentum,) = _by(out, "lr"), _by(out, "momentum")
+    assert round(lr.proposed, 5) == 0.03306 and round(momentum.proposed, 4) == 0.6694
+    # one line sets both: the pair's lr alone, at this run's momentum 0.9, is another optimizer
+    assert lr.code == momentum.code == "for g in opt.param_groups: g['lr'], g['momentum'] = 0.03306, 0.6694"
     assert _by(out, "schedule")[0].proposed == pytest.approx(0.0075)
     # stability ratio 100 / 253 < 0.5: not sharp for this optimizer, so no smaller-batch advice
     assert ev.stability_ratio < A.TARGET_RATIO and _by(out, "batch_size") == []
+
+
+def test_minimum_with_minibatches_gets_the_decay_not_polyaks_larger_step():
+    # Polyak's pair is for full-batch steps: with minibatches its larger lr raises the noise floor the decay lowers
+    spec = OptimizerSpec("sgd", lr=0.124)
+    for batch, dataset in ((32, 1024), (32, None), (None, 1024)):
+        out = suggest("local_minimum", Evidence(step=0, lambda_max=2.42, lambda_min=1.52, batch_size=batch,
+                                                dataset_size=dataset, optimizer=spec))
+        assert [(s.target, s.proposed) for s in out] == [("schedule", pytest.approx(0.062))]
 
 
 def test_minimum_small_batch_advice_only_when_sharp():
