@@ -10,8 +10,8 @@ reported as "truth not established" and left out of the scores.
 
 Each run has kinds it SHOULD get and kinds it MAY get (the truth check may add some, e.g. ``loss_spike`` on a
 healthy run whose full-data loss did spike); any other verdict is wrong (on a run that should get a verdict) or a
-false alarm (on a healthy run). Oscillation and plateau runs are also rerun with the learning rate optdiag
-suggested, to see whether the advice helps (reported beside the verdicts, not part of the truth).
+false alarm (on a healthy run). Oscillation, plateau, minimum and saddle runs are also rerun with the learning rate
+optdiag suggested, to see whether the advice helps (reported beside the verdicts, not part of the truth).
 
     python benchmarks/verdict_corpus.py                      # the whole corpus (a few minutes on 2 cores)
     python benchmarks/verdict_corpus.py --only osc_sgd_b16,plateau_regression_gd
@@ -946,36 +946,51 @@ TRUTH_CHECKS: dict[str, Callable[[Record, Callable], Truth]] = {
 
 
 # --- advice check: rerun with the learning rate optdiag proposed ---------------------------------------------------
-ADVICE_CHECKED = ("oscillation", "plateau")
+#: Truth classes whose verdict's lr advice is rerun, and the verdict kind that carries it.
+ADVICE_CHECKED = {"oscillation": "oscillation", "plateau": "plateau", "minimum": "local_minimum",
+                  "saddle": "saddle_point"}
 
 
 def suggested_lr(diagnoses: Sequence[Any], kind: str) -> float | None:
-    """The proposed lr of the first ``kind`` verdict's first lr suggestion with a number."""
+    """The proposed lr of the first ``kind`` verdict's first suggestion that proposes one: an ``lr`` suggestion,
+    or a ``schedule`` one with both numbers (then both are learning rates: the decay a minimum gets)."""
     for d in diagnoses:
         if d.kind == kind:
             for s in d.suggestions:
-                if s.target == "lr" and s.proposed is not None:
+                if s.proposed is not None and (s.target == "lr" or (s.target == "schedule" and s.current is not None)):
                     return float(s.proposed)
     return None
 
 
+def _steps_to_reach(values: Sequence[float], level: float) -> int | None:
+    return next((i for i, v in enumerate(values) if v <= level), None)
+
+
 def check_advice(rec: Record, rerun: Callable) -> str:
     """Rerun with optdiag's proposed lr: oscillation -> a lower loss floor; plateau -> real progress (the loss
-    falls >= 5x as much as in the run, and by >= 10% of where it started)."""
-    kind = rec.spec.truth
-    lr = suggested_lr(rec.diagnoses, kind)
+    falls >= 5x as much as in the run, and by >= 10% of where it started); minimum -> a floor no higher (a decay
+    cannot lower a noise-free floor: "no change" within 0.1%); saddle -> the run's final loss (within 5%) reached
+    sooner."""
+    lr = suggested_lr(rec.diagnoses, ADVICE_CHECKED[rec.spec.truth])
     if lr is None:
         return "no lr suggestion"
     values, new = _eval_values(rec), _eval_values(rerun(lr))
+    head = f"lr {rec.lr:.3g} -> {lr:.3g}: "
     if not _finite(new):
-        return f"lr {rec.lr:.3g} -> {lr:.3g}: BAD (the rerun diverged)"
-    if kind == "oscillation":
-        good = _floor(new) < _floor(values)
-        return f"lr {rec.lr:.3g} -> {lr:.3g}: floor {_floor(values):.4g} -> {_floor(new):.4g} " + (
-            "(helped)" if good else "(BAD)")
+        return head + "BAD (the rerun diverged)"
+    if rec.spec.truth in ("oscillation", "minimum"):
+        before, after = _floor(values), _floor(new)
+        same = rec.spec.truth == "minimum" and abs(after - before) <= 1e-3 * abs(before)
+        verdict = "no change" if same else "helped" if after < before else "BAD"
+        return head + f"floor {before:.4g} -> {after:.4g} ({verdict})"
+    if rec.spec.truth == "saddle":
+        level = 1.05 * values[-1]
+        before, after = _steps_to_reach(values, level), _steps_to_reach(new, level)
+        good = after is not None and (before is None or after < before)
+        return head + f"within 5% of the final loss at eval {before} -> {after} " + ("(helped)" if good else "(BAD)")
     before, after = values[0] - values[-1], values[0] - new[-1]
     good = after >= 5 * max(before, 0.0) and after >= 0.1 * abs(values[0])
-    return f"lr {rec.lr:.3g} -> {lr:.3g}: loss fell {before:.3g} -> {after:.3g} " + ("(helped)" if good else "(BAD)")
+    return head + f"loss fell {before:.3g} -> {after:.3g} " + ("(helped)" if good else "(BAD)")
 
 
 # --- the corpus ----------------------------------------------------------------------------------------------------
@@ -1203,10 +1218,12 @@ not established** and is not scored: the run did not do what it was built to do,
 | oscillation | `oscillation` | | linear regression, where the Hessian is constant and the minimum is least squares: lr lambda_max > 1 + momentum (each step overshoots the steep direction, so the noise-driven error along it has lag-1 autocorrelation 1 - lr lambda / (1 + momentum) < 0), the measured autocorrelation over the last 100 steps is < -0.3 (a bounce), the loss floor is >= 5% above the least-squares loss, and a rerun at half the lr gets closer to it |
 | plateau | `plateau` | | the loss falls < 10% over the run, a rerun at 1000x the lr falls > 5x more, and lr lambda0 < 1e-2 where a dense Hessian is affordable |
 
-Advice is checked too, beside the truth: an oscillation or plateau run that got an lr suggestion is rerun (without
-optdiag) with the proposed lr; the suggestion *helped* when the oscillation's loss floor went down, or when the
-plateau's loss fell at least 5x as much as in the run and by at least 10% of its start (real progress). A run with
-no numeric lr suggestion says so.
+Advice is checked too, beside the truth: an oscillation, plateau, minimum or saddle run that got an lr
+suggestion (for a minimum, the decay: a schedule's proposed lr) is rerun (without optdiag) with the proposed lr;
+the suggestion *helped* when the oscillation's or the minimum's loss floor went down (a decay cannot lower a
+noise-free floor: *no change* within 0.1%), when the plateau's loss fell at least 5x as much as in the run and by
+at least 10% of its start (real progress), or when the saddle run reached its final loss (within 5%) sooner. A
+run with no numeric lr suggestion says so.
 
 Training is deterministic and bitwise the same with or without optdiag, but the Hessian monitor's budget is wall
 time: on a loaded machine a curvature snapshot may be skipped in one run and taken in the next, and the verdicts

@@ -173,3 +173,39 @@ def test_set_takes_python_literals_and_refuses_anything_else_with_the_reason(vc)
         assert vc.summary_line([]).startswith("NOT THE DEFAULTS: OptDiag(budget=0.03); 0 runs")
     finally:
         vc.OVERRIDES.clear()
+
+
+def test_advice_reruns_judge_each_kind_by_its_own_yardstick(vc):
+    """check_advice on hand-made records (the rerun returns given full-data losses): the proposed lr is the first
+    suggestion that proposes one (a minimum's decay is a schedule with both numbers), and each kind is judged by
+    what its advice promises."""
+    from optdiag.diagnosis import Diagnosis, Suggestion
+
+    def record(truth, evals, suggestions, kind):
+        spec = next(s for s in vc.RUNS if s.truth == truth)
+        d = Diagnosis(step=10, kind=kind, confidence=0.9, evidence={}, suggestions=suggestions, summary="s")
+        return vc.Record(spec, 0.1, None, [], list(enumerate(evals)), [], None, None, diagnoses=[d])
+
+    def rerun_with(evals, asked):
+        def rerun(lr):
+            asked.append(lr)
+            return vc.Record(None, lr, None, [], list(enumerate(evals)), [], None, None)
+        return rerun
+
+    decay = Suggestion("schedule", "Decay", current=0.1, proposed=0.05, reason="r")
+    polyak_momentum = Suggestion("momentum", "Set", current=0.0, proposed=0.5, reason="r")
+    asked = []
+    floor = [1.0, 0.5, 0.3, 0.3, 0.3, 0.3, 0.3, 0.3]
+    minimum = record("minimum", floor, [polyak_momentum, decay], "local_minimum")
+    assert vc.check_advice(minimum, rerun_with([1.0, 0.5, 0.3, 0.3, 0.3, 0.3, 0.2, 0.2], asked)).endswith("(helped)")
+    assert asked == [0.05]
+    assert vc.check_advice(minimum, rerun_with(floor, [])).endswith("(no change)")
+    assert vc.check_advice(minimum, rerun_with([1.0, 0.5, 0.3, 0.3, 0.3, 0.3, 0.4, 0.4], [])).endswith("(BAD)")
+    raise_lr = Suggestion("lr", "Raise", current=0.1, proposed=0.2, reason="r")
+    saddle = record("saddle", [5.0, 5.0, 5.0, 1.0, 0.2, 0.1], [polyak_momentum, raise_lr], "saddle_point")
+    sooner = vc.check_advice(saddle, rerun_with([5.0, 1.0, 0.104, 0.1, 0.1, 0.1], []))
+    assert sooner == "lr 0.1 -> 0.2: within 5% of the final loss at eval 5 -> 2 (helped)"
+    assert vc.check_advice(saddle, rerun_with([5.0] * 6, [])).endswith("-> None (BAD)")
+    assert vc.check_advice(saddle, rerun_with([5.0, float("nan")], [])).endswith("BAD (the rerun diverged)")
+    warmup = Suggestion("schedule", "Warm up over 210 steps", reason="r")  # no numbers: proposes no lr
+    assert vc.check_advice(record("saddle", [1.0], [warmup], "saddle_point"), rerun_with([], [])) == "no lr suggestion"

@@ -493,7 +493,7 @@ class StallDiagnoser(OptDiagCallback):
             return None
         value = self._probe_loss(trainer, pl_module, step, "probe_loss")  # None when the budget cannot hold it
         if value is None or not math.isfinite(value):
-            return None  # not collected yet, refused by the budget, or a diverging run (the minibatch detector reports it)
+            return None  # not collected yet, refused by the budget, or a diverging run (the minibatch detector's)
         if self._probe_stride is None:  # the episode's first read: now priced, it sets the spacing of the rest
             self._probe_stride, self._probe_start = self._plan_probe_stride(trainer, step), step
             self.probe_detector.set_window(*self._probe_window(self._probe_stride))
