@@ -149,6 +149,10 @@ def test_minimum_with_minibatches_gets_the_decay_not_polyaks_larger_step():
         out = suggest("local_minimum", Evidence(step=0, lambda_max=2.42, lambda_min=1.52, batch_size=batch,
                                                 dataset_size=dataset, optimizer=spec))
         assert [(s.target, s.proposed) for s in out] == [("schedule", pytest.approx(0.062))]
+    # the same full batch every step, whatever the loader calls an epoch: no gradient noise between probe batches
+    same = suggest("local_minimum", Evidence(step=0, lambda_max=2.42, lambda_min=1.52, batch_size=64, dataset_size=400,
+                                             grad_noise_trace=0.0, optimizer=spec))
+    assert [s.target for s in same] == ["schedule", "lr", "momentum"]
 
 
 def test_minimum_small_batch_advice_only_when_sharp():

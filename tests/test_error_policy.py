@@ -143,11 +143,12 @@ def test_optimizer_spec_from_torch_never_raises_on_what_it_reads():
 
 def test_advice_on_measured_curvature_out_of_order_or_degenerate():
     sgd = OptimizerSpec("sgd", lr=0.1)
-    inverted = Evidence(step=1, lambda_max=2.0, lambda_min=3.0, optimizer=sgd)  # Lanczos: lambda_min > lambda_max
+    # Lanczos: lambda_min > lambda_max; full-batch steps (no gradient noise), where the Polyak pair is offered
+    inverted = Evidence(step=1, lambda_max=2.0, lambda_min=3.0, grad_noise_trace=0.0, optimizer=sgd)
     polyak = [s for s in suggest("local_minimum", inverted) if s.action == "Set the Polyak learning rate"]
     assert [s.proposed for s in polyak] == [pytest.approx(1 / 2.0)]  # the range [2, 2]: lr = 4 / (2 sqrt 2)^2
-    for ev in (Evidence(step=1, lambda_max=5e-324, optimizer=sgd),  # lambda_max / 1000 underflows to 0
-               Evidence(step=1, lambda_max=1e-300, lambda_min=-1e-300, loss=1e300, optimizer=sgd),
+    for ev in (Evidence(step=1, lambda_max=5e-324, grad_noise_trace=0.0, optimizer=sgd),  # lambda_max / 1000 is 0
+               Evidence(step=1, lambda_max=1e-300, lambda_min=-1e-300, loss=1e300, grad_noise_trace=0.0, optimizer=sgd),
                Evidence(step=1, lambda_max=0.0, lambda_min=0.0, optimizer=OptimizerSpec("sgd", lr=0.0))):
         for kind in KINDS:
             for s in suggest(kind, ev):

@@ -1011,3 +1011,21 @@ def test_a_repeated_spike_short_of_gradient_pairs_waits_for_the_pairs_after_it(m
         diagnoser, _, looks, recorded = run(spike_count, pairs_before)
         diagnoser._handle(None, None, spike_event(65))
         assert len(recorded) == 1 and diagnoser._waiting_spike is None and looks == [(65, None)]
+
+
+def test_samples_per_epoch_are_unknown_when_the_loaders_items_are_whole_batches():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from optdiag.callbacks.stall import _dataset_size
+
+    class Trainer:
+        def __init__(self, loader, batches):
+            self.train_dataloader, self.num_training_batches = loader, batches
+
+    data = TensorDataset(torch.zeros(100, 2))
+    assert _dataset_size(Trainer(DataLoader(data, batch_size=10), 10), 10) == 100
+    assert _dataset_size(Trainer(DataLoader(data, batch_size=100), 1), 100) == 100  # one batch: the batch
+    # one item per step, each a whole batch (the demo's StepBatches): its length counts steps, not samples
+    (run,) = scenario("minimum").build()
+    assert run.loader.batch_size is None and _dataset_size(Trainer(run.loader, len(run.loader)), 64) is None
+    assert _dataset_size(Trainer(None, None), 10) is None

@@ -82,12 +82,17 @@ TEXT_TAG = "optdiag/diagnosis"
 
 
 def _dataset_size(trainer: Any, batch_size: int | None) -> int | None:
-    """Samples per epoch: the batch size when an epoch is one batch (full batch), else the dataset's length."""
+    """Samples per epoch: the batch size when an epoch is one batch (full batch), else the dataset's length; None
+    when its items are whole batches (a loader with ``batch_size=None``: the length counts batches, not samples) or
+    it has no length."""
     batches = getattr(trainer, "num_training_batches", None)
     if batches == 1 and batch_size:
         return int(batch_size)
+    loader = getattr(trainer, "train_dataloader", None)
+    if getattr(loader, "batch_size", 0) is None:
+        return None
     try:
-        return int(len(trainer.train_dataloader.dataset))
+        return int(len(loader.dataset))
     except (AttributeError, TypeError):
         return None
 

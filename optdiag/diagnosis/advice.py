@@ -308,11 +308,10 @@ def _minimum(ev: Evidence) -> list[Suggestion | None]:
     opt = ev.optimizer
     lam_max = ev.lambda_max
     # Polyak's pair is the fastest noise-free descent into this curvature range: a run for next time, and only for
-    # full-batch steps. With minibatches its larger lr raises the noise floor the decay above lowers (the verdict
-    # corpus's SGD minimum at batch 32: 0.339 against 0.241 on the full data), and its lr without its momentum
-    # diverged where the momentum was 0.9 (docs/diagnosis-rules.md).
-    full_batch = ev.batch_size is not None and ev.dataset_size is not None and ev.batch_size >= ev.dataset_size
-    if full_batch and lam_max is not None and lam_max > 0 and (opt is None or not opt.preconditioned):
+    # full-batch steps (Evidence.noise_free). With minibatches its larger lr raises the noise floor the decay above
+    # lowers (the verdict corpus's SGD minimum at batch 32: 0.339 against 0.241 on the full data), and its lr without
+    # its momentum diverged where the momentum was 0.9 (docs/diagnosis-rules.md).
+    if ev.noise_free and lam_max is not None and lam_max > 0 and (opt is None or not opt.preconditioned):
         # a measured lambda_min above lambda_max (Lanczos error) leaves the range [lambda_max, lambda_max]
         mu = min(max(ev.lambda_min if ev.lambda_min is not None else 0.0, lam_max / POLYAK_MAX_CONDITION), lam_max)
         if mu <= 0:  # lambda_max / 1000 underflowed: no range to tune for
@@ -404,7 +403,8 @@ def suggest(kind: str, evidence: Evidence) -> list[Suggestion]:
 
     Example:
         >>> from optdiag.diagnosis.evidence import Evidence
-        >>> [s.target for s in suggest("local_minimum", Evidence(step=0, lambda_max=100.0, lambda_min=1.0))]
+        >>> full_batch = Evidence(step=0, lambda_max=100.0, lambda_min=1.0, grad_noise_trace=0.0)
+        >>> [s.target for s in suggest("local_minimum", full_batch)]
         ['lr', 'momentum']
     """
     if kind not in KINDS:

@@ -199,8 +199,7 @@ def _grad_zero(ev: Evidence, th: Thresholds | None = None, loss: float | None = 
         return _deterministic_grad_zero(ev, th, loss)
     if ev.grad_snr is not None and ev.grad_noise_trace and (ev.grad_noise_batches or 0) >= MIN_GRADIENT_PAIRS:
         return 1.0 - log_ratio_probability(ev.grad_snr, GRAD_SNR_BOUNDARY)
-    noise_free = ev.grad_noise_trace == 0 or (ev.batch_size is not None and ev.batch_size == ev.dataset_size)
-    return _deterministic_grad_zero(ev, th, loss) if noise_free else None
+    return _deterministic_grad_zero(ev, th, loss) if ev.noise_free else None
 
 
 def _deterministic_grad_zero(ev: Evidence, th: Thresholds | None, loss: float | None) -> float | None:

@@ -194,6 +194,19 @@ class Evidence:
         return self.optimizer.lr
 
     @property
+    def noise_free(self) -> bool:
+        """Whether the steps carry no minibatch noise: each batch is the whole data set (``batch_size`` at least
+        ``dataset_size``), or the probe batches' gradients do not differ at all (``grad_noise_trace`` 0: the same
+        full batch every step, whatever the loader says its epoch holds).
+
+        Example:
+            >>> Evidence(step=0, batch_size=64, dataset_size=64).noise_free, Evidence(step=0, batch_size=32).noise_free
+            (True, False)
+        """
+        return self.grad_noise_trace == 0 or (self.batch_size is not None and self.dataset_size is not None
+                                              and self.batch_size >= self.dataset_size)
+
+    @property
     def stability_threshold(self) -> float | None:
         """Largest stable curvature for the optimizer (docs/theory.md section 1); None when unknown."""
         return None if self.optimizer is None else stability_threshold(self.optimizer)
