@@ -286,6 +286,21 @@ def test_a_brief_spike_absorbs_the_median_spike_of_the_same_excursion():
     assert _events([1.0] * 20, det, start=203) == []
 
 
+def test_the_tail_of_a_brief_spike_nominates_no_new_one():
+    # The step a brief spike is read as come back (203), the minibatch loss may still stand high (the model's loss
+    # comes down over a few steps): nominated there, its next read would see the rest of the same fall and report
+    # the excursion twice (a digits MLP at batch 8 did, its full-data loss flat over the second). None starts for
+    # 2 BRIEF_AFTER steps after it; then a new jump is nominated as before.
+    det, started = _brief_candidate(5.0)
+    assert started and det.brief_spike_read(200, 2.0) is None
+    _events([1.0] * stall_module.BRIEF_AFTER, det, start=200)
+    assert det.brief_spike_read(203, 0.8).reason == "spike"
+    quiet = 203 + 2 * stall_module.BRIEF_AFTER
+    assert not any(det.brief_spike_start(step, 5.0) for step in range(203, quiet + 1))
+    _events([1.0] * (quiet - 203), det, start=203)
+    assert det.brief_spike_start(quiet + 1, 5.0)
+
+
 def test_a_brief_spike_in_progress_survives_a_state_round_trip():
     det, started = _brief_candidate(5.0)
     det.brief_spike_read(200, 2.0)

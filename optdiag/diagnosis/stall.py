@@ -433,7 +433,7 @@ class StallDetector:
         self._rising_since: int | None = None  # first check step of the current run of divergent rises
         self._spike: dict[str, float] | None = None  # the spike in progress
         self._brief: dict[str, Any] | None = None  # a brief spike waiting for the model's loss after it
-        self._quiet_until = -math.inf  # no median spike starts up to this step: the tail of a brief one
+        self._quiet_until = -math.inf  # no spike starts up to this step: the tail of a brief one
         # (level, spreads, count) scaled, and the level unscaled: refreshed on check steps (_spike_reference)
         self._reference: tuple[float, tuple[float, ...], int, float] | None = None
         self._spike_log = True  # spikes are judged on log losses (all positive so far)
@@ -579,8 +579,11 @@ class StallDetector:
         """
         try:
             n = len(self._losses)
+            # nor in the tail of a brief spike just read (the model's loss still coming down reads as a new
+            # spike's fall: one excursion, one verdict)
             if self._brief is not None or self._spike is not None or self._state == _DIVERGED \
-                    or n < BRIEF_MIN_LOSSES or not self._spike_log or not (loss > 0 and math.isfinite(loss)):
+                    or step <= self._quiet_until or n < BRIEF_MIN_LOSSES or not self._spike_log \
+                    or not (loss > 0 and math.isfinite(loss)):
                 return False
             reference = sorted(_tail(self._losses, BRIEF_LEVEL_LOSSES))[BRIEF_LEVEL_LOSSES // 2]
             if not loss > self.spike_ratio * reference or \
