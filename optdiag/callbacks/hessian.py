@@ -405,12 +405,15 @@ class HessianMonitor(OptDiagCallback):
         less what it spent before (the diagnoser's probe-set losses, paid from the same earnings) must cover its
         price, in training steps at the fit's seconds per step so far. If not, it waits for the shortfall at the
         earning rate (rank 0's clock decides, broadcast)."""
-        seconds_per_step = self._train_seconds() / max(step - self._steps_at_start, 1)
-        shortfall = self.first_estimate_price() * seconds_per_step - self._earned_balance()
+        shortfall = self.first_estimate_price() * self._seconds_per_step(step) - self._earned_balance()
         wait = self.steps_to_earn(trainer, step, shortfall)
         if wait:
             self._next_step = step + wait
         return wait == 0
+
+    def _seconds_per_step(self, step: int) -> float:
+        """This fit's training seconds per optimizer step up to ``step`` (at least one step counted)."""
+        return self._train_seconds() / max(step - self._steps_at_start, 1)
 
     def _earned_balance(self) -> float:
         """What the fit has earned (``budget`` times its training time) less everything it spent: the credit there
@@ -421,7 +424,7 @@ class HessianMonitor(OptDiagCallback):
         """Steps until the fit earns ``seconds`` more, at its earnings per step so far; 0 when nothing is owed."""
         if seconds <= 0:
             return 0
-        per_step = self.budget * self._train_seconds() / max(step - self._steps_at_start, 1)
+        per_step = self.budget * self._seconds_per_step(step)
         return max(1, int(ceil_to(seconds / max(per_step, 1e-12))))  # 120.00000000000001 steps are 120
 
     def _probe_ready(self) -> bool:
@@ -618,13 +621,11 @@ class HessianMonitor(OptDiagCallback):
         at the fit's seconds per step so far; the same rule that lends the first estimate (a fit that pays for it).
         Borrowed up front and repaid by the earnings, so a fit that runs as planned spends at most its budget, and a
         window of steps at most its budget plus about one bucket. 0 without a trainer or before a step has run."""
-        if trainer is None:
-            return 0.0
-        done = global_step(trainer) - self._steps_at_start
-        if done < 1:
+        step = None if trainer is None else global_step(trainer)
+        if step is None or step <= self._steps_at_start:
             return 0.0
         planned = self.budget * self._run_steps if self._run_steps is not None else math.inf
-        return min(self.first_estimate_price(), planned) * self._train_seconds() / done
+        return min(self.first_estimate_price(), planned) * self._seconds_per_step(step)
 
     def steps_to_earn(self, trainer: Any, step: int, seconds: float | None) -> int:
         """Training steps over which the fit earns ``seconds`` of measurement at its rate so far (``budget`` times

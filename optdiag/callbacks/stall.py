@@ -78,6 +78,8 @@ class _PendingStall(NamedTuple):
     def from_dict(cls, data: dict[str, Any]) -> _PendingStall:
         return cls(StallEvent.from_dict(data["event"]), int(data["tries"]), int(data["retry"]),
                    bool(data["reuse_curvature"]), bool(data["every_step"]))
+
+
 TEXT_TAG = "optdiag/diagnosis"
 
 
@@ -525,9 +527,10 @@ class StallDiagnoser(OptDiagCallback):
         same steps. With ``n`` reads ``s`` steps apart against ``n s`` minibatch losses, a trend's interval
         narrows as ``noise * sqrt(s)`` against the minibatch losses' noise (relative to their levels): reads
         clearly no less noisy than that (:data:`PROBE_NOISE_MARGIN`; a model whose weights bounce near the floor
-        moves its fixed batches' loss as much as the batches do) only cost. Judged once the probe detector holds a window of reads
-        and at least ``2 MIN_PROBE_READS`` (the median of fewer differences is a guess, and the knee of a fast
-        descent's end would pass for noise), against the minibatch noise of the two windows "looks flat" judges."""
+        moves its fixed batches' loss as much as the batches do) only cost. Judged once the probe detector holds a
+        window of reads and at least ``2 MIN_PROBE_READS`` (the median of fewer differences is a guess, and the knee
+        of a fast descent's end would pass for noise), against the minibatch noise of the two windows "looks flat"
+        judges."""
         reads = self.probe_detector.n_losses
         if reads < max(self.probe_detector.window, 2 * MIN_PROBE_READS):
             return True
@@ -615,9 +618,8 @@ class StallDiagnoser(OptDiagCallback):
 
         def read() -> None:
             if not value:
-                taken = self.n_probe_losses
                 value.append(self._probe_loss(trainer, pl_module, step, "brief_spike_read", per_batch=True))
-                self._brief_reads += self.n_probe_losses - taken  # a read the budget refused costs none
+                self._brief_reads += value[0] is not None  # a read the budget refused (None) costs none
             candidate = detector.brief_spike or {}
             event = detector.brief_spike_read(step, value[0])  # no read (None): the nomination is dropped
             if event is not None:

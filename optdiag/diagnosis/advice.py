@@ -354,8 +354,8 @@ def _loss_spike(ev: Evidence) -> list[Suggestion | None]:
     many spikes or more and the same or a worse final loss (docs/diagnosis-rules.md). Spikes that recur while the
     step bounces are the oscillation's, with its advice (:func:`~optdiag.diagnosis.diagnose_stall`).
     """
-    target = _target_lr(ev)
-    if (ev.spike_count or 0) < REPEATED_SPIKES or not ev.lr or target is None or target >= ev.lr:
+    target = _spike_lr(ev)
+    if target is None:
         return []
     out: list[Suggestion | None] = []
     if ev.step <= WARMUP_SPIKES_BEFORE:
@@ -372,9 +372,18 @@ def _loss_spike(ev: Evidence) -> list[Suggestion | None]:
     return out
 
 
+def _spike_lr(ev: Evidence) -> float | None:
+    """The peak lr repeated spikes are advised (half the threshold of the measured sharpness), or None: not
+    repeated, no lr, or the measured curvature does not show the step too large (unmeasured, or already within)."""
+    target = _target_lr(ev)
+    if (ev.spike_count or 0) < REPEATED_SPIKES or not ev.lr or target is None or target >= ev.lr:
+        return None
+    return target
+
+
 def spike_advice_note(ev: Evidence) -> str:
     """Why a repeated spike got no advice ("" when it did, or is not repeated): the sentence a summary adds."""
-    if (ev.spike_count or 0) < REPEATED_SPIKES or not ev.lr or _loss_spike(ev):
+    if (ev.spike_count or 0) < REPEATED_SPIKES or not ev.lr or _spike_lr(ev) is not None:
         return ""
     head = f" Spike {ev.spike_count} of the run; no change suggested: "
     if _target_lr(ev) is None:
