@@ -19,7 +19,7 @@ from torch import nn
 import optdiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, lightning_loss
-from optdiag.callbacks.stall import PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser, _PendingStall
+from optdiag.callbacks.stall import PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser, _PendingStall, _WaitingSpike
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
 from optdiag.diagnosis import Diagnosis, StallDetector, StallEvent
@@ -617,12 +617,12 @@ def test_verdicts_in_flight_are_checkpointed():
     the checkpoint, and come back as they were."""
     diagnoser = StallDiagnoser(verbose=False)
     diagnoser._pending = _PendingStall(_spike_event(60), 2, 69, True, True)
-    diagnoser._waiting_spike = (_spike_event(65), 75)
+    diagnoser._waiting_spike = _WaitingSpike(_spike_event(65), 75)
     resumed = StallDiagnoser(verbose=False)
     resumed.load_state_dict(json.loads(json.dumps(diagnoser.state_dict())))
     (event, *rest), (spike, judged_at) = resumed._pending, resumed._waiting_spike
     assert event.to_dict() == diagnoser._pending[0].to_dict() and rest == [2, 69, True, True]
-    assert spike.to_dict() == diagnoser._waiting_spike[0].to_dict() and judged_at == 75
+    assert spike.to_dict() == diagnoser._waiting_spike.event.to_dict() and judged_at == 75
     cleared = StallDiagnoser(verbose=False)
     cleared.load_state_dict(json.loads(json.dumps(StallDiagnoser(verbose=False).state_dict())))
     assert cleared._pending is None and cleared._waiting_spike is None
@@ -637,7 +637,7 @@ def test_a_resumed_fit_judges_a_waiting_spike_with_every_step_measured(tmp_path,
     diagnoser = StallDiagnoser(verbose=False, gradient_monitor=gradient)
     trainer = trainer_for(tmp_path, [gradient, diagnoser], 20)
     trainer.fit(run.module, run.loader)
-    diagnoser._waiting_spike = (_spike_event(18), 28)  # judged at step 28 with the pairs up to it
+    diagnoser._waiting_spike = _WaitingSpike(_spike_event(18), 28)  # judged at step 28 with the pairs up to it
     path = str(tmp_path / "waiting.ckpt")
     trainer.save_checkpoint(path)
 
@@ -993,7 +993,7 @@ def test_a_repeated_spike_short_of_gradient_pairs_waits_for_the_pairs_after_it(m
     stall_retry = _PendingStall(spike_event(60), 1, 90, False, False)  # a stall's retry is not the spike's business
     diagnoser._pending = stall_retry
     diagnoser._handle(None, None, spike_event(65))
-    assert recorded == [] and diagnoser._waiting_spike[1] == retry and diagnoser.n_spikes == 1
+    assert recorded == [] and diagnoser._waiting_spike.judged_at == retry and diagnoser.n_spikes == 1
     assert [s for s in range(66, 81) if gradient.is_measured(s)] == list(range(66, retry + 1)) + [79, 80]
     diagnoser._judge_waiting_spike(None, None, retry)
     assert [d.kind for d in recorded] == ["oscillation"] and looks == [(65, None), (65, retry)]

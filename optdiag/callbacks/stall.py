@@ -80,6 +80,21 @@ class _PendingStall(NamedTuple):
                    bool(data["reuse_curvature"]), bool(data["every_step"]))
 
 
+class _WaitingSpike(NamedTuple):
+    """A repeated spike whose verdict waits for the gradient pairs measured just after it, judged at step
+    ``judged_at`` (docs/diagnosis-rules.md, "Repeated spikes")."""
+
+    event: StallEvent
+    judged_at: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event": self.event.to_dict(), "judged_at": self.judged_at}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _WaitingSpike:
+        return cls(StallEvent.from_dict(data["event"]), int(data["judged_at"]))
+
+
 TEXT_TAG = "optdiag/diagnosis"
 
 
@@ -290,7 +305,7 @@ class StallDiagnoser(OptDiagCallback):
         # verdicts in flight, checkpointed: an undecided stall and a repeated spike waiting for gradient pairs
         # (_waits_for_pairs: event, the step it is judged at)
         self._pending: _PendingStall | None = None
-        self._waiting_spike: tuple[StallEvent, int] | None = None
+        self._waiting_spike: _WaitingSpike | None = None
         # a resumed fit asks the gradient monitor again for every step up to this one (what they wait for)
         self._rearm_until: int | None = None
         self._reset_transient()
@@ -379,7 +394,7 @@ class StallDiagnoser(OptDiagCallback):
                 self._end_probing()
         # the gradient monitor forgets at its own train start which steps it was asked to measure: asked again at
         # the first batch, when every callback has started
-        waits = [self._waiting_spike[1]] if self._waiting_spike is not None else []
+        waits = [self._waiting_spike.judged_at] if self._waiting_spike is not None else []
         waits += [self._pending.retry] if self._pending is not None and self._pending.every_step else []
         self._rearm_until = max(waits, default=None)
 
@@ -455,7 +470,7 @@ class StallDiagnoser(OptDiagCallback):
             self.probe_detector.mark_stalled()
             self._early_ends = 0
         if self._waiting_spike is not None and (self._brief_events or event is not None
-                                                or step >= self._waiting_spike[1]):
+                                                or step >= self._waiting_spike.judged_at):
             self._judge_waiting_spike(trainer, pl_module, step)  # before a new event: verdicts in their spikes' order
         for brief in self._brief_events:
             self._handle(trainer, pl_module, brief)
@@ -721,7 +736,7 @@ class StallDiagnoser(OptDiagCallback):
             # (docs/diagnosis-rules.md, "Repeated spikes").
             judged_at = event.step + MIN_GRADIENT_PAIRS + 2  # the gradient of step s is measured before step s + 1
             self.gradient_monitor.measure_every_step(until=judged_at)
-            self._waiting_spike = (event, judged_at)
+            self._waiting_spike = _WaitingSpike(event, judged_at)
             return
         if diagnosis is None:
             # No verdict without evidence: keep the record for debugging only, and look again later (more gradient
@@ -767,7 +782,7 @@ class StallDiagnoser(OptDiagCallback):
     def _judge_waiting_spike(self, trainer: Any, pl_module: Any, step: int) -> None:
         """Judge the spike that waited for gradient pairs (:meth:`_waits_for_pairs`) with those measured up to
         ``step``: at its step, or sooner when a new event or the end of training comes (a verdict either way)."""
-        event, self._waiting_spike = self._waiting_spike[0], None
+        event, self._waiting_spike = self._waiting_spike.event, None
         self._handle(trainer, pl_module, event, tries=1, reuse_curvature=True, pairs_until=step)
 
     def _retry(self, trainer: Any, pl_module: Any, step: int) -> None:
@@ -1061,8 +1076,7 @@ class StallDiagnoser(OptDiagCallback):
             "probe_quiet_until": self._probe_quiet_until,
             "probe_early_ends": self._early_ends,
             "pending_stall": None if self._pending is None else self._pending.to_dict(),
-            "waiting_spike": None if self._waiting_spike is None else {
-                "event": self._waiting_spike[0].to_dict(), "judged_at": self._waiting_spike[1]},
+            "waiting_spike": None if self._waiting_spike is None else self._waiting_spike.to_dict(),
             "n_snapshots": self.n_snapshots,
             "n_spikes": self.n_spikes,
             "open_predictions": list(self._open),
@@ -1089,8 +1103,7 @@ class StallDiagnoser(OptDiagCallback):
         self._early_ends = int(state_dict.get("probe_early_ends", 0))
         pending, waiting = state_dict.get("pending_stall"), state_dict.get("waiting_spike")
         self._pending = _PendingStall.from_dict(pending) if pending else None
-        self._waiting_spike = None if not waiting else (
-            StallEvent.from_dict(waiting["event"]), int(waiting["judged_at"]))
+        self._waiting_spike = _WaitingSpike.from_dict(waiting) if waiting else None
         self.n_snapshots = int(state_dict.get("n_snapshots", 0))
         self.n_spikes = int(state_dict.get("n_spikes", 0))
         self._open = [int(i) for i in state_dict.get("open_predictions", []) if 0 <= int(i) < len(self.diagnoses)]
