@@ -25,6 +25,13 @@ whole runs here) falls on all of them alike; each round is one race, and the tab
 the baseline of the same race. Keep a race to a few processes: with more, each turn starts with a colder cache.
 ``Callback`` (an empty ``pl.Callback``) is what Lightning's dispatch of one callback costs before it does anything.
 
+``--alternate N`` measures the per-step work alone, inside one run: each configuration's per-step hooks run for
+``N`` batches and are skipped for the next ``N``, and so on, and the seconds per step of the two kinds of block are
+compared (medians over the blocks; the same process, model, memory and cache, blocks a fraction of a second apart).
+A block that holds episodic work (a probe read, a measured pair, a snapshot) is an outlier the median leaves out, so
+the difference of the medians is the work every step pays; the monitors see only every other block, so nothing
+else of a whole run is measured this way. ``Callback`` gives the method's own spread.
+
 Models: ``mlp`` (26k parameters) and ``cnn`` (10k) on the digits, batch 32; ``wide-cnn``; ``mlp670k`` (784-512-512-10,
 the digits upsampled to 28x28, batch 128); ``bn-cnn`` (two conv + BatchNorm blocks, 4x the channels of ``cnn``);
 ``transformer`` (Lightning's demo ``Transformer``, 2 layers of width 128, on 64-token sequences of a 500-token
@@ -56,7 +63,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from optdiag.callbacks.bundle import OptDiag
+from optdiag.callbacks.bundle import FORWARDED_HOOKS, OptDiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.demo.runner import quiet_lightning
@@ -313,7 +320,7 @@ class HookTimer:
     the bundle's forwarding, which looks its receivers up once, calls the timed ones)."""
 
     def __init__(self, bundle: OptDiag) -> None:
-        from optdiag.callbacks.bundle import FORWARDED_HOOKS, _implements
+        from optdiag.callbacks.bundle import _implements
 
         self.seconds: dict[tuple[str, str], float] = {}
         self.calls: dict[tuple[str, str], int] = {}
@@ -371,6 +378,68 @@ def profile(model: str, epochs: int, batch_size: int, root: str, steps: int) -> 
     stats.print_stats("optdiag", 25)
     out.append("cProfile, the 25 optdiag functions with the most own time:\n" + text.getvalue().split("\n\n", 2)[-1])
     return "\n".join(out)
+
+
+_PER_STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward", "on_before_optimizer_step",
+                   "on_before_zero_grad", "on_train_batch_end")
+
+
+class Alternating(pl.Callback):
+    """``inner``'s per-step hooks on for ``every`` batches and off for the next ``every``, alternately (its other hooks
+    always run); ``seconds[on]`` holds the seconds per step of each block, from its first batch to the next block's."""
+
+    def __init__(self, inner: pl.Callback, every: int) -> None:
+        self.inner, self.every, self.batches, self.on = inner, every, 0, False
+        self.seconds: dict[bool, list[float]] = {True: [], False: []}
+        self._block_start: float | None = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if self.batches % self.every == 0:
+            now = time.perf_counter()
+            if self._block_start is not None and self.batches > 2 * self.every:  # the first two blocks warm up
+                self.seconds[self.on].append((now - self._block_start) / self.every)
+            self._block_start, self.on = now, (self.batches // self.every) % 2 == 1
+        self.batches += 1
+        if self.on:
+            self.inner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+
+def _alternating_hook(name: str) -> Callable[..., Any]:
+    def hook(self: Alternating, *args: Any, **kwargs: Any) -> Any:
+        if name not in _PER_STEP_HOOKS or self.on:
+            return getattr(self.inner, name)(*args, **kwargs)
+        return None
+
+    hook.__name__ = name
+    return hook
+
+
+for _name in FORWARDED_HOOKS + ("state_dict", "load_state_dict"):
+    if _name != "on_train_batch_start":
+        setattr(Alternating, _name, _alternating_hook(_name))
+
+
+def measure_alternating(model: str, epochs: int, batch_size: int, root: str, names: list[str], steps: int,
+                        every: int) -> str:
+    """One run per configuration with its per-step hooks alternately on and off (:class:`Alternating`)."""
+    lines = [f"**{model}** ({steps} optimizer steps per run, hooks on and off in alternating blocks of {every} "
+             "batches)", "",
+             "| callbacks | seconds per step, hooks on (median of blocks) | hooks off | per-step cost (us) "
+             "| relative | difference of the means (us) | blocks on / off |", "|---|---|---|---|---|---|---|"]
+    for name in names:
+        if name == "none":
+            continue
+        (inner,) = CONFIGS[name]()
+        alternating = Alternating(inner, every)
+        run_once(model, name, epochs, batch_size, root, steps, callbacks=[alternating])
+        on, off = alternating.seconds[True], alternating.seconds[False]
+        if not on or not off:
+            raise SystemExit(f"--alternate {every}: too few blocks in {steps} steps")
+        m_on, m_off = statistics.median(on), statistics.median(off)
+        lines.append(f"| {name} | {1e3 * m_on:.3f} ms | {1e3 * m_off:.3f} ms | {1e6 * (m_on - m_off):+.0f} "
+                     f"| {m_on / m_off:.3f} | {1e6 * (statistics.mean(on) - statistics.mean(off)):+.0f} "
+                     f"| {len(on)} / {len(off)} |")
+    return "\n".join(lines)
 
 
 def lockstep_target(name: str, args: tuple, wrap: Callable[[list], list]) -> dict[str, Any]:
@@ -474,6 +543,9 @@ def main() -> None:
                         help="race the configurations on one core, taking turns every N training batches "
                              "(benchmarks/lockstep.py): each round is one race, its ratios immune to the machine's "
                              "drift; 0 (default): whole runs one after the other")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="time the per-step hooks alone: in one run per configuration, on for N batches and off "
+                             "for the next N, alternately (medians of the blocks); 0 (default): off")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
                         help="an OptDiag setting other than its default, e.g. --set budget=0.03 (repeatable)")
     parser.add_argument("--root", default=None, help="Trainer default_root_dir (default: a temporary folder)")
@@ -494,7 +566,10 @@ def main() -> None:
             loader = loader_for(model, args.batch_size)
             steps = args.epochs * len(loader) if args.steps < 0 else min(args.steps, args.epochs * len(loader))
             params = sum(p.numel() for p in MODELS[model]().parameters())
-            if args.lockstep:
+            if args.alternate:
+                print(measure_alternating(model, args.epochs, args.batch_size, args.root or tmp, names, steps,
+                                          args.alternate), "\n", flush=True)
+            elif args.lockstep:
                 races = measure_lockstep(model, args.epochs, args.batch_size, args.rounds, args.root or tmp, names,
                                          args.steps, args.lockstep)
                 print(f"batch {loader.batch_size}, load average now {os.getloadavg()[0]:.1f}")
