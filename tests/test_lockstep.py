@@ -92,3 +92,50 @@ def test_the_baton_callbacks_bracket_the_others():
         wrapped[-1].on_train_batch_end()
     wrapped[-1].on_train_end(None, None)
     assert baton.turns == 3 and len(baton.intervals) == 3 and baton.done[0] == 1  # passes at batches 3 and 6, end
+
+
+class _Recorder(pl.Callback):
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int | None]] = []
+
+    def setup(self, trainer, pl_module, stage):
+        self.calls.append(("setup", None))
+
+    def on_train_start(self, trainer, pl_module):
+        self.calls.append(("on_train_start", None))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.calls.append(("on_train_batch_start", batch_idx))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.calls.append(("on_before_optimizer_step", trainer.global_step))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.calls.append(("on_train_batch_end", batch_idx))
+
+    def on_train_end(self, trainer, pl_module):
+        self.calls.append(("on_train_end", None))
+
+
+def test_alternating_blocks_run_the_per_step_hooks_every_other_block(tmp_path):
+    """``bench_overhead.py --alternate``: the wrapped callback's per-step hooks run in the odd blocks of ``every``
+    batches only, its other hooks always; each block after the first two is timed under its kind."""
+    import bench_overhead
+
+    recorder = _Recorder()
+    alternating = bench_overhead.Alternating(recorder, every=2)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(4 * STEPS, 4, generator=g), torch.randn(4 * STEPS, 1, generator=g))
+    trainer = pl.Trainer(accelerator="cpu", max_steps=STEPS, callbacks=[alternating], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=str(tmp_path))
+    trainer.fit(_Tiny(), DataLoader(data, batch_size=4))
+    on_batches = [b for b in range(STEPS) if (b // 2) % 2 == 1]
+    assert [b for hook, b in recorder.calls if hook == "on_train_batch_start"] == on_batches
+    assert [b for hook, b in recorder.calls if hook == "on_train_batch_end"] == on_batches
+    assert [s for hook, s in recorder.calls if hook == "on_before_optimizer_step"] == on_batches  # step = batch here
+    assert [hook for hook, _ in recorder.calls if not hook.startswith(("on_train_batch", "on_before"))] == [
+        "setup", "on_train_start", "on_train_end"]
+    # blocks start at batches 0, 2, ..., 10; those from batch 4 on are timed when the next one starts (6, 8, 10)
+    assert len(alternating.seconds[False]) == 2 and len(alternating.seconds[True]) == 1
+    assert all(s > 0 for kind in (True, False) for s in alternating.seconds[kind])
