@@ -198,3 +198,42 @@ def test_the_children_share_one_read_of_the_step_per_hook(tmp_path, monkeypatch)
     # one read before the optimizer step (three children), one at the batch's end (two), one before backward (the
     # conditioning monitor's loss-graph cadence); and a few at the start and end of the fit
     assert optdiag_reads <= 40 * 3 + 20
+
+
+class _Recording(pl.LightningModule):
+    """A regression whose training_step keeps each loss it returns (its float), for comparison with optdiag's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.returned: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.returned.append(float(loss))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("accumulate", [1, 4])
+def test_the_loss_training_step_returned_under_gradient_accumulation(tmp_path, accumulate):
+    """Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches; the stall detector and the
+    triage (which compares the training loss with the validation loss) must see the loss training_step returned:
+    with 4 micro-batches a step they saw a quarter of it, a training loss 4x below a validation loss on the same
+    data."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(128, 1, generator=g))
+    bundle, module, steps = OptDiag(verbose=False), _Recording(), 6
+    _trainer(tmp_path, [bundle], steps, accumulate_grad_batches=accumulate).fit(
+        module, torch.utils.data.DataLoader(data, batch_size=8))
+    returned = module.returned
+    assert len(returned) == steps * accumulate
+    per_step = [sum(returned[i:i + accumulate]) / accumulate for i in range(0, len(returned), accumulate)]
+    assert list(bundle.stall_diagnoser.detector._losses) == pytest.approx(per_step, rel=1e-6)
+    triage = bundle.triage_monitor
+    assert triage.loss_initial == pytest.approx(returned[0], rel=1e-6)
+    assert triage._loss_sum / triage._loss_count == pytest.approx(sum(returned) / len(returned), rel=1e-6)

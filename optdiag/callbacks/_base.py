@@ -261,6 +261,21 @@ def loss_of(outputs: Any) -> float | None:
     return None
 
 
+def step_loss_of(trainer: Any, pl_module: Any, outputs: Any) -> float | None:
+    """The loss ``training_step`` returned for a batch, read from the batch's outputs (:func:`loss_of`).
+
+    Under automatic optimization Lightning hands ``on_train_batch_end`` that loss divided by
+    ``trainer.accumulate_grad_batches`` (the share of it each micro-batch backpropagates); it is multiplied back here,
+    so that a run with gradient accumulation reports, and compares with its validation and probe-batch losses, the
+    loss its ``training_step`` computed. Manual optimization hands the loss over as returned.
+    """
+    loss = loss_of(outputs)
+    if loss is None or not getattr(pl_module, "automatic_optimization", True):
+        return loss
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return loss * accumulate if accumulate > 1 else loss
+
+
 def remember_loss(outputs: Any, value: float) -> None:
     """Tell :func:`loss_of` the value of the loss in ``outputs``, read by other means (the stall diagnoser has it
     from before the optimizer step), so that no callback reads it again."""

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 import torch
 
 from optdiag.callbacks._base import (
-    DeferredValue, OptDiagCallback, batch_size_of, deferred_loss_scale, global_step, grad_scaler, guarded, loss_of,
-    remember_loss)
+    DeferredValue, OptDiagCallback, batch_size_of, deferred_loss_scale, global_step, grad_scaler, guarded,
+    remember_loss, step_loss_of)
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.curvature.objective import BatchObjective
@@ -382,6 +382,9 @@ class StallDiagnoser(OptDiagCallback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._drive("on_train_start", trainer, pl_module)
         self._reset_transient()
+        # the step before this fit's first optimizer step: the first accumulation window ends when the step moves on
+        # (with the step unknown, its first micro-batch alone made a window, and every later window straddled two)
+        self._last_step_seen = global_step(trainer)
         self._brief_enabled = self._brief_spikes(trainer)  # once per fit, not on every backward
         self._distributed = OptDiagCallback.world_size(trainer) > 1  # once per fit, not on every step
         self._scaled = grad_scaler(trainer) is not None  # a GradScaler scales the loss backward sees
@@ -438,9 +441,9 @@ class StallDiagnoser(OptDiagCallback):
         self._drive("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
         loss, self._step_value = self._step_value, None
         if loss is not None and pl_module.automatic_optimization:
-            remember_loss(outputs, loss)  # the triage's read of the same loss
+            remember_loss(outputs, loss)  # the triage's read of the same loss (one batch a step: no accumulation)
         else:
-            loss = loss_of(outputs)
+            loss = step_loss_of(trainer, pl_module, outputs)
         if loss is None:
             self.warn_once("no-loss", "StallDiagnoser found no loss in training_step's output (return the loss "
                            "tensor or a dict with 'loss'); stall detection is off.")

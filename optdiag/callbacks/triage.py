@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from optdiag.callbacks._base import OptDiagCallback, batch_size_of, global_step, loss_of
+from optdiag.callbacks._base import OptDiagCallback, batch_size_of, global_step, step_loss_of
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.callbacks.stall import StallDiagnoser, _dataset_size
 from optdiag.diagnosis.triage import (
@@ -154,7 +154,7 @@ class TriageMonitor(OptDiagCallback):
             self._dataset_size = _dataset_size(trainer, self._batch_size)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = loss_of(outputs)
+        loss = step_loss_of(trainer, pl_module, outputs)
         if loss is None or not math.isfinite(loss):
             return  # no scalar loss, or a diverging step (the stall diagnoser reports it): not averaged
         if self.loss_initial is None:
