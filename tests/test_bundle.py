@@ -11,6 +11,7 @@ import torch
 
 import optdiag
 from lightning_models import models_for
+from optdiag.callbacks import _base
 from optdiag.callbacks._base import _CALLBACK_BASES
 from optdiag.callbacks.bundle import FORWARDED_HOOKS, OptDiag
 from optdiag.callbacks.conditioning import ConditioningMonitor
@@ -218,12 +219,29 @@ class _Recording(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class _CountingLossRead(_base._LossRead):
+    """The one-entry cache of the batch loss's float, counting the reads it could not answer (a host read of the
+    outputs' loss tensor: on a GPU, a wait for the backward pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.misses = 0
+
+    def recall(self, tensor):
+        value = super().recall(tensor)
+        self.misses += value is None
+        return value
+
+
 @pytest.mark.parametrize("accumulate", [1, 4])
-def test_the_loss_training_step_returned_under_gradient_accumulation(tmp_path, accumulate):
+def test_the_loss_training_step_returned_under_gradient_accumulation(tmp_path, monkeypatch, accumulate):
     """Lightning hands on_train_batch_end the loss divided by accumulate_grad_batches; the stall detector and the
     triage (which compares the training loss with the validation loss) must see the loss training_step returned:
     with 4 micro-batches a step they saw a quarter of it, a training loss 4x below a validation loss on the same
-    data."""
+    data. Every micro-batch's loss is the one requested before its backward pass (no read of the outputs' tensor,
+    which on a GPU waits for the backward pass)."""
+    reads = _CountingLossRead()
+    monkeypatch.setattr(_base, "_LOSS_READ", reads)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(128, 4, generator=g)
     data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(128, 1, generator=g))
@@ -237,3 +255,4 @@ def test_the_loss_training_step_returned_under_gradient_accumulation(tmp_path, a
     triage = bundle.triage_monitor
     assert triage.loss_initial == pytest.approx(returned[0], rel=1e-6)
     assert triage._loss_sum / triage._loss_count == pytest.approx(sum(returned) / len(returned), rel=1e-6)
+    assert reads.misses == 0

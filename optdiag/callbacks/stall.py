@@ -329,6 +329,7 @@ class StallDiagnoser(OptDiagCallback):
         self._brief_events: list[StallEvent] = []  # brief spikes confirmed before this step's end
         self._brief_reads = 0  # probe losses read for brief spikes this fit
         self._brief_enabled = False  # decided in on_train_start (_brief_spikes)
+        self._automatic = False  # automatic optimization: the loss backward sees is the outputs' (on_train_start)
         self._distributed = False  # more than one process (decided in on_train_start)
         self._scaled = False  # mixed precision with a GradScaler (decided in on_train_start)
         # (step, loss) since the oldest verdict whose prediction is still open (for the retrospective check)
@@ -386,6 +387,7 @@ class StallDiagnoser(OptDiagCallback):
         # (with the step unknown, its first micro-batch alone made a window, and every later window straddled two)
         self._last_step_seen = global_step(trainer)
         self._brief_enabled = self._brief_spikes(trainer)  # once per fit, not on every backward
+        self._automatic = bool(getattr(pl_module, "automatic_optimization", True))
         self._distributed = OptDiagCallback.world_size(trainer) > 1  # once per fit, not on every step
         self._scaled = grad_scaler(trainer) is not None  # a GradScaler scales the loss backward sees
         last = self.detector.state_dict()["last_step"]
@@ -419,31 +421,39 @@ class StallDiagnoser(OptDiagCallback):
 
     @guarded
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if self._brief_enabled and isinstance(loss, torch.Tensor):
-            # requested now, read before the step (below): on a GPU the read waits for the forward pass only
+        if (self._brief_enabled or self._automatic) and isinstance(loss, torch.Tensor):
+            # requested now, read before the step (the brief-spike test) or at the batch's end: on a GPU the read
+            # waits for the forward pass only, where a read of the outputs' loss at the batch's end would wait for
+            # the backward pass too (for every micro-batch of an accumulation step; docs/performance.md section 9)
             self._step_loss = DeferredValue(loss)
             self._step_scale = deferred_loss_scale(trainer) if self._scaled else None
+
+    def _read_step_loss(self) -> float:
+        """The loss backward saw, unscaled (mixed precision scales it by a power of two: exact), which is the batch's
+        loss in the outputs too (automatic optimization; divided by ``accumulate_grad_batches``, like them)."""
+        loss, self._step_loss = self._step_loss.get(), None
+        if self._step_scale is not None:
+            loss /= self._step_scale.get()
+        return loss
 
     @guarded
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         self._drive("on_before_optimizer_step", trainer, pl_module, optimizer)
-        if self._step_loss is not None:
-            # the loss backward saw, unscaled (mixed precision scales it by a power of two: exact), which is the
-            # batch's loss in the outputs too (one batch per step): read once, kept for on_train_batch_end
-            loss, self._step_loss = self._step_loss.get(), None
-            if self._step_scale is not None:
-                loss /= self._step_scale.get()
-            self._step_value = loss
-            self._brief_spike(trainer, pl_module, global_step(trainer) + 1, loss)
+        if self._brief_enabled and self._step_loss is not None:
+            # one batch per step: the step's loss, read once, kept for on_train_batch_end
+            self._step_value = self._read_step_loss()
+            self._brief_spike(trainer, pl_module, global_step(trainer) + 1, self._step_value)
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._drive("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
         loss, self._step_value = self._step_value, None
-        if loss is not None and pl_module.automatic_optimization:
-            remember_loss(outputs, loss)  # the triage's read of the same loss (one batch a step: no accumulation)
-        else:
-            loss = step_loss_of(trainer, pl_module, outputs)
+        if self._automatic:
+            if loss is None and self._step_loss is not None:
+                loss = self._read_step_loss()  # a micro-batch of an accumulation step, or no brief-spike test
+            if loss is not None:
+                remember_loss(outputs, loss)  # the outputs' loss, read without waiting for the backward pass
+        loss = step_loss_of(trainer, pl_module, outputs)  # the one the triage reads too
         if loss is None:
             self.warn_once("no-loss", "StallDiagnoser found no loss in training_step's output (return the loss "
                            "tensor or a dict with 'loss'); stall detection is off.")
