@@ -417,6 +417,7 @@ def _alternating_hook(name: str) -> Callable[..., Any]:
 for _name in FORWARDED_HOOKS + ("state_dict", "load_state_dict"):
     if _name != "on_train_batch_start":
         setattr(Alternating, _name, _alternating_hook(_name))
+del _name
 
 
 def measure_alternating(model: str, epochs: int, batch_size: int, root: str, names: list[str], steps: int,

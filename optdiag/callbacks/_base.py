@@ -261,19 +261,25 @@ def loss_of(outputs: Any) -> float | None:
     return None
 
 
+def undivided_loss(loss: float, trainer: Any) -> float:
+    """A batch's loss as ``training_step`` returned it, from the value automatic optimization hands on (before
+    backward, and in the outputs of ``on_train_batch_end``): that loss divided by ``trainer.accumulate_grad_batches``,
+    the share of the step's loss each micro-batch backpropagates, multiplied back here."""
+    divisor = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return loss * divisor if divisor > 1 else loss
+
+
 def step_loss_of(trainer: Any, pl_module: Any, outputs: Any) -> float | None:
     """The loss ``training_step`` returned for a batch, read from the batch's outputs (:func:`loss_of`).
 
-    Under automatic optimization Lightning hands ``on_train_batch_end`` that loss divided by
-    ``trainer.accumulate_grad_batches`` (the share of it each micro-batch backpropagates); it is multiplied back here,
+    Under automatic optimization the outputs hold it divided by ``accumulate_grad_batches`` (:func:`undivided_loss`),
     so that a run with gradient accumulation reports, and compares with its validation and probe-batch losses, the
     loss its ``training_step`` computed. Manual optimization hands the loss over as returned.
     """
     loss = loss_of(outputs)
     if loss is None or not getattr(pl_module, "automatic_optimization", True):
         return loss
-    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-    return loss * accumulate if accumulate > 1 else loss
+    return undivided_loss(loss, trainer)
 
 
 def remember_loss(outputs: Any, value: float) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from optdiag.callbacks._base import (
     DeferredValue, OptDiagCallback, batch_size_of, deferred_loss_scale, global_step, grad_scaler, guarded,
-    remember_loss, step_loss_of)
+    remember_loss, step_loss_of, undivided_loss)
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor
 from optdiag.curvature.objective import BatchObjective
@@ -448,12 +448,14 @@ class StallDiagnoser(OptDiagCallback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._drive("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
         loss, self._step_value = self._step_value, None
-        if self._automatic:
-            if loss is None and self._step_loss is not None:
-                loss = self._read_step_loss()  # a micro-batch of an accumulation step, or no brief-spike test
-            if loss is not None:
-                remember_loss(outputs, loss)  # the outputs' loss, read without waiting for the backward pass
-        loss = step_loss_of(trainer, pl_module, outputs)  # the one the triage reads too
+        if self._automatic and loss is None and self._step_loss is not None:
+            loss = self._read_step_loss()  # a micro-batch of an accumulation step, or no brief-spike test
+        if self._automatic and loss is not None:
+            # the outputs' loss, read without waiting for the backward pass: the triage's read of it too
+            remember_loss(outputs, loss)
+            loss = undivided_loss(loss, trainer)  # training_step's loss, as step_loss_of gives it
+        else:
+            loss = step_loss_of(trainer, pl_module, outputs)
         if loss is None:
             self.warn_once("no-loss", "StallDiagnoser found no loss in training_step's output (return the loss "
                            "tensor or a dict with 'loss'); stall detection is off.")
