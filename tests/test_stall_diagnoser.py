@@ -19,7 +19,7 @@ from torch import nn
 import optdiag
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, lightning_loss
-from optdiag.callbacks.stall import PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser, _PendingStall, _WaitingSpike
+from optdiag.callbacks.stall import PROBE_FUTILE_MARGIN, PROBE_NOISE_MARGIN, TEXT_TAG, StallDiagnoser, _PendingStall, _WaitingSpike
 from optdiag.demo.runner import quiet_lightning, run_scenario
 from optdiag.demo.scenarios import EOS_LR, SADDLE_OFFSET_SCALE, SADDLE_SIGMAS, ScenarioModule, StepBatches, scenario
 from optdiag.diagnosis import Diagnosis, StallDetector, StallEvent
@@ -468,19 +468,29 @@ def test_probe_reads_that_refute_a_flat_look_stop_and_back_off(monkeypatch):
 
 def test_probe_reads_as_noisy_as_the_minibatch_losses_stop_and_back_off(monkeypatch):
     """Probe losses with 30% noise five steps apart settle a trend no sooner than minibatch losses with 25% noise
-    (the interval narrows as noise x sqrt(spacing)): the episode ends once the probe detector holds a window of
-    reads (ten), whether or not the loss still looks flat, and backs off as a refuted one does. Probe losses with
-    5% noise are worth reading; with 20% noise they beat minibatch losses with 100% noise, but cannot tell a stall
-    within the episode."""
+    (the interval narrows as noise x sqrt(spacing)): the episode ends by the time the probe detector holds a window
+    of reads (ten), whether or not the loss still looks flat, and backs off as a refuted one does; reads far
+    noisier (80%: about six times the minibatch losses' noise, past PROBE_FUTILE_MARGIN) end it at the sixth. Either
+    way the next episode starts where it would after ten reads. Probe losses with 5% noise are worth reading; with
+    20% noise they beat minibatch losses with 100% noise, but cannot tell a stall within the episode."""
     swinging = _noise(0.3, 1)
     reads, events, minibatch = _drive_probe_episodes(monkeypatch, swinging, lambda step: step < 30)
     probe = StallDetector(window=10, min_window=10)
     for step in reads:
         probe.update(step, swinging(step))
     assert probe.relative_noise() * math.sqrt(5) > 1.2 * PROBE_NOISE_MARGIN * minibatch  # clearly past the line
-    assert not events and _episodes(reads) == [(0, 45, 10)]
+    assert not events and _episodes(reads)[0][:2] == (0, 35) and 6 <= len(reads) <= 10
     reads, _, _ = _drive_probe_episodes(monkeypatch, swinging, lambda step: True)
-    assert _episodes(reads) == [(0, 45, 10), (145, 190, 10), (390, 435, 10)]  # the next one would start at 835
+    # the next one would start at 835; the reads not taken do not bring the next episode forward
+    assert [first for first, _, _ in _episodes(reads)] == [0, 145, 390]
+    assert all(6 <= n <= 10 for _, _, n in _episodes(reads))
+    futile = _noise(0.8, 2)
+    reads, events, minibatch = _drive_probe_episodes(monkeypatch, futile, lambda step: True)
+    assert not events and _episodes(reads) == [(0, 25, 6), (145, 170, 6), (390, 415, 6)]
+    probe = StallDetector(window=10, min_window=10)
+    for step in reads[:6]:
+        probe.update(step, futile(step))
+    assert probe.relative_noise(6) * math.sqrt(5) > 1.5 * PROBE_FUTILE_MARGIN * minibatch  # clearly past it
     reads, _, _ = _drive_probe_episodes(monkeypatch, _noise(0.05, 1), lambda step: step < 30)
     assert _episodes(reads) == [(0, 125, 26)]  # the episode's two windows after its last flat look
     # 20% beats minibatch losses with 100% noise (near a classifier's zero loss), but no fit over the reads so far

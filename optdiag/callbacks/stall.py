@@ -57,6 +57,10 @@ MAX_PROBE_QUIET_WINDOWS = 8
 #: this multiple of the minibatch losses': a robust noise from ten reads is uncertain by about a third, and a
 #: borderline episode is worth finishing (docs/diagnosis-rules.md).
 PROBE_NOISE_MARGIN = 1.5
+#: Before that, from MIN_PROBE_READS + 1 reads, an episode ends only if its reads are this many times the minibatch
+#: losses' noise (twice the margin: a robust noise from five differences is uncertain by about a half, and a fast
+#: descent's knee inflates it), clearly more than the rest of the episode could redeem (docs/diagnosis-rules.md).
+PROBE_FUTILE_MARGIN = 2 * PROBE_NOISE_MARGIN
 _RETRIES = 8  # an undecided stall is looked at again (every half window, four windows in all) before silence
 
 
@@ -539,8 +543,13 @@ class StallDiagnoser(OptDiagCallback):
             # reads that refute the flat look the minibatch losses still have (an episode that outlives its flat
             # look is left to run: a descent's end is where a plateau may begin), or that cannot tell
             improving = self.probe_detector.surely_improving(MIN_PROBE_READS)
-            if (improving and self.detector.looks_flat) or (not improving and not self._probe_informative()):
+            if improving and self.detector.looks_flat:
                 self._quiet_probing(step)
+                return None
+            if not improving and not self._probe_informative():
+                # a futile episode ended before its full judgement saves those reads, not the quiet after them
+                unread = self._judged_reads() - self.probe_detector.n_losses
+                self._quiet_probing(step + max(0, unread) * self.probe_every * self._probe_stride)
                 return None
         if event is None or event.reason != "stall":
             return None
@@ -560,19 +569,28 @@ class StallDiagnoser(OptDiagCallback):
         moves its fixed batches' loss as much as the batches do) only cost. Judged once the probe detector holds a
         window of reads and at least ``2 MIN_PROBE_READS`` (the median of fewer differences is a guess, and the knee
         of a fast descent's end would pass for noise), against the minibatch noise of the two windows "looks flat"
-        judges."""
+        judges; from ``MIN_PROBE_READS + 1`` reads until then, only reads clearly futile by the wider
+        :data:`PROBE_FUTILE_MARGIN` end the episode (each read of a hopeless episode is half a training step)."""
         reads = self.probe_detector.n_losses
-        if reads < max(self.probe_detector.window, 2 * MIN_PROBE_READS):
+        if reads <= MIN_PROBE_READS:
             return True
         spacing = self.probe_every * (self._probe_stride or 1)
         probe_noise = self.probe_detector.relative_noise(reads)
         minibatch_noise = self.detector.relative_noise(2 * self.thresholds.window)
+        if reads < self._judged_reads():
+            # early: only reads far noisier than the minibatch losses end it (PROBE_FUTILE_MARGIN), sooner
+            return not probe_noise * math.sqrt(spacing) >= PROBE_FUTILE_MARGIN * minibatch_noise
         if probe_noise * math.sqrt(spacing) >= PROBE_NOISE_MARGIN * minibatch_noise:  # NaN: no evidence against them
             return False
         # and they can prove a stall within the reads so far and two windows more (near a classifier's zero loss
         # the fixed batches' loss swings by a third between reads: far less than the batches, far too much to tell),
         # at their noise over the same reads as above (a window's few differences would be a guess)
         return self.probe_detector.could_prove_flat(reads + 2 * self.probe_detector.window, reads)
+
+    def _judged_reads(self) -> int:
+        """Reads an episode holds when :meth:`_probe_informative` judges it in full: a window, and at least
+        ``2 MIN_PROBE_READS``."""
+        return max(self.probe_detector.window, 2 * MIN_PROBE_READS)
 
     def _quiet_probing(self, step: int) -> None:
         """The probe losses surely fall faster than the stall limit (no stall), or cannot tell sooner than the
