@@ -256,3 +256,38 @@ def test_the_loss_training_step_returned_under_gradient_accumulation(tmp_path, m
     assert triage.loss_initial == pytest.approx(returned[0], rel=1e-6)
     assert triage._loss_sum / triage._loss_count == pytest.approx(sum(returned) / len(returned), rel=1e-6)
     assert reads.misses == 0
+
+
+def _data(n=128):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def test_hooks_with_nothing_to_do_are_skipped_and_come_back(tmp_path):
+    """Lightning calls every hook of a callback on every step, and after a training step has flushed the caches even
+    an empty call costs microseconds: the bundle skips its children's hooks marked idle (the micro-batch noise hooks
+    without accumulation, the step timer once the gradient cadence is priced, the input probe once it has its
+    batches, the triage's batch size once known). Under gradient accumulation the noise hooks stay busy and measure;
+    and a mark takes effect at the next hook call."""
+    def receivers(bundle, hook):
+        return [type(method.__self__).__name__ for method in bundle._receivers(hook)]
+
+    bundle = OptDiag(verbose=False)
+    _trainer(tmp_path, [bundle], 40).fit(_Recording(), _data())
+    assert receivers(bundle, "on_after_backward") == []
+    assert receivers(bundle, "on_train_batch_start") == ["HessianMonitor", "StallDiagnoser"]
+    assert bundle.gradient_monitor.idle_hooks >= {"on_after_backward", "on_train_batch_start"}
+
+    accumulating = OptDiag(verbose=False)
+    _trainer(tmp_path, [accumulating], 40, accumulate_grad_batches=2).fit(_Recording(), _data())
+    assert receivers(accumulating, "on_after_backward") == ["GradientNormMonitor"]
+    assert "GradientNormMonitor" in receivers(accumulating, "on_train_batch_start")
+    noise = [r["noise_scale"] for r in accumulating.gradient_monitor.history if r["noise_scale"] == r["noise_scale"]]
+    assert noise, "the micro-batch noise hooks measured nothing under accumulation"
+
+    accumulating.stall_diagnoser.set_hook_idle("on_train_batch_end")
+    assert "StallDiagnoser" not in receivers(accumulating, "on_train_batch_end")
+    accumulating.stall_diagnoser.set_hook_idle("on_train_batch_end", False)
+    assert "StallDiagnoser" in receivers(accumulating, "on_train_batch_end")

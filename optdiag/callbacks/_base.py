@@ -72,6 +72,16 @@ def _needs_guard(name: str, attribute: Any) -> bool:
         and not getattr(attribute, "_optdiag_guarded", False)
 
 
+class _HookActivity:
+    """The version of the optdiag callbacks' idle hooks (:meth:`OptDiagCallback.set_hook_idle`): every change bumps
+    it, so that a bundle rebuilds the per-hook lists of children it forwards to (one integer compared per hook)."""
+
+    version = 0
+
+
+HOOK_ACTIVITY = _HookActivity()
+
+
 class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
     """Shared machinery of the optdiag callbacks (not used directly).
 
@@ -110,6 +120,28 @@ class OptDiagCallback(*_CALLBACK_BASES):  # type: ignore[misc]
         if key is None:
             key = self.__dict__["_cached_state_key"] = self._generate_state_key(**self._state_key_arguments())
         return key
+
+    # --- hooks a bundle may skip ----------------------------------------------------------------------------------
+    @property
+    def idle_hooks(self) -> frozenset[str]:
+        """The hooks that do nothing for now (:meth:`set_hook_idle`)."""
+        return frozenset(self.__dict__.get("_idle_hooks", ()))
+
+    def set_hook_idle(self, name: str, idle: bool = True) -> None:
+        """Mark hook ``name`` as doing nothing for now (``idle``), or as doing something again.
+
+        A bundle (:class:`~optdiag.OptDiag`) skips its children's idle hooks: Lightning calls every hook of every
+        callback on every step, and on a model of 10 ms steps each call of an empty hook costs microseconds once the
+        step has flushed the caches. Lightning itself ignores the mark, so an idle hook must still be right (and
+        cheap) when it is called.
+        """
+        idle_hooks = self.__dict__.setdefault("_idle_hooks", set())
+        if (name in idle_hooks) != bool(idle):
+            if idle:
+                idle_hooks.add(name)
+            else:
+                idle_hooks.discard(name)
+            HOOK_ACTIVITY.version += 1
 
     # --- messages -------------------------------------------------------------------------------------------------
     def warn_once(self, kind: str, message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from optdiag.callbacks._base import HELD_STEP, OptDiagCallback, _CALLBACK_BASES
+from optdiag.callbacks._base import HELD_STEP, HOOK_ACTIVITY, OptDiagCallback, _CALLBACK_BASES
 from optdiag.callbacks.conditioning import ConditioningMonitor
 from optdiag.callbacks.gradient_norm import GradientNormMonitor
 from optdiag.callbacks.hessian import HessianMonitor, LossFn
@@ -37,8 +37,10 @@ _EMPTY_HOOKS = {(name, member) for base in _CALLBACK_BASES for name, member in v
 
 
 def _implements(child: Any, name: str) -> bool:
-    """Whether ``child`` does something in hook ``name`` (not Lightning's empty base implementation)."""
-    return (name, getattr(type(child), name, None)) not in _EMPTY_HOOKS
+    """Whether ``child`` does something in hook ``name`` now: not Lightning's empty base implementation, and not
+    marked idle (:meth:`~optdiag.callbacks.OptDiagCallback.set_hook_idle`)."""
+    idle = vars(child).get("_idle_hooks", ())  # OptDiagCallback.idle_hooks, without its copy
+    return (name, getattr(type(child), name, None)) not in _EMPTY_HOOKS and name not in idle
 
 
 #: Per-step hooks in which several children read the step: it is read once for all of them (HELD_STEP).
@@ -194,9 +196,13 @@ class OptDiag(OptDiagCallback):
     def children(self, value: tuple[Any, ...]) -> None:
         self._children = tuple(value)
         self._receivers_by_hook: dict[str, list[Callable[..., Any]]] = {}
+        self._receivers_version = HOOK_ACTIVITY.version
 
     def _receivers(self, name: str) -> list[Callable[..., Any]]:
-        """The children's bound ``name`` hooks that do something, in order (looked up once per hook)."""
+        """The children's bound ``name`` hooks that do something, in order (looked up once per hook, and again after
+        a child marks a hook idle or busy)."""
+        if self._receivers_version != HOOK_ACTIVITY.version:
+            self._receivers_by_hook, self._receivers_version = {}, HOOK_ACTIVITY.version
         receivers = self._receivers_by_hook.get(name)
         if receivers is None:
             receivers = self._receivers_by_hook[name] = [

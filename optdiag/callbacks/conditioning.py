@@ -133,6 +133,8 @@ class ConditioningMonitor(OptDiagCallback):
         self._close_probe()
         self._reset_fit()
         self._probe = InputScaleProbe(pl_module, max_batches=self.input_batches, min_samples=self.input_samples)
+        self.set_hook_idle("on_train_batch_start", False)  # arms the input probe until it has its batches
+        self.set_hook_idle("on_before_backward", self._graph_off)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._probe is not None and not self._probe.done:
@@ -146,6 +148,7 @@ class ConditioningMonitor(OptDiagCallback):
         self._next_graph_step = step + self.graph_every
         if graph.kind is None and self.loss == "auto":
             self._graph_off = True  # the loss function does not change within a fit: no need to look again
+            self.set_hook_idle("on_before_backward")
         self.loss_graph = self._graph_record(graph, step)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -153,6 +156,7 @@ class ConditioningMonitor(OptDiagCallback):
             self._probe.disarm()
             if self._probe.done:
                 self._take_inputs()
+                self.set_hook_idle("on_train_batch_start")  # nothing left to arm in this fit
         detector = getattr(self.stall_diagnoser, "detector", None)
         if detector is not None and detector.stalled:
             self._check(trainer, global_step(trainer))

@@ -204,6 +204,7 @@ class GradientNormMonitor(OptDiagCallback):
         self._step_started: tuple[int, float, float] | None = None  # (step, clock, own seconds so far) at its start
         self._own_total = 0.0  # this monitor's seconds so far (measured steps)
         self._priced = self.every_n_steps is not None  # whether the default cadence has been spaced by its cost
+        self._noise_possible = True  # whether the micro-batch noise hooks may have work in this fit (train start)
         self._dense_until = -1  # every step up to this one is measured (measure_every_step)
         self._log_interval = self._cadence  # logging interval, a multiple of the cadence
         self._named_cache: tuple[tuple[int, int], list] | None = None
@@ -317,6 +318,16 @@ class GradientNormMonitor(OptDiagCallback):
         self._log_every = log_every
         self._set_log_interval()
         self._priced = self.every_n_steps is not None or self._cadence == 1
+        # an accumulation schedule may turn accumulation on at any epoch: the noise hooks then stay busy
+        self._noise_possible = self._noise_enabled(trainer, pl_module) or any(
+            type(cb).__name__ == "GradientAccumulationScheduler" for cb in getattr(trainer, "callbacks", ()) or ())
+        self._settle_hooks()
+
+    def _settle_hooks(self) -> None:
+        """Mark idle the per-step hooks that have nothing to do in this fit (a bundle skips them): the micro-batch
+        noise's without gradient accumulation, and the first window's step timer once the cadence is priced."""
+        self.set_hook_idle("on_after_backward", not self._noise_possible)
+        self.set_hook_idle("on_train_batch_start", self._priced and not self._noise_possible)
 
     def _time_step(self, trainer: Any) -> None:
         """Keep the training seconds of each step of the first window (less this monitor's own), and once the window
@@ -339,6 +350,7 @@ class GradientNormMonitor(OptDiagCallback):
         the first window's full steps, the dense gradient-only ones at that of its gradient-only steps.
         Rank 0's clock decides; every rank gets the same cadence (broadcast), so all measure the same steps."""
         self._priced = True
+        self._settle_hooks()
         cadence, routine = self._cadence, self._cadence
         if len(self._own_seconds) >= 3 and len(self._step_seconds) >= 3:
             full = [s for step, s in self._own_seconds.items() if self.tracks_update(step)]

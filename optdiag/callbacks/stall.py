@@ -378,6 +378,7 @@ class StallDiagnoser(OptDiagCallback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.check_strategy(trainer)
         self._resolve_monitors(trainer)
+        self.set_hook_idle("on_after_backward", not self._private)  # it only forwards to the private monitors
         if self.gradient_monitor is not None:
             # its gradient tests need many pairs only where a stretch is judged (on_train_batch_end)
             self.gradient_monitor.pairs_on_demand()

@@ -152,6 +152,7 @@ class TriageMonitor(OptDiagCallback):
         if self._batch_size is None:
             self._batch_size = batch_size_of(batch)
             self._dataset_size = _dataset_size(trainer, self._batch_size)
+        self.set_hook_idle("on_train_batch_start", self._batch_size is not None)  # known: nothing more to do
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         loss = step_loss_of(trainer, pl_module, outputs)
