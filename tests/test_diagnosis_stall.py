@@ -301,6 +301,37 @@ def test_the_tail_of_a_brief_spike_nominates_no_new_one():
     assert det.brief_spike_start(quiet + 1, 5.0)
 
 
+
+def test_the_brief_spike_gate_never_skips_a_nomination():
+    """brief_spike_may_start lets the caller skip the brief-spike test on the usual step: it must be False only where
+    brief_spike_start would refuse, on heavy-tailed losses with jumps, resets and a restored state, and it must
+    skip most steps (else it saves nothing)."""
+    rng = np.random.default_rng(3)
+    det, skipped, nominated, fed = StallDetector(window=20, min_window=20, check_every=10), 0, 0, []
+    for step in range(3000):
+        loss = float(np.exp(0.4 * rng.standard_t(3)) * (5.0 if rng.random() < 0.02 else 1.0) / (1 + step / 500))
+        if len(fed) >= 10 and det.brief_spike is None:  # the gate is the test's first bound, to the last bit
+            bound = det.spike_ratio * float(np.median(fed[-5:]))
+            assert not det.brief_spike_may_start(bound) and det.brief_spike_may_start(np.nextafter(bound, np.inf))
+        may = det.brief_spike_may_start(loss)
+        started = det.brief_spike_start(step, loss)
+        assert may or not started, step
+        skipped += not may
+        nominated += started
+        if started:
+            det.brief_spike_read(step, [loss])
+            det.brief_spike_read(step + 3, [loss / 4])  # decided: a fall on the probe batch, or dropped
+        det.update(step, loss)
+        fed.append(loss)
+        if step == 1500:
+            det.load_state_dict(json.loads(json.dumps(det.state_dict())))
+            fed = fed[-len(det.state_dict()["losses"]):]  # the gate starts again from the restored losses
+        if step == 2200:
+            det.reset()
+            fed = []
+    assert skipped > 2000 and nominated >= 5  # about three steps in four skipped on these jumpy losses
+
+
 def test_a_brief_spike_in_progress_survives_a_state_round_trip():
     det, started = _brief_candidate(5.0)
     det.brief_spike_read(200, 2.0)

@@ -447,7 +447,8 @@ class StallDiagnoser(OptDiagCallback):
         if self._brief_enabled and self._step_loss is not None:
             # one batch per step: the step's loss, read once, kept for on_train_batch_end
             self._step_value = self._read_step_loss()
-            self._brief_spike(trainer, pl_module, global_step(trainer) + 1, self._step_value)
+            if self.detector.brief_spike_may_start(self._step_value):  # the usual step stops here
+                self._brief_spike(trainer, pl_module, global_step(trainer) + 1, self._step_value)
 
     @guarded
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

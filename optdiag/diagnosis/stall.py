@@ -568,6 +568,26 @@ class StallDetector:
         return None
 
     # --- brief spikes (read on the model, not the losses) ------------------------------------------------------
+    def brief_spike_may_start(self, loss: float) -> bool:
+        """False when :meth:`brief_spike_start` would surely refuse ``loss`` and no nominated brief spike waits for a
+        read: its first bound alone (``spike_ratio`` times the median of the last losses, the same expression), so
+        that the caller skips the test and its bookkeeping on the usual step. Never raises.
+
+        Example:
+            >>> det = StallDetector()
+            >>> for step in range(20): _ = det.update(step, 1.0)
+            >>> det.brief_spike_may_start(1.2), det.brief_spike_may_start(3.0)
+            (False, True)
+        """
+        losses = self._losses
+        if self._brief is not None or len(losses) < BRIEF_MIN_LOSSES:
+            return True
+        try:  # the last few losses from the deque's end (their order does not change their median)
+            return not loss <= self.spike_ratio * sorted(itertools.islice(reversed(losses), BRIEF_LEVEL_LOSSES))[
+                BRIEF_LEVEL_LOSSES // 2]
+        except TypeError:
+            return True  # not a number: the test itself decides
+
     def brief_spike_start(self, step: int, loss: float) -> bool:
         """Whether ``loss``, the minibatch loss of ``step`` before it enters the history, starts a brief spike.
 
