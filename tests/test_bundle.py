@@ -219,6 +219,14 @@ class _Recording(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+def _data(n=128):
+    """A noisy linear regression of ``n`` samples in batches of 8 (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g))
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
 class _CountingLossRead(_base._LossRead):
     """The one-entry cache of the batch loss's float, counting the reads it could not answer (a host read of the
     outputs' loss tensor: on a GPU, a wait for the backward pass)."""
@@ -242,12 +250,8 @@ def test_the_loss_training_step_returned_under_gradient_accumulation(tmp_path, m
     which on a GPU waits for the backward pass)."""
     reads = _CountingLossRead()
     monkeypatch.setattr(_base, "_LOSS_READ", reads)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(128, 4, generator=g)
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(128, 1, generator=g))
     bundle, module, steps = OptDiag(verbose=False), _Recording(), 6
-    _trainer(tmp_path, [bundle], steps, accumulate_grad_batches=accumulate).fit(
-        module, torch.utils.data.DataLoader(data, batch_size=8))
+    _trainer(tmp_path, [bundle], steps, accumulate_grad_batches=accumulate).fit(module, _data())
     returned = module.returned
     assert len(returned) == steps * accumulate
     per_step = [sum(returned[i:i + accumulate]) / accumulate for i in range(0, len(returned), accumulate)]
@@ -256,13 +260,6 @@ def test_the_loss_training_step_returned_under_gradient_accumulation(tmp_path, m
     assert triage.loss_initial == pytest.approx(returned[0], rel=1e-6)
     assert triage._loss_sum / triage._loss_count == pytest.approx(sum(returned) / len(returned), rel=1e-6)
     assert reads.misses == 0
-
-
-def _data(n=128):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 4, generator=g)
-    data = torch.utils.data.TensorDataset(x, x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(n, 1, generator=g))
-    return torch.utils.data.DataLoader(data, batch_size=8)
 
 
 def test_hooks_with_nothing_to_do_are_skipped_and_come_back(tmp_path):

@@ -39,7 +39,7 @@ _EMPTY_HOOKS = {(name, member) for base in _CALLBACK_BASES for name, member in v
 def _implements(child: Any, name: str) -> bool:
     """Whether ``child`` does something in hook ``name`` now: not Lightning's empty base implementation, and not
     marked idle (:meth:`~optdiag.callbacks.OptDiagCallback.set_hook_idle`)."""
-    idle = vars(child).get("_idle_hooks", ())  # OptDiagCallback.idle_hooks, without its copy
+    idle = vars(child).get("_idle_hooks", ())  # set_hook_idle's marks (a child need not be an OptDiagCallback)
     return (name, getattr(type(child), name, None)) not in _EMPTY_HOOKS and name not in idle
 
 

@@ -568,9 +568,14 @@ class StallDetector:
         return None
 
     # --- brief spikes (read on the model, not the losses) ------------------------------------------------------
+    def _brief_reference(self) -> float:
+        """The level a brief spike is measured from: the median of the last :data:`BRIEF_LEVEL_LOSSES` losses (taken
+        from the deque's end; their order does not change their median)."""
+        return sorted(itertools.islice(reversed(self._losses), BRIEF_LEVEL_LOSSES))[BRIEF_LEVEL_LOSSES // 2]
+
     def brief_spike_may_start(self, loss: float) -> bool:
         """False when :meth:`brief_spike_start` would surely refuse ``loss`` and no nominated brief spike waits for a
-        read: its first bound alone (``spike_ratio`` times the median of the last losses, the same expression), so
+        read: its first bound alone (``spike_ratio`` times :meth:`_brief_reference`, as the test computes it), so
         that the caller skips the test and its bookkeeping on the usual step. Never raises.
 
         Example:
@@ -582,9 +587,8 @@ class StallDetector:
         losses = self._losses
         if self._brief is not None or len(losses) < BRIEF_MIN_LOSSES:
             return True
-        try:  # the last few losses from the deque's end (their order does not change their median)
-            return not loss <= self.spike_ratio * sorted(itertools.islice(reversed(losses), BRIEF_LEVEL_LOSSES))[
-                BRIEF_LEVEL_LOSSES // 2]
+        try:
+            return not loss <= self.spike_ratio * self._brief_reference()
         except TypeError:
             return True  # not a number: the test itself decides
 
@@ -605,7 +609,7 @@ class StallDetector:
                     or step <= self._quiet_until or n < BRIEF_MIN_LOSSES or not self._spike_log \
                     or not (loss > 0 and math.isfinite(loss)):
                 return False
-            reference = sorted(_tail(self._losses, BRIEF_LEVEL_LOSSES))[BRIEF_LEVEL_LOSSES // 2]
+            reference = self._brief_reference()
             if not loss > self.spike_ratio * reference or \
                     loss - reference <= self.spike_span_fraction * _loss_scale(self._first, self._running_min):
                 return False  # the cheap tests first: most steps stop here
